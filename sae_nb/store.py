@@ -1,0 +1,260 @@
+"""The on-disk activation store: sharded, memory-mapped, crash-safe.
+
+One store per site, a folder::
+
+    manifest.json              what the rows are (model, site, width, dtype, corpus, ...)
+    shard_00000.npy            (rows, d) activations, float16 or float32
+    shard_00000.index.npy      (rows,) per-row token id, document, position, context, offset
+
+A shard is written to a temporary name and renamed into place; the manifest is rewritten the
+same way after each shard. Readers trust only the manifest, so a killed extraction leaves
+complete shards or nothing, and a rerun resumes after the last shard the manifest lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+
+STORE_FORMAT = "sae_nb.activation_store"
+STORE_VERSION = 1
+MANIFEST = "manifest.json"
+# Per row: the token id (-1 in sentence mode), its document and position in the document's
+# tokens, and the context (token mode) or sentence (sentence mode) it belongs to, with its
+# offset inside that context (-1 in sentence mode).
+INDEX_DTYPE = np.dtype([("token", "<i4"), ("doc", "<i4"), ("pos", "<i4"),
+                        ("context", "<i4"), ("offset", "<i4")])
+# Fields that define what the rows are; a resumed run must agree on all of them.
+IDENTITY = ("model", "site", "module", "io", "d", "dtype", "tokenizer", "mode", "pool",
+            "ctx_len", "corpus", "text_column", "seed", "prepend_bos", "exclude_bos")
+
+
+class StoreError(RuntimeError):
+    """A store is missing, damaged, or was written with other settings than asked for."""
+
+
+def site_dirname(site: str) -> str:
+    """A folder name for a site (raw module paths may hold ':')."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", site)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class StoreWriter:
+    """Appends shards to one site's store and keeps its manifest current.
+
+    ``done`` is the number of units (contexts in token mode, sentences in sentence mode) the
+    manifest already covers; the extractor skips rows of units below it.
+    """
+
+    def __init__(self, path: str | Path, header: dict[str, Any], overwrite: bool = False):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob("*.tmp"):  # leftovers of a killed write
+            stale.unlink()
+        old = self.path / MANIFEST
+        if old.exists() and not overwrite:
+            self.manifest = _read_manifest(self.path)
+            _check_identity(self.path, self.manifest, header)
+            self.manifest["complete"] = False
+        else:
+            for shard in self.path.glob("shard_*.npy"):
+                shard.unlink()
+            self.manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, **header,
+                             "rows": 0, "units": 0, "complete": False, "shards": []}
+            self._write_manifest()
+
+    @property
+    def done(self) -> int:
+        return int(self.manifest["units"])
+
+    def write_shard(self, acts: np.ndarray, index: np.ndarray, units_end: int) -> None:
+        """Persist one shard holding every row of units ``[done, units_end)``."""
+        if len(acts) != len(index) or acts.ndim != 2 or acts.shape[1] != self.manifest["d"]:
+            raise StoreError(f"Shard shape {acts.shape} / {len(index)} index rows does not fit "
+                             f"a store of width {self.manifest['d']}.")
+        name = f"shard_{len(self.manifest['shards']):05d}"
+        atomic_save_npy(self.path / f"{name}.npy", acts.astype(self.manifest["dtype"], copy=False))
+        atomic_save_npy(self.path / f"{name}.index.npy", index.astype(INDEX_DTYPE, copy=False))
+        self.manifest["shards"].append({"name": name, "rows": int(len(acts)),
+                                        "units": [self.done, int(units_end)]})
+        self.manifest["rows"] += int(len(acts))
+        self.manifest["units"] = int(units_end)
+        self._write_manifest()
+
+    def finish(self, **extra: Any) -> None:
+        self.manifest.update(extra, complete=True)
+        self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        data = json.dumps(self.manifest, indent=1).encode()
+        atomic_write_bytes(self.path / MANIFEST, data)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    file = path / MANIFEST
+    if not file.exists():
+        raise StoreError(f"No activation store at {str(path)!r} (no {MANIFEST}). Run notebook 01 "
+                         f"(sae_nb.extract_activations) to create it.")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise StoreError(f"{str(file)!r} is not valid JSON ({err}); delete the store and "
+                         f"extract again.") from None
+    if manifest.get("format") != STORE_FORMAT:
+        raise StoreError(f"{str(file)!r} is not an sae_nb activation store manifest.")
+    if manifest.get("version", 0) > STORE_VERSION:
+        raise StoreError(f"Store {str(path)!r} has format version {manifest['version']}; this "
+                         f"sae_nb reads up to {STORE_VERSION}. Upgrade sae_nb.")
+    return manifest
+
+
+def _check_identity(path: Path, manifest: dict, header: dict) -> None:
+    diffs = [f"{k}={manifest.get(k)!r} (stored) vs {header.get(k)!r} (asked)"
+             for k in IDENTITY if manifest.get(k) != header.get(k)]
+    if diffs:
+        raise StoreError(f"The store at {str(path)!r} was written with other settings: "
+                         f"{'; '.join(diffs)}. Use another run_dir, or overwrite=True to "
+                         f"replace it.")
+
+
+class ActivationStore:
+    """Read one site's store: random access and shuffled batches, all memory-mapped."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.manifest = _read_manifest(self.path)
+        self._acts, self._index, sizes = [], [], []
+        for shard in self.manifest["shards"]:
+            acts = self._open(f"{shard['name']}.npy", shard["rows"])
+            index = self._open(f"{shard['name']}.index.npy", shard["rows"])
+            self._acts.append(acts)
+            self._index.append(index)
+            sizes.append(shard["rows"])
+        self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def _open(self, name: str, rows: int) -> np.ndarray:
+        file = self.path / name
+        try:
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise StoreError(f"Shard {str(file)!r} is missing or damaged ({err}); delete the "
+                             f"store and extract again.") from None
+        if len(array) != rows:
+            raise StoreError(f"Shard {str(file)!r} holds {len(array)} rows; the manifest says "
+                             f"{rows}. Delete the store and extract again.")
+        return array
+
+    # -- what is stored --------------------------------------------------------------------
+    @property
+    def d(self) -> int:
+        return int(self.manifest["d"])
+
+    @property
+    def site(self) -> str:
+        return str(self.manifest["site"])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"ActivationStore({m['model']!r}, {m['site']!r}, rows={len(self)}, d={self.d}, dtype={m['dtype']})"
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        size = sum((self.path / f"{s['name']}.npy").stat().st_size for s in m["shards"])
+        return {"site": m["site"], "model": m["model"], "rows": len(self), "d": self.d,
+                "dtype": m["dtype"], "mode": m["mode"], "ctx_len": m["ctx_len"],
+                "corpus": m["corpus"], "shards": len(m["shards"]), "MB": round(size / 2**20, 1),
+                "complete": m["complete"]}
+
+    # -- reading ---------------------------------------------------------------------------
+    def __getitem__(self, rows) -> np.ndarray:
+        """Rows by int, slice or integer array, as a float32 array (an array in any order)."""
+        return self._gather(rows, self._acts).astype(np.float32, copy=False)
+
+    def index(self, rows=slice(None)) -> np.ndarray:
+        """The per-row metadata (token, doc, pos, context, offset) of ``rows``."""
+        return self._gather(rows, self._index)
+
+    def _gather(self, rows, arrays: list[np.ndarray]) -> np.ndarray:
+        if isinstance(rows, (int, np.integer)):
+            rows = int(rows) + len(self) if rows < 0 else int(rows)
+            if not 0 <= rows < len(self):
+                raise IndexError(f"Row {rows} is out of range for a store of {len(self)} rows.")
+            shard = int(np.searchsorted(self._starts, rows, side="right") - 1)
+            return np.asarray(arrays[shard][rows - self._starts[shard]])
+        if isinstance(rows, slice):
+            rows = np.arange(*rows.indices(len(self)))
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"Rows must lie in 0..{len(self) - 1}.")
+        shard_of = np.searchsorted(self._starts, rows, side="right") - 1
+        out = np.empty((len(rows),) + arrays[0].shape[1:], dtype=arrays[0].dtype) if arrays else None
+        for shard in np.unique(shard_of):
+            pick = np.nonzero(shard_of == shard)[0]
+            local = rows[pick] - self._starts[shard]
+            order = np.argsort(local, kind="stable")  # read each shard front to back
+            out[pick[order]] = arrays[shard][local[order]]
+        return out
+
+    def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, epochs: int = 1,
+                drop_last: bool = False, device: str | torch.device = "cpu",
+                dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
+        """Yield ``(batch_size, d)`` tensors; shuffled across all shards when ``shuffle``."""
+        if len(self) == 0:
+            raise StoreError(f"Store {str(self.path)!r} has no rows.")
+        rng = np.random.default_rng(seed)
+        for _ in range(epochs):
+            order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
+            stop = len(order) - (len(order) % batch_size if drop_last else 0)
+            for start in range(0, stop, batch_size):
+                rows = order[start : start + batch_size]
+                yield torch.from_numpy(self._gather(rows, self._acts)).to(device=device, dtype=dtype)
+
+    def chunks(self, rows_per_chunk: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """Sequential ``(first_row, array)`` chunks, for streaming passes over the store."""
+        for start in range(0, len(self), rows_per_chunk):
+            yield start, self[start : min(start + rows_per_chunk, len(self))]
+
+    def context(self, row: int, before: int = 16, after: int = 4) -> pd.DataFrame:
+        """The stored tokens around ``row`` in its own context (rows are stored in order)."""
+        lo, hi = max(0, row - before), min(len(self), row + after + 1)
+        idx = self.index(slice(lo, hi))
+        same = idx["context"] == self.index(row)["context"]
+        df = pd.DataFrame(idx[same])
+        df.insert(0, "row", np.arange(lo, hi)[same])
+        return df
+
+
+def open_stores(run_dir: str | Path) -> dict[str, ActivationStore]:
+    """Every site store under ``run_dir/activations``, keyed by site name."""
+    root = Path(run_dir) / "activations"
+    stores = [ActivationStore(p) for p in sorted(root.glob("*")) if (p / MANIFEST).exists()]
+    if not stores:
+        raise StoreError(f"No activation stores under {str(root)!r}. Run notebook 01 first.")
+    return {s.site: s for s in stores}
