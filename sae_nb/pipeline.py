@@ -1,0 +1,188 @@
+"""Run the numbered notebooks headless with papermill: the project's main job.
+
+Every ``notebooks/NN_*.ipynb`` runs in number order, with the notebooks folder as working
+directory, in a ``python3`` kernel of the current interpreter. Each gets
+``run_dir=<absolute path of outputs/<run>>`` and the overrides a user passes, restricted to the
+parameters that notebook declares, and its executed copy lands in ``outputs/<run>/``.
+``SMOKE_PARAMETERS`` holds the small values that CI and ``--smoke`` use: the same code,
+smaller numbers.
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import nbformat
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+OUTPUTS_DIR = REPO_ROOT / "outputs"
+DEFAULT_RUN = "default"
+KERNEL_NAME = "python3"  # ipykernel's own spec: jupyter_client launches it with sys.executable
+NOTEBOOK_RE = re.compile(r"^(\d+)_\w+\.ipynb$")
+
+# Small values for CI and `python -m sae_nb run --smoke`, per notebook stem. Every notebook
+# needs an entry (tests/test_notebooks.py fails otherwise), and every name must be a parameter
+# of its notebook.
+SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
+    "01_extract": {"n_tokens": 2048, "ctx_len": 64, "batch_size": 8},
+}
+
+
+class PipelineError(RuntimeError):
+    """A notebook failed or the job was asked for something that does not exist."""
+
+
+def find_notebooks(notebooks_dir: str | Path = NOTEBOOKS_DIR) -> list[Path]:
+    """The ``NN_name.ipynb`` notebooks of a folder, in number order."""
+    found = [p for p in Path(notebooks_dir).glob("*.ipynb") if NOTEBOOK_RE.match(p.name)]
+    return sorted(found, key=lambda p: (int(NOTEBOOK_RE.match(p.name).group(1)), p.name))
+
+
+def select_notebooks(notebooks: list[Path], only: Iterable[str] | None) -> list[Path]:
+    """Keep the notebooks named in ``only`` by number (``01``, ``1``) or stem (``01_extract``)."""
+    if not only:
+        return notebooks
+    picked = []
+    for want in only:
+        match = [p for p in notebooks if want in (p.stem, p.stem.split("_")[0])
+                 or (want.isdigit() and int(want) == int(p.stem.split("_")[0]))]
+        if not match:
+            raise PipelineError(f"--only {want!r} matches no notebook; choose from "
+                                f"{[p.stem for p in notebooks]}.")
+        picked += [p for p in match if p not in picked]
+    return [p for p in notebooks if p in picked]  # number order, whatever order `only` had
+
+
+def parse_parameter(text: str) -> tuple[str, Any]:
+    """``"name=value"`` with value read as a Python literal when it is one, else as a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip().isidentifier():
+        raise PipelineError(f"Parameter {text!r} is not name=value (e.g. -p n_tokens=50_000).")
+    try:
+        return name.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return name.strip(), value.strip()
+
+
+def notebook_parameters(path: str | Path) -> dict[str, Any]:
+    """The names a notebook declares in its ``parameters`` cell, with papermill's details."""
+    import papermill
+
+    papermill_log = logging.getLogger("papermill")
+    level = papermill_log.level
+    papermill_log.setLevel(logging.WARNING)  # inspecting logs "Input Notebook" at INFO: noise
+    try:
+        return papermill.inspect_notebook(str(path))
+    except ValueError as err:  # papermill needs the kernelspec to pick the parameter syntax
+        raise PipelineError(f"Cannot read the parameters of {Path(path).name}: {err} Open it in "
+                            f"JupyterLab with the Python 3 kernel and save it.") from None
+    finally:
+        papermill_log.setLevel(level)
+
+
+def run_notebook(path: str | Path, run_dir: str | Path, parameters: Mapping[str, Any] | None = None,
+                 progress: bool = False) -> Path:
+    """Execute one notebook into ``run_dir`` with ``run_dir`` and ``parameters`` injected.
+
+    Parameters the notebook does not declare are left out. Returns the executed notebook's path;
+    raises :class:`PipelineError` naming the notebook and the failing cell.
+    """
+    import papermill
+
+    path, run_dir = Path(path).resolve(), Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    declared = notebook_parameters(path)
+    given = {**(parameters or {}), "run_dir": str(run_dir)}
+    if "run_dir" not in declared:
+        log.warning("%s declares no run_dir parameter; what it writes lands outside %s.",
+                    path.name, run_dir)
+    skipped = sorted(set(given) - {"run_dir"} - set(declared))
+    if skipped:
+        log.info("%s does not declare %s; not passing them.", path.name, skipped)
+    output = run_dir / path.name
+    log.info("Running %s -> %s", path.name, output)
+    try:
+        papermill.execute_notebook(
+            str(path), str(output), parameters={k: v for k, v in given.items() if k in declared},
+            kernel_name=KERNEL_NAME, cwd=str(path.parent), progress_bar=progress,
+        )
+    except papermill.PapermillExecutionError as err:
+        raise PipelineError(_failure_message(path, output, err)) from None
+    except RuntimeError as err:  # nbclient's DeadKernelError: out of memory, a crash, a kill
+        raise PipelineError(f"Notebook {path.name} stopped: its kernel died "
+                            f"({type(err).__name__}: {err}). The executed notebook, up to that "
+                            f"point, is {output}") from err
+    return output
+
+
+def run_pipeline(run: str | Path = DEFAULT_RUN, only: Iterable[str] | None = None,
+                 parameters: Mapping[str, Any] | None = None, smoke: bool = False,
+                 outputs_root: str | Path = OUTPUTS_DIR, notebooks_dir: str | Path = NOTEBOOKS_DIR,
+                 progress: bool = True) -> list[Path]:
+    """Run the notebooks in number order into ``outputs_root/run``; returns the executed copies.
+
+    ``run`` may also be an absolute path. ``parameters`` override the notebooks' defaults (and
+    the smoke values with ``smoke=True``); each notebook receives only those it declares, and a
+    name that no selected notebook declares is an error, raised before anything runs.
+    """
+    notebooks = select_notebooks(find_notebooks(notebooks_dir), only)
+    if not notebooks:
+        raise PipelineError(f"No NN_name.ipynb notebooks in {str(notebooks_dir)!r}.")
+    parameters = dict(parameters or {})
+    if "run_dir" in parameters:
+        raise PipelineError("run_dir is set by the pipeline; choose the folder with run= "
+                            "(--run NAME, or an absolute path) instead of a run_dir parameter.")
+    declared = {p.stem: notebook_parameters(p) for p in notebooks}
+    unknown = [k for k in parameters if not any(k in names for names in declared.values())]
+    if unknown:
+        listing = "; ".join(f"{stem}: {', '.join(names)}" for stem, names in declared.items())
+        raise PipelineError(f"Parameter(s) {unknown} are declared by none of the notebooks to "
+                            f"run. Their parameters are: {listing}.")
+    if smoke:
+        missing = [p.stem for p in notebooks if p.stem not in SMOKE_PARAMETERS]
+        if missing:
+            raise PipelineError(f"--smoke: {missing} have no entry in "
+                                f"sae_nb.pipeline.SMOKE_PARAMETERS; add one (it may be {{}}).")
+    run_dir = (Path(outputs_root) / run).resolve()
+    outputs = []
+    for path in notebooks:
+        given = {**(SMOKE_PARAMETERS[path.stem] if smoke else {}), **parameters}
+        outputs.append(run_notebook(path, run_dir, given, progress=progress))
+    log.info("Wrote %d executed notebook(s) to %s", len(outputs), run_dir)
+    return outputs
+
+
+def _failure_message(path: Path, output: Path, err) -> str:
+    """Name the failing cell by its position in the notebook as committed (1-based)."""
+    cell_no, source = _failed_cell(output)
+    where = f"cell {cell_no}" if cell_no else f"cell index {err.cell_index} (executed copy)"
+    source = source or err.source or ""
+    lines = source.strip().splitlines()
+    excerpt = "\n    ".join(lines[:6] + (["..."] if len(lines) > 6 else []))
+    return (f"Notebook {path.name} failed in {where}:\n    {excerpt}\n"
+            f"{err.ename}: {err.evalue}\n"
+            f"The executed notebook, with the full traceback, is {output}")
+
+
+def _failed_cell(output: Path) -> tuple[int | None, str | None]:
+    """The committed position and source of the cell that holds an error output."""
+    try:
+        nb = nbformat.read(output, as_version=4)
+    except Exception:  # the notebook could not be written; fall back to papermill's index
+        return None, None
+    papermill_tags = {"injected-parameters", "papermill-error-cell-tag"}
+    position = 0
+    for cell in nb.cells:
+        if papermill_tags & set(cell.get("metadata", {}).get("tags", [])):
+            continue
+        position += 1
+        if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
+            return position, cell.source
+    return None, None

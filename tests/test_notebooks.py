@@ -1,0 +1,226 @@
+"""The notebooks: each runs headless with its smoke parameters, and each keeps the house shape.
+
+The smoke runs execute the real notebooks in number order with papermill, sharing one run
+folder, with the notebooks folder as working directory: the same code users run, with smaller
+numbers (``sae_nb.pipeline.SMOKE_PARAMETERS``). Notebook 01 uses the real default model, so the
+converted SmolLM2 must be in the cache (``python -m sae_nb setup`` once, or ``SAE_NB_CACHE``).
+The pipeline's own behaviour is tested on tiny throwaway notebooks that load no model.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from sae_nb import open_stores
+from sae_nb.pipeline import (
+    NOTEBOOK_RE, NOTEBOOKS_DIR, SMOKE_PARAMETERS, PipelineError, find_notebooks,
+    notebook_parameters, parse_parameter, run_notebook, run_pipeline, select_notebooks,
+)
+
+NOTEBOOKS = find_notebooks()
+
+
+def notebook_defaults(notebook: Path) -> dict:
+    declared = notebook_parameters(notebook)
+    return {name: ast.literal_eval(p["default"]) for name, p in declared.items()}
+
+
+def smoke_values(notebook: Path) -> dict:
+    """What a smoke run of ``notebook`` sees: its defaults overridden by the smoke values."""
+    return {**notebook_defaults(notebook), **SMOKE_PARAMETERS[notebook.stem]}
+
+
+# -- the real notebooks, in order ---------------------------------------------------------------
+
+def check_01_extract(run_dir: Path, values: dict) -> None:
+    stores = open_stores(run_dir)
+    assert sorted(stores) == sorted(values["sites"])
+    contexts = -(-values["n_tokens"] // values["ctx_len"])
+    for store in stores.values():  # every context opens with BOS, which is not stored
+        assert len(store) == contexts * (values["ctx_len"] - 1)
+        assert store.manifest["complete"] and store.manifest["model"] == values["model"]
+        assert store.manifest["dtype"] == values["dtype"]
+
+
+CHECKS = {"01_extract": check_01_extract}
+
+
+@pytest.fixture(scope="session")
+def smoke_run_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("smoke_run")
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_smoke_run(notebook: Path, smoke_run_dir: Path):
+    output = run_notebook(notebook, smoke_run_dir, SMOKE_PARAMETERS[notebook.stem])
+    assert output == smoke_run_dir / notebook.name
+    executed = nbformat.read(output, as_version=4)
+    injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert f'run_dir = "{smoke_run_dir}"' in injected[0].source
+    if notebook.stem in CHECKS:
+        CHECKS[notebook.stem](smoke_run_dir, smoke_values(notebook))
+
+
+# -- guards -----------------------------------------------------------------------------------
+
+def test_every_notebook_is_numbered_and_smoke_tested():
+    names = sorted(p.name for p in NOTEBOOKS_DIR.glob("*.ipynb"))
+    assert names, f"no notebooks in {NOTEBOOKS_DIR}"
+    unnumbered = [n for n in names if not NOTEBOOK_RE.match(n)]
+    assert not unnumbered, f"{unnumbered}: name notebooks NN_name.ipynb so the pipeline runs them"
+    missing = [p.stem for p in NOTEBOOKS if p.stem not in SMOKE_PARAMETERS]
+    assert not missing, f"{missing} have no entry in sae_nb.pipeline.SMOKE_PARAMETERS"
+    stale = sorted(set(SMOKE_PARAMETERS) - {p.stem for p in NOTEBOOKS})
+    assert not stale, f"SMOKE_PARAMETERS names notebooks that do not exist: {stale}"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_smoke_parameters_are_notebook_parameters(notebook: Path):
+    declared = notebook_parameters(notebook)
+    unknown = sorted(set(SMOKE_PARAMETERS.get(notebook.stem, {})) - set(declared))
+    assert not unknown, f"{notebook.name} has no parameters {unknown}; it declares {list(declared)}"
+    assert "run_dir" in declared, f"{notebook.name} must declare run_dir (the pipeline sets it)"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_notebook_shape(notebook: Path):
+    nb = nbformat.read(notebook, as_version=4)
+    nbformat.validate(nb)
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type == "code":
+            where = f"{notebook.name} cell {i + 1}"
+            assert cell.outputs == [], f"{where} carries outputs; clear them before committing"
+            assert cell.execution_count is None, f"{where} has an execution count; clear it"
+            assert "%pip" not in cell.source and "os.chdir" not in cell.source
+    kernel = nb.metadata.get("kernelspec", {}).get("name")
+    assert kernel == "python3", f"{notebook.name} has kernel {kernel!r}; save it with Python 3"
+    first, params = nb.cells[0], nb.cells[1]
+    assert first.cell_type == "markdown" and first.source.startswith("# ")
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert tagged == [1], f"{notebook.name}: the parameters cell must be cell 2, and the only one"
+    lines = [line for line in params.source.splitlines() if line.strip()]
+    statements = ast.parse(params.source).body
+    assert len(statements) == len(lines), "one assignment per line in the parameters cell"
+    for line, stmt in zip(lines, statements):
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1, line
+        ast.literal_eval(stmt.value)  # literals only; derived values belong in a later cell
+        code, sep, comment = line.partition("#")
+        assert sep and comment.strip(), f"give {line!r} a short comment"
+        assert "=" not in comment, f"no '=' inside the comment of {line!r} (papermill trips on it)"
+
+
+# -- the pipeline, on tiny notebooks ----------------------------------------------------------
+
+def write_notebook(folder: Path, name: str, parameters: str, *code: str) -> Path:
+    cells = [new_markdown_cell(f"# {name}"),
+             new_code_cell(parameters, metadata={"tags": ["parameters"]}),
+             *[new_code_cell(c) for c in code]]
+    path = folder / name
+    kernelspec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(new_notebook(cells=cells, metadata={"kernelspec": kernelspec}), path)
+    return path
+
+
+RECORD = ("import json, os, sys\n"
+          "seen = {k: v for k, v in globals().items() if k in ('x', 'y', 'run_dir')}\n"
+          "seen.update(executable=sys.executable, cwd=os.getcwd())\n"
+          "open(os.path.join(run_dir, NAME + '.json'), 'w').write(json.dumps(seen))")
+
+
+@pytest.fixture
+def tiny_notebooks(tmp_path: Path) -> Path:
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    write_notebook(folder, "01_first.ipynb", 'x = 1  # a number\nrun_dir = "."  # output folder',
+                   "NAME = 'first'\n" + RECORD)
+    write_notebook(folder, "02_second.ipynb", 'y = "a"  # a word\nrun_dir = "."  # output folder',
+                   "import os\nassert os.path.exists(os.path.join(run_dir, 'first.json'))",
+                   "NAME = 'second'\n" + RECORD)
+    write_notebook(folder, "10_fails.ipynb", 'run_dir = "."  # output folder', "x = 1", "1 / 0")
+    write_notebook(folder, "20_dies.ipynb", 'run_dir = "."  # output folder', "import os; os._exit(1)")
+    return folder
+
+
+def test_pipeline_runs_in_order_with_declared_parameters_only(tiny_notebooks: Path, tmp_path: Path):
+    outputs = run_pipeline("r", only=["01", "2"], parameters={"x": 5, "y": "hi"},
+                           outputs_root=tmp_path / "out", notebooks_dir=tiny_notebooks,
+                           progress=False)
+    run_dir = (tmp_path / "out" / "r").resolve()
+    assert outputs == [run_dir / "01_first.ipynb", run_dir / "02_second.ipynb"]
+    first = json.loads((run_dir / "first.json").read_text())
+    second = json.loads((run_dir / "second.json").read_text())
+    assert first["x"] == 5 and "y" not in first and second["y"] == "hi" and "x" not in second
+    assert first["run_dir"] == str(run_dir)
+    assert first["executable"] == sys.executable  # the kernel is this interpreter
+    assert first["cwd"] == str(tiny_notebooks.resolve())
+
+
+def test_pipeline_names_the_failing_notebook_and_cell(tiny_notebooks: Path, tmp_path: Path):
+    with pytest.raises(PipelineError) as err:
+        run_pipeline(tmp_path / "run", only=["10"], notebooks_dir=tiny_notebooks, progress=False)
+    message = str(err.value)
+    assert "10_fails.ipynb" in message and "cell 4" in message
+    assert "1 / 0" in message and "ZeroDivisionError" in message
+
+
+def test_pipeline_reports_a_dead_kernel(tiny_notebooks: Path, tmp_path: Path):
+    with pytest.raises(PipelineError, match="20_dies.ipynb stopped: its kernel died"):
+        run_pipeline(tmp_path / "run", only=["20"], notebooks_dir=tiny_notebooks, progress=False)
+
+
+def test_pipeline_refuses_unknown_parameters_before_running(tiny_notebooks: Path, tmp_path: Path):
+    with pytest.raises(PipelineError, match="n_tokens"):
+        run_pipeline(tmp_path / "run", parameters={"n_tokens": 5}, notebooks_dir=tiny_notebooks)
+    with pytest.raises(PipelineError, match="run_dir"):
+        run_pipeline(tmp_path / "run", parameters={"run_dir": "x"}, notebooks_dir=tiny_notebooks)
+    with pytest.raises(PipelineError, match="SMOKE_PARAMETERS"):
+        run_pipeline(tmp_path / "run", smoke=True, notebooks_dir=tiny_notebooks)
+    with pytest.raises(PipelineError, match="matches no notebook"):
+        select_notebooks(find_notebooks(tiny_notebooks), ["03"])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("n_tokens=1_000", ("n_tokens", 1000)),
+    ("sites=['resid_out_layer3', 'mlp_out_layer2']", ("sites", ["resid_out_layer3",
+                                                                "mlp_out_layer2"])),
+    ("corpus=sotu", ("corpus", "sotu")),
+    ("corpus=data/my file.csv", ("corpus", "data/my file.csv")),
+    ("dtype='float32'", ("dtype", "float32")),
+    ("flag=True", ("flag", True)),
+])
+def test_parse_parameter(text, expected):
+    assert parse_parameter(text) == expected
+
+
+def test_parse_parameter_refuses_a_bare_value():
+    with pytest.raises(PipelineError, match="name=value"):
+        parse_parameter("100")
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sae_nb", "run", "--run", str(tmp_path / "run"), "-p", "n_tokenz=5"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "n_tokenz" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_smoke_run_of_notebook_01(tmp_path: Path):
+    """``python -m sae_nb run --smoke --only 01`` in process, into a temporary outputs root."""
+    from sae_nb.__main__ import main
+
+    assert main(["run", "--smoke", "--only", "01", "--run", "smoke",
+                 "--outputs", str(tmp_path)]) == 0
+    run_dir = tmp_path / "smoke"
+    assert (run_dir / "01_extract.ipynb").exists()
+    check_01_extract(run_dir, smoke_values(NOTEBOOKS_DIR / "01_extract.ipynb"))
