@@ -11,6 +11,7 @@ keeps one row per text and pads batches on the right.
 
 from __future__ import annotations
 
+import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +63,9 @@ def read_text_csv(path: str | Path, text_column: str = "sentence") -> Corpus:
     path = Path(path)
     if not path.exists():
         raise CorpusError(f"CSV file {str(path)!r} does not exist.")
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
-        df = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype=object,
-                         keep_default_na=False, na_values=[""])
+        df = pd.read_csv(path, sep=sep, dtype=object, keep_default_na=False, na_values=[""])
     except pd.errors.EmptyDataError:
         raise CorpusError(f"CSV file {str(path)!r} is empty: it needs a header row with a "
                           f"{text_column!r} column and at least one row of text.") from None
@@ -76,12 +77,34 @@ def read_text_csv(path: str | Path, text_column: str = "sentence") -> Corpus:
     col = df[text_column]
     bad = [i for i, v in enumerate(col) if not isinstance(v, str) or not v.strip() or _is_number(v)]
     if bad:
-        rows = ", ".join(str(i + 2) for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        lines = _record_lines(path, sep)
+        lines = lines if len(lines) == len(df) else [i + 2 for i in range(len(df))]
+        rows = ", ".join(str(lines[i]) for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
         raise CorpusError(
             f"CSV file {str(path)!r}, column {text_column!r}: {len(bad)} row(s) hold no text "
             f"(empty or a number) at file line(s) {rows}. Remove or fill those rows."
         )
     return Corpus(str(path), [str(v) for v in col], [f"row {i}" for i in range(len(df))])
+
+
+def _record_lines(path: Path, sep: str) -> list[int]:
+    """The file line each data row starts on, as pandas counts rows: it skips blank lines,
+    and a quoted field may span several lines, so row i is not always on line i + 2."""
+    raw: list[str] = []
+
+    def tap(f):
+        for line in f:
+            raw.append(line)
+            yield line
+
+    starts, first = [], 1
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(tap(f), delimiter=sep)
+        for _ in reader:
+            if raw[first - 1].strip():
+                starts.append(first)
+            first = reader.line_num + 1
+    return starts[1:]  # the first record is the header
 
 
 def _is_number(value: str) -> bool:

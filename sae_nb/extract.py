@@ -44,6 +44,7 @@ class ExtractConfig:
     prepend_bos: bool = True  # every context / sentence starts with the document separator
     exclude_bos: bool = True  # BOS rows are attention sinks with huge norms: keep them out
     shard_mb: int = 64  # target shard size on disk
+    shard_rows: int | None = None  # rows per shard, overriding shard_mb (tests use tiny shards)
 
     def __post_init__(self):
         self.sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
@@ -58,6 +59,8 @@ class ExtractConfig:
         for name in ("n_tokens", "ctx_len", "batch_size", "shard_mb"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if self.shard_rows is not None and int(self.shard_rows) < 1:
+            raise ValueError(f"shard_rows={self.shard_rows} must be a positive integer or None.")
         if self.mode == "sentences" and self.exclude_bos is False and self.prepend_bos:
             log.info("Sentence mode pools over BOS too (exclude_bos=False).")
 
@@ -184,7 +187,7 @@ def pool_rows(acts: torch.Tensor, keep: torch.Tensor, pool: str) -> torch.Tensor
 
 
 def _run(model, sites, writers, batches, units, per_unit, config, progress) -> None:
-    rows_per_shard = max(1, config.shard_mb * 2**20 // (max(d.manifest["d"] for d in writers.values()) * np.dtype(config.dtype).itemsize))
+    rows_per_shard = config.shard_rows or max(1, config.shard_mb * 2**20 // (max(d.manifest["d"] for d in writers.values()) * np.dtype(config.dtype).itemsize))
     buffers = {s.name: ([], []) for s in sites}
     start = min(w.done for w in writers.values())
     total = max(0, units - start) * (per_unit or 1)
