@@ -224,22 +224,45 @@ class ActivationStore:
 
     def batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, epochs: int = 1,
                 drop_last: bool = False, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> Iterator[torch.Tensor]:
-        """Yield ``(batch_size, d)`` tensors; shuffled across all shards when ``shuffle``."""
-        if len(self) == 0:
-            raise StoreError(f"Store {str(self.path)!r} has no rows.")
+                dtype: torch.dtype = torch.float32, rows=None) -> Iterator[torch.Tensor]:
+        """Yield ``(batch_size, d)`` tensors; shuffled across all shards when ``shuffle``.
+
+        ``rows`` (a slice or index array) restricts the batches to part of the store, e.g. a
+        training split; ``epochs=None`` repeats forever (a fresh shuffle each epoch).
+        """
+        subset = np.arange(len(self))[rows] if rows is not None else np.arange(len(self))
+        if len(subset) == 0:
+            raise StoreError(f"Store {str(self.path)!r} has no rows to batch.")
         rng = np.random.default_rng(seed)
-        for _ in range(epochs):
-            order = rng.permutation(len(self)) if shuffle else np.arange(len(self))
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            epoch += 1
+            order = subset[rng.permutation(len(subset))] if shuffle else subset
             stop = len(order) - (len(order) % batch_size if drop_last else 0)
             for start in range(0, stop, batch_size):
-                rows = order[start : start + batch_size]
-                yield torch.from_numpy(self._gather(rows, self._acts)).to(device=device, dtype=dtype)
+                pick = order[start : start + batch_size]
+                yield torch.from_numpy(self._gather(pick, self._acts)).to(device=device, dtype=dtype)
 
     def chunks(self, rows_per_chunk: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         """Sequential ``(first_row, array)`` chunks, for streaming passes over the store."""
         for start in range(0, len(self), rows_per_chunk):
             yield start, self[start : min(start + rows_per_chunk, len(self))]
+
+    def context_tokens(self, contexts) -> np.ndarray:
+        """Token mode: the full ``(n, ctx_len)`` token ids of stored contexts, e.g. held-out
+        contexts for a cross-entropy evaluation. Positions not stored (BOS) get the BOS id."""
+        m = self.manifest
+        if m["mode"] != "tokens":
+            raise StoreError("context_tokens needs a token-mode store.")
+        index = self.index()
+        starts = np.searchsorted(index["context"], contexts, side="left")
+        ends = np.searchsorted(index["context"], contexts, side="right")
+        out = np.full((len(starts), m["ctx_len"]), m["bos_token_id"], dtype=np.int64)
+        for i, (lo, hi) in enumerate(zip(starts, ends)):
+            if lo == hi:
+                raise StoreError(f"Context {contexts[i]} is not in this store.")
+            out[i, index["offset"][lo:hi]] = index["token"][lo:hi]
+        return out
 
     def context(self, row: int, before: int = 16, after: int = 4) -> pd.DataFrame:
         """The stored tokens around ``row`` in its own context (rows are stored in order)."""

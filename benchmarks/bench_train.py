@@ -1,0 +1,86 @@
+"""Benchmark: TopK SAE training speed and quality on real activations of the default model.
+
+Settings of the issue (and of the established trainers we compare with): d_in 576 (SmolLM2-135M
+residual stream), 4608 latents, k = 32, batch 4096, fp32. Prints training tokens/s, how that
+compares with this machine's measured fp32 matmul rate, and the held-out FVU after the budget.
+
+Data: ``resid_out_layer6`` activations of the default model over the default corpus, extracted
+once into ``outputs/bench/`` (resumable; ~5 min on 2 cores) and reused afterwards.
+
+    python benchmarks/bench_train.py                      # 1M training tokens, 64k held out
+    python benchmarks/bench_train.py --tokens 200000      # quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+D, F, K, BATCH = 576, 4608, 32, 4096
+
+
+def matmul_gflops(repeats: int = 10) -> float:
+    """Measured fp32 rate of the encoder's matmul shape, (4096, 576) @ (576, 4608)."""
+    a, b = torch.randn(BATCH, D), torch.randn(D, F)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * BATCH * D * F * repeats / (time.perf_counter() - start) / 1e9
+
+
+def activations(n_tokens: int, site: str):
+    import sae_nb
+
+    run_dir = ROOT / "outputs" / "bench"
+    model = sae_nb.load_model()
+    return sae_nb.extract_activations(model, run_dir, sites=[site], n_tokens=n_tokens,
+                                      dtype="float32")[site]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=1_000_000, help="training budget")
+    parser.add_argument("--heldout", type=int, default=65_536)
+    parser.add_argument("--site", default="resid_out_layer6")
+    parser.add_argument("--lr", type=float, default=None)
+    args = parser.parse_args()
+    from sae_nb.train import train_dictionary
+
+    store = activations(args.tokens + args.heldout + 4096, args.site)
+    n_train = len(store) - args.heldout
+    rate = matmul_gflops()
+    batches = store.batches(BATCH, rows=slice(0, n_train), epochs=None, drop_last=True, seed=0)
+    start = time.perf_counter()
+    result = train_dictionary(batches, architecture="topk", d_sae=F, k=K, lr=args.lr,
+                              total_tokens=args.tokens, seed=0, progress=False)
+    seconds = time.perf_counter() - start
+    tokens = (args.tokens // BATCH) * BATCH
+    with torch.no_grad():
+        x = torch.from_numpy(store[n_train:])
+        f = result.dictionary.encode(x)
+        x_hat = result.dictionary.decode(f)
+        fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+        l0 = float((f > 0).sum(1).float().mean())
+        fired = (f > 0).any(0).float().mean()
+    tps = tokens / seconds
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; TopK d_in {D}, d_sae {F}, "
+          f"k {K}, batch {BATCH}, fp32, {args.site}")
+    print(f"measured fp32 matmul rate ({BATCH}x{D} @ {D}x{F}): {rate:.0f} GFLOP/s")
+    print(f"training: {tokens} tokens in {seconds:.1f} s = {tps:,.0f} tokens/s")
+    for name, flops in (("encoder forward matmul only, 2*D*F", 2), ("sparse-decoder step, 4*D*F", 4),
+                        ("dense step, 10*D*F", 10)):
+        used = tps * flops * D * F / 1e9
+        print(f"  as {name} FLOPs/token: {used:.0f} GFLOP/s = {used / rate:.0%} of the matmul rate "
+              f"(bound {rate * 1e9 / (flops * D * F):,.0f} tokens/s)")
+    print(f"held-out ({len(store) - n_train} tokens): FVU {fvu:.4f}, L0 {l0:.1f}, "
+          f"latents alive on held-out {fired:.1%}, dead at end of training "
+          f"{result.log['dead_frac'].iloc[-1]:.1%}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Dictionary architectures behind one interface: ``encode``, ``decode``, ``forward``.
+
+All share the SAELens parameterisation, so saving and loading are one code path:
+``W_enc`` (D, F), ``b_enc`` (F,), ``W_dec`` (F, D), ``b_dec`` (D,), plus ``threshold`` (F,)
+for JumpReLU. Encoding is ``act((x - b_dec) @ W_enc + b_enc)`` (no ``b_dec`` subtraction for
+transcoders, whose input and target live at different sites); decoding ``f @ W_dec + b_dec``.
+
+- ``ReLUSAE``: ReLU + L1, "Towards Monosemanticity" (Bricken et al., 2023) as
+  dictionary_learning trains it, with the April-2024 update (L1 weighted by decoder norms).
+- ``TopKSAE``: keep the k largest pre-activations (Gao et al., 2024, "Scaling and evaluating
+  sparse autoencoders").
+- ``BatchTopKSAE``: top ``k * batch`` activations over the whole batch in training (Bussmann
+  et al., 2024); at inference a single threshold estimated during training, i.e. a JumpReLU.
+- ``JumpReLUSAE``: ``pre * (pre > threshold)``, trained with straight-through estimators and
+  an L0 penalty (Rajamanoharan et al., 2024).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class SparseCode:
+    """The k active latents of each row: values and indices, both ``(B, k)``."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+    def dense(self, d_sae: int) -> torch.Tensor:
+        out = self.values.new_zeros(self.values.shape[0], d_sae)
+        return out.scatter_(1, self.indices, self.values)
+
+
+class Dictionary(nn.Module):
+    """The common interface. Subclasses define ``activation(pre)``."""
+
+    architecture: ClassVar[str] = "base"
+
+    def __init__(self, d_in: int, d_sae: int, apply_b_dec_to_input: bool = True,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.d_in, self.d_sae = int(d_in), int(d_sae)
+        self.apply_b_dec_to_input = apply_b_dec_to_input
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, dtype=dtype))  # (D, F)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))  # (F,)
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in, dtype=dtype))  # (F, D)
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))  # (D,)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Unit-norm random decoder rows; the encoder starts as the decoder's transpose."""
+        with torch.no_grad():
+            self.W_dec.copy_(torch.randn_like(self.W_dec))
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True)
+            self.W_enc.copy_(self.W_dec.T)
+
+    # -- the interface ---------------------------------------------------------------------
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc + self.b_enc  # (B, F)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, D) -> (B, F)`` latent activations."""
+        return self.activation(self.pre_acts(x))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """``(B, F) -> (B, D)`` reconstruction."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def config(self) -> dict:
+        """Architecture fields for saving (SAELens names)."""
+        return {"architecture": self.architecture, "d_in": self.d_in, "d_sae": self.d_sae,
+                "apply_b_dec_to_input": self.apply_b_dec_to_input}
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    @torch.no_grad()
+    def fold_scale(self, scale_in: float, scale_out: float | None = None) -> None:
+        """Fold training-time scaling (input ``x * scale_in``, target ``y * scale_out``) into
+        the weights, so the dictionary reads and writes unscaled activations: the codes stay
+        the same and reconstructions come out in the original units."""
+        scale_out = scale_in if scale_out is None else scale_out
+        self.W_enc *= scale_in
+        self.W_dec /= scale_out
+        self.b_dec /= scale_out  # for an SAE scale_in == scale_out, so the input shift folds too
+
+
+class ReLUSAE(Dictionary):
+    architecture = "standard"
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return torch.relu(pre)
+
+
+class TopKSAE(Dictionary):
+    architecture = "topk"
+
+    def __init__(self, d_in: int, d_sae: int, k: int, **kw):
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k={k} must lie in 1..d_sae={d_sae}.")
+        super().__init__(d_in, d_sae, **kw)
+        self.k = int(k)
+
+    def sparse_encode(self, x: torch.Tensor) -> SparseCode:
+        values, indices = self.pre_acts(x).topk(self.k, dim=-1, sorted=False)
+        return SparseCode(torch.relu(values), indices)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        values, indices = pre.topk(self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(values))
+
+    def config(self) -> dict:
+        return {**super().config(), "k": self.k}
+
+
+class JumpReLUSAE(Dictionary):
+    architecture = "jumprelu"
+
+    def __init__(self, d_in: int, d_sae: int, threshold: float = 0.001, **kw):
+        super().__init__(d_in, d_sae, **kw)
+        self.threshold = nn.Parameter(torch.full((d_sae,), float(threshold), dtype=self.W_enc.dtype))
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        return pre * (pre > self.threshold)
+
+
+class BatchTopKSAE(JumpReLUSAE):
+    """Trained with batch top-k; encodes with the learned threshold (saved as JumpReLU)."""
+
+    architecture = "jumprelu"  # what SAELens loads it as: one constant threshold
+    kind = "batchtopk"
+
+    def __init__(self, d_in: int, d_sae: int, k: int, **kw):
+        super().__init__(d_in, d_sae, threshold=0.0, **kw)
+        self.k = int(k)
+        self.threshold.requires_grad_(False)
+
+    def batch_activation(self, pre: torch.Tensor) -> torch.Tensor:
+        """Training-time activation: the ``k * B`` largest positive pre-activations."""
+        flat = torch.relu(pre).flatten()
+        values, indices = flat.topk(self.k * pre.shape[0], sorted=False)
+        return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
+
+
+ARCHITECTURES: dict[str, type[Dictionary]] = {
+    "standard": ReLUSAE, "relu": ReLUSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE,
+    "jumprelu": JumpReLUSAE,
+}
+
+
+def build_dictionary(architecture: str, d_in: int, d_sae: int, k: int | None = None,
+                     **kw) -> Dictionary:
+    """Make an untrained dictionary of a named architecture."""
+    cls = ARCHITECTURES.get(architecture)
+    if cls is None:
+        raise ValueError(f"Unknown architecture {architecture!r}; choose one of "
+                         f"{sorted(set(ARCHITECTURES) - {'relu'})}.")
+    if cls in (TopKSAE, BatchTopKSAE):
+        if k is None:
+            raise ValueError(f"architecture={architecture!r} needs k (active latents per token).")
+        if not 0 < k <= d_sae:
+            raise ValueError(f"k={k} must lie in 1..d_sae={d_sae}.")
+        return cls(d_in, d_sae, k=k, **kw)
+    return cls(d_in, d_sae, **kw)

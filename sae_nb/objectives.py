@@ -1,0 +1,160 @@
+"""Training objectives, one function per architecture: ``(dictionary, x, y) -> Step``.
+
+``x`` is the (scaled) input and ``y`` the (scaled) target: the same tensor for an SAE, the
+next site's activation for a transcoder. Each returns the loss to minimise plus what the
+trainer logs and needs (which latents fired, for dead-latent tracking).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE
+from .sparse_ops import sparse_decode, topk_encode
+
+
+@dataclass
+class Step:
+    loss: torch.Tensor
+    mse: torch.Tensor  # mean squared error summed over D, averaged over rows
+    l0: float  # mean active latents per row
+    fired: torch.Tensor  # (F,) bool: latents active anywhere in this batch
+    fvu: float  # fraction of variance unexplained in this batch
+    x_hat: torch.Tensor  # (B, D) reconstruction (detached)
+
+
+def _fvu(y: torch.Tensor, err_sq: torch.Tensor) -> float:
+    return float(err_sq / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12))
+
+
+def topk_step(sae: TopKSAE, x, y, dead: torch.Tensor | None, k_aux: int, auxk_alpha: float) -> Step:
+    """TopK (Gao et al. 2024) with the AuxK loss: the dead latents' top ``k_aux`` codes are asked
+    to reconstruct the residual error, which gives dead latents a gradient again."""
+    use_aux = dead is not None and bool(dead.any())
+    vals, idx, aux_vals, aux_idx = topk_encode(
+        x, sae.W_enc, sae.b_enc, sae.b_dec if sae.apply_b_dec_to_input else torch.zeros_like(sae.b_dec),
+        sae.k, dead if use_aux else None, min(k_aux, int(dead.sum())) if use_aux else 0)
+    x_hat = sparse_decode(vals, idx, sae.W_dec, sae.b_dec)
+    err = y - x_hat
+    err_sq = err.pow(2).sum()
+    mse = err_sq / len(x)
+    loss = mse
+    if use_aux:
+        residual = err.detach()
+        aux_hat = sparse_decode(aux_vals, aux_idx, sae.W_dec)
+        aux_mse = (residual - aux_hat).pow(2).sum(-1).mean()
+        # Normalised by the residual's variance, as in Gao et al.; guarded against NaN early.
+        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+        loss = loss + auxk_alpha * torch.nan_to_num(aux_mse / denom)
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
+    fired[idx[vals > 0]] = True
+    return Step(loss, mse.detach(), float((vals > 0).sum()) / len(x), fired,
+                _fvu(y, err_sq.detach()), x_hat.detach())
+
+
+def batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux: int, auxk_alpha: float,
+                   update_threshold: bool = True,
+                   threshold_beta: float = 0.99) -> Step:
+    """BatchTopK (Bussmann et al. 2024): the k*B largest activations over the whole batch; the
+    inference threshold tracks the smallest kept activation with an exponential average."""
+    pre = sae.pre_acts(x)
+    f = sae.batch_activation(pre)
+    x_hat = sae.decode(f)
+    err = y - x_hat
+    err_sq = err.pow(2).sum()
+    mse = err_sq / len(x)
+    loss = mse
+    if dead is not None and bool(dead.any()):
+        kk = min(k_aux, int(dead.sum()))
+        aux_v, aux_i = pre.masked_fill(~dead, float("-inf")).topk(kk, dim=-1, sorted=False)
+        residual = err.detach()
+        aux_hat = sparse_decode(torch.relu(aux_v), aux_i, sae.W_dec)
+        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+        loss = loss + auxk_alpha * torch.nan_to_num((residual - aux_hat).pow(2).sum(-1).mean() / denom)
+    with torch.no_grad():
+        active = f > 0
+        if active.any() and update_threshold:
+            kept_min = f[active].min()
+            t = sae.threshold
+            t.copy_(torch.where(t == 0, kept_min, threshold_beta * t + (1 - threshold_beta) * kept_min))
+    return Step(loss, mse.detach(), float(active.sum()) / len(x), active.any(0),
+                _fvu(y, err_sq.detach()), x_hat.detach())
+
+
+def relu_step(sae: ReLUSAE, x, y, l1_coefficient: float, penalty: str,
+              weight_by_decoder_norm: bool) -> Step:
+    """ReLU + L1 (Towards Monosemanticity), optionally with the April update (L1 weighted by
+    decoder row norms), or an entropy penalty on each row's normalised activations."""
+    f = sae.encode(x)
+    x_hat = sae.decode(f)
+    err_sq = (y - x_hat).pow(2).sum()
+    mse = err_sq / len(x)
+    scaled = f * sae.W_dec.norm(dim=1) if weight_by_decoder_norm else f
+    if penalty == "entropy":
+        p = scaled / scaled.sum(-1, keepdim=True).clamp_min(1e-8)
+        sparsity = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+    else:
+        sparsity = scaled.sum(-1).mean()
+    active = f > 0
+    return Step(mse + l1_coefficient * sparsity, mse.detach(), float(active.sum()) / len(x),
+                active.any(0), _fvu(y, err_sq.detach()), x_hat.detach())
+
+
+class _JumpReLU(torch.autograd.Function):
+    """``pre * H(pre - t)``; the threshold's gradient uses a rectangle kernel of width ``eps``
+    (straight-through estimator of Rajamanoharan et al. 2024)."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, eps: float):
+        ctx.save_for_backward(pre, threshold)
+        ctx.eps = eps
+        return pre * (pre > threshold)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, t = ctx.saved_tensors
+        near = ((pre - t).abs() < ctx.eps / 2).to(g.dtype)
+        g_t = -(t / ctx.eps) * near * g
+        return g * (pre > t), g_t.sum(0), None
+
+
+class _Step(torch.autograd.Function):
+    """Heaviside ``H(pre - t)`` with the same pseudo-derivative, for the L0 penalty."""
+
+    @staticmethod
+    def forward(ctx, pre, threshold, eps: float):
+        ctx.save_for_backward(pre, threshold)
+        ctx.eps = eps
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        pre, t = ctx.saved_tensors
+        near = ((pre - t).abs() < ctx.eps / 2).to(g.dtype)
+        return None, (-(1.0 / ctx.eps) * near * g).sum(0), None
+
+
+def jumprelu_step(sae: JumpReLUSAE, x, y, l0_coefficient: float, bandwidth: float) -> Step:
+    pre = sae.pre_acts(x)
+    threshold = sae.threshold.clamp_min(1e-6)
+    f = _JumpReLU.apply(pre, threshold, bandwidth)
+    x_hat = sae.decode(f)
+    err_sq = (y - x_hat).pow(2).sum()
+    mse = err_sq / len(x)
+    l0 = _Step.apply(pre, threshold, bandwidth).sum(-1).mean()
+    active = f > 0
+    return Step(mse + l0_coefficient * l0, mse.detach(), float(active.sum()) / len(x),
+                active.any(0), _fvu(y, err_sq.detach()), x_hat.detach())
+
+
+def compute_step(sae: Dictionary, x, y, cfg, dead, past_warmup: bool = True) -> Step:
+    """Dispatch on the dictionary's class."""
+    if isinstance(sae, BatchTopKSAE):
+        return batchtopk_step(sae, x, y, dead, cfg.k_aux_value(sae), cfg.auxk_alpha, past_warmup)
+    if isinstance(sae, TopKSAE):
+        return topk_step(sae, x, y, dead, cfg.k_aux_value(sae), cfg.auxk_alpha)
+    if isinstance(sae, JumpReLUSAE):
+        return jumprelu_step(sae, x, y, cfg.l0_coefficient, cfg.jumprelu_bandwidth)
+    return relu_step(sae, x, y, cfg.l1_coefficient, cfg.sparsity_penalty, cfg.l1_weighted_by_decoder_norm)

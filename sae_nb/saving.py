@@ -1,0 +1,132 @@
+"""Save and load dictionaries in SAELens's on-disk format, plus our own metadata.
+
+A dictionary is a folder ``dictionaries/<model>/<site>/<name>/``::
+
+    cfg.json                  SAELens (v6) config: architecture, d_in, d_sae, metadata, ...
+    sae_weights.safetensors   W_enc (D, F), b_enc (F,), W_dec (F, D), b_dec (D,) [, threshold]
+    sparsity.safetensors      "sparsity": log10 firing frequency (F,), when known
+    sae_nb.json               our training config, evaluation metrics and provenance
+
+so ``sae_lens.SAE.load_from_disk(folder)`` reads it unchanged, and so do we.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+META_FILE = "sae_nb.json"
+_TL_HOOK = {"resid_out": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
+
+
+class DictionaryFormatError(ValueError):
+    """A dictionary folder is missing files or holds tensors that contradict its config."""
+
+
+def hook_name(site: str) -> str:
+    """Our site name as a TransformerLens hook name where one exists (SAELens's metadata)."""
+    m = re.match(r"^(resid_out|mlp_out|attn_out)_layer(\d+)$", site)
+    if m:
+        return f"blocks.{m.group(2)}.{_TL_HOOK[m.group(1)]}"
+    if site == "embed":
+        return "blocks.0.hook_resid_pre"
+    return site
+
+
+def save_dictionary(dictionary: Dictionary, path: str | Path, *, model: str, site: str,
+                    target_site: str | None = None, context_size: int | None = None,
+                    dataset: str | None = None, density: np.ndarray | None = None,
+                    train_config: dict | None = None, metrics: dict | None = None,
+                    dtype: str = "float32") -> Path:
+    """Write ``dictionary`` to ``path`` atomically (a temporary folder renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = {**dictionary.config(), "dtype": dtype, "device": "cpu",
+           "normalize_activations": "none", "reshape_activations": "none",
+           "metadata": {"model_name": model, "hook_name": hook_name(site),
+                        "hook_head_index": None, "context_size": context_size,
+                        "prepend_bos": True, "dataset_path": dataset,
+                        "sae_nb_site": site, "sae_nb_target_site": target_site or site}}
+    if isinstance(dictionary, TopKSAE):
+        cfg["rescale_acts_by_decoder_norm"] = False
+    weights = {k: v.detach().to("cpu", getattr(torch, dtype)).contiguous()
+               for k, v in dictionary.state_dict().items()}
+    meta = {"architecture": getattr(dictionary, "kind", dictionary.architecture),
+            "k": getattr(dictionary, "k", None), "model": model, "site": site,
+            "target_site": target_site or site, "train_config": train_config or {},
+            "metrics": metrics or {}}
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+    tmp.chmod(0o755)
+    try:
+        (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+        save_file(weights, tmp / WEIGHTS_FILE)
+        if density is not None:
+            log10 = torch.from_numpy(np.log10(np.asarray(density, dtype=np.float64) + 1e-10)).float()
+            save_file({"sparsity": log10}, tmp / SPARSITY_FILE)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():  # swap in the new folder, then drop the old one
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _json_default(value: Any):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
+
+
+def load_sae_nb(path: str | Path) -> Dictionary:
+    """Load a dictionary saved by :func:`save_dictionary` (or any SAELens v6 standard, topk or
+    jumprelu folder). Shapes are checked against the config."""
+    path = Path(path)
+    for name in (CFG_FILE, WEIGHTS_FILE):
+        if not (path / name).exists():
+            raise DictionaryFormatError(f"{str(path)!r} has no {name}; not a saved dictionary.")
+    cfg = json.loads((path / CFG_FILE).read_text())
+    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
+    weights = load_file(path / WEIGHTS_FILE)
+    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    arch = meta.get("architecture") or cfg["architecture"]
+    kw = {"apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
+    if arch == "topk":
+        sae: Dictionary = TopKSAE(d_in, d_sae, k=int(cfg["k"]), **kw)
+    elif arch == "batchtopk":
+        sae = BatchTopKSAE(d_in, d_sae, k=int(meta["k"]), **kw)
+    elif arch == "jumprelu":
+        sae = JumpReLUSAE(d_in, d_sae, **kw)
+    elif arch == "standard":
+        sae = ReLUSAE(d_in, d_sae, **kw)
+    else:
+        raise DictionaryFormatError(f"{str(path)!r}: unknown architecture {arch!r}.")
+    expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+    for key, shape in expected.items():
+        if key not in weights:
+            raise DictionaryFormatError(f"{str(path / WEIGHTS_FILE)!r} lacks tensor {key!r}.")
+        if tuple(weights[key].shape) != shape:
+            raise DictionaryFormatError(
+                f"{str(path / WEIGHTS_FILE)!r}: {key} has shape {tuple(weights[key].shape)}, "
+                f"but cfg.json (d_in={d_in}, d_sae={d_sae}) implies {shape}.")
+    sae.load_state_dict({k: weights[k].float() for k in expected})
+    sae.metadata = {"format": "sae_nb", "path": str(path), **{k: meta.get(k) for k in ("model", "site", "target_site", "metrics")}}
+    return sae.eval()

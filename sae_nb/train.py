@@ -1,0 +1,314 @@
+"""Train a dictionary from any iterable of activation batches.
+
+``train_dictionary(batches, config)`` accepts tensors ``(B, D)`` (an SAE) or pairs
+``(x, y)`` (a transcoder: input at one site, target at another), e.g. the activation store's
+shuffled iterator. Adam with linear warm-up and a final linear decay; inputs scaled to unit
+mean squared norm while training and the scale folded into the weights at the end; dead
+latents tracked over a window of tokens (AuxK for TopK, resampling for ReLU); checkpoints every
+N steps that resume bit for bit on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .dictionary import BatchTopKSAE, Dictionary, ReLUSAE, TopKSAE, build_dictionary
+from .models import resolve_device
+from .objectives import compute_step
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingError(ValueError):
+    """Bad training input: the message names the batch or setting and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Defaults follow Gao et al. (TopK) and dictionary_learning (the rest)."""
+
+    architecture: Literal["topk", "batchtopk", "standard", "jumprelu"] = "topk"
+    d_in: int | None = None  # input width; None takes it from the first batch
+    expansion: int = 8  # d_sae = expansion * d_in, unless d_sae is given
+    d_sae: int | None = None
+    k: int = 32  # TopK / BatchTopK: active latents per token
+    total_tokens: int = 1_000_000  # training budget; steps = total_tokens // batch rows
+    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2**14), Gao et al.'s scaling law
+    warmup_steps: int | None = None  # None: 5% of the steps
+    decay_start: float = 0.8  # fraction of steps after which the lr decays linearly to 0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    # Sparsity for the ReLU ("standard") dictionary.
+    l1_coefficient: float = 5.0  # with inputs at unit mean squared norm
+    sparsity_penalty: Literal["l1", "entropy"] = "l1"
+    l1_weighted_by_decoder_norm: bool = False  # Anthropic's April-2024 update
+    resample_every: int | None = None  # steps between dead-latent resamplings (ReLU)
+    # JumpReLU.
+    l0_coefficient: float = 1e-3
+    jumprelu_bandwidth: float = 0.001
+    # Dead latents: not fired within this many tokens. AuxK revives them for TopK.
+    dead_window_tokens: int = 250_000
+    auxk_alpha: float = 1 / 32
+    k_aux: int | None = None  # None: d_in // 2
+    # Initialisation and scaling.
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    normalize_activations: bool = True  # train on x scaled to unit mean squared norm
+    seed: int = 0
+    device: str = "auto"
+    autocast: bool = False  # bf16 autocast on CUDA
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # steps; 0 = only at the end (when checkpoint_dir is set)
+    log_every: int = 10
+    metadata: dict = field(default_factory=dict)  # model, sites, ... saved with the dictionary
+
+    def __post_init__(self):
+        if self.architecture not in ("topk", "batchtopk", "standard", "jumprelu"):
+            raise TrainingError(f"Unknown architecture {self.architecture!r}; choose one of "
+                                f"'topk', 'batchtopk', 'standard', 'jumprelu'.")
+        if self.total_tokens < 1:
+            raise TrainingError(f"total_tokens={self.total_tokens} must be positive.")
+        if self.sparsity_penalty not in ("l1", "entropy"):
+            raise TrainingError(f"sparsity_penalty={self.sparsity_penalty!r}; use 'l1' or 'entropy'.")
+
+    def width(self, d_in: int) -> int:
+        return int(self.d_sae or self.expansion * d_in)
+
+    def k_aux_value(self, sae: Dictionary) -> int:
+        return int(self.k_aux or sae.d_in // 2)
+
+    def learning_rate(self, d_sae: int) -> float:
+        return float(self.lr or 2e-4 / math.sqrt(d_sae / 2**14))
+
+
+@dataclass
+class TrainResult:
+    dictionary: Dictionary
+    log: pd.DataFrame  # one row per logged step: step, tokens, loss, mse, l0, fvu, dead, lr
+    config: TrainConfig
+    scale: tuple[float, float]  # (input, target) scale used in training, now folded in
+
+
+def _split(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != 2:
+            raise TrainingError("A batch must be a tensor (B, D) or a pair (input, target).")
+        return batch[0], batch[1]
+    return batch, batch
+
+
+def _check_batch(i: int, x: torch.Tensor, y: torch.Tensor, d_in: int, d_out: int) -> None:
+    if x.ndim != 2 or x.shape[1] != d_in or y.shape != (x.shape[0], d_out):
+        raise TrainingError(f"Batch {i} has shape {tuple(x.shape)} (target {tuple(y.shape)}); "
+                            f"this dictionary expects (B, {d_in}). Check the site and d_in.")
+    if not torch.isfinite(x).all() or not torch.isfinite(y).all():
+        bad = int((~torch.isfinite(x)).any(1).sum())
+        raise TrainingError(f"Batch {i} holds NaN or infinite activations ({bad} rows). "
+                            f"Re-extract the store (fp16 overflow?) or drop those rows.")
+
+
+def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of distances to ``points``."""
+    guess = points.mean(0)
+    for _ in range(iters):
+        dist = (points - guess).norm(dim=1).clamp_min(1e-8)
+        new = (points / dist[:, None]).sum(0) / (1 / dist).sum()
+        if (new - guess).norm() < tol * guess.norm().clamp_min(1e-8):
+            return new
+        guess = new
+    return guess
+
+
+def _init(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, device) -> tuple[Dictionary, float, float]:
+    torch.manual_seed(cfg.seed)
+    transcoder = not torch.equal(x, y) if x.shape == y.shape else True
+    if transcoder and x.shape[1] != y.shape[1]:
+        raise TrainingError("Transcoders with different input and output widths are not supported yet.")
+    d_in = x.shape[1]
+    if cfg.d_in is not None and cfg.d_in != d_in:
+        raise TrainingError(f"config.d_in={cfg.d_in} but the batches have width {d_in}: "
+                            f"wrong site or store. Set d_in=None to take it from the data.")
+    d_sae = cfg.width(d_in)
+    if cfg.architecture in ("topk", "batchtopk") and not 0 < cfg.k <= d_sae:
+        raise TrainingError(f"k={cfg.k} must lie in 1..d_sae={d_sae}.")
+    sae = build_dictionary(cfg.architecture, d_in, d_sae, k=cfg.k,
+                           apply_b_dec_to_input=not transcoder).to(device)
+    x, y = x.to(device).float(), y.to(device).float()
+    s_in = float(1 / x.pow(2).sum(1).mean().sqrt()) if cfg.normalize_activations else 1.0
+    s_out = float(1 / y.pow(2).sum(1).mean().sqrt()) if cfg.normalize_activations else 1.0
+    with torch.no_grad():
+        target = y * s_out
+        if cfg.b_dec_init == "geometric_median":
+            sae.b_dec.copy_(geometric_median(target))
+        elif cfg.b_dec_init == "mean":
+            sae.b_dec.copy_(target.mean(0))
+    return sae, s_in, s_out
+
+
+def _lr_lambda(cfg: TrainConfig, steps: int):
+    warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
+    decay = int(cfg.decay_start * steps)
+
+    def factor(step: int) -> float:
+        w = min(1.0, (step + 1) / warm) if warm else 1.0
+        d = 1.0 if step < decay else max(0.0, (steps - step) / max(1, steps - decay))
+        return w * d
+
+    return factor
+
+
+@torch.no_grad()
+def _project_out_parallel_grad(sae: Dictionary) -> None:
+    """Keep decoder rows on the unit sphere: drop the gradient along each row."""
+    if sae.W_dec.grad is not None:
+        g, w = sae.W_dec.grad, sae.W_dec
+        g -= (g * w).sum(1, keepdim=True) * w
+
+
+def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progress: bool = True,
+                     resume: bool = True, **options) -> TrainResult:
+    """Train a dictionary on ``batches`` (tensors ``(B, D)`` or ``(x, y)`` pairs).
+
+    With ``config.checkpoint_dir`` set and a checkpoint there, training resumes from it
+    (skipping the batches already consumed) and ends bit-identical to an uninterrupted run.
+    """
+    cfg = TrainConfig(**{**(asdict(config) if config else {}), **options})
+    device = resolve_device(cfg.device)
+    it = iter(batches)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise TrainingError("The batch iterator is empty: no activations to train on. "
+                            "Check that the store has rows.") from None
+    x0, y0 = _split(first)
+    _check_batch(0, x0, y0, x0.shape[-1] if x0.ndim == 2 else -1, y0.shape[-1] if y0.ndim == 2 else -1)
+    sae, s_in, s_out = _init(cfg, x0, y0, device)
+    steps = max(1, cfg.total_tokens // len(x0))
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(sae.d_sae), betas=cfg.adam_betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
+    state = {"step": 0, "tokens": 0, "steps": steps, "since_fired": torch.zeros(sae.d_sae, dtype=torch.long, device=device),
+             "log": []}
+    ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT if cfg.checkpoint_dir else None
+    if resume and ckpt is not None and ckpt.exists():
+        s_in, s_out = _load_checkpoint(ckpt, sae, opt, sched, state)
+        for _ in range(state["step"] - 1):  # the first batch was already taken
+            next(it, None)
+        first = None
+    bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc=f"train {cfg.architecture}")
+    while state["step"] < steps:
+        batch = first if first is not None else next(it, None)
+        first = None
+        if batch is None:
+            log.warning("Batches ran out after %d of %d steps.", state["step"], steps)
+            break
+        x, y = _split(batch)
+        _check_batch(state["step"], x, y, sae.d_in, sae.d_in)
+        _train_step(sae, opt, sched, cfg, state, x.to(device).float() * s_in,
+                    y.to(device).float() * s_out, bar)
+        if ckpt is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
+            _save_checkpoint(ckpt, sae, opt, sched, state, cfg, (s_in, s_out))
+    bar.close()
+    if ckpt is not None:
+        _save_checkpoint(ckpt, sae, opt, sched, state, cfg, (s_in, s_out))
+    sae.fold_scale(s_in, s_out)
+    return TrainResult(sae.eval(), pd.DataFrame(state["log"]), cfg, (s_in, s_out))
+
+
+def _train_step(sae, opt, sched, cfg, state, x, y, bar) -> None:
+    window_steps = max(1, cfg.dead_window_tokens // len(x))
+    dead = state["since_fired"] >= window_steps
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.autocast and x.is_cuda):
+        out = compute_step(sae, x, y, cfg, dead if isinstance(sae, TopKSAE | BatchTopKSAE) else None,
+                           past_warmup=state["step"] >= state["steps"] // 10)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    unit_norm = isinstance(sae, (TopKSAE, BatchTopKSAE)) or (
+        isinstance(sae, ReLUSAE) and not cfg.l1_weighted_by_decoder_norm)
+    if unit_norm:
+        _project_out_parallel_grad(sae)
+    opt.step()
+    sched.step()
+    if unit_norm:
+        sae.normalize_decoder()
+    state["since_fired"] += 1
+    state["since_fired"][out.fired] = 0
+    state["step"] += 1
+    state["tokens"] += len(x)
+    if isinstance(sae, ReLUSAE) and cfg.resample_every and state["step"] % cfg.resample_every == 0:
+        _resample_dead(sae, opt, x, out.x_hat, state["since_fired"] >= cfg.resample_every)
+    if state["step"] % cfg.log_every == 0 or state["step"] == 1:
+        row = {"step": state["step"], "tokens": state["tokens"], "loss": float(out.loss.detach()),
+               "mse": float(out.mse), "l0": out.l0, "fvu": out.fvu,
+               "dead_frac": float(dead.float().mean()), "lr": sched.get_last_lr()[0]}
+        state["log"].append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", fvu=f"{row['fvu']:.3f}")
+    bar.update(1)
+
+
+@torch.no_grad()
+def _resample_dead(sae: ReLUSAE, opt, x, x_hat, dead: torch.Tensor) -> None:
+    """Re-initialise dead latents toward poorly reconstructed inputs (Towards Monosemanticity)."""
+    n = int(dead.sum())
+    if n == 0:
+        return
+    loss = (x - x_hat).pow(2).sum(1)
+    picks = torch.multinomial(loss.pow(2) / loss.pow(2).sum(), n, replacement=n > len(x))
+    directions = x[picks] - sae.b_dec
+    directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    alive_norm = sae.W_enc[:, ~dead].norm(dim=0).mean() if (~dead).any() else 1.0
+    sae.W_dec[dead] = directions
+    sae.W_enc[:, dead] = directions.T * alive_norm * 0.2
+    sae.b_enc[dead] = 0
+    for p, rows in ((sae.W_dec, dead), (sae.b_enc, dead)):
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                st[key][rows] = 0
+    st = opt.state.get(sae.W_enc, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in st:
+            st[key][:, dead] = 0
+    log.info("Resampled %d dead latents", n)
+
+
+def _save_checkpoint(path: Path, sae, opt, sched, state, cfg, scale) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": sae.state_dict(), "optimizer": opt.state_dict(),
+               "scheduler": sched.state_dict(), "step": state["step"], "tokens": state["tokens"],
+               "since_fired": state["since_fired"], "log": state["log"], "scale": list(scale),
+               "config": _jsonable(asdict(cfg)), "torch_rng": torch.get_rng_state()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, sae, opt, sched, state) -> tuple[float, float]:
+    try:
+        payload = torch.load(path, weights_only=True, map_location=sae.W_enc.device)
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
+        raise TrainingError(f"Checkpoint {str(path)!r} cannot be read ({err}); delete it to "
+                            f"start over.") from None
+    sae.load_state_dict(payload["model"])
+    opt.load_state_dict(payload["optimizer"])
+    sched.load_state_dict(payload["scheduler"])
+    state.update(step=payload["step"], tokens=payload["tokens"], log=payload["log"],
+                 since_fired=payload["since_fired"])
+    torch.set_rng_state(payload["torch_rng"])
+    log.info("Resumed from %s at step %d", path, state["step"])
+    return tuple(payload["scale"])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,66 @@
+"""Evaluation metrics: reconstruction statistics and the spliced cross-entropy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sae_nb.dictionary import TopKSAE
+from sae_nb.evaluate import ce_metrics, evaluate_dictionary, reconstruction_metrics, splice_loss
+
+
+class Identity(torch.nn.Module):
+    """A stand-in dictionary that reconstructs perfectly."""
+
+    def forward(self, x):
+        return x
+
+
+def tokens_for(model, n=3, T=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 200, (n, T), generator=g)
+
+
+def test_reconstruction_metrics_match_a_direct_computation():
+    sae = TopKSAE(8, 32, k=3)
+    torch.nn.init.normal_(sae.b_enc)
+    x = torch.randn(500, 8) * 2 + 1
+    row, density = reconstruction_metrics(sae, x, batch_size=64)
+    with torch.no_grad():
+        f = sae.encode(x)
+        err = (x - sae.decode(f)).pow(2).sum()
+    assert row["mse"] == pytest.approx(float(err) / 500, rel=1e-5)
+    assert row["fvu"] == pytest.approx(float(err / (x - x.mean(0)).pow(2).sum()), rel=1e-5)
+    assert row["l0"] == pytest.approx(float((f != 0).sum(1).float().mean()), rel=1e-6)
+    assert row["l1"] == pytest.approx(float(f.abs().sum(1).mean()), rel=1e-5)
+    np.testing.assert_allclose(density, (f != 0).float().mean(0).numpy(), rtol=1e-6)
+    assert row["frac_alive"] + row["frac_dead"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("site", ["resid_out_layer1", "mlp_out_layer1", "attn_out_layer0", "mlp_in_layer2"])
+def test_identity_splice_gives_the_clean_loss(llama, site):
+    tokens = tokens_for(llama)
+    clean, _ = splice_loss(llama, site, tokens, None)
+    spliced, _ = splice_loss(llama, site, tokens, lambda a: a.clone())
+    torch.testing.assert_close(spliced, clean)
+    zero, _ = splice_loss(llama, site, tokens, torch.zeros_like)
+    assert not torch.allclose(zero, clean)  # the splice really reaches the model
+    m = ce_metrics(Identity(), llama, site, tokens)
+    assert m["ce_spliced"] == pytest.approx(m["ce_clean"], rel=1e-6)
+    assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-6)
+    assert m["kl_div"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evaluate_dictionary_returns_one_row_with_every_metric(llama):
+    sae = TopKSAE(32, 64, k=4)
+    acts = torch.randn(200, 32)
+    ev = evaluate_dictionary(sae, acts, model=llama, site="resid_out_layer1",
+                             tokens=tokens_for(llama))
+    assert len(ev.metrics) == 1
+    for col in ("mse", "fvu", "l0", "l1", "frac_alive", "frac_dead", "ce_clean", "ce_spliced",
+                "ce_zero_ablation", "ce_loss_recovered", "kl_div"):
+        assert col in ev.metrics.columns
+    assert 0 < ev.metrics["l0"].iloc[0] <= 4
+    assert ev.density.shape == (64,)
+    assert np.isfinite(ev.log10_density()).all()

@@ -1,0 +1,53 @@
+"""The same code on a CUDA device: extraction, training and the spliced loss.
+
+Skipped where no GPU is present (CI has none); run on a machine with one to check the device
+paths: ``pytest tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sae_nb
+from sae_nb.evaluate import ce_metrics
+from sae_nb.train import train_dictionary
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def test_extraction_on_gpu_matches_cpu(model_dirs, corpus_dir, tmp_path):
+    stores = {}
+    for device in ("cpu", "cuda"):
+        model = sae_nb.load_model(str(model_dirs["llama"]), device=device)
+        stores[device] = sae_nb.extract_activations(
+            model, tmp_path / device, sites=["resid_out_layer1", "mlp_in_layer2"],
+            corpus=str(corpus_dir), n_tokens=512, ctx_len=32, batch_size=4, dtype="float32",
+            progress=False)
+    for site in ("resid_out_layer1", "mlp_in_layer2"):
+        cpu, gpu = stores["cpu"][site], stores["cuda"][site]
+        assert len(cpu) == len(gpu) > 0
+        np.testing.assert_allclose(gpu[:], cpu[:], rtol=1e-3, atol=1e-3)
+        assert np.array_equal(gpu.index(), cpu.index())
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "standard", "jumprelu"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_runs_on_cuda(arch, autocast):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(4096, 48, generator=g) * (torch.rand(4096, 48, generator=g) < 0.1)) @ torch.randn(48, 32, generator=g)
+    batches = (b for _ in range(20) for b in x.split(256))
+    res = train_dictionary(batches, architecture=arch, d_sae=128, k=8, total_tokens=256 * 150,
+                           lr=3e-3, l1_coefficient=0.05, device="cuda", autocast=autocast,
+                           progress=False)
+    assert res.dictionary.W_enc.is_cuda
+    assert res.log["fvu"].iloc[-1] < res.log["fvu"].iloc[0]
+
+
+def test_spliced_loss_on_cuda(model_dirs):
+    model = sae_nb.load_model(str(model_dirs["llama"]), device="cuda")
+    tokens = torch.randint(0, 200, (4, 16))
+    m = ce_metrics(torch.nn.Identity(), model, "resid_out_layer1", tokens)
+    assert m["ce_spliced"] == pytest.approx(m["ce_clean"], rel=1e-5)
+    assert m["ce_zero_ablation"] > m["ce_clean"]

@@ -1,0 +1,216 @@
+"""Dictionaries and the trainer at toy sizes: interface, sparsity, resume, files, bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from sae_nb.dictionary import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, build_dictionary
+from sae_nb.saving import DictionaryFormatError, load_sae_nb, save_dictionary
+from sae_nb.sparse_ops import sparse_decode, topk_encode
+from sae_nb.train import TrainingError, geometric_median, train_dictionary
+
+D, F, K = 16, 64, 4
+ARCHS = ["standard", "topk", "batchtopk", "jumprelu"]
+
+
+def data(n=2048, d=D, seed=0) -> torch.Tensor:
+    """Sparse combinations of a few hidden directions plus an offset: SAE-shaped data."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(48, d, generator=g)
+    codes = torch.rand(n, 48, generator=g) * (torch.rand(n, 48, generator=g) < 0.08)
+    return codes @ dirs + 3.0
+
+
+def batches(x, batch=128, epochs=50):
+    for _ in range(epochs):
+        yield from x.split(batch)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_is_decode_of_encode(arch):
+    sae = build_dictionary(arch, D, F, k=K)
+    torch.nn.init.normal_(sae.b_enc, std=0.5)
+    x = torch.randn(32, D)
+    assert sae(x).shape == (32, D) and sae.encode(x).shape == (32, F)
+    torch.testing.assert_close(sae(x), sae.decode(sae.encode(x)))
+    assert (sae.d_in, sae.d_sae) == (D, F)
+
+
+def test_topk_has_exactly_k_actives():
+    sae = TopKSAE(D, F, k=K)
+    with torch.no_grad():
+        sae.b_enc.fill_(100.0)  # every pre-activation positive, so ReLU zeroes none
+    f = sae.encode(torch.randn(50, D))
+    assert ((f != 0).sum(1) == K).all()
+    code = sae.sparse_encode(torch.randn(7, D))
+    assert code.values.shape == (7, K)
+
+
+def test_sparse_ops_match_dense_autograd():
+    torch.manual_seed(1)
+    x = torch.randn(24, D, dtype=torch.double)
+    params = [torch.randn(D, F, dtype=torch.double, requires_grad=True),
+              torch.randn(F, dtype=torch.double, requires_grad=True),
+              torch.randn(F, D, dtype=torch.double, requires_grad=True),
+              torch.randn(D, dtype=torch.double, requires_grad=True)]
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[::3] = True
+
+    def fast(W_enc, b_enc, W_dec, b_dec):
+        v, i, av, ai = topk_encode(x, W_enc, b_enc, b_dec, K, dead, 3)
+        err = x - sparse_decode(v, i, W_dec, b_dec)
+        return err.pow(2).sum() + (sparse_decode(av, ai, W_dec) - err.detach()).pow(2).sum()
+
+    def dense(W_enc, b_enc, W_dec, b_dec):
+        pre = (x - b_dec) @ W_enc + b_enc
+        v, i = pre.topk(K, -1)
+        f = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
+        err = x - (f @ W_dec + b_dec)
+        av, ai = pre.masked_fill(~dead, float("-inf")).topk(3, -1)
+        aux = torch.zeros_like(pre).scatter(-1, ai, torch.relu(av)) @ W_dec
+        return err.pow(2).sum() + (aux - err.detach()).pow(2).sum()
+
+    fast_loss, dense_loss = fast(*params), dense(*params)
+    torch.testing.assert_close(fast_loss, dense_loss)
+    for g_fast, g_dense in zip(torch.autograd.grad(fast_loss, params),
+                               torch.autograd.grad(dense_loss, params)):
+        torch.testing.assert_close(g_fast, g_dense)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_reduces_error_and_keeps_constraints(arch):
+    x = data()
+    res = train_dictionary(batches(x), architecture=arch, d_sae=F, k=K, total_tokens=128 * 150,
+                           lr=3e-3, l1_coefficient=0.05, l0_coefficient=1e-3, progress=False,
+                           log_every=5)
+    sae = res.dictionary
+    log = res.log
+    assert log["fvu"].iloc[-1] < 0.5 * log["fvu"].iloc[0], log[["step", "fvu"]]
+    with torch.no_grad():
+        fvu = float((x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu < 0.6
+    if arch in ("topk", "batchtopk", "standard"):
+        # The trained rows are unit norm; folding the input scale divides them all by one factor.
+        norms = sae.W_dec.norm(dim=1)
+        torch.testing.assert_close(norms, norms.mean().expand_as(norms), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(norms.mean(), torch.tensor(res.scale[1]).reciprocal(),
+                                   rtol=1e-4, atol=0)
+    if arch == "batchtopk":
+        assert float(sae.threshold[0]) > 0  # the inference threshold was estimated
+        assert 0.25 * K < float((sae.encode(x) > 0).sum(1).float().mean()) < 4 * K
+
+
+def test_scale_folding_keeps_codes_and_units():
+    sae = ReLUSAE(D, F)
+    torch.nn.init.normal_(sae.b_enc, std=0.1)
+    torch.nn.init.normal_(sae.b_dec)
+    x, s = torch.randn(9, D) * 5, 0.2
+    codes, recon = sae.encode(x * s), sae(x * s) / s
+    sae.fold_scale(s)
+    torch.testing.assert_close(sae.encode(x), codes)
+    torch.testing.assert_close(sae(x), recon)
+
+
+def test_entropy_and_april_variants_train():
+    x = data()
+    for opts in ({"sparsity_penalty": "entropy"}, {"l1_weighted_by_decoder_norm": True}):
+        res = train_dictionary(batches(x), architecture="standard", d_sae=F, total_tokens=128 * 60,
+                               lr=3e-3, l1_coefficient=0.02, progress=False, **opts)
+        assert res.log["fvu"].iloc[-1] < res.log["fvu"].iloc[0]
+
+
+def test_transcoder_learns_a_map_between_sites():
+    x = data(seed=3)
+    W = torch.randn(D, D) / D**0.5
+    y = torch.relu(x @ W)
+    pairs = ((a, b) for _ in range(200) for a, b in zip(x.split(128), y.split(128)))
+    res = train_dictionary(pairs, architecture="topk", d_sae=F, k=8, total_tokens=128 * 600,
+                           lr=3e-3, progress=False)
+    sae = res.dictionary
+    assert not sae.apply_b_dec_to_input
+    with torch.no_grad():
+        fvu = float((y - sae(x)).pow(2).sum() / (y - y.mean(0)).pow(2).sum())
+    assert fvu < 0.35
+
+
+def test_geometric_median_resists_outliers():
+    pts = torch.cat([torch.randn(200, 3) * 0.1 + 1.0, torch.full((20, 3), 100.0)])
+    assert (geometric_median(pts) - 1.0).abs().max() < 0.2
+    assert (pts.mean(0) - 1.0).abs().max() > 5
+
+
+def test_resume_is_bit_identical(tmp_path):
+    x = data()
+    common = dict(architecture="topk", d_sae=F, k=K, total_tokens=128 * 40, lr=3e-3,
+                  progress=False, checkpoint_every=10, log_every=1, dead_window_tokens=128 * 3)
+    full = train_dictionary(batches(x), checkpoint_dir=str(tmp_path / "full"), **common)
+
+    class Crash(Exception):
+        pass
+
+    def crashing():
+        for i, b in enumerate(batches(x)):
+            if i == 25:
+                raise Crash
+            yield b
+
+    with pytest.raises(Crash):
+        train_dictionary(crashing(), checkpoint_dir=str(tmp_path / "cut"), **common)
+    resumed = train_dictionary(batches(x), checkpoint_dir=str(tmp_path / "cut"), **common)
+    for key, value in full.dictionary.state_dict().items():
+        assert torch.equal(value, resumed.dictionary.state_dict()[key]), key
+    assert full.log.equals(resumed.log)
+
+
+def test_save_round_trip(tmp_path):
+    for arch in ARCHS:
+        sae = build_dictionary(arch, D, F, k=K)
+        torch.nn.init.normal_(sae.b_enc, std=0.3)
+        torch.nn.init.normal_(sae.b_dec, std=0.3)
+        if isinstance(sae, JumpReLUSAE):
+            with torch.no_grad():
+                sae.threshold.fill_(0.1)
+        path = save_dictionary(sae, tmp_path / arch, model="tiny", site="resid_out_layer1",
+                               density=torch.rand(F).numpy(), metrics={"fvu": 0.1})
+        loaded = load_sae_nb(path)
+        assert type(loaded) is type(sae)
+        x = torch.randn(11, D)
+        torch.testing.assert_close(loaded(x), sae(x))
+        assert loaded.metadata["site"] == "resid_out_layer1"
+
+
+def test_saved_file_contradicting_its_config_is_refused(tmp_path):
+    import json
+
+    path = save_dictionary(TopKSAE(D, F, k=K), tmp_path / "d", model="m", site="embed")
+    cfg = json.loads((path / "cfg.json").read_text())
+    cfg["d_sae"] = F * 2
+    (path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(DictionaryFormatError, match="implies"):
+        load_sae_nb(path)
+
+
+def test_bad_inputs_have_clear_errors():
+    x = data()
+    with pytest.raises(TrainingError, match="empty"):
+        train_dictionary(iter([]), progress=False)
+    with pytest.raises(TrainingError, match="d_in=32"):
+        train_dictionary(batches(x), d_in=32, progress=False)
+    with pytest.raises(TrainingError, match="k=100"):
+        train_dictionary(batches(x), architecture="topk", d_sae=F, k=100, progress=False)
+    with pytest.raises(TrainingError, match="Unknown architecture 'gated_sparse'"):
+        train_dictionary(batches(x), architecture="gated_sparse", progress=False)
+    bad = x[:128].clone()
+    bad[5, 3] = float("nan")
+    stream = itertools.chain(x[:256].split(128), [bad], x.split(128))
+    with pytest.raises(TrainingError, match="Batch 2 holds NaN"):
+        train_dictionary(stream, d_sae=F, k=K, total_tokens=128 * 10, progress=False)
+    with pytest.raises(TrainingError, match="shape"):
+        train_dictionary(itertools.chain([x[:128]], [x[:128, :8]]), d_sae=F, k=K,
+                         total_tokens=128 * 10, progress=False)
+    with pytest.raises(ValueError, match="k=0"):
+        build_dictionary("topk", D, F, k=0)
+    assert isinstance(build_dictionary("batchtopk", D, F, k=2), BatchTopKSAE)
