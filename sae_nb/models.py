@@ -91,9 +91,9 @@ def hf_model(model) -> torch.nn.Module:
 
 
 def _prepare_tokenizer(tokenizer) -> None:
-    # Batches are right-padded (causal attention never looks right, so real tokens are
-    # untouched by padding); GPT-2 and Pythia ship without a pad token, so reuse EOS.
-    tokenizer.padding_side = "right"
+    # GPT-2 and Pythia ship without a pad token; reuse EOS. sae_nb builds its own right-padded
+    # batches with an attention mask (corpora.sentence_batches), whatever padding side nnsight
+    # sets on the tokenizer for its own string inputs.
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 

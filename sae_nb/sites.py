@@ -81,7 +81,12 @@ def resolve_site(model: torch.nn.Module, site: str) -> Site:
     canonical = _canonical_name(site)
     found = family_of(model)
     if canonical is not None and found is not None:
-        return _named_site(model, found[1], canonical)
+        try:
+            return _named_site(model, found[1], canonical)
+        except SiteError as err:
+            if canonical == site:
+                raise
+            raise SiteError(f"Site {site!r} (our name {canonical!r}): {err}") from None
     raw = _raw_site(model, site)
     if raw is not None:
         return raw

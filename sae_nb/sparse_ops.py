@@ -13,28 +13,50 @@ That leaves one dense matmul per step (the forward pre-activations), ~2 * D * F 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+# One reusable (B, F) buffer for the pre-activations: a fresh 75 MB tensor every step costs
+# ~20 ms of page faults on a CPU, more than the top-k itself.
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def _buffer(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    key = (shape, like.dtype, like.device)
+    if key not in _scratch:
+        _scratch.clear()
+        _scratch[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return _scratch[key]
+
+
+def release_scratch() -> None:
+    """Free the pre-activation buffer (the trainer calls this when it finishes)."""
+    _scratch.clear()
+
 
 class _TopKEncode(torch.autograd.Function):
-    """``acts, idx = relu(topk(x @ W_enc + bias, k))``, with an optional AuxK branch: the
-    ``k_aux`` largest pre-activations among the latents marked dead."""
+    """``acts, idx = relu(topk((x - b_dec) @ W_enc + b_enc, k))``, with an optional AuxK
+    branch: the ``k_aux`` largest pre-activations among the latents marked dead."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, bias, k: int, dead: torch.Tensor | None, k_aux: int):
-        pre = torch.addmm(bias, x, W_enc)  # (B, F)
+    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, dead: torch.Tensor | None, k_aux: int):
+        # (x - b_dec) @ W + b_enc == x @ W + (b_enc - b_dec @ W): one matmul, a vector bias.
+        bias = b_enc - b_dec @ W_enc  # (F,)
+        pre = torch.addmm(bias, x, W_enc, out=_buffer((x.shape[0], W_enc.shape[1]), x))  # (B, F)
         vals, idx = pre.topk(k, dim=-1, sorted=False)  # (B, k)
         aux_vals = aux_idx = None
         if dead is not None and k_aux > 0:
-            masked = pre.masked_fill_(~dead, float("-inf"))  # pre is not needed after this
-            aux_vals, aux_idx = masked.topk(k_aux, dim=-1, sorted=False)
+            pre.masked_fill_(~dead, float("-inf"))  # the buffer is scratch: no copy
+            aux_vals, aux_idx = pre.topk(k_aux, dim=-1, sorted=False)
             aux_vals = torch.relu(aux_vals)
-        del pre
         acts = torch.relu(vals)
-        ctx.save_for_backward(x, idx, acts > 0, aux_idx,
+        ctx.save_for_backward(x, W_enc, b_dec, idx, acts > 0, aux_idx,
                               None if aux_vals is None else aux_vals > 0)
-        ctx.d_sae = W_enc.shape[1]
         ctx.mark_non_differentiable(idx)
         if aux_idx is not None:
             ctx.mark_non_differentiable(aux_idx)
@@ -42,28 +64,32 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_acts, _g_idx, g_aux, _g_aux_idx):
-        x, idx, alive, aux_idx, aux_alive = ctx.saved_tensors
-        g, cols = g_acts * alive, idx  # (B, k): gradient at each active latent
+        x, W_enc, b_dec, idx, alive, aux_idx, aux_alive = ctx.saved_tensors
+        g, cols = g_acts * alive, idx  # (B, n): gradient at each active latent
         if aux_idx is not None and g_aux is not None:
             g = torch.cat([g, g_aux * aux_alive], dim=1)
             cols = torch.cat([idx, aux_idx], dim=1)
         B, n = g.shape
-        rows = torch.arange(B, device=x.device).repeat_interleave(n)
-        # (F, B) sparse gradient of the pre-activations, times x: the W_enc gradient as (F, D).
-        g_pre_T = torch.sparse_coo_tensor(torch.stack([cols.flatten(), rows]), g.flatten(),
-                                          (ctx.d_sae, B), check_invariants=False).coalesce()
-        g_W = torch.sparse.mm(g_pre_T, x).T  # (D, F)
-        g_bias = torch.zeros(ctx.d_sae, dtype=g.dtype, device=g.device)
-        g_bias.index_add_(0, cols.flatten(), g.flatten())
-        return None, g_W, g_bias, None, None, None
+        F = W_enc.shape[1]
+        # The pre-activation gradient is sparse: as a CSR (F, B) matrix sorted by latent, its
+        # product with the centred input is the W_enc gradient, (F, D), in one sparse matmul.
+        flat = cols.flatten()
+        order = torch.argsort(flat)
+        crow = torch.zeros(F + 1, dtype=torch.long, device=x.device)
+        crow[1:] = torch.bincount(flat, minlength=F).cumsum(0)
+        g_pre_T = torch.sparse_csr_tensor(crow, order // n, g.flatten()[order], (F, B),
+                                          check_invariants=False)
+        g_W = (g_pre_T @ (x - b_dec)).T  # (D, F)
+        g_b_enc = torch.zeros(F, dtype=g.dtype, device=g.device).index_add_(0, flat, g.flatten())
+        g_b_dec = -(W_enc @ g_b_enc)  # b_dec's path through the encoder input
+        return None, g_W, g_b_enc, g_b_dec, None, None, None
 
 
 def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
                 k: int, dead: torch.Tensor | None = None, k_aux: int = 0):
     """Sparse TopK codes of ``x``: ``(values, indices)`` and, when ``dead`` is given, the AuxK
     codes over dead latents. ``b_dec`` is subtracted from the input as in SAELens."""
-    bias = b_enc - b_dec @ W_enc  # (F,): (x - b_dec) @ W + b == x @ W + (b - b_dec @ W)
-    return _TopKEncode.apply(x, W_enc, bias, k, dead, k_aux)
+    return _TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead, k_aux)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,
