@@ -30,6 +30,11 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 SPARSITY_FILE = "sparsity.safetensors"
 META_FILE = "sae_nb.json"
+# SAELens (``handle_config_defaulting``) reads a config whose metadata carries no
+# ``sae_lens_version`` (>= 6.0.0) as a pre-6.0 one: it then rebuilds ``metadata`` from top-level
+# keys and drops ours (model_name, hook_name, ...). This marks the v6 layout we write; weights and
+# numerics are unaffected. Checked against sae-lens 6.54.12 (tests/test_saelens_compat.py).
+SAELENS_FORMAT_VERSION = "6.0.0"
 _TL_HOOK = {"resid_out": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
 
 
@@ -57,7 +62,9 @@ def save_dictionary(dictionary: Dictionary, path: str | Path, *, model: str, sit
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = {**dictionary.config(), "dtype": dtype, "device": "cpu",
            "normalize_activations": "none", "reshape_activations": "none",
-           "metadata": {"model_name": model, "hook_name": hook_name(site),
+           "metadata": {"sae_lens_version": SAELENS_FORMAT_VERSION,
+                        "sae_lens_training_version": None,
+                        "model_name": model, "hook_name": hook_name(site),
                         "hook_head_index": None, "context_size": context_size,
                         "prepend_bos": True, "dataset_path": dataset,
                         "sae_nb_site": site, "sae_nb_target_site": target_site or site}}
