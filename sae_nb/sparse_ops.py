@@ -18,8 +18,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
 
 # One reusable (B, F) buffer for the pre-activations: a fresh 75 MB tensor every step costs
 # ~20 ms of page faults on a CPU, more than the top-k itself.
@@ -77,8 +75,10 @@ class _TopKEncode(torch.autograd.Function):
         order = torch.argsort(flat)
         crow = torch.zeros(F + 1, dtype=torch.long, device=x.device)
         crow[1:] = torch.bincount(flat, minlength=F).cumsum(0)
-        g_pre_T = torch.sparse_csr_tensor(crow, order // n, g.flatten()[order], (F, B),
-                                          check_invariants=False)
+        with warnings.catch_warnings():  # "CSR support is in beta": it is what we rely on
+            warnings.simplefilter("ignore", UserWarning)
+            g_pre_T = torch.sparse_csr_tensor(crow, order // n, g.flatten()[order], (F, B),
+                                              check_invariants=False)
         g_W = (g_pre_T @ (x - b_dec)).T  # (D, F)
         g_b_enc = torch.zeros(F, dtype=g.dtype, device=g.device).index_add_(0, flat, g.flatten())
         g_b_dec = -(W_enc @ g_b_enc)  # b_dec's path through the encoder input

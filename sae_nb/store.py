@@ -274,6 +274,18 @@ class ActivationStore:
         return df
 
 
+def paired_batches(inputs: ActivationStore, targets: ActivationStore, batch_size: int,
+                   **options) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` batches of the same rows from two sites, for training transcoders
+    (e.g. ``mlp_in_layer3`` -> ``mlp_out_layer3``). Both stores must come from one extraction;
+    ``options`` are those of :meth:`ActivationStore.batches`."""
+    if len(inputs) != len(targets) or not np.array_equal(inputs.index(), targets.index()):
+        raise StoreError(f"Stores {inputs.site!r} ({len(inputs)} rows) and {targets.site!r} "
+                         f"({len(targets)} rows) do not hold the same tokens; extract both sites "
+                         f"in one run (sites=[{inputs.site!r}, {targets.site!r}]).")
+    yield from zip(inputs.batches(batch_size, **options), targets.batches(batch_size, **options))
+
+
 def open_stores(run_dir: str | Path) -> dict[str, ActivationStore]:
     """Every site store under ``run_dir/activations``, keyed by site name."""
     root = Path(run_dir) / "activations"

@@ -214,3 +214,26 @@ def test_bad_inputs_have_clear_errors():
     with pytest.raises(ValueError, match="k=0"):
         build_dictionary("topk", D, F, k=0)
     assert isinstance(build_dictionary("batchtopk", D, F, k=2), BatchTopKSAE)
+
+
+def test_transcoder_from_two_stores_of_one_extraction(llama, corpus_dir, tmp_path):
+    import sae_nb
+    from sae_nb.store import StoreError, paired_batches
+
+    stores = sae_nb.extract_activations(llama, tmp_path, sites=["mlp_in_layer1", "mlp_out_layer1"],
+                                        corpus=str(corpus_dir), n_tokens=512, ctx_len=32,
+                                        dtype="float32", progress=False)
+    x_store, y_store = stores["mlp_in_layer1"], stores["mlp_out_layer1"]
+    (x, y), = itertools.islice(paired_batches(x_store, y_store, 64, seed=3), 1)
+    mlp = sae_nb.models.hf_model(llama).model.layers[1].mlp
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), y, rtol=1e-4, atol=1e-4)  # y really is MLP(x)
+    res = train_dictionary(paired_batches(x_store, y_store, 64, epochs=None), architecture="topk",
+                           d_sae=64, k=8, total_tokens=64 * 30, progress=False)
+    assert not res.dictionary.apply_b_dec_to_input
+    assert res.log["fvu"].iloc[-1] < res.log["fvu"].iloc[0]
+    other = sae_nb.extract_activations(llama, tmp_path / "other", sites=["mlp_out_layer1"],
+                                       corpus=str(corpus_dir), n_tokens=256, ctx_len=32,
+                                       progress=False)["mlp_out_layer1"]
+    with pytest.raises(StoreError, match="same tokens"):
+        next(paired_batches(x_store, other, 64))
