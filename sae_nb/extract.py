@@ -186,49 +186,69 @@ def pool_rows(acts: torch.Tensor, keep: torch.Tensor, pool: str) -> torch.Tensor
     return (acts * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp_min(1)
 
 
+class _ShardBuffer:
+    """Rows waiting for the next shard of one site, in one preallocated array (no growing
+    lists, no concatenation copy at flush: memory stays flat however long the run)."""
+
+    def __init__(self, capacity: int, d: int, dtype: str):
+        self.acts = np.empty((capacity, d), dtype=dtype)
+        self.index = np.empty(capacity, dtype=INDEX_DTYPE)
+        self.n = 0
+
+    def add(self, acts: np.ndarray, index: np.ndarray) -> None:
+        if self.n + len(acts) > len(self.acts):  # a batch larger than planned: grow once
+            grow = max(len(self.acts), self.n + len(acts))
+            self.acts = np.concatenate([self.acts[: self.n], np.empty((grow - self.n, self.acts.shape[1]), self.acts.dtype)])
+            self.index = np.concatenate([self.index[: self.n], np.empty(grow - self.n, INDEX_DTYPE)])
+        self.acts[self.n : self.n + len(acts)] = acts
+        self.index[self.n : self.n + len(acts)] = index
+        self.n += len(acts)
+
+    def flush(self, writer: StoreWriter, unit_end: int) -> None:
+        if self.n and unit_end > writer.done:
+            writer.write_shard(self.acts[: self.n], self.index[: self.n], unit_end)
+        self.n = 0
+
+
 def _run(model, sites, writers, batches, units, per_unit, config, progress) -> None:
-    rows_per_shard = config.shard_rows or max(1, config.shard_mb * 2**20 // (max(d.manifest["d"] for d in writers.values()) * np.dtype(config.dtype).itemsize))
-    buffers = {s.name: ([], []) for s in sites}
+    d_max = max(w.manifest["d"] for w in writers.values())
+    rows_per_shard = config.shard_rows or max(
+        1, config.shard_mb * 2**20 // (d_max * np.dtype(config.dtype).itemsize))
+    batch_rows = config.batch_size * (config.ctx_len if per_unit else 1)
+    buffers = {s.name: _ShardBuffer(rows_per_shard + batch_rows, writers[s.name].manifest["d"],
+                                    config.dtype) for s in sites}
+    store_dtype = torch.float32 if config.dtype == "float32" else torch.float16
     start = min(w.done for w in writers.values())
-    total = max(0, units - start) * (per_unit or 1)
-    bar = tqdm(total=total, unit="tok" if per_unit else "text", unit_scale=True,
-               disable=not progress, desc="extract")
-    buffered, t0, seen = 0, time.perf_counter(), 0
-    unit_end = start
+    bar = tqdm(total=max(0, units - start) * (per_unit or 1), unit="tok" if per_unit else "text",
+               unit_scale=True, disable=not progress, desc="extract")
+    t0, seen, unit_end = time.perf_counter(), 0, start
     for lo, ids, mask, index, keep in batches:
         outs = run_sites(model, sites, ids, mask)
         unit_end = lo + len(ids)
         keep_t = torch.from_numpy(keep)
         for site, acts in zip(sites, outs):
             done = writers[site.name].done
-            if unit_end <= done:
+            if unit_end <= done:  # this site's store already holds these units
                 continue
+            fresh = index["context"] >= done
             if config.mode == "tokens":
-                rows = keep_t & torch.from_numpy(index["context"] >= done)
-                vals, meta = acts[rows.to(acts.device)], index[rows.numpy()]
+                rows = keep & fresh  # (B, T): real, non-BOS tokens not yet stored
+                vals, meta = acts[torch.from_numpy(rows).to(acts.device)], index[rows]
             else:
-                fresh = torch.from_numpy(index["context"] >= done)
-                vals, meta = pool_rows(acts, keep_t, config.pool)[fresh.to(acts.device)], index[fresh.numpy()]
-            buffers[site.name][0].append(vals.to(torch.float32 if config.dtype == "float32" else torch.float16).cpu().numpy())
-            buffers[site.name][1].append(meta)
-        buffered += int(keep.sum()) if per_unit else len(ids)
+                pooled = pool_rows(acts, keep_t, config.pool)  # (B, d)
+                vals, meta = pooled[torch.from_numpy(fresh).to(acts.device)], index[fresh]
+            buffers[site.name].add(vals.to(store_dtype).cpu().numpy(), meta)
         step = int(mask.sum()) if per_unit else len(ids)
         seen += step
         bar.update(step)
-        if buffered >= rows_per_shard:
-            _flush(writers, buffers, unit_end)
-            buffered = 0
-    _flush(writers, buffers, unit_end)
+        if max(b.n for b in buffers.values()) >= rows_per_shard:
+            for site in sites:
+                buffers[site.name].flush(writers[site.name], unit_end)
+    for site in sites:
+        buffers[site.name].flush(writers[site.name], unit_end)
     bar.close()
-    log.info("Extracted %d %s in %.1f s", seen, "tokens" if per_unit else "texts", time.perf_counter() - t0)
-
-
-def _flush(writers, buffers, unit_end: int) -> None:
-    for name, (acts, meta) in buffers.items():
-        if acts and unit_end > writers[name].done:
-            writers[name].write_shard(np.concatenate(acts), np.concatenate(meta), unit_end)
-        acts.clear()
-        meta.clear()
+    log.info("Extracted %d %s in %.1f s", seen, "tokens" if per_unit else "texts",
+             time.perf_counter() - t0)
 
 
 def pooled_activations(model, texts: list[str], sites, pool: str = "mean", batch_size: int = 32,
