@@ -1,15 +1,24 @@
 """sae_nb: a notebook workbench for dictionary learning on language-model activations."""
 
 from .corpora import Corpus, CorpusError, load_corpus
+from .evaluate import Evaluation, evaluate_dictionary
 from .extract import ExtractConfig, extract_activations, pooled_activations, run_sites
 from .models import DEFAULT_MODEL, ModelLoadError, load_model
+from .saving import DictionaryFormatError, load_sae_nb, save_dictionary
 from .sites import SiteError, resolve_site, valid_sites
 from .store import ActivationStore, StoreError, open_stores
+from .train import TrainConfig, TrainingError, TrainResult, train_dictionary
+from .workflow import (HeldoutSplit, checkpoint_dir, dictionary_name, dictionary_path,
+                       folder_files, heldout_split, open_store)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationStore", "Corpus", "CorpusError", "DEFAULT_MODEL", "ExtractConfig",
-    "ModelLoadError", "SiteError", "StoreError", "extract_activations", "load_corpus",
-    "load_model", "open_stores", "pooled_activations", "resolve_site", "run_sites", "valid_sites",
+    "ActivationStore", "Corpus", "CorpusError", "DEFAULT_MODEL", "DictionaryFormatError",
+    "Evaluation", "ExtractConfig", "HeldoutSplit", "ModelLoadError", "SiteError", "StoreError",
+    "TrainConfig", "TrainResult", "TrainingError", "checkpoint_dir", "dictionary_name",
+    "dictionary_path", "evaluate_dictionary", "extract_activations", "folder_files",
+    "heldout_split", "load_corpus", "load_model", "load_sae_nb", "open_store", "open_stores",
+    "pooled_activations", "resolve_site", "run_sites", "save_dictionary", "train_dictionary",
+    "valid_sites",
 ]

@@ -1,7 +1,9 @@
-"""Plotly figures of activation stores. Pure functions: they return figures and never display.
+"""Plotly figures of activation stores and trained dictionaries. Pure functions: they return
+figures and never display.
 
-Figures read a random sample of rows through the store, a chunk at a time, so a store of any
-size costs at most ``max_rows`` rows of work and a few MB of memory.
+Store figures read a random sample of rows through the store, a chunk at a time, so a store of
+any size costs at most ``max_rows`` rows of work and a few MB of memory. Dictionary figures read
+a training log or an evaluation's firing densities.
 """
 
 from __future__ import annotations
@@ -9,12 +11,18 @@ from __future__ import annotations
 from typing import Iterator, Mapping
 
 import numpy as np
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .store import ActivationStore
 
 CHUNK_ROWS = 8192  # rows read from the memory-mapped shards at a time
+# Panels of the training curves: log column, title, log-scaled y axis.
+TRAINING_PANELS = (("loss", "loss", True), ("l0", "L0 (active latents per token)", False),
+                   ("fvu", "FVU (fraction of variance unexplained)", True),
+                   ("dead_frac", "dead fraction (not fired within the window)", False))
+DEAD_LOG10 = -9.0  # log10 densities below this are latents that never fired (log10(0 + eps))
 
 
 def sample_rows(store: ActivationStore, max_rows: int = 20_000, seed: int = 0) -> np.ndarray:
@@ -103,4 +111,64 @@ def top_dimensions_figure(stores: Mapping[str, ActivationStore], top: int = 20,
         fig.update_yaxes(title_text="std", row=i, col=1)
     fig.update_layout(title=f"Top {top} dimensions by standard deviation", showlegend=False,
                       template="plotly_white", height=300 * max(len(stores), 1) + 100)
+    return fig
+
+
+def training_curves_figure(log: pd.DataFrame) -> go.Figure:
+    """Loss, L0, FVU and the dead fraction of a training log against tokens seen, one panel
+    each (``TrainResult.log``: columns ``tokens`` and those of ``TRAINING_PANELS``).
+
+    The values are those of single training batches, so they are noisy; the held-out metrics
+    are the ones to compare dictionaries by.
+    """
+    missing = [c for c in ("tokens",) + tuple(p[0] for p in TRAINING_PANELS) if c not in log]
+    if missing or log.empty:
+        raise ValueError(f"The training log is empty or lacks columns {missing}; pass "
+                         f"TrainResult.log from sae_nb.train_dictionary.")
+    fig = make_subplots(rows=2, cols=2, subplot_titles=[p[1] for p in TRAINING_PANELS],
+                        horizontal_spacing=0.1, vertical_spacing=0.15)
+    for i, (column, title, log_y) in enumerate(TRAINING_PANELS):
+        row, col = i // 2 + 1, i % 2 + 1
+        fig.add_trace(go.Scatter(
+            x=log["tokens"], y=log[column], mode="lines", name=column,
+            hovertemplate="%{x:,} tokens<br>" + column + " %{y:.4g}<extra></extra>",
+        ), row=row, col=col)
+        fig.update_xaxes(title_text="tokens" if row == 2 else None, row=row, col=col)
+        if log_y and (log[column] > 0).all():
+            fig.update_yaxes(type="log", row=row, col=col)
+    fig.update_layout(title="Training curves (per batch)", showlegend=False,
+                      template="plotly_white", height=600)
+    return fig
+
+
+def density_histogram_figure(log10_density: np.ndarray, bins: int = 50) -> go.Figure:
+    """Histogram of each latent's log10 firing frequency, with the dead latents (never fired)
+    as a separate red bar left of the rest (``Evaluation.log10_density()``).
+
+    Healthy dictionaries have a bulk between 1e-4 and 1e-1; a bump near 1 marks latents that
+    fire on almost every token, and a large dead bar a dictionary that wastes its width.
+    """
+    log10_density = np.asarray(log10_density, dtype=np.float64)
+    dead = log10_density < DEAD_LOG10
+    alive = log10_density[~dead]
+    n, n_dead = len(log10_density), int(dead.sum())
+    hi = max(float(alive.max()), 0.0) if len(alive) else 0.0  # log10(1 + eps) is just above 0
+    lo = float(alive.min()) if len(alive) else -5.0
+    edges = np.linspace(min(lo, hi - 1.0), hi, bins + 1)
+    counts, _ = np.histogram(alive, bins=edges)
+    width = edges[1] - edges[0]
+    fig = go.Figure(go.Bar(
+        x=(edges[:-1] + edges[1:]) / 2, y=counts, width=width, name="alive",
+        hovertemplate="log10 density %{x:.2f}<br>%{y} latents<extra></extra>",
+    ))
+    dead_x = edges[0] - max(3 * width, 0.25)
+    fig.add_trace(go.Bar(x=[dead_x], y=[n_dead], width=max(2 * width, 0.15), name="dead",
+                         marker_color="crimson",
+                         hovertemplate="never fired: %{y} latents<extra></extra>"))
+    fig.add_annotation(x=dead_x, y=n_dead, text=f"dead: {n_dead} ({n_dead / max(n, 1):.1%})",
+                       showarrow=False, yshift=12)
+    fig.update_layout(title=f"Latent firing frequency on held-out tokens ({n - n_dead} alive, "
+                            f"{n_dead} dead of {n})",
+                      xaxis_title="log10 firing frequency", yaxis_title="latents",
+                      template="plotly_white", bargap=0, showlegend=False)
     return fig

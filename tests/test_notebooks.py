@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from sae_nb import open_stores
+from sae_nb import TrainConfig, dictionary_name, dictionary_path, load_sae_nb, open_stores
 from sae_nb.pipeline import (
     NOTEBOOK_RE, NOTEBOOKS_DIR, SMOKE_PARAMETERS, PipelineError, find_notebooks,
     notebook_parameters, parse_parameter, run_notebook, run_pipeline, select_notebooks,
@@ -50,7 +51,33 @@ def check_01_extract(run_dir: Path, values: dict) -> None:
         assert store.manifest["dtype"] == values["dtype"]
 
 
-CHECKS = {"01_extract": check_01_extract}
+def check_02_train(run_dir: Path, values: dict) -> None:
+    store = open_stores(run_dir)[values["site"]]
+    config = TrainConfig(**{k: values[k] for k in ("architecture", "expansion", "k",
+                                                   "l1_coefficient", "l0_coefficient")})
+    name = values["name"] or dictionary_name(config, store.d)
+    folder = dictionary_path(run_dir / "dictionaries", values["model"], store.site, name)
+    sae = load_sae_nb(folder)
+    assert (sae.d_in, sae.d_sae) == (store.d, values["expansion"] * store.d)
+    assert sae.metadata["site"] == store.site and sae.metadata["model"] == values["model"]
+    assert (folder / "sparsity.safetensors").exists()
+    meta = json.loads((folder / "sae_nb.json").read_text())
+    metrics, train_config = meta["metrics"], meta["train_config"]
+    for key in ("mse", "fvu", "l0", "frac_alive", "ce_clean", "ce_spliced", "ce_loss_recovered"):
+        assert math.isfinite(metrics[key]), f"{key}={metrics[key]}"
+    assert 0 < metrics["l0"] <= values["k"] and 0 < metrics["frac_alive"] <= 1
+    assert 0 < metrics["fvu"] < 1  # better than predicting the mean, even after 16 steps
+    assert metrics["tokens"] >= values["heldout_tokens"]  # held out: the store's last rows
+    assert train_config["metadata"]["train_rows"] + metrics["tokens"] == len(store)
+    assert train_config["total_tokens"] == values["total_tokens"]
+    assert (run_dir / "checkpoints" / name / "checkpoint.pt").exists()
+    executed = nbformat.read(run_dir / "02_train.ipynb", as_version=4)
+    figures = [o for c in executed.cells for o in c.get("outputs", [])
+               if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) == 2  # training curves and the density histogram
+
+
+CHECKS = {"01_extract": check_01_extract, "02_train": check_02_train}
 
 
 @pytest.fixture(scope="session")
