@@ -233,6 +233,9 @@ class ActivationStore:
         subset = np.arange(len(self))[rows] if rows is not None else np.arange(len(self))
         if len(subset) == 0:
             raise StoreError(f"Store {str(self.path)!r} has no rows to batch.")
+        if drop_last and len(subset) < batch_size:  # would yield nothing, forever if epochs=None
+            raise StoreError(f"Store {str(self.path)!r} has {len(subset)} rows to batch, fewer "
+                             f"than one batch of {batch_size}; lower batch_size or extract more.")
         rng = np.random.default_rng(seed)
         epoch = 0
         while epochs is None or epoch < epochs:

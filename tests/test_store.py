@@ -211,3 +211,11 @@ def test_empty_store_refuses_batches(tmp_path):
     assert len(store) == 0
     with pytest.raises(StoreError, match="has no rows"):
         next(store.batches(4))
+
+
+def test_drop_last_with_fewer_rows_than_a_batch_is_refused(tmp_path):
+    writer = StoreWriter(tmp_path / "s", header())
+    writer.write_shard(np.zeros((3, D), np.float16), np.zeros(3, INDEX_DTYPE), 1)
+    writer.finish()
+    with pytest.raises(StoreError, match="fewer than one batch of 8"):
+        next(ActivationStore(tmp_path / "s").batches(8, drop_last=True, epochs=None))

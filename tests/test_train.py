@@ -237,3 +237,12 @@ def test_transcoder_from_two_stores_of_one_extraction(llama, corpus_dir, tmp_pat
                                        progress=False)["mlp_out_layer1"]
     with pytest.raises(StoreError, match="same tokens"):
         next(paired_batches(x_store, other, 64))
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    x = data()
+    common = dict(architecture="topk", d_sae=F, total_tokens=128 * 10, progress=False,
+                  checkpoint_dir=str(tmp_path))
+    train_dictionary(batches(x), k=K, **common)
+    with pytest.raises(TrainingError, match="k=4 .checkpoint. vs 8 .now."):
+        train_dictionary(batches(x), k=8, **common)
