@@ -13,12 +13,14 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import warnings
 import zipfile
 from pathlib import Path
+from urllib.parse import urlparse
 from typing import Any
 
 import torch
@@ -101,13 +103,17 @@ def _prepare_tokenizer(tokenizer) -> None:
 def _load_hf(name: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    offline = {}
     if name.lower() in EMBEDDED_MODELS:
         folder, label = ensure_default_model(), DEFAULT_MODEL
     else:
         folder, label = name, name
+        if not Path(name).exists() and not _hub_reachable():
+            # Only the local hub cache can help; skip the minute of retries against the network.
+            offline = {"local_files_only": True}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder, **offline)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **offline)
     except (OSError, ValueError) as err:
         if Path(name).exists():
             raise ModelLoadError(f"Could not load the model folder {name!r}: {err}") from err
@@ -119,6 +125,20 @@ def _load_hf(name: str, dtype: torch.dtype):
             f"Cause: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from err
     return model, tokenizer, label
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def ensure_default_model() -> Path:

@@ -90,3 +90,30 @@ def test_extract_reports_bad_corpus_before_writing(llama, tmp_path):
         sae_nb.extract_activations(llama, tmp_path, sites=["embed"],
                                    corpus=str(tmp_path / "missing.csv"), progress=False)
     assert not (tmp_path / "activations").exists()
+
+
+def test_unreachable_hub_uses_only_the_local_cache(monkeypatch):
+    """Without the hub, a hub name is looked up in the local cache only: no minute of retries."""
+    import transformers
+
+    from sae_nb import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    seen = []
+
+    def fake_from_pretrained(name, **kwargs):
+        seen.append(kwargs)
+        raise OSError(f"{name} is not in the cache")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(ModelLoadError, match="smollm2-135m"):
+        sae_nb.load_model("EleutherAI/pythia-70m-deduped")
+    assert seen == [{"local_files_only": True}]
+
+
+def test_hub_counts_as_unreachable_when_offline_is_set(monkeypatch):
+    from sae_nb import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models._hub_reachable() is False
