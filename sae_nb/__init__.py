@@ -4,7 +4,8 @@ from .corpora import Corpus, CorpusError, load_corpus
 from .evaluate import Evaluation, evaluate_dictionary
 from .extract import ExtractConfig, extract_activations, pooled_activations, run_sites
 from .models import DEFAULT_MODEL, ModelLoadError, load_model
-from .saving import DictionaryFormatError, load_sae_nb, save_dictionary
+from .saving import (DEFAULT_DICTIONARY, DictionaryFormatError, load_default_dictionary,
+                     load_sae_nb, save_dictionary)
 from .sites import SiteError, resolve_site, valid_sites
 from .store import ActivationStore, StoreError, open_stores
 from .train import TrainConfig, TrainingError, TrainResult, train_dictionary
@@ -14,7 +15,8 @@ from .workflow import (HeldoutSplit, checkpoint_dir, dictionary_name, dictionary
 __version__ = "0.1.0"
 
 __all__ = [
-    "ActivationStore", "Corpus", "CorpusError", "DEFAULT_MODEL", "DictionaryFormatError",
+    "ActivationStore", "Corpus", "CorpusError", "DEFAULT_DICTIONARY", "DEFAULT_MODEL",
+    "DictionaryFormatError", "load_default_dictionary",
     "Evaluation", "ExtractConfig", "HeldoutSplit", "ModelLoadError", "SiteError", "StoreError",
     "TrainConfig", "TrainResult", "TrainingError", "checkpoint_dir", "dictionary_name",
     "dictionary_path", "evaluate_dictionary", "extract_activations", "folder_files",

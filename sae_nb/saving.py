@@ -35,6 +35,9 @@ META_FILE = "sae_nb.json"
 # keys and drops ours (model_name, hook_name, ...). This marks the v6 layout we write; weights and
 # numerics are unaffected. Checked against sae-lens 6.54.12 (tests/test_saelens_compat.py).
 SAELENS_FORMAT_VERSION = "6.0.0"
+# The dictionary this repository ships for the default model; later notebooks default to it.
+DEFAULT_DICTIONARY = (Path(__file__).resolve().parent.parent / "dictionaries" / "smollm2-135m"
+                      / "resid_out_layer6" / "topk_4608_k32")
 _TL_HOOK = {"resid_out": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
 
 
@@ -137,3 +140,12 @@ def load_sae_nb(path: str | Path) -> Dictionary:
     sae.load_state_dict({k: weights[k].float() for k in expected})
     sae.metadata = {"format": "sae_nb", "path": str(path), **{k: meta.get(k) for k in ("model", "site", "target_site", "metrics")}}
     return sae.eval()
+
+
+def load_default_dictionary() -> Dictionary:
+    """The shipped TopK dictionary of the default model at ``resid_out_layer6``."""
+    if not (DEFAULT_DICTIONARY / CFG_FILE).exists():
+        raise DictionaryFormatError(f"The shipped dictionary is missing at "
+                                    f"{str(DEFAULT_DICTIONARY)!r}; see dictionaries/README.md "
+                                    f"for the command that trains it.")
+    return load_sae_nb(DEFAULT_DICTIONARY)
