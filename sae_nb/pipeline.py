@@ -35,6 +35,7 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     # 01's smoke stores hold 2016 rows in 32 contexts: 16 steps of 256 rows, 9 contexts held out.
     "02_train": {"expansion": 2, "k": 8, "total_tokens": 4096, "batch_size": 256,
                  "heldout_tokens": 512, "ce_contexts": 2, "checkpoint_every": 4},
+    "03_load_pretrained": {"fit_tokens": 256, "n_latents": 5},
 }
 
 

@@ -172,3 +172,16 @@ def density_histogram_figure(log10_density: np.ndarray, bins: int = 50) -> go.Fi
                       xaxis_title="log10 firing frequency", yaxis_title="latents",
                       template="plotly_white", bargap=0, showlegend=False)
     return fig
+
+
+def codes_heatmap_figure(codes, texts: list[str], latents, max_chars: int = 60) -> go.Figure:
+    """Sentences by latents: each sentence's code on the chosen latents (e.g. the strongest)."""
+    z = np.asarray(codes)[:, np.asarray(latents)]
+    labels = [t if len(t) <= max_chars else t[: max_chars - 1] + "…" for t in texts]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[f"latent {int(i)}" for i in latents], y=labels, colorscale="Viridis",
+        colorbar={"title": "code"},
+        hovertemplate="%{y}<br>%{x}: %{z:.3f}<extra></extra>"))
+    fig.update_layout(title="Strongest latents per sentence", height=max(400, 18 * len(texts)),
+                      yaxis={"autorange": "reversed"}, margin={"l": 10})
+    return fig

@@ -77,7 +77,18 @@ def check_02_train(run_dir: Path, values: dict) -> None:
     assert len(figures) == 2  # training curves and the density histogram
 
 
-CHECKS = {"01_extract": check_01_extract, "02_train": check_02_train}
+def check_03_load_pretrained(run_dir: Path, values: dict) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(run_dir / "sentence_codes.csv")
+    sentences = pd.read_csv(NOTEBOOKS_DIR.parent / "data" / "sentences.csv")
+    assert table["sentence"].tolist() == sentences["sentence"].tolist()
+    assert (table["code_l0"] <= 32).all() and (table["code_l0"] > 0).all()
+    assert table["act_argmax"].between(0, 575).all() and table["code_argmax"].between(0, 4607).all()
+
+
+CHECKS = {"01_extract": check_01_extract, "02_train": check_02_train,
+          "03_load_pretrained": check_03_load_pretrained}
 
 
 @pytest.fixture(scope="session")
