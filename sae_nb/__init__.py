@@ -3,6 +3,7 @@
 from .corpora import Corpus, CorpusError, load_corpus
 from .evaluate import Evaluation, evaluate_dictionary
 from .extract import ExtractConfig, extract_activations, pooled_activations, run_sites
+from .formats import load_dictionary
 from .models import DEFAULT_MODEL, ModelLoadError, load_model
 from .saving import (DEFAULT_DICTIONARY, DictionaryFormatError, load_default_dictionary,
                      load_sae_nb, save_dictionary)
@@ -20,7 +21,7 @@ __all__ = [
     "Evaluation", "ExtractConfig", "HeldoutSplit", "ModelLoadError", "SiteError", "StoreError",
     "TrainConfig", "TrainResult", "TrainingError", "checkpoint_dir", "dictionary_name",
     "dictionary_path", "evaluate_dictionary", "extract_activations", "folder_files",
-    "heldout_split", "load_corpus", "load_model", "load_sae_nb", "open_store", "open_stores",
-    "pooled_activations", "resolve_site", "run_sites", "save_dictionary", "train_dictionary",
-    "valid_sites",
+    "heldout_split", "load_corpus", "load_dictionary", "load_model", "load_sae_nb", "open_store",
+    "open_stores", "pooled_activations", "resolve_site", "run_sites", "save_dictionary",
+    "train_dictionary", "valid_sites",
 ]

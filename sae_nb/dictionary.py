@@ -13,6 +13,16 @@ transcoders, whose input and target live at different sites); decoding ``f @ W_d
   et al., 2024); at inference a single threshold estimated during training, i.e. a JumpReLU.
 - ``JumpReLUSAE``: ``pre * (pre > threshold)``, trained with straight-through estimators and
   an L0 penalty (Rajamanoharan et al., 2024).
+
+Classes that exist to load other libraries' dictionaries (``sae_nb.formats``):
+
+- ``GatedSAE``: a gate and a magnitude path sharing ``W_enc`` (Rajamanoharan et al., 2024,
+  "Improving dictionary learning with gated sparse autoencoders"; SAELens ``gated``,
+  dictionary_learning ``GatedAutoEncoder``).
+- ``SkipTopKSAE``: sparsify's TopK with a linear skip connection ``x @ W_skip.T`` added to the
+  reconstruction (EleutherAI sparsify, ``skip_connection=True``).
+- ``NormalizedTopKSAE``: OpenAI's TopK autoencoder (Gao et al., 2024), which layer-normalises
+  its input without parameters and maps the reconstruction back.
 """
 
 from __future__ import annotations
@@ -154,6 +164,74 @@ class BatchTopKSAE(JumpReLUSAE):
         flat = torch.relu(pre).flatten()
         values, indices = flat.topk(self.k * pre.shape[0], sorted=False)
         return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre)
+
+
+class GatedSAE(Dictionary):
+    """``gate = (pre + b_gate > 0)``, ``mag = relu(pre * exp(r_mag) + b_mag)``, ``f = gate * mag``
+    with ``pre = (x - b_dec) @ W_enc``: no ``b_enc`` (Rajamanoharan et al., 2024)."""
+
+    architecture = "gated"
+
+    def __init__(self, d_in: int, d_sae: int, **kw):
+        super().__init__(d_in, d_sae, **kw)
+        del self.b_enc  # the gate and magnitude paths carry their own biases
+        dtype = self.W_enc.dtype
+        self.b_gate = nn.Parameter(torch.zeros(d_sae, dtype=dtype))  # (F,)
+        self.r_mag = nn.Parameter(torch.zeros(d_sae, dtype=dtype))  # (F,)
+        self.b_mag = nn.Parameter(torch.zeros(d_sae, dtype=dtype))  # (F,)
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        if self.apply_b_dec_to_input:
+            x = x - self.b_dec
+        return x @ self.W_enc  # (B, F)
+
+    def activation(self, pre: torch.Tensor) -> torch.Tensor:
+        gate = (pre + self.b_gate) > 0
+        return gate * torch.relu(pre * torch.exp(self.r_mag) + self.b_mag)
+
+
+class SkipTopKSAE(TopKSAE):
+    """sparsify's TopK with a skip connection: ``forward(x) = decode(encode(x)) + x @ W_skip.T``.
+
+    ``decode(f)`` is the dictionary part only; the skip term needs ``x``, so here
+    ``forward(x) != decode(encode(x))``."""
+
+    def __init__(self, d_in: int, d_sae: int, k: int, **kw):
+        super().__init__(d_in, d_sae, k=k, **kw)
+        self.W_skip = nn.Parameter(torch.zeros(d_in, d_in, dtype=self.W_enc.dtype))  # (D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x)) + x @ self.W_skip.T
+
+
+class NormalizedTopKSAE(TopKSAE):
+    """OpenAI's TopK autoencoder: the input is layer-normalised without parameters,
+    ``x' = (x - mu) / (sigma + eps)`` (``sigma`` the unbiased std, ``eps`` 1e-5), encoded and
+    decoded, and the reconstruction is mapped back as ``x^ * sigma + mu`` (no eps there).
+
+    ``encode(x)`` normalises ``x`` itself. ``decode(f)`` cannot know ``mu`` and ``sigma``, so it
+    returns the reconstruction in normalised units; ``forward(x)`` returns it in the input's
+    units (``forward(x) != decode(encode(x))``), as do ``decode(f, mu, sigma)``."""
+
+    eps: ClassVar[float] = 1e-5
+
+    @staticmethod
+    def input_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu = x.mean(dim=-1, keepdim=True)  # (B, 1)
+        return mu, (x - mu).std(dim=-1, keepdim=True)  # (B, 1) each
+
+    def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
+        mu, sigma = self.input_stats(x)
+        return super().pre_acts((x - mu) / (sigma + self.eps))
+
+    def decode(self, f: torch.Tensor, mu: torch.Tensor | None = None,
+               sigma: torch.Tensor | None = None) -> torch.Tensor:
+        x_hat = super().decode(f)  # (B, D), normalised units
+        return x_hat if mu is None else x_hat * sigma + mu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu, sigma = self.input_stats(x)
+        return self.decode(self.encode(x), mu, sigma)
 
 
 ARCHITECTURES: dict[str, type[Dictionary]] = {

@@ -1,0 +1,450 @@
+"""Load dictionaries saved by other libraries into our :class:`~sae_nb.dictionary.Dictionary`.
+
+``load_dictionary(path)`` detects the format from the files (``format=`` overrides) and returns
+a dictionary whose ``encode``/``decode``/``forward`` reproduce the original library's maths,
+with ``dictionary.metadata = {"format", "model", "site", "hook", "path"}``: ``hook`` is the
+original hook or submodule name, ``site`` our site name where it can be derived, else None.
+The layouts are those of ``/work/shared/FORMATS.md``:
+
+- ``dictionary_learning`` (saprmarks): ``ae.pt`` + ``config.json``, every ``dict_class``, also a
+  ``{"ae": state_dict}`` backup. ``AutoEncoder`` weights are loaded as stored: we do NOT copy its
+  loader's rescaling of decoder rows to unit norm (it leaves reconstructions unchanged and
+  scales latents), so latents are in the units the dictionary was trained in.
+- ``saelens``: ``cfg.json`` (v6 or pre-v6 flat keys) + ``sae_weights.safetensors``; ``standard``,
+  ``topk``, ``jumprelu``, ``gated``. ``sae_nb``, our own format, is SAELens v6 + ``sae_nb.json``.
+- ``sparsify`` (EleutherAI): a hookpoint folder ``cfg.json`` + ``sae.safetensors``. Assumed site
+  mapping: ``layers.L`` is the output of block L (``resid_out_layerL``), ``layers.L.mlp`` the MLP
+  output (``mlp_out_layerL``), ``layers.L.self_attn``/``.attention``/``.attn`` ``attn_out_layerL``.
+- ``openai``: one ``.pt`` per layer (GPT-2 small); TopK ones normalise their input
+  (:class:`~sae_nb.dictionary.NormalizedTopKSAE`).
+- ``gemma_scope``: ``params.npz`` (JumpReLU).
+
+JumpReLU thresholds are clamped at 0: every library computes ``relu(pre) * (pre > threshold)``,
+which equals our ``pre * (pre > max(threshold, 0))``. Pickles are read only with
+``torch.load(weights_only=True)``; anything that would run code is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from .dictionary import (Dictionary, GatedSAE, JumpReLUSAE, NormalizedTopKSAE, ReLUSAE,
+                         SkipTopKSAE, TopKSAE)
+from .saving import META_FILE, DictionaryFormatError, hook_name, load_sae_nb
+from .sites import _SITE_RE, _canonical_name
+
+FORMATS = ("dictionary_learning", "saelens", "sae_nb", "sparsify", "openai", "gemma_scope")
+_OPENAI_SITES = {"resid_post_mlp": "resid_out", "resid_delta_mlp": "mlp_out",
+                 "resid_delta_attn": "attn_out"}
+_OPENAI_HOOKS = {"resid_post_attn": "hook_resid_mid", "resid_delta_mlp": "hook_mlp_out",
+                 "resid_post_mlp": "hook_resid_post", "mlp_post_act": "mlp.hook_post",
+                 "resid_delta_attn": "hook_attn_out"}
+
+
+def load_dictionary(path: str | Path, format: str | None = None) -> Dictionary:
+    """Load a dictionary file or folder of any supported format (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise DictionaryFormatError(f"{str(path)!r} does not exist.")
+    fmt = format or detect_format(path)
+    loaders = {"dictionary_learning": _load_dictionary_learning, "saelens": _load_saelens,
+               "sae_nb": _load_our_format, "sparsify": _load_sparsify, "openai": _load_openai,
+               "gemma_scope": _load_gemma_scope}
+    if fmt not in loaders:
+        raise DictionaryFormatError(f"Unknown format {fmt!r}; supported formats: {list(FORMATS)}.")
+    sae = loaders[fmt](path)
+    sae.metadata["path"] = str(path)
+    return sae.eval()
+
+
+def detect_format(path: Path) -> str:
+    """The format of a file or folder, from file names, files present and (for ``.pt``) keys."""
+    folder = path if path.is_dir() else path.parent
+    if path.is_file():
+        if path.suffix == ".npz":
+            return "gemma_scope"
+        if path.suffix == ".pt":
+            obj = _safe_torch_load(path)
+            return "openai" if isinstance(obj, dict) and "pre_bias" in obj else "dictionary_learning"
+        if path.suffix not in (".json", ".safetensors"):
+            raise DictionaryFormatError(_unknown(path))
+    names = {p.name for p in folder.iterdir()}
+    if META_FILE in names:
+        return "sae_nb"
+    if {"cfg.json", "sae_weights.safetensors"} <= names:
+        return "saelens"
+    if {"cfg.json", "sae.safetensors"} <= names:
+        return "sparsify"
+    if "ae.pt" in names:
+        return "dictionary_learning"
+    if "params.npz" in names:
+        return "gemma_scope"
+    hookpoints = sorted(p.name for p in folder.iterdir() if (p / "sae.safetensors").exists())
+    if hookpoints:
+        raise DictionaryFormatError(
+            f"{str(folder)!r} is a sparsify run folder with one dictionary per hookpoint: pick "
+            f"one, e.g. load_dictionary({str(folder / hookpoints[0])!r}). Hookpoints: {hookpoints}.")
+    raise DictionaryFormatError(_unknown(path))
+
+
+def _unknown(path: Path) -> str:
+    return (f"Cannot tell the dictionary format of {str(path)!r}. Supported formats: "
+            f"{list(FORMATS)} (pass format=... to choose one); see the sae_nb.formats docstring "
+            f"for the files each one needs.")
+
+
+# -- reading files safely -------------------------------------------------------------------
+def _safe_torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err).lower():
+            raise DictionaryFormatError(
+                f"{str(path)!r} was NOT loaded: unpickling it would execute code or build "
+                f"objects other than tensors, ints, strings and dicts (refused by "
+                f"torch.load(weights_only=True)). Only load it if you trust its source, and "
+                f"convert it to a plain state_dict. Detail: {str(err).splitlines()[0]}") from None
+        raise DictionaryFormatError(f"{str(path)!r} is corrupt or truncated: {err}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise DictionaryFormatError(f"{str(path)!r} is corrupt or truncated: {err}") from None
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise DictionaryFormatError(f"{str(path)!r} is missing.")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise DictionaryFormatError(f"{str(path)!r} is corrupt or truncated: {err}") from None
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DictionaryFormatError(f"{str(path)!r} is not valid JSON: {err}") from None
+
+
+def _take(tensors: dict, key: str, shape: tuple[int, ...], file: Path, what: str) -> torch.Tensor:
+    """``tensors[key]`` as float32, after checking it exists and has ``shape``."""
+    if key not in tensors:
+        raise DictionaryFormatError(f"{str(file)!r} lacks tensor {key!r} (found {sorted(tensors)}).")
+    t = torch.as_tensor(tensors[key])
+    if tuple(t.shape) != tuple(shape):
+        raise DictionaryFormatError(
+            f"{str(file)!r}: {key} has shape {tuple(t.shape)}, but {what} implies {tuple(shape)}"
+            f" (a transposed weight, or a config that does not match the tensors).")
+    return t.detach().to(torch.float32)
+
+
+def _fill(sae: Dictionary, **params: torch.Tensor) -> Dictionary:
+    with torch.no_grad():
+        for name, value in params.items():
+            getattr(sae, name).copy_(value)
+    return sae
+
+
+def _meta(fmt: str, model: Any, site: str | None, hook: Any) -> dict:
+    return {"format": fmt, "model": model, "site": site, "hook": hook}
+
+
+def _site_in_path(path: Path) -> str | None:
+    """A site name among the last three folders (``<model>/<site>/<set>/ae.pt``)."""
+    return next((p for p in reversed(path.parts[-3:]) if p == "embed" or _SITE_RE.match(p)), None)
+
+
+# -- dictionary_learning --------------------------------------------------------------------
+def _load_dictionary_learning(path: Path) -> Dictionary:
+    file = path / "ae.pt" if path.is_dir() else path
+    if not file.exists():
+        raise DictionaryFormatError(f"{str(path)!r} has no ae.pt; not a dictionary_learning folder.")
+    sd = _safe_torch_load(file)
+    if isinstance(sd, dict) and isinstance(sd.get("ae"), dict):
+        sd = sd["ae"]  # a mid-training backup
+    if not isinstance(sd, dict):
+        raise DictionaryFormatError(f"{str(file)!r} holds a {type(sd).__name__}, not a state_dict.")
+    folder = file.parent.parent if file.parent.name == "checkpoints" else file.parent
+    cfg_file = folder / "config.json"
+    trainer = _json(cfg_file).get("trainer", {}) if cfg_file.exists() else {}
+    trainer = trainer if isinstance(trainer, dict) else {}  # older releases: be lenient
+    dict_class = trainer.get("dict_class") or _guess_dict_class(sd, file)
+    if "encoder.weight" in sd:
+        F, D = tuple(sd["encoder.weight"].shape)
+    elif "W_enc" in sd:
+        D, F = tuple(sd["W_enc"].shape)
+    else:
+        raise DictionaryFormatError(f"{str(file)!r} has neither encoder.weight nor W_enc.")
+    D, F = int(trainer.get("activation_dim", D)), int(trainer.get("dict_size", F))
+    what = f"d_in={D}, d_sae={F} ({'config.json' if trainer else 'tensor shapes'})"
+
+    def t(key, *shape):
+        return _take(sd, key, shape, file, what)
+
+    if dict_class == "AutoEncoder":
+        sae = _fill(ReLUSAE(D, F), W_enc=t("encoder.weight", F, D).T, b_enc=t("encoder.bias", F),
+                    W_dec=t("decoder.weight", D, F).T, b_dec=t("bias", D))
+    elif dict_class == "AutoEncoderNew":
+        sae = _fill(ReLUSAE(D, F, apply_b_dec_to_input=False), W_enc=t("encoder.weight", F, D).T,
+                    b_enc=t("encoder.bias", F), W_dec=t("decoder.weight", D, F).T,
+                    b_dec=t("decoder.bias", D))
+    elif dict_class == "GatedAutoEncoder":
+        sae = _fill(GatedSAE(D, F), W_enc=t("encoder.weight", F, D).T, b_gate=t("gate_bias", F),
+                    r_mag=t("r_mag", F), b_mag=t("mag_bias", F),
+                    W_dec=t("decoder.weight", D, F).T, b_dec=t("decoder_bias", D))
+    elif dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
+        k = int(t("k").item()) if "k" in sd else int(trainer.get("k", 0))
+        enc = dict(W_enc=t("encoder.weight", F, D).T, b_enc=t("encoder.bias", F),
+                   W_dec=t("decoder.weight", D, F).T, b_dec=t("b_dec", D))
+        if dict_class == "AutoEncoderTopK":
+            sae = _fill(_topk(D, F, k, file), **enc)
+        else:  # inference uses the learned threshold: relu(pre) * (relu(pre) > threshold)
+            sae = _fill(JumpReLUSAE(D, F), **enc, threshold=t("threshold").clamp_min(0).expand(F))
+            sae.k = k
+    elif dict_class == "MatryoshkaBatchTopKSAE":
+        sae = _fill(JumpReLUSAE(D, F), W_enc=t("W_enc", D, F), b_enc=t("b_enc", F),
+                    W_dec=t("W_dec", F, D), b_dec=t("b_dec", D),
+                    threshold=t("threshold").clamp_min(0).expand(F))
+        sae.k = int(t("k").item())
+    elif dict_class == "JumpReluAutoEncoder":
+        apply = bool(trainer.get("apply_b_dec_to_input", False))
+        sae = _fill(JumpReLUSAE(D, F, apply_b_dec_to_input=apply), W_enc=t("W_enc", D, F),
+                    b_enc=t("b_enc", F), W_dec=t("W_dec", F, D), b_dec=t("b_dec", D),
+                    threshold=t("threshold", F).clamp_min(0))
+    else:
+        raise DictionaryFormatError(
+            f"{str(file)!r}: unknown dictionary_learning dict_class {dict_class!r}; supported: "
+            f"AutoEncoder, AutoEncoderNew, GatedAutoEncoder, AutoEncoderTopK, BatchTopKSAE, "
+            f"JumpReluAutoEncoder, MatryoshkaBatchTopKSAE.")
+    submodule = trainer.get("submodule_name")
+    site = _site_in_path(folder) or _dl_site(submodule, trainer.get("layer"))
+    sae.metadata = _meta("dictionary_learning", trainer.get("lm_name"), site, submodule)
+    return sae
+
+
+def _guess_dict_class(sd: dict, file: Path) -> str:
+    """The dict_class from the state_dict keys alone (no or old config.json)."""
+    keys = set(sd)
+    if "group_sizes" in keys:
+        return "MatryoshkaBatchTopKSAE"
+    if {"W_enc", "threshold"} <= keys:
+        return "JumpReluAutoEncoder"
+    if "r_mag" in keys:
+        return "GatedAutoEncoder"
+    if "k" in keys:  # TopK and BatchTopK share keys: only config.json tells them apart
+        warnings.warn(f"{str(file)!r}: no config.json dict_class; AutoEncoderTopK and BatchTopKSAE "
+                      f"share keys, loading as AutoEncoderTopK (per-token top-k). Add a "
+                      f"config.json to load a BatchTopKSAE with its threshold.", stacklevel=3)
+        return "AutoEncoderTopK"
+    if "bias" in keys:
+        return "AutoEncoder"
+    if "decoder.bias" in keys:
+        return "AutoEncoderNew"
+    raise DictionaryFormatError(f"{str(file)!r}: cannot tell the dictionary_learning class from "
+                                f"its keys {sorted(keys)}; add a config.json with dict_class.")
+
+
+def _dl_site(submodule: str | None, layer: Any) -> str | None:
+    """Our site from dictionary_learning's ``submodule_name`` and ``layer`` (best effort)."""
+    if not submodule:
+        return None
+    s = submodule.lower()
+    m = re.search(r"(\d+)", s)
+    layer = int(layer) if isinstance(layer, int) else (int(m.group(1)) if m else None)
+    if "embed" in s:
+        return "embed"
+    if layer is None:
+        return None
+    kind = "mlp_out" if "mlp" in s else "attn_out" if "attn" in s or "attention" in s else \
+        "resid_out" if "resid" in s or re.fullmatch(r".*layers?[._]?\d+", s) else None
+    return f"{kind}_layer{layer}" if kind else None
+
+
+def _topk(D: int, F: int, k: int, file: Path, cls: type[TopKSAE] = TopKSAE, **kw) -> TopKSAE:
+    if not 0 < k <= F:
+        raise DictionaryFormatError(f"{str(file)!r}: k={k} must lie in 1..{F}.")
+    return cls(D, F, k=k, **kw)
+
+
+# -- SAELens and our own format -------------------------------------------------------------
+def _load_saelens(path: Path) -> Dictionary:
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "cfg.json").exists():
+        raise DictionaryFormatError(f"{str(folder)!r} has no cfg.json; not a SAELens folder.")
+    cfg = _json(folder / "cfg.json")
+    file = folder / "sae_weights.safetensors"
+    w = {k: v for k, v in _safetensors(file).items()}
+    meta = cfg.get("metadata") or {}
+    arch = cfg.get("architecture", "standard")
+    act = cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if act == "topk":
+        arch = "topk"
+    try:
+        D, F = int(cfg["d_in"]), int(cfg["d_sae"])
+    except KeyError as err:
+        raise DictionaryFormatError(f"{str(folder / 'cfg.json')!r} lacks key {err}.") from None
+    norm = cfg.get("normalize_activations", "none")
+    norm = {True: "expected_average_only_in", False: "none", None: "none"}.get(norm, norm)
+    if norm not in ("none", "expected_average_only_in"):
+        raise DictionaryFormatError(f"{str(folder)!r}: normalize_activations={norm!r} is applied "
+                                    f"at run time and is not supported; only 'none' and "
+                                    f"'expected_average_only_in' (folded into the weights) are.")
+    if "scaling_factor" in w:
+        if not torch.all(w.pop("scaling_factor") == 1):
+            raise DictionaryFormatError(f"{str(file)!r}: scaling_factor is not all ones; fold it "
+                                        f"into W_dec before loading.")
+    what = f"cfg.json (d_in={D}, d_sae={F})"
+
+    def t(key, *shape):
+        return _take(w, key, shape, file, what)
+
+    kw = {"apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
+    common = dict(W_enc=t("W_enc", D, F), W_dec=t("W_dec", F, D), b_dec=t("b_dec", D))
+    if arch == "gated":
+        sae: Dictionary = _fill(GatedSAE(D, F, **kw), **common, b_gate=t("b_gate", F),
+                                r_mag=t("r_mag", F), b_mag=t("b_mag", F))
+    elif arch in ("standard", "topk", "jumprelu"):
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            raise DictionaryFormatError(f"{str(folder)!r}: rescale_acts_by_decoder_norm=True is "
+                                        f"not supported.")
+        if arch == "topk":
+            sae = _topk(D, F, int(k or 0), file, **kw)
+        elif arch == "jumprelu":
+            sae = JumpReLUSAE(D, F, **kw)
+            common["threshold"] = t("threshold", F).clamp_min(0)
+        else:
+            sae = ReLUSAE(D, F, **kw)
+        _fill(sae, **common, b_enc=t("b_enc", F))
+    else:
+        raise DictionaryFormatError(f"{str(folder)!r}: unsupported SAELens architecture {arch!r}; "
+                                    f"supported: standard, topk, jumprelu, gated.")
+    hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+    model = meta.get("model_name") or cfg.get("model_name")
+    sae.metadata = _meta("saelens", model, _canonical_name(hook) if hook else None, hook)
+    sae.metadata["normalize_activations"] = norm
+    return sae
+
+
+def _load_our_format(path: Path) -> Dictionary:
+    folder = path if path.is_dir() else path.parent
+    sae = load_sae_nb(folder)
+    site = sae.metadata.get("site")
+    sae.metadata = {**sae.metadata, **_meta("sae_nb", sae.metadata.get("model"), site,
+                                            hook_name(site) if site else None)}
+    return sae
+
+
+# -- sparsify -------------------------------------------------------------------------------
+def _load_sparsify(path: Path) -> Dictionary:
+    folder = path if path.is_dir() else path.parent
+    cfg_file, file = folder / "cfg.json", folder / "sae.safetensors"
+    if not cfg_file.exists():
+        detect_format(folder)  # a run folder: the error lists its hookpoints
+        raise DictionaryFormatError(f"{str(folder)!r} has no cfg.json; not a sparsify hookpoint.")
+    cfg, w = _json(cfg_file), _safetensors(file)
+    if "encoder.weight" not in w:
+        raise DictionaryFormatError(f"{str(file)!r} lacks tensor 'encoder.weight'.")
+    D = int(cfg.get("d_in") or w["encoder.weight"].shape[1])
+    F = int(cfg.get("num_latents") or 0) or D * int(cfg.get("expansion_factor") or 0) \
+        or int(w["encoder.weight"].shape[0])
+    if cfg.get("activation", "topk") != "topk":
+        raise DictionaryFormatError(f"{str(cfg_file)!r}: activation {cfg.get('activation')!r} is "
+                                    f"not supported (only 'topk').")
+    what = f"cfg.json (d_in={D}, num_latents={F})"
+
+    def t(key, *shape):
+        return _take(w, key, shape, file, what)
+
+    skip = "W_skip" in w or bool(cfg.get("skip_connection"))
+    kw = {"apply_b_dec_to_input": not cfg.get("transcode", False)}
+    sae = _topk(D, F, int(cfg.get("k", 0)), file, SkipTopKSAE if skip else TopKSAE, **kw)
+    skip_w = {"W_skip": t("W_skip", D, D)} if skip else {}
+    _fill(sae, W_enc=t("encoder.weight", F, D).T, b_enc=t("encoder.bias", F),
+          W_dec=t("W_dec", F, D), b_dec=t("b_dec", D), **skip_w)
+    run_cfg = folder.parent / "config.json"
+    model = _json(run_cfg).get("model") if run_cfg.exists() else None
+    sae.metadata = _meta("sparsify", model, _sparsify_site(folder.name), folder.name)
+    return sae
+
+
+def _sparsify_site(hookpoint: str) -> str | None:
+    m = re.fullmatch(r"(?:.*\.)?layers\.(\d+)(?:\.(mlp|self_attn|attention|attn))?", hookpoint)
+    if not m:
+        return None
+    kind = {None: "resid_out", "mlp": "mlp_out"}.get(m.group(2), "attn_out")
+    return f"{kind}_layer{m.group(1)}"
+
+
+# -- OpenAI and Gemma Scope -----------------------------------------------------------------
+def _load_openai(path: Path) -> Dictionary:
+    if path.is_dir():
+        raise DictionaryFormatError(f"{str(path)!r} is a folder; pass the OpenAI .pt file itself.")
+    sd = _safe_torch_load(path)
+    if not isinstance(sd, dict) or "encoder.weight" not in sd:
+        raise DictionaryFormatError(f"{str(path)!r} is not an OpenAI autoencoder dict "
+                                    f"(needs pre_bias, encoder.weight, latent_bias, decoder.weight).")
+    F, D = tuple(sd["encoder.weight"].shape)
+    what = f"encoder.weight (d_in={D}, d_sae={F})"
+
+    def t(key, *shape):
+        return _take(sd, key, shape, path, what)
+
+    act = sd.get("activation", "ReLU")
+    if act == "TopK":
+        sae: Dictionary = _topk(D, F, int((sd.get("activation_state_dict") or {}).get("k", 0)),
+                                path, NormalizedTopKSAE)
+    elif act == "ReLU":
+        sae = ReLUSAE(D, F)
+    else:
+        raise DictionaryFormatError(f"{str(path)!r}: unsupported activation {act!r} "
+                                    f"(ReLU or TopK).")
+    _fill(sae, W_enc=t("encoder.weight", F, D).T, b_enc=t("latent_bias", F),
+          W_dec=t("decoder.weight", D, F).T, b_dec=t("pre_bias", D))
+    location = path.parent.parent.name if path.parent.name == "autoencoders" else None
+    layer = path.stem if path.stem.isdigit() else None
+    site = f"{_OPENAI_SITES[location]}_layer{layer}" if location in _OPENAI_SITES and layer else None
+    hook = f"blocks.{layer}.{_OPENAI_HOOKS[location]}" if location in _OPENAI_HOOKS and layer \
+        else location
+    sae.metadata = _meta("openai", "gpt2", site, hook)
+    return sae
+
+
+def _load_gemma_scope(path: Path) -> Dictionary:
+    file = path / "params.npz" if path.is_dir() else path
+    if not file.exists():
+        raise DictionaryFormatError(f"{str(path)!r} has no params.npz; not a Gemma Scope folder.")
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            w = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz.files}
+    except Exception as err:  # BadZipFile, EOFError, ValueError... from a damaged archive
+        raise DictionaryFormatError(f"{str(file)!r} is corrupt or truncated: {err}") from None
+    if "W_enc" not in w:
+        raise DictionaryFormatError(f"{str(file)!r} lacks tensor 'W_enc' (found {sorted(w)}).")
+    D, F = tuple(w["W_enc"].shape)
+    what = f"W_enc (d_in={D}, d_sae={F})"
+
+    def t(key, *shape):
+        return _take(w, key, shape, file, what)
+
+    sae = _fill(JumpReLUSAE(D, F, apply_b_dec_to_input=False), W_enc=t("W_enc", D, F),
+                b_enc=t("b_enc", F), W_dec=t("W_dec", F, D), b_dec=t("b_dec", D),
+                threshold=t("threshold", F).clamp_min(0))
+    text = str(file)
+    m = re.search(r"layer_(\d+)", text)
+    kind = next((v for key, v in (("-res", "resid_out"), ("-mlp", "mlp_out"), ("-att", "attn_out"))
+                 if key in text), None)
+    site = f"{kind}_layer{m.group(1)}" if m and kind else None
+    model = re.search(r"gemma-scope-(\d+b)", text)
+    sae.metadata = _meta("gemma_scope", f"gemma-2-{model.group(1)}" if model else None, site,
+                         hook_name(site) if site else None)
+    return sae

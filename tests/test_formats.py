@@ -1,0 +1,453 @@
+"""load_dictionary on every format of FORMATS.md, built at toy size from the documented layouts.
+
+Each loaded dictionary is compared with an independent reference: the format's maths written
+here in plain torch on the raw tensors (not our classes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sae_nb import DictionaryFormatError, load_dictionary, save_dictionary
+from sae_nb.dictionary import TopKSAE
+
+D, F, K = 16, 64, 4
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+def r(*shape):
+    return torch.randn(*shape)
+
+
+def x_batch():
+    return torch.randn(8, D) * 2 + 0.5
+
+
+def topk_relu(pre, k):
+    """Top-k of relu(pre), dense."""
+    v, i = torch.relu(pre).topk(k, dim=-1)
+    return torch.zeros_like(pre).scatter(-1, i, v)
+
+
+def check(sae, x, ref_encode, ref_decode, ref_forward=None):
+    f = sae.encode(x)
+    torch.testing.assert_close(f, ref_encode(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae.decode(f), ref_decode(f), atol=1e-5, rtol=1e-5)
+    ref_forward = ref_forward or (lambda x: ref_decode(ref_encode(x)))
+    torch.testing.assert_close(sae(x), ref_forward(x), atol=1e-5, rtol=1e-5)
+    assert (sae.d_in, sae.d_sae) == (D, F)
+
+
+# -- dictionary_learning -------------------------------------------------------------------
+def dl_state(dict_class):
+    enc_w, enc_b, dec_w = r(F, D), r(F) * 0.1, r(D, F)
+    if dict_class == "AutoEncoder":
+        return {"bias": r(D), "encoder.weight": enc_w, "encoder.bias": enc_b, "decoder.weight": dec_w}
+    if dict_class == "AutoEncoderNew":
+        return {"encoder.weight": enc_w, "encoder.bias": enc_b, "decoder.weight": dec_w,
+                "decoder.bias": r(D)}
+    if dict_class == "GatedAutoEncoder":
+        return {"decoder_bias": r(D), "encoder.weight": enc_w, "r_mag": r(F) * 0.1,
+                "gate_bias": r(F) * 0.1, "mag_bias": r(F) * 0.1, "decoder.weight": dec_w}
+    if dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
+        return {"encoder.weight": enc_w, "encoder.bias": enc_b, "decoder.weight": dec_w,
+                "b_dec": r(D), "k": torch.tensor(K), "threshold": torch.tensor(0.7)}
+    common = {"W_enc": r(D, F), "b_enc": enc_b, "W_dec": r(F, D), "b_dec": r(D)}
+    if dict_class == "JumpReluAutoEncoder":
+        return {**common, "threshold": torch.rand(F)}
+    return {**common, "k": torch.tensor(K), "threshold": torch.tensor(0.5),
+            "group_sizes": torch.tensor([16, 48])}
+
+
+def dl_reference(dict_class, s):
+    """dictionary_learning's encode/decode, per FORMATS.md."""
+    enc = lambda x: x @ s["encoder.weight"].T  # noqa: E731  (a bias-free Linear)
+    if dict_class == "AutoEncoder":
+        return (lambda x: torch.relu(enc(x - s["bias"]) + s["encoder.bias"]),
+                lambda f: f @ s["decoder.weight"].T + s["bias"])
+    if dict_class == "AutoEncoderNew":
+        return (lambda x: torch.relu(enc(x) + s["encoder.bias"]),
+                lambda f: f @ s["decoder.weight"].T + s["decoder.bias"])
+    if dict_class == "GatedAutoEncoder":
+        def encode(x):
+            pre = enc(x - s["decoder_bias"])
+            gate = (pre + s["gate_bias"] > 0).float()
+            return gate * torch.relu(pre * torch.exp(s["r_mag"]) + s["mag_bias"])
+        return encode, lambda f: f @ s["decoder.weight"].T + s["decoder_bias"]
+    if dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
+        pre = lambda x: torch.relu(enc(x - s["b_dec"]) + s["encoder.bias"])  # noqa: E731
+        dec = lambda f: f @ s["decoder.weight"].T + s["b_dec"]  # noqa: E731
+        if dict_class == "AutoEncoderTopK":
+            return lambda x: topk_relu(pre(x), K), dec
+        return lambda x: pre(x) * (pre(x) > s["threshold"]), dec
+    dec = lambda f: f @ s["W_dec"] + s["b_dec"]  # noqa: E731
+    if dict_class == "JumpReluAutoEncoder":
+        def encode(x):
+            p = x @ s["W_enc"] + s["b_enc"]
+            return torch.relu(p) * (p > s["threshold"])
+        return encode, dec
+    relu_pre = lambda x: torch.relu((x - s["b_dec"]) @ s["W_enc"] + s["b_enc"])  # noqa: E731
+    return lambda x: relu_pre(x) * (relu_pre(x) > s["threshold"]), dec
+
+
+DL_CLASSES = ["AutoEncoder", "AutoEncoderNew", "GatedAutoEncoder", "AutoEncoderTopK",
+              "BatchTopKSAE", "JumpReluAutoEncoder", "MatryoshkaBatchTopKSAE"]
+
+
+def dl_config(dict_class, buffer=True):
+    cfg = {"trainer": {"trainer_class": "X", "dict_class": dict_class, "lr": 1e-3, "steps": 10,
+                       "activation_dim": D, "dict_size": F, "k": K, "layer": 3,
+                       "lm_name": "EleutherAI/pythia-70m-deduped",
+                       "submodule_name": "mlp_out_layer3", "seed": 0, "device": "cpu"}}
+    if buffer:
+        cfg["buffer"] = {"d_submodule": D, "io": "out", "ctx_len": 128}
+    return cfg
+
+
+@pytest.mark.parametrize("dict_class", DL_CLASSES)
+@pytest.mark.parametrize("variant", ["buffer", "no_buffer", "backup_file", "no_config"])
+def test_dictionary_learning(tmp_path, dict_class, variant):
+    folder = tmp_path / "pythia-70m-deduped" / "mlp_out_layer3" / "10_32768"
+    folder.mkdir(parents=True)
+    s = dl_state(dict_class)
+    torch.save({"ae": s, "optimizer": {}, "step": 5} if variant == "backup_file" else s,
+               folder / "ae.pt")
+    if variant != "no_config":
+        (folder / "config.json").write_text(json.dumps(dl_config(dict_class, variant == "buffer")))
+    target = folder / "ae.pt" if variant == "backup_file" else folder
+    if variant == "no_config" and dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
+        with pytest.warns(UserWarning, match="loading as AutoEncoderTopK"):
+            sae = load_dictionary(target)  # same keys as AutoEncoderTopK: read as that
+        dict_class = "AutoEncoderTopK"
+    else:
+        sae = load_dictionary(target)
+    encode, decode = dl_reference(dict_class, s)
+    check(sae, x_batch(), encode, decode)
+    m = sae.metadata
+    assert m["format"] == "dictionary_learning" and m["site"] == "mlp_out_layer3"
+    assert m["path"] == str(target)
+    if variant != "no_config":
+        assert m["model"] == "EleutherAI/pythia-70m-deduped" and m["hook"] == "mlp_out_layer3"
+
+
+def test_dictionary_learning_checkpoint(tmp_path):
+    s = dl_state("GatedAutoEncoder")
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(s, tmp_path / "checkpoints" / "ae_100.pt")
+    (tmp_path / "config.json").write_text(json.dumps(dl_config("GatedAutoEncoder")))
+    sae = load_dictionary(tmp_path / "checkpoints" / "ae_100.pt")  # config.json one level up
+    check(sae, x_batch(), *dl_reference("GatedAutoEncoder", s))
+    assert sae.metadata["model"] == "EleutherAI/pythia-70m-deduped"
+
+
+def test_dictionary_learning_site_from_submodule(tmp_path):
+    s = dl_state("AutoEncoder")
+    torch.save(s, tmp_path / "ae.pt")
+    cfg = dl_config("AutoEncoder")
+    cfg["trainer"]["submodule_name"] = "gpt_neox.layers.2.mlp"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_dictionary(tmp_path).metadata["site"] == "mlp_out_layer3"  # `layer` wins
+
+
+# -- SAELens --------------------------------------------------------------------------------
+def saelens_weights(arch):
+    w = {"W_enc": r(D, F), "W_dec": r(F, D), "b_dec": r(D)}
+    if arch == "gated":
+        return {**w, "b_gate": r(F) * 0.1, "r_mag": r(F) * 0.1, "b_mag": r(F) * 0.1}
+    w["b_enc"] = r(F) * 0.1
+    if arch == "jumprelu":
+        w["threshold"] = torch.rand(F)
+    return w
+
+
+def saelens_reference(arch, w, apply_b_dec=True):
+    def pre(x):
+        return (x - w["b_dec"] if apply_b_dec else x) @ w["W_enc"]
+    dec = lambda f: f @ w["W_dec"] + w["b_dec"]  # noqa: E731
+    if arch == "gated":
+        def encode(x):
+            p = pre(x)
+            return (p + w["b_gate"] > 0).float() * torch.relu(p * torch.exp(w["r_mag"]) + w["b_mag"])
+        return encode, dec
+    if arch == "standard":
+        return lambda x: torch.relu(pre(x) + w["b_enc"]), dec
+    if arch == "topk":
+        return lambda x: topk_relu(pre(x) + w["b_enc"], K), dec
+    def encode(x):
+        p = pre(x) + w["b_enc"]
+        return torch.relu(p) * (p > w["threshold"])
+    return encode, dec
+
+
+def saelens_cfg(arch, generation, apply_b_dec=True):
+    if generation == "v6":
+        cfg = {"architecture": arch, "d_in": D, "d_sae": F, "dtype": "float32", "device": "cpu",
+               "apply_b_dec_to_input": apply_b_dec, "normalize_activations": "none",
+               "reshape_activations": "none",
+               "metadata": {"model_name": "gpt2", "hook_name": "blocks.4.hook_mlp_out",
+                            "hook_head_index": None, "context_size": 128, "prepend_bos": True,
+                            "dataset_path": "x", "sae_lens_version": "6.1.0"}}
+        if arch == "topk":
+            cfg.update(k=K, rescale_acts_by_decoder_norm=False)
+        return cfg
+    cfg = {"architecture": "standard" if arch == "topk" else arch, "d_in": D, "d_sae": F,
+           "dtype": "float32", "device": "cpu", "model_name": "gpt2",
+           "hook_point": "blocks.4.hook_mlp_out", "hook_point_layer": 4,
+           "apply_b_dec_to_input": apply_b_dec, "normalize_activations": True,
+           "activation_fn_str": "relu", "activation_fn_kwargs": {}}
+    if arch == "topk":
+        cfg.update(activation_fn="topk", activation_fn_kwargs={"k": K})
+    return cfg
+
+
+@pytest.mark.parametrize("arch", ["standard", "topk", "jumprelu", "gated"])
+@pytest.mark.parametrize("generation", ["v6", "pre_v6"])
+def test_saelens(tmp_path, arch, generation):
+    w = saelens_weights(arch)
+    apply_b_dec = arch != "jumprelu"
+    (tmp_path / "cfg.json").write_text(json.dumps(saelens_cfg(arch, generation, apply_b_dec)))
+    extra = {"scaling_factor": torch.ones(F)} if generation == "pre_v6" else {}
+    save_file({**w, **extra}, tmp_path / "sae_weights.safetensors")
+    sae = load_dictionary(tmp_path)
+    check(sae, x_batch(), *saelens_reference(arch, w, apply_b_dec))
+    assert sae.metadata["format"] == "saelens" and sae.metadata["model"] == "gpt2"
+    assert sae.metadata["hook"] == "blocks.4.hook_mlp_out" and sae.metadata["site"] == "mlp_out_layer4"
+
+
+def test_saelens_scaling_factor_not_ones_refused(tmp_path):
+    (tmp_path / "cfg.json").write_text(json.dumps(saelens_cfg("standard", "pre_v6")))
+    save_file({**saelens_weights("standard"), "scaling_factor": torch.full((F,), 2.0)},
+              tmp_path / "sae_weights.safetensors")
+    with pytest.raises(DictionaryFormatError, match="scaling_factor"):
+        load_dictionary(tmp_path)
+
+
+def test_our_format(tmp_path):
+    sae = TopKSAE(D, F, k=K)
+    folder = save_dictionary(sae, tmp_path / "d", model="smollm2-135m", site="resid_out_layer6")
+    back = load_dictionary(folder)
+    x = x_batch()
+    w = {k: v.detach() for k, v in sae.state_dict().items()}
+    check(back, x, *saelens_reference("topk", w))
+    assert back.metadata["format"] == "sae_nb" and back.metadata["site"] == "resid_out_layer6"
+    assert back.metadata["hook"] == "blocks.6.hook_resid_post"
+    assert back.metadata["model"] == "smollm2-135m"
+
+
+# -- sparsify -------------------------------------------------------------------------------
+def sparsify_hookpoint(folder, skip=False, transcode=False, num_latents=F):
+    folder.mkdir(parents=True)
+    w = {"encoder.weight": r(F, D), "encoder.bias": r(F) * 0.1, "W_dec": r(F, D), "b_dec": r(D)}
+    if skip:
+        w["W_skip"] = r(D, D) * 0.1
+    w = {k: v.to(torch.bfloat16) for k, v in w.items()}
+    cfg = {"activation": "topk", "expansion_factor": F // D, "num_latents": num_latents, "k": K,
+           "normalize_decoder": True, "multi_topk": False, "skip_connection": skip,
+           "transcode": transcode, "d_in": D}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    save_file(w, folder / "sae.safetensors")
+    return {k: v.float() for k, v in w.items()}
+
+
+@pytest.mark.parametrize("hookpoint,site,skip,transcode", [
+    ("layers.6", "resid_out_layer6", False, False), ("layers.6.mlp", "mlp_out_layer6", True, True),
+])
+def test_sparsify(tmp_path, hookpoint, site, skip, transcode):
+    run = tmp_path / "run"
+    w = sparsify_hookpoint(run / hookpoint, skip, transcode, num_latents=0)  # 0: D * expansion
+    sparsify_hookpoint(run / "layers.7")
+    with pytest.raises(DictionaryFormatError, match=r"layers\.6.*layers\.7|pick one"):
+        load_dictionary(run)
+    with pytest.raises(DictionaryFormatError, match=r"Hookpoints: \['layers\.6"):
+        load_dictionary(run, format="sparsify")
+    sae = load_dictionary(run / hookpoint)
+
+    def encode(x):
+        x_in = x if transcode else x - w["b_dec"]
+        return topk_relu(x_in @ w["encoder.weight"].T + w["encoder.bias"], K)
+
+    def decode(f):
+        return f @ w["W_dec"] + w["b_dec"]
+
+    def forward(x):
+        out = decode(encode(x))
+        return out + x @ w["W_skip"].mT if skip else out
+
+    check(sae, x_batch(), encode, decode, forward)
+    assert sae.W_enc.dtype == torch.float32
+    assert sae.metadata["site"] == site and sae.metadata["hook"] == hookpoint
+    assert sae.metadata["format"] == "sparsify"
+
+
+# -- OpenAI ---------------------------------------------------------------------------------
+def openai_file(path, activation):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {"pre_bias": r(D), "encoder.weight": r(F, D), "latent_bias": r(F) * 0.1,
+          "decoder.weight": r(D, F), "stats_last_nonzero": torch.zeros(F, dtype=torch.long),
+          "latents_activation_frequency": torch.rand(F), "latents_mean_square": torch.rand(F),
+          "activation": activation,
+          "activation_state_dict": {"k": K, "postact_fn": "ReLU"} if activation == "TopK" else {}}
+    torch.save(sd, path)
+    return sd
+
+
+def test_openai_relu(tmp_path):
+    path = tmp_path / "v5_32k" / "resid_delta_mlp" / "autoencoders" / "5.pt"
+    s = openai_file(path, "ReLU")
+    sae = load_dictionary(path)
+    check(sae, x_batch(),
+          lambda x: torch.relu((x - s["pre_bias"]) @ s["encoder.weight"].T + s["latent_bias"]),
+          lambda f: f @ s["decoder.weight"].T + s["pre_bias"])
+    assert sae.metadata == {"format": "openai", "model": "gpt2", "site": "mlp_out_layer5",
+                            "hook": "blocks.5.hook_mlp_out", "path": str(path)}
+
+
+def test_openai_topk_normalised(tmp_path):
+    path = tmp_path / "v5_32k" / "resid_post_mlp" / "autoencoders" / "8.pt"
+    s = openai_file(path, "TopK")
+    sae = load_dictionary(path)
+    x = x_batch()
+    # OpenAI's reference: LN without parameters (unbiased std, eps on the way in only)
+    mu = x.mean(-1, keepdim=True)
+    sigma = (x - mu).std(-1, keepdim=True)
+    xn = (x - mu) / (sigma + 1e-5)
+    pre = (xn - s["pre_bias"]) @ s["encoder.weight"].T + s["latent_bias"]
+    v, i = pre.topk(K, dim=-1)
+    f_ref = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
+    x_hat_norm = f_ref @ s["decoder.weight"].T + s["pre_bias"]
+    x_hat = x_hat_norm * sigma + mu
+    f = sae.encode(x)
+    torch.testing.assert_close(f, f_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae(x), x_hat, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae.decode(f), x_hat_norm, atol=1e-5, rtol=1e-5)  # normalised units
+    torch.testing.assert_close(sae.decode(f, mu, sigma), x_hat, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(sae(x), sae.decode(sae.encode(x)))  # the documented exception
+    assert sae.metadata["site"] == "resid_out_layer8"
+    assert sae.metadata["hook"] == "blocks.8.hook_resid_post"
+
+
+# -- Gemma Scope ----------------------------------------------------------------------------
+def test_gemma_scope(tmp_path):
+    folder = tmp_path / "gemma-scope-2b-pt-res" / "layer_12" / "width_16k" / "average_l0_82"
+    folder.mkdir(parents=True)
+    w = {"W_enc": np.random.randn(D, F), "W_dec": np.random.randn(F, D),
+         "b_enc": np.random.randn(F) * 0.1, "b_dec": np.random.randn(D),
+         "threshold": np.random.rand(F)}
+    np.savez(folder / "params.npz", **{k: v.astype(np.float32) for k, v in w.items()})
+    t = {k: torch.tensor(v, dtype=torch.float32) for k, v in w.items()}
+
+    def encode(x):
+        pre = x @ t["W_enc"] + t["b_enc"]
+        return torch.relu(pre) * (pre > t["threshold"])
+
+    for target in (folder, folder / "params.npz"):
+        sae = load_dictionary(target)
+        check(sae, x_batch(), encode, lambda f: f @ t["W_dec"] + t["b_dec"])
+    assert sae.metadata["site"] == "resid_out_layer12" and sae.metadata["model"] == "gemma-2-2b"
+    assert sae.metadata["format"] == "gemma_scope"
+
+
+# -- safety and bad inputs ------------------------------------------------------------------
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "PWNED"
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    torch.save({"encoder.weight": torch.zeros(F, D), "payload": _Exploit(marker)},
+               folder / "ae.pt")
+    (folder / "config.json").write_text(json.dumps(dl_config("AutoEncoder")))
+    for target, fmt in ((folder, None), (folder / "ae.pt", None), (folder / "ae.pt", "openai")):
+        with pytest.raises(DictionaryFormatError, match="NOT loaded.*execute code") as err:
+            load_dictionary(target, format=fmt)
+        assert "ae.pt" in str(err.value)
+    assert not marker.exists()
+
+
+def test_truncated_files(tmp_path):
+    folder = tmp_path / "dl"
+    folder.mkdir()
+    torch.save(dl_state("AutoEncoder"), folder / "ae.pt")
+    data = (folder / "ae.pt").read_bytes()
+    (folder / "ae.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DictionaryFormatError, match="ae.pt.*corrupt or truncated"):
+        load_dictionary(folder)
+    sl = tmp_path / "sl"
+    sl.mkdir()
+    (sl / "cfg.json").write_text(json.dumps(saelens_cfg("standard", "v6")))
+    save_file(saelens_weights("standard"), sl / "sae_weights.safetensors")
+    data = (sl / "sae_weights.safetensors").read_bytes()
+    (sl / "sae_weights.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DictionaryFormatError, match="sae_weights.safetensors.*corrupt"):
+        load_dictionary(sl)
+    gs = tmp_path / "params.npz"
+    np.savez(gs, W_enc=np.zeros((D, F), np.float32))
+    gs.write_bytes(gs.read_bytes()[:100])
+    with pytest.raises(DictionaryFormatError, match="params.npz.*corrupt"):
+        load_dictionary(gs)
+
+
+def test_missing_key(tmp_path):
+    s = dl_state("AutoEncoder")
+    del s["bias"]
+    torch.save(s, tmp_path / "ae.pt")
+    (tmp_path / "config.json").write_text(json.dumps(dl_config("AutoEncoder")))
+    with pytest.raises(DictionaryFormatError, match="ae.pt.*lacks tensor 'bias'"):
+        load_dictionary(tmp_path)
+
+
+def test_transposed_weight(tmp_path):
+    w = saelens_weights("standard")
+    w["W_enc"] = w["W_enc"].T.contiguous()  # (F, D) where (D, F) belongs
+    (tmp_path / "cfg.json").write_text(json.dumps(saelens_cfg("standard", "v6")))
+    save_file(w, tmp_path / "sae_weights.safetensors")
+    with pytest.raises(DictionaryFormatError, match=r"W_enc has shape \(64, 16\).*\(16, 64\)"):
+        load_dictionary(tmp_path)
+
+
+def test_config_width_mismatch(tmp_path):
+    torch.save(dl_state("AutoEncoderTopK"), tmp_path / "ae.pt")
+    cfg = dl_config("AutoEncoderTopK")
+    cfg["trainer"]["dict_size"] = 2 * F
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DictionaryFormatError, match="encoder.weight.*d_sae=128"):
+        load_dictionary(tmp_path)
+    sp = tmp_path / "sp" / "layers.1"
+    sparsify_hookpoint(sp, num_latents=2 * F)
+    with pytest.raises(DictionaryFormatError, match="sae.safetensors.*num_latents=128"):
+        load_dictionary(sp)
+
+
+def test_unknown_architecture_and_format(tmp_path):
+    torch.save(dl_state("AutoEncoder"), tmp_path / "ae.pt")
+    (tmp_path / "config.json").write_text(json.dumps(dl_config("FancyAutoEncoder")))
+    with pytest.raises(DictionaryFormatError, match="unknown dictionary_learning dict_class"):
+        load_dictionary(tmp_path)
+    with pytest.raises(DictionaryFormatError, match="Unknown format 'nope'.*saelens"):
+        load_dictionary(tmp_path, format="nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "weights.bin").write_bytes(b"\0")
+    with pytest.raises(DictionaryFormatError, match="Cannot tell.*gemma_scope"):
+        load_dictionary(empty)
+    with pytest.raises(DictionaryFormatError, match="Cannot tell"):
+        load_dictionary(empty / "weights.bin")
+    with pytest.raises(DictionaryFormatError, match="does not exist"):
+        load_dictionary(tmp_path / "missing")
