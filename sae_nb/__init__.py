@@ -1,5 +1,6 @@
 """sae_nb: a notebook workbench for dictionary learning on language-model activations."""
 
+from .catalogue import catalogue
 from .corpora import Corpus, CorpusError, load_corpus
 from .evaluate import Evaluation, evaluate_dictionary
 from .extract import ExtractConfig, extract_activations, pooled_activations, run_sites
@@ -16,6 +17,7 @@ from .workflow import (HeldoutSplit, checkpoint_dir, dictionary_name, dictionary
 __version__ = "0.1.0"
 
 __all__ = [
+    "catalogue",
     "ActivationStore", "Corpus", "CorpusError", "DEFAULT_DICTIONARY", "DEFAULT_MODEL",
     "DictionaryFormatError", "load_default_dictionary",
     "Evaluation", "ExtractConfig", "HeldoutSplit", "ModelLoadError", "SiteError", "StoreError",
