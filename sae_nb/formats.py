@@ -4,7 +4,7 @@
 a dictionary whose ``encode``/``decode``/``forward`` reproduce the original library's maths,
 with ``dictionary.metadata = {"format", "model", "site", "hook", "path"}``: ``hook`` is the
 original hook or submodule name, ``site`` our site name where it can be derived, else None.
-The layouts are those of ``/work/shared/FORMATS.md``:
+The layouts (as recorded in the project's shared notes, FORMATS.md):
 
 - ``dictionary_learning`` (saprmarks): ``ae.pt`` + ``config.json``, every ``dict_class``, also a
   ``{"ae": state_dict}`` backup. ``AutoEncoder`` weights are loaded as stored: we do NOT copy its
