@@ -29,7 +29,7 @@ from .sparse_ops import release_scratch
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 # Settings that may change between a run and its resumption without changing the result.
-_RESUME_FREE = {"checkpoint_dir", "checkpoint_every", "log_every", "device", "metadata"}
+RESUMABLE_CHANGES = ("checkpoint_dir", "checkpoint_every", "log_every", "device")
 
 
 class TrainingError(ValueError):
@@ -296,18 +296,24 @@ def _save_checkpoint(path: Path, sae, opt, sched, state, cfg, scale) -> None:
     os.replace(tmp, path)
 
 
+def check_resumable(path: Path, saved: dict, config: TrainConfig) -> None:
+    """Refuse to resume a checkpoint written with other settings: it would mix two runs."""
+    asked = _jsonable(asdict(config))
+    differ = [f"{k}={saved.get(k)!r} (checkpoint) vs {asked[k]!r} (now)" for k in asked
+              if k not in RESUMABLE_CHANGES and saved.get(k) != asked[k]]
+    if differ:
+        raise TrainingError(f"The checkpoint {str(path)!r} was written with other settings: "
+                            f"{'; '.join(differ)}. Delete it to train afresh, or use another "
+                            f"checkpoint folder (another name) to train a separate dictionary.")
+
+
 def _load_checkpoint(path: Path, sae, opt, sched, state, config: TrainConfig) -> tuple[float, float]:
     try:
         payload = torch.load(path, weights_only=True, map_location=sae.W_enc.device)
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
         raise TrainingError(f"Checkpoint {str(path)!r} cannot be read ({err}); delete it to "
                             f"start over.") from None
-    saved, asked = payload["config"], _jsonable(asdict(config))
-    differ = [f"{k}={saved.get(k)!r} (checkpoint) vs {asked[k]!r} (now)" for k in asked
-              if k not in _RESUME_FREE and saved.get(k) != asked[k]]
-    if differ:
-        raise TrainingError(f"Checkpoint {str(path)!r} was written with other settings: "
-                            f"{'; '.join(differ)}. Use another checkpoint_dir, or delete it.")
+    check_resumable(path, payload["config"], config)
     sae.load_state_dict(payload["model"])
     opt.load_state_dict(payload["optimizer"])
     sched.load_state_dict(payload["scheduler"])

@@ -10,8 +10,7 @@ be fed to the model for the spliced cross-entropy without it having been trained
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,11 +19,8 @@ import pandas as pd
 import torch
 
 from .store import ActivationStore, StoreError, open_stores, site_dirname
-from .train import CHECKPOINT, TrainConfig, TrainingError
+from .train import CHECKPOINT, TrainConfig, check_resumable
 
-# Config fields that may differ between a checkpoint and the run resuming it: where and how
-# often it is written, how often it logs, and where it runs change nothing that was learned.
-RESUMABLE_CHANGES = ("checkpoint_dir", "checkpoint_every", "log_every", "device")
 
 
 def open_store(run_dir: str | Path, site: str, model: str | None = None) -> ActivationStore:
@@ -153,15 +149,9 @@ def checkpoint_dir(run_dir: str | Path, name: str, config: TrainConfig) -> str:
     """
     folder = Path(run_dir) / "checkpoints" / site_dirname(name)
     file = folder / CHECKPOINT
-    if file.exists():
+    if file.exists():  # fail here, before training starts, rather than in train_dictionary
         saved = torch.load(file, weights_only=True, map_location="cpu", mmap=True)["config"]
-        now = json.loads(json.dumps(asdict(config)))  # tuples become lists, as when saved
-        diffs = [f"{key}={saved.get(key)!r} (checkpoint) vs {now[key]!r} (now)"
-                 for key in now if key not in RESUMABLE_CHANGES and saved.get(key) != now[key]]
-        if diffs:
-            raise TrainingError(f"The checkpoint {str(file)!r} was written with other settings: "
-                                f"{'; '.join(diffs)}. Delete {str(folder)!r} to train afresh, or "
-                                f"set name to train a separate dictionary.")
+        check_resumable(file, saved, config)
     return str(folder)
 
 
