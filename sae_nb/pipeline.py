@@ -36,6 +36,8 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     "02_train": {"expansion": 2, "k": 8, "total_tokens": 4096, "batch_size": 256,
                  "heldout_tokens": 512, "ce_contexts": 2, "checkpoint_every": 4},
     "03_load_pretrained": {"fit_tokens": 256, "n_latents": 5},
+    # 04 fetches the VADER sdist from PyPI once (cached in data/cache/), then probes 60 snippets.
+    "04_probe": {"n_sentences": 60, "sweep_sites": ["resid_out_layer2"]},
 }
 
 

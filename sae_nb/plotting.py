@@ -185,3 +185,23 @@ def codes_heatmap_figure(codes, texts: list[str], latents, max_chars: int = 60) 
     fig.update_layout(title="Strongest latents per sentence", height=max(400, 18 * len(texts)),
                       yaxis={"autorange": "reversed"}, margin={"l": 10})
     return fig
+
+
+def probe_accuracy_figure(table: pd.DataFrame) -> go.Figure:
+    """Held-out accuracy of the top-k sparse probes against k, with the raw-activation and
+    all-latent probes and the majority baseline as horizontal reference lines.
+
+    ``table`` is ``probing.run_probes``'s table: columns probe, k, accuracy, majority_baseline."""
+    sparse = table[table["k"].notna()].sort_values("k")
+    fig = go.Figure(go.Scatter(x=sparse["k"], y=sparse["accuracy"], mode="lines+markers",
+                               name="top-k latents"))
+    refs = [(name, table.loc[table["probe"] == name, "accuracy"], dash)
+            for name, dash in (("raw", "dash"), ("all latents", "dot"))]
+    refs.append(("majority baseline", table["majority_baseline"].iloc[:1], "dashdot"))
+    for name, value, dash in refs:
+        if len(value):
+            fig.add_hline(y=float(value.iloc[0]), line_dash=dash,
+                          annotation_text=f"{name} {float(value.iloc[0]):.3f}")
+    fig.update_layout(xaxis_title="k (latents chosen on the train split)", xaxis_type="log",
+                      yaxis_title="held-out accuracy", title="Sparse probes")
+    return fig

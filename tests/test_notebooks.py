@@ -87,8 +87,21 @@ def check_03_load_pretrained(run_dir: Path, values: dict) -> None:
     assert table["act_argmax"].between(0, 575).all() and table["code_argmax"].between(0, 4607).all()
 
 
+def check_04_probe(run_dir: Path, values: dict) -> None:
+    import pandas as pd
+
+    table = pd.read_csv(run_dir / "probing" / "probe_results.csv")
+    assert table["probe"].tolist()[:2] == ["raw", "all latents"]
+    assert table["k"].dropna().tolist() == [1, 2, 5, 10, 20, 50]
+    assert table[["accuracy", "roc_auc", "majority_baseline"]].stack().between(0, 1).all()
+    latents = pd.read_csv(run_dir / "probing" / "class_latents.csv")
+    assert set(latents["class"]) <= {"positive", "negative"}
+    assert latents["latent"].between(0, 4607).all()
+    assert len(list((run_dir / "probing").glob("features_*_60.npz"))) == 1
+
+
 CHECKS = {"01_extract": check_01_extract, "02_train": check_02_train,
-          "03_load_pretrained": check_03_load_pretrained}
+          "03_load_pretrained": check_03_load_pretrained, "04_probe": check_04_probe}
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,294 @@
+"""Linear probes on pooled activations and on a dictionary's codes of them.
+
+A probe asks how much of a label a representation holds linearly: logistic regression on the
+raw pooled activations, on all latents, and on the k latents whose class means differ most
+(chosen on the train split only). Held-out accuracy and ROC AUC sit beside the majority-class
+baseline. The default data are the human-rated movie review snippets of Hutto & Gilbert,
+"VADER" (ICWSM 2014), labeled by the sign of the mean rating.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+VADER_SPEC = "vaderSentiment==3.3.2"
+VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
+VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+MOVIE_FILE = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
+DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "data" / "cache"
+K_VALUES = (1, 2, 5, 10, 20, 50)
+
+
+class LabelError(ValueError):
+    """A labeled data set that cannot be probed; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------- data
+
+
+def fetch_vader(cache_dir: str | Path = DEFAULT_CACHE) -> Path:
+    """The vaderSentiment source distribution, downloaded once with pip into ``cache_dir``."""
+    cache_dir = Path(cache_dir)
+    sdist = cache_dir / VADER_SDIST
+    if not sdist.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               VADER_SPEC, "-d", str(cache_dir)]
+        logger.info("Downloading %s (source distribution) into %s", VADER_SPEC, cache_dir)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not sdist.exists():
+            raise RuntimeError(f"Could not download {VADER_SPEC} with {' '.join(cmd)!r}:\n"
+                               f"{done.stderr[-2000:]}\nPlace {VADER_SDIST} in {cache_dir} "
+                               f"by hand, or pass a CSV with text and label columns.")
+    return sdist
+
+
+def parse_vader(sdist: str | Path, member: str = MOVIE_FILE) -> pd.DataFrame:
+    """Rows of a ``*_GroundTruth.txt`` file inside the sdist: text, rating, label (by sign).
+
+    Ratings of exactly zero carry no sentiment and are dropped."""
+    with tarfile.open(sdist) as outer:
+        inner_bytes = outer.extractfile(VADER_INNER).read()
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+        raw = inner.extractfile(member).read().decode("latin-1")
+    rows = []
+    for line in raw.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3 or not parts[1].strip():
+            continue
+        rating = float(parts[1])
+        if rating != 0:
+            rows.append((parts[2].strip(), rating, "positive" if rating > 0 else "negative"))
+    return pd.DataFrame(rows, columns=["text", "rating", "label"])
+
+
+def load_labeled(source: str | Path = "movie_reviews", text_column: str = "text",
+                 label_column: str = "label", cache_dir: str | Path = DEFAULT_CACHE,
+                 ) -> pd.DataFrame:
+    """Labeled texts as a DataFrame with columns ``text`` and ``label`` (strings).
+
+    ``source`` is ``"movie_reviews"`` (the VADER snippets, fetched and parsed once, cached as a
+    CSV) or a CSV file with a text and a label column."""
+    if str(source) == "movie_reviews":
+        csv = Path(cache_dir) / "movie_reviews.csv"
+        if not csv.exists():
+            parse_vader(fetch_vader(cache_dir)).to_csv(csv, index=False)
+        source, text_column, label_column = csv, "text", "label"
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"No labeled data at {str(path)!r}: pass 'movie_reviews' or a "
+                                f"CSV file with text and label columns.")
+    df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    return check_labeled(df, text_column, label_column)
+
+
+def check_labeled(df: pd.DataFrame, text_column: str = "text",
+                  label_column: str = "label") -> pd.DataFrame:
+    """Validate and normalise to columns ``text`` and ``label``; raise LabelError otherwise."""
+    for kind, col in (("text", text_column), ("label", label_column)):
+        if col not in df.columns:
+            raise LabelError(f"No {kind} column {col!r}; the columns are {list(df.columns)}. "
+                             f"Pass {kind}_column=... naming one of them.")
+    missing = df.index[df[label_column].isna()].tolist()
+    if missing:
+        raise LabelError(f"{len(missing)} rows have no label in column {label_column!r} "
+                         f"(rows {missing[:20]}); fill or drop them.")
+    out = pd.DataFrame({"text": df[text_column].fillna("").astype(str),
+                        "label": df[label_column].astype(str)}).reset_index(drop=True)
+    classes = out["label"].unique()
+    if len(classes) < 2:
+        raise LabelError(f"Column {label_column!r} holds one class only ({classes.tolist()}); "
+                         f"a probe needs two or more.")
+    return out
+
+
+def subsample(df: pd.DataFrame, n: int | None, seed: int = 0) -> pd.DataFrame:
+    """At most ``n`` rows, stratified by label (all rows when ``n`` is None or large)."""
+    if n is None or n >= len(df):
+        return df.reset_index(drop=True)
+    from sklearn.model_selection import train_test_split
+    keep, _ = train_test_split(df, train_size=n, stratify=df["label"], random_state=seed)
+    return keep.reset_index(drop=True)
+
+
+def split_labeled(labels, test_size: float = 0.25, seed: int = 0,
+                  min_per_class: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified train and test row indices. Every class needs ``min_per_class`` rows."""
+    from sklearn.model_selection import train_test_split
+    labels = np.asarray(labels)
+    classes, counts = np.unique(labels, return_counts=True)
+    small = {str(c): int(n) for c, n in zip(classes, counts) if n < min_per_class}
+    if small:
+        raise LabelError(f"Too few rows per class for a train/test split: {small} "
+                         f"(need {min_per_class} each); add rows or drop those classes.")
+    idx = np.arange(len(labels))
+    train, test = train_test_split(idx, test_size=test_size, stratify=labels, random_state=seed)
+    return np.sort(train), np.sort(test)
+
+
+# ---------------------------------------------------------------- features
+
+
+def probe_features(model, dictionary, texts: list[str], site: str | None = None,
+                   pool: str = "mean", cache: str | Path | None = None,
+                   batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled activations ``(N, D)`` at the site and the dictionary's codes ``(N, F)``.
+
+    With ``cache`` (an ``.npz`` path) they are saved there and read back on a rerun, when the
+    texts are the same."""
+    import torch
+
+    from .codes import dictionary_site, sentence_codes
+    site = dictionary_site(dictionary, site)
+    cache = Path(cache) if cache else None
+    if cache is not None and cache.exists():
+        saved = np.load(cache, allow_pickle=False)
+        if list(saved["texts"]) == list(texts):
+            return saved["raw"], saved["codes"]
+        logger.info("Cached features at %s are for other texts; recomputing", cache)
+    with torch.no_grad():
+        out = sentence_codes(model, dictionary, list(texts), site=site, pool=pool,
+                             batch_size=batch_size)
+    raw, codes = out.acts.numpy(), out.codes.numpy()
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, raw=raw, codes=codes, texts=np.array(list(texts), dtype=str))
+        tmp.replace(cache)
+    return raw, codes
+
+
+def features_cache_path(run_dir: str | Path, model_id: str, site: str, pool: str,
+                        n: int) -> Path:
+    """Where ``probe_features`` caches one configuration under a run folder."""
+    safe = str(model_id).replace("/", "--")
+    return Path(run_dir) / "probing" / f"features_{safe}_{site}_{pool}_{n}.npz"
+
+
+# ---------------------------------------------------------------- probes
+
+
+@dataclass
+class ProbeResult:
+    """One fitted probe: its held-out scores and the pipeline (scaler + logistic regression)."""
+
+    name: str
+    accuracy: float
+    auc: float
+    pipeline: object
+    columns: np.ndarray | None = None  # the feature columns it reads (None: all)
+
+
+def fit_probe(X_train: np.ndarray, y_train, X_test: np.ndarray, y_test, name: str = "probe",
+              columns: np.ndarray | None = None, seed: int = 0) -> ProbeResult:
+    """StandardScaler + LogisticRegressionCV on the train split, scored on the test split."""
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.metrics import accuracy_score, roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if columns is not None:
+        X_train, X_test = X_train[:, columns], X_test[:, columns]
+    n_min = int(np.unique(y_train, return_counts=True)[1].min())
+    # Six strengths of an L2 penalty, chosen by 3-fold log loss on the train split only.
+    clf = LogisticRegressionCV(Cs=6, cv=max(2, min(3, n_min)), max_iter=2000, l1_ratios=(0.0,),
+                               scoring="neg_log_loss", use_legacy_attributes=False,
+                               random_state=seed)
+    pipe = make_pipeline(StandardScaler(), clf).fit(X_train, y_train)
+    proba = pipe.predict_proba(X_test)
+    if proba.shape[1] == 2:
+        auc = roc_auc_score(y_test, proba[:, 1])
+    else:
+        auc = roc_auc_score(y_test, proba, multi_class="ovr", average="macro",
+                            labels=pipe.classes_)
+    return ProbeResult(name, float(accuracy_score(y_test, pipe.predict(X_test))), float(auc),
+                       pipe, columns)
+
+
+def class_mean_difference(codes: np.ndarray, labels) -> np.ndarray:
+    """Per latent, the largest |mean in a class - mean outside it| over classes ``(F,)``."""
+    labels = np.asarray(labels)
+    diffs = [np.abs(codes[labels == c].mean(0) - codes[labels != c].mean(0))
+             for c in np.unique(labels)]
+    return np.max(diffs, axis=0)
+
+
+def top_latents(codes: np.ndarray, labels, k: int) -> np.ndarray:
+    """The ``k`` latents with the largest class-mean difference, best first."""
+    return np.argsort(-class_mean_difference(codes, labels), kind="stable")[:k]
+
+
+def majority_baseline(y_train, y_test) -> float:
+    """Held-out accuracy of always answering the train split's most common class."""
+    values, counts = np.unique(y_train, return_counts=True)
+    return float(np.mean(np.asarray(y_test) == values[counts.argmax()]))
+
+
+def run_probes(raw: np.ndarray, codes: np.ndarray, labels, train: np.ndarray,
+               test: np.ndarray, k_values=K_VALUES, seed: int = 0,
+               ) -> tuple[pd.DataFrame, dict[str, ProbeResult]]:
+    """Raw, all-latent and top-k sparse probes; a table of held-out scores and the probes."""
+    y = np.asarray(labels)
+    results = [fit_probe(raw[train], y[train], raw[test], y[test], "raw", seed=seed),
+               fit_probe(codes[train], y[train], codes[test], y[test], "all latents", seed=seed)]
+    order = top_latents(codes[train], y[train], max(k_values))
+    for k in k_values:
+        if k <= codes.shape[1]:
+            results.append(fit_probe(codes[train], y[train], codes[test], y[test],
+                                     f"top {k} latents", columns=order[:k], seed=seed))
+    baseline = majority_baseline(y[train], y[test])
+    table = pd.DataFrame([{"probe": r.name, "k": len(r.columns) if r.columns is not None
+                           else None, "accuracy": r.accuracy, "roc_auc": r.auc,
+                           "majority_baseline": baseline} for r in results])
+    return table, {r.name: r for r in results}
+
+
+def class_latents(codes_train: np.ndarray, y_train, codes_test: np.ndarray, y_test,
+                  texts_test: list[str], top: int = 5, n_examples: int = 3) -> pd.DataFrame:
+    """Per class, the latents that speak for it: the largest (class mean - rest mean) of the
+    codes on the train split; their firing rates on the held-out split (overall and within the
+    class) and the held-out texts where they fire most.
+
+    Class-mean differences rather than probe weights: a standardised probe gives huge weights
+    to latents that fire once or twice in the train split."""
+    y_train, y_test = np.asarray(y_train), np.asarray(y_test)
+    rows = []
+    for c in np.unique(y_train):
+        diff = codes_train[y_train == c].mean(0) - codes_train[y_train != c].mean(0)  # (F,)
+        for latent in np.argsort(-diff, kind="stable")[:top]:
+            if diff[latent] <= 0:
+                break
+            acts = codes_test[:, latent]
+            best = np.argsort(-acts, kind="stable")[:n_examples]
+            rows.append({"class": str(c), "latent": int(latent),
+                         "mean_difference": float(diff[latent]),
+                         "firing_rate": float((acts > 0).mean()),
+                         "firing_rate_in_class": float((acts[y_test == c] > 0).mean()),
+                         "top_texts": [texts_test[i] for i in best if acts[i] > 0]})
+    return pd.DataFrame(rows)
+
+
+def layer_sweep(model, texts: list[str], labels, train: np.ndarray, test: np.ndarray,
+                sites: list[str], pool: str = "mean", seed: int = 0,
+                batch_size: int = 32) -> pd.DataFrame:
+    """Raw-probe held-out accuracy at several sites, read in one pass over the texts."""
+    from .extract import pooled_activations
+    acts = pooled_activations(model, list(texts), sites, pool=pool, batch_size=batch_size)
+    y = np.asarray(labels)
+    rows = []
+    for site, X in acts.items():
+        X = X.numpy()
+        r = fit_probe(X[train], y[train], X[test], y[test], site, seed=seed)
+        rows.append({"site": site, "accuracy": r.accuracy, "roc_auc": r.auc})
+    return pd.DataFrame(rows)

@@ -1,0 +1,121 @@
+"""Probing: planted labels are found, shuffled ones are not, bad inputs raise clear errors."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sae_nb import probing
+from sae_nb.dictionary import TopKSAE
+from sae_nb.plotting import probe_accuracy_figure
+
+
+def planted(n=800, d=16, f=64, seed=0):
+    """Raw features with labels along a known direction, and codes with latent 7 planted."""
+    rng = np.random.default_rng(seed)
+    raw = rng.normal(size=(n, d))
+    labels = np.where(raw @ np.eye(d)[3] > 0, "pos", "neg")
+    codes = np.abs(rng.normal(size=(n, f))) * (rng.random((n, f)) < 0.1)
+    codes[:, 7] = (labels == "pos") * (1.0 + rng.random(n))
+    return raw, codes, labels
+
+
+def test_planted_direction_is_found_and_shuffled_labels_are_not():
+    raw, codes, labels = planted()
+    train, test = probing.split_labeled(labels, 0.25, seed=0)
+    table, probes = probing.run_probes(raw, codes, labels, train, test, k_values=(1, 2, 5))
+    acc = table.set_index("probe")["accuracy"]
+    assert acc["raw"] >= 0.95 and acc["all latents"] >= 0.95 and acc["top 1 latents"] >= 0.95
+    assert list(probes["top 1 latents"].columns) == [7]
+    assert table["majority_baseline"].between(0.4, 0.6).all()
+
+    shuffled = np.random.default_rng(1).permutation(labels)
+    rnd, _ = probing.run_probes(raw, codes, shuffled, train, test, k_values=(1,))
+    assert rnd.set_index("probe").loc["raw", "accuracy"] < 0.7
+
+    fig = probe_accuracy_figure(table)
+    assert list(fig.data[0].x) == [1, 2, 5]
+    assert len(fig.layout.shapes) == 3
+
+
+def test_multiclass_auc_and_class_latents():
+    rng = np.random.default_rng(0)
+    labels = np.array(["a", "b", "c"] * 60)
+    codes = np.abs(rng.normal(size=(180, 20))) * 0.1
+    for i, c in enumerate("abc"):
+        codes[labels == c, i] += 2.0
+    train, test = probing.split_labeled(labels, 0.3, seed=0)
+    table, probes = probing.run_probes(codes, codes, labels, train, test, k_values=(3,))
+    assert (table["roc_auc"] > 0.95).all()
+    assert set(probes["top 3 latents"].columns) == {0, 1, 2}
+    texts = [f"t{i}" for i in range(len(test))]
+    cl = probing.class_latents(codes[train], labels[train], codes[test], labels[test], texts,
+                               top=1)
+    assert dict(zip(cl["class"], cl["latent"])) == {"a": 0, "b": 1, "c": 2}
+    assert cl["firing_rate"].between(0, 1).all() and all(len(t) == 3 for t in cl["top_texts"])
+
+
+def test_bad_labeled_inputs(tmp_path):
+    df = pd.DataFrame({"sentence": ["x", "y", "z"], "label": ["a", "a", "a"]})
+    with pytest.raises(probing.LabelError, match="one class only"):
+        probing.check_labeled(df, "sentence", "label")
+    with pytest.raises(probing.LabelError, match="No label column 'sentiment'"):
+        probing.check_labeled(df, "sentence", "sentiment")
+    csv = tmp_path / "l.csv"
+    pd.DataFrame({"text": ["x", "y", "z"], "label": ["a", None, "b"]}).to_csv(csv, index=False)
+    with pytest.raises(probing.LabelError, match=r"rows \[1\]"):
+        probing.load_labeled(csv)
+    with pytest.raises(probing.LabelError, match="Too few rows per class"):
+        probing.split_labeled(["a"] * 10 + ["b"] * 2)
+    with pytest.raises(FileNotFoundError, match="movie_reviews"):
+        probing.load_labeled(tmp_path / "absent.csv")
+    ok = tmp_path / "ok.csv"
+    pd.DataFrame({"s": list("abcdef"), "y": [1, 2, 1, 2, 1, 2]}).to_csv(ok, index=False)
+    out = probing.load_labeled(ok, text_column="s", label_column="y")
+    assert list(out.columns) == ["text", "label"] and set(out["label"]) == {"1", "2"}
+    assert probing.subsample(out, 4, seed=0)["label"].value_counts().tolist() == [2, 2]
+
+
+def _tar_with(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_vader_parser_on_a_fake_sdist(tmp_path):
+    truth = "1\t2.5\tA fine film \xe9\n2\t-1.2\tDull\n3\t0.0\tneutral\n4\t0.3\tOk\n"
+    inner = _tar_with({probing.MOVIE_FILE: truth.encode("latin-1")})
+    (tmp_path / probing.VADER_SDIST).write_bytes(_tar_with({probing.VADER_INNER: inner}))
+    df = probing.parse_vader(tmp_path / probing.VADER_SDIST)
+    assert df["text"].tolist() == ["A fine film \xe9", "Dull", "Ok"]
+    assert df["label"].tolist() == ["positive", "negative", "positive"]
+    loaded = probing.load_labeled("movie_reviews", cache_dir=tmp_path)  # no download: cached
+    assert loaded["label"].tolist() == df["label"].tolist()
+    assert (tmp_path / "movie_reviews.csv").exists()
+
+
+def test_features_on_the_tiny_model_are_cached(llama, tmp_path):
+    d = llama.config.hidden_size if hasattr(llama, "config") else 32
+    dictionary = TopKSAE(d, 64, k=4)
+    torch.nn.init.normal_(dictionary.W_enc)
+    dictionary.metadata = {"site": "resid_out_layer1"}
+    texts = ["good film", "bad film", "a fine day", "dull and slow"]
+    cache = probing.features_cache_path(tmp_path, "tiny/llama", "resid_out_layer1", "mean", 4)
+    raw, codes = probing.probe_features(llama, dictionary, texts, cache=cache)
+    assert raw.shape == (4, d) and codes.shape == (4, 64) and cache.exists()
+    assert ((codes > 0).sum(1) <= 4).all()
+    raw2, codes2 = probing.probe_features(None, dictionary, texts, cache=cache)  # from cache
+    np.testing.assert_array_equal(raw, raw2)
+    np.testing.assert_array_equal(codes, codes2)
+    sweep = probing.layer_sweep(llama, texts * 4, ["p", "n"] * 8, np.arange(8), np.arange(8, 16),
+                                ["resid_out_layer0", "resid_out_layer2"])
+    assert sweep["site"].tolist() == ["resid_out_layer0", "resid_out_layer2"]
