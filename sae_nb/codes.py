@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .corpora import load_corpus, pack_contexts
-from .extract import pooled_activations, resolve_sites, run_sites
+from .corpora import load_corpus, pack_contexts, sentence_batches
+from .extract import pool_rows, pooled_activations, resolve_sites, run_sites
 from .models import model_name
 
 
@@ -64,6 +64,32 @@ def sentence_codes(model, dictionary, texts: list[str], site: str | None = None,
     device = dictionary.W_enc.device
     codes = dictionary.encode(acts.to(device, dictionary.W_enc.dtype)).float().cpu()
     return SentenceCodes(list(texts), acts, codes)
+
+
+@torch.no_grad()
+def pooled_token_codes(model, dictionary, texts: list[str], site: str | None = None,
+                       pool: str = "mean", batch_size: int = 32,
+                       max_len: int = 128) -> SentenceCodes:
+    """Encode every token, then pool the codes over each text's tokens (BOS and padding left
+    out), as sparse-probing studies pool SAE latents; the activations are pooled alike.
+
+    Unlike :func:`sentence_codes`, the dictionary only ever sees single-token activations, the
+    inputs it was trained on."""
+    site = dictionary_site(dictionary, site)
+    _check_width(dictionary, model, site)
+    sites = resolve_sites(model, [site])
+    device = dictionary.W_enc.device
+    acts_out = torch.zeros(len(texts), dictionary.d_in)
+    codes_out = torch.zeros(len(texts), dictionary.d_sae)
+    for rows, ids, mask in sentence_batches(list(texts), model.tokenizer, batch_size, max_len):
+        keep = torch.from_numpy(mask.astype(bool))
+        keep[:, 0] = False  # BOS
+        acts = run_sites(model, sites, torch.from_numpy(ids), torch.from_numpy(mask))[0].float()
+        B, T, D = acts.shape
+        codes = dictionary.encode(acts.reshape(B * T, D).to(device)).reshape(B, T, -1).float().cpu()
+        acts_out[torch.from_numpy(rows)] = pool_rows(acts.cpu(), keep, pool)
+        codes_out[torch.from_numpy(rows)] = pool_rows(codes, keep, pool)
+    return SentenceCodes(list(texts), acts_out, codes_out)
 
 
 def _check_width(dictionary, model, site: str) -> None:

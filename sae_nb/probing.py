@@ -143,13 +143,14 @@ def split_labeled(labels, test_size: float = 0.25, seed: int = 0,
 def probe_features(model, dictionary, texts: list[str], site: str | None = None,
                    pool: str = "mean", cache: str | Path | None = None,
                    batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled activations ``(N, D)`` at the site and the dictionary's codes ``(N, F)``.
+    """Pooled activations ``(N, D)`` at the site and pooled per-token codes ``(N, F)``: every
+    token is encoded, then the codes are pooled (:func:`sae_nb.codes.pooled_token_codes`).
 
     With ``cache`` (an ``.npz`` path) they are saved there and read back on a rerun, when the
     texts are the same."""
     import torch
 
-    from .codes import dictionary_site, sentence_codes
+    from .codes import dictionary_site, pooled_token_codes
     site = dictionary_site(dictionary, site)
     cache = Path(cache) if cache else None
     if cache is not None and cache.exists():
@@ -158,8 +159,8 @@ def probe_features(model, dictionary, texts: list[str], site: str | None = None,
             return saved["raw"], saved["codes"]
         logger.info("Cached features at %s are for other texts; recomputing", cache)
     with torch.no_grad():
-        out = sentence_codes(model, dictionary, list(texts), site=site, pool=pool,
-                             batch_size=batch_size)
+        out = pooled_token_codes(model, dictionary, list(texts), site=site, pool=pool,
+                                 batch_size=batch_size)
     raw, codes = out.acts.numpy(), out.codes.numpy()
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)

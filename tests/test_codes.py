@@ -65,3 +65,19 @@ def test_width_mismatch_is_reported(llama, corpus_dir):
         sentence_codes(llama, wrong, TEXTS)
     with pytest.raises(ValueError, match="names no site"):
         sentence_codes(llama, ReLUSAE(32, 64), TEXTS)
+
+
+def test_pooled_token_codes_encode_each_token_then_pool(llama):
+    from sae_nb.codes import pooled_token_codes
+
+    sae = TopKSAE(32, 64, k=4)
+    torch.nn.init.normal_(sae.b_enc)
+    res = pooled_token_codes(llama, sae, TEXTS, site="resid_out_layer1", batch_size=3)
+    tok = llama.tokenizer
+    for i, text in enumerate(TEXTS):  # one sentence alone, by hand
+        ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
+        (site,) = sae_nb.extract.resolve_sites(llama, ["resid_out_layer1"])
+        acts = sae_nb.run_sites(llama, [site], ids, torch.ones_like(ids))[0][0, 1:]
+        with torch.no_grad():
+            torch.testing.assert_close(res.codes[i], sae.encode(acts).mean(0), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(res.acts[i], acts.mean(0), rtol=1e-4, atol=1e-5)
