@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from .corpora import load_corpus, pack_contexts, sentence_batches
-from .extract import pool_rows, pooled_activations, resolve_sites, run_sites
+from .extract import pool_rows, pooled_activations, resolve_sites, run_sites, site_widths
 from .models import model_name
 
 
@@ -93,9 +93,7 @@ def pooled_token_codes(model, dictionary, texts: list[str], site: str | None = N
 
 
 def _check_width(dictionary, model, site: str) -> None:
-    (s,) = resolve_sites(model, [site])
-    ids = torch.zeros(1, 2, dtype=torch.long)
-    width = run_sites(model, [s], ids, torch.ones_like(ids))[0].shape[-1]
+    (width,) = site_widths(model, resolve_sites(model, [site])).values()  # site may be an alias
     if width != dictionary.d_in:
         raise ValueError(f"The dictionary reads {dictionary.d_in}-wide activations, but site "
                          f"{site!r} of {model_name(model)!r} is {width} wide: wrong model or site.")

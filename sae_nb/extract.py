@@ -61,8 +61,6 @@ class ExtractConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
         if self.shard_rows is not None and int(self.shard_rows) < 1:
             raise ValueError(f"shard_rows={self.shard_rows} must be a positive integer or None.")
-        if self.mode == "sentences" and self.exclude_bos is False and self.prepend_bos:
-            log.info("Sentence mode pools over BOS too (exclude_bos=False).")
 
 
 def _envoy(model, module_path: str):
@@ -113,7 +111,7 @@ def extract_activations(model, run_dir: str | Path, config: ExtractConfig | None
     sites = resolve_sites(model, config.sites)
     corpus = load_corpus(config.corpus, config.text_column)
     tok = model.tokenizer
-    d_by_site = _site_widths(model, sites)
+    d_by_site = site_widths(model, sites)
     writers = {}
     for site in sites:
         header = _header(model, site, d_by_site[site.name], config)
@@ -133,7 +131,8 @@ def extract_activations(model, run_dir: str | Path, config: ExtractConfig | None
     return {name: ActivationStore(w.path) for name, w in writers.items()}
 
 
-def _site_widths(model, sites: list[Site]) -> dict[str, int]:
+def site_widths(model, sites: list[Site]) -> dict[str, int]:
+    """Each site's activation width, from one forward pass on two tokens."""
     ids = torch.zeros(1, 2, dtype=torch.long)
     outs = run_sites(model, sites, ids, torch.ones_like(ids))
     return {s.name: int(o.shape[-1]) for s, o in zip(sites, outs)}
