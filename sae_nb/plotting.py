@@ -205,3 +205,20 @@ def probe_accuracy_figure(table: pd.DataFrame) -> go.Figure:
     fig.update_layout(xaxis_title="k (latents chosen on the train split)", xaxis_type="log",
                       yaxis_title="held-out accuracy", title="Sparse probes")
     return fig
+
+
+def layer_sweep_figure(sweep: pd.DataFrame) -> go.Figure:
+    """Held-out accuracy and ROC AUC of the raw probe at each swept site, in sweep order, with
+    the majority baseline: where along the model the property is linearly readable.
+
+    ``sweep`` is ``probing.layer_sweep``'s table: columns site, accuracy, roc_auc,
+    majority_baseline."""
+    fig = go.Figure([go.Scatter(x=sweep["site"], y=sweep[col], mode="lines+markers", name=name)
+                     for col, name in (("accuracy", "accuracy"), ("roc_auc", "ROC AUC"))])
+    if len(sweep):
+        baseline = float(sweep["majority_baseline"].iloc[0])
+        fig.add_hline(y=baseline, line_dash="dashdot",
+                      annotation_text=f"majority baseline {baseline:.3f}")
+    fig.update_layout(xaxis_title="site", yaxis_title="held-out score",
+                      title="Raw-activation probe across the model")
+    return fig

@@ -12,7 +12,7 @@ import torch
 
 from sae_nb import probing
 from sae_nb.dictionary import TopKSAE
-from sae_nb.plotting import probe_accuracy_figure
+from sae_nb.plotting import layer_sweep_figure, probe_accuracy_figure
 
 
 def planted(n=800, d=16, f=64, seed=0):
@@ -54,10 +54,38 @@ def test_multiclass_auc_and_class_latents():
     assert (table["roc_auc"] > 0.95).all()
     assert set(probes["top 3 latents"].columns) == {0, 1, 2}
     texts = [f"t{i}" for i in range(len(test))]
-    cl = probing.class_latents(codes[train], labels[train], codes[test], labels[test], texts,
-                               top=1)
+    cl = probing.class_latents(probes["top 3 latents"], codes[train], labels[train], codes[test],
+                               labels[test], texts, top=1)
     assert dict(zip(cl["class"], cl["latent"])) == {"a": 0, "b": 1, "c": 2}
+    assert (cl["weight"] > 0).all() and (cl["mean_difference"] > 1.5).all()
     assert cl["firing_rate"].between(0, 1).all() and all(len(t) == 3 for t in cl["top_texts"])
+    # The in-class firing rate is read on the held-out rows of that class.
+    a_test = codes[test][labels[test] == "a", 0]
+    assert cl.set_index("class").loc["a", "firing_rate_in_class"] == pytest.approx(
+        (a_test > 0).mean())
+
+
+def test_binary_probe_weights_point_to_their_class_and_standardized_ranking():
+    raw, codes, labels = planted()
+    # Latent 9: large and dense, its class means differ by ~6 against a spread of 40 (noise);
+    # latent 7 (planted) differs by ~1.5 against a spread of ~0.9.
+    rng = np.random.default_rng(3)
+    codes[:, 9] = 200 + rng.normal(scale=40, size=len(codes)) + 6 * (labels == "neg")
+    assert probing.top_latents(codes, labels, 1, standardize=False)[0] == 9
+    assert probing.top_latents(codes, labels, 1)[0] == 7
+    train, test = probing.split_labeled(labels, 0.25, seed=0)
+    _, probes = probing.run_probes(raw, codes, labels, train, test, k_values=(2,))
+    weights = probing.probe_weights(probes["top 2 latents"])
+    assert list(weights.columns) == ["neg", "pos"]
+    np.testing.assert_allclose(weights["neg"], -weights["pos"])
+    assert weights.loc[7, "pos"] > 0  # latent 7 fires on "pos" rows only
+    texts = [f"t{i}" for i in test]
+    cl = probing.class_latents(probes["top 2 latents"], codes[train], labels[train], codes[test],
+                               labels[test], texts, top=2)
+    pos = cl[cl["class"] == "pos"].iloc[0]
+    assert pos["latent"] == 7 and pos["firing_rate_in_class"] == 1.0
+    best = test[np.argmax(codes[test, 7])]
+    assert pos["top_texts"][0] == f"t{best}"
 
 
 def test_bad_labeled_inputs(tmp_path):
@@ -118,6 +146,18 @@ def test_features_on_the_tiny_model_are_cached(llama, tmp_path):
     raw2, codes2 = probing.probe_features(None, dictionary, texts, cache=cache)  # from cache
     np.testing.assert_array_equal(raw, raw2)
     np.testing.assert_array_equal(codes, codes2)
-    sweep = probing.layer_sweep(llama, texts * 4, ["p", "n"] * 8, np.arange(8), np.arange(8, 16),
-                                ["resid_out_layer0", "resid_out_layer2"])
-    assert sweep["site"].tolist() == ["resid_out_layer0", "resid_out_layer2"]
+    labels = ["p", "n"] * 8
+    sweep = probing.layer_sweep(llama, texts * 4, labels, np.arange(8), np.arange(8, 16),
+                                ["resid_out_layer2", "resid_out_layer0"])
+    assert sweep["site"].tolist() == ["resid_out_layer2", "resid_out_layer0"]
+    every = probing.layer_sweep(llama, texts * 4, labels, np.arange(8), np.arange(8, 16),
+                                "resid_out")
+    assert every["site"].tolist() == [f"resid_out_layer{i}" for i in range(3)]
+    # The same site gives the same probe whether swept alone or with others.
+    pd.testing.assert_frame_equal(every.iloc[[2, 0]].reset_index(drop=True), sweep)
+    with pytest.raises(ValueError, match="resid_out"):
+        probing.sweep_sites(llama, "resid")
+    fig = layer_sweep_figure(every)
+    assert list(fig.data[0].x) == every["site"].tolist()
+    assert list(fig.data[0].y) == every["accuracy"].tolist()
+    assert fig.layout.shapes[0].y0 == every["majority_baseline"].iloc[0]
