@@ -198,6 +198,7 @@ def fit_probe(X_train: np.ndarray, y_train, X_test: np.ndarray, y_test, name: st
     from sklearn.metrics import accuracy_score, roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     if columns is not None:
         X_train, X_test = X_train[:, columns], X_test[:, columns]
@@ -206,7 +207,10 @@ def fit_probe(X_train: np.ndarray, y_train, X_test: np.ndarray, y_test, name: st
     clf = LogisticRegressionCV(Cs=6, cv=max(2, min(3, n_min)), max_iter=2000, l1_ratios=(0.0,),
                                scoring="neg_log_loss", use_legacy_attributes=False,
                                random_state=seed)
-    pipe = make_pipeline(StandardScaler(), clf).fit(X_train, y_train)
+    # One BLAS thread: these matrices are small, and on a busy 2-core machine a BLAS thread
+    # pool made each fit 60x slower (0.28 s against 16.7 s for 1,500 x 576).
+    with threadpool_limits(limits=1, user_api="blas"):
+        pipe = make_pipeline(StandardScaler(), clf).fit(X_train, y_train)
     proba = pipe.predict_proba(X_test)
     if proba.shape[1] == 2:
         auc = roc_auc_score(y_test, proba[:, 1])
