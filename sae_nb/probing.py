@@ -258,7 +258,7 @@ def run_probes(raw: np.ndarray, codes: np.ndarray, labels, train: np.ndarray,
     y = np.asarray(labels)
     results = [fit_probe(raw[train], y[train], raw[test], y[test], "raw", seed=seed),
                fit_probe(codes[train], y[train], codes[test], y[test], "all latents", seed=seed)]
-    order = top_latents(codes[train], y[train], max(k_values))
+    order = top_latents(codes[train], y[train], max(k_values, default=0))
     for k in k_values:
         if k <= codes.shape[1]:
             results.append(fit_probe(codes[train], y[train], codes[test], y[test],
@@ -330,17 +330,40 @@ def sweep_sites(model, sites: str | list[str]) -> list[str]:
 
 def layer_sweep(model, texts: list[str], labels, train: np.ndarray, test: np.ndarray,
                 sites: str | list[str], pool: str = "mean", seed: int = 0,
-                batch_size: int = 32) -> pd.DataFrame:
+                batch_size: int = 32, cache: str | Path | None = None) -> pd.DataFrame:
     """Raw-probe held-out accuracy and ROC AUC at several sites (a list, or a site kind for
-    every layer: :func:`sweep_sites`), all read in one forward pass over the texts."""
-    from .extract import pooled_activations
+    every layer: :func:`sweep_sites`), all read in one forward pass over the texts.
+
+    With ``cache`` (an ``.npz`` path) the pooled activations are saved there and reused by a
+    rerun on the same texts, sites and pooling."""
     names = sweep_sites(model, sites)
-    acts = pooled_activations(model, list(texts), names, pool=pool, batch_size=batch_size)
+    acts = _sweep_activations(model, list(texts), names, pool, batch_size, cache)
     y = np.asarray(labels)
     rows = []
     for site in names:
-        X = acts[site].numpy()
+        X = acts[site]
         r = fit_probe(X[train], y[train], X[test], y[test], site, seed=seed)
         rows.append({"site": site, "accuracy": r.accuracy, "roc_auc": r.auc,
                      "majority_baseline": majority_baseline(y[train], y[test])})
     return pd.DataFrame(rows)
+
+
+def _sweep_activations(model, texts: list[str], sites: list[str], pool: str, batch_size: int,
+                       cache: str | Path | None) -> dict[str, np.ndarray]:
+    key = np.array([pool, *sites], dtype=str)
+    cache = Path(cache) if cache else None
+    if cache is not None and cache.exists():
+        saved = np.load(cache, allow_pickle=False)
+        if list(saved["texts"]) == texts and list(saved["key"]) == list(key):
+            return {site: saved[f"site_{i}"] for i, site in enumerate(sites)}
+        logger.info("Cached sweep at %s is for other texts or sites; recomputing", cache)
+    from .extract import pooled_activations
+    acts = pooled_activations(model, texts, sites, pool=pool, batch_size=batch_size)
+    acts = {site: acts[site].numpy() for site in sites}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, texts=np.array(texts, dtype=str), key=key,
+                 **{f"site_{i}": acts[site] for i, site in enumerate(sites)})
+        tmp.replace(cache)
+    return acts

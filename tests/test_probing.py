@@ -147,8 +147,12 @@ def test_features_on_the_tiny_model_are_cached(llama, tmp_path):
     np.testing.assert_array_equal(raw, raw2)
     np.testing.assert_array_equal(codes, codes2)
     labels = ["p", "n"] * 8
+    sweep_cache = tmp_path / "sweep.npz"
     sweep = probing.layer_sweep(llama, texts * 4, labels, np.arange(8), np.arange(8, 16),
-                                ["resid_out_layer2", "resid_out_layer0"])
+                                ["resid_out_layer2", "resid_out_layer0"], cache=sweep_cache)
+    again = probing.layer_sweep(None, texts * 4, labels, np.arange(8), np.arange(8, 16),
+                                ["resid_out_layer2", "resid_out_layer0"], cache=sweep_cache)
+    pd.testing.assert_frame_equal(sweep, again)  # no model needed: read from the cache
     assert sweep["site"].tolist() == ["resid_out_layer2", "resid_out_layer0"]
     every = probing.layer_sweep(llama, texts * 4, labels, np.arange(8), np.arange(8, 16),
                                 "resid_out")
@@ -161,3 +165,47 @@ def test_features_on_the_tiny_model_are_cached(llama, tmp_path):
     assert list(fig.data[0].x) == every["site"].tolist()
     assert list(fig.data[0].y) == every["accuracy"].tolist()
     assert fig.layout.shapes[0].y0 == every["majority_baseline"].iloc[0]
+
+
+def test_planted_labels_on_tiny_model_activations(llama):
+    """Labels planted along a direction of real (tiny-model) pooled activations are recovered;
+    shuffled they are not; a latent planted along that direction is the one a k=1 probe picks."""
+    from sae_nb.dictionary import ReLUSAE
+    from tests.conftest import WORDS
+
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(WORDS, size=rng.integers(4, 12))) for _ in range(240)]
+    d = 32
+    dictionary = ReLUSAE(d, 64)
+    with torch.no_grad():
+        dictionary.W_enc.normal_(0, 0.05)
+        dictionary.b_enc.fill_(-0.2)
+        dictionary.b_dec.zero_()
+    dictionary.metadata = {"site": "resid_out_layer1"}
+    raw, _ = probing.probe_features(llama, dictionary, texts)
+    direction = np.linalg.svd(raw - raw.mean(0), full_matrices=False)[2][0]  # (D,) top PC
+    proj = raw @ direction
+    # Keep a margin around the boundary (the middle fifth goes), as planted-label tests do.
+    keep = np.abs(proj - np.median(proj)) > 0.1 * np.ptp(proj)
+    texts, raw, proj = [t for t, k in zip(texts, keep) if k], raw[keep], proj[keep]
+    labels = np.where(proj > np.median(proj), "up", "down")
+    train, test = probing.split_labeled(labels, 0.25, seed=0)
+    table, _ = probing.run_probes(raw, raw, labels, train, test, k_values=())
+    assert table.set_index("probe").loc["raw", "accuracy"] >= 0.95
+    shuffled = np.random.default_rng(1).permutation(labels)
+    rnd, _ = probing.run_probes(raw, raw, shuffled, train, test, k_values=())
+    assert rnd.set_index("probe").loc["raw", "accuracy"] < 0.7
+
+    # Latent 7 reads that direction; label the texts by its pooled code (a margin kept again).
+    with torch.no_grad():
+        dictionary.W_enc[:, 7] = torch.from_numpy(direction).float() * 4
+        dictionary.b_enc[7] = -float(np.median(proj)) * 4
+    raw, codes = probing.probe_features(llama, dictionary, texts)
+    code = codes[:, 7]
+    keep = np.abs(code - np.median(code)) > 0.1 * np.ptp(code)
+    raw, codes, code = raw[keep], codes[keep], code[keep]
+    labels = np.where(code > np.median(code), "up", "down")
+    train, test = probing.split_labeled(labels, 0.25, seed=0)
+    table, probes = probing.run_probes(raw, codes, labels, train, test, k_values=(1, 2))
+    assert list(probes["top 1 latents"].columns) == [7]
+    assert table.set_index("probe").loc["top 1 latents", "accuracy"] >= 0.95
