@@ -30,6 +30,7 @@ import torch
 from .store import ActivationStore
 
 logger = logging.getLogger(__name__)
+MAX_COUNT_BYTES = 4 * 2**30  # the (F, F) int32 pair counts: 85 MB at F = 4608, 4 GiB at 32768
 
 
 class FamilyError(ValueError):
@@ -98,6 +99,11 @@ def co_firing(dictionary, store: ActivationStore, chunk_rows: int = 4096,
     if chunk_rows < 1 or n_top < 1:
         raise FamilyError(f"chunk_rows={chunk_rows} and n_top={n_top} must both be positive.")
     F, device, dtype = dictionary.d_sae, dictionary.W_enc.device, dictionary.W_enc.dtype
+    if F * F * 4 > MAX_COUNT_BYTES:
+        need, allowed = F * F * 4 / 2**30, MAX_COUNT_BYTES / 2**30
+        raise FamilyError(f"d_sae={F}: the ({F}, {F}) pair counts would take {need:.1f} GiB, "
+                          f"more than the {allowed:.0f} GiB allowed (families.MAX_COUNT_BYTES); "
+                          f"raise it if the memory is there.")
     counts = np.zeros((F, F), dtype=np.int32)
     fires = torch.zeros(F, dtype=torch.int64)
     top_vals = torch.full((n_top, F), -torch.inf)

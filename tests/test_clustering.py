@@ -177,6 +177,18 @@ def test_cofiring_refuses_a_dictionary_of_another_width(store):
     assert "resid_out_layer6" in str(err.value)
 
 
+def test_cofiring_refuses_an_empty_store(tmp_path: Path):
+    empty = tiny_store(tmp_path / "empty", np.zeros((0, 16), dtype=np.float32))
+    with pytest.raises(families.FamilyError, match="has no rows; run notebook 01"):
+        families.co_firing(build_dictionary("topk", 16, 32, k=4), empty)
+
+
+def test_cofiring_refuses_counts_too_large_for_memory(store, monkeypatch):
+    monkeypatch.setattr(families, "MAX_COUNT_BYTES", 32 * 32 * 4 - 1)
+    with pytest.raises(families.FamilyError, match=r"d_sae=32: the \(32, 32\) pair counts"):
+        families.co_firing(build_dictionary("topk", 16, 32, k=4), store)
+
+
 def test_cofiring_similarity_is_jaccard(store):
     sae = build_dictionary("topk", 16, 32, k=4)
     result = families.co_firing(sae, store, chunk_rows=128)
