@@ -62,12 +62,14 @@ def check_rows(X, n_clusters: int | None = None) -> np.ndarray:
     return X
 
 
-def scale_rows(X, scale: Scale = "standardize") -> np.ndarray:
+def scale_rows(X, scale: Scale = "l2") -> np.ndarray:
     """Put features on a footing where Euclidean distance means something.
 
-    ``standardize`` (per feature: zero mean, unit variance) stops the few huge dimensions of a
-    residual stream, and a handful of strong latents, from deciding every distance; ``l2``
-    scales each row to unit length (cosine geometry); ``none`` leaves ``X`` as it is."""
+    ``l2`` (the default, for codes) scales each row to unit length: cosine geometry, so a text
+    with strong codes everywhere is not far from all others. ``standardize`` (per feature: zero
+    mean, unit variance) stops the few huge dimensions of a residual stream from deciding
+    every distance: the choice for raw activations, a poor one for sparse codes, where a latent
+    that fires on one text gets a huge z-score. ``none`` leaves ``X`` as it is."""
     X = check_rows(X)
     if scale == "none":
         return X
@@ -105,7 +107,7 @@ class Clusters:
         return int(self.labels.max()) + 1 if len(self.labels) else 0
 
 
-def kmeans(X, n_clusters: int, seed: int = 0, scale: Scale = "standardize") -> Clusters:
+def kmeans(X, n_clusters: int, seed: int = 0, scale: Scale = "l2") -> Clusters:
     """KMeans with ten ``k-means++`` restarts on the scaled rows of ``X``."""
     from sklearn.cluster import KMeans
 
@@ -117,7 +119,7 @@ def kmeans(X, n_clusters: int, seed: int = 0, scale: Scale = "standardize") -> C
 
 
 def silhouette_sweep(X, k_values=range(2, 13), seed: int = 0,
-                     scale: Scale = "standardize") -> tuple[pd.DataFrame, int]:
+                     scale: Scale = "l2") -> tuple[pd.DataFrame, int]:
     """Mean silhouette (and inertia) of KMeans for each k; the k with the best silhouette.
 
     The silhouette is defined for 2 <= k <= N - 1 only; other k are left out."""
@@ -205,7 +207,7 @@ def agreement(true_labels, assignments: Mapping[str, np.ndarray]) -> pd.DataFram
 
 
 def project_2d(X, method: Projection = "pca", seed: int = 0, perplexity: float = 30.0,
-               scale: Scale = "standardize") -> np.ndarray:
+               scale: Scale = "l2") -> np.ndarray:
     """``(N, 2)`` coordinates for a map: PCA (fast, distances between groups mean something) or
     t-SNE (neighbourhoods only). t-SNE's perplexity is lowered below N / 3 for small N."""
     if method not in PROJECTIONS:

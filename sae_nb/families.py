@@ -70,25 +70,28 @@ def _pair_counts(fired: torch.Tensor, n_latents: int) -> "scipy.sparse.coo_matri
     """``B^T B`` of a boolean ``(n, F)`` chunk as a sparse matrix of unique (i, j) counts."""
     from scipy import sparse
 
-    r, c = (t.cpu().numpy() for t in fired.nonzero(as_tuple=True))
-    B = sparse.csr_matrix((np.ones(len(r), np.float32), (r, c)), shape=(fired.shape[0], n_latents))
-    C = (B.T @ B).tocoo()  # exact: a chunk has far fewer than 2**24 rows
-    C.sum_duplicates()
-    return C
+    n = fired.shape[0]
+    r, c = (t.cpu().numpy() for t in fired.nonzero(as_tuple=True))  # row-major: r ascending
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    indptr[1:] = np.cumsum(np.bincount(r, minlength=n))
+    B = sparse.csr_matrix((np.ones(len(r), np.float32), c, indptr), shape=(n, n_latents))
+    # Exact while a chunk has fewer than 2**24 rows; a sparse product's entries are unique.
+    return (B.T.tocsr() @ B).tocoo()
 
 
 def _merge_top(top_vals: torch.Tensor, top_rows: torch.Tensor, codes: torch.Tensor,
                first_row: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running top-k per latent: keep the ``n_top`` largest of the kept ones and this chunk's."""
-    n_top = top_vals.shape[0]
-    vals, idx = codes.topk(min(n_top, codes.shape[0]), dim=0)  # (k, F)
-    all_vals, all_rows = torch.cat([top_vals, vals]), torch.cat([top_rows, idx + first_row])
-    best = all_vals.topk(n_top, dim=0)
-    return best.values, all_rows.gather(0, best.indices)
+    """Running top-k per latent, ``(F, n_top)``: the largest of the kept codes and a chunk's."""
+    n_top = top_vals.shape[1]
+    vals, idx = codes.T.contiguous().topk(min(n_top, codes.shape[0]), dim=1)  # (F, k)
+    all_vals = torch.cat([top_vals, vals], dim=1)
+    all_rows = torch.cat([top_rows, idx + first_row], dim=1)
+    best = all_vals.topk(n_top, dim=1)
+    return best.values, all_rows.gather(1, best.indices)
 
 
 @torch.no_grad()
-def co_firing(dictionary, store: ActivationStore, chunk_rows: int = 4096,
+def co_firing(dictionary, store: ActivationStore, chunk_rows: int = 8192,
               max_rows: int | None = None, n_top: int = 5) -> CoFiring:
     """Stream the first ``max_rows`` rows of ``store`` (all when None or 0) through the
     dictionary, ``chunk_rows`` at a time: pair counts, firing counts and top rows per latent."""
@@ -105,9 +108,8 @@ def co_firing(dictionary, store: ActivationStore, chunk_rows: int = 4096,
                           f"more than the {allowed:.0f} GiB allowed (families.MAX_COUNT_BYTES); "
                           f"raise it if the memory is there.")
     counts = np.zeros((F, F), dtype=np.int32)
-    fires = torch.zeros(F, dtype=torch.int64)
-    top_vals = torch.full((n_top, F), -torch.inf)
-    top_rows = torch.full((n_top, F), -1, dtype=torch.int64)
+    top_vals = torch.full((F, n_top), -torch.inf)
+    top_rows = torch.full((F, n_top), -1, dtype=torch.int64)
     start = time.perf_counter()
     for lo in range(0, n_rows, chunk_rows):
         x = torch.from_numpy(store[lo : min(lo + chunk_rows, n_rows)]).to(device, dtype)
@@ -115,15 +117,14 @@ def co_firing(dictionary, store: ActivationStore, chunk_rows: int = 4096,
         fired = codes > 0
         C = _pair_counts(fired, F)
         counts[C.row, C.col] += C.data.astype(np.int32)  # (i, j) unique: a plain add is exact
-        fires += fired.sum(0)
         top_vals, top_rows = _merge_top(top_vals, top_rows, codes, lo)
     seconds = time.perf_counter() - start
     logger.info("Co-firing pass: %d rows in %.1f s (%.0f tokens/s)", n_rows, seconds,
                 n_rows / max(seconds, 1e-9))
     top_rows[~(top_vals > 0)] = -1  # a latent that fired fewer than n_top times
     top_vals = top_vals.clamp_min(0)
-    return CoFiring(counts, fires.numpy(), n_rows, top_rows.T.numpy().copy(),
-                    top_vals.T.numpy().copy(), seconds)
+    fires = np.diag(counts).astype(np.int64)  # a latent co-fires with itself when it fires
+    return CoFiring(counts, fires, n_rows, top_rows.numpy(), top_vals.numpy(), seconds)
 
 
 def select_latents(cofiring: CoFiring, min_fires: int = 10, max_latents: int = 1000) -> np.ndarray:
