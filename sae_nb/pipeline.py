@@ -38,6 +38,9 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     "03_load_pretrained": {"fit_tokens": 256, "n_latents": 5},
     # 04 fetches the VADER sdist from PyPI once (cached in data/cache/), then probes 60 snippets.
     "04_probe": {"n_sentences": 60, "sweep_sites": ["resid_out_layer2"]},
+    # 05 clusters the 44 sentences at the silhouette's k and groups 200 latents of 01's store.
+    "05_cluster": {"n_clusters": 0, "k_max": 6, "chunk_rows": 512, "min_fires": 3,
+                   "max_latents": 200},
 }
 
 

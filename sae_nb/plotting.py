@@ -222,3 +222,88 @@ def layer_sweep_figure(sweep: pd.DataFrame) -> go.Figure:
     fig.update_layout(xaxis_title="site", yaxis_title="held-out score",
                       title="Raw-activation probe across the model")
     return fig
+
+
+# ---------------------------------------------------------------- clusters and families
+
+
+def _wrap(text: str, width: int = 60) -> str:
+    """Hover text broken into lines of about ``width`` characters."""
+    import textwrap
+
+    return "<br>".join(textwrap.wrap(str(text), width)) or " "
+
+
+def silhouette_figure(table: pd.DataFrame, suggested: int | None = None) -> go.Figure:
+    """Mean silhouette against the number of clusters (``clustering.silhouette_sweep``), with
+    the suggested k marked. Higher is better separated; near 0 means no clear groups."""
+    fig = go.Figure(go.Scatter(x=table["k"], y=table["silhouette"], mode="lines+markers",
+                               name="silhouette",
+                               hovertemplate="k %{x}<br>silhouette %{y:.3f}<extra></extra>"))
+    if suggested is not None:
+        fig.add_vline(x=suggested, line_dash="dash", annotation_text=f"suggested k {suggested}")
+    fig.update_layout(title="Silhouette sweep", xaxis_title="number of clusters k",
+                      yaxis_title="mean silhouette", template="plotly_white")
+    return fig
+
+
+def cluster_map_figure(table: pd.DataFrame, title: str = "Texts in latent space") -> go.Figure:
+    """A 2-D map of texts (``clustering.text_cluster_table``: text, label, cluster, x, y), one
+    trace per cluster, the text on hover. When the texts have labels, a second set of traces
+    (one per label) is one button away: colour by cluster or by label."""
+    fig = go.Figure()
+    groups = [("cluster", sorted(table["cluster"].unique()))]
+    has_labels = "label" in table and table["label"].notna().all()
+    if has_labels:
+        groups.append(("label", sorted(table["label"].astype(str).unique())))
+    hover = table["text"].map(_wrap) + "<br>cluster " + table["cluster"].astype(str)
+    if has_labels:
+        hover = hover + " · label " + table["label"].astype(str)
+    for g, (column, values) in enumerate(groups):
+        for value in values:
+            part = table[table[column].astype(str) == str(value)]
+            fig.add_trace(go.Scatter(x=part["x"], y=part["y"], mode="markers",
+                                     name=f"{column} {value}", text=hover[part.index].tolist(),
+                                     visible=g == 0, hovertemplate="%{text}<extra></extra>"))
+    if has_labels:
+        n_c = len(groups[0][1])
+        show = [[i < n_c for i in range(len(fig.data))], [i >= n_c for i in range(len(fig.data))]]
+        fig.update_layout(updatemenus=[{"type": "buttons", "direction": "right", "x": 0,
+                                        "y": 1.12, "xanchor": "left", "buttons": [
+            {"label": "colour by cluster", "method": "update", "args": [{"visible": show[0]}]},
+            {"label": "colour by label", "method": "update", "args": [{"visible": show[1]}]}]}])
+    fig.update_layout(title=title, xaxis_title="component 1", yaxis_title="component 2",
+                      template="plotly_white", height=600)
+    return fig
+
+
+def family_heatmap_figure(families, tokens: Mapping[int, list[str]] | None = None,
+                          show: list[int] | None = None, max_latents: int = 60) -> go.Figure:
+    """The similarity between the members of some families (``families.Families``), latents
+    ordered by family and, within one, by the dendrogram, so families show as bright blocks on
+    the diagonal. ``show`` lists family ids; by default the largest ones that fit
+    ``max_latents``."""
+    if show is None:
+        show, total = [], 0
+        for f in range(int(families.family.max()) + 1):
+            size = int((families.family == f).sum())
+            if size < 2 or (show and total + size > max_latents):
+                break
+            show, total = show + [f], total + size
+        show = show or [0]
+    members = np.concatenate([families.members(f) for f in show])[:max_latents]
+    where = {int(m): i for i, m in enumerate(families.latents)}
+    pos = np.array([where[int(m)] for m in members])
+    fam = {int(m): int(f) for f in show for m in families.members(f)}
+    names = [f"{int(m)} (f{fam[int(m)]})" for m in members]
+    tok = [" ".join((tokens or {}).get(int(m), [])[:3]) for m in members]
+    hover = [[f"latent {members[i]}: {tok[i]}<br>latent {members[j]}: {tok[j]}"
+              for j in range(len(members))] for i in range(len(members))]
+    fig = go.Figure(go.Heatmap(z=families.similarity[np.ix_(pos, pos)], x=names, y=names,
+                               text=hover, colorscale="Viridis", colorbar={"title": "similarity"},
+                               hovertemplate="%{text}<br>similarity %{z:.3f}<extra></extra>"))
+    fig.update_layout(title=f"{families.name} similarity within families {show}",
+                      xaxis={"type": "category"}, template="plotly_white",
+                      yaxis={"type": "category", "autorange": "reversed"},
+                      height=max(450, 14 * len(members) + 150))
+    return fig

@@ -103,8 +103,44 @@ def check_04_probe(run_dir: Path, values: dict) -> None:
     assert sweep[["accuracy", "roc_auc"]].stack().between(0, 1).all()
 
 
+def check_05_cluster(run_dir: Path, values: dict) -> None:
+    import pandas as pd
+
+    out = run_dir / "clustering"
+    sentences = pd.read_csv(NOTEBOOKS_DIR.parent / "data" / "sentences.csv")
+    sweep = pd.read_csv(out / "silhouette.csv")
+    assert sweep["k"].tolist() == list(range(2, values["k_max"] + 1))
+    k = values["n_clusters"] or int(sweep.loc[sweep["silhouette"].idxmax(), "k"])
+    texts = pd.read_csv(out / "text_clusters.csv")
+    assert texts["text"].tolist() == sentences["sentence"].tolist()
+    assert texts["label"].tolist() == sentences["topic"].tolist()
+    assert sorted(texts["cluster"].unique()) == list(range(k))
+    assert texts[["x", "y"]].notna().all().all() and texts["x"].std() > 0
+    agreement = pd.read_csv(out / "agreement.csv").set_index(["clustering", "against"])["ari"]
+    assert sorted(agreement.index) == [("latents", "labels"), ("latents", "raw"), ("raw", "labels")]
+    assert agreement.between(-1, 1).all()
+    latents = pd.read_csv(out / "latents.csv")
+    assert 2 <= len(latents) <= values["max_latents"] and latents["latent"].is_unique
+    assert (latents["fires"] >= values["min_fires"]).all()
+    assert latents["latent"].between(0, 4607).all()
+    assert latents["top_context"].str.contains(r"\[\[", regex=True).all()
+    for name in ("decoder", "cofiring"):
+        table = pd.read_csv(out / f"families_{name}.csv")
+        assert (table["size"] >= 2).all() and (name == "decoder" or len(table) > 0)
+        for _, row in table.iterrows():  # the family tables and the latent table agree
+            members = [int(m) for m in row["members"].split()]
+            assert len(members) == row["size"]
+            family = latents.set_index("latent").loc[members, f"{name}_family"]
+            assert (family == row["family"]).all()
+    executed = nbformat.read(run_dir / "05_cluster.ipynb", as_version=4)
+    figures = [o for c in executed.cells for o in c.get("outputs", [])
+               if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) == 4  # silhouette, the text map, two family heatmaps
+
+
 CHECKS = {"01_extract": check_01_extract, "02_train": check_02_train,
-          "03_load_pretrained": check_03_load_pretrained, "04_probe": check_04_probe}
+          "03_load_pretrained": check_03_load_pretrained, "04_probe": check_04_probe,
+          "05_cluster": check_05_cluster}
 
 
 @pytest.fixture(scope="session")
