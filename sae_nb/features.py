@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
@@ -35,10 +36,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .codes import dictionary_site
-from .corpora import sentence_batches
+from .contexts import latent_contexts, one_thread, text_activations  # noqa: F401 (public here)
 from .dictionary import Dictionary, TopKSAE
-from .extract import resolve_sites, run_sites
 from .logit_effects import LogitEffects, logit_effects  # noqa: F401  (public here too)
 from .store import IDENTITY, ActivationStore, site_dirname
 
@@ -48,8 +47,8 @@ STATS_FILE = "feature_stats.npz"  # the arrays and, inside, the identity: the fi
 SUMMARY_FILE = "feature_stats.json"  # the same identity and settings, for people to read
 STATS_VERSION = 1
 # Nonzeros of the first pass kept in memory for the second (row, latent, value: 12 bytes
-# each, ~300 MB); beyond that the second pass encodes the store again.
-MAX_KEPT_NONZEROS = 25_000_000
+# each, ~400 MB: a 1M-token store of a k=32 TopK); beyond that the second pass encodes again.
+MAX_KEPT_NONZEROS = 32_000_000
 _ARRAYS = ("density", "mean_act", "max_act", "top_rows", "top_values", "quantile_rows",
            "quantile_values", "quantile_bounds", "hist_edges", "hist_counts")
 
@@ -77,6 +76,9 @@ class FeatureStats:
     hist_edges: np.ndarray  # (F, n_bins + 1) equal-width bin edges over [0, max_act]
     hist_counts: np.ndarray  # (F, n_bins) int64 counts of nonzero activations per bin
     identity: dict = field(default_factory=dict)  # dictionary hash, store, settings (the cache key)
+    # (N, 2) float32, plain TopK only: each row's k-th and (k+1)-th largest pre-activation, so
+    # latent_contexts can tell whether a latent is active from its own encoder column.
+    row_bounds: np.ndarray | None = None
 
     def table(self) -> pd.DataFrame:
         """One row per latent, for sorting and filtering: latent, density, mean_act, max_act."""
@@ -92,7 +94,7 @@ class FeatureStats:
         path = folder / STATS_FILE
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **{k: getattr(self, k) for k in _ARRAYS})
+            np.savez(f, meta=np.array(json.dumps(meta)), **self._arrays())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -100,6 +102,10 @@ class FeatureStats:
         summary.with_name(summary.name + ".tmp").write_text(json.dumps(meta, indent=1))
         os.replace(summary.with_name(summary.name + ".tmp"), summary)
         return path
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {k: getattr(self, k) for k in _ARRAYS}
+        return arrays if self.row_bounds is None else {**arrays, "row_bounds": self.row_bounds}
 
     @classmethod
     def load(cls, folder: str | Path) -> "FeatureStats":
@@ -112,6 +118,7 @@ class FeatureStats:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 arrays = {k: data[k] for k in _ARRAYS}
+                arrays["row_bounds"] = data["row_bounds"] if "row_bounds" in data else None
         except Exception as err:  # zip, json or missing-key errors all mean a damaged file
             raise FeatureStatsError(f"{str(path)!r} is damaged ({type(err).__name__}: {err}); "
                                     f"delete it and compute the statistics again.") from None
@@ -125,14 +132,26 @@ def stats_folder(run_dir: str | Path, dictionary_name_or_id: str) -> Path:
 
 
 # -- identity (the cache key) ---------------------------------------------------------------
+_hash_memo: "weakref.WeakKeyDictionary[Dictionary, tuple]" = weakref.WeakKeyDictionary()
+
+
 def dictionary_hash(dictionary: Dictionary) -> str:
-    """A short hash of everything that decides the codes: class, k and encoder-side tensors."""
+    """A short hash of everything that decides the codes: class, k and encoder-side tensors.
+
+    Remembered per dictionary until one of its tensors is replaced or changed in place (every
+    in-place write bumps a tensor's ``_version``), so the explorer can check it on each call."""
+    tensors = dictionary.state_dict(keep_vars=True)
+    stamp = tuple((n, t.data_ptr(), t._version) for n, t in tensors.items())
+    memo = _hash_memo.get(dictionary)
+    if memo is not None and memo[0] == stamp:
+        return memo[1]
     h = hashlib.sha256(f"{type(dictionary).__name__}:{getattr(dictionary, 'k', None)}".encode())
-    for name, tensor in sorted(dictionary.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         if name != "W_dec":  # the decoder does not change the codes
             h.update(name.encode())
             h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+    _hash_memo[dictionary] = (stamp, h.hexdigest()[:16])
+    return _hash_memo[dictionary][1]
 
 
 def _identity(store: ActivationStore, dictionary: Dictionary, settings: dict) -> dict:
@@ -158,7 +177,7 @@ def _cached(folder: Path, identity: dict) -> FeatureStats | None:
     return stats
 
 
-# -- encoding a chunk into its nonzeros -------------------------------------------------------
+# -- encoding a chunk into its nonzeros ---------------------------------------------------
 @dataclass
 class _Nonzeros:
     """The positive codes of a chunk, row-major (rows ascending): ``(M,)`` each."""
@@ -166,6 +185,7 @@ class _Nonzeros:
     row: torch.Tensor  # int64 store rows
     latent: torch.Tensor  # int64
     value: torch.Tensor  # float32
+    bounds: torch.Tensor | None = None  # (B, 2) plain TopK: k-th and (k+1)-th pre-activation
 
 
 def _plain_pre_acts(dictionary: Dictionary) -> bool:
@@ -181,25 +201,43 @@ def _encode_nonzeros(dictionary: Dictionary, x: torch.Tensor, first_row: int,
     fresh 75 MB tensor per chunk costs more in page faults than the matmul's tail) and a top-k.
     """
     B = x.shape[0]
+    if type(dictionary) is TopKSAE and _plain_pre_acts(dictionary):
+        return _topk_nonzeros(dictionary, x, first_row, scratch)
     if isinstance(dictionary, TopKSAE):
-        if _plain_pre_acts(dictionary):
-            W = dictionary.W_enc  # (D, F)
-            bias = dictionary.b_enc - (dictionary.b_dec @ W if dictionary.apply_b_dec_to_input else 0)
-            buf = scratch.get("pre")
-            if buf is None or buf.shape[0] < B:
-                buf = scratch["pre"] = torch.empty(B, W.shape[1], dtype=W.dtype)
-            pre = torch.addmm(bias, x, W, out=buf[:B])  # (B, F)
-            values, latents = pre.topk(dictionary.k, dim=1, sorted=False)  # (B, k)
-        else:
-            code = dictionary.sparse_encode(x)
-            values, latents = code.values, code.indices  # (B, k)
-        rows = torch.arange(first_row, first_row + B).repeat_interleave(values.shape[1])
-        values, latents = values.reshape(-1).float(), latents.reshape(-1)
-        keep = values > 0
-        return _Nonzeros(rows[keep], latents[keep], values[keep])
+        code = dictionary.sparse_encode(x)  # (B, k) each
+        with one_thread():
+            return _flat_nonzeros(code.values, code.indices, first_row)
     codes = dictionary.encode(x)  # (B, F)
-    r, c = torch.nonzero(codes > 0, as_tuple=True)
-    return _Nonzeros(r + first_row, c, codes[r, c].float())
+    with one_thread():
+        r, c = torch.nonzero(codes > 0, as_tuple=True)
+        return _Nonzeros(r + first_row, c, codes[r, c].float())
+
+
+def _topk_nonzeros(dictionary: TopKSAE, x: torch.Tensor, first_row: int,
+                   scratch: dict) -> _Nonzeros:
+    """One ``addmm`` into a reused (B, F) buffer (a fresh 75 MB tensor per chunk costs more in
+    page faults than the matmul's tail), then the top k + 1: k codes and the row's bounds."""
+    W, k = dictionary.W_enc, dictionary.k  # (D, F)
+    bias = dictionary.b_enc - (dictionary.b_dec @ W if dictionary.apply_b_dec_to_input else 0)
+    buf = scratch.get("pre")
+    if buf is None or buf.shape[0] < x.shape[0]:
+        buf = scratch["pre"] = torch.empty(x.shape[0], W.shape[1], dtype=W.dtype, device=W.device)
+    pre = torch.addmm(bias, x, W, out=buf[: x.shape[0]])  # (B, F), on every thread
+    with one_thread():
+        values, latents = pre.topk(min(k + 1, W.shape[1]), dim=1, sorted=True)  # (B, k + 1)
+        nz = _flat_nonzeros(values[:, :k], latents[:, :k], first_row)
+        below = values[:, k] if k < W.shape[1] else torch.full_like(values[:, 0], -np.inf)
+        nz.bounds = torch.stack([values[:, k - 1], below], dim=1).float()  # (B, 2)
+    return nz
+
+
+def _flat_nonzeros(values: torch.Tensor, latents: torch.Tensor, first_row: int) -> _Nonzeros:
+    """(B, k) codes as row-major nonzeros."""
+    B, k = values.shape
+    rows = torch.arange(first_row, first_row + B).repeat_interleave(k)
+    values, latents = values.reshape(-1).float(), latents.reshape(-1)
+    keep = values > 0
+    return _Nonzeros(rows[keep].cpu(), latents[keep].cpu(), values[keep].cpu())
 
 
 def _chunk_nonzeros(store: ActivationStore, dictionary: Dictionary, batch_size: int,
@@ -211,7 +249,8 @@ def _chunk_nonzeros(store: ActivationStore, dictionary: Dictionary, batch_size: 
     for first, array in tqdm(chunks, total=total, disable=not progress, desc=desc):
         x = torch.from_numpy(array).to(dictionary.W_enc.device, dtype)
         nz = _encode_nonzeros(dictionary, x, first, scratch)
-        yield _Nonzeros(nz.row.cpu(), nz.latent.cpu(), nz.value.cpu())
+        yield _Nonzeros(nz.row.cpu(), nz.latent.cpu(), nz.value.cpu(),
+                        None if nz.bounds is None else nz.bounds.cpu())
 
 
 # -- the running "n best per group" buffers ---------------------------------------------------
@@ -344,130 +383,85 @@ def _meta(dictionary: Dictionary) -> dict:
     return getattr(dictionary, "metadata", None) or {}
 
 
-@torch.no_grad()
-def _compute(store: ActivationStore, dictionary: Dictionary, s: _Settings, batch_size: int,
-             progress: bool) -> FeatureStats:
-    F = dictionary.d_sae
-    count = torch.zeros(F, dtype=torch.int64)
-    total = torch.zeros(F, dtype=torch.float64)
-    peak = torch.zeros(F, dtype=torch.float32)
-    top = _Best.empty(F, s.n_top)
+@dataclass
+class _Totals:
+    """The first pass's running per-latent sums: count, sum, max and the strongest rows."""
+
+    count: torch.Tensor  # (F,) int64
+    total: torch.Tensor  # (F,) float64
+    peak: torch.Tensor  # (F,) float32
+    top: _Best  # (F, n_top)
+    bounds: list[torch.Tensor]  # (B, 2) per chunk, plain TopK only
+
+    @classmethod
+    def empty(cls, F: int, n_top: int) -> "_Totals":
+        return cls(torch.zeros(F, dtype=torch.int64), torch.zeros(F, dtype=torch.float64),
+                   torch.zeros(F, dtype=torch.float32), _Best.empty(F, n_top), [])
+
+    def add(self, nz: _Nonzeros) -> None:
+        self.count += torch.bincount(nz.latent, minlength=len(self.count))
+        self.total.index_add_(0, nz.latent, nz.value.double())
+        self.peak.scatter_reduce_(0, nz.latent, nz.value, reduce="amax")
+        self.top.update(nz.latent, nz.value.double(), nz.row, nz.value)
+        if nz.bounds is not None:
+            self.bounds.append(nz.bounds)
+
+
+def _first_pass(chunks: Iterator[_Nonzeros], F: int, n_top: int
+                ) -> tuple[_Totals, list[_Nonzeros] | None]:
+    """Totals over all chunks, and the chunks themselves while they fit in memory (compacted
+    to int32 rows and latents: 12 bytes a nonzero), else None."""
+    totals = _Totals.empty(F, n_top)
     kept: list[_Nonzeros] | None = []
     n_kept = 0
-    for nz in _chunk_nonzeros(store, dictionary, batch_size, progress, "feature stats"):
-        count += torch.bincount(nz.latent, minlength=F)
-        total.index_add_(0, nz.latent, nz.value.double())
-        peak.scatter_reduce_(0, nz.latent, nz.value, reduce="amax")
-        top.update(nz.latent, nz.value.double(), nz.row, nz.value)
+    for nz in chunks:
+        with one_thread():
+            totals.add(nz)
         n_kept += nz.value.numel()
+        if kept is not None and n_kept > MAX_KEPT_NONZEROS:
+            kept = None
         if kept is not None:
-            kept = None if n_kept > MAX_KEPT_NONZEROS else kept + [nz]
-    max_act = peak.numpy()
+            kept.append(_Nonzeros(nz.row.int(), nz.latent.int(), nz.value))
+    return totals, kept
+
+
+def _second_pass(chunks, max_act: np.ndarray, s: _Settings) -> tuple[np.ndarray, _Best]:
+    """Histogram counts ``(F * n_bins,)`` and the interval samples ``(F * n_quantiles, per)``."""
+    F = len(max_act)
     hist_edges, bounds = _edges(max_act, s.n_bins), _edges(max_act, s.n_quantiles)
     hist = np.zeros(F * s.n_bins, dtype=np.int64)
     samples = _Best.empty(F * s.n_quantiles, s.per_quantile)
-    second = kept if kept is not None else _chunk_nonzeros(store, dictionary, batch_size,
-                                                           progress, "feature stats, pass 2")
-    for nz in second:
-        lat, val, row = nz.latent.numpy(), nz.value.numpy(), nz.row.numpy()
+    for nz in chunks:
+        lat = nz.latent.numpy().astype(np.int64)
+        val, row = nz.value.numpy(), nz.row.numpy().astype(np.int64)
         hist += np.bincount(lat * s.n_bins + _bin(lat, val, hist_edges), minlength=F * s.n_bins)
         group = lat * s.n_quantiles + _bin(lat, val, bounds)
-        key = _sample_keys(row, lat, s.seed)
-        samples.update(torch.from_numpy(group), torch.from_numpy(-key), nz.row, nz.value)
-    n = len(store)
-    density = (count.double() / max(n, 1)).numpy()
-    mean = (total / count.clamp_min(1)).numpy()
+        key = _sample_keys(row, lat, s.seed)  # the smallest keys of a group are its sample
+        with one_thread():
+            samples.update(torch.from_numpy(group), torch.from_numpy(-key),
+                           torch.from_numpy(row), nz.value)
+    return hist, samples
+
+
+@torch.no_grad()
+def _compute(store: ActivationStore, dictionary: Dictionary, s: _Settings, batch_size: int,
+             progress: bool) -> FeatureStats:
+    F, n = dictionary.d_sae, len(store)
+    chunks = _chunk_nonzeros(store, dictionary, batch_size, progress, "feature stats")
+    totals, kept = _first_pass(chunks, F, s.n_top)
+    if kept is None:
+        log.info("The codes of %d rows do not fit in memory; encoding them again.", n)
+        kept = _chunk_nonzeros(store, dictionary, batch_size, progress, "feature stats, pass 2")
+    max_act = totals.peak.numpy()
+    hist, samples = _second_pass(kept, max_act, s)
     Q = (F, s.n_quantiles, s.per_quantile)
     return FeatureStats(
         model=str(store.manifest.get("model")), site=store.site, d_sae=F, n_tokens=n,
-        density=density, mean_act=mean, max_act=max_act,
-        top_rows=top.row.numpy(), top_values=top.value.numpy(),
-        quantile_rows=samples.row.numpy().reshape(Q), quantile_values=samples.value.numpy().reshape(Q),
-        quantile_bounds=bounds, hist_edges=hist_edges,
-        hist_counts=hist.reshape(F, s.n_bins))
-
-
-# -- contexts of one latent -------------------------------------------------------------------
-def _windows(store: ActivationStore, rows: np.ndarray, before: int, after: int
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """``(R, W)`` store rows around each of ``rows`` and a mask of those in the same context.
-
-    Rows of one context are stored consecutively and in order, so the window is the rows
-    ``row - before .. row + after`` that share the row's context."""
-    offsets = np.arange(-before, after + 1)
-    window = rows[:, None] + offsets[None, :]  # (R, W)
-    inside = (window >= 0) & (window < len(store))
-    window = np.clip(window, 0, len(store) - 1)
-    context = store.index(window.reshape(-1))["context"].reshape(window.shape)
-    same = inside & (context == context[:, before : before + 1])
-    return window, same
-
-
-@torch.no_grad()
-def _latent_acts(dictionary: Dictionary, x: torch.Tensor, latent: int) -> torch.Tensor:
-    """One latent's activation on each row of ``x`` (B, D)."""
-    if isinstance(dictionary, TopKSAE):
-        code = dictionary.sparse_encode(x)  # (B, k)
-        hit = code.indices == latent
-        return (code.values * hit).sum(1).float()  # (B,)
-    return dictionary.encode(x)[:, latent].float()
-
-
-def latent_contexts(store: ActivationStore, dictionary: Dictionary, latent: int, rows,
-                    tokenizer, before: int = 16, after: int = 4) -> list[dict]:
-    """The token window around each store row in ``rows``, with ``latent``'s activation at every
-    token: what the explorer shows for a latent's top or interval examples.
-
-    A window never crosses into another context. All windows are encoded in one batch. Each
-    dict holds ``row``, ``tokens`` (decoded strings), ``token_ids``, ``acts``, ``center`` (the
-    row's index in the window) and ``value`` (the activation at the row). Rows of -1 (padding
-    in :class:`FeatureStats`) are skipped.
-    """
-    if store.manifest.get("mode") != "tokens":
-        raise ValueError(f"latent_contexts needs a token-mode store; {str(store.path)!r} holds "
-                         f"{store.manifest.get('mode')!r} rows, which have no neighbours.")
-    if not 0 <= latent < dictionary.d_sae:
-        raise IndexError(f"latent={latent} is out of range for a dictionary of "
-                         f"d_sae={dictionary.d_sae} latents.")
-    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    rows = rows[rows >= 0]
-    if rows.size == 0:
-        return []
-    window, same = _windows(store, rows, before, after)
-    needed, inverse = np.unique(window[same], return_inverse=True)
-    x = torch.from_numpy(store[needed]).to(dictionary.W_enc.device, dictionary.W_enc.dtype)
-    acts = _latent_acts(dictionary, x, latent).cpu().numpy()[inverse]
-    ids = store.index(needed)["token"][inverse]
-    names = _token_strings(tokenizer, ids)
-    out, start = [], 0
-    for i, row in enumerate(rows):
-        n = int(same[i].sum())
-        center = int(same[i, :before].sum())
-        sl = slice(start, start + n)
-        out.append({"row": int(row), "tokens": names[sl], "token_ids": ids[sl].tolist(),
-                    "acts": acts[sl].tolist(), "center": center, "value": float(acts[sl][center])})
-        start += n
-    return out
-
-
-def _token_strings(tokenizer, ids: np.ndarray) -> list[str]:
-    """Each id decoded on its own (`` the``, not ``Ġthe``), decoding each distinct id once."""
-    uniq, inverse = np.unique(ids, return_inverse=True)
-    names = tokenizer.batch_decode([[int(i)] for i in uniq])
-    return [names[j] for j in inverse]
-
-
-@torch.no_grad()
-def text_activations(model, dictionary: Dictionary, text: str, site: str | None = None,
-                     max_len: int = 1024) -> tuple[list[str], torch.Tensor]:
-    """The tokens of ``text`` (BOS excluded) and their codes ``(T, F)`` at the dictionary's site:
-    what the explorer's text box shows."""
-    site = dictionary_site(dictionary, site)
-    sites = resolve_sites(model, [site])
-    _, ids, mask = next(sentence_batches([text], model.tokenizer, 1, max_len=max_len))
-    acts = run_sites(model, sites, torch.from_numpy(ids), torch.from_numpy(mask))[0][0, 1:]  # (T, D)
-    if acts.shape[-1] != dictionary.d_in:
-        raise ValueError(f"Site {site!r} is {acts.shape[-1]} wide but the dictionary reads "
-                         f"d_in={dictionary.d_in}: wrong model or site.")
-    codes = dictionary.encode(acts.to(dictionary.W_enc.device, dictionary.W_enc.dtype))  # (T, F)
-    return _token_strings(model.tokenizer, ids[0, 1:]), codes.float().cpu()
+        density=(totals.count.double() / max(n, 1)).numpy(),
+        mean_act=(totals.total / totals.count.clamp_min(1)).numpy(), max_act=max_act,
+        top_rows=totals.top.row.numpy(), top_values=totals.top.value.numpy(),
+        quantile_rows=samples.row.numpy().reshape(Q),
+        quantile_values=samples.value.numpy().reshape(Q),
+        quantile_bounds=_edges(max_act, s.n_quantiles), hist_edges=_edges(max_act, s.n_bins),
+        hist_counts=hist.reshape(F, s.n_bins),
+        row_bounds=torch.cat(totals.bounds).numpy() if totals.bounds else None)

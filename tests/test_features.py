@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import make_tokenizer
 
-from sae_nb import features
+from sae_nb import contexts, features
 from sae_nb.dictionary import ReLUSAE, TopKSAE
 from sae_nb.extract import resolve_sites
 from sae_nb.features import (FeatureStats, FeatureStatsError, feature_stats, latent_contexts,
@@ -175,7 +175,7 @@ def test_table_and_save_load_round_trip(store, topk_dict, tmp_path):
     assert len(table) == F and (table["max_act"].to_numpy() == s.max_act).all()
     s.save(tmp_path)
     back = FeatureStats.load(tmp_path)
-    for name in features._ARRAYS:
+    for name in features._ARRAYS + ("row_bounds",):
         np.testing.assert_array_equal(getattr(s, name), getattr(back, name))
     assert (back.model, back.site, back.d_sae, back.n_tokens) == (s.model, s.site, F, len(store))
     assert json.loads((tmp_path / features.SUMMARY_FILE).read_text())["identity"] == s.identity
@@ -214,26 +214,55 @@ def test_width_mismatch_names_both_widths(store):
         feature_stats(store, TopKSAE(16, F, k=K), progress=False)
 
 
-@pytest.mark.parametrize("kind", ["topk", "relu"])
-def test_latent_contexts_equal_direct_encoding(store, topk_dict, relu_dict, kind):
-    dictionary = topk_dict if kind == "topk" else relu_dict
+@pytest.mark.parametrize("kind", ["topk", "relu", "topk_stats", "topk_stats_all_unsure"])
+def test_latent_contexts_equal_direct_encoding(store, topk_dict, relu_dict, kind, monkeypatch):
+    """Without stats (full encode), with a TopK's row bounds (one encoder column), and with every
+    row too close to call (the full-encode fallback), the windows hold the brute-force codes."""
+    dictionary = relu_dict if kind == "relu" else topk_dict
+    stats = feature_stats(store, dictionary, progress=False) if "stats" in kind else None
+    if kind == "topk_stats":
+        monkeypatch.setattr(contexts, "_full_encode", None)  # the fast path must decide alone
+    if kind == "topk_stats_all_unsure":
+        monkeypatch.setattr(contexts, "BOUNDARY_TOL", 1e9)
     tok = make_tokenizer()
     codes = dense_codes(store, dictionary)
     index = store.index()
-    latent = int(np.argmax((codes > 0).sum(0)))
     rows = np.array([0, 1, 14, 15, 16, 600, 2999, -1, 1234])  # context edges, store edges, pad
-    out = latent_contexts(store, dictionary, latent, rows, tok, before=5, after=3)
-    assert [c["row"] for c in out] == [r for r in rows if r >= 0]
-    for c in out:
-        r = c["row"]
-        ctx = index["context"][r]
-        window = [w for w in range(r - 5, r + 4) if 0 <= w < len(store) and index["context"][w] == ctx]
-        assert window[c["center"]] == r and len(c["tokens"]) == len(window) == len(c["acts"])
-        np.testing.assert_array_equal(c["acts"], codes[window, latent])
-        assert c["value"] == codes[r, latent]
-        assert c["tokens"] == [tok.decode([t]) for t in index["token"][window]]
-        assert c["token_ids"] == index["token"][window].tolist()
-    assert [len(c["tokens"]) for c in out[:5]] == [4, 5, 6, 4, 5]  # clipped at context edges
+    for latent in range(F):
+        out = latent_contexts(store, dictionary, latent, rows, tok, before=5, after=3, stats=stats)
+        assert [c["row"] for c in out] == [r for r in rows if r >= 0]
+        for c in out:
+            r = c["row"]
+            ctx = index["context"][r]
+            window = [w for w in range(r - 5, r + 4)
+                      if 0 <= w < len(store) and index["context"][w] == ctx]
+            assert window[c["center"]] == r and len(c["tokens"]) == len(window) == len(c["acts"])
+            np.testing.assert_array_equal(c["acts"], codes[window, latent])
+            assert c["value"] == codes[r, latent]
+            assert c["tokens"] == [tok.decode([t]) for t in index["token"][window]]
+            assert c["token_ids"] == index["token"][window].tolist()
+        assert [len(c["tokens"]) for c in out[:5]] == [4, 5, 6, 4, 5]  # clipped at context edges
+
+
+def test_row_bounds_are_the_kth_and_next_pre_activations(store, topk_dict, relu_dict):
+    x = store[:].astype(np.float64)
+    pre = ((x - topk_dict.b_dec.detach().double().numpy()) @ topk_dict.W_enc.detach().double().numpy()
+           + topk_dict.b_enc.detach().double().numpy())
+    ordered = -np.sort(-pre, axis=1)
+    s = feature_stats(store, topk_dict, progress=False)
+    np.testing.assert_array_equal(s.row_bounds, ordered[:, [K - 1, K]].astype(np.float32))
+    assert feature_stats(store, relu_dict, progress=False).row_bounds is None
+
+
+def test_latent_contexts_refuses_stats_of_another_dictionary(store, topk_dict):
+    other = TopKSAE(D, F, k=K)
+    other.load_state_dict(topk_dict.state_dict())
+    stats = feature_stats(store, other, progress=False)
+    latent_contexts(store, other, 3, [5], make_tokenizer(), stats=stats)
+    with torch.no_grad():
+        other.W_enc[0, 3] += 0.5  # in place: the remembered hash must notice
+    with pytest.raises(ValueError, match="another dictionary"):
+        latent_contexts(store, other, 3, [5], make_tokenizer(), stats=stats)
 
 
 def test_latent_contexts_rejects_bad_latent(store, topk_dict):
