@@ -122,7 +122,9 @@ class FeatureStats:
         except Exception as err:  # zip, json or missing-key errors all mean a damaged file
             raise FeatureStatsError(f"{str(path)!r} is damaged ({type(err).__name__}: {err}); "
                                     f"delete it and compute the statistics again.") from None
-        meta.pop("version", None)
+        if meta.pop("version", 0) > STATS_VERSION:
+            raise FeatureStatsError(f"{str(path)!r} was written by a newer sae_nb (format "
+                                    f"version > {STATS_VERSION}); upgrade sae_nb or delete it.")
         return cls(**meta, **arrays)
 
 
@@ -155,9 +157,13 @@ def dictionary_hash(dictionary: Dictionary) -> str:
 
 
 def _identity(store: ActivationStore, dictionary: Dictionary, settings: dict) -> dict:
+    """What cached statistics must agree on: the dictionary's encoder, the store's rows (its
+    identity fields and shard list, not its path: a moved run folder keeps its cache) and the
+    settings."""
     m = store.manifest
     shards = [(s["name"], s["rows"]) for s in m["shards"]]
-    return {"dictionary": dictionary_hash(dictionary), "store_manifest": {k: m.get(k) for k in IDENTITY}, "rows": len(store),
+    return {"dictionary": dictionary_hash(dictionary),
+            "store_manifest": {k: m.get(k) for k in IDENTITY}, "rows": len(store),
             "shards": hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16], **settings}
 
 
@@ -195,12 +201,8 @@ def _plain_pre_acts(dictionary: Dictionary) -> bool:
 @torch.no_grad()
 def _encode_nonzeros(dictionary: Dictionary, x: torch.Tensor, first_row: int,
                      scratch: dict) -> _Nonzeros:
-    """Encode ``x`` (B, D) and keep only the positive codes.
-
-    A plain TopK dictionary takes the fast path: one ``addmm`` into a reused (B, F) buffer (a
-    fresh 75 MB tensor per chunk costs more in page faults than the matmul's tail) and a top-k.
-    """
-    B = x.shape[0]
+    """Encode ``x`` (B, D) and keep only the positive codes: a plain TopK dictionary by the
+    fast path below, another TopK by its ``sparse_encode``, anything else densely."""
     if type(dictionary) is TopKSAE and _plain_pre_acts(dictionary):
         return _topk_nonzeros(dictionary, x, first_row, scratch)
     if isinstance(dictionary, TopKSAE):
@@ -284,8 +286,8 @@ class _Best:
         order = torch.sort(-score, stable=True).indices  # by score, row order among ties
         order = order[torch.sort(group[order], stable=True).indices]  # then by group
         group, score, row, value = group[order], score[order], row[order], value[order]
-        starts = torch.cumsum(torch.bincount(group, minlength=G), 0) - torch.bincount(group, minlength=G)
-        rank = torch.arange(group.numel()) - starts[group]
+        sizes = torch.bincount(group, minlength=G)
+        rank = torch.arange(group.numel()) - (torch.cumsum(sizes, 0) - sizes)[group]  # in group
         keep = rank < n
         new = _Best.empty(G, n)
         flat = group[keep] * n + rank[keep]

@@ -106,9 +106,16 @@ def in_interval(v: np.ndarray, edges: np.ndarray, q: int) -> np.ndarray:
     return (v >= edges[q]) & ((v <= edges[q + 1]) if last else (v < edges[q + 1]))
 
 
-@pytest.mark.parametrize("kind", ["topk", "relu"])
+class SubclassTopK(TopKSAE):
+    """Same maths as TopKSAE, but not the class itself: takes the ``sparse_encode`` path."""
+
+
+@pytest.mark.parametrize("kind", ["topk", "relu", "topk_subclass"])
 def test_stats_equal_brute_force(store, topk_dict, relu_dict, kind):
-    dictionary = topk_dict if kind == "topk" else relu_dict
+    dictionary = relu_dict if kind == "relu" else topk_dict
+    if kind == "topk_subclass":
+        dictionary = SubclassTopK(D, F, k=K)
+        dictionary.load_state_dict(topk_dict.state_dict())
     codes = dense_codes(store, dictionary)  # (N, F)
     s = feature_stats(store, dictionary, n_top=N_TOP, n_quantiles=N_Q, per_quantile=PER_Q,
                       n_bins=N_BINS, batch_size=700, progress=False)
@@ -270,25 +277,38 @@ def test_latent_contexts_rejects_bad_latent(store, topk_dict):
         latent_contexts(store, topk_dict, F, [0], make_tokenizer())
 
 
-def direct_effects(model, dictionary, layer_norm: bool) -> np.ndarray:
+def final_norm_and_unembed(model, family: str):
+    """Written out per family, independently of sae_nb's lookup."""
     hf = hf_model(model)
-    norm = hf.transformer.ln_f if layer_norm else hf.model.norm
-    W = dictionary.W_dec.detach().double()
-    if layer_norm:
-        W = W - W.mean(1, keepdim=True)
-    return ((W * norm.weight.detach().double()) @ hf.lm_head.weight.detach().double().T).numpy()
+    if family == "llama":
+        return hf.model.norm, hf.lm_head.weight
+    if family == "gpt2":
+        return hf.transformer.ln_f, hf.lm_head.weight
+    return hf.gpt_neox.final_layer_norm, hf.lm_head.weight  # transformers 5: lm_head
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
 def test_logit_effects_equal_direct_product(models, family, tmp_path):
     model = models[family]
-    hf = hf_model(model)
-    norm = hf.transformer.ln_f if family == "gpt2" else hf.model.norm
-    with torch.no_grad():  # a non-trivial gain, so that multiplying by it matters
-        norm.weight.copy_(torch.linspace(0.5, 2.0, norm.weight.numel()))
+    norm, unembed = final_norm_and_unembed(model, family)
+    saved = norm.weight.detach().clone()  # the models are shared by the whole session
+    try:
+        with torch.no_grad():  # a non-trivial gain, so that multiplying by it matters
+            norm.weight.copy_(torch.linspace(0.5, 2.0, norm.weight.numel()))
+        check_logit_effects(model, norm, unembed, tmp_path)
+    finally:
+        with torch.no_grad():
+            norm.weight.copy_(saved)
+
+
+def check_logit_effects(model, norm, unembed, tmp_path) -> None:
+    layer_norm = isinstance(norm, torch.nn.LayerNorm)
     dictionary = TopKSAE(32, 40, k=4)
     effects = logit_effects(model, dictionary, k=5, batch=16)
-    full = direct_effects(model, dictionary, layer_norm=family == "gpt2")  # (F, V)
+    W = dictionary.W_dec.detach().double()  # (F, D)
+    if layer_norm:  # LayerNorm centres its input
+        W = W - W.mean(1, keepdim=True)
+    full = ((W * norm.weight.detach().double()) @ unembed.detach().double().T).numpy()  # (F, V)
     top = np.argsort(-full, axis=1)[:, :5]
     bottom = np.argsort(full, axis=1)[:, :5]
     np.testing.assert_array_equal(effects.top_ids, top)
@@ -298,8 +318,14 @@ def test_logit_effects_equal_direct_product(models, family, tmp_path):
     table = effects.tokens(model.tokenizer, 3)
     assert list(table.columns) == ["promoted", "promoted_value", "suppressed", "suppressed_value"]
     assert table["promoted"].tolist() == [model.tokenizer.decode([int(i)]) for i in top[3]]
-    cached = logit_effects(model, dictionary, k=5, cache=tmp_path)
-    assert logit_effects(model, dictionary, k=5, cache=tmp_path).top_ids.tolist() == cached.top_ids.tolist()
+    first = logit_effects(model, dictionary, k=5, cache=tmp_path)
+    np.testing.assert_array_equal(first.top_ids, top)
+    with torch.no_grad():
+        norm.weight.fill_(1.0)  # the model changed, but its name did not: the cache answers
+    np.testing.assert_array_equal(logit_effects(model, dictionary, k=5, cache=tmp_path).top_ids, top)
+    other = TopKSAE(32, 40, k=4)  # another decoder: recomputed
+    again = logit_effects(model, other, k=5, cache=tmp_path)
+    assert not np.array_equal(again.top_ids, top)
 
 
 def test_logit_effects_width_mismatch(llama):
@@ -334,3 +360,36 @@ def test_binning_matches_numpy_histogram_at_the_edges():
         v = v[(v > 0) & (v <= e[-1])]
         got = np.bincount(features._bin(np.full(len(v), f), v, edges), minlength=10)
         np.testing.assert_array_equal(got, np.histogram(v, bins=e)[0])
+
+
+def test_stats_and_contexts_on_an_extracted_store(llama, corpus_dir, tmp_path):
+    """The real path: float16 activations of a tiny model, a random TopK; compared with a dense
+    ``encode`` of the whole store (up to float rounding, so near-ties may swap: values are
+    compared in order, rows by their own values)."""
+    import sae_nb
+
+    store = sae_nb.extract_activations(llama, tmp_path, sites=["resid_out_layer1"],
+                                       corpus=str(corpus_dir), n_tokens=1500, ctx_len=32,
+                                       batch_size=8, shard_rows=200, progress=False)["resid_out_layer1"]
+    dictionary = TopKSAE(32, 64, k=6)
+    with torch.no_grad():
+        dictionary.b_enc.normal_(0, 0.5)
+        dictionary.b_dec.normal_(0, 0.5)
+    codes = dictionary.encode(torch.from_numpy(store[:])).detach().numpy()  # (N, F)
+    s = feature_stats(store, dictionary, n_top=10, batch_size=256, progress=False)
+    count = (codes > 0).sum(0)
+    np.testing.assert_allclose(s.density * len(store), count, atol=2)  # rounding at relu(0)
+    np.testing.assert_allclose(s.max_act, codes.max(0), rtol=1e-5, atol=1e-6)
+    for f in range(64):
+        n = min(10, count[f])
+        np.testing.assert_allclose(s.top_values[f, :n], -np.sort(-codes[:, f])[:n], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(codes[s.top_rows[f, :n], f], s.top_values[f, :n], rtol=1e-5, atol=1e-6)
+    rows = np.unique(np.concatenate([s.top_rows[:, :3].reshape(-1), [0, len(store) - 1]]))
+    rows = rows[rows >= 0]
+    for latent in (0, 7, 63):
+        out = latent_contexts(store, dictionary, latent, rows, llama.tokenizer, stats=s)
+        for c in out:
+            lo = c["row"] - c["center"]
+            np.testing.assert_allclose(c["acts"], codes[lo : lo + len(c["acts"]), latent],
+                                       rtol=1e-5, atol=1e-6)
+            assert "".join(c["tokens"]) == llama.tokenizer.decode(c["token_ids"])
