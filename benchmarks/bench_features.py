@@ -27,17 +27,17 @@ import torch
 SITE = "resid_out_layer6"
 
 
-def open_or_extract(run_dir: str | None, n_tokens: int):
-    """The store of ``SITE`` in ``run_dir``, or a fresh extraction into outputs/bench-features."""
+def open_or_extract(model, run_dir: str | None, n_tokens: int):
+    """The store of ``SITE`` in ``run_dir``, or one extracted into outputs/bench-features
+    (resumed, not redone, on the next run)."""
     import sae_nb
 
     if run_dir is not None:
         return sae_nb.open_store(run_dir, SITE)
     run_dir = Path("outputs") / "bench-features"
-    print(f"extracting {n_tokens} tokens of {SITE} into {run_dir} (once) ...")
-    stores = sae_nb.extract_activations(sae_nb.load_model(), run_dir, sites=[SITE],
-                                        n_tokens=n_tokens, progress=False)
-    return stores[SITE]
+    print(f"extracting {n_tokens} tokens of {SITE} into {run_dir} ...")
+    return sae_nb.extract_activations(model, run_dir, sites=[SITE], n_tokens=n_tokens,
+                                      progress=False)[SITE]
 
 
 @torch.no_grad()
@@ -94,7 +94,8 @@ def main() -> None:
     import sae_nb
     from sae_nb.features import feature_stats, logit_effects
 
-    store = open_or_extract(args.run_dir, args.n_tokens)
+    model = sae_nb.load_model()
+    store = open_or_extract(model, args.run_dir, args.n_tokens)
     dictionary = sae_nb.load_default_dictionary()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; store {len(store)} rows x "
@@ -108,7 +109,6 @@ def main() -> None:
     slow = naive_baseline(store, dictionary, args.batch_size, args.baseline_chunks)
     print(f"naive baseline (dense encode + loop over latents, count/sum/max/top only): "
           f"{slow:8.0f} tokens/s over {args.baseline_chunks} chunks -> sae_nb is {fast / slow:.1f}x")
-    model = sae_nb.load_model()
     ms = time_contexts(store, dictionary, stats, model.tokenizer)
     print(f"latent_contexts, 20 windows of up to 21 tokens: {ms:.1f} ms per latent")
     if not args.skip_logits:

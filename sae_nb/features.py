@@ -417,13 +417,13 @@ def _first_pass(chunks: Iterator[_Nonzeros], F: int, n_top: int
     kept: list[_Nonzeros] | None = []
     n_kept = 0
     for nz in chunks:
-        with one_thread():
-            totals.add(nz)
         n_kept += nz.value.numel()
         if kept is not None and n_kept > MAX_KEPT_NONZEROS:
             kept = None
-        if kept is not None:
-            kept.append(_Nonzeros(nz.row.int(), nz.latent.int(), nz.value))
+        with one_thread():
+            totals.add(nz)
+            if kept is not None:
+                kept.append(_Nonzeros(nz.row.int(), nz.latent.int(), nz.value))
     return totals, kept
 
 
