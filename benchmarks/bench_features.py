@@ -84,8 +84,10 @@ def time_contexts(store, dictionary, stats, tokenizer, n_latents: int = 10) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-dir", default=None, help="a run folder holding a resid_out_layer6 store")
-    parser.add_argument("--n-tokens", type=int, default=100_000, help="tokens to extract without --run-dir")
+    parser.add_argument("--run-dir", default=None,
+                        help="a run folder holding a resid_out_layer6 store")
+    parser.add_argument("--n-tokens", type=int, default=100_000,
+                        help="tokens to extract when no --run-dir is given")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--baseline-chunks", type=int, default=2)
     parser.add_argument("--skip-logits", action="store_true")
@@ -108,7 +110,8 @@ def main() -> None:
     print(f"feature_stats (two passes, histograms, samples): {fast:8.0f} tokens/s, {seconds:.1f} s")
     slow = naive_baseline(store, dictionary, args.batch_size, args.baseline_chunks)
     print(f"naive baseline (dense encode + loop over latents, count/sum/max/top only): "
-          f"{slow:8.0f} tokens/s over {args.baseline_chunks} chunks -> sae_nb is {fast / slow:.1f}x")
+          f"{slow:8.0f} tokens/s over {args.baseline_chunks} chunks -> sae_nb is "
+          f"{fast / slow:.1f}x")
     ms = time_contexts(store, dictionary, stats, model.tokenizer)
     print(f"latent_contexts, 20 windows of up to 21 tokens: {ms:.1f} ms per latent")
     if not args.skip_logits:

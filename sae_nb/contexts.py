@@ -11,7 +11,6 @@ are encoded in full.
 
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Iterator
 
@@ -26,8 +25,6 @@ from .store import IDENTITY, ActivationStore
 
 if TYPE_CHECKING:
     from .features import FeatureStats
-
-log = logging.getLogger(__name__)
 
 # Rounding margin of a pre-activation, relative to |x - b_dec| * max_f |W_enc[:, f]| (+ |b|):
 # two float32 computations of one pre-activation (a gemm in the statistics pass, a gemv here)
@@ -58,7 +55,8 @@ def latent_contexts(store: ActivationStore, dictionary: Dictionary, latent: int,
     dict holds ``row``, ``tokens`` (decoded strings), ``token_ids``, ``acts``, ``center`` (the
     row's index in the window) and ``value`` (the activation at the row). Rows of -1 (padding
     in :class:`FeatureStats`) are skipped. Passing the ``stats`` of this dictionary and store
-    makes a TopK dictionary ~50x faster here (one encoder column instead of all).
+    lets a TopK dictionary read one encoder column instead of all (default dictionary, 20
+    windows, 2 busy cores: ~12 ms instead of ~35 ms); other stats raise a ``ValueError``.
     """
     _check_args(store, dictionary, latent)
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -195,7 +193,8 @@ def text_activations(model, dictionary: Dictionary, text: str, site: str | None 
     site = dictionary_site(dictionary, site)
     sites = resolve_sites(model, [site])
     _, ids, mask = next(sentence_batches([text], model.tokenizer, 1, max_len=max_len))
-    acts = run_sites(model, sites, torch.from_numpy(ids), torch.from_numpy(mask))[0][0, 1:]  # (T, D)
+    acts = run_sites(model, sites, torch.from_numpy(ids), torch.from_numpy(mask))[0]
+    acts = acts[0, 1:]  # (T, D), BOS dropped
     if acts.shape[-1] != dictionary.d_in:
         raise ValueError(f"Site {site!r} is {acts.shape[-1]} wide but the dictionary reads "
                          f"d_in={dictionary.d_in}: wrong model or site.")

@@ -68,9 +68,9 @@ class FeatureStats:
     density: np.ndarray  # (F,) fraction of tokens where the latent is > 0
     mean_act: np.ndarray  # (F,) mean activation over the tokens where it fires (0 if never)
     max_act: np.ndarray  # (F,)
-    top_rows: np.ndarray  # (F, n_top) int64 store rows, strongest first (ties: earlier row); -1 pads
+    top_rows: np.ndarray  # (F, n_top) int64 rows, strongest first (ties: earlier row); -1 pads
     top_values: np.ndarray  # (F, n_top) float32, 0 where padded
-    quantile_rows: np.ndarray  # (F, n_quantiles, per_quantile) int64 rows sampled per interval; -1 pads
+    quantile_rows: np.ndarray  # (F, n_quantiles, per_quantile) int64 sampled rows; -1 pads
     quantile_values: np.ndarray  # (F, n_quantiles, per_quantile) float32, 0 where padded
     quantile_bounds: np.ndarray  # (F, n_quantiles + 1) equal-width interval edges over [0, max_act]
     hist_edges: np.ndarray  # (F, n_bins + 1) equal-width bin edges over [0, max_act]
@@ -236,7 +236,7 @@ def _topk_nonzeros(dictionary: TopKSAE, x: torch.Tensor, first_row: int,
 def _flat_nonzeros(values: torch.Tensor, latents: torch.Tensor, first_row: int) -> _Nonzeros:
     """(B, k) codes as row-major nonzeros."""
     B, k = values.shape
-    rows = torch.arange(first_row, first_row + B).repeat_interleave(k)
+    rows = torch.arange(first_row, first_row + B, device=values.device).repeat_interleave(k)
     values, latents = values.reshape(-1).float(), latents.reshape(-1)
     keep = values > 0
     return _Nonzeros(rows[keep].cpu(), latents[keep].cpu(), values[keep].cpu())

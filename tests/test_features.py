@@ -91,7 +91,8 @@ def dense_codes(store, dictionary) -> np.ndarray:
     """The whole (N, F) code matrix, computed independently in float64."""
     x = store[:].astype(np.float64)
     W = dictionary.W_enc.detach().double().numpy()
-    pre = (x - dictionary.b_dec.detach().double().numpy()) @ W + dictionary.b_enc.detach().double().numpy()
+    b_dec, b_enc = (t.detach().double().numpy() for t in (dictionary.b_dec, dictionary.b_enc))
+    pre = (x - b_dec) @ W + b_enc
     if isinstance(dictionary, TopKSAE):
         keep = np.argsort(-pre, axis=1)[:, : dictionary.k]
         mask = np.zeros_like(pre, dtype=bool)
@@ -138,7 +139,8 @@ def test_stats_equal_brute_force(store, topk_dict, relu_dict, kind):
         assert (s.top_rows[f, n:] == -1).all() and (s.top_values[f, n:] == 0).all()
         v = codes[fired[:, f], f]
         if count[f]:
-            np.testing.assert_array_equal(np.histogram(v, bins=s.hist_edges[f])[0], s.hist_counts[f])
+            expected = np.histogram(v, bins=s.hist_edges[f])[0]
+            np.testing.assert_array_equal(s.hist_counts[f], expected)
         else:
             assert s.hist_counts[f].sum() == 0
         check_samples(s, f, codes[:, f])
@@ -157,7 +159,7 @@ def check_samples(s: FeatureStats, f: int, col: np.ndarray) -> None:
         rows = s.quantile_rows[f, q]
         values = s.quantile_values[f, q]
         real = rows >= 0
-        in_q = (col > 0) & in_interval(col, edges, q) if s.max_act[f] > 0 else np.zeros_like(col, bool)
+        in_q = (col > 0) & in_interval(col, edges, q)
         assert real.sum() == min(PER_Q, in_q.sum())
         assert (rows[~real] == -1).all() and (values[~real] == 0).all()
         assert len(set(rows[real])) == real.sum()
@@ -253,8 +255,9 @@ def test_latent_contexts_equal_direct_encoding(store, topk_dict, relu_dict, kind
 
 def test_row_bounds_are_the_kth_and_next_pre_activations(store, topk_dict, relu_dict):
     x = store[:].astype(np.float64)
-    pre = ((x - topk_dict.b_dec.detach().double().numpy()) @ topk_dict.W_enc.detach().double().numpy()
-           + topk_dict.b_enc.detach().double().numpy())
+    W, b_dec, b_enc = (t.detach().double().numpy()
+                       for t in (topk_dict.W_enc, topk_dict.b_dec, topk_dict.b_enc))
+    pre = (x - b_dec) @ W + b_enc
     ordered = -np.sort(-pre, axis=1)
     s = feature_stats(store, topk_dict, progress=False)
     np.testing.assert_array_equal(s.row_bounds, ordered[:, [K - 1, K]].astype(np.float32))
@@ -313,8 +316,9 @@ def check_logit_effects(model, norm, unembed, tmp_path) -> None:
     bottom = np.argsort(full, axis=1)[:, :5]
     np.testing.assert_array_equal(effects.top_ids, top)
     np.testing.assert_array_equal(effects.bottom_ids, bottom)
-    np.testing.assert_allclose(effects.top_values, np.take_along_axis(full, top, 1), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(effects.bottom_values, np.take_along_axis(full, bottom, 1), rtol=1e-4, atol=1e-5)
+    close = dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(effects.top_values, np.take_along_axis(full, top, 1), **close)
+    np.testing.assert_allclose(effects.bottom_values, np.take_along_axis(full, bottom, 1), **close)
     table = effects.tokens(model.tokenizer, 3)
     assert list(table.columns) == ["promoted", "promoted_value", "suppressed", "suppressed_value"]
     assert table["promoted"].tolist() == [model.tokenizer.decode([int(i)]) for i in top[3]]
@@ -322,7 +326,8 @@ def check_logit_effects(model, norm, unembed, tmp_path) -> None:
     np.testing.assert_array_equal(first.top_ids, top)
     with torch.no_grad():
         norm.weight.fill_(1.0)  # the model changed, but its name did not: the cache answers
-    np.testing.assert_array_equal(logit_effects(model, dictionary, k=5, cache=tmp_path).top_ids, top)
+    cached = logit_effects(model, dictionary, k=5, cache=tmp_path)
+    np.testing.assert_array_equal(cached.top_ids, top)
     other = TopKSAE(32, 40, k=4)  # another decoder: recomputed
     again = logit_effects(model, other, k=5, cache=tmp_path)
     assert not np.array_equal(again.top_ids, top)
@@ -368,9 +373,10 @@ def test_stats_and_contexts_on_an_extracted_store(llama, corpus_dir, tmp_path):
     compared in order, rows by their own values)."""
     import sae_nb
 
-    store = sae_nb.extract_activations(llama, tmp_path, sites=["resid_out_layer1"],
-                                       corpus=str(corpus_dir), n_tokens=1500, ctx_len=32,
-                                       batch_size=8, shard_rows=200, progress=False)["resid_out_layer1"]
+    stores = sae_nb.extract_activations(llama, tmp_path, sites=["resid_out_layer1"],
+                                        corpus=str(corpus_dir), n_tokens=1500, ctx_len=32,
+                                        batch_size=8, shard_rows=200, progress=False)
+    store = stores["resid_out_layer1"]
     dictionary = TopKSAE(32, 64, k=6)
     with torch.no_grad():
         dictionary.b_enc.normal_(0, 0.5)
@@ -382,8 +388,9 @@ def test_stats_and_contexts_on_an_extracted_store(llama, corpus_dir, tmp_path):
     np.testing.assert_allclose(s.max_act, codes.max(0), rtol=1e-5, atol=1e-6)
     for f in range(64):
         n = min(10, count[f])
-        np.testing.assert_allclose(s.top_values[f, :n], -np.sort(-codes[:, f])[:n], rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(codes[s.top_rows[f, :n], f], s.top_values[f, :n], rtol=1e-5, atol=1e-6)
+        close = dict(rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s.top_values[f, :n], -np.sort(-codes[:, f])[:n], **close)
+        np.testing.assert_allclose(codes[s.top_rows[f, :n], f], s.top_values[f, :n], **close)
     rows = np.unique(np.concatenate([s.top_rows[:, :3].reshape(-1), [0, len(store) - 1]]))
     rows = rows[rows >= 0]
     for latent in (0, 7, 63):
