@@ -17,7 +17,7 @@ import torch
 from conftest import make_tokenizer
 
 from sae_nb import contexts, features
-from sae_nb.dictionary import ReLUSAE, TopKSAE
+from sae_nb.dictionary import JumpReLUSAE, ReLUSAE, TopKSAE
 from sae_nb.extract import resolve_sites
 from sae_nb.features import (FeatureStats, FeatureStatsError, feature_stats, latent_contexts,
                              logit_effects, stats_folder, text_activations)
@@ -87,6 +87,19 @@ def relu_dict():
     return dictionary
 
 
+@pytest.fixture(scope="module")
+def jump_dict():
+    dictionary = exact_weights(JumpReLUSAE(D, F), seed=3)
+    with torch.no_grad():
+        dictionary.threshold.copy_(torch.randint(0, 9, (F,)) / 4)  # 0 .. 2
+    return dictionary
+
+
+@pytest.fixture
+def dictionaries(topk_dict, relu_dict, jump_dict) -> dict:
+    return {"topk": topk_dict, "relu": relu_dict, "jumprelu": jump_dict}
+
+
 def dense_codes(store, dictionary) -> np.ndarray:
     """The whole (N, F) code matrix, computed independently in float64."""
     x = store[:].astype(np.float64)
@@ -98,6 +111,8 @@ def dense_codes(store, dictionary) -> np.ndarray:
         mask = np.zeros_like(pre, dtype=bool)
         np.put_along_axis(mask, keep, True, axis=1)
         pre = np.where(mask, pre, 0.0)
+    if isinstance(dictionary, JumpReLUSAE):
+        pre = np.where(pre > dictionary.threshold.detach().double().numpy(), pre, 0.0)
     return np.maximum(pre, 0.0)
 
 
@@ -111,9 +126,9 @@ class SubclassTopK(TopKSAE):
     """Same maths as TopKSAE, but not the class itself: takes the ``sparse_encode`` path."""
 
 
-@pytest.mark.parametrize("kind", ["topk", "relu", "topk_subclass"])
-def test_stats_equal_brute_force(store, topk_dict, relu_dict, kind):
-    dictionary = relu_dict if kind == "relu" else topk_dict
+@pytest.mark.parametrize("kind", ["topk", "relu", "jumprelu", "topk_subclass"])
+def test_stats_equal_brute_force(store, dictionaries, topk_dict, kind):
+    dictionary = dictionaries.get(kind)
     if kind == "topk_subclass":
         dictionary = SubclassTopK(D, F, k=K)
         dictionary.load_state_dict(topk_dict.state_dict())
@@ -223,11 +238,12 @@ def test_width_mismatch_names_both_widths(store):
         feature_stats(store, TopKSAE(16, F, k=K), progress=False)
 
 
-@pytest.mark.parametrize("kind", ["topk", "relu", "topk_stats", "topk_stats_all_unsure"])
-def test_latent_contexts_equal_direct_encoding(store, topk_dict, relu_dict, kind, monkeypatch):
+@pytest.mark.parametrize("kind", ["topk", "relu", "jumprelu", "topk_stats",
+                                  "topk_stats_all_unsure"])
+def test_latent_contexts_equal_direct_encoding(store, dictionaries, kind, monkeypatch):
     """Without stats (full encode), with a TopK's row bounds (one encoder column), and with every
     row too close to call (the full-encode fallback), the windows hold the brute-force codes."""
-    dictionary = relu_dict if kind == "relu" else topk_dict
+    dictionary = dictionaries[kind.split("_")[0]]
     stats = feature_stats(store, dictionary, progress=False) if "stats" in kind else None
     if kind == "topk_stats":
         monkeypatch.setattr(contexts, "_full_encode", None)  # the fast path must decide alone
@@ -400,3 +416,18 @@ def test_stats_and_contexts_on_an_extracted_store(llama, corpus_dir, tmp_path):
             np.testing.assert_allclose(c["acts"], codes[lo : lo + len(c["acts"]), latent],
                                        rtol=1e-5, atol=1e-6)
             assert "".join(c["tokens"]) == llama.tokenizer.decode(c["token_ids"])
+
+
+def test_interval_samples_are_uniform():
+    """The hashed keys pick each of 10 candidate rows about equally often over 3000 seeds
+    (chi-square, 9 degrees of freedom, p ~ 1e-6 at 45), and they lie in [0, 1)."""
+    rows = np.arange(1000, 1010)
+    picks = np.zeros(10)
+    for seed in range(3000):
+        keys = features._sample_keys(rows, np.full(10, 7), seed)
+        assert (keys >= 0).all() and (keys < 1).all()
+        picks[np.argmin(keys)] += 1
+    expected = 3000 / 10
+    assert ((picks - expected) ** 2 / expected).sum() < 45
+    keys = features._sample_keys(np.arange(100_000), np.full(100_000, 3), 0)
+    assert abs(keys.mean() - 0.5) < 0.005 and len(np.unique(keys)) == 100_000
