@@ -39,6 +39,12 @@ def latent_order(stats, sort: str) -> np.ndarray:
     return np.argsort(-np.asarray(key, dtype=np.float64), kind="stable")
 
 
+def top_latents(stats, n: int, sort: str = "max activation") -> list[int]:
+    """The first ``n`` latents that fired at least once, in ``sort`` order (see
+    :func:`latent_order`): e.g. the latents to export to dashboards."""
+    return [int(i) for i in latent_order(stats, sort) if stats.density[i] > 0][:n]
+
+
 class LatentSearch:
     """Finds latents by the text around their strongest activations.
 
@@ -86,11 +92,14 @@ class FeatureExplorer:
 
     ``stats`` are ``features.feature_stats`` of ``dictionary`` on ``store``; ``model`` (for the
     text box) and ``logit_effects`` are optional. ``tokenizer`` defaults to the model's.
+    ``sort`` orders the slider (see :func:`latent_order`); ``n_contexts`` top contexts are
+    shown, each ``before`` tokens before and ``after`` after the token it fires on.
     Display it as the last expression of a cell, or ``display(explorer.widget)``.
     """
 
     def __init__(self, stats, store, dictionary, model=None, logit_effects=None, tokenizer=None,
-                 n_contexts: int = 10, before: int = 16, after: int = 4, cache_size: int = 64):
+                 sort: str = "index", n_contexts: int = 10, before: int = 16, after: int = 4,
+                 cache_size: int = 64):
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError("FeatureExplorer needs a tokenizer to show tokens: pass model=... "
@@ -106,15 +115,15 @@ class FeatureExplorer:
         self._search: LatentSearch | None = None
         self._text: tuple[list[str], np.ndarray] | None = None
         self._busy = False
-        self.order = latent_order(stats, "index")
+        self.order = latent_order(stats, sort)
         self.latent = -1
-        self._build_widgets()
+        self._build_widgets(sort)
         self.show_latent(int(self.order[0]))
 
     # -- layout --------------------------------------------------------------------------------
-    def _build_widgets(self) -> None:
+    def _build_widgets(self, sort: str) -> None:
         F = self.stats.d_sae
-        self.sort = widgets.Dropdown(options=SORTS, value="index", description="sort by")
+        self.sort = widgets.Dropdown(options=SORTS, value=sort, description="sort by")
         self.slider = widgets.IntSlider(0, min=0, max=F - 1, description="rank",
                                         continuous_update=False)
         self.number = widgets.BoundedIntText(0, min=0, max=F - 1, description="latent")

@@ -38,6 +38,8 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     "03_load_pretrained": {"fit_tokens": 256, "n_latents": 5},
     # 04 fetches the VADER sdist from PyPI once (cached in data/cache/), then probes 60 snippets.
     "04_probe": {"n_sentences": 60, "sweep_sites": ["resid_out_layer2"]},
+    # 06 reads 01's resid_out_layer6 store (2016 rows) with the shipped dictionary.
+    "06_visualize": {"n_top": 5, "n_latents_dashboard": 3},
 }
 
 

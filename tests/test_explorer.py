@@ -13,7 +13,7 @@ from bs4 import BeautifulSoup
 import sae_nb
 from sae_nb import explorer as explorer_module
 from sae_nb.dictionary import TopKSAE
-from sae_nb.explorer import FeatureExplorer, latent_order
+from sae_nb.explorer import FeatureExplorer, latent_order, top_latents
 from sae_nb.features import feature_stats, latent_contexts
 from sae_nb.models import hf_model
 
@@ -95,6 +95,14 @@ def test_sort_maps_the_slider_to_latents(explorer, setup):
     assert explorer.slider.value == int(np.nonzero(latent_order(stats, "density") == latent)[0][0])
     explorer.slider.value = 0
     check_shows(explorer, stats, int(np.argmax(stats.density)))
+    store, sae, _ = setup
+    by_density = FeatureExplorer(stats, store, sae, tokenizer=explorer.tokenizer, sort="density",
+                                 n_contexts=4, before=5, after=2)
+    assert by_density.sort.value == "density"
+    check_shows(by_density, stats, int(np.argmax(stats.density)))
+    chosen = top_latents(stats, 5)
+    assert chosen == np.argsort(-stats.max_act, kind="stable")[:5].tolist()
+    assert (stats.density[top_latents(stats, 64, "index")] > 0).all()
     with pytest.raises(ValueError, match="sort='size'"):
         latent_order(stats, "size")
     with pytest.raises(ValueError, match="latent=64"):
