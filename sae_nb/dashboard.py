@@ -20,8 +20,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from plotly.offline import get_plotlyjs
 
 from . import plotting
+from .features import latent_contexts
 
 SHADE_RGB = (255, 140, 0)  # the activation colour (dark orange), alpha = act / scale
 VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}  # whitespace drawn so a reader can see it
@@ -192,10 +194,6 @@ def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: st
     ``n_contexts`` contexts and examples from each activation quantile, every token shaded.
     The file is written to a temporary name and renamed, so it is complete or absent.
     """
-    from plotly.offline import get_plotlyjs
-
-    from .features import latent_contexts
-
     latents = [int(i) for i in latents]
     bad = [i for i in latents if not 0 <= i < stats.d_sae]
     if bad or not latents:

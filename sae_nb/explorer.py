@@ -56,11 +56,10 @@ class LatentSearch:
         rows = np.asarray(stats.top_rows)  # (F, n_top)
         valid = rows >= 0
         flat = np.where(valid, rows, 0).reshape(-1)
-        index = store.index(np.arange(len(store)))
-        offsets = np.arange(-window, 1)
-        around = np.clip(flat[:, None] + offsets, 0, len(store) - 1)  # (F * n_top, window + 1)
-        same = index["context"][around] == index["context"][flat][:, None]
-        ids = np.where(same, index["token"][around], -1)
+        around = np.clip(flat[:, None] + np.arange(-window, 1), 0, len(store) - 1)  # (F*n_top, W)
+        index = store.index(around.reshape(-1)).reshape(around.shape)
+        same = index["context"] == index["context"][:, -1:]  # the last column is the row itself
+        ids = np.where(same, index["token"], -1)
         vocab = {int(i): tokenizer.decode([int(i)]).lower() for i in np.unique(ids) if i >= 0}
         vocab[-1] = ""
         F, n_top = rows.shape
@@ -252,7 +251,7 @@ class FeatureExplorer:
         latents firing most on it. Returns the current latent's per-token activations."""
         if self.model is None:
             raise ValueError("The text box runs the model: create the explorer with model=....")
-        tokens, codes = text_activations(self.model, self.dictionary, text)
+        tokens, codes = text_activations(self.model, self.dictionary, text, site=self.stats.site)
         codes = codes.float().cpu().numpy()  # (T, F)
         self._text = (list(tokens), codes)
         peak = codes.max(0) if len(codes) else np.zeros(self.stats.d_sae, np.float32)
