@@ -56,9 +56,10 @@ class LatentSearch:
         rows = np.asarray(stats.top_rows)  # (F, n_top)
         valid = rows >= 0
         flat = np.where(valid, rows, 0).reshape(-1)
-        around = np.clip(flat[:, None] + np.arange(-window, 1), 0, len(store) - 1)  # (F*n_top, W)
-        index = store.index(around.reshape(-1)).reshape(around.shape)
-        same = index["context"] == index["context"][:, -1:]  # the last column is the row itself
+        around = flat[:, None] + np.arange(-window, 1)  # (F * n_top, window + 1)
+        inside = around >= 0
+        index = store.index(np.maximum(around, 0).reshape(-1)).reshape(around.shape)
+        same = inside & (index["context"] == index["context"][:, -1:])  # last column: the row
         ids = np.where(same, index["token"], -1)
         vocab = {int(i): tokenizer.decode([int(i)]).lower() for i in np.unique(ids) if i >= 0}
         vocab[-1] = ""

@@ -14,7 +14,7 @@ import sae_nb
 from sae_nb import explorer as explorer_module
 from sae_nb.dictionary import TopKSAE
 from sae_nb.explorer import FeatureExplorer, latent_order, top_latents
-from sae_nb.features import feature_stats, latent_contexts
+from sae_nb.features import LogitEffects, feature_stats, latent_contexts
 from sae_nb.models import hf_model
 
 SITE = "resid_out_layer1"
@@ -186,3 +186,21 @@ def test_recent_latents_are_cached(explorer, setup, monkeypatch):
     explorer.show_latent(alive[0])  # evicted: encoded again
     assert calls == alive + alive[:1]
     assert re.search(r"latent \d+", explorer.summary.value)
+
+
+def test_logit_effects_panel_and_search_by_promoted_token(setup, llama):
+    store, sae, stats = setup
+    tok = llama.tokenizer
+    F, k = stats.d_sae, 3
+    a, q, z = (tok.convert_tokens_to_ids(c) for c in "aQz")  # no "q" in the test corpus
+    top_ids = np.full((F, k), a)
+    top_ids[7, 1] = q
+    values = np.arange(F * k, dtype=np.float32).reshape(F, k)
+    effects = LogitEffects(top_ids, values, np.full((F, k), z), -values)
+    explorer = FeatureExplorer(stats, store, sae, tokenizer=tok, logit_effects=effects)
+    explorer.number.value = 7
+    rows = BeautifulSoup(explorer.logits.value, "html.parser").find_all("tr")[1:]
+    cells = [[td.get_text() for td in tr.find_all("td")] for tr in rows]
+    assert cells == [["a", "+21.000", "z", "-21.000"], ["Q", "+22.000", "z", "-22.000"],
+                     ["a", "+23.000", "z", "-23.000"]]
+    assert explorer.search("Q") == [7]
