@@ -27,8 +27,9 @@ from .features import latent_contexts
 
 SHADE_RGB = (255, 140, 0)  # the activation colour (dark orange), alpha = act / scale
 VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}  # whitespace drawn so a reader can see it
+# Styles of the shaded tokens and tables: the dashboards' and, scoped to the widget, the
+# explorer's (JupyterLab applies a widget's <style> to the whole page).
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 .tokens { font-family: ui-monospace, monospace; font-size: 13px; white-space: pre-wrap;
           line-height: 1.7; }
 .tok { border-radius: 2px; }
@@ -40,11 +41,21 @@ table.logits { border-collapse: collapse; font-size: 13px; }
 table.logits td, table.logits th { padding: 1px 8px; text-align: left; }
 table.logits td.num { font-family: ui-monospace, monospace; text-align: right; }
 .summary span { margin-right: 1.5em; }
+.muted { color: #777; }
+"""
+PAGE_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
 section.latent { border-top: 2px solid #ddd; margin-top: 2em; padding-top: 0.5em; }
 .panels { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }
 .hist { width: 520px; }
-.muted { color: #777; }
 """
+
+
+def scoped_css(scope: str, css: str = CSS) -> str:
+    """``css`` with every selector prefixed by ``scope`` (e.g. a widget's class)."""
+    rules = [r.split("{", 1) for r in css.split("}") if "{" in r]
+    return "\n".join(", ".join(f"{scope} {sel.strip()}" for sel in head.split(",")) + " {" + body
+                     + "}" for head, body in rules)
 
 
 # -- tokens -----------------------------------------------------------------------------------
@@ -179,7 +190,7 @@ def latent_section_html(stats, latent: int, top_contexts: list[dict],
 def page_html(title: str, header: str, sections: Sequence[str], plotlyjs: str) -> str:
     """A whole self-contained page: styles and plotly.js inline, then the sections."""
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}'
-            f'</title><style>{CSS}</style><script type="text/javascript">{plotlyjs}</script>'
+            f'</title><style>{PAGE_CSS}{CSS}</style><script type="text/javascript">{plotlyjs}</script>'
             f'</head><body><h1>{html.escape(title)}</h1>{header}{"".join(sections)}'
             f'</body></html>')
 

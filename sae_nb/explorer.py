@@ -22,11 +22,12 @@ import numpy as np
 import plotly.graph_objects as go
 
 from . import plotting
-from .dashboard import (CSS, contexts_html, latents_table_html, logit_table_html,
-                        shaded_tokens_html, summary_html)
+from .dashboard import (contexts_html, latents_table_html, logit_table_html,
+                        scoped_css, shaded_tokens_html, summary_html)
 from .features import latent_contexts, text_activations
 
 SORTS = ("index", "density", "max activation")
+WIDGET_CLASS = "sae-nb-explorer"  # the explorer's styles apply inside this class only
 
 
 def latent_order(stats, sort: str) -> np.ndarray:
@@ -149,7 +150,7 @@ class FeatureExplorer:
         self.text_jump.observe(lambda c: self._jump(c["new"]), names="value")
         self.run_button.on_click(lambda _: self._on_run())
         self.widget = widgets.VBox([
-            widgets.HTML(f"<style>{CSS}</style>"),
+            widgets.HTML(f"<style>{scoped_css('.' + WIDGET_CLASS)}</style>"),
             widgets.HBox([self.sort, self.slider, self.number]),
             widgets.HBox([self.query, self.matches]),
             self.summary,
@@ -162,6 +163,8 @@ class FeatureExplorer:
             self.text_view,
             widgets.HBox([self.text_latents, self.text_jump]),
         ])
+
+        self.widget.add_class(WIDGET_CLASS)
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)

@@ -204,3 +204,14 @@ def test_logit_effects_panel_and_search_by_promoted_token(setup, llama):
     assert cells == [["a", "+21.000", "z", "-21.000"], ["Q", "+22.000", "z", "-22.000"],
                      ["a", "+23.000", "z", "-23.000"]]
     assert explorer.search("Q") == [7]
+
+
+def test_styles_stay_inside_the_widget(explorer):
+    """JupyterLab applies a widget's <style> to the whole page: every rule must be scoped."""
+    assert "sae-nb-explorer" in explorer.widget._dom_classes
+    style = explorer.widget.children[0].value
+    rules = re.findall(r"([^{}]+)\{", style.removeprefix("<style>"))
+    assert len(rules) >= 8
+    for head in rules:
+        for selector in head.split(","):
+            assert selector.strip().startswith(".sae-nb-explorer "), selector
