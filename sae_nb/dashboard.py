@@ -7,7 +7,7 @@ is escaped, and newlines and tabs are drawn as visible symbols.
 
 ``export_dashboards`` writes one HTML file for a list of latents: an index, then a section per
 latent with its summary, activation histogram (plotly.js embedded once, inline), logit effects,
-top contexts and examples from each activation quantile. It opens offline, with no server.
+top contexts and examples from each activation interval. It opens offline, with no server.
 """
 
 from __future__ import annotations
@@ -155,21 +155,24 @@ def dashboard_path(run_dir: str | Path, dictionary) -> Path:
     return Path(run_dir) / "dashboards" / f"{dictionary_label(dictionary)}.html"
 
 
-def quantile_sections(stats, latent: int) -> list[tuple[str, np.ndarray]]:
-    """``(label, rows)`` per activation quantile of a latent, strongest quantile first."""
+def interval_sections(stats, latent: int) -> list[tuple[str, np.ndarray]]:
+    """``(label, rows)`` per activation interval of a latent (``FeatureStats.quantile_rows``:
+    equal-width intervals of ``(0, max_act]``), strongest interval first."""
     bounds = stats.quantile_bounds[latent]
     out = []
-    for q in reversed(range(stats.quantile_rows.shape[1])):
+    n = stats.quantile_rows.shape[1]
+    for q in reversed(range(n)):
         rows = stats.quantile_rows[latent, q]
         rows = rows[rows >= 0]
         if len(rows):
-            out.append((f"quantile {q + 1}: activations {bounds[q]:.3g} to {bounds[q + 1]:.3g}",
+            out.append((f"interval {q + 1} of {n}: activations {bounds[q]:.3g} to "
+                        f"{bounds[q + 1]:.3g}",
                         rows))
     return out
 
 
 def latent_section_html(stats, latent: int, top_contexts: list[dict],
-                        quantiles: list[tuple[str, list[dict]]], logit_table: pd.DataFrame | None,
+                        intervals: list[tuple[str, list[dict]]], logit_table: pd.DataFrame | None,
                         ) -> str:
     """One latent's dashboard section: summary, histogram, logit effects, contexts."""
     fig = plotting.latent_histogram_figure(stats.hist_edges[latent], stats.hist_counts[latent],
@@ -177,14 +180,14 @@ def latent_section_html(stats, latent: int, top_contexts: list[dict],
     hist = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"hist-{latent}",
                        config={"displayModeBar": False})
     scale = float(stats.max_act[latent])
-    quantile_html = "".join(f"<h4>{html.escape(label)}</h4>{contexts_html(c, scale)}"
-                            for label, c in quantiles)
+    interval_html = "".join(f"<h4>{html.escape(label)}</h4>{contexts_html(c, scale)}"
+                            for label, c in intervals)
     return (f'<section class="latent" id="latent-{latent}" data-latent="{latent}">'
             f'<h2>Latent {latent}</h2>{summary_html(stats, latent)}'
             f'<div class="panels"><div class="hist">{hist}</div>'
             f'<div><h3>Logit effects</h3>{logit_table_html(logit_table)}</div></div>'
             f'<h3>Top activations</h3>{contexts_html(top_contexts, scale)}'
-            f'<h3>Examples by activation quantile</h3>{quantile_html}</section>')
+            f'<h3>Examples by activation interval</h3>{interval_html}</section>')
 
 
 def page_html(title: str, header: str, sections: Sequence[str], plotlyjs: str) -> str:
@@ -202,7 +205,7 @@ def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: st
 
     Per latent: density, mean and max activation, the histogram of its nonzero activations,
     the output tokens it promotes and suppresses (when ``logit_effects`` is given), its top
-    ``n_contexts`` contexts and examples from each activation quantile, every token shaded.
+    ``n_contexts`` contexts and examples from each activation interval, every token shaded.
     The file is written to a temporary name and renamed, so it is complete or absent.
     """
     latents = [int(i) for i in latents]
@@ -216,7 +219,7 @@ def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: st
     sections = []
     for latent in latents:
         top = stats.top_rows[latent, :n_contexts]
-        groups = [("top", top[top >= 0])] + quantile_sections(stats, latent)
+        groups = [("top", top[top >= 0])] + interval_sections(stats, latent)
         rows = np.concatenate([r for _, r in groups]).astype(np.int64)
         contexts = latent_contexts(store, dictionary, latent, rows, tokenizer, before, after)
         split = np.cumsum([len(r) for _, r in groups])[:-1]

@@ -129,7 +129,11 @@ def test_export_writes_one_self_contained_file(exported):
     sections = check_sections(soup, stats, latents, store, sae, tokenizer)
     for section, latent in zip(sections, latents):
         assert f"{stats.max_act[latent]:.4g}" in section.find("div", class_="summary").get_text()
-        assert section.find_all("h4")  # examples from the activation intervals
+        intervals = section.find_all("table", class_="contexts")[1:]
+        expected = [r[r >= 0].tolist() for r in stats.quantile_rows[latent][::-1] if (r >= 0).any()]
+        assert [[int(tr["data-row"]) for tr in t.find_all("tr")] for t in intervals] == expected
+        labels = [h.get_text() for h in section.find_all("h4")]
+        assert len(labels) == len(expected) and labels[0].startswith("interval 3 of 3")
     assert [a["href"] for a in soup.find_all("a")] == [f"#latent-{i}" for i in latents]
 
 
