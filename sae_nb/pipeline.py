@@ -41,6 +41,8 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     # 05 clusters the 44 sentences at the silhouette's k and groups 200 latents of 01's store.
     "05_cluster": {"n_clusters": 0, "k_max": 6, "chunk_rows": 512, "min_fires": 3,
                    "max_latents": 200},
+    # 06 reads 01's resid_out_layer6 store (2016 rows) with the shipped dictionary.
+    "06_visualize": {"n_top": 5, "n_latents_dashboard": 3},
 }
 
 

@@ -307,3 +307,55 @@ def family_heatmap_figure(families, tokens: Mapping[int, list[str]] | None = Non
                       yaxis={"type": "category", "autorange": "reversed"},
                       height=max(450, 14 * len(members) + 150))
     return fig
+
+
+# ---------------------------------------------------------------- latents (the explorer)
+
+
+def latent_histogram_figure(edges: np.ndarray, counts: np.ndarray,
+                            title: str = "Activation histogram (nonzero activations)") -> go.Figure:
+    """Bar histogram of one latent's nonzero activations from precomputed ``edges`` (n_bins + 1)
+    and ``counts`` (n_bins), e.g. ``FeatureStats.hist_edges[i]`` and ``hist_counts[i]``.
+
+    The bars keep their bin widths, so a figure widget can swap in another latent's bins."""
+    x, width, y = histogram_bars(edges, counts)
+    fig = go.Figure(go.Bar(x=x, y=y, width=width, marker_color="darkorange", name="tokens",
+                           hovertemplate="activation %{x:.3g}<br>%{y:,} tokens<extra></extra>"))
+    fig.update_layout(title=title, xaxis_title="activation", yaxis_title="tokens",
+                      template="plotly_white", bargap=0, showlegend=False, height=280,
+                      margin={"l": 50, "r": 10, "t": 40, "b": 40})
+    return fig
+
+
+def histogram_bars(edges, counts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(centers, widths, counts)`` of the bars of a histogram given by its bin edges."""
+    edges = np.asarray(edges, dtype=np.float64)
+    counts = np.asarray(counts)
+    if edges.ndim != 1 or len(edges) != len(counts) + 1:
+        raise ValueError(f"A histogram needs n + 1 edges for n counts; got {edges.shape} edges "
+                         f"and {counts.shape} counts.")
+    return (edges[:-1] + edges[1:]) / 2, np.diff(edges), counts
+
+
+def density_max_figure(density: np.ndarray, max_act: np.ndarray,
+                       latents: np.ndarray | None = None) -> go.Figure:
+    """Each latent's firing frequency (log axis) against its largest activation, one point per
+    alive latent; hovering names the latent. Dense, weak latents sit bottom right, rare strong
+    ones top left. ``latents`` (optional) are marked in red, e.g. those exported to dashboards."""
+    density, max_act = np.asarray(density, np.float64), np.asarray(max_act, np.float64)
+    alive = np.nonzero(density > 0)[0]
+    fig = go.Figure(go.Scattergl(
+        x=density[alive], y=max_act[alive], mode="markers", customdata=alive, name="latents",
+        marker={"size": 4, "opacity": 0.5},
+        hovertemplate="latent %{customdata}<br>density %{x:.2e}<br>max %{y:.3g}<extra></extra>"))
+    if latents is not None and len(latents):
+        latents = np.asarray(latents)
+        fig.add_trace(go.Scattergl(
+            x=density[latents], y=max_act[latents], mode="markers", customdata=latents,
+            name="chosen", marker={"size": 8, "color": "crimson"},
+            hovertemplate="latent %{customdata}<br>density %{x:.2e}<br>max %{y:.3g}<extra></extra>"))
+    fig.update_layout(title=f"Firing frequency and largest activation ({len(alive)} alive latents)",
+                      xaxis_title="firing frequency (log scale)", yaxis_title="max activation",
+                      template="plotly_white", showlegend=False)
+    fig.update_xaxes(type="log")
+    return fig

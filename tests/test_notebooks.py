@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,9 +139,40 @@ def check_05_cluster(run_dir: Path, values: dict) -> None:
     assert len(figures) == 4  # silhouette, the text map, two family heatmaps
 
 
+def check_06_visualize(run_dir: Path, values: dict) -> None:
+    from bs4 import BeautifulSoup
+
+    from sae_nb.explorer import top_latents
+    from sae_nb.features import FeatureStats, stats_folder
+
+    store = open_stores(run_dir)["resid_out_layer6"]
+    stats = FeatureStats.load(stats_folder(run_dir, "topk_4608_k32"))
+    assert (stats.d_sae, stats.n_tokens, stats.top_rows.shape[1]) == (4608, len(store),
+                                                                      values["n_top"])
+    assert 0.5 < (stats.density > 0).mean() and 16 < stats.density.sum() <= 32 + 1e-6  # L0, k 32
+    page = run_dir / "dashboards" / "topk_4608_k32.html"
+    soup = BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser")
+    sections = soup.find_all("section", class_="latent")
+    latents = top_latents(stats, values["n_latents_dashboard"], values["sort"])
+    assert [int(s["data-latent"]) for s in sections] == latents
+    for section, latent in zip(sections, latents):
+        centers = section.find("table", class_="contexts").find_all("span", class_="center")
+        assert len(centers) == min(10, values["n_top"])  # the top contexts, all shaded
+        assert float(centers[0]["title"]) == pytest.approx(stats.max_act[latent], rel=1e-2)
+        assert float(re.search(r"rgba\(255,140,0,([0-9.]+)\)", centers[0]["style"]).group(1)) > 0.99
+        assert len(section.find("table", class_="logits").find_all("tr")) == 11  # head + k 10
+        assert section.find("div", id=f"hist-{latent}") is not None
+    executed = nbformat.read(run_dir / "06_visualize.ipynb", as_version=4)
+    (explorer,) = [c for c in executed.cells if c.source.startswith("FeatureExplorer(")]
+    assert "application/vnd.jupyter.widget-view+json" in explorer.outputs[0]["data"]
+    figures = [o for c in executed.cells for o in c.get("outputs", [])
+               if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) == 2  # the density histogram and density against max activation
+
+
 CHECKS = {"01_extract": check_01_extract, "02_train": check_02_train,
           "03_load_pretrained": check_03_load_pretrained, "04_probe": check_04_probe,
-          "05_cluster": check_05_cluster}
+          "05_cluster": check_05_cluster, "06_visualize": check_06_visualize}
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,254 @@
+"""HTML views of latents: shaded tokens, summaries, logit tables, and self-contained dashboards.
+
+The pieces here are shared by the live explorer (``sae_nb.explorer``) and the static export.
+Every token is one ``<span class="tok">`` whose background alpha is its activation over a scale
+(the latent's largest activation), with the value in its ``title`` (shown on hover). Token text
+is escaped, and newlines and tabs are drawn as visible symbols.
+
+``export_dashboards`` writes one HTML file for a list of latents: an index, then a section per
+latent with its summary, activation histogram (plotly.js embedded once, inline), logit effects,
+top contexts and examples from each activation interval. It opens offline, with no server.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from plotly.offline import get_plotlyjs
+
+from . import plotting
+from .features import latent_contexts
+
+SHADE_RGB = (255, 140, 0)  # the activation colour (dark orange), alpha = act / scale
+VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}  # whitespace drawn so a reader can see it
+# Styles of the shaded tokens and tables: the dashboards' and, scoped to the widget, the
+# explorer's (JupyterLab applies a widget's <style> to the whole page).
+CSS = """
+.tokens { font-family: ui-monospace, monospace; font-size: 13px; white-space: pre-wrap;
+          line-height: 1.7; }
+.tok { border-radius: 2px; }
+.tok.center { outline: 1.5px solid #b35900; }
+table.contexts td.value { font-family: ui-monospace, monospace; text-align: right;
+                          padding-right: 0.8em; color: #b35900; vertical-align: top; }
+table.contexts td { padding: 1px 4px; }
+table.logits { border-collapse: collapse; font-size: 13px; }
+table.logits td, table.logits th { padding: 1px 8px; text-align: left; }
+table.logits td.num { font-family: ui-monospace, monospace; text-align: right; }
+.summary span { margin-right: 1.5em; }
+.muted { color: #777; }
+"""
+PAGE_CSS = """
+body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
+section.latent { border-top: 2px solid #ddd; margin-top: 2em; padding-top: 0.5em; }
+.panels { display: flex; flex-wrap: wrap; gap: 2em; align-items: flex-start; }
+.hist { width: 520px; }
+"""
+
+
+def scoped_css(scope: str, css: str = CSS) -> str:
+    """``css`` with every selector prefixed by ``scope`` (e.g. a widget's class)."""
+    rules = [r.split("{", 1) for r in css.split("}") if "{" in r]
+    return "\n".join(", ".join(f"{scope} {sel.strip()}" for sel in head.split(",")) + " {" + body
+                     + "}" for head, body in rules)
+
+
+# -- tokens -----------------------------------------------------------------------------------
+
+def display_token(token: str) -> str:
+    """A token as escaped HTML text, with newlines and tabs as visible symbols."""
+    if token == "":
+        return '<span class="muted">∅</span>'
+    return html.escape("".join(VISIBLE.get(c, c) for c in token))
+
+
+def shade_alpha(act: float, scale: float) -> float:
+    """Background alpha of a token: ``act / scale`` clipped to [0, 1] (0 when scale <= 0)."""
+    if not scale > 0 or not act > 0:
+        return 0.0
+    return round(min(float(act) / float(scale), 1.0), 3)
+
+
+def token_span(token: str, act: float, scale: float, center: bool = False) -> str:
+    """One token as a ``<span>`` shaded by its activation, the value in its ``title``."""
+    r, g, b = SHADE_RGB
+    cls = "tok center" if center else "tok"
+    return (f'<span class="{cls}" style="background-color: rgba({r},{g},{b},'
+            f'{shade_alpha(act, scale)})" title="{float(act):.4g}">{display_token(token)}</span>')
+
+
+def shaded_tokens_html(tokens: Sequence[str], acts: Sequence[float], scale: float,
+                       center: int | None = None) -> str:
+    """A run of tokens, each shaded by its activation relative to ``scale``."""
+    if len(tokens) != len(acts):
+        raise ValueError(f"{len(tokens)} tokens but {len(acts)} activations; pass one activation "
+                         f"per token.")
+    spans = "".join(token_span(t, a, scale, i == center) for i, (t, a) in
+                    enumerate(zip(tokens, acts)))
+    return f'<span class="tokens">{spans}</span>'
+
+
+def contexts_html(contexts: Iterable[dict], scale: float) -> str:
+    """A table of contexts (``features.latent_contexts``'s dicts), one per line: the activation
+    at the centre token, then the shaded tokens."""
+    rows = [f'<tr data-row="{c["row"]}"><td class="value">{c["value"]:.3g}</td><td>'
+            f'{shaded_tokens_html(c["tokens"], c["acts"], scale, c["center"])}</td></tr>'
+            for c in contexts]
+    if not rows:
+        return '<p class="muted">No examples: this latent never fired on the store.</p>'
+    return f'<table class="contexts">{"".join(rows)}</table>'
+
+
+# -- tables -----------------------------------------------------------------------------------
+
+def summary_html(stats, latent: int) -> str:
+    """Density, mean activation where firing, and largest activation of one latent."""
+    density = float(stats.density[latent])
+    fired = int(round(density * stats.n_tokens))
+    return (f'<div class="summary"><span><b>latent {latent}</b></span>'
+            f'<span>density {density:.3%} ({fired:,} of {stats.n_tokens:,} tokens)</span>'
+            f'<span>mean when firing {float(stats.mean_act[latent]):.4g}</span>'
+            f'<span>max {float(stats.max_act[latent]):.4g}</span></div>')
+
+
+def logit_table_html(table: pd.DataFrame | None) -> str:
+    """Promoted and suppressed output tokens (``LogitEffects.tokens``) as an HTML table."""
+    if table is None:
+        return '<p class="muted">No logit effects (pass logit_effects).</p>'
+    head = ("<tr><th>promoted</th><th></th><th>suppressed</th><th></th></tr>")
+    body = "".join(
+        f'<tr><td class="tokens">{display_token(str(r.promoted))}</td>'
+        f'<td class="num">{r.promoted_value:+.3f}</td>'
+        f'<td class="tokens">{display_token(str(r.suppressed))}</td>'
+        f'<td class="num">{r.suppressed_value:+.3f}</td></tr>'
+        for r in table.itertuples())
+    return f'<table class="logits">{head}{body}</table>'
+
+
+def latents_table_html(latents: Sequence[int], values: Sequence[float],
+                       densities: Sequence[float] | None = None) -> str:
+    """A small table of latents and a value each (e.g. the strongest latents of a text)."""
+    densities = densities if densities is not None else [None] * len(latents)
+    rows = "".join(
+        f'<tr><td>{int(i)}</td><td class="num">{float(v):.4g}</td>'
+        f'<td class="num">{"" if d is None else f"{float(d):.3%}"}</td></tr>'
+        for i, v, d in zip(latents, values, densities))
+    return (f'<table class="logits"><tr><th>latent</th><th>max on text</th><th>density</th></tr>'
+            f'{rows}</table>')
+
+
+# -- the static export ------------------------------------------------------------------------
+
+def dictionary_label(dictionary) -> str:
+    """A short name for a dictionary: its folder's name, else its class name."""
+    path = (getattr(dictionary, "metadata", None) or {}).get("path")
+    return Path(path).name if path else type(dictionary).__name__
+
+
+def dashboard_path(run_dir: str | Path, dictionary) -> Path:
+    """``run_dir/dashboards/<dictionary name>.html``, where the notebook exports dashboards."""
+    return Path(run_dir) / "dashboards" / f"{dictionary_label(dictionary)}.html"
+
+
+def interval_sections(stats, latent: int) -> list[tuple[str, np.ndarray]]:
+    """``(label, rows)`` per activation interval of a latent (``FeatureStats.quantile_rows``:
+    equal-width intervals of ``(0, max_act]``), strongest interval first."""
+    bounds = stats.quantile_bounds[latent]
+    out = []
+    n = stats.quantile_rows.shape[1]
+    for q in reversed(range(n)):
+        rows = stats.quantile_rows[latent, q]
+        rows = rows[rows >= 0]
+        if len(rows):
+            out.append((f"interval {q + 1} of {n}: activations {bounds[q]:.3g} to "
+                        f"{bounds[q + 1]:.3g}",
+                        rows))
+    return out
+
+
+def latent_section_html(stats, latent: int, top_contexts: list[dict],
+                        intervals: list[tuple[str, list[dict]]], logit_table: pd.DataFrame | None,
+                        ) -> str:
+    """One latent's dashboard section: summary, histogram, logit effects, contexts."""
+    fig = plotting.latent_histogram_figure(stats.hist_edges[latent], stats.hist_counts[latent],
+                                           title=f"latent {latent}: nonzero activations")
+    hist = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"hist-{latent}",
+                       config={"displayModeBar": False})
+    scale = float(stats.max_act[latent])
+    interval_html = "".join(f"<h4>{html.escape(label)}</h4>{contexts_html(c, scale)}"
+                            for label, c in intervals)
+    return (f'<section class="latent" id="latent-{latent}" data-latent="{latent}">'
+            f'<h2>Latent {latent}</h2>{summary_html(stats, latent)}'
+            f'<div class="panels"><div class="hist">{hist}</div>'
+            f'<div><h3>Logit effects</h3>{logit_table_html(logit_table)}</div></div>'
+            f'<h3>Top activations</h3>{contexts_html(top_contexts, scale)}'
+            f'<h3>Examples by activation interval</h3>{interval_html}</section>')
+
+
+def page_html(title: str, header: str, sections: Sequence[str], plotlyjs: str) -> str:
+    """A whole self-contained page: styles and plotly.js inline, then the sections."""
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}'
+            f'</title><style>{PAGE_CSS}{CSS}</style><script type="text/javascript">{plotlyjs}</script>'
+            f'</head><body><h1>{html.escape(title)}</h1>{header}{"".join(sections)}'
+            f'</body></html>')
+
+
+def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: str | Path,
+                      logit_effects=None, tokenizer=None, n_contexts: int = 10,
+                      before: int = 16, after: int = 4) -> Path:
+    """Write one self-contained HTML dashboard file for ``latents`` to ``path``; returns it.
+
+    Per latent: density, mean and max activation, the histogram of its nonzero activations,
+    the output tokens it promotes and suppresses (when ``logit_effects`` is given), its top
+    ``n_contexts`` contexts and examples from each activation interval, every token shaded.
+    The file is written to a temporary name and renamed, so it is complete or absent.
+    """
+    latents = [int(i) for i in latents]
+    bad = [i for i in latents if not 0 <= i < stats.d_sae]
+    if bad or not latents:
+        raise ValueError(f"Latents {bad or latents} are not in 0..{stats.d_sae - 1}; pass a "
+                         f"non-empty list of latent indices of this dictionary.")
+    if tokenizer is None:
+        raise ValueError("export_dashboards needs tokenizer=... (e.g. model.tokenizer) to show "
+                         "the tokens of each context.")
+    sections = []
+    for latent in latents:
+        top = stats.top_rows[latent, :n_contexts]
+        groups = [("top", top[top >= 0])] + interval_sections(stats, latent)
+        rows = np.concatenate([r for _, r in groups]).astype(np.int64)
+        contexts = latent_contexts(store, dictionary, latent, rows, tokenizer, before, after)
+        split = np.cumsum([len(r) for _, r in groups])[:-1]
+        parts = np.split(np.arange(len(rows)), split)
+        grouped = [[contexts[j] for j in part] for part in parts]
+        table = logit_effects.tokens(tokenizer, latent) if logit_effects is not None else None
+        sections.append(latent_section_html(stats, latent, grouped[0],
+                                            list(zip([g[0] for g in groups[1:]], grouped[1:])),
+                                            table))
+    title = f"{dictionary_label(dictionary)} · {stats.model} · {stats.site}"
+    page = page_html(title, index_html(stats, latents), sections, get_plotlyjs())
+    return atomic_write_text(Path(path), page)
+
+
+def index_html(stats, latents: Sequence[int]) -> str:
+    """The page header: what the statistics cover, and a linked list of the latents."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    links = "".join(f'<li><a href="#latent-{i}">latent {i}</a> <span class="muted">density '
+                    f'{float(stats.density[i]):.3%}, max {float(stats.max_act[i]):.3g}</span></li>'
+                    for i in latents)
+    return (f'<p class="muted">{stats.d_sae:,} latents; statistics over {stats.n_tokens:,} '
+            f'tokens; written {stamp}. Hover a token for its activation.</p><ul>{links}</ul>')
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+

@@ -1,0 +1,217 @@
+"""FeatureExplorer driven as a user would, in a plain Python process: set a widget's value,
+click a button, then read the figure's data and the rendered HTML."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from bs4 import BeautifulSoup
+
+import sae_nb
+from sae_nb import explorer as explorer_module
+from sae_nb.dictionary import TopKSAE
+from sae_nb.explorer import FeatureExplorer, latent_order, top_latents
+from sae_nb.features import LogitEffects, feature_stats, latent_contexts
+from sae_nb.models import hf_model
+
+SITE = "resid_out_layer1"
+TEXT = "the state of the union is strong"
+
+
+@pytest.fixture(scope="module")
+def setup(llama, corpus_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("explorer")
+    store = sae_nb.extract_activations(llama, folder, sites=[SITE], corpus=str(corpus_dir),
+                                       n_tokens=1024, ctx_len=32, dtype="float32",
+                                       progress=False)[SITE]
+    torch.manual_seed(3)
+    sae = TopKSAE(32, 64, k=4)
+    sae.metadata = {"site": SITE, "model": "tiny"}
+    stats = feature_stats(store, sae, n_top=6, n_quantiles=3, per_quantile=2, n_bins=10,
+                          batch_size=256, progress=False)
+    assert (stats.density > 0).sum() > 10  # enough live latents to tell them apart
+    return store, sae, stats
+
+
+@pytest.fixture
+def explorer(setup, llama):
+    store, sae, stats = setup
+    return FeatureExplorer(stats, store, sae, model=llama, n_contexts=4, before=5, after=2)
+
+
+def shown_rows(html: str) -> list[int]:
+    return [int(tr["data-row"]) for tr in BeautifulSoup(html, "html.parser").find_all("tr")]
+
+
+def titles(html: str) -> list[float]:
+    soup = BeautifulSoup(html, "html.parser")
+    return [float(s["title"]) for s in soup.find_all("span", class_="tok")]
+
+
+def check_shows(explorer, stats, latent: int) -> None:
+    """Every panel shows ``latent``: controls, histogram data, contexts, summary."""
+    assert explorer.latent == latent and explorer.number.value == latent
+    assert explorer.order[explorer.slider.value] == latent
+    bar = explorer.figure.data[0]
+    assert list(bar.y) == stats.hist_counts[latent].tolist()
+    edges = stats.hist_edges[latent]
+    assert np.allclose(bar.x, (edges[:-1] + edges[1:]) / 2)
+    top = stats.top_rows[latent, :4]
+    assert shown_rows(explorer.contexts.value) == top[top >= 0].tolist()
+    centers = BeautifulSoup(explorer.contexts.value, "html.parser").find_all(class_="center")
+    assert [float(c["title"]) for c in centers] == pytest.approx(
+        stats.top_values[latent, : len(centers)].tolist(), rel=1e-3)
+    assert f"latent {latent}" in explorer.summary.value
+
+
+def test_setting_the_latent_changes_the_figure_and_the_contexts(explorer, setup):
+    store, sae, stats = setup
+    alive = np.nonzero(stats.density > 0)[0]
+    a, b = int(alive[0]), int(alive[-1])
+    explorer.number.value = a
+    check_shows(explorer, stats, a)
+    before = (list(explorer.figure.data[0].y), explorer.contexts.value)
+    explorer.number.value = b
+    check_shows(explorer, stats, b)
+    assert (list(explorer.figure.data[0].y), explorer.contexts.value) != before
+    contexts = explorer.show_latent(a)
+    assert contexts == latent_contexts(store, sae, a, stats.top_rows[a, :4], explorer.tokenizer,
+                                       5, 2)
+
+
+def test_sort_maps_the_slider_to_latents(explorer, setup):
+    _, _, stats = setup
+    explorer.sort.value = "max activation"
+    explorer.slider.value = 0
+    check_shows(explorer, stats, int(np.argmax(stats.max_act)))
+    explorer.slider.value = 1
+    assert stats.max_act[explorer.latent] == np.sort(stats.max_act)[-2]
+    latent = explorer.latent
+    explorer.sort.value = "density"  # the latent stays; its rank follows the new order
+    assert explorer.latent == latent
+    assert explorer.slider.value == int(np.nonzero(latent_order(stats, "density") == latent)[0][0])
+    explorer.slider.value = 0
+    check_shows(explorer, stats, int(np.argmax(stats.density)))
+    store, sae, _ = setup
+    by_density = FeatureExplorer(stats, store, sae, tokenizer=explorer.tokenizer, sort="density",
+                                 n_contexts=4, before=5, after=2)
+    assert by_density.sort.value == "density"
+    check_shows(by_density, stats, int(np.argmax(stats.density)))
+    chosen = top_latents(stats, 5)
+    assert chosen == np.argsort(-stats.max_act, kind="stable")[:5].tolist()
+    assert (stats.density[top_latents(stats, 64, "index")] > 0).all()
+    with pytest.raises(ValueError, match="sort='size'"):
+        latent_order(stats, "size")
+    with pytest.raises(ValueError, match="latent=64"):
+        explorer.show_latent(64)
+
+
+def test_search_finds_latents_by_their_top_tokens(explorer, setup):
+    store, sae, stats = setup
+    latent = int(np.argmax(stats.max_act))
+    (top,) = latent_contexts(store, sae, latent, stats.top_rows[latent, :1], explorer.tokenizer)
+    word = "".join(top["tokens"][max(top["center"] - 3, 0) : top["center"] + 1])  # byte tokens
+    explorer.query.value = word
+    found = [value for _, value in explorer.matches.options]
+    assert latent in found
+    for i in found:  # every match has the query among its top tokens or its contexts
+        rows = stats.top_rows[i][stats.top_rows[i] >= 0]
+        text = "\0".join("".join(c["tokens"]) for c in latent_contexts(store, sae, i, rows,
+                                                                         explorer.tokenizer, 4, 0))
+        assert word.lower() in text.lower()
+    explorer.matches.value = found[-1]
+    check_shows(explorer, stats, found[-1])
+    assert explorer.search("no such text anywhere §§") == []
+
+
+def direct_codes(llama, sae, text: str) -> torch.Tensor:
+    """Codes of ``text``'s tokens, from the transformers model's hidden states (BOS first)."""
+    tok = llama.tokenizer
+    ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        out = hf_model(llama)(torch.tensor([ids]), output_hidden_states=True)
+        return sae.encode(out.hidden_states[2][0, 1:])  # after block 1; BOS left out
+
+
+def test_text_box_shows_activations_equal_to_a_direct_encode(explorer, setup, llama):
+    _, sae, stats = setup
+    codes = direct_codes(llama, sae, TEXT)  # (T, F)
+    latent = int(codes.max(0).values.argmax())
+    explorer.number.value = latent
+    explorer.text.value = TEXT
+    explorer.run_button.click()
+    torch.testing.assert_close(torch.tensor(titles(explorer.text_view.value)), codes[:, latent],
+                               rtol=1e-3, atol=1e-5)
+    spans = BeautifulSoup(explorer.text_view.value, "html.parser").find_all(class_="tok")
+    assert "".join(s.get_text() for s in spans) == TEXT
+    acts = explorer.run_text(TEXT)
+    torch.testing.assert_close(torch.from_numpy(acts), codes[:, latent], rtol=1e-4, atol=1e-5)
+    peak = codes.max(0).values
+    listed = [value for _, value in explorer.text_jump.options]
+    assert listed == peak.argsort(descending=True, stable=True)[: len(listed)].tolist()
+    other = listed[1]
+    explorer.text_jump.value = other  # choosing a strong latent of the text shows it
+    check_shows(explorer, stats, other)
+    torch.testing.assert_close(torch.tensor(titles(explorer.text_view.value)), codes[:, other],
+                               rtol=1e-3, atol=1e-5)
+
+
+def test_text_box_without_a_model_says_what_to_pass(setup, llama):
+    store, sae, stats = setup
+    explorer = FeatureExplorer(stats, store, sae, tokenizer=llama.tokenizer)
+    explorer.text.value = TEXT
+    explorer.run_button.click()
+    assert "model=" in explorer.text_view.value
+    with pytest.raises(ValueError, match="model="):
+        explorer.run_text(TEXT)
+    with pytest.raises(ValueError, match="tokenizer"):
+        FeatureExplorer(stats, store, sae)
+
+
+def test_recent_latents_are_cached(explorer, setup, monkeypatch):
+    _, _, stats = setup
+    calls = []
+    real = explorer_module.latent_contexts
+    monkeypatch.setattr(explorer_module, "latent_contexts",
+                        lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    explorer.cache_size = 2
+    explorer._cache.clear()
+    alive = [int(i) for i in np.nonzero(stats.density > 0)[0][:3]]
+    for latent in alive + alive[1:]:
+        explorer.show_latent(latent)
+    assert calls == alive  # the last two were cached
+    explorer.show_latent(alive[0])  # evicted: encoded again
+    assert calls == alive + alive[:1]
+    assert re.search(r"latent \d+", explorer.summary.value)
+
+
+def test_logit_effects_panel_and_search_by_promoted_token(setup, llama):
+    store, sae, stats = setup
+    tok = llama.tokenizer
+    F, k = stats.d_sae, 3
+    a, q, z = (tok.convert_tokens_to_ids(c) for c in "aQz")  # no "q" in the test corpus
+    top_ids = np.full((F, k), a)
+    top_ids[7, 1] = q
+    values = np.arange(F * k, dtype=np.float32).reshape(F, k)
+    effects = LogitEffects(top_ids, values, np.full((F, k), z), -values)
+    explorer = FeatureExplorer(stats, store, sae, tokenizer=tok, logit_effects=effects)
+    explorer.number.value = 7
+    rows = BeautifulSoup(explorer.logits.value, "html.parser").find_all("tr")[1:]
+    cells = [[td.get_text() for td in tr.find_all("td")] for tr in rows]
+    assert cells == [["a", "+21.000", "z", "-21.000"], ["Q", "+22.000", "z", "-22.000"],
+                     ["a", "+23.000", "z", "-23.000"]]
+    assert explorer.search("Q") == [7]
+
+
+def test_styles_stay_inside_the_widget(explorer):
+    """JupyterLab applies a widget's <style> to the whole page: every rule must be scoped."""
+    assert "sae-nb-explorer" in explorer.widget._dom_classes
+    style = explorer.widget.children[0].value
+    rules = re.findall(r"([^{}]+)\{", style.removeprefix("<style>"))
+    assert len(rules) >= 8
+    for head in rules:
+        for selector in head.split(","):
+            assert selector.strip().startswith(".sae-nb-explorer "), selector
