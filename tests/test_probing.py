@@ -171,7 +171,7 @@ def test_planted_labels_on_tiny_model_activations(llama):
     """Labels planted along a direction of real (tiny-model) pooled activations are recovered;
     shuffled they are not; a latent planted along that direction is the one a k=1 probe picks."""
     from sae_nb.dictionary import ReLUSAE
-    from tests.conftest import WORDS
+    from conftest import WORDS
 
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, size=rng.integers(4, 12))) for _ in range(240)]
