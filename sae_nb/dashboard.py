@@ -131,15 +131,20 @@ def logit_table_html(table: pd.DataFrame | None) -> str:
 
 
 def latents_table_html(latents: Sequence[int], values: Sequence[float],
-                       densities: Sequence[float] | None = None) -> str:
-    """A small table of latents and a value each (e.g. the strongest latents of a text)."""
-    densities = densities if densities is not None else [None] * len(latents)
+                       densities: Sequence[float] | None = None,
+                       fractions: Sequence[float] | None = None) -> str:
+    """A small table of latents and a value each (e.g. the strongest latents of a text), with
+    their density and the value as a fraction of their max, when given."""
+    n = len(latents)
+    densities = densities if densities is not None else [None] * n
+    fractions = fractions if fractions is not None else [None] * n
+    pct = lambda x, fmt: "" if x is None else format(float(x), fmt)  # noqa: E731
     rows = "".join(
         f'<tr><td>{int(i)}</td><td class="num">{float(v):.4g}</td>'
-        f'<td class="num">{"" if d is None else f"{float(d):.3%}"}</td></tr>'
-        for i, v, d in zip(latents, values, densities))
-    return (f'<table class="logits"><tr><th>latent</th><th>max on text</th><th>density</th></tr>'
-            f'{rows}</table>')
+        f'<td class="num">{pct(f, ".0%")}</td><td class="num">{pct(d, ".3%")}</td></tr>'
+        for i, v, d, f in zip(latents, values, densities, fractions))
+    return ('<table class="logits"><tr><th>latent</th><th>max on text</th><th>of its max</th>'
+            f'<th>density</th></tr>{rows}</table>')
 
 
 # -- the static export ------------------------------------------------------------------------

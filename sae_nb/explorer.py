@@ -252,19 +252,24 @@ class FeatureExplorer:
     # -- the text box -------------------------------------------------------------------------
     def run_text(self, text: str) -> np.ndarray:
         """Run the model on ``text``; shade the current latent over its tokens and list the
-        latents firing most on it. Returns the current latent's per-token activations."""
+        latents firing most on it, relative to their max over the store. Returns the current
+        latent's per-token activations."""
         if self.model is None:
             raise ValueError("The text box runs the model: create the explorer with model=....")
         tokens, codes = text_activations(self.model, self.dictionary, text, site=self.stats.site)
         codes = codes.float().cpu().numpy()  # (T, F)
         self._text = (list(tokens), codes)
         peak = codes.max(0) if len(codes) else np.zeros(self.stats.d_sae, np.float32)
-        strongest = [int(i) for i in np.argsort(-peak, kind="stable")[:10] if peak[i] > 0]
+        # Ranked by the peak as a fraction of the latent's max over the store: by raw value,
+        # a few dense latents of large scale would top every text.
+        relative = peak / np.maximum(self.stats.max_act, peak).clip(min=1e-12)  # (F,)
+        strongest = [int(i) for i in np.argsort(-relative, kind="stable")[:10] if peak[i] > 0]
         self.text_latents.value = latents_table_html(
-            strongest, peak[strongest], self.stats.density[strongest])
+            strongest, peak[strongest], self.stats.density[strongest], relative[strongest])
         self._busy = True
         try:
-            self.text_jump.options = [(f"latent {i} ({peak[i]:.3g})", i) for i in strongest]
+            self.text_jump.options = [(f"latent {i} ({relative[i]:.0%} of its max)", i)
+                                      for i in strongest]
             self.text_jump.value = None
         finally:
             self._busy = False

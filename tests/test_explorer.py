@@ -150,8 +150,22 @@ def test_text_box_shows_activations_equal_to_a_direct_encode(explorer, setup, ll
     acts = explorer.run_text(TEXT)
     torch.testing.assert_close(torch.from_numpy(acts), codes[:, latent], rtol=1e-4, atol=1e-5)
     peak = codes.max(0).values
+    relative = peak / torch.maximum(torch.from_numpy(stats.max_act).float(), peak)
     listed = [value for _, value in explorer.text_jump.options]
-    assert listed == peak.argsort(descending=True, stable=True)[: len(listed)].tolist()
+    assert len(listed) == min(10, int((peak > 0).sum()))
+    # Listed by peak / max over the store, largest first (the text's own tokens may sit at a
+    # latent's max: ties at 1 are broken by index, so compare values, to float tolerance).
+    shown = relative[listed]
+    assert (shown[:-1] >= shown[1:] - 1e-4).all()
+    rest = torch.ones_like(peak, dtype=torch.bool)
+    rest[listed] = False
+    unlisted = relative[rest & (peak > 0)]
+    assert not len(unlisted) or float(shown.min()) >= float(unlisted.max()) - 1e-4
+    table = BeautifulSoup(explorer.text_latents.value, "html.parser").find_all("tr")[1:]
+    first = [td.get_text() for td in table[0].find_all("td")]
+    assert first[0] == str(listed[0]) and float(first[1]) == pytest.approx(float(peak[listed[0]]),
+                                                                          rel=1e-3)
+    assert first[2] == f"{float(relative[listed[0]]):.0%}"
     other = listed[1]
     explorer.text_jump.value = other  # choosing a strong latent of the text shows it
     check_shows(explorer, stats, other)
