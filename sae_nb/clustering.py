@@ -18,6 +18,8 @@ from typing import Literal, Mapping
 import numpy as np
 import pandas as pd
 
+from .threads import one_thread
+
 Scale = Literal["none", "standardize", "l2"]
 Projection = Literal["pca", "tsne"]
 SCALES = ("none", "standardize", "l2")
@@ -84,14 +86,6 @@ def scale_rows(X, scale: Scale = "l2") -> np.ndarray:
 
 # ---------------------------------------------------------------- KMeans
 
-
-def one_thread():
-    """A context that runs scikit-learn's OpenMP and BLAS code on one thread. Their threads
-    spin while they wait: on a busy 2-core machine one KMeans fit of 44 texts took 14 s with two
-    threads and 0.07 s with one. Text sets small enough to read gain nothing from threads."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(limits=1)
 
 
 @dataclass

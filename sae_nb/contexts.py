@@ -11,8 +11,7 @@ are encoded in full.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from .corpora import sentence_batches
 from .dictionary import Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE
 from .extract import resolve_sites, run_sites
 from .store import IDENTITY, ActivationStore
+from .threads import one_thread
 
 if TYPE_CHECKING:
     from .features import FeatureStats
@@ -33,16 +33,6 @@ if TYPE_CHECKING:
 BOUNDARY_TOL = 1e-6
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run small tensor ops (sorts, scatters, gemv over ~10^5 elements) on one thread: on a
-    busy 2-core machine intra-op threads make such ops 10-100x slower. Big matmuls stay outside."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def latent_contexts(store: ActivationStore, dictionary: Dictionary, latent: int, rows,

@@ -36,10 +36,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .contexts import latent_contexts, one_thread, text_activations  # noqa: F401 (public here)
+from .contexts import latent_contexts, text_activations  # noqa: F401 (public here)
 from .dictionary import Dictionary, TopKSAE
 from .logit_effects import LogitEffects, logit_effects  # noqa: F401  (public here too)
 from .store import IDENTITY, ActivationStore, site_dirname
+from .threads import one_thread
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .threads import one_thread
+
 logger = logging.getLogger(__name__)
 
 VADER_SPEC = "vaderSentiment==3.3.2"
@@ -152,22 +154,41 @@ def probe_features(model, dictionary, texts: list[str], site: str | None = None,
 
     from .codes import dictionary_site, pooled_token_codes
     site = dictionary_site(dictionary, site)
-    cache = Path(cache) if cache else None
-    if cache is not None and cache.exists():
-        saved = np.load(cache, allow_pickle=False)
-        if list(saved["texts"]) == list(texts):
-            return saved["raw"], saved["codes"]
-        logger.info("Cached features at %s are for other texts; recomputing", cache)
+    key = [site, pool]
+    saved = _read_cache(cache, texts, key)
+    if saved is not None:
+        return saved["raw"], saved["codes"]
     with torch.no_grad():
         out = pooled_token_codes(model, dictionary, list(texts), site=site, pool=pool,
                                  batch_size=batch_size)
     raw, codes = out.acts.numpy(), out.codes.numpy()
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, raw=raw, codes=codes, texts=np.array(list(texts), dtype=str))
-        tmp.replace(cache)
+    _write_cache(cache, texts, key, {"raw": raw, "codes": codes})
     return raw, codes
+
+
+def _read_cache(cache: str | Path | None, texts: list[str], key: list[str]) -> dict | None:
+    """The arrays saved at ``cache`` for these texts and this key (site, pooling, ...), or
+    None when there is no cache file or it holds something else."""
+    if not cache or not Path(cache).exists():
+        return None
+    saved = np.load(cache, allow_pickle=False)
+    if ("key" in saved and list(saved["key"]) == list(key)
+            and list(saved["texts"]) == list(texts)):
+        return dict(saved)
+    logger.info("The cache at %s is for other texts or settings; recomputing", cache)
+    return None
+
+
+def _write_cache(cache: str | Path | None, texts: list[str], key: list[str],
+                 arrays: dict[str, np.ndarray]) -> None:
+    """Save ``arrays`` with the texts and key at ``cache`` (tmp + rename), if a path is given."""
+    if not cache:
+        return
+    cache = Path(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, texts=np.array(list(texts), dtype=str), key=np.array(key, dtype=str), **arrays)
+    tmp.replace(cache)
 
 
 def features_cache_path(run_dir: str | Path, model_id: str, site: str, pool: str,
@@ -198,7 +219,6 @@ def fit_probe(X_train: np.ndarray, y_train, X_test: np.ndarray, y_test, name: st
     from sklearn.metrics import accuracy_score, roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
 
     if columns is not None:
         X_train, X_test = X_train[:, columns], X_test[:, columns]
@@ -207,9 +227,7 @@ def fit_probe(X_train: np.ndarray, y_train, X_test: np.ndarray, y_test, name: st
     clf = LogisticRegressionCV(Cs=6, cv=max(2, min(3, n_min)), max_iter=2000, l1_ratios=(0.0,),
                                scoring="neg_log_loss", use_legacy_attributes=False,
                                random_state=seed)
-    # One BLAS thread: these matrices are small, and on a busy 2-core machine a BLAS thread
-    # pool made each fit 60x slower (0.28 s against 16.7 s for 1,500 x 576).
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_thread():  # small matrices: a BLAS pool made each fit 60x slower here
         pipe = make_pipeline(StandardScaler(), clf).fit(X_train, y_train)
     proba = pipe.predict_proba(X_test)
     if proba.shape[1] == 2:
@@ -350,20 +368,12 @@ def layer_sweep(model, texts: list[str], labels, train: np.ndarray, test: np.nda
 
 def _sweep_activations(model, texts: list[str], sites: list[str], pool: str, batch_size: int,
                        cache: str | Path | None) -> dict[str, np.ndarray]:
-    key = np.array([pool, *sites], dtype=str)
-    cache = Path(cache) if cache else None
-    if cache is not None and cache.exists():
-        saved = np.load(cache, allow_pickle=False)
-        if list(saved["texts"]) == texts and list(saved["key"]) == list(key):
-            return {site: saved[f"site_{i}"] for i, site in enumerate(sites)}
-        logger.info("Cached sweep at %s is for other texts or sites; recomputing", cache)
+    key = [pool, *sites]
+    saved = _read_cache(cache, texts, key)
+    if saved is not None:
+        return {site: saved[f"site_{i}"] for i, site in enumerate(sites)}
     from .extract import pooled_activations
     acts = pooled_activations(model, texts, sites, pool=pool, batch_size=batch_size)
     acts = {site: acts[site].numpy() for site in sites}
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp.npz")
-        np.savez(tmp, texts=np.array(texts, dtype=str), key=key,
-                 **{f"site_{i}": acts[site] for i, site in enumerate(sites)})
-        tmp.replace(cache)
+    _write_cache(cache, texts, key, {f"site_{i}": acts[site] for i, site in enumerate(sites)})
     return acts
