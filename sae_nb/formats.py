@@ -40,8 +40,8 @@ from safetensors.torch import load_file
 
 from .dictionary import (Dictionary, GatedSAE, JumpReLUSAE, NormalizedTopKSAE, ReLUSAE,
                          SkipTopKSAE, TopKSAE)
-from .saving import META_FILE, DictionaryFormatError, hook_name, load_sae_nb
-from .sites import _SITE_RE, _canonical_name
+from .saving import META_FILE, DictionaryFormatError, load_sae_nb
+from .sites import canonical_site, hook_name, is_site_name
 
 FORMATS = ("dictionary_learning", "saelens", "sae_nb", "sparsify", "openai", "gemma_scope")
 _OPENAI_SITES = {"resid_post_mlp": "resid_out", "resid_delta_mlp": "mlp_out",
@@ -160,7 +160,7 @@ def _meta(fmt: str, model: Any, site: str | None, hook: Any) -> dict:
 
 def _site_in_path(path: Path) -> str | None:
     """A site name among the last three folders (``<model>/<site>/<set>/ae.pt``)."""
-    return next((p for p in reversed(path.parts[-3:]) if p == "embed" or _SITE_RE.match(p)), None)
+    return next((p for p in reversed(path.parts[-3:]) if is_site_name(p)), None)
 
 
 # -- dictionary_learning --------------------------------------------------------------------
@@ -330,7 +330,7 @@ def _load_saelens(path: Path) -> Dictionary:
                                     f"supported: standard, topk, jumprelu, gated.")
     hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
     model = meta.get("model_name") or cfg.get("model_name")
-    sae.metadata = _meta("saelens", model, _canonical_name(hook) if hook else None, hook)
+    sae.metadata = _meta("saelens", model, canonical_site(hook) if hook else None, hook)
     sae.metadata["normalize_activations"] = norm
     return sae
 

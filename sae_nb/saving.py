@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE
+from .sites import hook_name
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -38,21 +38,10 @@ SAELENS_FORMAT_VERSION = "6.0.0"
 # The dictionary this repository ships for the default model; later notebooks default to it.
 DEFAULT_DICTIONARY = (Path(__file__).resolve().parent.parent / "dictionaries" / "smollm2-135m"
                       / "resid_out_layer6" / "topk_4608_k32")
-_TL_HOOK = {"resid_out": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
 
 
 class DictionaryFormatError(ValueError):
     """A dictionary folder is missing files or holds tensors that contradict its config."""
-
-
-def hook_name(site: str) -> str:
-    """Our site name as a TransformerLens hook name where one exists (SAELens's metadata)."""
-    m = re.match(r"^(resid_out|mlp_out|attn_out)_layer(\d+)$", site)
-    if m:
-        return f"blocks.{m.group(2)}.{_TL_HOOK[m.group(1)]}"
-    if site == "embed":
-        return "blocks.0.hook_resid_pre"
-    return site
 
 
 def save_dictionary(dictionary: Dictionary, path: str | Path, *, model: str, site: str,

@@ -51,8 +51,12 @@ class Site:
 
 
 _SITE_RE = re.compile(r"^(resid_out|attn_out|mlp_out|mlp_in)_layer(\d+)$")
-_TL_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_post|resid_pre|mlp_out|attn_out)$")
-_TL_KIND = {"resid_post": "resid_out", "mlp_out": "mlp_out", "attn_out": "attn_out"}
+# Our per-layer site kinds and the TransformerLens hook that reads the same tensor. Both
+# directions (hook_name, canonical_site) read this one table. mlp_in has no TransformerLens
+# twin (hook_mlp_in is the residual stream before ln2, not the MLP's input).
+TL_HOOKS = {"resid_out": "hook_resid_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
+_TL_KIND = {hook[len("hook_"):]: kind for kind, hook in TL_HOOKS.items()}
+_TL_RE = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|" + "|".join(_TL_KIND) + r")$")
 
 
 def family_of(model: torch.nn.Module) -> tuple[str, Family] | None:
@@ -78,7 +82,7 @@ def valid_sites(model: torch.nn.Module) -> list[str]:
 def resolve_site(model: torch.nn.Module, site: str) -> Site:
     """Map a site name, a TransformerLens alias or a raw module path to a :class:`Site`."""
     site = site.strip()
-    canonical = _canonical_name(site)
+    canonical = canonical_site(site)
     found = family_of(model)
     if canonical is not None and found is not None:
         try:
@@ -104,16 +108,38 @@ def resolve_site(model: torch.nn.Module, site: str) -> Site:
     raise SiteError(f"Unknown site {site!r}. {hint}.")
 
 
-def _canonical_name(site: str) -> str | None:
-    if site == "embed" or _SITE_RE.match(site):
-        return site
-    m = _TL_RE.match(site)
+def is_site_name(name: str) -> bool:
+    """True for one of our own site names (``embed``, ``resid_out_layer3``, ...), False for
+    aliases, raw module paths and anything else."""
+    return name == "embed" or _SITE_RE.match(name) is not None
+
+
+def canonical_site(name: str) -> str | None:
+    """Our site name for ``name``: itself if it is one, the site a TransformerLens hook name
+    reads (``blocks.3.hook_mlp_out`` -> ``mlp_out_layer3``; ``blocks.L.hook_resid_pre`` ->
+    the previous block's ``resid_out``, or ``embed`` for L = 0), else None."""
+    if is_site_name(name):
+        return name
+    m = _TL_RE.match(name)
     if not m:
         return None
     layer, kind = int(m.group(1)), m.group(2)
     if kind == "resid_pre":  # the residual stream entering block L leaves block L-1
         return "embed" if layer == 0 else f"resid_out_layer{layer - 1}"
     return f"{_TL_KIND[kind]}_layer{layer}"
+
+
+def hook_name(site: str) -> str:
+    """The TransformerLens hook name of one of our sites (as SAELens's metadata stores it):
+    ``resid_out_layer6`` -> ``blocks.6.hook_resid_post``, ``embed`` ->
+    ``blocks.0.hook_resid_pre``. A site without a twin (``mlp_in_layer{L}``, a raw module path)
+    is returned unchanged. The inverse of :func:`canonical_site`."""
+    m = _SITE_RE.match(site)
+    if m and m.group(1) in TL_HOOKS:
+        return f"blocks.{m.group(2)}.{TL_HOOKS[m.group(1)]}"
+    if site == "embed":
+        return "blocks.0.hook_resid_pre"
+    return site
 
 
 def _named_site(model: torch.nn.Module, fam: Family, name: str) -> Site:

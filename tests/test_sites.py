@@ -127,3 +127,27 @@ def test_llama_like_and_unmapped_families():
         resolve_site(opt, "resid_out_layer0")
     assert "'opt'" in str(err.value) and "raw module path" in str(err.value)
     assert resolve_site(opt, "model.decoder.layers.0").module == "model.decoder.layers.0"
+
+
+# Hand-written from TransformerLens's hook names (HookedTransformer, blocks.{L}.hook_*).
+HOOK_PAIRS = [("embed", "blocks.0.hook_resid_pre"), ("resid_out_layer6", "blocks.6.hook_resid_post"),
+              ("mlp_out_layer0", "blocks.0.hook_mlp_out"), ("attn_out_layer11", "blocks.11.hook_attn_out")]
+
+
+@pytest.mark.parametrize("site,hook", HOOK_PAIRS)
+def test_site_and_hook_name_map_both_ways(site, hook):
+    from sae_nb.sites import canonical_site, hook_name, is_site_name
+
+    assert hook_name(site) == hook
+    assert canonical_site(hook) == site and canonical_site(site) == site
+    assert is_site_name(site) and not is_site_name(hook)
+
+
+def test_sites_without_a_hook_twin():
+    from sae_nb.sites import canonical_site, hook_name, is_site_name
+
+    assert canonical_site("blocks.4.hook_resid_pre") == "resid_out_layer3"
+    assert hook_name("mlp_in_layer2") == "mlp_in_layer2" and is_site_name("mlp_in_layer2")
+    assert hook_name("model.layers.1.mlp:input") == "model.layers.1.mlp:input"
+    for name in ("blocks.1.hook_resid_mid", "resid_out_layer", "model.layers.1", "embeds"):
+        assert canonical_site(name) is None and not is_site_name(name)
