@@ -125,8 +125,7 @@ def fit_check(dictionary, model, site: str | None = None, corpus: str = "sotu",
         return pd.DataFrame([row])
     device = dictionary.W_enc.device
     x = x.to(device)
-    f = dictionary.encode(x)
-    x_hat = dictionary(x)  # forward, not decode(f): some formats de-normalise their input
+    f, x_hat = dictionary.encode_and_reconstruct(x)  # not decode(f): see the contract
     fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     row.update(fvu=fvu, l0=float((f != 0).sum(1).float().mean()),
                frac_dead=float(((f != 0).sum(0) == 0).float().mean()))

@@ -1,4 +1,18 @@
-"""Dictionary architectures behind one interface: ``encode``, ``decode``, ``forward``.
+"""Dictionary architectures behind one interface: ``encode``, ``decode``, ``reconstruct``.
+
+The contract every class keeps (``tests/test_contract.py`` checks it over ``DICTIONARY_CLASSES``):
+
+- ``encode(x)`` ``(B, D) -> (B, F)``: the latent activations, zero where a latent is off.
+- ``decode(f)`` ``(B, F) -> (B, D)``: the dictionary part of the output, ``f @ W_dec + b_dec``.
+  It is the reconstruction only where nothing else enters it (not for ``SkipTopKSAE``, whose
+  skip term needs ``x``, nor ``NormalizedTopKSAE``, whose output is in normalised units).
+- ``reconstruct(x)`` ``(B, D) -> (B, D)``: the reconstruction (an SAE) or prediction (a
+  transcoder) in the units of the activations, ``forward(x)`` is the same. Every consumer that
+  needs a reconstruction calls this (metrics, the spliced cross-entropy, the fit check), never
+  ``decode(encode(x))``. ``encode_and_reconstruct(x)`` returns both in one pass.
+- ``folded_encoder()``: ``(W, b)`` with ``pre_acts(x) == x @ W + b`` when the pre-activation is
+  that plain affine map (``b_dec`` folded into the encoder bias), else ``None``. Fast paths
+  (sparse training, feature statistics, one-column latent contexts) use it and nothing else.
 
 All share the SAELens parameterisation, so saving and loading are one code path:
 ``W_enc`` (D, F), ``b_enc`` (F,), ``W_dec`` (F, D), ``b_dec`` (D,), plus ``threshold`` (F,)
@@ -11,8 +25,9 @@ transcoders, whose input and target live at different sites); decoding ``f @ W_d
   sparse autoencoders").
 - ``BatchTopKSAE``: top ``k * batch`` activations over the whole batch in training (Bussmann
   et al., 2024); at inference a single threshold estimated during training, i.e. a JumpReLU.
-- ``JumpReLUSAE``: ``pre * (pre > threshold)``, trained with straight-through estimators and
-  an L0 penalty (Rajamanoharan et al., 2024).
+- ``JumpReLUSAE``: ``relu(pre) * (pre > threshold)`` (SAELens's formula; the same as
+  ``pre * (pre > threshold)`` for the positive thresholds training keeps), trained with
+  straight-through estimators and an L0 penalty (Rajamanoharan et al., 2024).
 
 Classes that exist to load other libraries' dictionaries (``sae_nb.formats``):
 
@@ -44,6 +59,11 @@ class SparseCode:
     def dense(self, d_sae: int) -> torch.Tensor:
         out = self.values.new_zeros(self.values.shape[0], d_sae)
         return out.scatter_(1, self.indices, self.values)
+
+
+def folded_bias(W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """``b_enc - b_dec @ W_enc`` (F,): ``(x - b_dec) @ W_enc + b_enc == x @ W_enc + this``."""
+    return b_enc - b_dec @ W_enc
 
 
 class Dictionary(nn.Module):
@@ -83,11 +103,31 @@ class Dictionary(nn.Module):
         return self.activation(self.pre_acts(x))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """``(B, F) -> (B, D)`` reconstruction."""
+        """``(B, F) -> (B, D)``: the dictionary part of the output, ``f @ W_dec + b_dec``."""
         return f @ self.W_dec + self.b_dec
 
+    def encode_and_reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(f, x_hat)``: the codes ``(B, F)`` and the reconstruction ``(B, D)`` of ``x``, one
+        encoder pass. Subclasses whose output is more than ``decode(f)`` override this."""
+        f = self.encode(x)
+        return f, self.decode(f)
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, D) -> (B, D)``: the reconstruction of ``x`` in its own units."""
+        return self.encode_and_reconstruct(x)[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x))
+        return self.reconstruct(x)
+
+    def folded_encoder(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(W_enc (D, F), bias (F,))`` with ``pre_acts(x) == x @ W_enc + bias``: ``b_dec``
+        folded into the encoder bias (``b_enc - b_dec @ W_enc``), one matmul and a vector.
+        ``None`` when a subclass computes its pre-activation otherwise (gated, normalised)."""
+        if type(self).pre_acts is not Dictionary.pre_acts:
+            return None
+        if not self.apply_b_dec_to_input:
+            return self.W_enc, self.b_enc
+        return self.W_enc, folded_bias(self.W_enc, self.b_enc, self.b_dec)
 
     def config(self) -> dict:
         """Architecture fields for saving (SAELens names)."""
@@ -144,8 +184,18 @@ class JumpReLUSAE(Dictionary):
         super().__init__(d_in, d_sae, **kw)
         self.threshold = nn.Parameter(torch.full((d_sae,), float(threshold), dtype=self.W_enc.dtype))
 
+    # Training keeps every threshold at least this (in pre-activation units): an Adam step may
+    # overshoot below 0, where the JumpReLU would let negative pre-activations through.
+    MIN_THRESHOLD: ClassVar[float] = 1e-6
+
+    @torch.no_grad()
+    def project_threshold(self) -> None:
+        """Clamp the thresholds back to ``>= MIN_THRESHOLD`` (projected gradient descent)."""
+        self.threshold.clamp_(min=self.MIN_THRESHOLD)
+
     def activation(self, pre: torch.Tensor) -> torch.Tensor:
-        return pre * (pre > self.threshold)
+        # SAELens's formula, so any file (even one with thresholds <= 0) encodes as it does there.
+        return torch.relu(pre) * (pre > self.threshold)
 
 
 class BatchTopKSAE(JumpReLUSAE):
@@ -191,17 +241,18 @@ class GatedSAE(Dictionary):
 
 
 class SkipTopKSAE(TopKSAE):
-    """sparsify's TopK with a skip connection: ``forward(x) = decode(encode(x)) + x @ W_skip.T``.
+    """sparsify's TopK with a skip connection: ``reconstruct(x) = decode(encode(x)) + x @ W_skip.T``.
 
     ``decode(f)`` is the dictionary part only; the skip term needs ``x``, so here
-    ``forward(x) != decode(encode(x))``."""
+    ``reconstruct(x) != decode(encode(x))``."""
 
     def __init__(self, d_in: int, d_sae: int, k: int, **kw):
         super().__init__(d_in, d_sae, k=k, **kw)
         self.W_skip = nn.Parameter(torch.zeros(d_in, d_in, dtype=self.W_enc.dtype))  # (D, D)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.encode(x)) + x @ self.W_skip.T
+    def encode_and_reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.encode(x)
+        return f, self.decode(f) + x @ self.W_skip.T
 
 
 class NormalizedTopKSAE(TopKSAE):
@@ -210,8 +261,8 @@ class NormalizedTopKSAE(TopKSAE):
     decoded, and the reconstruction is mapped back as ``x^ * sigma + mu`` (no eps there).
 
     ``encode(x)`` normalises ``x`` itself. ``decode(f)`` cannot know ``mu`` and ``sigma``, so it
-    returns the reconstruction in normalised units; ``forward(x)`` returns it in the input's
-    units (``forward(x) != decode(encode(x))``), as do ``decode(f, mu, sigma)``."""
+    returns the reconstruction in normalised units; ``reconstruct(x)`` returns it in the input's
+    units (``reconstruct(x) != decode(encode(x))``), as does ``decode(f, mu, sigma)``."""
 
     eps: ClassVar[float] = 1e-5
 
@@ -229,10 +280,15 @@ class NormalizedTopKSAE(TopKSAE):
         x_hat = super().decode(f)  # (B, D), normalised units
         return x_hat if mu is None else x_hat * sigma + mu
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_and_reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, sigma = self.input_stats(x)
-        return self.decode(self.encode(x), mu, sigma)
+        f = self.encode(x)
+        return f, self.decode(f, mu, sigma)
 
+
+# Every dictionary class, trainable and load-only: the contract test runs over all of them.
+DICTIONARY_CLASSES: tuple[type[Dictionary], ...] = (
+    ReLUSAE, TopKSAE, BatchTopKSAE, JumpReLUSAE, GatedSAE, SkipTopKSAE, NormalizedTopKSAE)
 
 ARCHITECTURES: dict[str, type[Dictionary]] = {
     "standard": ReLUSAE, "relu": ReLUSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE,

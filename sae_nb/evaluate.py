@@ -33,7 +33,8 @@ class Evaluation:
 @torch.no_grad()
 def reconstruction_metrics(dictionary, acts: torch.Tensor, targets: torch.Tensor | None = None,
                            batch_size: int = 4096) -> tuple[dict, np.ndarray]:
-    """MSE, FVU, L0, L1 and firing densities of ``dictionary`` on ``acts`` ``(N, D)``."""
+    """MSE, FVU, L0, L1 and firing densities of ``dictionary`` on ``acts`` ``(N, D)``, with the
+    reconstruction ``dictionary.reconstruct`` returns (the same one the splice uses)."""
     targets = acts if targets is None else targets
     device = dictionary.W_enc.device
     n, fired = len(acts), torch.zeros(dictionary.d_sae, dtype=torch.float64)
@@ -43,8 +44,8 @@ def reconstruction_metrics(dictionary, acts: torch.Tensor, targets: torch.Tensor
     for lo in range(0, n, batch_size):
         x = acts[lo : lo + batch_size].to(device).float()
         y = targets[lo : lo + batch_size].to(device).float()
-        f = dictionary.encode(x)
-        sq_err += float((y - dictionary.decode(f)).pow(2).sum())
+        f, y_hat = dictionary.encode_and_reconstruct(x)  # never decode(f): see dictionary.py
+        sq_err += float((y - y_hat).pow(2).sum())
         active = f != 0
         l0 += float(active.sum())
         l1 += float(f.abs().sum())
@@ -99,6 +100,7 @@ def ce_metrics(dictionary, model, site: str, tokens: torch.Tensor, batch_size: i
     for lo in range(0, len(tokens), batch_size):
         t = tokens[lo : lo + batch_size]
         ce_clean, lp_clean = splice_loss(model, site, t, None, bos_token_id=bos_token_id)
+        # forward is reconstruct by the Dictionary contract (any module x -> x_hat works here)
         ce_sp, lp_sp = splice_loss(model, site, t, lambda a: dictionary(a.float()).to(a.dtype),
                                    bos_token_id=bos_token_id)
         ce_zero, _ = splice_loss(model, site, t, torch.zeros_like, bos_token_id=bos_token_id)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_nb.dictionary import TopKSAE
+from sae_nb.dictionary import NormalizedTopKSAE, SkipTopKSAE, TopKSAE
 from sae_nb.evaluate import ce_metrics, evaluate_dictionary, reconstruction_metrics, splice_loss
 
 
@@ -36,6 +36,48 @@ def test_reconstruction_metrics_match_a_direct_computation():
     assert row["l1"] == pytest.approx(float(f.abs().sum(1).mean()), rel=1e-5)
     np.testing.assert_allclose(density, (f != 0).float().mean(0).numpy(), rtol=1e-6)
     assert row["frac_alive"] + row["frac_dead"] == pytest.approx(1.0)
+
+
+def _random_weights(sae, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return sae
+
+
+def test_fvu_of_openai_and_skip_topk_follows_the_papers_maths():
+    """The reconstruction of OpenAI's TopK (Gao et al. 2024, their ``sparse_autoencoder`` code)
+    and of sparsify's skip TopK, written out here from the maths, not through our classes."""
+    D, F, K = 8, 32, 3
+    x = torch.randn(300, D) * 3 + 2  # (N, D)
+
+    def topk_relu(pre):
+        v, i = pre.topk(K, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, i, torch.relu(v))
+
+    def fvu(x_hat):
+        return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+    oa = _random_weights(NormalizedTopKSAE(D, F, k=K))
+    W_enc, b_enc, W_dec, b_dec = (t.detach() for t in (oa.W_enc, oa.b_enc, oa.W_dec, oa.b_dec))
+    mu = x.mean(-1, keepdim=True)
+    std = (x - mu).std(-1, keepdim=True)  # torch's default: unbiased, as in OpenAI's LN
+    xn = (x - mu) / (std + 1e-5)
+    f = topk_relu((xn - b_dec) @ W_enc + b_enc)  # encoder(x - pre_bias) + latent_bias
+    x_hat = (f @ W_dec + b_dec) * std + mu  # decode, then undo the layer norm (no eps)
+    row, _ = reconstruction_metrics(oa, x, batch_size=64)
+    assert row["fvu"] == pytest.approx(fvu(x_hat), rel=1e-4)
+    assert row["mse"] == pytest.approx(float((x - x_hat).pow(2).sum(1).mean()), rel=1e-4)
+    assert row["l0"] == pytest.approx(float((f != 0).sum(1).float().mean()))
+
+    sk = _random_weights(SkipTopKSAE(D, F, k=K), seed=1)
+    W_enc, b_enc, W_dec, b_dec, W_skip = (t.detach() for t in (sk.W_enc, sk.b_enc, sk.W_dec,
+                                                               sk.b_dec, sk.W_skip))
+    f = topk_relu((x - b_dec) @ W_enc + b_enc)
+    x_hat = f @ W_dec + b_dec + x @ W_skip.T  # sparsify: decode + x @ W_skip.mT
+    row, _ = reconstruction_metrics(sk, x, batch_size=64)
+    assert row["fvu"] == pytest.approx(fvu(x_hat), rel=1e-4)
 
 
 @pytest.mark.parametrize("site", ["resid_out_layer1", "mlp_out_layer1", "attn_out_layer0", "mlp_in_layer2"])
