@@ -124,7 +124,7 @@ def _latent_acts(dictionary: Dictionary, x: np.ndarray, latent: int,
             return torch.relu(_pre_column(dictionary, x, latent)).float().cpu().numpy()
         if plain and isinstance(dictionary, JumpReLUSAE):
             pre = _pre_column(dictionary, x, latent)
-            return (pre * (pre > dictionary.threshold[latent])).float().cpu().numpy()
+            return (torch.relu(pre) * (pre > dictionary.threshold[latent])).float().cpu().numpy()
         if plain and type(dictionary) is TopKSAE and bounds is not None:
             return _topk_column(dictionary, x, latent, torch.from_numpy(bounds))
         return _full_encode(dictionary, x, latent)

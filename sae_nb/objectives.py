@@ -137,8 +137,11 @@ class _Step(torch.autograd.Function):
 
 
 def jumprelu_step(sae: JumpReLUSAE, x, y, l0_coefficient: float, bandwidth: float) -> Step:
+    """JumpReLU + L0 (Rajamanoharan et al. 2024). The threshold is trained directly, as in
+    dictionary_learning; the trainer projects it back above 0 after every step
+    (``JumpReLUSAE.project_threshold``), so the one used here is always positive."""
     pre = sae.pre_acts(x)
-    threshold = sae.threshold.clamp_min(1e-6)
+    threshold = sae.threshold
     f = _JumpReLU.apply(pre, threshold, bandwidth)
     x_hat = sae.decode(f)
     err_sq = (y - x_hat).pow(2).sum()

@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .dictionary import BatchTopKSAE, Dictionary, ReLUSAE, TopKSAE, build_dictionary
+from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE, build_dictionary
 from .models import resolve_device
 from .objectives import compute_step
 from .sparse_ops import release_scratch
@@ -242,6 +242,8 @@ def _train_step(sae, opt, sched, cfg, state, x, y, bar) -> None:
         _project_out_parallel_grad(sae)
     opt.step()
     sched.step()
+    if type(sae) is JumpReLUSAE:
+        sae.project_threshold()
     if unit_norm:
         sae.normalize_decoder()
     state["since_fired"] += 1

@@ -142,9 +142,10 @@ def test_geometric_median_resists_outliers():
     assert (pts.mean(0) - 1.0).abs().max() > 5
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_resume_is_bit_identical(tmp_path, arch):
     x = data()
-    common = dict(architecture="topk", d_sae=F, k=K, total_tokens=128 * 40, lr=3e-3,
+    common = dict(architecture=arch, d_sae=F, k=K, total_tokens=128 * 40, lr=3e-3,
                   progress=False, checkpoint_every=10, log_every=1, dead_window_tokens=128 * 3)
     full = train_dictionary(batches(x), checkpoint_dir=str(tmp_path / "full"), **common)
 
@@ -246,3 +247,49 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     train_dictionary(batches(x), k=K, **common)
     with pytest.raises(TrainingError, match="k=4 .checkpoint. vs 8 .now."):
         train_dictionary(batches(x), k=8, **common)
+
+
+def saelens_jumprelu_encode(sae, x):
+    """SAELens's JumpReLU encode, written out: ``relu(pre) * (pre > threshold)``."""
+    pre = (x - sae.b_dec * sae.apply_b_dec_to_input) @ sae.W_enc + sae.b_enc
+    return torch.relu(pre) * (pre > sae.threshold)
+
+
+def test_jumprelu_thresholds_stay_positive_when_pushed_hard():
+    # A large learning rate with no L0 pull: Adam takes full-size steps down on every threshold
+    # whose pre-activations fall in the kernel window, far below zero in one step.
+    res = train_dictionary(batches(data()), architecture="jumprelu", d_sae=F,
+                           total_tokens=128 * 100, lr=0.05, l0_coefficient=0.0,
+                           jumprelu_bandwidth=0.05, progress=False)
+    t = res.dictionary.threshold
+    assert (t > 0).all(), f"{int((t <= 0).sum())} thresholds <= 0, min {float(t.min()):.4g}"
+
+
+def test_jumprelu_l0_coefficient_still_controls_sparsity():
+    # Keeping thresholds positive must not freeze them: a 100x larger L0 weight is sparser.
+    l0 = {}
+    for coef in (1e-3, 1e-1):
+        res = train_dictionary(batches(data()), architecture="jumprelu", d_sae=F,
+                               total_tokens=128 * 300, lr=3e-3, l0_coefficient=coef,
+                               progress=False, log_every=50)
+        l0[coef] = float((res.dictionary.encode(data()) > 0).sum(1).float().mean())
+    assert l0[1e-1] < 0.5 * l0[1e-3], l0
+
+
+@pytest.mark.parametrize("cls", [JumpReLUSAE, BatchTopKSAE])
+def test_jumprelu_encode_equals_saelens_for_any_threshold(cls, tmp_path):
+    torch.manual_seed(0)
+    sae = cls(D, F) if cls is JumpReLUSAE else cls(D, F, k=K)
+    with torch.no_grad():
+        torch.nn.init.normal_(sae.b_enc, std=0.5)
+        torch.nn.init.normal_(sae.b_dec, std=0.3)
+        sae.threshold.copy_(torch.linspace(-0.6, 0.6, F))  # negative, zero-ish and positive
+        sae.threshold[F // 2] = 0.0
+    x = torch.randn(200, D)
+    want = saelens_jumprelu_encode(sae, x)
+    assert (want == 0).any() and (want > 0).any()
+    torch.testing.assert_close(sae.encode(x), want, rtol=0, atol=0)
+    torch.testing.assert_close(sae(x), want @ sae.W_dec + sae.b_dec)
+    path = save_dictionary(sae, tmp_path / "neg", model="tiny", site="resid_out_layer1")
+    loaded = load_sae_nb(path)
+    torch.testing.assert_close(loaded.encode(x), want, rtol=0, atol=0)
