@@ -16,7 +16,8 @@ The layouts (as recorded in the project's shared notes, FORMATS.md):
   mapping: ``layers.L`` is the output of block L (``resid_out_layerL``), ``layers.L.mlp`` the MLP
   output (``mlp_out_layerL``), ``layers.L.self_attn``/``.attention``/``.attn`` ``attn_out_layerL``.
 - ``openai``: one ``.pt`` per layer (GPT-2 small); TopK ones normalise their input
-  (:class:`~sae_nb.dictionary.NormalizedTopKSAE`).
+  (:class:`~sae_nb.dictionary.NormalizedTopKSAE`). The site comes from the published layout
+  ``<location>[_v4|_v5_32k|_v5_128k]/autoencoders/<layer>.pt``; elsewhere pass ``site=``.
 - ``gemma_scope``: ``params.npz`` (JumpReLU).
 
 JumpReLU thresholds are clamped at 0: every library computes ``relu(pre) * (pre > threshold)``,
@@ -44,25 +45,39 @@ from .saving import META_FILE, DictionaryFormatError, load_sae_nb
 from .sites import canonical_site, hook_name, is_site_name
 
 FORMATS = ("dictionary_learning", "saelens", "sae_nb", "sparsify", "openai", "gemma_scope")
-_OPENAI_SITES = {"resid_post_mlp": "resid_out", "resid_delta_mlp": "mlp_out",
-                 "resid_delta_attn": "attn_out"}
-_OPENAI_HOOKS = {"resid_post_attn": "hook_resid_mid", "resid_delta_mlp": "hook_mlp_out",
-                 "resid_post_mlp": "hook_resid_post", "mlp_post_act": "mlp.hook_post",
-                 "resid_delta_attn": "hook_attn_out"}
+# OpenAI's published GPT-2 small locations (sparse_autoencoder/paths.py), as our site at layer
+# L and the TransformerLens hook of its README. resid_post_attn (hook_resid_mid) and
+# mlp_post_act (mlp.hook_post) have no named site: they are GPT-2 module paths, the inputs of
+# ln_2 and of the MLP's c_proj.
+_OPENAI_LOCATIONS = {
+    "resid_post_mlp": ("resid_out_layer{L}", "hook_resid_post"),
+    "resid_delta_mlp": ("mlp_out_layer{L}", "hook_mlp_out"),
+    "resid_delta_attn": ("attn_out_layer{L}", "hook_attn_out"),
+    "resid_post_attn": ("transformer.h.{L}.ln_2:input", "hook_resid_mid"),
+    "mlp_post_act": ("transformer.h.{L}.mlp.c_proj:input", "mlp.hook_post"),
+}
+# A release folder: the location, then nothing (v1), _v4, _v5_32k or _v5_128k.
+_OPENAI_FOLDER = re.compile(r"^(" + "|".join(_OPENAI_LOCATIONS) + r")(?:_v\d+(?:_\d+k)?)?$")
 
 
-def load_dictionary(path: str | Path, format: str | None = None) -> Dictionary:
-    """Load a dictionary file or folder of any supported format (see the module docstring)."""
+def load_dictionary(path: str | Path, format: str | None = None,
+                    site: str | None = None) -> Dictionary:
+    """Load a dictionary file or folder of any supported format (see the module docstring).
+
+    ``site`` sets the site the dictionary reads when its files do not say (or say wrongly).
+    """
     path = Path(path)
     if not path.exists():
         raise DictionaryFormatError(f"{str(path)!r} does not exist.")
     fmt = format or detect_format(path)
     loaders = {"dictionary_learning": _load_dictionary_learning, "saelens": _load_saelens,
-               "sae_nb": _load_our_format, "sparsify": _load_sparsify, "openai": _load_openai,
-               "gemma_scope": _load_gemma_scope}
+               "sae_nb": _load_our_format, "sparsify": _load_sparsify,
+               "openai": lambda p: _load_openai(p, site), "gemma_scope": _load_gemma_scope}
     if fmt not in loaders:
         raise DictionaryFormatError(f"Unknown format {fmt!r}; supported formats: {list(FORMATS)}.")
     sae = loaders[fmt](path)
+    if site is not None:
+        sae.metadata["site"] = site
     sae.metadata["path"] = str(path)
     return sae.eval()
 
@@ -386,7 +401,7 @@ def _sparsify_site(hookpoint: str) -> str | None:
 
 
 # -- OpenAI and Gemma Scope -----------------------------------------------------------------
-def _load_openai(path: Path) -> Dictionary:
+def _load_openai(path: Path, site: str | None = None) -> Dictionary:
     if path.is_dir():
         raise DictionaryFormatError(f"{str(path)!r} is a folder; pass the OpenAI .pt file itself.")
     sd = _safe_torch_load(path)
@@ -410,13 +425,30 @@ def _load_openai(path: Path) -> Dictionary:
                                     f"(ReLU or TopK).")
     _fill(sae, W_enc=t("encoder.weight", F, D).T, b_enc=t("latent_bias", F),
           W_dec=t("decoder.weight", D, F).T, b_dec=t("pre_bias", D))
-    location = path.parent.parent.name if path.parent.name == "autoencoders" else None
-    layer = path.stem if path.stem.isdigit() else None
-    site = f"{_OPENAI_SITES[location]}_layer{layer}" if location in _OPENAI_SITES and layer else None
-    hook = f"blocks.{layer}.{_OPENAI_HOOKS[location]}" if location in _OPENAI_HOOKS and layer \
-        else location
-    sae.metadata = _meta("openai", "gpt2", site, hook)
+    found = _openai_site(path)
+    if found is None and site is None:
+        raise DictionaryFormatError(
+            f"{str(path)!r}: cannot tell which GPT-2 activations this OpenAI dictionary reads: "
+            f"the folder {str(path.parent)!r} is not one of OpenAI's published layouts, "
+            f"<location>[_v4|_v5_32k|_v5_128k]/autoencoders/<layer>.pt with location one of "
+            f"{list(_OPENAI_LOCATIONS)}. Pass the site, e.g. load_dictionary({str(path)!r}, "
+            f"site='resid_out_layer6') (resid_post_mlp is resid_out_layer<L>, resid_delta_mlp "
+            f"mlp_out_layer<L>, resid_delta_attn attn_out_layer<L>).")
+    found_site, hook = found or (site, hook_name(site))
+    sae.metadata = _meta("openai", "gpt2", found_site, hook)
     return sae
+
+
+def _openai_site(path: Path) -> tuple[str, str] | None:
+    """(our site, TransformerLens hook) of a file in OpenAI's layout ``<location>[_<version>]/
+    autoencoders/<layer>.pt``, e.g. ``resid_post_mlp_v5_32k/autoencoders/6.pt``; else None."""
+    folder = path.parent.parent if path.parent.name == "autoencoders" else path.parent
+    m = _OPENAI_FOLDER.match(folder.name)
+    if m is None or not path.stem.isdigit():
+        return None
+    layer = int(path.stem)
+    site, hook = _OPENAI_LOCATIONS[m.group(1)]
+    return site.format(L=layer), f"blocks.{layer}.{hook}"
 
 
 def _load_gemma_scope(path: Path) -> Dictionary:

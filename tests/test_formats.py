@@ -303,7 +303,7 @@ def openai_file(path, activation):
 
 
 def test_openai_relu(tmp_path):
-    path = tmp_path / "v5_32k" / "resid_delta_mlp" / "autoencoders" / "5.pt"
+    path = tmp_path / "gpt2-small" / "resid_delta_mlp" / "autoencoders" / "5.pt"  # v1
     s = openai_file(path, "ReLU")
     sae = load_dictionary(path)
     check(sae, x_batch(),
@@ -314,7 +314,7 @@ def test_openai_relu(tmp_path):
 
 
 def test_openai_topk_normalised(tmp_path):
-    path = tmp_path / "v5_32k" / "resid_post_mlp" / "autoencoders" / "8.pt"
+    path = tmp_path / "gpt2-small" / "resid_post_mlp_v5_32k" / "autoencoders" / "8.pt"
     s = openai_file(path, "TopK")
     sae = load_dictionary(path)
     x = x_batch()
@@ -335,6 +335,73 @@ def test_openai_topk_normalised(tmp_path):
     assert not torch.allclose(sae(x), sae.decode(sae.encode(x)))  # the documented exception
     assert sae.metadata["site"] == "resid_out_layer8"
     assert sae.metadata["hook"] == "blocks.8.hook_resid_post"
+
+
+# The layouts OpenAI published for GPT-2 small (sparse_autoencoder/paths.py: v1, v4, v5_32k,
+# v5_128k under az://openaipublic/sparse-autoencoder/gpt2-small/): relative path -> our site
+# and the TransformerLens hook of the README's table. resid_post_attn (hook_resid_mid) and
+# mlp_post_act (mlp.hook_post) have no named site: they map to GPT-2 module paths.
+OPENAI_LAYOUTS = [
+    ("resid_post_mlp_v5_32k/autoencoders/6.pt", "resid_out_layer6", "blocks.6.hook_resid_post"),
+    ("resid_post_mlp_v5_128k/autoencoders/8.pt", "resid_out_layer8", "blocks.8.hook_resid_post"),
+    ("resid_delta_attn_v5_128k/autoencoders/3.pt", "attn_out_layer3", "blocks.3.hook_attn_out"),
+    ("resid_delta_attn_v5_32k/autoencoders/0.pt", "attn_out_layer0", "blocks.0.hook_attn_out"),
+    ("resid_delta_mlp_v5_32k/autoencoders/11.pt", "mlp_out_layer11", "blocks.11.hook_mlp_out"),
+    ("resid_delta_mlp_v4/autoencoders/5.pt", "mlp_out_layer5", "blocks.5.hook_mlp_out"),
+    ("resid_delta_mlp/autoencoders/2.pt", "mlp_out_layer2", "blocks.2.hook_mlp_out"),
+    ("resid_post_attn_v5_32k/autoencoders/10.pt", "transformer.h.10.ln_2:input",
+     "blocks.10.hook_resid_mid"),
+    ("mlp_post_act/autoencoders/1.pt", "transformer.h.1.mlp.c_proj:input",
+     "blocks.1.mlp.hook_post"),
+    ("mlp_post_act_v4/autoencoders/7.pt", "transformer.h.7.mlp.c_proj:input",
+     "blocks.7.mlp.hook_post"),
+]
+
+
+@pytest.mark.parametrize("relative,site,hook", OPENAI_LAYOUTS)
+def test_openai_published_layouts(tmp_path, relative, site, hook):
+    path = tmp_path / "sparse-autoencoder" / "gpt2-small" / relative
+    openai_file(path, "TopK" if "_v5_" in relative else "ReLU")
+    sae = load_dictionary(path)
+    assert (sae.metadata["site"], sae.metadata["hook"]) == (site, hook)
+
+
+def test_openai_raw_sites_read_the_documented_activations(tmp_path):
+    """resid_post_attn is hook_resid_mid (block input + attention output) and mlp_post_act is
+    mlp.hook_post (gelu(c_fc(ln_2(resid_mid)))): computed here by hand on a tiny GPT-2."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sae_nb.sites import resolve_site
+
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=32,
+                                    vocab_size=50)).eval()
+    block = hf.transformer.h[1]
+    seen = {}
+    hooks = [block.register_forward_pre_hook(lambda m, a: seen.__setitem__("block_in", a[0]))]
+    for location in ("resid_post_attn_v5_32k", "mlp_post_act"):
+        path = tmp_path / location / "autoencoders" / "1.pt"
+        openai_file(path, "ReLU")
+        site = resolve_site(hf, load_dictionary(path).metadata["site"])
+        assert site.io == "input"
+        hooks.append(hf.get_submodule(site.module).register_forward_pre_hook(
+            lambda m, a, key=location: seen.__setitem__(key, a[0])))
+    with torch.no_grad():
+        hf(torch.tensor([[1, 2, 3, 4, 5]]))
+        for h in hooks:
+            h.remove()
+        resid_mid = seen["block_in"] + block.attn(block.ln_1(seen["block_in"]))[0]
+        post = block.mlp.act(block.mlp.c_fc(block.ln_2(resid_mid)))
+    torch.testing.assert_close(seen["resid_post_attn_v5_32k"], resid_mid)
+    torch.testing.assert_close(seen["mlp_post_act"], post)
+
+
+def test_openai_unknown_folder_needs_a_site(tmp_path):
+    path = tmp_path / "downloads" / "my_sae.pt"
+    openai_file(path, "ReLU")
+    with pytest.raises(DictionaryFormatError, match=r"downloads.*site="):
+        load_dictionary(path)
+    sae = load_dictionary(path, site="resid_out_layer4")
+    assert sae.metadata["site"] == "resid_out_layer4"
 
 
 # -- Gemma Scope ----------------------------------------------------------------------------
