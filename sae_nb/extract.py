@@ -8,6 +8,7 @@ reaches, so extracting ``resid_out_layer3`` of a 30-layer model runs 4 blocks, n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -110,13 +111,22 @@ def extract_activations(model, run_dir: str | Path, config: ExtractConfig | None
     config = ExtractConfig(**{**(asdict(config) if config else {}), **options})
     sites = resolve_sites(model, config.sites)
     corpus = load_corpus(config.corpus, config.text_column)
-    tok = model.tokenizer
     d_by_site = site_widths(model, sites)
-    writers = {}
-    for site in sites:
-        header = _header(model, site, d_by_site[site.name], config)
-        path = Path(run_dir) / "activations" / site_dirname(site.name)
-        writers[site.name] = StoreWriter(path, header, overwrite=overwrite)
+    with contextlib.ExitStack() as locks:  # each writer locks its store until it is done
+        writers = {}
+        for site in sites:
+            header = _header(model, site, d_by_site[site.name], config)
+            path = Path(run_dir) / "activations" / site_dirname(site.name)
+            writers[site.name] = locks.enter_context(StoreWriter(path, header, overwrite=overwrite))
+        units = _extract(model, sites, writers, corpus, config, progress)
+        for w in writers.values():
+            w.finish(n_units_total=units)
+    return {name: ActivationStore(w.path) for name, w in writers.items()}
+
+
+def _extract(model, sites, writers, corpus, config: ExtractConfig, progress: bool) -> int:
+    """Fill the writers' stores; returns the number of units (contexts or texts) in all."""
+    tok = model.tokenizer
     if config.mode == "tokens":
         ctx = pack_contexts(corpus, tok, config.ctx_len, -(-config.n_tokens // config.ctx_len),
                             config.seed, config.prepend_bos)
@@ -126,9 +136,7 @@ def extract_activations(model, run_dir: str | Path, config: ExtractConfig | None
         units, per_unit = len(corpus.texts), None
         batches = _sentence_batches(corpus, tok, config, min(w.done for w in writers.values()))
     _run(model, sites, writers, batches, units, per_unit, config, progress)
-    for w in writers.values():
-        w.finish(n_units_total=units)
-    return {name: ActivationStore(w.path) for name, w in writers.items()}
+    return units
 
 
 def site_widths(model, sites: list[Site]) -> dict[str, int]:

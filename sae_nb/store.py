@@ -6,9 +6,12 @@ One store per site, a folder::
     shard_00000.npy            (rows, d) activations, float16 or float32
     shard_00000.index.npy      (rows,) per-row token id, document, position, context, offset
 
+    writer.lock                held by the one extraction writing the store; names it
+
 A shard is written to a temporary name and renamed into place; the manifest is rewritten the
 same way after each shard. Readers trust only the manifest, so a killed extraction leaves
-complete shards or nothing, and a rerun resumes after the last shard the manifest lists.
+complete shards or nothing, and a rerun resumes after the last shard the manifest lists. A
+writer holds an OS lock on ``writer.lock`` while it writes; a second writer is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,9 +28,17 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .io import TMP_SUFFIX, atomic_save_npy, atomic_write_bytes
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 STORE_FORMAT = "sae_nb.activation_store"
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK_FILE = "writer.lock"  # held (flock) by the one writer of a store; names it
 # Per row: the token id (-1 in sentence mode), its document and position in the document's
 # tokens, and the context (token mode) or sentence (sentence mode) it belongs to, with its
 # offset inside that context (-1 in sentence mode).
@@ -45,22 +58,30 @@ def site_dirname(site: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", site)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _lock_store(folder: Path):
+    """Hold an exclusive lock on a store folder for as long as the returned file stays open.
 
-
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    The OS drops the lock when the file is closed or the process dies, however it dies, so a
+    crashed extraction never leaves the store locked. The lock file names its holder.
+    """
+    if fcntl is None:  # no flock on this platform: one writer at a time is up to the user
+        return None
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    file = os.fdopen(fd, "r+", encoding="utf-8")
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: another open file holds it, in this or another process
+        holder = file.read().strip() or "a process that has not yet written its name"
+        file.close()
+        raise StoreError(f"The store at {str(folder)!r} is being written by another extraction "
+                         f"({holder}). Two writers would corrupt it: wait for that one to finish "
+                         f"(or stop it), or extract into another run_dir.") from None
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    file.seek(0)
+    file.truncate()
+    file.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n")
+    file.flush()
+    return file
 
 
 class StoreWriter:
@@ -68,12 +89,23 @@ class StoreWriter:
 
     ``done`` is the number of units (contexts in token mode, sentences in sentence mode) the
     manifest already covers; the extractor skips rows of units below it.
+
+    A writer holds the store's lock from its creation to :meth:`finish` or :meth:`close` (or
+    its process's end): a second writer of the same store gets a StoreError naming the first.
     """
 
     def __init__(self, path: str | Path, header: dict[str, Any], overwrite: bool = False):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.glob("*.tmp"):  # leftovers of a killed write
+        self._lock = _lock_store(self.path)  # before anything is read, deleted or written
+        try:
+            self._open(header, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, header: dict[str, Any], overwrite: bool) -> None:
+        for stale in self.path.glob(f"*{TMP_SUFFIX}"):  # leftovers of a killed write
             stale.unlink()
         old = self.path / MANIFEST
         if old.exists() and not overwrite:
@@ -86,6 +118,18 @@ class StoreWriter:
             self.manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, **header,
                              "rows": 0, "units": 0, "complete": False, "shards": []}
             self._write_manifest()
+
+    def close(self) -> None:
+        """Release the store's lock (idempotent; the OS also releases it at process exit)."""
+        if getattr(self, "_lock", None) is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def done(self) -> int:
@@ -106,8 +150,10 @@ class StoreWriter:
         self._write_manifest()
 
     def finish(self, **extra: Any) -> None:
+        """Mark the store complete and release its lock."""
         self.manifest.update(extra, complete=True)
         self._write_manifest()
+        self.close()
 
     def _write_manifest(self) -> None:
         data = json.dumps(self.manifest, indent=1).encode()

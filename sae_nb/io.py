@@ -1,0 +1,103 @@
+"""Atomic file writes: a file is either the old one or the complete new one, never half.
+
+Every writer goes through :func:`atomic_open`: it writes to a temporary file in the same
+folder, named after the target plus the writer's pid and a random suffix (so two writers of
+one path never share a temporary file), flushes it to disk, and renames it over the target.
+A reader opening the target sees the old file or the new one. A killed writer leaves only a
+``*.tmp`` file, which the next writer of that folder may delete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import numpy as np
+
+TMP_SUFFIX = ".tmp"  # every temporary name ends so; ``folder.glob("*.tmp")`` finds leftovers
+
+
+def temporary_name(path: str | Path) -> Path:
+    """A fresh temporary name next to ``path``: ``name.<pid>.<random>.tmp``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb", **kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file for writing; on a clean exit, fsync it and rename it to ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable across a power cut (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, value: Any, indent: int | None = 1, **kwargs: Any) -> Path:
+    """``json.dumps(value)`` written atomically (``kwargs`` go to ``json.dumps``, e.g. default)."""
+    return atomic_write_text(path, json.dumps(value, indent=indent, **kwargs))
+
+
+def atomic_save_npy(path: str | Path, array: np.ndarray) -> Path:
+    with atomic_open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    return Path(path)
+
+
+def atomic_save_npz(path: str | Path, compressed: bool = False, **arrays: np.ndarray) -> Path:
+    """``np.savez`` (or ``savez_compressed``) of ``arrays`` written atomically."""
+    save = np.savez_compressed if compressed else np.savez
+    with atomic_open(path, "wb") as f:
+        save(f, **arrays)
+    return Path(path)
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes, hex, read in chunks (any size, flat memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
