@@ -5,6 +5,13 @@ fraction of latents alive / dead over the evaluation window, firing densities), 
 downstream test: cross-entropy of the model's next-token predictions with the reconstruction
 spliced in at the site (nnsight), against the clean run and against zero-ablating the site.
 % CE loss recovered = (CE_zero - CE_spliced) / (CE_zero - CE_clean).
+
+BOS in the splice. A dictionary reconstructs what it was trained on. When its training store
+left BOS rows out (``exclude_bos``, the extraction default: attention sinks with huge norms),
+BOS positions keep their clean activation in the splice; when the store kept them, they are
+spliced like every other token. :func:`bos_kept_clean` decides, by default from the training
+store's manifest, else from the training metadata the dictionary carries (``train_dictionary``
+attaches it; ``load_sae_nb`` reads it back from the saved train config).
 """
 
 from __future__ import annotations
@@ -12,11 +19,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from .corpora import document_separator
 from .extract import _envoy, resolve_sites
 from .models import hf_model
 
@@ -94,7 +104,10 @@ def splice_loss(model, site: str, tokens: torch.Tensor,
 @torch.no_grad()
 def ce_metrics(dictionary, model, site: str, tokens: torch.Tensor, batch_size: int = 8,
                bos_token_id: int | None = None) -> dict:
-    """Clean, spliced and zero-ablated CE, % loss recovered and KL(clean || spliced)."""
+    """Clean, spliced and zero-ablated CE, % loss recovered and KL(clean || spliced).
+
+    Positions holding ``bos_token_id`` keep their clean activation (None: every position is
+    spliced); :func:`evaluate_dictionary` picks it as the dictionary was trained."""
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     count = 0
     for lo in range(0, len(tokens), batch_size):
@@ -115,12 +128,60 @@ def ce_metrics(dictionary, model, site: str, tokens: torch.Tensor, batch_size: i
             "kl_div": sums["kl"] / count}
 
 
+def _training_data(dictionary) -> dict:
+    """The training-data metadata a dictionary carries: ``exclude_bos``, ``bos_token_id``, ...
+    (``train_dictionary`` attaches it; ``load_sae_nb`` reads it from the saved train config)."""
+    meta = getattr(dictionary, "metadata", None) or {}
+    if "exclude_bos" in meta:
+        return meta
+    return ((meta.get("train_config") or {}).get("metadata") or {})
+
+
+def bos_kept_clean(dictionary, model=None, store=None, splice_bos: bool | None = None,
+                   bos_token_id: int | None = None) -> int | None:
+    """The token id whose positions keep their clean activation in the splice, or ``None`` when
+    every position gets the reconstruction.
+
+    Whether BOS is spliced: ``splice_bos`` if given; else the opposite of ``exclude_bos`` in the
+    manifest of ``store`` (the dictionary's training store: an ``ActivationStore`` or its
+    manifest dict); else in the dictionary's training metadata; else, with nothing to go by,
+    BOS stays clean (sae_nb's extraction default) with a warning. The id: ``bos_token_id`` if
+    given, else the store's or the training metadata's, else the model tokenizer's document
+    separator.
+    """
+    manifest = (store if isinstance(store, dict) else store.manifest) if store is not None else {}
+    trained = _training_data(dictionary)
+    if splice_bos is None:
+        excluded = manifest.get("exclude_bos", trained.get("exclude_bos"))
+        if excluded is None and bos_token_id is None:
+            warnings.warn("Nothing says whether this dictionary was trained on BOS rows; BOS "
+                          "positions keep their clean activation in the splice (sae_nb's "
+                          "exclude_bos=True default). Pass store=<its training store> or "
+                          "splice_bos=True/False.", stacklevel=3)
+        splice_bos = excluded is False
+    if splice_bos:
+        return None
+    for source in (bos_token_id, manifest.get("bos_token_id"), trained.get("bos_token_id")):
+        if source is not None:
+            return int(source)
+    if model is None:
+        raise ValueError("bos_kept_clean needs bos_token_id=..., a store, or the model to find "
+                         "the BOS id.")
+    return document_separator(model.tokenizer)
+
+
 def evaluate_dictionary(dictionary, acts: torch.Tensor, model=None, site: str | None = None,
                         tokens: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                        bos_token_id: int | None = None) -> Evaluation:
+                        bos_token_id: int | None = None, store=None,
+                        splice_bos: bool | None = None) -> Evaluation:
     """All metrics as one DataFrame row (plus firing densities). The CE metrics need ``model``,
-    ``site`` and held-out token contexts ``tokens`` ``(n, T)``; without them they are left out."""
+    ``site`` and held-out token contexts ``tokens`` ``(n, T)``; without them they are left out.
+
+    BOS positions are spliced or kept clean as the dictionary was trained: from ``store`` (its
+    training store), else its training metadata; ``splice_bos`` overrides, ``bos_token_id``
+    names the id. See :func:`bos_kept_clean`."""
     row, density = reconstruction_metrics(dictionary, acts, targets)
     if model is not None and site is not None and tokens is not None:
-        row.update(ce_metrics(dictionary, model, site, tokens, bos_token_id=bos_token_id))
+        keep = bos_kept_clean(dictionary, model, store, splice_bos, bos_token_id)
+        row.update(ce_metrics(dictionary, model, site, tokens, bos_token_id=keep))
     return Evaluation(pd.DataFrame([row]), density)

@@ -127,7 +127,7 @@ def load_sae_nb(path: str | Path) -> Dictionary:
                 f"{str(path / WEIGHTS_FILE)!r}: {key} has shape {tuple(weights[key].shape)}, "
                 f"but cfg.json (d_in={d_in}, d_sae={d_sae}) implies {shape}.")
     sae.load_state_dict({k: weights[k].float() for k in expected})
-    sae.metadata = {"format": "sae_nb", "path": str(path), **{k: meta.get(k) for k in ("model", "site", "target_site", "metrics")}}
+    sae.metadata = {"format": "sae_nb", "path": str(path), **{k: meta.get(k) for k in ("model", "site", "target_site", "metrics", "train_config")}}
     return sae.eval()
 
 

@@ -225,6 +225,7 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
     if ckpt is not None:
         _save_checkpoint(ckpt, sae, opt, sched, state, cfg, (s_in, s_out))
     sae.fold_scale(s_in, s_out)
+    sae.metadata = dict(cfg.metadata)  # its training data (site, BOS handling), as on loading
     return TrainResult(sae.eval(), pd.DataFrame(state["log"]), cfg, (s_in, s_out))
 
 

@@ -71,7 +71,10 @@ class HeldoutSplit:
 
     @property
     def bos_token_id(self) -> int | None:
-        return self.store.manifest.get("bos_token_id")
+        """The BOS id when the store left BOS rows out (a dictionary trained here never sees
+        BOS, so a splice keeps those positions clean); None when the store kept BOS rows."""
+        m = self.store.manifest
+        return m.get("bos_token_id") if m.get("exclude_bos", True) else None
 
     def train_batches(self, batch_size: int, seed: int = 0) -> Iterator[torch.Tensor]:
         """Endless shuffled ``(batch_size, D)`` batches of the training rows (a fresh order each
@@ -86,7 +89,8 @@ class HeldoutSplit:
         """What the training data was, for the train config saved with the dictionary."""
         m = self.store.manifest
         return {"model": m["model"], "site": m["site"], "corpus": m["corpus"],
-                "ctx_len": m["ctx_len"], "train_rows": self.boundary,
+                "ctx_len": m["ctx_len"], "exclude_bos": m.get("exclude_bos"),
+                "bos_token_id": m.get("bos_token_id"), "train_rows": self.boundary,
                 "heldout_rows": len(self.store) - self.boundary, "batch_size": batch_size}
 
     def summary(self) -> pd.DataFrame:

@@ -98,7 +98,7 @@ def test_evaluate_dictionary_returns_one_row_with_every_metric(llama):
     sae = TopKSAE(32, 64, k=4)
     acts = torch.randn(200, 32)
     ev = evaluate_dictionary(sae, acts, model=llama, site="resid_out_layer1",
-                             tokens=tokens_for(llama))
+                             tokens=tokens_for(llama), splice_bos=False)
     assert len(ev.metrics) == 1
     for col in ("mse", "fvu", "l0", "l1", "frac_alive", "frac_dead", "ce_clean", "ce_spliced",
                 "ce_zero_ablation", "ce_loss_recovered", "kl_div"):
@@ -106,3 +106,78 @@ def test_evaluate_dictionary_returns_one_row_with_every_metric(llama):
     assert 0 < ev.metrics["l0"].iloc[0] <= 4
     assert ev.density.shape == (64,)
     assert np.isfinite(ev.log10_density()).all()
+
+
+# -- BOS in the splice follows how the dictionary was trained --------------------------------
+SITE = "resid_out_layer1"
+
+
+def hand_splice_ce(llama, dictionary, tokens, keep_id):
+    """Mean next-token CE with layer 1's output replaced by ``dictionary.reconstruct``, positions
+    holding ``keep_id`` left clean: a plain torch forward hook on the transformers module, not
+    sae_nb's nnsight splice."""
+    hf = llama._module
+    keep = torch.zeros_like(tokens, dtype=torch.bool) if keep_id is None else tokens == keep_id
+
+    def hook(module, args, out):
+        acts = out[0] if isinstance(out, tuple) else out
+        new = torch.where(keep[..., None], acts, dictionary.reconstruct(acts))
+        return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+
+    handle = hf.model.layers[1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            logits = hf(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
+    finally:
+        handle.remove()
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    return float(-logp.gather(-1, tokens[:, 1:, None]).mean())
+
+
+@pytest.mark.parametrize("exclude_bos", [True, False])
+def test_splice_keeps_bos_clean_exactly_when_training_excluded_it(llama, corpus_dir, tmp_path,
+                                                                 exclude_bos):
+    import sae_nb
+    from dataclasses import asdict
+
+    (store,) = sae_nb.extract_activations(
+        llama, tmp_path, sites=[SITE], corpus=str(corpus_dir), n_tokens=768, ctx_len=32,
+        dtype="float32", exclude_bos=exclude_bos, progress=False).values()
+    split = sae_nb.heldout_split(store, heldout_tokens=256, n_contexts=8)
+    tokens = split.ce_tokens
+    bos = llama.tokenizer.bos_token_id
+    assert (tokens == bos).sum() > len(tokens)  # BOS opens each context and separates documents
+    result = sae_nb.train_dictionary(
+        split.train_batches(64), sae_nb.TrainConfig(architecture="topk", expansion=2, k=4,
+                                                   total_tokens=128, device="cpu",
+                                                   metadata=split.metadata(64)), progress=False)
+    sae = result.dictionary
+    expected = hand_splice_ce(llama, sae, tokens, bos if exclude_bos else None)
+    other = hand_splice_ce(llama, sae, tokens, None if exclude_bos else bos)
+    assert abs(expected - other) > 1e-3  # the BOS choice shows in the number
+
+    def spliced(ev):
+        return ev.metrics["ce_spliced"].item()
+
+    acts = split.heldout_acts
+    # The README's call (no BOS argument) and notebook 02's call follow the training store.
+    assert spliced(sae_nb.evaluate_dictionary(sae, acts, llama, SITE, tokens)) == \
+        pytest.approx(expected, rel=1e-5)
+    assert spliced(sae_nb.evaluate_dictionary(sae, acts, llama, SITE, tokens,
+                                              bos_token_id=split.bos_token_id)) == \
+        pytest.approx(expected, rel=1e-5)
+    # Any dictionary, given the store it was trained on.
+    bare = TopKSAE(32, 64, k=4)
+    bare.load_state_dict(sae.state_dict())
+    assert spliced(sae_nb.evaluate_dictionary(bare, acts, llama, SITE, tokens, store=store)) == \
+        pytest.approx(expected, rel=1e-5)
+    # A saved dictionary, from the train config saved with it.
+    folder = sae_nb.save_dictionary(sae, tmp_path / "saved", model="tiny", site=SITE,
+                                    train_config=asdict(result.config))
+    loaded = sae_nb.load_sae_nb(folder)
+    assert spliced(sae_nb.evaluate_dictionary(loaded, acts, llama, SITE, tokens)) == \
+        pytest.approx(expected, rel=1e-5)
+    # An explicit choice wins over the store.
+    assert spliced(sae_nb.evaluate_dictionary(sae, acts, llama, SITE, tokens, store=store,
+                                              splice_bos=exclude_bos)) == \
+        pytest.approx(other, rel=1e-5)
