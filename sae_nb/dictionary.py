@@ -42,6 +42,8 @@ Classes that exist to load other libraries' dictionaries (``sae_nb.formats``):
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -147,6 +149,29 @@ class Dictionary(nn.Module):
         self.W_enc *= scale_in
         self.W_dec /= scale_out
         self.b_dec /= scale_out  # for an SAE scale_in == scale_out, so the input shift folds too
+
+
+_hash_memo: "weakref.WeakKeyDictionary[Dictionary, tuple]" = weakref.WeakKeyDictionary()
+
+
+def dictionary_hash(dictionary: Dictionary) -> str:
+    """A short hash of everything that decides the codes: class, k and encoder-side tensors.
+
+    Remembered per dictionary until one of its tensors is replaced or changed in place (every
+    in-place write bumps a tensor's ``_version``), so the explorer can check it on each call."""
+    tensors = dictionary.state_dict(keep_vars=True)
+    stamp = tuple((n, t.data_ptr(), t._version) for n, t in tensors.items())
+    memo = _hash_memo.get(dictionary)
+    if memo is not None and memo[0] == stamp:
+        return memo[1]
+    h = hashlib.sha256(f"{type(dictionary).__name__}:{getattr(dictionary, 'k', None)}:"
+                       f"{getattr(dictionary, 'apply_b_dec_to_input', None)}".encode())
+    for name, tensor in sorted(tensors.items()):
+        if name != "W_dec":  # the decoder does not change the codes
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    _hash_memo[dictionary] = (stamp, h.hexdigest()[:16])
+    return _hash_memo[dictionary][1]
 
 
 class ReLUSAE(Dictionary):

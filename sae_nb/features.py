@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import warnings
-import weakref
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Iterator
@@ -37,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .contexts import latent_contexts, text_activations  # noqa: F401 (public here)
-from .dictionary import Dictionary, TopKSAE
+from .dictionary import Dictionary, TopKSAE, dictionary_hash  # noqa: F401 (public here too)
 from .logit_effects import LogitEffects, logit_effects  # noqa: F401  (public here too)
 from .store import IDENTITY, ActivationStore, site_dirname
 from .threads import one_thread
@@ -135,28 +134,6 @@ def stats_folder(run_dir: str | Path, dictionary_name_or_id: str) -> Path:
 
 
 # -- identity (the cache key) ---------------------------------------------------------------
-_hash_memo: "weakref.WeakKeyDictionary[Dictionary, tuple]" = weakref.WeakKeyDictionary()
-
-
-def dictionary_hash(dictionary: Dictionary) -> str:
-    """A short hash of everything that decides the codes: class, k and encoder-side tensors.
-
-    Remembered per dictionary until one of its tensors is replaced or changed in place (every
-    in-place write bumps a tensor's ``_version``), so the explorer can check it on each call."""
-    tensors = dictionary.state_dict(keep_vars=True)
-    stamp = tuple((n, t.data_ptr(), t._version) for n, t in tensors.items())
-    memo = _hash_memo.get(dictionary)
-    if memo is not None and memo[0] == stamp:
-        return memo[1]
-    h = hashlib.sha256(f"{type(dictionary).__name__}:{getattr(dictionary, 'k', None)}".encode())
-    for name, tensor in sorted(tensors.items()):
-        if name != "W_dec":  # the decoder does not change the codes
-            h.update(name.encode())
-            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    _hash_memo[dictionary] = (stamp, h.hexdigest()[:16])
-    return _hash_memo[dictionary][1]
-
-
 def _identity(store: ActivationStore, dictionary: Dictionary, settings: dict) -> dict:
     """What cached statistics must agree on: the dictionary's encoder, the store's rows (its
     identity fields and shard list, not its path: a moved run folder keeps its cache) and the

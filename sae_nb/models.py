@@ -9,6 +9,7 @@ second. Any hub name (``gpt2``, ``EleutherAI/pythia-70m-deduped``) or local fold
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -90,6 +91,21 @@ def model_name(model) -> str:
 def hf_model(model) -> torch.nn.Module:
     """The underlying ``transformers`` module of an nnsight model."""
     return model._module
+
+
+def model_fingerprint(model) -> str:
+    """The model's identity for caches: its name, then a hash of its config and of every
+    weight tensor's first and last 64 values and sum. A model under the same name with other
+    weights (a fine-tuned checkpoint, another random init) gets another fingerprint."""
+    hf = hf_model(model)
+    h = hashlib.sha256(hf.config.to_json_string().encode())
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            flat = p.detach().reshape(-1)
+            h.update(f"{name}:{p.dtype}:{tuple(p.shape)}:{float(flat.sum(dtype=torch.float64))}"
+                     .encode())
+            h.update(torch.cat([flat[:64], flat[-64:]]).float().cpu().numpy().tobytes())
+    return f"{model_name(model)}@{h.hexdigest()[:16]}"
 
 
 def _prepare_tokenizer(tokenizer) -> None:

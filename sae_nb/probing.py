@@ -9,17 +9,24 @@ baseline. The default data are the human-rated movie review snippets of Hutto & 
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import subprocess
 import sys
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from .corpora import CorpusError
+from .dictionary import dictionary_hash
+from .io import atomic_save_npz
+from .models import model_fingerprint
 from .threads import one_thread
 
 logger = logging.getLogger(__name__)
@@ -32,7 +39,7 @@ DEFAULT_CACHE = Path(__file__).resolve().parent.parent / "data" / "cache"
 K_VALUES = (1, 2, 5, 10, 20, 50)
 
 
-class LabelError(ValueError):
+class LabelError(CorpusError):
     """A labeled data set that cannot be probed; the message says why and what to do."""
 
 
@@ -144,58 +151,83 @@ def split_labeled(labels, test_size: float = 0.25, seed: int = 0,
 
 def probe_features(model, dictionary, texts: list[str], site: str | None = None,
                    pool: str = "mean", cache: str | Path | None = None,
-                   batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                   batch_size: int = 32, max_len: int = 128,
+                   run_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pooled activations ``(N, D)`` at the site and pooled per-token codes ``(N, F)``: every
     token is encoded, then the codes are pooled (:func:`sae_nb.codes.pooled_token_codes`).
 
-    With ``cache`` (an ``.npz`` path) they are saved there and read back on a rerun, when the
-    texts are the same."""
+    With ``run_dir`` they are cached under ``run_dir/probing/`` (one file per configuration,
+    so switching back and forth between dictionaries reads each from disk); with ``cache`` at
+    that ``.npz`` path. A cache is used only when everything the arrays depend on is the
+    same: the model (:func:`sae_nb.models.model_fingerprint`), the dictionary's weights
+    (:func:`sae_nb.dictionary.dictionary_hash`), site, pooling, truncation and the texts."""
     import torch
 
     from .codes import dictionary_site, pooled_token_codes
     site = dictionary_site(dictionary, site)
-    key = [site, pool]
+    texts = _check_texts(texts)
+    key = {"model": model_fingerprint(model), "dictionary": dictionary_hash(dictionary),
+           "site": site, "pool": pool, "max_len": max_len, "prepend_bos": True}
+    cache = cache or cache_path(run_dir, "features", key, texts)
     saved = _read_cache(cache, texts, key)
     if saved is not None:
         return saved["raw"], saved["codes"]
     with torch.no_grad():
-        out = pooled_token_codes(model, dictionary, list(texts), site=site, pool=pool,
-                                 batch_size=batch_size)
+        out = pooled_token_codes(model, dictionary, texts, site=site, pool=pool,
+                                 batch_size=batch_size, max_len=max_len)
     raw, codes = out.acts.numpy(), out.codes.numpy()
     _write_cache(cache, texts, key, {"raw": raw, "codes": codes})
     return raw, codes
 
 
-def _read_cache(cache: str | Path | None, texts: list[str], key: list[str]) -> dict | None:
-    """The arrays saved at ``cache`` for these texts and this key (site, pooling, ...), or
-    None when there is no cache file or it holds something else."""
+def _check_texts(texts) -> list[str]:
+    texts = list(texts)
+    if not texts:
+        raise LabelError("No texts to pool: pass a list of at least one string.")
+    return texts
+
+
+def _key_json(key: dict) -> str:
+    return json.dumps(key, sort_keys=True)
+
+
+def cache_path(run_dir: str | Path | None, kind: str, key: dict,
+               texts: list[str]) -> Path | None:
+    """``run_dir/probing/<kind>_<hash>.npz``: a file name that changes with everything the
+    cached arrays depend on (``key`` and the texts); None without a run folder."""
+    if run_dir is None:
+        return None
+    h = hashlib.sha256(_key_json(key).encode())
+    for text in texts:
+        h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    return Path(run_dir) / "probing" / f"{kind}_{h.hexdigest()[:16]}.npz"
+
+
+def _read_cache(cache: str | Path | None, texts: list[str], key: dict) -> dict | None:
+    """The arrays saved at ``cache`` for these texts and this key, or None when there is no
+    cache file, it holds something else, or it cannot be read (then it is recomputed)."""
     if not cache or not Path(cache).exists():
         return None
-    saved = np.load(cache, allow_pickle=False)
-    if ("key" in saved and list(saved["key"]) == list(key)
-            and list(saved["texts"]) == list(texts)):
-        return dict(saved)
-    logger.info("The cache at %s is for other texts or settings; recomputing", cache)
+    try:
+        with np.load(cache, allow_pickle=False) as saved:
+            arrays = dict(saved)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        logger.warning("The cache at %s cannot be read (%s); recomputing", cache, err)
+        return None
+    if ("key" in arrays and str(arrays["key"]) == _key_json(key)
+            and list(arrays["texts"]) == list(texts)):
+        return arrays
+    logger.info("The cache at %s is for another model, dictionary, texts or settings; "
+                "recomputing", cache)
     return None
 
 
-def _write_cache(cache: str | Path | None, texts: list[str], key: list[str],
+def _write_cache(cache: str | Path | None, texts: list[str], key: dict,
                  arrays: dict[str, np.ndarray]) -> None:
-    """Save ``arrays`` with the texts and key at ``cache`` (tmp + rename), if a path is given."""
-    if not cache:
-        return
-    cache = Path(cache)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
-    np.savez(tmp, texts=np.array(list(texts), dtype=str), key=np.array(key, dtype=str), **arrays)
-    tmp.replace(cache)
-
-
-def features_cache_path(run_dir: str | Path, model_id: str, site: str, pool: str,
-                        n: int) -> Path:
-    """Where ``probe_features`` caches one configuration under a run folder."""
-    safe = str(model_id).replace("/", "--")
-    return Path(run_dir) / "probing" / f"features_{safe}_{site}_{pool}_{n}.npz"
+    """Save ``arrays`` with the texts and key at ``cache`` (atomically), if a path is given."""
+    if cache:
+        atomic_save_npz(cache, texts=np.array(list(texts), dtype=str),
+                        key=np.array(_key_json(key)), **arrays)
 
 
 # ---------------------------------------------------------------- probes
@@ -348,14 +380,15 @@ def sweep_sites(model, sites: str | list[str]) -> list[str]:
 
 def layer_sweep(model, texts: list[str], labels, train: np.ndarray, test: np.ndarray,
                 sites: str | list[str], pool: str = "mean", seed: int = 0,
-                batch_size: int = 32, cache: str | Path | None = None) -> pd.DataFrame:
+                batch_size: int = 32, cache: str | Path | None = None,
+                run_dir: str | Path | None = None) -> pd.DataFrame:
     """Raw-probe held-out accuracy and ROC AUC at several sites (a list, or a site kind for
     every layer: :func:`sweep_sites`), all read in one forward pass over the texts.
 
-    With ``cache`` (an ``.npz`` path) the pooled activations are saved there and reused by a
-    rerun on the same texts, sites and pooling."""
+    The pooled activations are cached as :func:`sweep_activations` says."""
     names = sweep_sites(model, sites)
-    acts = _sweep_activations(model, list(texts), names, pool, batch_size, cache)
+    acts = sweep_activations(model, texts, names, pool, batch_size, cache=cache,
+                             run_dir=run_dir)
     y = np.asarray(labels)
     rows = []
     for site in names:
@@ -366,14 +399,23 @@ def layer_sweep(model, texts: list[str], labels, train: np.ndarray, test: np.nda
     return pd.DataFrame(rows)
 
 
-def _sweep_activations(model, texts: list[str], sites: list[str], pool: str, batch_size: int,
-                       cache: str | Path | None) -> dict[str, np.ndarray]:
-    key = [pool, *sites]
+def sweep_activations(model, texts: list[str], sites: list[str], pool: str = "mean",
+                      batch_size: int = 32, max_len: int = 128,
+                      cache: str | Path | None = None,
+                      run_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+    """``{site: (N, D)}`` pooled activations, one forward pass for all sites. Cached under
+    ``run_dir/probing/`` or at ``cache`` (an ``.npz`` path), keyed by the model's
+    fingerprint, the sites, pooling, truncation and the texts."""
+    texts = _check_texts(texts)
+    key = {"model": model_fingerprint(model), "sites": list(sites), "pool": pool,
+           "max_len": max_len, "prepend_bos": True}
+    cache = cache or cache_path(run_dir, "sweep", key, texts)
     saved = _read_cache(cache, texts, key)
     if saved is not None:
         return {site: saved[f"site_{i}"] for i, site in enumerate(sites)}
     from .extract import pooled_activations
-    acts = pooled_activations(model, texts, sites, pool=pool, batch_size=batch_size)
+    acts = pooled_activations(model, texts, sites, pool=pool, batch_size=batch_size,
+                              max_len=max_len)
     acts = {site: acts[site].numpy() for site in sites}
     _write_cache(cache, texts, key, {f"site_{i}": acts[site] for i, site in enumerate(sites)})
     return acts

@@ -98,7 +98,7 @@ def check_04_probe(run_dir: Path, values: dict) -> None:
     latents = pd.read_csv(run_dir / "probing" / "class_latents.csv")
     assert set(latents["class"]) <= {"positive", "negative"}
     assert latents["latent"].between(0, 4607).all() and (latents["weight"] > 0).all()
-    assert len(list((run_dir / "probing").glob("features_*_60.npz"))) == 1
+    assert len(list((run_dir / "probing").glob("features_*.npz"))) == 1
     sweep = pd.read_csv(run_dir / "probing" / "layer_sweep.csv")
     assert sweep["site"].tolist() == values["sweep_sites"]
     assert sweep[["accuracy", "roc_auc"]].stack().between(0, 1).all()

@@ -137,22 +137,26 @@ def test_features_on_the_tiny_model_are_cached(llama, tmp_path):
     torch.nn.init.normal_(dictionary.W_enc)
     dictionary.metadata = {"site": "resid_out_layer1"}
     texts = ["good film", "bad film", "a fine day", "dull and slow"]
-    cache = probing.features_cache_path(tmp_path, "tiny/llama", "resid_out_layer1", "mean", 4)
-    raw, codes = probing.probe_features(llama, dictionary, texts, cache=cache)
-    assert raw.shape == (4, d) and codes.shape == (4, 64) and cache.exists()
+    raw, codes = probing.probe_features(llama, dictionary, texts, run_dir=tmp_path)
+    (cache,) = (tmp_path / "probing").glob("features_*.npz")
+    assert raw.shape == (4, d) and codes.shape == (4, 64)
     # Per-token codes (k = 4 each) pooled over a sentence: at most 4 per byte token are active.
     n_tokens = [len(llama.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     assert (((codes > 0).sum(1) <= 4 * np.array(n_tokens)) & ((codes > 0).sum(1) >= 4)).all()
-    raw2, codes2 = probing.probe_features(None, dictionary, texts, cache=cache)  # from cache
+    stamp = cache.stat().st_mtime_ns
+    raw2, codes2 = probing.probe_features(llama, dictionary, texts, cache=cache)  # from cache
+    assert cache.stat().st_mtime_ns == stamp
     np.testing.assert_array_equal(raw, raw2)
     np.testing.assert_array_equal(codes, codes2)
     labels = ["p", "n"] * 8
     sweep_cache = tmp_path / "sweep.npz"
     sweep = probing.layer_sweep(llama, texts * 4, labels, np.arange(8), np.arange(8, 16),
                                 ["resid_out_layer2", "resid_out_layer0"], cache=sweep_cache)
-    again = probing.layer_sweep(None, texts * 4, labels, np.arange(8), np.arange(8, 16),
+    stamp = sweep_cache.stat().st_mtime_ns
+    again = probing.layer_sweep(llama, texts * 4, labels, np.arange(8), np.arange(8, 16),
                                 ["resid_out_layer2", "resid_out_layer0"], cache=sweep_cache)
-    pd.testing.assert_frame_equal(sweep, again)  # no model needed: read from the cache
+    pd.testing.assert_frame_equal(sweep, again)
+    assert sweep_cache.stat().st_mtime_ns == stamp  # read from the cache, not rewritten
     assert sweep["site"].tolist() == ["resid_out_layer2", "resid_out_layer0"]
     every = probing.layer_sweep(llama, texts * 4, labels, np.arange(8), np.arange(8, 16),
                                 "resid_out")
@@ -209,3 +213,84 @@ def test_planted_labels_on_tiny_model_activations(llama):
     table, probes = probing.run_probes(raw, codes, labels, train, test, k_values=(1, 2))
     assert list(probes["top 1 latents"].columns) == [7]
     assert table.set_index("probe").loc["top 1 latents", "accuracy"] >= 0.95
+
+
+# ---------------------------------------------------------------- caches keyed by content
+
+
+def direct_pooled(model, texts, layer, dictionary=None):
+    """Mean over each text's non-BOS tokens of the layer's output (encoded first when a
+    dictionary is given), one text per forward pass (no padding), read by a plain forward
+    hook on the transformers module: independent of sae_nb's extraction."""
+    from sae_nb.models import hf_model
+
+    hf, tok = hf_model(model), model.tokenizer
+    rows = []
+    for text in texts:
+        ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+        got = []
+        hook = hf.model.layers[layer].register_forward_hook(
+            lambda m, i, o: got.append(o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            hf(torch.tensor([ids]))
+        hook.remove()
+        x = got[0][0, 1:].float()  # (T-1, D), BOS left out
+        if dictionary is not None:
+            with torch.no_grad():
+                x = dictionary.encode(x)
+        rows.append(x.mean(0))
+    return torch.stack(rows).numpy()
+
+
+def twin_llama(llama, seed=7):
+    """A second tiny llama with the same name and config as ``llama`` but other weights."""
+    import copy
+
+    import sae_nb
+    from transformers import AutoModelForCausalLM
+
+    from sae_nb.models import hf_model
+
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(copy.deepcopy(hf_model(llama).config))
+    twin = sae_nb.load_model(hf, device="cpu", tokenizer=llama.tokenizer)
+    assert hf_model(twin).config.to_json_string() == hf_model(llama).config.to_json_string()
+    return twin
+
+
+def test_features_cache_is_keyed_by_the_dictionary(llama, tmp_path):
+    texts = ["good film", "bad film", "a fine day", "dull and slow"]
+    first, second = TopKSAE(32, 64, k=4), TopKSAE(32, 64, k=4)  # other random weights
+    for d in (first, second):
+        d.metadata = {"site": "resid_out_layer1"}
+    cache = tmp_path / "features.npz"
+    _, codes1 = probing.probe_features(llama, first, texts, cache=cache)
+    np.testing.assert_allclose(codes1, direct_pooled(llama, texts, 1, first), atol=1e-5)
+    _, codes2 = probing.probe_features(llama, second, texts, cache=cache)  # same site and texts
+    np.testing.assert_allclose(codes2, direct_pooled(llama, texts, 1, second), atol=1e-5)
+    # The model is part of the key too: a twin with the same name but other weights.
+    twin = twin_llama(llama)
+    raw3, codes3 = probing.probe_features(twin, second, texts, cache=cache)
+    np.testing.assert_allclose(raw3, direct_pooled(twin, texts, 1), atol=1e-5)
+    np.testing.assert_allclose(codes3, direct_pooled(twin, texts, 1, second), atol=1e-5)
+    # Under a run folder each configuration has its own file, so switching back is a read.
+    for d in (first, second, first):
+        probing.probe_features(llama, d, texts, run_dir=tmp_path / "run")
+    assert len(list((tmp_path / "run" / "probing").glob("features_*.npz"))) == 2
+    _, again = probing.probe_features(llama, first, texts, run_dir=tmp_path / "run")
+    np.testing.assert_allclose(again, codes1, atol=1e-6)
+
+
+def test_sweep_cache_is_keyed_by_the_model(llama, tmp_path):
+    texts = ["good film", "bad film", "a fine day", "dull and slow"]
+    sites = ["resid_out_layer1", "resid_out_layer0"]
+    cache = tmp_path / "sweep.npz"
+    twin = twin_llama(llama)
+    for model in (llama, twin):
+        acts = probing.sweep_activations(model, texts, sites, cache=cache)
+        for layer, site in ((1, sites[0]), (0, sites[1])):
+            np.testing.assert_allclose(acts[site], direct_pooled(model, texts, layer),
+                                       atol=1e-5)
+    for model in (llama, twin):
+        probing.sweep_activations(model, texts, sites, run_dir=tmp_path / "run")
+    assert len(list((tmp_path / "run" / "probing").glob("sweep_*.npz"))) == 2
