@@ -252,7 +252,7 @@ def _train_step(sae, opt, sched, cfg, state, x, y, bar) -> None:
     state["step"] += 1
     state["tokens"] += len(x)
     if isinstance(sae, ReLUSAE) and cfg.resample_every and state["step"] % cfg.resample_every == 0:
-        _resample_dead(sae, opt, x, out.x_hat, state["since_fired"] >= cfg.resample_every)
+        _resample_dead(sae, opt, x, y, out.x_hat, state["since_fired"] >= cfg.resample_every)
     if state["step"] % cfg.log_every == 0 or state["step"] == 1:
         row = {"step": state["step"], "tokens": state["tokens"], "loss": float(out.loss.detach()),
                "mse": float(out.mse), "l0": out.l0, "fvu": out.fvu,
@@ -263,18 +263,25 @@ def _train_step(sae, opt, sched, cfg, state, x, y, bar) -> None:
 
 
 @torch.no_grad()
-def _resample_dead(sae: ReLUSAE, opt, x, x_hat, dead: torch.Tensor) -> None:
-    """Re-initialise dead latents toward poorly reconstructed inputs (Towards Monosemanticity)."""
+def _resample_dead(sae: ReLUSAE, opt, x, y, y_hat, dead: torch.Tensor) -> None:
+    """Re-initialise dead latents toward poorly reconstructed rows (Towards Monosemanticity).
+
+    Rows are picked with probability proportional to their squared loss ``|y - y_hat|^2``,
+    squared. A new decoder row points along what the reconstruction misses there, the target
+    residual ``y - y_hat`` (in the target's space: for a transcoder not ``x``'s); its encoder
+    column along the input as the encoder reads it (``x - b_dec``, or ``x`` for a transcoder),
+    scaled to 0.2 times the alive columns' mean norm."""
     n = int(dead.sum())
     if n == 0:
         return
-    loss = (x - x_hat).pow(2).sum(1)
+    err = y - y_hat  # (B, D)
+    loss = err.pow(2).sum(1)
     picks = torch.multinomial(loss.pow(2) / loss.pow(2).sum(), n, replacement=n > len(x))
-    directions = x[picks] - sae.b_dec
-    directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    unit = lambda v: v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)  # noqa: E731
+    inputs = x[picks] - sae.b_dec if sae.apply_b_dec_to_input else x[picks]  # (n, D)
     alive_norm = sae.W_enc[:, ~dead].norm(dim=0).mean() if (~dead).any() else 1.0
-    sae.W_dec[dead] = directions
-    sae.W_enc[:, dead] = directions.T * alive_norm * 0.2
+    sae.W_dec[dead] = unit(err[picks])
+    sae.W_enc[:, dead] = unit(inputs).T * alive_norm * 0.2
     sae.b_enc[dead] = 0
     for p, rows in ((sae.W_dec, dead), (sae.b_enc, dead)):
         st = opt.state.get(p, {})

@@ -293,3 +293,29 @@ def test_jumprelu_encode_equals_saelens_for_any_threshold(cls, tmp_path):
     path = save_dictionary(sae, tmp_path / "neg", model="tiny", site="resid_out_layer1")
     loaded = load_sae_nb(path)
     torch.testing.assert_close(loaded.encode(x), want, rtol=0, atol=0)
+
+
+def test_transcoder_resamples_dead_latents_along_the_target_residual():
+    # x = c u and y = c v with u, v orthogonal: the target residual y - x_hat lies along v (x_hat
+    # lives in y's space), while x - x_hat has a large component along u. Latents whose encoder
+    # column points away from u never fire; with resample_every equal to the whole run they are
+    # resampled exactly once, at the last step, and are the only ones whose b_enc is still 0.
+    # A strong L1 silences the others, so x_hat is b_dec (in y's span) and y - x_hat is along v.
+    g = torch.Generator().manual_seed(5)
+    u, v = torch.eye(D)[0], torch.eye(D)[1]
+    c = 0.5 + 1.5 * torch.rand(1024, 1, generator=g)
+    x, y = c * u, c * v
+    steps = 100
+    pairs = ((a, b) for _ in range(100) for a, b in zip(x.split(128), y.split(128)))
+    res = train_dictionary(pairs, architecture="standard", d_sae=F, total_tokens=128 * steps,
+                           lr=3e-2, l1_coefficient=10.0, resample_every=steps, progress=False)
+    sae = res.dictionary
+    resampled = sae.b_enc == 0
+    assert 5 < int(resampled.sum()) < F
+    dec = sae.W_dec[resampled]
+    dec = dec / dec.norm(dim=1, keepdim=True)
+    along_v = (dec @ v).abs()
+    assert (along_v > 0.99).all(), f"decoder rows' |cos| with the target residual: {along_v}"
+    enc = sae.W_enc[:, resampled].T
+    along_u = (enc / enc.norm(dim=1, keepdim=True) @ u).abs()
+    assert (along_u > 0.99).all(), f"encoder columns' |cos| with the input: {along_u}"
