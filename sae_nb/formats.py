@@ -27,7 +27,6 @@ which equals our ``pre * (pre > max(threshold, 0))``. Pickles are read only with
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
 import warnings
@@ -36,12 +35,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from .dictionary import (Dictionary, GatedSAE, JumpReLUSAE, NormalizedTopKSAE, ReLUSAE,
                          SkipTopKSAE, TopKSAE)
-from .saving import META_FILE, DictionaryFormatError, load_sae_nb
+from .saving import (META_FILE, DictionaryFormatError, check_shapes, config_int, load_sae_nb,
+                     read_json, read_safetensors)
 from .sites import canonical_site, hook_name, is_site_name
 
 FORMATS = ("dictionary_learning", "saelens", "sae_nb", "sparsify", "openai", "gemma_scope")
@@ -134,39 +132,30 @@ def _safe_torch_load(path: Path) -> Any:
         raise DictionaryFormatError(f"{str(path)!r} is corrupt or truncated: {err}") from None
 
 
-def _safetensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise DictionaryFormatError(f"{str(path)!r} is missing.")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise DictionaryFormatError(f"{str(path)!r} is corrupt or truncated: {err}") from None
-
-
-def _json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DictionaryFormatError(f"{str(path)!r} is not valid JSON: {err}") from None
-
-
 def _take(tensors: dict, key: str, shape: tuple[int, ...], file: Path, what: str) -> torch.Tensor:
     """``tensors[key]`` as float32, after checking it exists and has ``shape``."""
-    if key not in tensors:
-        raise DictionaryFormatError(f"{str(file)!r} lacks tensor {key!r} (found {sorted(tensors)}).")
-    t = torch.as_tensor(tensors[key])
-    if tuple(t.shape) != tuple(shape):
-        raise DictionaryFormatError(
-            f"{str(file)!r}: {key} has shape {tuple(t.shape)}, but {what} implies {tuple(shape)}"
-            f" (a transposed weight, or a config that does not match the tensors).")
-    return t.detach().to(torch.float32)
+    if key not in tensors or not isinstance(tensors[key], torch.Tensor):
+        raise DictionaryFormatError(f"{str(file)!r} lacks tensor {key!r} (found "
+                                    f"{sorted(map(str, tensors))}).")
+    check_shapes({key: tuple(tensors[key].shape)}, {key: shape}, file, what)
+    return tensors[key].detach().to(torch.float32)
 
 
-def _fill(sae: Dictionary, **params: torch.Tensor) -> Dictionary:
+def _build(cls: type[Dictionary], D: int, F: int, params: dict[str, torch.Tensor],
+           **kw: Any) -> Dictionary:
+    """``cls(D, F, **kw)`` holding ``params``. Every loader checks all tensors (``_take``) into
+    ``params`` first, so nothing of a size the files only claim is ever allocated."""
+    sae = cls(D, F, **kw)
     with torch.no_grad():
         for name, value in params.items():
             getattr(sae, name).copy_(value)
     return sae
+
+
+def _check_k(k: Any, F: int, file: Path) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= F:
+        raise DictionaryFormatError(f"{str(file)!r}: k={k!r} must be a whole number in 1..{F}.")
+    return k
 
 
 def _meta(fmt: str, model: Any, site: str | None, hook: Any) -> dict:
@@ -190,51 +179,58 @@ def _load_dictionary_learning(path: Path) -> Dictionary:
         raise DictionaryFormatError(f"{str(file)!r} holds a {type(sd).__name__}, not a state_dict.")
     folder = file.parent.parent if file.parent.name == "checkpoints" else file.parent
     cfg_file = folder / "config.json"
-    trainer = _json(cfg_file).get("trainer", {}) if cfg_file.exists() else {}
+    trainer = read_json(cfg_file).get("trainer", {}) if cfg_file.exists() else {}
     trainer = trainer if isinstance(trainer, dict) else {}  # older releases: be lenient
     dict_class = trainer.get("dict_class") or _guess_dict_class(sd, file)
-    if "encoder.weight" in sd:
+    if isinstance(sd.get("encoder.weight"), torch.Tensor) and sd["encoder.weight"].ndim == 2:
         F, D = tuple(sd["encoder.weight"].shape)
-    elif "W_enc" in sd:
+    elif isinstance(sd.get("W_enc"), torch.Tensor) and sd["W_enc"].ndim == 2:
         D, F = tuple(sd["W_enc"].shape)
     else:
         raise DictionaryFormatError(f"{str(file)!r} has neither encoder.weight nor W_enc.")
-    D, F = int(trainer.get("activation_dim", D)), int(trainer.get("dict_size", F))
+    D = config_int(trainer, "activation_dim", cfg_file) if "activation_dim" in trainer else D
+    F = config_int(trainer, "dict_size", cfg_file) if "dict_size" in trainer else F
     what = f"d_in={D}, d_sae={F} ({'config.json' if trainer else 'tensor shapes'})"
 
     def t(key, *shape):
         return _take(sd, key, shape, file, what)
 
     if dict_class == "AutoEncoder":
-        sae = _fill(ReLUSAE(D, F), W_enc=t("encoder.weight", F, D).T, b_enc=t("encoder.bias", F),
-                    W_dec=t("decoder.weight", D, F).T, b_dec=t("bias", D))
+        sae = _build(ReLUSAE, D, F, dict(W_enc=t("encoder.weight", F, D).T,
+                                         b_enc=t("encoder.bias", F),
+                                         W_dec=t("decoder.weight", D, F).T, b_dec=t("bias", D)))
     elif dict_class == "AutoEncoderNew":
-        sae = _fill(ReLUSAE(D, F, apply_b_dec_to_input=False), W_enc=t("encoder.weight", F, D).T,
-                    b_enc=t("encoder.bias", F), W_dec=t("decoder.weight", D, F).T,
-                    b_dec=t("decoder.bias", D))
+        sae = _build(ReLUSAE, D, F, dict(W_enc=t("encoder.weight", F, D).T,
+                                         b_enc=t("encoder.bias", F),
+                                         W_dec=t("decoder.weight", D, F).T,
+                                         b_dec=t("decoder.bias", D)), apply_b_dec_to_input=False)
     elif dict_class == "GatedAutoEncoder":
-        sae = _fill(GatedSAE(D, F), W_enc=t("encoder.weight", F, D).T, b_gate=t("gate_bias", F),
-                    r_mag=t("r_mag", F), b_mag=t("mag_bias", F),
-                    W_dec=t("decoder.weight", D, F).T, b_dec=t("decoder_bias", D))
+        sae = _build(GatedSAE, D, F, dict(W_enc=t("encoder.weight", F, D).T,
+                                          b_gate=t("gate_bias", F), r_mag=t("r_mag", F),
+                                          b_mag=t("mag_bias", F),
+                                          W_dec=t("decoder.weight", D, F).T,
+                                          b_dec=t("decoder_bias", D)))
     elif dict_class in ("AutoEncoderTopK", "BatchTopKSAE"):
-        k = int(t("k").item()) if "k" in sd else int(trainer.get("k", 0))
+        k = int(t("k").item()) if "k" in sd else trainer.get("k", 0)
         enc = dict(W_enc=t("encoder.weight", F, D).T, b_enc=t("encoder.bias", F),
                    W_dec=t("decoder.weight", D, F).T, b_dec=t("b_dec", D))
         if dict_class == "AutoEncoderTopK":
-            sae = _fill(_topk(D, F, k, file), **enc)
+            sae = _build(TopKSAE, D, F, enc, k=_check_k(k, F, file))
         else:  # inference uses the learned threshold: relu(pre) * (relu(pre) > threshold)
-            sae = _fill(JumpReLUSAE(D, F), **enc, threshold=t("threshold").clamp_min(0).expand(F))
+            enc["threshold"] = t("threshold").clamp_min(0).expand(F)
+            sae = _build(JumpReLUSAE, D, F, enc)
             sae.k = k
     elif dict_class == "MatryoshkaBatchTopKSAE":
-        sae = _fill(JumpReLUSAE(D, F), W_enc=t("W_enc", D, F), b_enc=t("b_enc", F),
-                    W_dec=t("W_dec", F, D), b_dec=t("b_dec", D),
-                    threshold=t("threshold").clamp_min(0).expand(F))
+        sae = _build(JumpReLUSAE, D, F, dict(W_enc=t("W_enc", D, F), b_enc=t("b_enc", F),
+                                             W_dec=t("W_dec", F, D), b_dec=t("b_dec", D),
+                                             threshold=t("threshold").clamp_min(0).expand(F)))
         sae.k = int(t("k").item())
     elif dict_class == "JumpReluAutoEncoder":
         apply = bool(trainer.get("apply_b_dec_to_input", False))
-        sae = _fill(JumpReLUSAE(D, F, apply_b_dec_to_input=apply), W_enc=t("W_enc", D, F),
-                    b_enc=t("b_enc", F), W_dec=t("W_dec", F, D), b_dec=t("b_dec", D),
-                    threshold=t("threshold", F).clamp_min(0))
+        sae = _build(JumpReLUSAE, D, F, dict(W_enc=t("W_enc", D, F), b_enc=t("b_enc", F),
+                                             W_dec=t("W_dec", F, D), b_dec=t("b_dec", D),
+                                             threshold=t("threshold", F).clamp_min(0)),
+                     apply_b_dec_to_input=apply)
     else:
         raise DictionaryFormatError(
             f"{str(file)!r}: unknown dictionary_learning dict_class {dict_class!r}; supported: "
@@ -284,30 +280,21 @@ def _dl_site(submodule: str | None, layer: Any) -> str | None:
     return f"{kind}_layer{layer}" if kind else None
 
 
-def _topk(D: int, F: int, k: int, file: Path, cls: type[TopKSAE] = TopKSAE, **kw) -> TopKSAE:
-    if not 0 < k <= F:
-        raise DictionaryFormatError(f"{str(file)!r}: k={k} must lie in 1..{F}.")
-    return cls(D, F, k=k, **kw)
-
-
 # -- SAELens and our own format -------------------------------------------------------------
 def _load_saelens(path: Path) -> Dictionary:
     folder = path if path.is_dir() else path.parent
     if not (folder / "cfg.json").exists():
         raise DictionaryFormatError(f"{str(folder)!r} has no cfg.json; not a SAELens folder.")
-    cfg = _json(folder / "cfg.json")
+    cfg = read_json(folder / "cfg.json")
     file = folder / "sae_weights.safetensors"
-    w = {k: v for k, v in _safetensors(file).items()}
+    w = read_safetensors(file)
     meta = cfg.get("metadata") or {}
     arch = cfg.get("architecture", "standard")
     act = cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if act == "topk":
         arch = "topk"
-    try:
-        D, F = int(cfg["d_in"]), int(cfg["d_sae"])
-    except KeyError as err:
-        raise DictionaryFormatError(f"{str(folder / 'cfg.json')!r} lacks key {err}.") from None
+    D, F = (config_int(cfg, key, folder / "cfg.json") for key in ("d_in", "d_sae"))
     norm = cfg.get("normalize_activations", "none")
     norm = {True: "expected_average_only_in", False: "none", None: "none"}.get(norm, norm)
     if norm not in ("none", "expected_average_only_in"):
@@ -326,20 +313,21 @@ def _load_saelens(path: Path) -> Dictionary:
     kw = {"apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
     common = dict(W_enc=t("W_enc", D, F), W_dec=t("W_dec", F, D), b_dec=t("b_dec", D))
     if arch == "gated":
-        sae: Dictionary = _fill(GatedSAE(D, F, **kw), **common, b_gate=t("b_gate", F),
-                                r_mag=t("r_mag", F), b_mag=t("b_mag", F))
+        sae: Dictionary = _build(GatedSAE, D, F, dict(**common, b_gate=t("b_gate", F),
+                                                      r_mag=t("r_mag", F), b_mag=t("b_mag", F)),
+                                 **kw)
     elif arch in ("standard", "topk", "jumprelu"):
         if cfg.get("rescale_acts_by_decoder_norm"):
             raise DictionaryFormatError(f"{str(folder)!r}: rescale_acts_by_decoder_norm=True is "
                                         f"not supported.")
+        common["b_enc"] = t("b_enc", F)
         if arch == "topk":
-            sae = _topk(D, F, int(k or 0), file, **kw)
+            sae = _build(TopKSAE, D, F, common, k=_check_k(k, F, file), **kw)
         elif arch == "jumprelu":
-            sae = JumpReLUSAE(D, F, **kw)
-            common["threshold"] = t("threshold", F).clamp_min(0)
+            sae = _build(JumpReLUSAE, D, F, {**common, "threshold": t("threshold", F).clamp_min(0)},
+                         **kw)
         else:
-            sae = ReLUSAE(D, F, **kw)
-        _fill(sae, **common, b_enc=t("b_enc", F))
+            sae = _build(ReLUSAE, D, F, common, **kw)
     else:
         raise DictionaryFormatError(f"{str(folder)!r}: unsupported SAELens architecture {arch!r}; "
                                     f"supported: standard, topk, jumprelu, gated.")
@@ -366,12 +354,13 @@ def _load_sparsify(path: Path) -> Dictionary:
     if not cfg_file.exists():
         detect_format(folder)  # a run folder: the error lists its hookpoints
         raise DictionaryFormatError(f"{str(folder)!r} has no cfg.json; not a sparsify hookpoint.")
-    cfg, w = _json(cfg_file), _safetensors(file)
-    if "encoder.weight" not in w:
-        raise DictionaryFormatError(f"{str(file)!r} lacks tensor 'encoder.weight'.")
-    D = int(cfg.get("d_in") or w["encoder.weight"].shape[1])
-    F = int(cfg.get("num_latents") or 0) or D * int(cfg.get("expansion_factor") or 0) \
-        or int(w["encoder.weight"].shape[0])
+    cfg, w = read_json(cfg_file), read_safetensors(file)
+    if "encoder.weight" not in w or w["encoder.weight"].ndim != 2:
+        raise DictionaryFormatError(f"{str(file)!r} lacks the 2-d tensor 'encoder.weight'.")
+    D = config_int(cfg, "d_in", cfg_file) if cfg.get("d_in") else w["encoder.weight"].shape[1]
+    F = config_int(cfg, "num_latents", cfg_file) if cfg.get("num_latents") else \
+        D * config_int(cfg, "expansion_factor", cfg_file) if cfg.get("expansion_factor") else \
+        w["encoder.weight"].shape[0]
     if cfg.get("activation", "topk") != "topk":
         raise DictionaryFormatError(f"{str(cfg_file)!r}: activation {cfg.get('activation')!r} is "
                                     f"not supported (only 'topk').")
@@ -382,12 +371,14 @@ def _load_sparsify(path: Path) -> Dictionary:
 
     skip = "W_skip" in w or bool(cfg.get("skip_connection"))
     kw = {"apply_b_dec_to_input": not cfg.get("transcode", False)}
-    sae = _topk(D, F, int(cfg.get("k", 0)), file, SkipTopKSAE if skip else TopKSAE, **kw)
-    skip_w = {"W_skip": t("W_skip", D, D)} if skip else {}
-    _fill(sae, W_enc=t("encoder.weight", F, D).T, b_enc=t("encoder.bias", F),
-          W_dec=t("W_dec", F, D), b_dec=t("b_dec", D), **skip_w)
+    params = dict(W_enc=t("encoder.weight", F, D).T, b_enc=t("encoder.bias", F),
+                  W_dec=t("W_dec", F, D), b_dec=t("b_dec", D))
+    if skip:
+        params["W_skip"] = t("W_skip", D, D)
+    sae = _build(SkipTopKSAE if skip else TopKSAE, D, F, params,
+                 k=_check_k(cfg.get("k", 0), F, cfg_file), **kw)
     run_cfg = folder.parent / "config.json"
-    model = _json(run_cfg).get("model") if run_cfg.exists() else None
+    model = read_json(run_cfg).get("model") if run_cfg.exists() else None
     sae.metadata = _meta("sparsify", model, _sparsify_site(folder.name), folder.name)
     return sae
 
@@ -405,7 +396,8 @@ def _load_openai(path: Path, site: str | None = None) -> Dictionary:
     if path.is_dir():
         raise DictionaryFormatError(f"{str(path)!r} is a folder; pass the OpenAI .pt file itself.")
     sd = _safe_torch_load(path)
-    if not isinstance(sd, dict) or "encoder.weight" not in sd:
+    if not isinstance(sd, dict) or not isinstance(sd.get("encoder.weight"), torch.Tensor) \
+            or sd["encoder.weight"].ndim != 2:
         raise DictionaryFormatError(f"{str(path)!r} is not an OpenAI autoencoder dict "
                                     f"(needs pre_bias, encoder.weight, latent_bias, decoder.weight).")
     F, D = tuple(sd["encoder.weight"].shape)
@@ -414,17 +406,18 @@ def _load_openai(path: Path, site: str | None = None) -> Dictionary:
     def t(key, *shape):
         return _take(sd, key, shape, path, what)
 
+    params = dict(W_enc=t("encoder.weight", F, D).T, b_enc=t("latent_bias", F),
+                  W_dec=t("decoder.weight", D, F).T, b_dec=t("pre_bias", D))
     act = sd.get("activation", "ReLU")
     if act == "TopK":
-        sae: Dictionary = _topk(D, F, int((sd.get("activation_state_dict") or {}).get("k", 0)),
-                                path, NormalizedTopKSAE)
+        activation = sd.get("activation_state_dict")
+        k = activation.get("k", 0) if isinstance(activation, dict) else 0
+        sae: Dictionary = _build(NormalizedTopKSAE, D, F, params, k=_check_k(k, F, path))
     elif act == "ReLU":
-        sae = ReLUSAE(D, F)
+        sae = _build(ReLUSAE, D, F, params)
     else:
         raise DictionaryFormatError(f"{str(path)!r}: unsupported activation {act!r} "
                                     f"(ReLU or TopK).")
-    _fill(sae, W_enc=t("encoder.weight", F, D).T, b_enc=t("latent_bias", F),
-          W_dec=t("decoder.weight", D, F).T, b_dec=t("pre_bias", D))
     found = _openai_site(path)
     if found is None and site is None:
         raise DictionaryFormatError(
@@ -460,17 +453,19 @@ def _load_gemma_scope(path: Path) -> Dictionary:
             w = {k: torch.from_numpy(np.asarray(npz[k], dtype=np.float32)) for k in npz.files}
     except Exception as err:  # BadZipFile, EOFError, ValueError... from a damaged archive
         raise DictionaryFormatError(f"{str(file)!r} is corrupt or truncated: {err}") from None
-    if "W_enc" not in w:
-        raise DictionaryFormatError(f"{str(file)!r} lacks tensor 'W_enc' (found {sorted(w)}).")
+    if "W_enc" not in w or w["W_enc"].ndim != 2:
+        raise DictionaryFormatError(f"{str(file)!r} lacks the 2-d tensor 'W_enc' (found "
+                                    f"{sorted(w)}).")
     D, F = tuple(w["W_enc"].shape)
     what = f"W_enc (d_in={D}, d_sae={F})"
 
     def t(key, *shape):
         return _take(w, key, shape, file, what)
 
-    sae = _fill(JumpReLUSAE(D, F, apply_b_dec_to_input=False), W_enc=t("W_enc", D, F),
-                b_enc=t("b_enc", F), W_dec=t("W_dec", F, D), b_dec=t("b_dec", D),
-                threshold=t("threshold", F).clamp_min(0))
+    sae = _build(JumpReLUSAE, D, F, dict(W_enc=t("W_enc", D, F), b_enc=t("b_enc", F),
+                                         W_dec=t("W_dec", F, D), b_dec=t("b_dec", D),
+                                         threshold=t("threshold", F).clamp_min(0)),
+                 apply_b_dec_to_input=False)
     text = str(file)
     m = re.search(r"layer_(\d+)", text)
     kind = next((v for key, v in (("-res", "resid_out"), ("-mlp", "mlp_out"), ("-att", "attn_out"))

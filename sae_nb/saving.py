@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE
@@ -95,37 +96,110 @@ def _json_default(value: Any):
     return str(value)
 
 
+# -- reading dictionary files: every fault becomes a DictionaryFormatError naming the file ----
+def read_json(file: str | Path) -> dict:
+    """The JSON object in ``file``."""
+    file = Path(file)
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DictionaryFormatError(f"{str(file)!r} is not valid JSON: {err}") from None
+    except OSError as err:
+        raise DictionaryFormatError(f"{str(file)!r} cannot be read: {err}") from None
+    if not isinstance(value, dict):
+        raise DictionaryFormatError(f"{str(file)!r} holds a JSON {type(value).__name__}, not a "
+                                    f"JSON object of settings.")
+    return value
+
+
+def config_int(cfg: dict, key: str, file: str | Path, minimum: int = 1) -> int:
+    """``cfg[key]`` as a whole number of at least ``minimum``."""
+    if key not in cfg:
+        raise DictionaryFormatError(f"{str(file)!r} lacks key {key!r}.")
+    value = cfg[key]
+    try:
+        number = int(value) if isinstance(value, (int, float, str)) \
+            and not isinstance(value, bool) else None
+    except (ValueError, OverflowError):
+        number = None
+    if number is None or number != float(value) or number < minimum:
+        raise DictionaryFormatError(f"{str(file)!r}: {key}={value!r} must be a whole number "
+                                    f">= {minimum}.")
+    return number
+
+
+def safetensors_shapes(file: str | Path) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor in a safetensors file, from its header alone (no tensor read)."""
+    file = Path(file)
+    if not file.exists():
+        raise DictionaryFormatError(f"{str(file)!r} is missing.")
+    try:
+        with safe_open(file, framework="pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise DictionaryFormatError(f"{str(file)!r} is corrupt or truncated: {err}") from None
+
+
+def read_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file."""
+    file = Path(file)
+    if not file.exists():
+        raise DictionaryFormatError(f"{str(file)!r} is missing.")
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise DictionaryFormatError(f"{str(file)!r} is corrupt or truncated: {err}") from None
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]],
+                 file: str | Path, what: str) -> None:
+    """Each ``expected`` key is in ``shapes`` with that shape; ``what`` names the source of the
+    expected sizes in the error (e.g. "cfg.json (d_in=576, d_sae=4608)")."""
+    for key, shape in expected.items():
+        if key not in shapes:
+            raise DictionaryFormatError(f"{str(file)!r} lacks tensor {key!r} (found "
+                                        f"{sorted(shapes)}).")
+        if tuple(shapes[key]) != tuple(shape):
+            raise DictionaryFormatError(
+                f"{str(file)!r}: {key} has shape {tuple(shapes[key])}, but {what} implies "
+                f"{tuple(shape)} (a transposed weight, or a config that does not match the "
+                f"tensors).")
+
+
+_OUR_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE,
+                "standard": ReLUSAE}
+
+
 def load_sae_nb(path: str | Path) -> Dictionary:
     """Load a dictionary saved by :func:`save_dictionary` (or any SAELens v6 standard, topk or
-    jumprelu folder). Shapes are checked against the config."""
+    jumprelu folder). The sizes in cfg.json are checked against the weights file's header before
+    anything is allocated; every fault raises :class:`DictionaryFormatError`."""
     path = Path(path)
     for name in (CFG_FILE, WEIGHTS_FILE):
         if not (path / name).exists():
             raise DictionaryFormatError(f"{str(path)!r} has no {name}; not a saved dictionary.")
-    cfg = json.loads((path / CFG_FILE).read_text())
-    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
-    weights = load_file(path / WEIGHTS_FILE)
-    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    arch = meta.get("architecture") or cfg["architecture"]
-    kw = {"apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
-    if arch == "topk":
-        sae: Dictionary = TopKSAE(d_in, d_sae, k=int(cfg["k"]), **kw)
-    elif arch == "batchtopk":
-        sae = BatchTopKSAE(d_in, d_sae, k=int(meta["k"]), **kw)
-    elif arch == "jumprelu":
-        sae = JumpReLUSAE(d_in, d_sae, **kw)
-    elif arch == "standard":
-        sae = ReLUSAE(d_in, d_sae, **kw)
-    else:
-        raise DictionaryFormatError(f"{str(path)!r}: unknown architecture {arch!r}.")
+    cfg_file, weights_file = path / CFG_FILE, path / WEIGHTS_FILE
+    cfg = read_json(cfg_file)
+    meta = read_json(path / META_FILE) if (path / META_FILE).exists() else {}
+    d_in, d_sae = config_int(cfg, "d_in", cfg_file), config_int(cfg, "d_sae", cfg_file)
+    arch = meta.get("architecture") or cfg.get("architecture")
+    if arch not in _OUR_CLASSES:
+        raise DictionaryFormatError(f"{str(path)!r}: unknown architecture {arch!r}; supported: "
+                                    f"{list(_OUR_CLASSES)}.")
+    kw: dict[str, Any] = {"apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
+    if arch in ("topk", "batchtopk"):  # SAELens has no batchtopk: its k lives in sae_nb.json
+        kw["k"] = config_int(cfg, "k", cfg_file) if arch == "topk" else \
+            config_int(meta, "k", path / META_FILE)
+        if kw["k"] > d_sae:
+            raise DictionaryFormatError(f"{str(path)!r}: k={kw['k']} exceeds d_sae={d_sae}.")
+    what = f"cfg.json (d_in={d_in}, d_sae={d_sae})"
+    check_shapes(safetensors_shapes(weights_file), {"W_enc": (d_in, d_sae), "b_enc": (d_sae,),
+                                                    "W_dec": (d_sae, d_in), "b_dec": (d_in,)},
+                 weights_file, what)
+    weights = read_safetensors(weights_file)
+    sae: Dictionary = _OUR_CLASSES[arch](d_in, d_sae, **kw)
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
-    for key, shape in expected.items():
-        if key not in weights:
-            raise DictionaryFormatError(f"{str(path / WEIGHTS_FILE)!r} lacks tensor {key!r}.")
-        if tuple(weights[key].shape) != shape:
-            raise DictionaryFormatError(
-                f"{str(path / WEIGHTS_FILE)!r}: {key} has shape {tuple(weights[key].shape)}, "
-                f"but cfg.json (d_in={d_in}, d_sae={d_sae}) implies {shape}.")
+    check_shapes({k: tuple(v.shape) for k, v in weights.items()}, expected, weights_file, what)
     sae.load_state_dict({k: weights[k].float() for k in expected})
     sae.metadata = {"format": "sae_nb", "path": str(path), **{k: meta.get(k) for k in ("model", "site", "target_site", "metrics", "train_config")}}
     return sae.eval()

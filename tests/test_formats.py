@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from sae_nb import DictionaryFormatError, load_dictionary, save_dictionary
+from sae_nb import DictionaryFormatError, load_dictionary, load_sae_nb, save_dictionary
 from sae_nb.dictionary import TopKSAE
 
 D, F, K = 16, 64, 4
@@ -518,3 +518,114 @@ def test_unknown_architecture_and_format(tmp_path):
         load_dictionary(empty / "weights.bin")
     with pytest.raises(DictionaryFormatError, match="does not exist"):
         load_dictionary(tmp_path / "missing")
+
+
+# -- sizes are checked before anything is built --------------------------------------------
+@pytest.fixture
+def built(monkeypatch):
+    """Every Dictionary constructed, as (d_in, d_sae); refuses (MemoryError) to construct a big
+    one, so a loader that builds before checking fails here without allocating."""
+    from sae_nb.dictionary import Dictionary
+
+    calls, original = [], Dictionary.__init__
+
+    def spy(self, d_in, d_sae, *args, **kwargs):
+        calls.append((d_in, d_sae))
+        if d_in * d_sae > 10**6:
+            raise MemoryError(f"test spy: a {d_in} x {d_sae} dictionary was built")
+        original(self, d_in, d_sae, *args, **kwargs)
+
+    monkeypatch.setattr(Dictionary, "__init__", spy)
+    return calls
+
+
+def saved_sae_nb(tmp_path, built):
+    folder = save_dictionary(TopKSAE(D, F, k=K), tmp_path / "ours", model="m", site="embed")
+    built.clear()  # count only what the loader builds
+    return folder
+
+
+def edit_json(file, **changes):
+    cfg = json.loads(file.read_text())
+    for key, value in changes.items():
+        if value is None:
+            del cfg[key]
+        else:
+            cfg[key] = value
+    file.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("d_sae", [10**12, 500_000])
+def test_sae_nb_huge_d_sae_refused_from_the_header(tmp_path, built, d_sae):
+    folder = saved_sae_nb(tmp_path, built)
+    edit_json(folder / "cfg.json", d_sae=d_sae)
+    with pytest.raises(DictionaryFormatError, match=rf"W_enc has shape \(16, 64\).*d_sae={d_sae}"):
+        load_dictionary(folder)
+    assert built == []
+
+
+@pytest.mark.parametrize("broken,match", [
+    ("cfg.json", r"cfg\.json.*not valid JSON"), ("sae_nb.json", r"sae_nb\.json.*not valid JSON"),
+    ("sae_weights.safetensors", r"sae_weights\.safetensors.*corrupt"),
+])
+def test_sae_nb_garbage_files(tmp_path, built, broken, match):
+    folder = saved_sae_nb(tmp_path, built)
+    (folder / broken).write_bytes(np.random.bytes(300))
+    with pytest.raises(DictionaryFormatError, match=match):
+        load_dictionary(folder)
+    assert built == []
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"d_sae": None}, r"cfg\.json.*lacks key 'd_sae'"),
+    ({"d_in": "wide"}, r"cfg\.json.*d_in.*'wide'"),
+    ({"d_sae": -3}, r"cfg\.json.*d_sae.*-3"),
+    ({"k": None}, r"cfg\.json.*lacks key 'k'"),
+])
+def test_sae_nb_bad_config_values(tmp_path, built, change, match):
+    folder = saved_sae_nb(tmp_path, built)
+    edit_json(folder / "cfg.json", **change)
+    for load in (load_dictionary, load_sae_nb):
+        with pytest.raises(DictionaryFormatError, match=match):
+            load(folder)
+    assert built == []
+
+
+def test_sae_nb_config_not_an_object(tmp_path, built):
+    folder = saved_sae_nb(tmp_path, built)
+    (folder / "cfg.json").write_text("[1, 2]")
+    with pytest.raises(DictionaryFormatError, match=r"cfg\.json.*JSON object"):
+        load_dictionary(folder)
+
+
+def test_every_loader_checks_config_sizes_before_building(tmp_path, built):
+    dl = tmp_path / "dl"
+    dl.mkdir()
+    torch.save(dl_state("AutoEncoder"), dl / "ae.pt")
+    cfg = dl_config("AutoEncoder")
+    cfg["trainer"]["dict_size"] = 10**12
+    (dl / "config.json").write_text(json.dumps(cfg))
+    sl = tmp_path / "sl"
+    sl.mkdir()
+    (sl / "cfg.json").write_text(json.dumps({**saelens_cfg("topk", "v6"), "d_sae": 10**12}))
+    save_file(saelens_weights("topk"), sl / "sae_weights.safetensors")
+    sp = tmp_path / "sp" / "layers.1"
+    sparsify_hookpoint(sp, num_latents=10**12)
+    for folder in (dl, sl, sp):
+        with pytest.raises(DictionaryFormatError, match=r"has shape.*10{12}"):
+            load_dictionary(folder)
+    assert built == []
+
+
+def test_tensor_sized_loaders_check_every_tensor_before_building(tmp_path, built):
+    path = tmp_path / "resid_post_mlp_v5_32k" / "autoencoders" / "6.pt"
+    s = openai_file(path, "ReLU")
+    torch.save({**s, "decoder.weight": r(F, D)}, path)  # transposed
+    gs = tmp_path / "params.npz"
+    np.savez(gs, W_enc=np.zeros((D, F), np.float32), W_dec=np.zeros((F, D), np.float32),
+             b_enc=np.zeros(F, np.float32), b_dec=np.zeros(D + 1, np.float32),
+             threshold=np.zeros(F, np.float32))
+    for target, match in ((path, "decoder.weight has shape"), (gs, "b_dec has shape")):
+        with pytest.raises(DictionaryFormatError, match=match):
+            load_dictionary(target)
+    assert built == []

@@ -130,8 +130,10 @@ def test_llama_like_and_unmapped_families():
 
 
 # Hand-written from TransformerLens's hook names (HookedTransformer, blocks.{L}.hook_*).
-HOOK_PAIRS = [("embed", "blocks.0.hook_resid_pre"), ("resid_out_layer6", "blocks.6.hook_resid_post"),
-              ("mlp_out_layer0", "blocks.0.hook_mlp_out"), ("attn_out_layer11", "blocks.11.hook_attn_out")]
+HOOK_PAIRS = [("embed", "blocks.0.hook_resid_pre"),
+              ("resid_out_layer6", "blocks.6.hook_resid_post"),
+              ("mlp_out_layer0", "blocks.0.hook_mlp_out"),
+              ("attn_out_layer11", "blocks.11.hook_attn_out")]
 
 
 @pytest.mark.parametrize("site,hook", HOOK_PAIRS)
