@@ -135,6 +135,8 @@ def _extract(model, sites, writers, corpus, config: ExtractConfig, progress: boo
     else:
         units, per_unit = len(corpus.texts), None
         batches = _sentence_batches(corpus, tok, config, min(w.done for w in writers.values()))
+    for w in writers.values():
+        w.set_units_total(units)
     _run(model, sites, writers, batches, units, per_unit, config, progress)
     return units
 

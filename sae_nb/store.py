@@ -20,6 +20,7 @@ import json
 import os
 import re
 import socket
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -149,6 +150,12 @@ class StoreWriter:
         self.manifest["units"] = int(units_end)
         self._write_manifest()
 
+    def set_units_total(self, units: int) -> None:
+        """Record how many units the running extraction will hold, so that an interrupted
+        store can say how far it got."""
+        self.manifest["n_units_total"] = int(units)
+        self._write_manifest()
+
     def finish(self, **extra: Any) -> None:
         """Mark the store complete and release its lock."""
         self.manifest.update(extra, complete=True)
@@ -187,12 +194,37 @@ def _check_identity(path: Path, manifest: dict, header: dict) -> None:
                          f"replace it.")
 
 
-class ActivationStore:
-    """Read one site's store: random access and shuffled batches, all memory-mapped."""
+def _incomplete_message(path: Path, manifest: dict) -> str:
+    """How far an interrupted extraction got: rows, and units of how many."""
+    unit = "contexts" if manifest["mode"] == "tokens" else "texts"
+    rows, done, total = manifest["rows"], manifest["units"], manifest.get("n_units_total")
+    if total:
+        about = f" (about {round(rows * total / done):,} rows when complete)" if done else ""
+        got = f"{rows:,} rows from {done:,} of {total:,} {unit}{about}"
+    else:
+        got = f"{rows:,} rows from {done:,} {unit} (the total was not recorded)"
+    return f"The store at {str(path)!r} is incomplete: its extraction stopped with {got}."
 
-    def __init__(self, path: str | Path):
+
+class ActivationStore:
+    """Read one site's store: random access and shuffled batches, all memory-mapped.
+
+    An incomplete store (an extraction that was interrupted, or is still running) is refused
+    unless ``allow_partial=True``, which opens the rows it has with a warning.
+    """
+
+    def __init__(self, path: str | Path, allow_partial: bool = False):
         self.path = Path(path)
         self.manifest = _read_manifest(self.path)
+        if not self.manifest["complete"]:
+            message = _incomplete_message(self.path, self.manifest)
+            if not allow_partial:
+                raise StoreError(f"{message} Finish it by running notebook 01 again (or "
+                                 f"sae_nb.extract_activations with the same settings): it "
+                                 f"resumes where it stopped. Or pass allow_partial=True to use "
+                                 f"the rows it has.")
+            warnings.warn(f"{message} Using the rows it has (allow_partial=True).",
+                          UserWarning, stacklevel=2)
         self._acts, self._index, sizes = [], [], []
         for shard in self.manifest["shards"]:
             acts = self._open(f"{shard['name']}.npy", shard["rows"])
@@ -335,10 +367,21 @@ def paired_batches(inputs: ActivationStore, targets: ActivationStore, batch_size
     yield from zip(inputs.batches(batch_size, **options), targets.batches(batch_size, **options))
 
 
-def open_stores(run_dir: str | Path) -> dict[str, ActivationStore]:
-    """Every site store under ``run_dir/activations``, keyed by site name."""
+def store_folders(run_dir: str | Path) -> dict[str, Path]:
+    """The folder of every site store under ``run_dir/activations``, keyed by site name
+    (reads only the manifests)."""
     root = Path(run_dir) / "activations"
-    stores = [ActivationStore(p) for p in sorted(root.glob("*")) if (p / MANIFEST).exists()]
-    if not stores:
+    folders = {}
+    for folder in sorted(root.glob("*")):
+        if (folder / MANIFEST).exists():
+            folders[str(_read_manifest(folder)["site"])] = folder
+    if not folders:
         raise StoreError(f"No activation stores under {str(root)!r}. Run notebook 01 first.")
-    return {s.site: s for s in stores}
+    return folders
+
+
+def open_stores(run_dir: str | Path, allow_partial: bool = False) -> dict[str, ActivationStore]:
+    """Every site store under ``run_dir/activations``, keyed by site name; an incomplete one
+    is refused unless ``allow_partial`` (see :class:`ActivationStore`)."""
+    return {site: ActivationStore(folder, allow_partial=allow_partial)
+            for site, folder in store_folders(run_dir).items()}

@@ -18,19 +18,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .store import ActivationStore, StoreError, open_stores, site_dirname
+from .store import ActivationStore, StoreError, site_dirname, store_folders
 from .train import CHECKPOINT, TrainConfig, check_resumable
 
 
 
-def open_store(run_dir: str | Path, site: str, model: str | None = None) -> ActivationStore:
-    """The store of ``site`` under ``run_dir/activations``; ``model`` must be the one it holds."""
-    stores = open_stores(run_dir)
-    store = stores.get(site) or next((s for s in stores.values() if s.path.name == site), None)
-    if store is None:
+def open_store(run_dir: str | Path, site: str, model: str | None = None,
+               allow_partial: bool = False) -> ActivationStore:
+    """The store of ``site`` under ``run_dir/activations``; ``model`` must be the one it holds.
+
+    An incomplete store (an interrupted extraction) is refused unless ``allow_partial``.
+    """
+    folders = store_folders(run_dir)
+    folder = folders.get(site) or next((f for f in folders.values() if f.name == site), None)
+    if folder is None:
         raise StoreError(f"No store for site {site!r} under {str(Path(run_dir) / 'activations')!r};"
-                         f" it holds {sorted(stores)}. Pick one of those, or add the site to "
+                         f" it holds {sorted(folders)}. Pick one of those, or add the site to "
                          f"notebook 01's sites and run it again.")
+    store = ActivationStore(folder, allow_partial=allow_partial)
     if model is not None and store.manifest["model"] != model:
         raise StoreError(f"The store at {str(store.path)!r} holds activations of model "
                          f"{store.manifest['model']!r}, not {model!r}: the spliced cross-entropy "

@@ -204,6 +204,16 @@ def test_missing_or_damaged_stores_raise(tmp_path):
         ActivationStore(store.path)
 
 
+def test_store_without_a_recorded_total_is_refused_with_its_rows(tmp_path):
+    writer = StoreWriter(tmp_path / "s", header())
+    writer.write_shard(*rows_data(np.arange(5)), units_end=1)
+    writer.close()  # never finished
+    with pytest.raises(StoreError, match="incomplete.*5 rows from 1 contexts .the total was not"):
+        ActivationStore(tmp_path / "s")
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert len(ActivationStore(tmp_path / "s", allow_partial=True)) == 5
+
+
 def test_empty_store_refuses_batches(tmp_path):
     writer = StoreWriter(tmp_path / "s", header())
     writer.finish()

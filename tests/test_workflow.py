@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
+import sae_nb
 from sae_nb import (StoreError, TrainConfig, TrainingError, checkpoint_dir, dictionary_name,
                     dictionary_path, folder_files, heldout_split, open_store, plotting,
                     train_dictionary)
@@ -121,6 +122,50 @@ def test_split_errors_name_the_fix(store, tmp_path: Path):
     with pytest.raises(StoreError, match="Set ce_contexts to 0"):
         heldout_split(sentences, 10, 1)
     assert heldout_split(sentences, 10, 0).ce_tokens is None
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_store_is_refused_unless_partial_is_asked_for(llama, corpus_dir,
+                                                                      tmp_path: Path, monkeypatch):
+    """A real extraction stopped after 3 of its 10 shards: 6 of 20 contexts."""
+    site = "resid_out_layer1"
+    run = dict(sites=[site], corpus=str(corpus_dir), n_tokens=320, ctx_len=16, batch_size=2,
+               dtype="float32", shard_rows=20, progress=False)
+    real, written = StoreWriter.write_shard, []
+
+    def crash_after_three(self, *args, **kwargs):
+        if len(written) == 3:
+            raise Interrupted
+        written.append(1)
+        return real(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StoreWriter, "write_shard", crash_after_three)
+        with pytest.raises(Interrupted):
+            sae_nb.extract_activations(llama, tmp_path, **run)
+    folder = tmp_path / "activations" / site
+    rows = sum(len(np.load(f)) for f in folder.glob("shard_*.index.npy"))
+    assert 6 * (16 - 1) - 6 <= rows <= 6 * (16 - 1)  # 15 a context, less document separators
+    for opener in (lambda: open_store(tmp_path, site), lambda: sae_nb.open_stores(tmp_path),
+                   lambda: ActivationStore(folder)):
+        with pytest.raises(StoreError) as err:
+            opener()
+        message = str(err.value)
+        assert "incomplete" in message and f"{rows} rows" in message
+        assert "6 of 20 contexts" in message and f"about {round(rows * 20 / 6):,} rows" in message
+        assert "notebook 01" in message and "allow_partial=True" in message
+    with pytest.warns(UserWarning, match="6 of 20 contexts"):
+        partial = open_store(tmp_path, site, allow_partial=True)
+    assert len(partial) == rows
+    split = heldout_split(partial, 30, 1)
+    assert split.boundary + len(split.heldout_acts) == rows
+
+    sae_nb.extract_activations(llama, tmp_path, **run)  # the rerun resumes and completes it
+    full = sum(len(np.load(f)) for f in folder.glob("shard_*.index.npy"))
+    assert len(open_store(tmp_path, site)) == full > rows
 
 
 # -- names, folders, checkpoints --------------------------------------------------------------
