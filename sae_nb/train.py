@@ -38,7 +38,11 @@ class TrainingError(ValueError):
 
 @dataclass
 class TrainConfig:
-    """How to train. Defaults follow Gao et al. (TopK) and dictionary_learning (the rest)."""
+    """How to train. Defaults follow Gao et al. (TopK) and dictionary_learning (the rest).
+
+    As in dictionary_learning, decoder rows are kept at unit norm (the gradient along each row
+    projected out, rows renormalised after each step) for every architecture except the ReLU
+    with ``l1_weighted_by_decoder_norm``, Anthropic's April update, which leaves them free."""
 
     architecture: Literal["topk", "batchtopk", "standard", "jumprelu"] = "topk"
     d_in: int | None = None  # input width; None takes it from the first batch
@@ -237,7 +241,10 @@ def _train_step(sae, opt, sched, cfg, state, x, y, bar) -> None:
                            past_warmup=state["step"] >= state["steps"] // 10)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
-    unit_norm = isinstance(sae, (TopKSAE, BatchTopKSAE)) or (
+    # Unit-norm decoder rows (gradient projected, rows renormalised) for every architecture, as
+    # dictionary_learning trains them, except under the April update, whose L1 weights each
+    # latent by its decoder norm instead.
+    unit_norm = isinstance(sae, (TopKSAE, JumpReLUSAE)) or (
         isinstance(sae, ReLUSAE) and not cfg.l1_weighted_by_decoder_norm)
     if unit_norm:
         _project_out_parallel_grad(sae)
