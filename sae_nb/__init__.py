@@ -7,7 +7,7 @@ from .extract import ExtractConfig, extract_activations, pooled_activations, run
 from .formats import load_dictionary
 from .models import DEFAULT_MODEL, ModelLoadError, load_model
 from .saving import (DEFAULT_DICTIONARY, DictionaryFormatError, load_default_dictionary,
-                     load_sae_nb, save_dictionary)
+                     load_sae_nb, save_dictionary, verify_dictionary)
 from .sites import SiteError, resolve_site, valid_sites
 from .store import ActivationStore, StoreError, open_stores
 from .train import TrainConfig, TrainingError, TrainResult, train_dictionary
@@ -25,5 +25,5 @@ __all__ = [
     "dictionary_path", "evaluate_dictionary", "extract_activations", "folder_files",
     "heldout_split", "load_corpus", "load_dictionary", "load_model", "load_sae_nb", "open_store",
     "open_stores", "pooled_activations", "resolve_site", "run_sites", "save_dictionary",
-    "train_dictionary", "valid_sites",
+    "train_dictionary", "valid_sites", "verify_dictionary",
 ]

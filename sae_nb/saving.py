@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE
+from .io import file_sha256
 from .sites import hook_name
 
 CFG_FILE = "cfg.json"
@@ -77,6 +78,7 @@ def save_dictionary(dictionary: Dictionary, path: str | Path, *, model: str, sit
         if density is not None:
             log10 = torch.from_numpy(np.log10(np.asarray(density, dtype=np.float64) + 1e-10)).float()
             save_file({"sparsity": log10}, tmp / SPARSITY_FILE)
+        meta["checksums"] = _checksums(tmp)  # for verify_dictionary; loads never read them
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
         old = path.with_name(f".{path.name}.old")
         if path.exists():  # swap in the new folder, then drop the old one
@@ -86,6 +88,44 @@ def save_dictionary(dictionary: Dictionary, path: str | Path, *, model: str, sit
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _checksums(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file of a saved dictionary but ``sae_nb.json`` (which holds them)."""
+    return {name: file_sha256(folder / name) for name in (CFG_FILE, WEIGHTS_FILE, SPARSITY_FILE)
+            if (folder / name).exists()}
+
+
+def verify_dictionary(path: str | Path) -> dict[str, str]:
+    """Check a saved dictionary's files against the SHA-256 sums ``save_dictionary`` recorded in
+    ``sae_nb.json``. Reads every byte, so loading does not do it; call it after copying a
+    dictionary or before publishing figures made with it.
+
+    Returns ``{file name: sha256}`` when every file matches; raises
+    :class:`DictionaryFormatError` listing each file that changed or is missing.
+    """
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.exists():
+        raise DictionaryFormatError(f"{str(path)!r} has no {META_FILE}: only dictionaries written "
+                                    f"by save_dictionary carry checksums.")
+    recorded = read_json(meta_file).get("checksums")
+    if not isinstance(recorded, dict) or not recorded:
+        raise DictionaryFormatError(
+            f"{str(meta_file)!r} records no checksums (saved before sae_nb recorded them): load "
+            f"the dictionary and write it again with save_dictionary to add them.")
+    problems = []
+    for name, digest in recorded.items():
+        if not (path / name).is_file():
+            problems.append(f"{name} is missing")
+        elif (actual := file_sha256(path / name)) != digest:
+            problems.append(f"{name} has changed since it was saved (sha256 {actual[:16]}..., "
+                            f"recorded {str(digest)[:16]}...)")
+    if problems:
+        raise DictionaryFormatError(
+            f"{str(path)!r} failed verification: {'; '.join(problems)}. Its numbers cannot be "
+            f"trusted: restore the folder from a good copy, or train and save it again.")
+    return dict(recorded)
 
 
 def _json_default(value: Any):

@@ -629,3 +629,41 @@ def test_tensor_sized_loaders_check_every_tensor_before_building(tmp_path, built
         with pytest.raises(DictionaryFormatError, match=match):
             load_dictionary(target)
     assert built == []
+
+
+# -- integrity ------------------------------------------------------------------------------
+def test_verify_dictionary_catches_changed_bytes(tmp_path):
+    import hashlib
+
+    from sae_nb import verify_dictionary
+
+    folder = save_dictionary(TopKSAE(D, F, k=K), tmp_path / "d", model="m", site="embed",
+                             density=np.random.rand(F))
+    checked = verify_dictionary(folder)
+    assert checked == {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+                       for name in ("cfg.json", "sae_weights.safetensors", "sparsity.safetensors")}
+    weights = folder / "sae_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")  # the tensors follow the JSON header
+    middle = (start + len(data)) // 2
+    data[middle:middle + 16] = np.random.bytes(16)
+    weights.write_bytes(bytes(data))
+    load_dictionary(folder)  # loads silently: a load does not read for integrity
+    with pytest.raises(DictionaryFormatError, match=r"sae_weights\.safetensors has changed"):
+        verify_dictionary(folder)
+
+
+def test_verify_dictionary_missing_file_or_no_checksums(tmp_path):
+    from sae_nb import verify_dictionary
+
+    folder = save_dictionary(TopKSAE(D, F, k=K), tmp_path / "d", model="m", site="embed",
+                             density=np.random.rand(F))
+    (folder / "sparsity.safetensors").unlink()
+    with pytest.raises(DictionaryFormatError, match=r"sparsity\.safetensors is missing"):
+        verify_dictionary(folder)
+    edit_json(folder / "sae_nb.json", checksums=None)
+    with pytest.raises(DictionaryFormatError, match=r"records no checksums.*save_dictionary"):
+        verify_dictionary(folder)
+    (folder / "sae_nb.json").unlink()
+    with pytest.raises(DictionaryFormatError, match=r"no sae_nb\.json"):
+        verify_dictionary(folder)

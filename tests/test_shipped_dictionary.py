@@ -28,6 +28,15 @@ def test_shipped_dictionary_is_small_topk_for_the_default_model(shipped):
     assert cfg["dtype"] == "float16" and cfg["metadata"]["hook_name"] == "blocks.6.hook_resid_post"
 
 
+def test_shipped_files_match_their_recorded_checksums():
+    import hashlib
+
+    checked = sae_nb.verify_dictionary(sae_nb.DEFAULT_DICTIONARY)
+    assert set(checked) == {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors"}
+    for name, digest in checked.items():
+        assert hashlib.sha256((sae_nb.DEFAULT_DICTIONARY / name).read_bytes()).hexdigest() == digest
+
+
 def test_recorded_metrics_meet_the_shipping_bar(shipped):
     m = shipped.metadata["metrics"]
     assert m["fvu"] <= 0.13 and m["l0"] == pytest.approx(32)
