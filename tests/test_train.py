@@ -319,3 +319,44 @@ def test_transcoder_resamples_dead_latents_along_the_target_residual():
     enc = sae.W_enc[:, resampled].T
     along_u = (enc / enc.norm(dim=1, keepdim=True) @ u).abs()
     assert (along_u > 0.99).all(), f"encoder columns' |cos| with the input: {along_u}"
+
+
+def test_jumprelu_straight_through_gradients_equal_the_closed_form():
+    """Rajamanoharan et al. 2024, rectangle kernel K(u) = 1 if |u| < 1/2 else 0, bandwidth eps:
+    d/dt [pre * H(pre - t)] = -(t / eps) K((pre - t) / eps), d/dt H(pre - t) = -(1/eps) K(...),
+    d/dpre [pre * H(pre - t)] = H(pre - t). Checked on the whole jumprelu_step loss."""
+    from sae_nb.objectives import jumprelu_step
+
+    eps, l0_coef = 0.2, 0.3
+    t = [0.5, 0.1]  # the window is |pre - t| < 0.1
+    # Hand-chosen pre-activations per latent: inside the window below and above t, at t, just
+    # inside and just outside its edges, far away.
+    pre = torch.tensor([[0.45, 0.05], [0.55, 0.12], [0.59, 0.21], [0.61, -0.5],
+                        [0.39, 0.1], [0.5, -0.01], [1.0, 0.19], [-1.0, 0.3]], dtype=torch.double)
+    B = len(pre)
+    sae = JumpReLUSAE(2, 2, dtype=torch.double, apply_b_dec_to_input=False)
+    with torch.no_grad():  # pre_acts(x) = x: identity encoder, no biases
+        sae.W_enc.copy_(torch.eye(2))
+        sae.threshold.copy_(torch.tensor(t))
+        sae.W_dec.copy_(torch.tensor([[1.0, 2.0], [-0.5, 1.5]]))
+        sae.b_dec.copy_(torch.tensor([0.1, -0.2]))
+    y = torch.tensor([[0.3, -0.1]] * B, dtype=torch.double) + torch.linspace(0, 1, B)[:, None]
+    x = pre.clone().requires_grad_(True)
+    jumprelu_step(sae, x, y, l0_coef, eps).loss.backward()
+
+    # The closed form, element by element.
+    f = [[p if p > t[j] else 0.0 for j, p in enumerate(row)] for row in pre.tolist()]
+    W_dec, b_dec = sae.W_dec.detach().tolist(), sae.b_dec.detach().tolist()
+    want_t, want_pre = [0.0, 0.0], [[0.0, 0.0] for _ in range(B)]
+    for i in range(B):
+        x_hat = [b_dec[d] + sum(f[i][j] * W_dec[j][d] for j in range(2)) for d in range(2)]
+        for j in range(2):
+            # d mse / d f_ij, mse = sum_i |y_i - x_hat_i|^2 / B
+            dmse_df = sum(-2 / B * (float(y[i, d]) - x_hat[d]) * W_dec[j][d] for d in range(2))
+            p = float(pre[i, j])
+            K = 1.0 if abs((p - t[j]) / eps) < 0.5 else 0.0
+            want_t[j] += dmse_df * -(t[j] / eps) * K + l0_coef / B * -(1 / eps) * K
+            want_pre[i][j] = dmse_df * (1.0 if p > t[j] else 0.0)
+    assert sum(1 for row in pre.tolist() for j, p in enumerate(row) if abs(p - t[j]) < eps / 2) == 8
+    torch.testing.assert_close(sae.threshold.grad, torch.tensor(want_t, dtype=torch.double))
+    torch.testing.assert_close(x.grad, torch.tensor(want_pre, dtype=torch.double))  # W_enc = I
