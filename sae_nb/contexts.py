@@ -118,43 +118,33 @@ def _latent_acts(dictionary: Dictionary, x: np.ndarray, latent: int,
     """One latent's activation on each row of ``x`` (B, D), from one encoder column where the
     architecture allows it."""
     x = torch.from_numpy(x).to(dictionary.W_enc.device, dictionary.W_enc.dtype)
-    plain = type(dictionary).pre_acts is Dictionary.pre_acts
+    column = dictionary.folded_encoder(latent)  # ((D,), scalar), None if not plain
     with one_thread():
-        if plain and type(dictionary) is ReLUSAE:
-            return torch.relu(_pre_column(dictionary, x, latent)).float().cpu().numpy()
-        if plain and isinstance(dictionary, JumpReLUSAE):
-            pre = _pre_column(dictionary, x, latent)
+        if column is not None and type(dictionary) is ReLUSAE:
+            return torch.relu(_pre_column(x, column)).float().cpu().numpy()
+        if column is not None and isinstance(dictionary, JumpReLUSAE):
+            pre = _pre_column(x, column)
             return (torch.relu(pre) * (pre > dictionary.threshold[latent])).float().cpu().numpy()
-        if plain and type(dictionary) is TopKSAE and bounds is not None:
-            return _topk_column(dictionary, x, latent, torch.from_numpy(bounds))
+        if column is not None and type(dictionary) is TopKSAE and bounds is not None:
+            return _topk_column(dictionary, x, latent, column, torch.from_numpy(bounds))
         return _full_encode(dictionary, x, latent)
 
 
-def _folded_bias(dictionary: Dictionary) -> torch.Tensor:
-    """``b_enc - b_dec @ W_enc`` (F,): the encoder bias once ``b_dec`` is folded in, as the
-    statistics pass computes pre-activations."""
-    if not dictionary.apply_b_dec_to_input:
-        return dictionary.b_enc
-    return dictionary.b_enc - dictionary.b_dec @ dictionary.W_enc
-
-
-def _pre_column(dictionary: Dictionary, x: torch.Tensor, latent: int) -> torch.Tensor:
-    bias = dictionary.b_enc[latent]
-    if dictionary.apply_b_dec_to_input:
-        bias = bias - dictionary.b_dec @ dictionary.W_enc[:, latent]
-    return x @ dictionary.W_enc[:, latent] + bias  # (B,)
+def _pre_column(x: torch.Tensor, column: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    w, bias = column  # (D,), scalar: one latent of Dictionary.folded_encoder
+    return x @ w + bias  # (B,)
 
 
 def _topk_column(dictionary: TopKSAE, x: torch.Tensor, latent: int,
-                 bounds: torch.Tensor) -> np.ndarray:
+                 column: tuple[torch.Tensor, torch.Tensor], bounds: torch.Tensor) -> np.ndarray:
     """A TopK latent from its column: active where its pre-activation clears the midpoint of
     the row's k-th and (k+1)-th largest; rows where those two are too close, encoded in full."""
-    pre = _pre_column(dictionary, x, latent).float().cpu()  # (B,)
+    pre = _pre_column(x, column).float().cpu()  # (B,)
     hi, lo = bounds[:, 0], bounds[:, 1]  # (B,) each
     acts = torch.where(pre > (hi + lo) / 2, torch.relu(pre), torch.zeros_like(pre))
     W = dictionary.W_enc
     scale = ((x.norm(dim=1) + dictionary.b_dec.norm()) * W.norm(dim=0).max()
-             + _folded_bias(dictionary).abs().max()).float().cpu()  # (B,)
+             + dictionary.folded_encoder()[1].abs().max()).float().cpu()  # (B,)
     unsure = (hi - lo) <= 4 * BOUNDARY_TOL * scale
     if unsure.any():
         acts[unsure] = torch.from_numpy(_full_encode(dictionary, x[unsure.to(x.device)], latent))

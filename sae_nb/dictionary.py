@@ -121,15 +121,18 @@ class Dictionary(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.reconstruct(x)
 
-    def folded_encoder(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def folded_encoder(self, latents=None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(W_enc (D, F), bias (F,))`` with ``pre_acts(x) == x @ W_enc + bias``: ``b_dec``
         folded into the encoder bias (``b_enc - b_dec @ W_enc``), one matmul and a vector.
+        ``latents`` (an index or slice) selects columns: ``(D,)`` and a scalar for one latent.
         ``None`` when a subclass computes its pre-activation otherwise (gated, normalised)."""
         if type(self).pre_acts is not Dictionary.pre_acts:
             return None
+        W, b_enc = (self.W_enc, self.b_enc) if latents is None else \
+            (self.W_enc[:, latents], self.b_enc[latents])
         if not self.apply_b_dec_to_input:
-            return self.W_enc, self.b_enc
-        return self.W_enc, folded_bias(self.W_enc, self.b_enc, self.b_dec)
+            return W, b_enc
+        return W, folded_bias(W, b_enc, self.b_dec)
 
     def config(self) -> dict:
         """Architecture fields for saving (SAELens names)."""

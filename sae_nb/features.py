@@ -172,17 +172,14 @@ class _Nonzeros:
     bounds: torch.Tensor | None = None  # (B, 2) plain TopK: k-th and (k+1)-th pre-activation
 
 
-def _plain_pre_acts(dictionary: Dictionary) -> bool:
-    return type(dictionary).pre_acts is Dictionary.pre_acts
-
-
 @torch.no_grad()
 def _encode_nonzeros(dictionary: Dictionary, x: torch.Tensor, first_row: int,
                      scratch: dict) -> _Nonzeros:
     """Encode ``x`` (B, D) and keep only the positive codes: a plain TopK dictionary by the
     fast path below, another TopK by its ``sparse_encode``, anything else densely."""
-    if type(dictionary) is TopKSAE and _plain_pre_acts(dictionary):
-        return _topk_nonzeros(dictionary, x, first_row, scratch)
+    folded = dictionary.folded_encoder() if type(dictionary) is TopKSAE else None
+    if folded is not None:
+        return _topk_nonzeros(folded, dictionary.k, x, first_row, scratch)
     if isinstance(dictionary, TopKSAE):
         code = dictionary.sparse_encode(x)  # (B, k) each
         with one_thread():
@@ -193,12 +190,11 @@ def _encode_nonzeros(dictionary: Dictionary, x: torch.Tensor, first_row: int,
         return _Nonzeros(r + first_row, c, codes[r, c].float())
 
 
-def _topk_nonzeros(dictionary: TopKSAE, x: torch.Tensor, first_row: int,
-                   scratch: dict) -> _Nonzeros:
+def _topk_nonzeros(folded: tuple[torch.Tensor, torch.Tensor], k: int, x: torch.Tensor,
+                   first_row: int, scratch: dict) -> _Nonzeros:
     """One ``addmm`` into a reused (B, F) buffer (a fresh 75 MB tensor per chunk costs more in
     page faults than the matmul's tail), then the top k + 1: k codes and the row's bounds."""
-    W, k = dictionary.W_enc, dictionary.k  # (D, F)
-    bias = dictionary.b_enc - (dictionary.b_dec @ W if dictionary.apply_b_dec_to_input else 0)
+    W, bias = folded  # (D, F), (F,): Dictionary.folded_encoder
     buf = scratch.get("pre")
     if buf is None or buf.shape[0] < x.shape[0]:
         buf = scratch["pre"] = torch.empty(x.shape[0], W.shape[1], dtype=W.dtype, device=W.device)

@@ -18,6 +18,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .dictionary import folded_bias
+
 
 # One reusable (B, F) buffer for the pre-activations: a fresh 75 MB tensor every step costs
 # ~20 ms of page faults on a CPU, more than the top-k itself.
@@ -43,8 +45,9 @@ class _TopKEncode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k: int, dead: torch.Tensor | None, k_aux: int):
-        # (x - b_dec) @ W + b_enc == x @ W + (b_enc - b_dec @ W): one matmul, a vector bias.
-        bias = b_enc - b_dec @ W_enc  # (F,)
+        # (x - b_dec) @ W + b_enc == x @ W + (b_enc - b_dec @ W): one matmul, a vector bias
+        # (the same folding as Dictionary.folded_encoder; here on raw tensors, for autograd).
+        bias = folded_bias(W_enc, b_enc, b_dec)  # (F,)
         pre = torch.addmm(bias, x, W_enc, out=_buffer((x.shape[0], W_enc.shape[1]), x))  # (B, F)
         vals, idx = pre.topk(k, dim=-1, sorted=False)  # (B, k)
         aux_vals = aux_idx = None
