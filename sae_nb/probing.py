@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .corpora import CorpusError
+from .corpora import CorpusError, read_text_table
 from .dictionary import dictionary_hash
 from .io import atomic_save_npz
 from .models import model_fingerprint
@@ -84,22 +84,22 @@ def parse_vader(sdist: str | Path, member: str = MOVIE_FILE) -> pd.DataFrame:
 
 def load_labeled(source: str | Path = "movie_reviews", text_column: str = "text",
                  label_column: str = "label", cache_dir: str | Path = DEFAULT_CACHE,
-                 ) -> pd.DataFrame:
+                 encoding: str = "utf-8") -> pd.DataFrame:
     """Labeled texts as a DataFrame with columns ``text`` and ``label`` (strings).
 
     ``source`` is ``"movie_reviews"`` (the VADER snippets, fetched and parsed once, cached as a
-    CSV) or a CSV file with a text and a label column."""
+    CSV) or a CSV file with a text and a label column, read by
+    :func:`sae_nb.corpora.read_text_table` (which names bad rows by file line)."""
     if str(source) == "movie_reviews":
         csv = Path(cache_dir) / "movie_reviews.csv"
         if not csv.exists():
             parse_vader(fetch_vader(cache_dir)).to_csv(csv, index=False)
-        source, text_column, label_column = csv, "text", "label"
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"No labeled data at {str(path)!r}: pass 'movie_reviews' or a "
+        source, text_column, label_column, encoding = csv, "text", "label", "utf-8"
+    if not Path(source).exists():
+        raise FileNotFoundError(f"No labeled data at {str(source)!r}: pass 'movie_reviews' or a "
                                 f"CSV file with text and label columns.")
-    df = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    return check_labeled(df, text_column, label_column)
+    table = read_text_table(source, text_column, label_column, encoding)
+    return check_labeled(table[["text", "label"]])
 
 
 def check_labeled(df: pd.DataFrame, text_column: str = "text",
@@ -115,10 +115,10 @@ def check_labeled(df: pd.DataFrame, text_column: str = "text",
                          f"(rows {missing[:20]}); fill or drop them.")
     out = pd.DataFrame({"text": df[text_column].fillna("").astype(str),
                         "label": df[label_column].astype(str)}).reset_index(drop=True)
-    classes = out["label"].unique()
-    if len(classes) < 2:
-        raise LabelError(f"Column {label_column!r} holds one class only ({classes.tolist()}); "
-                         f"a probe needs two or more.")
+    counts = out["label"].value_counts()
+    if len(counts) < 2:
+        raise LabelError(f"Column {label_column!r} holds {len(counts)} class(es) "
+                         f"({counts.to_dict()} rows per class); a probe needs two or more.")
     return out
 
 

@@ -13,6 +13,7 @@ from conftest import make_tokenizer
 from sklearn.metrics import adjusted_rand_score
 
 from sae_nb import clustering, families, plotting
+from sae_nb.corpora import CorpusError
 from sae_nb.dictionary import build_dictionary
 from sae_nb.store import INDEX_DTYPE, ActivationStore, StoreWriter
 
@@ -118,7 +119,7 @@ def test_load_texts(tmp_path: Path):
     df = clustering.load_texts(path, "sentence", "topic")
     assert df["text"].tolist() == ["a b", "c"] and df["label"].tolist() == ["x", "y"]
     assert clustering.load_texts(path, "sentence", "")["label"].isna().all()
-    with pytest.raises(clustering.ClusteringError, match="No label column 'topik'"):
+    with pytest.raises(CorpusError, match=r"no column 'topik'.*\['sentence', 'topic'\]"):
         clustering.load_texts(path, "sentence", "topik")
 
 

@@ -228,3 +228,73 @@ def test_sentence_batches_truncate_and_keep_order(tok, eos_only):
 def test_sentence_batches_refuse_texts_without_tokens(tok):
     with pytest.raises(CorpusError, match=r"Text rows \[1\] produce no tokens"):
         list(sentence_batches(["fine", ""], tok, 4))
+
+
+# -- one CSV text loader behind corpora, probing and clustering ------------------------------
+
+def _loaders():
+    from sae_nb import clustering, probing
+
+    return {
+        "corpus": lambda p, **kw: load_corpus(p, text_column="text", **kw).texts,
+        "probing": lambda p, **kw: probing.load_labeled(p, "text", "label", **kw)["text"].tolist(),
+        "clustering": lambda p, **kw: clustering.load_texts(p, "text", "label",
+                                                            **kw)["text"].tolist(),
+    }
+
+
+LOADERS = ("corpus", "probing", "clustering")
+
+
+def raises_corpus_error(load, path, *needles, **kw):
+    with pytest.raises(CorpusError) as err:
+        load(path, **kw)
+    msg = str(err.value)
+    for needle in (str(path), *needles):
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    return msg
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_csv_non_utf8_bytes_name_file_line_and_encoding(tmp_path, loader):
+    load = _loaders()[loader]
+    path = tmp_path / "latin.csv"
+    path.write_bytes("text,label\nA fine day.,a\nCaf\xe9 au lait.,b\n".encode("latin-1"))
+    offset = len("text,label\nA fine day.,a\nCaf".encode())  # the byte 0xe9
+    raises_corpus_error(load, path, "not UTF-8", "line 3", f"byte {offset}", "encoding=")
+    assert load(path, encoding="latin-1") == ["A fine day.", "Caf\xe9 au lait."]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_csv_empty_and_header_only(tmp_path, loader):
+    load = _loaders()[loader]
+    raises_corpus_error(load, write(tmp_path, "empty.csv", ""), "is empty", "'text'")
+    raises_corpus_error(load, write(tmp_path, "blank.csv", "\n  \n"), "is empty")
+    raises_corpus_error(load, write(tmp_path, "header.csv", "text,label\n"),
+                        "header but no rows")
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_csv_missing_column_lists_the_columns(tmp_path, loader):
+    load = _loaders()[loader]
+    path = write(tmp_path, "cols.csv", "sentence,topic\nHello there.,a\nBye now.,b\n")
+    raises_corpus_error(load, path, "'text'", "['sentence', 'topic']", "_column=")
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_csv_blank_and_number_rows_named_by_file_line(tmp_path, loader):
+    load = _loaders()[loader]
+    path = write(tmp_path, "rows.csv", 'text,label\nHello there.,a\n,b\n"   ",a\nFine.,b\n'
+                                       '42,a\n"Two\nlines.",b\nok,a\n')
+    msg = raises_corpus_error(load, path, "3 row(s)", "line(s) 3, 4, 6.")
+    assert "row 1" not in msg and "[1" not in msg  # file lines, not 0-based indices
+    good = write(tmp_path, "good.csv", 'text,label\nHello there.,a\n"Two\nlines.",b\n'
+                                       'ok,a\nfine,b\n')
+    assert load(good) == ["Hello there.", "Two\nlines.", "ok", "fine"]
+
+
+@pytest.mark.parametrize("loader", ("probing", "clustering"))
+def test_csv_missing_labels_named_by_file_line(tmp_path, loader):
+    load = _loaders()[loader]
+    path = write(tmp_path, "labels.csv", "text,label\nHello there.,a\nBye.,\nOk.,b\nNo.,\n")
+    raises_corpus_error(load, path, "2 row(s)", "'label'", "line(s) 3, 5.")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from sae_nb import probing
+from sae_nb.corpora import CorpusError
 from sae_nb.dictionary import TopKSAE
 from sae_nb.plotting import layer_sweep_figure, probe_accuracy_figure
 
@@ -90,13 +91,13 @@ def test_binary_probe_weights_point_to_their_class_and_standardized_ranking():
 
 def test_bad_labeled_inputs(tmp_path):
     df = pd.DataFrame({"sentence": ["x", "y", "z"], "label": ["a", "a", "a"]})
-    with pytest.raises(probing.LabelError, match="one class only"):
+    with pytest.raises(probing.LabelError, match=r"holds 1 class\(es\) \(\{'a': 3\} rows"):
         probing.check_labeled(df, "sentence", "label")
     with pytest.raises(probing.LabelError, match="No label column 'sentiment'"):
         probing.check_labeled(df, "sentence", "sentiment")
     csv = tmp_path / "l.csv"
     pd.DataFrame({"text": ["x", "y", "z"], "label": ["a", None, "b"]}).to_csv(csv, index=False)
-    with pytest.raises(probing.LabelError, match=r"rows \[1\]"):
+    with pytest.raises(CorpusError, match=r"1 row\(s\) have no label at file line\(s\) 3\."):
         probing.load_labeled(csv)
     with pytest.raises(probing.LabelError, match="Too few rows per class"):
         probing.split_labeled(["a"] * 10 + ["b"] * 2)
