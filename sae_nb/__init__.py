@@ -3,7 +3,8 @@
 from .catalogue import catalogue
 from .corpora import Corpus, CorpusError, load_corpus
 from .evaluate import Evaluation, evaluate_dictionary
-from .extract import ExtractConfig, extract_activations, pooled_activations, run_sites
+from .extract import (ExtractConfig, ExtractionError, extract_activations,
+                      pooled_activations, run_sites)
 from .formats import load_dictionary
 from .models import DEFAULT_MODEL, ModelLoadError, load_model
 from .saving import (DEFAULT_DICTIONARY, DictionaryFormatError, load_default_dictionary,
@@ -20,7 +21,8 @@ __all__ = [
     "catalogue",
     "ActivationStore", "Corpus", "CorpusError", "DEFAULT_DICTIONARY", "DEFAULT_MODEL",
     "DictionaryFormatError", "load_default_dictionary",
-    "Evaluation", "ExtractConfig", "HeldoutSplit", "ModelLoadError", "SiteError", "StoreError",
+    "Evaluation", "ExtractConfig", "ExtractionError", "HeldoutSplit", "ModelLoadError",
+    "SiteError", "StoreError",
     "TrainConfig", "TrainResult", "TrainingError", "checkpoint_dir", "dictionary_name",
     "dictionary_path", "evaluate_dictionary", "extract_activations", "folder_files",
     "heldout_split", "load_corpus", "load_dictionary", "load_model", "load_sae_nb", "open_store",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +21,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .corpora import Corpus, document_separator, load_corpus, pack_contexts, sentence_batches
-from .models import hf_model, model_name
+from .models import hf_model, max_positions, model_name
 from .sites import Site, execution_order, resolve_site
 from .store import INDEX_DTYPE, ActivationStore, StoreWriter, site_dirname
 
 log = logging.getLogger(__name__)
+
+
+class ExtractionError(ValueError):
+    """Extraction settings that cannot work: not a whole number, a context too long for the model."""
 
 
 @dataclass
@@ -50,18 +55,43 @@ class ExtractConfig:
     def __post_init__(self):
         self.sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
         if not self.sites:
-            raise ValueError("sites is empty; name at least one, e.g. sites=['resid_out_layer3'].")
+            raise ExtractionError("sites is empty; name at least one, e.g. "
+                                  "sites=['resid_out_layer3'].")
         if self.mode not in ("tokens", "sentences"):
-            raise ValueError(f"mode={self.mode!r}; use 'tokens' or 'sentences'.")
+            raise ExtractionError(f"mode={self.mode!r}; use 'tokens' or 'sentences'.")
         if self.pool not in ("mean", "max"):
-            raise ValueError(f"pool={self.pool!r}; use 'mean' or 'max'.")
+            raise ExtractionError(f"pool={self.pool!r}; use 'mean' or 'max'.")
         if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"dtype={self.dtype!r}; use 'float16' or 'float32'.")
-        for name in ("n_tokens", "ctx_len", "batch_size", "shard_mb"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer.")
-        if self.shard_rows is not None and int(self.shard_rows) < 1:
-            raise ValueError(f"shard_rows={self.shard_rows} must be a positive integer or None.")
+            raise ExtractionError(f"dtype={self.dtype!r}; use 'float16' or 'float32'.")
+        for name in ("n_tokens", "ctx_len", "batch_size", "shard_mb", "shard_rows", "seed"):
+            value = getattr(self, name)
+            if value is None and name == "shard_rows":
+                continue
+            setattr(self, name, _whole_number(name, value, minimum=0 if name == "seed" else 1))
+
+
+def _whole_number(name: str, value, minimum: int) -> int:
+    """``value`` as an int: ints and integral floats (``1e3``, what ``-p n_tokens=1e3`` passes)
+    are whole numbers; strings, bools, fractions, NaN are not."""
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real)
+                                                    and float(value).is_integer())
+    if isinstance(value, bool) or not whole:
+        raise ExtractionError(f"{name}={value!r} is not a whole number; give a number without "
+                              f"quotes, e.g. {name}={max(minimum, 1) * 128}.")
+    if int(value) < minimum:
+        raise ExtractionError(f"{name}={value!r} must be at least {minimum}.")
+    return int(value)
+
+
+def check_ctx_len(model, config: ExtractConfig) -> None:
+    """Refuse a ``ctx_len`` beyond the positions the model has embeddings for: GPT-2 would fail
+    with an index error, rotary models would run on positions they never saw."""
+    limit = max_positions(model)
+    if limit is not None and config.ctx_len > limit:
+        what = "context length" if config.mode == "tokens" else "truncation length"
+        raise ExtractionError(f"ctx_len={config.ctx_len} (the {what}) exceeds the {limit} "
+                              f"positions of model {model_name(model)!r}; set ctx_len={limit} "
+                              f"or lower.")
 
 
 def _envoy(model, module_path: str):
@@ -109,6 +139,7 @@ def extract_activations(model, run_dir: str | Path, config: ExtractConfig | None
     ``n_tokens`` grew. Keyword ``options`` override fields of ``config``.
     """
     config = ExtractConfig(**{**(asdict(config) if config else {}), **options})
+    check_ctx_len(model, config)
     sites = resolve_sites(model, config.sites)
     corpus = load_corpus(config.corpus, config.text_column)
     d_by_site = site_widths(model, sites)

@@ -93,6 +93,17 @@ def hf_model(model) -> torch.nn.Module:
     return model._module
 
 
+def max_positions(model) -> int | None:
+    """The longest input the model's position embeddings cover (its config's
+    ``max_position_embeddings``, ``n_positions`` or ``n_ctx``); None when the config names none."""
+    config = hf_model(model).config
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def model_fingerprint(model) -> str:
     """The model's identity for caches: its name, then a hash of its config and of every
     weight tensor's first and last 64 values and sum. A model under the same name with other

@@ -46,6 +46,10 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
 }
 
 
+# A -p value starting or ending with one of these is meant as a literal and must parse as one.
+LITERAL_OPENERS, LITERAL_CLOSERS = "[({'\"", "])}'\""
+
+
 class PipelineError(RuntimeError):
     """A notebook failed or the job was asked for something that does not exist."""
 
@@ -72,14 +76,24 @@ def select_notebooks(notebooks: list[Path], only: Iterable[str] | None) -> list[
 
 
 def parse_parameter(text: str) -> tuple[str, Any]:
-    """``"name=value"`` with value read as a Python literal when it is one, else as a string."""
+    """``"name=value"`` with value read as a Python literal when it is one, else as a string.
+
+    A value that opens or closes like a literal (a bracket, brace, parenthesis or quote) must
+    be one: ``sites=['resid_out_layer9'`` is an error, not the string it spells.
+    """
     name, sep, value = text.partition("=")
-    if not sep or not name.strip().isidentifier():
+    name, value = name.strip(), value.strip()
+    if not sep or not name.isidentifier():
         raise PipelineError(f"Parameter {text!r} is not name=value (e.g. -p n_tokens=50_000).")
     try:
-        return name.strip(), ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-        return name.strip(), value.strip()
+        return name, ast.literal_eval(value)
+    except (ValueError, SyntaxError) as err:
+        if value[:1] in LITERAL_OPENERS or value[-1:] in LITERAL_CLOSERS:
+            problem = err.msg if isinstance(err, SyntaxError) else str(err)
+            raise PipelineError(f"-p {name}={value} is not a valid Python literal ({problem}). "
+                                f"Check its brackets and quotes, e.g. -p \"{name}=['a', 'b']\"; "
+                                f"to pass text, quote it: -p \"{name}='...'\".") from None
+        return name, value  # a bare word or path: a string
 
 
 def notebook_parameters(path: str | Path) -> dict[str, Any]:

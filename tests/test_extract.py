@@ -313,3 +313,47 @@ def test_sentence_mode_rows_equal_pooled_activations(model, family, pool, senten
         np.testing.assert_array_equal(idx["doc"], np.arange(len(texts)))
         np.testing.assert_array_equal(idx["context"], np.arange(len(texts)))
         np.testing.assert_allclose(store[:], expected[site].numpy(), atol=1e-5, rtol=1e-5)
+
+
+# -- settings the model or Python cannot take ----------------------------------------------------
+
+def test_ctx_len_beyond_the_models_positions_is_refused(model, family, corpus_dir, sentences_csv,
+                                                        model_dirs, tmp_path):
+    import json
+
+    saved = json.loads((model_dirs[family] / "config.json").read_text())
+    limit = saved.get("max_position_embeddings") or saved["n_positions"]
+    assert limit == 256  # conftest's configs
+    for corpus, mode in ((corpus_dir, "tokens"), (sentences_csv, "sentences")):
+        with pytest.raises(sae_nb.ExtractionError) as err:
+            sae_nb.extract_activations(model, tmp_path, sites=["embed"], corpus=str(corpus),
+                                       mode=mode, ctx_len=limit + 44, n_tokens=600,
+                                       progress=False)
+        assert f"ctx_len={limit + 44}" in str(err.value) and f"{limit} positions" in str(err.value)
+        assert f"ctx_len={limit}" in str(err.value)  # the fix: the largest value that works
+    assert not (tmp_path / "activations").exists()  # refused before anything is written
+
+
+def test_ctx_len_at_the_models_positions_is_accepted(llama, corpus_dir, tmp_path):
+    stores = sae_nb.extract_activations(llama, tmp_path, sites=["embed"], corpus=str(corpus_dir),
+                                        ctx_len=256, n_tokens=256, progress=False)
+    assert stores["embed"].manifest["ctx_len"] == 256 and len(stores["embed"]) >= 250
+
+
+@pytest.mark.parametrize("name, value", [
+    ("n_tokens", "abc"), ("n_tokens", "1000"), ("n_tokens", 1000.5), ("n_tokens", float("nan")),
+    ("n_tokens", True), ("n_tokens", None), ("ctx_len", [128]), ("batch_size", 2.5),
+    ("seed", "0"), ("shard_rows", 1.5),
+])
+def test_settings_that_are_not_whole_numbers_are_refused(name, value):
+    with pytest.raises(sae_nb.ExtractionError) as err:
+        sae_nb.ExtractConfig(**{name: value})
+    assert f"{name}={value!r}" in str(err.value) and "whole number" in str(err.value)
+
+
+def test_integral_floats_are_whole_numbers():
+    """1e3 (what ``-p n_tokens=1e3`` passes) is taken as 1000, an int everywhere after."""
+    config = sae_nb.ExtractConfig(n_tokens=1e3, ctx_len=64.0, batch_size=np.int64(4), seed=2.0)
+    assert (config.n_tokens, config.ctx_len, config.batch_size, config.seed) == (1000, 64, 4, 2)
+    assert all(type(v) is int for v in (config.n_tokens, config.ctx_len, config.batch_size,
+                                        config.seed))
