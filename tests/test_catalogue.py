@@ -32,4 +32,3 @@ def test_catalogue_defaults_to_the_shipped_dictionaries():
     row = df[df["name"] == "topk_4608_k32"].iloc[0]
     assert (row["model"], row["site"], row["d_in"], row["d_sae"]) == (
         "smollm2-135m", "resid_out_layer6", 576, 4608)
-    assert row["ce_loss_recovered"] >= 0.9

@@ -1,5 +1,5 @@
-"""The dictionary shipped for the default model: it loads, fits fresh activations, and its
-recorded metrics meet the bar it was shipped with."""
+"""The dictionary shipped for the default model: it loads, its files match their checksums, it
+fits fresh activations, and its recorded FVU and L0 reproduce on fresh activations."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import sae_nb
 from sae_nb.dictionary import TopKSAE
@@ -37,12 +38,33 @@ def test_shipped_files_match_their_recorded_checksums():
         assert hashlib.sha256((sae_nb.DEFAULT_DICTIONARY / name).read_bytes()).hexdigest() == digest
 
 
-def test_recorded_metrics_meet_the_shipping_bar(shipped):
-    m = shipped.metadata["metrics"]
-    assert m["fvu"] <= 0.13 and m["l0"] == pytest.approx(32)
-    assert m["frac_dead"] < 0.05 and m["ce_loss_recovered"] >= 0.90
+@pytest.mark.slow  # the real embedded model
+def test_recorded_fvu_and_l0_reproduce_on_fresh_speech_activations(tmp_path):
+    """The FVU and L0 recorded in sae_nb.json, recomputed in plain float64 torch from the raw
+    weights (TopK maths of SAELens, not our classes) on real activations of the default model
+    over State of the Union text, the corpus they were measured on. The recorded ones come from
+    65,650 held-out tokens; these from 8,192 tokens of a different packing (seed 1; FVU 0.068 to
+    0.077 over seeds 0-2 when written, recorded 0.071), hence the tolerance. The recorded CE
+    loss recovered and dead fraction are not asserted: they need far more tokens."""
+    folder = sae_nb.DEFAULT_DICTIONARY
+    recorded = json.loads((folder / "sae_nb.json").read_text())["metrics"]
+    k = json.loads((folder / "cfg.json").read_text())["k"]
+    w = {key: v.double() for key, v in load_file(folder / "sae_weights.safetensors").items()}
+    store = sae_nb.extract_activations(sae_nb.load_model(), tmp_path, sites=["resid_out_layer6"],
+                                       corpus="sotu", ctx_len=128, n_tokens=8192, seed=1,
+                                       progress=False)["resid_out_layer6"]
+    x = torch.from_numpy(store[:]).double()  # (N, 576), BOS rows excluded as in training
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]  # (N, 4608)
+    values, index = pre.topk(k, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, index, torch.relu(values))
+    x_hat = f @ w["W_dec"] + w["b_dec"]
+    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    l0 = float((f != 0).sum(-1).double().mean())
+    assert fvu == pytest.approx(recorded["fvu"], abs=0.015), (fvu, recorded["fvu"])
+    assert l0 == pytest.approx(recorded["l0"], abs=0.5), (l0, recorded["l0"])
 
 
+@pytest.mark.slow  # the real embedded model
 def test_shipped_dictionary_reconstructs_fresh_activations(shipped, tmp_path):
     """Real activations of the default model on text the dictionary never saw."""
     model = sae_nb.load_model()
