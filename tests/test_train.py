@@ -16,11 +16,11 @@ D, F, K = 16, 64, 4
 ARCHS = ["standard", "topk", "batchtopk", "jumprelu"]
 
 
-def data(n=2048, d=D, seed=0) -> torch.Tensor:
+def data(n=2048, d=D, seed=0, density=0.08) -> torch.Tensor:
     """Sparse combinations of a few hidden directions plus an offset: SAE-shaped data."""
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(48, d, generator=g)
-    codes = torch.rand(n, 48, generator=g) * (torch.rand(n, 48, generator=g) < 0.08)
+    codes = torch.rand(n, 48, generator=g) * (torch.rand(n, 48, generator=g) < density)
     return codes @ dirs + 3.0
 
 
@@ -122,6 +122,7 @@ def test_entropy_and_april_variants_train():
         assert res.log["fvu"].iloc[-1] < res.log["fvu"].iloc[0]
 
 
+@pytest.mark.slow  # over 3 s
 def test_transcoder_learns_a_map_between_sites():
     x = data(seed=3)
     W = torch.randn(D, D) / D**0.5
@@ -360,3 +361,40 @@ def test_jumprelu_straight_through_gradients_equal_the_closed_form():
     assert sum(1 for row in pre.tolist() for j, p in enumerate(row) if abs(p - t[j]) < eps / 2) == 8
     torch.testing.assert_close(sae.threshold.grad, torch.tensor(want_t, dtype=torch.double))
     torch.testing.assert_close(x.grad, torch.tensor(want_pre, dtype=torch.double))  # W_enc = I
+
+
+def forced_dead_topk(monkeypatch, latents, auxk_alpha):
+    """Train a TopK dictionary whose ``latents`` start dead: their encoder columns shrunk 10^4x,
+    so their pre-activations stay below the top k on rows where k live latents are positive
+    (dense data: nearly all rows), yet are positive on some rows, as AuxK needs (it trains the
+    dead latents' largest ReLU'd pre-activations)."""
+    import sae_nb.train as train_module
+
+    real_init = train_module._init
+
+    def init_with_dead(*args):
+        sae, s_in, s_out = real_init(*args)
+        with torch.no_grad():
+            sae.W_enc[:, latents] *= 1e-4
+        return sae, s_in, s_out
+
+    monkeypatch.setattr(train_module, "_init", init_with_dead)
+    x = data(density=0.25)
+    res = train_dictionary(batches(x, epochs=200), architecture="topk", d_sae=F, k=K,
+                           total_tokens=128 * 150, lr=3e-3, dead_window_tokens=128 * 5,
+                           auxk_alpha=auxk_alpha, k_aux=8, progress=False, log_every=50)
+    with torch.no_grad():
+        fires = (res.dictionary.encode(x) > 0).sum(0)  # (F,) rows where each latent fires
+    return fires, res.log
+
+
+def test_auxk_revives_latents_forced_dead(monkeypatch):
+    forced = list(range(0, F, 4))  # 16 of 64
+    fires_off, log_off = forced_dead_topk(monkeypatch, forced, auxk_alpha=0.0)
+    fires_on, log_on = forced_dead_topk(monkeypatch, forced, auxk_alpha=1 / 32)
+    # Without AuxK only the main loss could give them a gradient, and it never sees them: they
+    # stay dead (one may slip in on a rare row where fewer than k live latents are positive).
+    assert int((fires_off[forced] > 0).sum()) <= 2, fires_off[forced]
+    # With AuxK most of them come back and fire on a fair share of the 2048 rows.
+    assert int((fires_on[forced] > 20).sum()) >= 12, (fires_on[forced], log_on)
+    assert log_on["dead_frac"].iloc[-1] < log_off["dead_frac"].iloc[-1]
