@@ -7,12 +7,12 @@ listed with its error instead of stopping the listing.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from .saving import DEFAULT_DICTIONARY, META_FILE
+from .formats import load_dictionary
+from .saving import DEFAULT_DICTIONARY, META_FILE, read_json
 
 # Files that mark a folder as one dictionary, in the formats we read.
 MARKERS = ("cfg.json", "ae.pt", "params.npz")
@@ -38,8 +38,6 @@ def find_dictionaries(root: str | Path) -> list[Path]:
 def catalogue(*roots: str | Path) -> pd.DataFrame:
     """One row per dictionary under ``roots`` (default: the repository's ``dictionaries/``):
     model, site, name, format, architecture, d_in, d_sae, and saved metrics when present."""
-    from .formats import load_dictionary
-
     roots = roots or (DEFAULT_DICTIONARY.parents[2],)
     rows = []
     for root in roots:
@@ -66,5 +64,5 @@ def _saved_metrics(path: Path) -> dict:
     meta = path / META_FILE if path.is_dir() else None
     if meta is None or not meta.exists():
         return {}
-    metrics = json.loads(meta.read_text()).get("metrics", {})
+    metrics = read_json(meta).get("metrics") or {}
     return {k: metrics[k] for k in ("fvu", "l0", "ce_loss_recovered") if k in metrics}

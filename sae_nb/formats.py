@@ -153,6 +153,7 @@ def _build(cls: type[Dictionary], D: int, F: int, params: dict[str, torch.Tensor
 
 
 def _check_k(k: Any, F: int, file: Path) -> int:
+    k = int(k) if isinstance(k, float) and k.is_integer() else k  # 32.0 in some configs
     if isinstance(k, bool) or not isinstance(k, int) or not 0 < k <= F:
         raise DictionaryFormatError(f"{str(file)!r}: k={k!r} must be a whole number in 1..{F}.")
     return k
