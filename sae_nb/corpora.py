@@ -58,7 +58,8 @@ def load_corpus(spec: str | Path = "sotu", text_column: str = "sentence",
         return _nonempty(Corpus(str(path), texts, [str(f.relative_to(path)) for f in files]))
     if path.suffix.lower() in (".csv", ".tsv"):
         return read_text_csv(path, text_column, encoding)
-    return _nonempty(Corpus(str(path), [path.read_text(encoding="utf-8", errors="replace")], [path.name]))
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return _nonempty(Corpus(str(path), [text], [path.name]))
 
 
 def read_text_csv(path: str | Path, text_column: str = "sentence",
@@ -241,13 +242,17 @@ def sentence_batches(texts: list[str], tokenizer, batch_size: int, max_len: int 
     padding; ``row_indices`` says which texts each batch holds. With ``prepend_bos`` position 0
     of every row is BOS.
     """
+    texts = list(texts)
+    if not texts:
+        raise CorpusError("Got no texts to tokenize; pass a list of at least one string.")
     sep = document_separator(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else sep
-    ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     ids = [([sep] if prepend_bos else []) + row[: max_len - int(prepend_bos)] for row in ids]
     empty = [i for i, row in enumerate(ids) if len(row) <= int(prepend_bos)]
     if empty:
-        raise CorpusError(f"Text rows {empty[:10]} produce no tokens; remove them.")
+        raise CorpusError(f"Texts at positions {empty[:10]} (0-based, of {len(texts)}) "
+                          f"produce no tokens; remove them.")
     order = (np.argsort([len(r) for r in ids], kind="stable") if sort_by_length
              else np.arange(len(ids)))
     for start in range(0, len(order), batch_size):

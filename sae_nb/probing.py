@@ -127,8 +127,18 @@ def subsample(df: pd.DataFrame, n: int | None, seed: int = 0) -> pd.DataFrame:
     if n is None or n >= len(df):
         return df.reset_index(drop=True)
     from sklearn.model_selection import train_test_split
-    keep, _ = train_test_split(df, train_size=n, stratify=df["label"], random_state=seed)
+    try:
+        keep, _ = train_test_split(df, train_size=n, stratify=df["label"], random_state=seed)
+    except ValueError as err:  # n below the number of classes, or a class of one row
+        raise LabelError(f"Cannot draw a stratified subsample of n={n} from "
+                         f"{_counts(df['label'])} rows per class ({err}); raise n or drop "
+                         f"the smallest classes.") from None
     return keep.reset_index(drop=True)
+
+
+def _counts(labels) -> dict[str, int]:
+    values, counts = np.unique(np.asarray(labels).astype(str), return_counts=True)
+    return {str(v): int(c) for v, c in zip(values, counts)}
 
 
 def split_labeled(labels, test_size: float = 0.25, seed: int = 0,
@@ -137,6 +147,9 @@ def split_labeled(labels, test_size: float = 0.25, seed: int = 0,
     from sklearn.model_selection import train_test_split
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise LabelError(f"The labels hold one class only ({_counts(labels)} rows); a probe "
+                         f"needs two or more classes.")
     small = {str(c): int(n) for c, n in zip(classes, counts) if n < min_per_class}
     if small:
         raise LabelError(f"Too few rows per class for a train/test split: {small} "
@@ -183,7 +196,7 @@ def probe_features(model, dictionary, texts: list[str], site: str | None = None,
 def _check_texts(texts) -> list[str]:
     texts = list(texts)
     if not texts:
-        raise LabelError("No texts to pool: pass a list of at least one string.")
+        raise LabelError("Got no texts to pool; pass a list of at least one string.")
     return texts
 
 
@@ -254,7 +267,13 @@ def fit_probe(X_train: np.ndarray, y_train, X_test: np.ndarray, y_test, name: st
 
     if columns is not None:
         X_train, X_test = X_train[:, columns], X_test[:, columns]
-    n_min = int(np.unique(y_train, return_counts=True)[1].min())
+    train_counts = _counts(y_train)
+    if len(train_counts) < 2 or min(train_counts.values()) < 2:
+        raise LabelError(f"Probe {name!r}: the train split has {train_counts} rows per class; "
+                         f"it needs two or more classes with at least 2 rows each.")
+    if len(y_test) == 0:
+        raise LabelError(f"Probe {name!r}: the test split is empty; give it rows.")
+    n_min = min(train_counts.values())
     # Six strengths of an L2 penalty, chosen by 3-fold log loss on the train split only.
     clf = LogisticRegressionCV(Cs=6, cv=max(2, min(3, n_min)), max_iter=2000, l1_ratios=(0.0,),
                                scoring="neg_log_loss", use_legacy_attributes=False,

@@ -226,7 +226,8 @@ def test_sentence_batches_truncate_and_keep_order(tok, eos_only):
 
 
 def test_sentence_batches_refuse_texts_without_tokens(tok):
-    with pytest.raises(CorpusError, match=r"Text rows \[1\] produce no tokens"):
+    with pytest.raises(CorpusError,
+                       match=r"Texts at positions \[1\] \(0-based, of 2\) produce no tokens"):
         list(sentence_batches(["fine", ""], tok, 4))
 
 

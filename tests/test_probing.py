@@ -295,3 +295,25 @@ def test_sweep_cache_is_keyed_by_the_model(llama, tmp_path):
     for model in (llama, twin):
         probing.sweep_activations(model, texts, sites, run_dir=tmp_path / "run")
     assert len(list((tmp_path / "run" / "probing").glob("sweep_*.npz"))) == 2
+
+
+def test_empty_texts_and_too_few_rows_or_classes_name_the_counts(llama):
+    from sae_nb.extract import pooled_activations
+
+    with pytest.raises(CorpusError, match="no texts"):
+        pooled_activations(llama, [], ["resid_out_layer1"])
+    dictionary = TopKSAE(32, 64, k=4)
+    with pytest.raises(CorpusError, match="no texts"):
+        probing.probe_features(llama, dictionary, [], "resid_out_layer1")
+    with pytest.raises(probing.LabelError, match=r"one class.*\{'a': 10\}"):
+        probing.split_labeled(["a"] * 10)
+    df = pd.DataFrame({"text": list("abcdef"), "label": list("aaaaab")})
+    with pytest.raises(probing.LabelError, match=r"n=1.*\{'a': 5, 'b': 1\}"):
+        probing.subsample(df, 1)
+    X, y = np.random.default_rng(0).normal(size=(8, 3)), np.array(list("aaaabbbb"))
+    with pytest.raises(probing.LabelError, match=r"train split.*\{'a': 4\}"):
+        probing.fit_probe(X[:4], y[:4], X[4:], y[4:])
+    with pytest.raises(probing.LabelError, match=r"train split.*\{'a': 3, 'b': 1\}"):
+        probing.fit_probe(X[1:5], y[1:5], X[5:], y[5:])
+    with pytest.raises(probing.LabelError, match="test split is empty"):
+        probing.fit_probe(X, y, X[:0], y[:0])
