@@ -155,6 +155,7 @@ def find_chromium() -> str:
     pytest.skip("chromium is not installed (apt-get install chromium)")
 
 
+@pytest.mark.slow  # a headless browser
 def test_dashboard_renders_in_headless_chromium(exported, tmp_path):
     path, store, sae, stats, latents, tokenizer = exported
     chromium = find_chromium()

@@ -180,6 +180,7 @@ def smoke_run_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("smoke_run")
 
 
+@pytest.mark.slow  # runs every notebook on the real embedded model
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_smoke_run(notebook: Path, smoke_run_dir: Path):
     output = run_notebook(notebook, smoke_run_dir, SMOKE_PARAMETERS[notebook.stem])
@@ -271,6 +272,7 @@ def tiny_notebooks(tmp_path: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # starts kernels
 def test_pipeline_runs_in_order_with_declared_parameters_only(tiny_notebooks: Path, tmp_path: Path):
     outputs = run_pipeline("r", only=["01", "2"], parameters={"x": 5, "y": "hi"},
                            outputs_root=tmp_path / "out", notebooks_dir=tiny_notebooks,
@@ -285,6 +287,7 @@ def test_pipeline_runs_in_order_with_declared_parameters_only(tiny_notebooks: Pa
     assert first["cwd"] == str(tiny_notebooks.resolve())
 
 
+@pytest.mark.slow  # starts a kernel
 def test_pipeline_names_the_failing_notebook_and_cell(tiny_notebooks: Path, tmp_path: Path):
     with pytest.raises(PipelineError) as err:
         run_pipeline(tmp_path / "run", only=["10"], notebooks_dir=tiny_notebooks, progress=False)
@@ -293,6 +296,7 @@ def test_pipeline_names_the_failing_notebook_and_cell(tiny_notebooks: Path, tmp_
     assert "1 / 0" in message and "ZeroDivisionError" in message
 
 
+@pytest.mark.slow  # starts a kernel
 def test_pipeline_reports_a_dead_kernel(tiny_notebooks: Path, tmp_path: Path):
     with pytest.raises(PipelineError, match="20_dies.ipynb stopped: its kernel died"):
         run_pipeline(tmp_path / "run", only=["20"], notebooks_dir=tiny_notebooks, progress=False)
@@ -328,6 +332,7 @@ def test_parse_parameter_refuses_a_bare_value():
         parse_parameter("100")
 
 
+@pytest.mark.slow  # a second interpreter imports the package
 def test_cli_reports_errors_without_a_traceback(tmp_path: Path):
     result = subprocess.run(
         [sys.executable, "-m", "sae_nb", "run", "--run", str(tmp_path / "run"), "-p", "n_tokenz=5"],
@@ -337,6 +342,7 @@ def test_cli_reports_errors_without_a_traceback(tmp_path: Path):
     assert "n_tokenz" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # runs notebook 01 on the real embedded model
 def test_cli_smoke_run_of_notebook_01(tmp_path: Path):
     """``python -m sae_nb run --smoke --only 01`` in process, into a temporary outputs root."""
     from sae_nb.__main__ import main

@@ -162,6 +162,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a second interpreter, killed mid-shard
 def test_sigkill_mid_shard_then_resume_is_byte_identical(llama, model_dirs, corpus_dir,
                                                          token_reference, tmp_path):
     options = {**TOKEN_RUN, "corpus": str(corpus_dir)}

@@ -123,6 +123,7 @@ def test_entropy_and_april_variants_train():
 
 
 @pytest.mark.slow  # over 3 s
+@pytest.mark.slow  # over 3 s
 def test_transcoder_learns_a_map_between_sites():
     x = data(seed=3)
     W = torch.randn(D, D) / D**0.5
