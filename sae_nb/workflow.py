@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from .store import ActivationStore, StoreError, site_dirname, store_folders
-from .train import CHECKPOINT, TrainConfig, check_resumable
+from .train import CHECKPOINT, TrainConfig, TrainingError, check_resumable
 
 
 
@@ -159,9 +159,25 @@ def checkpoint_dir(run_dir: str | Path, name: str, config: TrainConfig) -> str:
     folder = Path(run_dir) / "checkpoints" / site_dirname(name)
     file = folder / CHECKPOINT
     if file.exists():  # fail here, before training starts, rather than in train_dictionary
-        saved = torch.load(file, weights_only=True, map_location="cpu", mmap=True)["config"]
-        check_resumable(file, saved, config)
+        check_resumable(file, _checkpoint_config(file), config)
     return str(folder)
+
+
+def _checkpoint_config(file: Path) -> dict:
+    """The training config saved in a checkpoint. ``weights_only`` unpickles tensors and plain
+    containers only, so a malicious file cannot run code; any unreadable file gets one error."""
+    try:
+        payload = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+        saved = payload["config"]
+        if not isinstance(saved, dict):
+            raise TypeError(f"its config is a {type(saved).__name__}, not a dict")
+    except Exception as err:  # noqa: BLE001 - truncated, random, foreign or malicious: same fix
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise TrainingError(f"Checkpoint {str(file)!r} cannot be read ({type(err).__name__}: "
+                            f"{reason}); it is damaged or not an sae_nb checkpoint. Delete the "
+                            f"folder {str(file.parent)!r} to train afresh, or pick another name."
+                            ) from None
+    return saved
 
 
 def folder_files(folder: str | Path) -> pd.DataFrame:

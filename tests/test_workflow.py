@@ -7,6 +7,8 @@ of every row holds its row number, so a training batch that reaches a held-out r
 
 from __future__ import annotations
 
+import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +214,51 @@ def test_checkpoint_dir_resumes_the_same_run_and_refuses_another(tmp_path: Path,
     with pytest.raises(TrainingError, match="batch_size"):
         checkpoint_dir(tmp_path, "topk_8_k2", other_batches)
     assert checkpoint_dir(tmp_path, "another", changed).endswith("another")
+
+
+class Malicious:
+    """Unpickling this would create a folder: the proof that a checkpoint ran code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_checkpoint_dir_refuses_damaged_or_malicious_checkpoints(tmp_path: Path, store):
+    split = heldout_split(store, 20, 0)
+    config = TrainConfig(expansion=2, k=2, total_tokens=64, checkpoint_every=2, device="cpu",
+                         metadata=split.metadata(16))
+    folder = Path(checkpoint_dir(tmp_path, "good", config))
+    train_dictionary(split.train_batches(16), config, progress=False, checkpoint_dir=str(folder))
+    good = (folder / "checkpoint.pt").read_bytes()
+    marker = tmp_path / "code_ran"
+    evil_zip = tmp_path / "evil.pt"
+    torch.save({"config": Malicious(marker), "model": {}}, evil_zip)
+    damaged = {
+        "truncated": good[: len(good) // 2],
+        "random_bytes": np.random.default_rng(0).bytes(4096),
+        "raw_pickle": pickle.dumps(Malicious(marker)),
+        "torch_zip_with_code": evil_zip.read_bytes(),
+        "no_config": _torch_bytes({"weights": torch.zeros(3)}, tmp_path / "other.pt"),
+        "empty": b"",
+    }
+    for name, data in damaged.items():
+        bad = tmp_path / "checkpoints" / name / "checkpoint.pt"
+        bad.parent.mkdir(parents=True)
+        bad.write_bytes(data)
+        with pytest.raises(TrainingError) as err:
+            checkpoint_dir(tmp_path, name, config)
+        message = str(err.value)
+        assert str(bad) in message, name
+        assert "Delete the folder" in message and "another name" in message, name
+        assert not marker.exists(), f"{name}: loading the checkpoint ran its code"
+
+
+def _torch_bytes(value, path: Path) -> bytes:
+    torch.save(value, path)
+    return path.read_bytes()
 
 
 def test_folder_files(tmp_path: Path):
