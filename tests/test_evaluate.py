@@ -112,10 +112,10 @@ def test_evaluate_dictionary_returns_one_row_with_every_metric(llama):
 SITE = "resid_out_layer1"
 
 
-def hand_splice_ce(llama, dictionary, tokens, keep_id):
-    """Mean next-token CE with layer 1's output replaced by ``dictionary.reconstruct``, positions
-    holding ``keep_id`` left clean: a plain torch forward hook on the transformers module, not
-    sae_nb's nnsight splice."""
+def hand_splice_logp(llama, dictionary, tokens, keep_id):
+    """Next-token log-probs ``(B, T-1, V)`` with layer 1's output replaced by
+    ``dictionary.reconstruct`` (``None``: the clean run), positions holding ``keep_id`` left
+    clean: a plain torch forward hook on the transformers module, not sae_nb's nnsight splice."""
     hf = llama._module
     keep = torch.zeros_like(tokens, dtype=torch.bool) if keep_id is None else tokens == keep_id
 
@@ -124,13 +124,19 @@ def hand_splice_ce(llama, dictionary, tokens, keep_id):
         new = torch.where(keep[..., None], acts, dictionary.reconstruct(acts))
         return (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
 
-    handle = hf.model.layers[1].register_forward_hook(hook)
+    handle = hf.model.layers[1].register_forward_hook(hook) if dictionary is not None else None
     try:
         with torch.no_grad():
             logits = hf(input_ids=tokens, attention_mask=torch.ones_like(tokens)).logits
     finally:
-        handle.remove()
-    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+        if handle is not None:
+            handle.remove()
+    return torch.log_softmax(logits[:, :-1].double(), -1)
+
+
+def hand_splice_ce(llama, dictionary, tokens, keep_id):
+    """Mean next-token CE of :func:`hand_splice_logp`."""
+    logp = hand_splice_logp(llama, dictionary, tokens, keep_id)
     return float(-logp.gather(-1, tokens[:, 1:, None]).mean())
 
 
@@ -181,3 +187,72 @@ def test_splice_keeps_bos_clean_exactly_when_training_excluded_it(llama, corpus_
     assert spliced(sae_nb.evaluate_dictionary(sae, acts, llama, SITE, tokens, store=store,
                                               splice_bos=exclude_bos)) == \
         pytest.approx(other, rel=1e-5)
+
+
+# -- the downstream metrics' maths --------------------------------------------------------------
+def tokens_with_bos(llama, n=3, T=16):
+    """Random byte tokens, BOS at position 0 of each context and inside one (a document
+    separator), as packed contexts hold them."""
+    tokens = tokens_for(llama, n, T, seed=3)
+    bos = llama.tokenizer.bos_token_id
+    tokens[:, 0] = bos
+    tokens[1, 7] = bos
+    return tokens, bos
+
+
+def identity_like(d: int):
+    """``relu(x) - relu(-x) == x``: codes [relu(x), relu(-x)], decoder [I; -I], exact in floats."""
+    from sae_nb.dictionary import ReLUSAE
+
+    sae = ReLUSAE(d, 2 * d)
+    with torch.no_grad():
+        eye = torch.eye(d)
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+@pytest.mark.parametrize("keep_bos", [True, False])
+def test_a_zero_dictionary_recovers_0_percent_and_a_perfect_one_100(llama, keep_bos):
+    from sae_nb.dictionary import ReLUSAE
+
+    tokens, bos = tokens_with_bos(llama)
+    keep = bos if keep_bos else None
+    zero = ReLUSAE(32, 64)
+    torch.nn.init.normal_(zero.b_enc)
+    with torch.no_grad():
+        zero.W_dec.zero_()
+        zero.b_dec.zero_()  # the splice writes zeros: exactly the zero ablation
+    m = ce_metrics(zero, llama, SITE, tokens, bos_token_id=keep)
+    assert m["ce_spliced"] == m["ce_zero_ablation"]
+    assert m["ce_loss_recovered"] == 0.0
+    assert m["ce_clean"] == pytest.approx(hand_splice_ce(llama, None, tokens, None), rel=1e-6)
+    perfect = identity_like(32)
+    x = torch.randn(50, 32)
+    with torch.no_grad():
+        assert torch.equal(perfect(x), x)
+    m = ce_metrics(perfect, llama, SITE, tokens, bos_token_id=keep)
+    assert abs(m["ce_zero_ablation"] - m["ce_clean"]) > 0.01  # the denominator is not ~0
+    assert m["ce_loss_recovered"] == pytest.approx(1.0, abs=1e-12)
+    assert m["kl_div"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kl_is_clean_to_spliced_as_saelens_computes_it(llama):
+    """SAELens (evals.get_recons_loss) and SAEBench report KL(clean || spliced):
+    sum_v p_clean (log p_clean - log p_spliced), averaged over positions."""
+    tokens, bos = tokens_with_bos(llama)
+    sae = identity_like(32)
+    with torch.no_grad():
+        sae.W_dec.mul_(4.0)  # the splice writes 4x the activation: sharper next-token guesses
+    m = ce_metrics(sae, llama, SITE, tokens, bos_token_id=bos)
+    lp = hand_splice_logp(llama, None, tokens, None)  # clean, (B, T-1, V)
+    lq = hand_splice_logp(llama, sae, tokens, bos)  # spliced, BOS kept clean
+    kl_pq = float((lp.exp() * (lp - lq)).sum(-1).mean())
+    kl_qp = float((lq.exp() * (lq - lp)).sum(-1).mean())
+    # The direction matters here: the two differ by 2%, 2,000 times the tolerance below.
+    assert abs(kl_pq - kl_qp) > 1000 * 1e-5 * kl_pq
+    assert m["kl_div"] == pytest.approx(kl_pq, rel=1e-5)
+    assert m["ce_spliced"] == pytest.approx(float(-lq.gather(-1, tokens[:, 1:, None]).mean()),
+                                            rel=1e-5)
