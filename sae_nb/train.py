@@ -62,7 +62,9 @@ class TrainConfig:
     # JumpReLU.
     l0_coefficient: float = 1e-3
     jumprelu_bandwidth: float = 0.001
-    # Dead latents: not fired within this many tokens. AuxK revives them for TopK.
+    # Dead latents: not fired within the last this-many tokens, counted in whole batches (dead
+    # once the batches since a latent last fired hold this many tokens). AuxK revives them for
+    # TopK; the log's dead_frac is their fraction.
     dead_window_tokens: int = 250_000
     auxk_alpha: float = 1 / 32
     k_aux: int | None = None  # None: d_in // 2
@@ -203,6 +205,7 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(sae.d_sae), betas=cfg.adam_betas,
                            fused=device.type in ("cpu", "cuda"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
+    # since_fired (F,): tokens in the batches after the last one in which each latent fired.
     state = {"step": 0, "tokens": 0, "steps": steps, "since_fired": torch.zeros(sae.d_sae, dtype=torch.long, device=device),
              "log": []}
     ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT if cfg.checkpoint_dir else None
@@ -234,8 +237,7 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
 
 
 def _train_step(sae, opt, sched, cfg, state, x, y, bar) -> None:
-    window_steps = max(1, cfg.dead_window_tokens // len(x))
-    dead = state["since_fired"] >= window_steps
+    dead = state["since_fired"] >= cfg.dead_window_tokens  # (F,)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.autocast and x.is_cuda):
         out = compute_step(sae, x, y, cfg, dead if isinstance(sae, TopKSAE | BatchTopKSAE) else None,
                            past_warmup=state["step"] >= state["steps"] // 10)
@@ -254,12 +256,13 @@ def _train_step(sae, opt, sched, cfg, state, x, y, bar) -> None:
         sae.project_threshold()
     if unit_norm:
         sae.normalize_decoder()
-    state["since_fired"] += 1
+    state["since_fired"] += len(x)
     state["since_fired"][out.fired] = 0
     state["step"] += 1
     state["tokens"] += len(x)
     if isinstance(sae, ReLUSAE) and cfg.resample_every and state["step"] % cfg.resample_every == 0:
-        _resample_dead(sae, opt, x, y, out.x_hat, state["since_fired"] >= cfg.resample_every)
+        # Dead here: not fired in the last resample_every steps (batches of this one's size).
+        _resample_dead(sae, opt, x, y, out.x_hat, state["since_fired"] >= cfg.resample_every * len(x))
     if state["step"] % cfg.log_every == 0 or state["step"] == 1:
         row = {"step": state["step"], "tokens": state["tokens"], "loss": float(out.loss.detach()),
                "mse": float(out.mse), "l0": out.l0, "fvu": out.fvu,
@@ -306,7 +309,7 @@ def _save_checkpoint(path: Path, sae, opt, sched, state, cfg, scale) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": sae.state_dict(), "optimizer": opt.state_dict(),
                "scheduler": sched.state_dict(), "step": state["step"], "tokens": state["tokens"],
-               "since_fired": state["since_fired"], "log": state["log"], "scale": list(scale),
+               "tokens_since_fired": state["since_fired"], "log": state["log"], "scale": list(scale),
                "config": _jsonable(asdict(cfg)), "torch_rng": torch.get_rng_state()}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
@@ -335,10 +338,18 @@ def _load_checkpoint(path: Path, sae, opt, sched, state, config: TrainConfig) ->
     opt.load_state_dict(payload["optimizer"])
     sched.load_state_dict(payload["scheduler"])
     state.update(step=payload["step"], tokens=payload["tokens"], log=payload["log"],
-                 since_fired=payload["since_fired"])
+                 since_fired=_tokens_since_fired(payload))
     torch.set_rng_state(payload["torch_rng"])
     log.info("Resumed from %s at step %d", path, state["step"])
     return tuple(payload["scale"])
+
+
+def _tokens_since_fired(payload: dict) -> torch.Tensor:
+    """Checkpoints before the window counted tokens held steps since firing: convert them with
+    the run's batch size (exact when every batch had the same size)."""
+    if "tokens_since_fired" in payload:
+        return payload["tokens_since_fired"]
+    return payload["since_fired"] * (payload["tokens"] // max(1, payload["step"]))
 
 
 def _jsonable(value: Any) -> Any:

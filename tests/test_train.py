@@ -123,7 +123,6 @@ def test_entropy_and_april_variants_train():
 
 
 @pytest.mark.slow  # over 3 s
-@pytest.mark.slow  # over 3 s
 def test_transcoder_learns_a_map_between_sites():
     x = data(seed=3)
     W = torch.randn(D, D) / D**0.5
@@ -399,3 +398,73 @@ def test_auxk_revives_latents_forced_dead(monkeypatch):
     # With AuxK most of them come back and fire on a fair share of the 2048 rows.
     assert int((fires_on[forced] > 20).sum()) >= 12, (fires_on[forced], log_on)
     assert log_on["dead_frac"].iloc[-1] < log_off["dead_frac"].iloc[-1]
+
+
+def test_dead_latent_window_counts_tokens_since_each_latent_fired(monkeypatch):
+    """``dead_window_tokens``: a latent is dead once the batches since it last fired hold at
+    least that many tokens. Identity weights and one-hot rows make latent j fire exactly on the
+    rows e_j (TopK with k=1); batches of 4 and 6 rows alternate, and the window (10 tokens) is a
+    multiple of neither, so counting steps instead of tokens would show."""
+    import sae_nb.train as train_module
+
+    real_init = train_module._init
+
+    def identity_init(*args):
+        sae, s_in, s_out = real_init(*args)
+        with torch.no_grad():
+            sae.W_enc.copy_(torch.eye(D))
+            sae.W_dec.copy_(torch.eye(D))
+            sae.b_enc.zero_()
+        return sae, s_in, s_out
+
+    monkeypatch.setattr(train_module, "_init", identity_init)
+    schedule = [[0, 1, 2, 0], [0, 3, 0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0, 0, 0],
+                [0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [2, 0, 0, 0], [0, 0, 0, 0, 0, 0],
+                [0, 0, 0, 0], [0, 4, 0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0, 0]]
+    stream = [torch.eye(D)[rows] for rows in schedule]
+    window = 10
+    res = train_dictionary(iter(stream), architecture="topk", d_sae=D, k=1, lr=1e-30,
+                           total_tokens=4 * len(schedule), dead_window_tokens=window,
+                           b_dec_init="zeros", normalize_activations=False, progress=False,
+                           log_every=1)
+    assert len(res.log) == len(schedule)
+    # Brute force: before step s, the tokens in the batches after the last one where j fired.
+    want = []
+    for s in range(len(schedule)):
+        dead = 0
+        for j in range(D):
+            fired_at = [t for t in range(s) if j in schedule[t]]
+            since = sum(len(schedule[t]) for t in range(fired_at[-1] + 1 if fired_at else 0, s))
+            dead += since >= window
+        want.append(dead)
+    got = (res.log["dead_frac"] * D).round().astype(int).tolist()
+    assert got == want, f"dead latents per step: {got}, want {want}"
+
+
+def test_resume_from_a_checkpoint_that_counted_steps_since_firing(tmp_path):
+    # Checkpoints written before the window counted tokens held steps since firing under
+    # "since_fired"; resuming one must count the same dead latents as an uninterrupted run.
+    x = data()
+    common = dict(architecture="topk", d_sae=F, k=1, total_tokens=128 * 30, lr=3e-3,
+                  progress=False, log_every=1, dead_window_tokens=128 * 2)
+    full = train_dictionary(batches(x), **common)
+    assert full.log["dead_frac"].iloc[10:].max() > 0  # some latents are dead after the cut
+    cut = tmp_path / "cut"
+
+    def crashing():
+        for i, b in enumerate(batches(x)):
+            if i == 15:
+                raise KeyboardInterrupt
+            yield b
+
+    with pytest.raises(KeyboardInterrupt):
+        train_dictionary(crashing(), checkpoint_dir=str(cut), checkpoint_every=10, **common)
+    ckpt = cut / "checkpoint.pt"
+    payload = torch.load(ckpt, weights_only=True)
+    assert payload["tokens_since_fired"].max() > 0
+    payload["since_fired"] = payload.pop("tokens_since_fired") // 128  # the old format
+    torch.save(payload, ckpt)
+    resumed = train_dictionary(batches(x), checkpoint_dir=str(cut), checkpoint_every=10, **common)
+    assert full.log["dead_frac"].tolist() == resumed.log["dead_frac"].tolist()
+    for key, value in full.dictionary.state_dict().items():
+        assert torch.equal(value, resumed.dictionary.state_dict()[key]), key
