@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 
 class ExtractionError(ValueError):
-    """Extraction settings that cannot work: not a whole number, a context too long for the model."""
+    """Extraction settings that cannot work: not a whole number, a context too long for the
+    model."""
 
 
 @dataclass

@@ -5,13 +5,14 @@ One store per site, a folder::
     manifest.json              what the rows are (model, site, width, dtype, corpus, ...)
     shard_00000.npy            (rows, d) activations, float16 or float32
     shard_00000.index.npy      (rows,) per-row token id, document, position, context, offset
-
     writer.lock                held by the one extraction writing the store; names it
 
 A shard is written to a temporary name and renamed into place; the manifest is rewritten the
 same way after each shard. Readers trust only the manifest, so a killed extraction leaves
 complete shards or nothing, and a rerun resumes after the last shard the manifest lists. A
-writer holds an OS lock on ``writer.lock`` while it writes; a second writer is refused.
+writer holds an OS lock on ``writer.lock`` while it writes; a second writer is refused. The
+manifest records each shard file's SHA-256: a resumed extraction checks them, and
+:meth:`ActivationStore.verify` checks them on demand (a full read, so not on every open).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .io import TMP_SUFFIX, atomic_save_npy, atomic_write_bytes
+from .io import TMP_SUFFIX, atomic_save_npy, atomic_write_bytes, file_sha256
 
 try:
     import fcntl
@@ -112,6 +113,11 @@ class StoreWriter:
         if old.exists() and not overwrite:
             self.manifest = _read_manifest(self.path)
             _check_identity(self.path, self.manifest, header)
+            if not self.manifest["complete"]:  # a resume: appending would hide damaged shards
+                damaged = damaged_files(self.path, self.manifest)
+                if damaged:
+                    raise StoreError(f"The interrupted store at {str(self.path)!r} cannot be "
+                                     f"resumed: {'; '.join(damaged)}. {REEXTRACT}")
             self.manifest["complete"] = False
         else:
             for shard in self.path.glob("shard_*.npy"):
@@ -144,8 +150,10 @@ class StoreWriter:
         name = f"shard_{len(self.manifest['shards']):05d}"
         atomic_save_npy(self.path / f"{name}.npy", acts.astype(self.manifest["dtype"], copy=False))
         atomic_save_npy(self.path / f"{name}.index.npy", index.astype(INDEX_DTYPE, copy=False))
+        # Hash what landed on disk (from the page cache: no second disk read), for verify().
+        sha256 = {f: file_sha256(self.path / f) for f in (f"{name}.npy", f"{name}.index.npy")}
         self.manifest["shards"].append({"name": name, "rows": int(len(acts)),
-                                        "units": [self.done, int(units_end)]})
+                                        "units": [self.done, int(units_end)], "sha256": sha256})
         self.manifest["rows"] += int(len(acts))
         self.manifest["units"] = int(units_end)
         self._write_manifest()
@@ -194,6 +202,26 @@ def _check_identity(path: Path, manifest: dict, header: dict) -> None:
                          f"replace it.")
 
 
+REEXTRACT = ("Extract it again: rerun notebook 01 (sae_nb.extract_activations) with "
+             "overwrite=True, or delete the store's folder first.")
+
+
+def damaged_files(path: Path, manifest: dict) -> list[str]:
+    """The manifest's shard files that are missing, or whose bytes no longer hash to the
+    SHA-256 recorded when they were written (a full read of the store)."""
+    damaged = []
+    for shard in manifest["shards"]:
+        recorded = shard.get("sha256", {})  # absent in stores written before checksums
+        for name in (f"{shard['name']}.npy", f"{shard['name']}.index.npy"):
+            file = path / name
+            if not file.is_file():
+                damaged.append(f"{name} is missing")
+            elif name in recorded and file_sha256(file) != recorded[name]:
+                damaged.append(f"{name} no longer matches the checksum recorded when it was "
+                               f"written")
+    return damaged
+
+
 def _incomplete_message(path: Path, manifest: dict) -> str:
     """How far an interrupted extraction got: rows, and units of how many."""
     unit = "contexts" if manifest["mode"] == "tokens" else "texts"
@@ -226,25 +254,51 @@ class ActivationStore:
             warnings.warn(f"{message} Using the rows it has (allow_partial=True).",
                           UserWarning, stacklevel=2)
         self._acts, self._index, sizes = [], [], []
+        dtype = np.dtype(self.manifest["dtype"])
         for shard in self.manifest["shards"]:
-            acts = self._open(f"{shard['name']}.npy", shard["rows"])
-            index = self._open(f"{shard['name']}.index.npy", shard["rows"])
+            acts = self._open(f"{shard['name']}.npy", shard["rows"], dtype, self.manifest["d"])
+            index = self._open(f"{shard['name']}.index.npy", shard["rows"], INDEX_DTYPE)
             self._acts.append(acts)
             self._index.append(index)
             sizes.append(shard["rows"])
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
-    def _open(self, name: str, rows: int) -> np.ndarray:
+    def _open(self, name: str, rows: int, dtype: np.dtype, width: int | None = None) -> np.ndarray:
+        """Memory-map one shard file, checking its rows, width and dtype against the manifest
+        (its bytes are checked only by :meth:`verify`)."""
         file = self.path / name
         try:
+            if file.is_file() and file.stat().st_size == 0:
+                raise ValueError("it is empty, 0 bytes")
             array = np.load(file, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise StoreError(f"Shard {str(file)!r} is missing or damaged ({err}); delete the "
-                             f"store and extract again.") from None
+        except (OSError, ValueError, EOFError) as err:
+            raise StoreError(f"Shard {str(file)!r} is missing or damaged ({err}). "
+                             f"{REEXTRACT}") from None
+        problem = None
         if len(array) != rows:
-            raise StoreError(f"Shard {str(file)!r} holds {len(array)} rows; the manifest says "
-                             f"{rows}. Delete the store and extract again.")
+            problem = f"holds {len(array)} rows; the manifest says {rows}"
+        elif width is not None and (array.ndim != 2 or array.shape[1] != width):
+            got = array.shape[1] if array.ndim == 2 else array.shape
+            problem = f"holds rows of width {got}; the store's width is {width}"
+        elif array.dtype != dtype:
+            problem = f"holds {array.dtype} values; the store holds {dtype}"
+        if problem:
+            raise StoreError(f"Shard {str(file)!r} {problem}: it was not written by this "
+                             f"store's extraction. {REEXTRACT}")
         return array
+
+    def verify(self) -> int:
+        """Read every shard file and compare it with the SHA-256 recorded when it was written.
+
+        A full read of the store, so not done on every open: call it when in doubt (after a
+        copy, a disk error). Returns the number of files checked against a checksum; raises
+        :class:`StoreError` naming every damaged file.
+        """
+        damaged = damaged_files(self.path, self.manifest)
+        if damaged:
+            raise StoreError(f"The store at {str(self.path)!r} is damaged: {'; '.join(damaged)}. "
+                             f"{REEXTRACT}")
+        return sum(len(shard.get("sha256", {})) for shard in self.manifest["shards"])
 
     # -- what is stored --------------------------------------------------------------------
     @property

@@ -97,7 +97,8 @@ def test_two_extraction_processes_on_one_run_folder(llama, model_dirs, corpus_di
     for site in SITES:
         assert got[site] == want[site], f"{site}: the winner's store differs from a single run"
         manifest = sae_nb.open_stores(run_dir)[site].manifest
-        assert manifest["complete"] and manifest["rows"] == len(want[site][1]) // INDEX_DTYPE.itemsize
+        assert manifest["complete"]
+        assert manifest["rows"] == len(want[site][1]) // INDEX_DTYPE.itemsize
 
 
 def header(d: int = 3) -> dict:

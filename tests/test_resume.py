@@ -209,6 +209,24 @@ def test_stale_tmp_files_are_removed(llama, corpus_dir, token_reference, tmp_pat
     assert_same_stores(tmp_path, token_reference)
 
 
+def test_resume_refuses_a_damaged_shard_naming_it(llama, corpus_dir, tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        fail_after(patch, 6)
+        with pytest.raises(Interrupted):
+            sae_nb.extract_activations(llama, tmp_path, corpus=str(corpus_dir), **TOKEN_RUN)
+    shard = tmp_path / "activations" / SITES[1] / "shard_00001.npy"
+    data = bytearray(shard.read_bytes())
+    data[-4:] = b"\x00\xff\x00\xff"  # inside the last row
+    shard.write_bytes(bytes(data))
+    with pytest.raises(StoreError) as err:
+        sae_nb.extract_activations(llama, tmp_path, corpus=str(corpus_dir), **TOKEN_RUN)
+    assert "shard_00001.npy" in str(err.value) and "overwrite=True" in str(err.value)
+    assert bytes(data) == shard.read_bytes()  # refused before writing anything
+    sae_nb.extract_activations(llama, tmp_path, corpus=str(corpus_dir), overwrite=True,
+                               **TOKEN_RUN)
+    assert len(sae_nb.open_stores(tmp_path)[SITES[1]].manifest["shards"]) >= 8
+
+
 @pytest.mark.parametrize("change, message", [
     ({"ctx_len": 32}, "ctx_len=16 (stored) vs 32 (asked)"),
     ({"seed": 3}, "seed=0 (stored) vs 3 (asked)"),

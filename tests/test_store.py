@@ -6,6 +6,7 @@ of every row holds its row number, so any mix-up of rows shows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -212,6 +213,52 @@ def test_store_without_a_recorded_total_is_refused_with_its_rows(tmp_path):
         ActivationStore(tmp_path / "s")
     with pytest.warns(UserWarning, match="incomplete"):
         assert len(ActivationStore(tmp_path / "s", allow_partial=True)) == 5
+
+
+def test_manifest_records_each_shard_files_sha256(store):
+    files = sorted(p.name for p in store.path.glob("shard_*.npy"))
+    assert len(files) == 2 * len(SHARD_ROWS)
+    recorded = {name: digest for shard in store.manifest["shards"]
+                for name, digest in shard["sha256"].items()}
+    assert recorded == {name: hashlib.sha256((store.path / name).read_bytes()).hexdigest()
+                        for name in files}
+    assert store.verify() == len(files)
+
+
+@pytest.mark.parametrize("name", ["shard_00002.npy", "shard_00001.index.npy"])
+def test_verify_names_a_shard_with_bytes_changed_inside(tmp_path, name):
+    store = write_store(tmp_path / "s")
+    file = store.path / name
+    data = bytearray(file.read_bytes())
+    data[-3:] = np.random.default_rng(0).bytes(3)  # inside the rows, after the .npy header
+    file.write_bytes(bytes(data))
+    opened = ActivationStore(store.path)  # opening does not read every byte: it still opens
+    assert len(opened) == N
+    with pytest.raises(StoreError) as err:
+        opened.verify()
+    message = str(err.value)
+    assert name in message and "checksum" in message and "overwrite=True" in message
+    others = {p.name for p in store.path.glob("shard_*.npy")} - {name}
+    assert not any(other in message for other in others)
+
+
+def test_zero_byte_shard_is_a_store_error_naming_it(tmp_path):
+    store = write_store(tmp_path / "s")
+    (store.path / "shard_00001.npy").write_bytes(b"")
+    with pytest.raises(StoreError, match="shard_00001.npy"):
+        ActivationStore(store.path)
+
+
+@pytest.mark.parametrize("width, dtype", [(D + 1, np.float32), (D - 1, np.float32),
+                                          (D, np.float64)])
+def test_shard_of_another_width_or_dtype_is_a_store_error_naming_it(tmp_path, width, dtype):
+    store = write_store(tmp_path / "s")
+    np.save(store.path / "shard_00003.npy", np.ones((SHARD_ROWS[3], width), dtype))
+    with pytest.raises(StoreError) as err:
+        ActivationStore(store.path)[:]
+    message = str(err.value)
+    assert "shard_00003.npy" in message
+    assert (f"width {width}" in message) if width != D else ("float64" in message)
 
 
 def test_empty_store_refuses_batches(tmp_path):
