@@ -108,18 +108,22 @@ def ce_metrics(dictionary, model, site: str, tokens: torch.Tensor, batch_size: i
 
     Positions holding ``bos_token_id`` keep their clean activation (None: every position is
     spliced); :func:`evaluate_dictionary` picks it as the dictionary was trained."""
+    # A Dictionary's reconstruct (== forward); any module x -> x_hat works too (tests, baselines).
+    reconstruct = getattr(dictionary, "reconstruct", dictionary)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     count = 0
     for lo in range(0, len(tokens), batch_size):
         t = tokens[lo : lo + batch_size]
         ce_clean, lp_clean = splice_loss(model, site, t, None, bos_token_id=bos_token_id)
-        # forward is reconstruct by the Dictionary contract (any module x -> x_hat works here)
-        ce_sp, lp_sp = splice_loss(model, site, t, lambda a: dictionary(a.float()).to(a.dtype),
+        ce_sp, lp_sp = splice_loss(model, site, t, lambda a: reconstruct(a.float()).to(a.dtype),
                                    bos_token_id=bos_token_id)
+        # The zero ablation keeps the same positions clean (SAELens ablates them too), so a
+        # dictionary that writes zeros recovers exactly 0 %.
         ce_zero, _ = splice_loss(model, site, t, torch.zeros_like, bos_token_id=bos_token_id)
         sums["clean"] += float(ce_clean.sum())
         sums["spliced"] += float(ce_sp.sum())
         sums["zero"] += float(ce_zero.sum())
+        # kl_div(log q, log p) = sum_v p (log p - log q) = KL(clean || spliced), SAELens's order.
         sums["kl"] += float(F.kl_div(lp_sp, lp_clean, log_target=True, reduction="none").sum())
         count += ce_clean.numel()
     clean, spliced, zero = (sums[k] / count for k in ("clean", "spliced", "zero"))
