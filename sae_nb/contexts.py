@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .codes import dictionary_site
-from .corpora import sentence_batches
+from .corpora import sentence_batches, token_strings
 from .dictionary import Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE
 from .extract import resolve_sites, run_sites
 from .store import IDENTITY, ActivationStore
@@ -156,13 +156,6 @@ def _full_encode(dictionary: Dictionary, x: torch.Tensor, latent: int) -> np.nda
         code = dictionary.sparse_encode(x)  # (B, k)
         return (code.values * (code.indices == latent)).sum(1).float().cpu().numpy()
     return dictionary.encode(x)[:, latent].float().cpu().numpy()
-
-
-def token_strings(tokenizer, ids) -> list[str]:
-    """Each id decoded on its own (`` the``, not ``Ġthe``), decoding each distinct id once."""
-    uniq, inverse = np.unique(np.asarray(ids), return_inverse=True)
-    names = tokenizer.batch_decode([[int(i)] for i in uniq])
-    return [names[j] for j in inverse.reshape(-1)]
 
 
 @torch.no_grad()

@@ -181,6 +181,15 @@ def document_separator(tokenizer) -> int:
     return int(token)
 
 
+def token_strings(tokenizer, ids) -> list[str]:
+    """Each token id decoded on its own (``" the"``, not ``"Ġthe"``; ``"\\n"``, ``"<bos>"``),
+    flattened, each distinct id decoded once: the one way sae_nb shows single tokens, in
+    tables, contexts, the explorer and dashboards."""
+    uniq, inverse = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
+    names = tokenizer.batch_decode([[int(i)] for i in uniq]) if uniq.size else []
+    return [names[j] for j in inverse.reshape(-1)]
+
+
 @dataclass
 class Contexts:
     """Packed token contexts and, per token, where it came from."""

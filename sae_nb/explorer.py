@@ -22,6 +22,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from . import plotting
+from .corpora import token_strings
 from .dashboard import (contexts_html, latents_table_html, logit_table_html,
                         scoped_css, shaded_tokens_html, summary_html)
 from .features import latent_contexts, text_activations
@@ -62,7 +63,8 @@ class LatentSearch:
         index = store.index(np.maximum(around, 0).reshape(-1)).reshape(around.shape)
         same = inside & (index["context"] == index["context"][:, -1:])  # last column: the row
         ids = np.where(same, index["token"], -1)
-        vocab = {int(i): tokenizer.decode([int(i)]).lower() for i in np.unique(ids) if i >= 0}
+        uniq = [int(i) for i in np.unique(ids) if i >= 0]
+        vocab = {i: s.lower() for i, s in zip(uniq, token_strings(tokenizer, uniq))}
         vocab[-1] = ""
         F, n_top = rows.shape
         self.centers = [[vocab[int(ids[f * n_top + j, -1])] for j in range(n_top) if valid[f, j]]
@@ -72,7 +74,7 @@ class LatentSearch:
         self.promoted = [[] for _ in range(F)]
         if logit_effects is not None:
             top_ids = np.asarray(logit_effects.top_ids)
-            self.promoted = [[tokenizer.decode([int(t)]).lower() for t in top_ids[f]]
+            self.promoted = [[s.lower() for s in token_strings(tokenizer, top_ids[f])]
                              for f in range(F)]
 
     def __call__(self, query: str, limit: int = 20) -> list[tuple[int, int]]:

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .corpora import token_strings
 from .store import ActivationStore
 
 logger = logging.getLogger(__name__)
@@ -214,7 +215,7 @@ def find_families(similarity: np.ndarray, latents, name: str = "similarity",
 
 def token_text(tokenizer, token_id: int) -> str:
     """One token as readable text, quoted so leading spaces and newlines show."""
-    return repr(tokenizer.decode([int(token_id)])) if token_id >= 0 else "(sentence row)"
+    return repr(token_strings(tokenizer, [token_id])[0]) if token_id >= 0 else "(sentence row)"
 
 
 def top_tokens(cofiring: CoFiring, store: ActivationStore, tokenizer,

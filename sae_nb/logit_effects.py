@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .corpora import token_strings
 from .models import hf_model
 
 LOGITS_FILE = "logit_effects.npz"
@@ -39,7 +40,7 @@ class LogitEffects:
 
     def tokens(self, tokenizer, latent: int) -> pd.DataFrame:
         """One latent's promoted and suppressed tokens, decoded, side by side."""
-        decode = lambda ids: tokenizer.batch_decode([[int(i)] for i in ids])  # noqa: E731
+        decode = lambda ids: token_strings(tokenizer, ids)  # noqa: E731
         return pd.DataFrame({"promoted": decode(self.top_ids[latent]),
                              "promoted_value": self.top_values[latent],
                              "suppressed": decode(self.bottom_ids[latent]),

@@ -299,3 +299,13 @@ def test_csv_missing_labels_named_by_file_line(tmp_path, loader):
     load = _loaders()[loader]
     path = write(tmp_path, "labels.csv", "text,label\nHello there.,a\nBye.,\nOk.,b\nNo.,\n")
     raises_corpus_error(load, path, "2 row(s)", "'label'", "line(s) 3, 5.")
+
+
+def test_token_strings_decode_each_token_alone(tok, eos_only):
+    from sae_nb.corpora import token_strings
+
+    for tokenizer in (tok, eos_only):
+        ids = tokenizer(" a\nb", add_special_tokens=False)["input_ids"]  # byte tokens
+        assert token_strings(tokenizer, np.asarray(ids)) == [" ", "a", "\n", "b"]
+        assert token_strings(tokenizer, []) == []
+    assert token_strings(tok, [tok.bos_token_id]) == ["<bos>"]
