@@ -262,7 +262,8 @@ def _train_step(sae, opt, sched, cfg, state, x, y, bar) -> None:
     state["tokens"] += len(x)
     if isinstance(sae, ReLUSAE) and cfg.resample_every and state["step"] % cfg.resample_every == 0:
         # Dead here: not fired in the last resample_every steps (batches of this one's size).
-        _resample_dead(sae, opt, x, y, out.x_hat, state["since_fired"] >= cfg.resample_every * len(x))
+        dead_since = state["since_fired"] >= cfg.resample_every * len(x)
+        _resample_dead(sae, opt, x, y, out.x_hat, dead_since)
     if state["step"] % cfg.log_every == 0 or state["step"] == 1:
         row = {"step": state["step"], "tokens": state["tokens"], "loss": float(out.loss.detach()),
                "mse": float(out.mse), "l0": out.l0, "fvu": out.fvu,
@@ -309,7 +310,8 @@ def _save_checkpoint(path: Path, sae, opt, sched, state, cfg, scale) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": sae.state_dict(), "optimizer": opt.state_dict(),
                "scheduler": sched.state_dict(), "step": state["step"], "tokens": state["tokens"],
-               "tokens_since_fired": state["since_fired"], "log": state["log"], "scale": list(scale),
+               "tokens_since_fired": state["since_fired"], "log": state["log"],
+               "scale": list(scale),
                "config": _jsonable(asdict(cfg)), "torch_rng": torch.get_rng_state()}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
