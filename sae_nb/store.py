@@ -21,6 +21,7 @@ import json
 import os
 import re
 import socket
+import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -60,6 +61,20 @@ def site_dirname(site: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", site)
 
 
+def _flock_exclusive(file, patience_s: float) -> None:
+    """Take the exclusive lock, retrying for ``patience_s``: a reader asking who writes the
+    store holds a shared lock for a moment, which must not look like a second writer."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _lock_store(folder: Path):
     """Hold an exclusive lock on a store folder for as long as the returned file stays open.
 
@@ -71,7 +86,7 @@ def _lock_store(folder: Path):
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     file = os.fdopen(fd, "r+", encoding="utf-8")
     try:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_exclusive(file, patience_s=0.5)
     except OSError:  # BlockingIOError: another open file holds it, in this or another process
         holder = file.read().strip() or "a process that has not yet written its name"
         file.close()
@@ -222,8 +237,22 @@ def damaged_files(path: Path, manifest: dict) -> list[str]:
     return damaged
 
 
-def _incomplete_message(path: Path, manifest: dict) -> str:
-    """How far an interrupted extraction got: rows, and units of how many."""
+def _writer_of(folder: Path) -> str | None:
+    """Who holds the store's writer lock now (its lock file's line), or None when nobody."""
+    if fcntl is None or not (folder / LOCK_FILE).is_file():
+        return None
+    with open(folder / LOCK_FILE, encoding="utf-8") as file:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return file.read().strip() or "a process that has not yet written its name"
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+    return None
+
+
+def _incomplete_message(path: Path, manifest: dict) -> tuple[str, str]:
+    """How far an interrupted (or running) extraction got, in rows and units of how many; and
+    what to do about it."""
     unit = "contexts" if manifest["mode"] == "tokens" else "texts"
     rows, done, total = manifest["rows"], manifest["units"], manifest.get("n_units_total")
     if total:
@@ -231,7 +260,15 @@ def _incomplete_message(path: Path, manifest: dict) -> str:
         got = f"{rows:,} rows from {done:,} of {total:,} {unit}{about}"
     else:
         got = f"{rows:,} rows from {done:,} {unit} (the total was not recorded)"
-    return f"The store at {str(path)!r} is incomplete: its extraction stopped with {got}."
+    writer = _writer_of(path)
+    if writer:
+        return (f"The store at {str(path)!r} is still being written ({writer}); it holds {got} "
+                f"so far.", "Wait for it to finish, or pass allow_partial=True to use the rows "
+                            "it has now.")
+    return (f"The store at {str(path)!r} is incomplete: its extraction stopped with {got}.",
+            "Finish it by running notebook 01 again (or sae_nb.extract_activations with the "
+            "same settings): it resumes where it stopped. Or pass allow_partial=True to use the "
+            "rows it has.")
 
 
 class ActivationStore:
@@ -245,14 +282,11 @@ class ActivationStore:
         self.path = Path(path)
         self.manifest = _read_manifest(self.path)
         if not self.manifest["complete"]:
-            message = _incomplete_message(self.path, self.manifest)
+            state, advice = _incomplete_message(self.path, self.manifest)
             if not allow_partial:
-                raise StoreError(f"{message} Finish it by running notebook 01 again (or "
-                                 f"sae_nb.extract_activations with the same settings): it "
-                                 f"resumes where it stopped. Or pass allow_partial=True to use "
-                                 f"the rows it has.")
-            warnings.warn(f"{message} Using the rows it has (allow_partial=True).",
-                          UserWarning, stacklevel=2)
+                raise StoreError(f"{state} {advice}")
+            warnings.warn(f"{state} Using the rows it has (allow_partial=True).", UserWarning,
+                          stacklevel=2)
         self._acts, self._index, sizes = [], [], []
         dtype = np.dtype(self.manifest["dtype"])
         for shard in self.manifest["shards"]:

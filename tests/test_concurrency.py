@@ -152,3 +152,29 @@ def test_concurrent_atomic_writes_of_one_file_never_collide(tmp_path):
     assert errors == []
     assert seen <= set(contents) and path.read_bytes() in contents
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_reader_during_an_extraction_is_told_it_is_still_running(tmp_path):
+    writer = StoreWriter(tmp_path / "s", header())
+    writer.write_shard(np.ones((4, 3), np.float32), np.zeros(4, INDEX_DTYPE), 1)
+    with pytest.raises(StoreError) as err:
+        sae_nb.ActivationStore(tmp_path / "s")
+    message = str(err.value)
+    assert "still being written" in message and f"pid {os.getpid()}" in message
+    assert "Wait for it to finish" in message and "allow_partial=True" in message
+    writer.close()  # the writer died: now the store is an interrupted one
+    with pytest.raises(StoreError, match="stopped with 4 rows.*running notebook 01 again"):
+        sae_nb.ActivationStore(tmp_path / "s")
+
+
+def test_a_reader_asking_who_writes_does_not_look_like_a_second_writer(tmp_path):
+    """Readers take the lock file's shared lock for a moment; a writer starting then waits."""
+    import fcntl
+
+    StoreWriter(tmp_path / "s", header()).close()
+    with open(tmp_path / "s" / "writer.lock") as reader:
+        fcntl.flock(reader.fileno(), fcntl.LOCK_SH)
+        threading.Timer(0.2, fcntl.flock, (reader.fileno(), fcntl.LOCK_UN)).start()
+        writer = StoreWriter(tmp_path / "s", header())
+    writer.finish()
+    assert sae_nb.ActivationStore(tmp_path / "s").manifest["complete"]
