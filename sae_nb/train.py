@@ -85,6 +85,11 @@ class TrainConfig:
                                 f"'topk', 'batchtopk', 'standard', 'jumprelu'.")
         if self.total_tokens < 1:
             raise TrainingError(f"total_tokens={self.total_tokens} must be positive.")
+        if self.d_sae is None and not (isinstance(self.expansion, int) and self.expansion >= 1):
+            raise TrainingError(f"expansion={self.expansion!r} must be a whole number >= 1 "
+                                f"(latents per input dimension); or give d_sae.")
+        if self.d_sae is not None and not (isinstance(self.d_sae, int) and self.d_sae >= 1):
+            raise TrainingError(f"d_sae={self.d_sae!r} must be a whole number >= 1 (latents).")
         if self.sparsity_penalty not in ("l1", "entropy"):
             raise TrainingError(f"sparsity_penalty={self.sparsity_penalty!r}; use 'l1' or 'entropy'.")
 
@@ -115,6 +120,9 @@ def _split(batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _check_batch(i: int, x: torch.Tensor, y: torch.Tensor, d_in: int, d_out: int) -> None:
+    if x.ndim >= 1 and x.shape[0] == 0:
+        raise TrainingError(f"Batch {i} has no rows; every batch needs at least one activation "
+                            f"row. Check batch_size and the store's rows.")
     if x.ndim != 2 or x.shape[1] != d_in or y.shape != (x.shape[0], d_out):
         raise TrainingError(f"Batch {i} has shape {tuple(x.shape)} (target {tuple(y.shape)}); "
                             f"this dictionary expects (B, {d_in}). Check the site and d_in.")

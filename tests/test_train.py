@@ -468,3 +468,17 @@ def test_resume_from_a_checkpoint_that_counted_steps_since_firing(tmp_path):
     assert full.log["dead_frac"].tolist() == resumed.log["dead_frac"].tolist()
     for key, value in full.dictionary.state_dict().items():
         assert torch.equal(value, resumed.dictionary.state_dict()[key]), key
+
+
+def test_degenerate_sizes_and_empty_batches_are_refused():
+    """expansion=0, a zero or negative width and empty batches once gave ZeroDivisionError."""
+    x = data()
+    for bad in ({"expansion": 0}, {"expansion": -2}, {"d_sae": 0}, {"expansion": 2.5}):
+        name = next(iter(bad))
+        with pytest.raises(TrainingError, match=f"{name}={bad[name]}"):
+            train_dictionary(batches(x), progress=False, **bad)
+    with pytest.raises(TrainingError, match="Batch 0 has no rows"):
+        train_dictionary(iter([x[:0]]), d_sae=F, k=K, progress=False)
+    with pytest.raises(TrainingError, match="Batch 1 has no rows"):
+        train_dictionary(iter([x[:128], x[:0], x[:128]]), d_sae=F, k=K, total_tokens=128 * 3,
+                         progress=False)
