@@ -31,6 +31,29 @@ from .extract import _envoy, resolve_sites
 from .models import hf_model
 
 
+class EvaluationError(ValueError):
+    """Activations or a site that do not fit the dictionary being evaluated."""
+
+
+def check_widths(dictionary, acts: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+    """``acts`` must be ``(N, d_in)`` and ``targets`` ``(N, D_out)`` for ``dictionary``."""
+    if acts.ndim != 2 or acts.shape[1] != dictionary.d_in:
+        raise EvaluationError(
+            f"The activations have shape {tuple(acts.shape)}, but this dictionary reads "
+            f"(N, {dictionary.d_in}): wrong site or model? Evaluate it on activations of the "
+            f"site it was trained on (its metadata says {dictionary_site_hint(dictionary)}).")
+    if len(acts) == 0:
+        raise EvaluationError("No activation rows to evaluate on; pass held-out rows (N > 0).")
+    if targets is not None and targets.shape[0] != acts.shape[0]:
+        raise EvaluationError(f"targets hold {targets.shape[0]} rows but acts {acts.shape[0]}; "
+                              f"pass the same rows of both sites.")
+
+
+def dictionary_site_hint(dictionary) -> str:
+    site = (getattr(dictionary, "metadata", None) or {}).get("site")
+    return repr(site) if site else "no site"
+
+
 @dataclass
 class Evaluation:
     metrics: pd.DataFrame  # one row
@@ -45,6 +68,7 @@ def reconstruction_metrics(dictionary, acts: torch.Tensor, targets: torch.Tensor
                            batch_size: int = 4096) -> tuple[dict, np.ndarray]:
     """MSE, FVU, L0, L1 and firing densities of ``dictionary`` on ``acts`` ``(N, D)``, with the
     reconstruction ``dictionary.reconstruct`` returns (the same one the splice uses)."""
+    check_widths(dictionary, acts, targets)
     targets = acts if targets is None else targets
     device = dictionary.W_enc.device
     n, fired = len(acts), torch.zeros(dictionary.d_sae, dtype=torch.float64)

@@ -256,3 +256,17 @@ def test_kl_is_clean_to_spliced_as_saelens_computes_it(llama):
     assert m["kl_div"] == pytest.approx(kl_pq, rel=1e-5)
     assert m["ce_spliced"] == pytest.approx(float(-lq.gather(-1, tokens[:, 1:, None]).mean()),
                                             rel=1e-5)
+
+
+def test_width_mismatch_and_empty_rows_are_named(llama):
+    """A width mismatch once surfaced as a raw tensor-size error from inside the encode."""
+    from sae_nb.evaluate import EvaluationError
+
+    sae = TopKSAE(32, 64, k=4)
+    sae.metadata = {"site": "resid_out_layer1"}
+    with pytest.raises(EvaluationError, match=r"shape \(10, 48\).*\(N, 32\).*'resid_out_layer1'"):
+        evaluate_dictionary(sae, torch.randn(10, 48))
+    with pytest.raises(EvaluationError, match="No activation rows"):
+        evaluate_dictionary(sae, torch.randn(0, 32))
+    with pytest.raises(EvaluationError, match="targets hold 5 rows but acts 10"):
+        evaluate_dictionary(sae, torch.randn(10, 32), targets=torch.randn(5, 32))
