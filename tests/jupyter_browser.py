@@ -160,20 +160,38 @@ class LabPage:
 
     def run_all(self, timeout: float = 600.0) -> None:
         """Run > Run All Cells, from the menu bar; wait until every code cell ran or one failed."""
-        self.page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        self.page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+        self.menu("Run", "Run All Cells")
         self.wait_for(lambda: self.prompts()[0] in ("*", "") or self.prompts()[0].isdigit(),
                       30, "the first cell to start")
         self.wait_until_idle(timeout)
 
+    def menu(self, menu: str, item: str) -> None:
+        """Click ``item`` of the menu bar's ``menu``, e.g. ("File", "Save Notebook")."""
+        self.page.locator(".lm-MenuBar-itemLabel", has_text=menu).first.click()
+        self.page.locator(".lm-Menu-itemLabel", has_text=item).first.click()
+
+    def save(self) -> None:
+        """File > Save Notebook; waits until the tab no longer shows unsaved changes."""
+        self.menu("File", "Save Notebook")
+        self.page.wait_for_selector(".jp-mod-current.jp-mod-dirty", state="detached")
+
+    def reload(self, timeout: float = 120.0) -> None:
+        """Reload the browser page and wait for the notebook and its kernel again."""
+        self.page.reload()
+        self.page.wait_for_selector(".jp-NotebookPanel .jp-Cell", timeout=timeout * 1000)
+        self.wait_for(lambda: self._session_idle(self.path), timeout, "the kernel after reload")
+
     def prompts(self) -> list[str]:
         """Each code cell's execution prompt: '' (not run), '*' (queued or running), or 'n'."""
-        texts = self.page.locator(".jp-CodeCell .jp-InputPrompt").all_inner_texts()
+        # textContent: cells scrolled out of view are not laid out, and have no innerText
+        texts = self.page.locator(".jp-CodeCell .jp-InputPrompt").all_text_contents()
         return [t.strip().removeprefix("[").removesuffix("]:").strip() for t in texts]
 
     def error_outputs(self) -> list[str]:
-        return self.page.locator(".jp-OutputArea-output[data-mime-type="
-                                 "'application/vnd.jupyter.error']").all_inner_texts()
+        """The tracebacks shown (JupyterLab renders errors as stderr text, as it does logs)."""
+        texts = self.page.locator(".jp-OutputArea-output[data-mime-type="
+                                  "'application/vnd.jupyter.stderr']").all_text_contents()
+        return [t for t in texts if "Traceback (most recent call last)" in t]
 
     def wait_until_idle(self, timeout: float = 600.0) -> None:
         """Until no cell is queued or running and the kernel is idle (twice in a row)."""

@@ -15,6 +15,8 @@ CELLS = [
     "square = widgets.Label('9')\n"
     "number.observe(lambda c: setattr(square, 'value', str(c['new'] ** 2)), names='value')\n"
     "widgets.HBox([number, square])",
+    "1 / 0",  # Run All stops here
+    "'never run'",
 ]
 
 
@@ -30,7 +32,9 @@ def test_harness_runs_a_notebook_and_drives_a_widget(tmp_path):
         page = chromium.new_page(lab, tmp_path / "screenshots")
         page.open_notebook("square.ipynb")
         page.run_all(timeout=120)
-        assert page.prompts() == ["1", "2"] and page.error_outputs() == []
+        assert page.prompts() == ["1", "2", "3", ""]
+        (error,) = page.error_outputs()
+        assert "ZeroDivisionError" in error
         box = page.page.locator(".jp-OutputArea .widget-text input")
         box.fill("12")
         box.press("Enter")
