@@ -18,7 +18,7 @@ import torch
 
 from .codes import dictionary_site
 from .corpora import sentence_batches, token_strings
-from .dictionary import Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE
+from .dictionary import Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE, dictionary_hash
 from .extract import resolve_sites, run_sites
 from .store import IDENTITY, ActivationStore
 from .threads import one_thread
@@ -101,8 +101,6 @@ def _row_bounds(stats, store: ActivationStore, dictionary: Dictionary) -> np.nda
     """``stats.row_bounds`` when ``stats`` were computed for this dictionary and store."""
     if stats is None or stats.row_bounds is None:
         return None
-    from .features import dictionary_hash  # features re-exports this module
-
     ident = stats.identity or {}
     manifest = {k: store.manifest.get(k) for k in IDENTITY}
     if (ident.get("dictionary") != dictionary_hash(dictionary) or stats.n_tokens != len(store)
