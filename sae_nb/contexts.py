@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .codes import dictionary_site
 from .corpora import sentence_batches, token_strings
-from .dictionary import Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE, dictionary_hash
+from .dictionary import (Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE, dictionary_hash,
+                         dictionary_site)
 from .extract import resolve_sites, run_sites
 from .store import IDENTITY, ActivationStore
 from .threads import one_thread

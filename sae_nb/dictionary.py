@@ -177,6 +177,15 @@ def dictionary_hash(dictionary: Dictionary) -> str:
     return _hash_memo[dictionary][1]
 
 
+def dictionary_site(dictionary, site: str | None = None) -> str:
+    """The site a dictionary reads: ``site`` if given, else what its metadata says."""
+    site = site or (getattr(dictionary, "metadata", {}) or {}).get("site")
+    if not site:
+        raise ValueError("This dictionary's metadata names no site; pass site=..., e.g. "
+                         "site='resid_out_layer6'.")
+    return site
+
+
 class ReLUSAE(Dictionary):
     architecture = "standard"
 

@@ -12,6 +12,10 @@ BOS positions keep their clean activation in the splice; when the store kept the
 spliced like every other token. :func:`bos_kept_clean` decides, by default from the training
 store's manifest, else from the training metadata the dictionary carries (``train_dictionary``
 attaches it; ``load_sae_nb`` reads it back from the saved train config).
+
+``fit_check`` runs a dictionary on fresh token activations and warns when it reconstructs
+worse than the mean would (FVU > 1): the wrong site, a missing input normalisation, or a
+dictionary trained on another model.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from .corpora import document_separator
-from .extract import _envoy, resolve_sites
-from .models import hf_model
+from .corpora import document_separator, load_corpus, pack_contexts
+from .dictionary import dictionary_site
+from .extract import _envoy, resolve_sites, run_sites
+from .models import hf_model, model_name
 
 
 class EvaluationError(ValueError):
@@ -213,3 +218,40 @@ def evaluate_dictionary(dictionary, acts: torch.Tensor, model=None, site: str | 
         keep = bos_kept_clean(dictionary, model, store, splice_bos, bos_token_id)
         row.update(ce_metrics(dictionary, model, site, tokens, bos_token_id=keep))
     return Evaluation(pd.DataFrame([row]), density)
+
+
+@torch.no_grad()
+def fit_check(dictionary, model, site: str | None = None, corpus: str = "sotu",
+              n_tokens: int = 4096, ctx_len: int = 128, batch_size: int = 8,
+              seed: int = 1) -> pd.DataFrame:
+    """Run ``dictionary`` on fresh token activations at ``site``: d_in match, FVU, L0 and the
+    fraction of latents that never fired, as one row. Warns when FVU > 1."""
+    site = dictionary_site(dictionary, site)
+    (s,) = resolve_sites(model, [site])
+    ctx = pack_contexts(load_corpus(corpus), model.tokenizer, ctx_len,
+                        max(1, n_tokens // ctx_len), seed=seed)
+    rows = []
+    for lo in range(0, len(ctx.tokens), batch_size):
+        ids = torch.from_numpy(ctx.tokens[lo : lo + batch_size].astype(np.int64))
+        acts = run_sites(model, [s], ids, torch.ones_like(ids))[0]
+        rows.append(acts[torch.from_numpy(ctx.pos[lo : lo + batch_size] >= 0)].float().cpu())
+    x = torch.cat(rows)
+    row = {"model": model_name(model), "site": site, "d_in": dictionary.d_in,
+           "site_width": x.shape[1], "d_in_match": x.shape[1] == dictionary.d_in,
+           "tokens": len(x)}
+    if not row["d_in_match"]:
+        warnings.warn(f"Dictionary d_in={dictionary.d_in} but site {site!r} is {x.shape[1]} "
+                      f"wide: this dictionary does not belong to this model and site.",
+                      stacklevel=2)
+        return pd.DataFrame([row])
+    device = dictionary.W_enc.device
+    x = x.to(device)
+    f, x_hat = dictionary.encode_and_reconstruct(x)  # not decode(f): see the contract
+    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    row.update(fvu=fvu, l0=float((f != 0).sum(1).float().mean()),
+               frac_dead=float(((f != 0).sum(0) == 0).float().mean()))
+    if fvu > 1:
+        warnings.warn(f"FVU {fvu:.2f} > 1 at {site!r}: the dictionary reconstructs worse than the "
+                      f"mean activation would. Wrong site, missing input normalisation, or a "
+                      f"dictionary trained on another model?", stacklevel=2)
+    return pd.DataFrame([row])

@@ -23,10 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .codes import pooled_token_codes
 from .corpora import CorpusError, read_text_table
-from .dictionary import dictionary_hash
+from .dictionary import dictionary_hash, dictionary_site
+from .extract import pooled_activations
 from .io import atomic_save_npz
-from .models import model_fingerprint
+from .models import hf_model, model_fingerprint
+from .sites import n_layers
 from .threads import one_thread
 
 logger = logging.getLogger(__name__)
@@ -176,7 +179,6 @@ def probe_features(model, dictionary, texts: list[str], site: str | None = None,
     (:func:`sae_nb.dictionary.dictionary_hash`), site, pooling, truncation and the texts."""
     import torch
 
-    from .codes import dictionary_site, pooled_token_codes
     site = dictionary_site(dictionary, site)
     texts = _check_texts(texts)
     key = {"model": model_fingerprint(model), "dictionary": dictionary_hash(dictionary),
@@ -388,8 +390,6 @@ def sweep_sites(model, sites: str | list[str]) -> list[str]:
     ``"mlp_out"``, ...) for that site at every layer of the model."""
     if not isinstance(sites, str):
         return list(sites)
-    from .models import hf_model
-    from .sites import n_layers
     kinds = ("resid_out", "attn_out", "mlp_out", "mlp_in")
     if sites not in kinds:
         raise ValueError(f"Sweep {sites!r}: pass a list of site names or one of the kinds "
@@ -432,7 +432,6 @@ def sweep_activations(model, texts: list[str], sites: list[str], pool: str = "me
     saved = _read_cache(cache, texts, key)
     if saved is not None:
         return {site: saved[f"site_{i}"] for i, site in enumerate(sites)}
-    from .extract import pooled_activations
     acts = pooled_activations(model, texts, sites, pool=pool, batch_size=batch_size,
                               max_len=max_len)
     acts = {site: acts[site].numpy() for site in sites}

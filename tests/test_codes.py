@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import sae_nb
-from sae_nb.codes import fit_check, sentence_codes
+from sae_nb.codes import sentence_codes
+from sae_nb.evaluate import fit_check
 from sae_nb.dictionary import ReLUSAE, TopKSAE
 
 TEXTS = ["the state of the union", "war and peace", "a new law for trade and work", "we must"]

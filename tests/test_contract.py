@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from sae_nb.codes import fit_check
+from sae_nb.evaluate import fit_check
 from sae_nb.contexts import latent_contexts, text_activations
 from sae_nb.dictionary import DICTIONARY_CLASSES, Dictionary, TopKSAE
 from sae_nb.evaluate import ce_metrics, reconstruction_metrics
