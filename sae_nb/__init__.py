@@ -1,8 +1,10 @@
 """sae_nb: a notebook workbench for dictionary learning on language-model activations."""
 
 from .catalogue import catalogue
+from .codes import SentenceCodes, pooled_token_codes, sentence_codes
 from .corpora import Corpus, CorpusError, load_corpus
-from .evaluate import Evaluation, evaluate_dictionary
+from .dictionary import dictionary_site
+from .evaluate import Evaluation, EvaluationError, evaluate_dictionary, fit_check
 from .extract import (ExtractConfig, ExtractionError, extract_activations,
                       pooled_activations, run_sites)
 from .formats import load_dictionary
@@ -18,7 +20,8 @@ from .workflow import (HeldoutSplit, checkpoint_dir, dictionary_name, dictionary
 __version__ = "0.1.0"
 
 __all__ = [
-    "catalogue",
+    "catalogue", "SentenceCodes", "pooled_token_codes", "sentence_codes", "dictionary_site",
+    "EvaluationError", "fit_check",
     "ActivationStore", "Corpus", "CorpusError", "DEFAULT_DICTIONARY", "DEFAULT_MODEL",
     "DictionaryFormatError", "load_default_dictionary",
     "Evaluation", "ExtractConfig", "ExtractionError", "HeldoutSplit", "ModelLoadError",
