@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -37,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .contexts import latent_contexts, text_activations  # noqa: F401 (public here)
 from .dictionary import Dictionary, TopKSAE, dictionary_hash  # noqa: F401 (public here too)
+from .io import atomic_save_npz, atomic_write_json
 from .logit_effects import LogitEffects, logit_effects  # noqa: F401  (public here too)
 from .store import IDENTITY, ActivationStore, site_dirname
 from .threads import one_thread
@@ -88,19 +88,11 @@ class FeatureStats:
     def save(self, folder: str | Path) -> Path:
         """Write ``feature_stats.npz`` (arrays + identity) atomically, and a json summary."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         meta = {k: getattr(self, k) for k in ("model", "site", "d_sae", "n_tokens", "identity")}
         meta["version"] = STATS_VERSION
-        path = folder / STATS_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **self._arrays())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        summary = folder / SUMMARY_FILE
-        summary.with_name(summary.name + ".tmp").write_text(json.dumps(meta, indent=1))
-        os.replace(summary.with_name(summary.name + ".tmp"), summary)
+        path = atomic_save_npz(folder / STATS_FILE, meta=np.array(json.dumps(meta)),
+                               **self._arrays())
+        atomic_write_json(folder / SUMMARY_FILE, meta)
         return path
 
     def _arrays(self) -> dict[str, np.ndarray]:

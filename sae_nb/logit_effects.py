@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pandas as pd
 import torch
 
 from .corpora import token_strings
+from .io import atomic_save_npz
 from .models import hf_model
 
 LOGITS_FILE = "logit_effects.npz"
@@ -48,15 +48,7 @@ class LogitEffects:
 
     def save(self, folder: str | Path, key: str = "") -> Path:
         """Write ``logit_effects.npz`` atomically; ``key`` records what it was computed from."""
-        path = Path(folder) / LOGITS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, key=np.array(key), **vars(self))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        return atomic_save_npz(Path(folder) / LOGITS_FILE, key=np.array(key), **vars(self))
 
     @classmethod
     def load(cls, folder: str | Path, key: str | None = None) -> "LogitEffects | None":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -22,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE, build_dictionary
+from .io import atomic_open
 from .models import resolve_device
 from .objectives import compute_step
 from .sparse_ops import release_scratch
@@ -315,15 +315,13 @@ def _resample_dead(sae: ReLUSAE, opt, x, y, y_hat, dead: torch.Tensor) -> None:
 
 
 def _save_checkpoint(path: Path, sae, opt, sched, state, cfg, scale) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": sae.state_dict(), "optimizer": opt.state_dict(),
                "scheduler": sched.state_dict(), "step": state["step"], "tokens": state["tokens"],
                "tokens_since_fired": state["since_fired"], "log": state["log"],
                "scale": list(scale),
                "config": _jsonable(asdict(cfg)), "torch_rng": torch.get_rng_state()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_open(path) as f:
+        torch.save(payload, f)
 
 
 def check_resumable(path: Path, saved: dict, config: TrainConfig) -> None:
