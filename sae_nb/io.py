@@ -5,6 +5,9 @@ folder, named after the target plus the writer's pid and a random suffix (so two
 one path never share a temporary file), flushes it to disk, and renames it over the target.
 A reader opening the target sees the old file or the new one. A killed writer leaves only a
 ``*.tmp`` file, which the next writer of that folder may delete.
+
+:func:`hold_lock` is the one-writer-at-a-time lock of a folder (an OS ``flock``, released
+however the holder ends), and :func:`lock_holder` asks who holds it.
 """
 
 from __future__ import annotations
@@ -14,10 +17,18 @@ import hashlib
 import json
 import os
 import secrets
+import socket
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; locks are no-ops there
+    fcntl = None
 
 TMP_SUFFIX = ".tmp"  # every temporary name ends so; ``folder.glob("*.tmp")`` finds leftovers
 
@@ -101,3 +112,54 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class LockHeld(OSError):
+    """Another open file (in this process or another) holds the lock; ``holder`` names it."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def hold_lock(path: str | Path, patience_s: float = 0.5) -> IO | None:
+    """Take the exclusive lock of file ``path`` (created if absent) and write the holder's
+    pid, host and start time into it; the lock lasts until the returned file is closed or the
+    process ends, however it ends. Raises :class:`LockHeld` naming the holder.
+
+    Retries for ``patience_s``: :func:`lock_holder` holds a shared lock for an instant, which
+    must not look like another holder. Returns None where the OS has no flock.
+    """
+    if fcntl is None:
+        return None
+    file = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8")
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError:  # BlockingIOError
+            if time.monotonic() > deadline:
+                holder = file.read().strip() or "a process that has not yet written its name"
+                file.close()
+                raise LockHeld(holder) from None
+            time.sleep(0.05)
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    file.seek(0)
+    file.truncate()
+    file.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n")
+    file.flush()
+    return file
+
+
+def lock_holder(path: str | Path) -> str | None:
+    """Who holds the lock of file ``path`` now (the line it wrote), or None when nobody."""
+    if fcntl is None or not Path(path).is_file():
+        return None
+    with open(path, encoding="utf-8") as file:
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return file.read().strip() or "a process that has not yet written its name"
+        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
+    return None

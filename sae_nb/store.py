@@ -18,12 +18,8 @@ manifest records each shard file's SHA-256: a resumed extraction checks them, an
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,12 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .io import TMP_SUFFIX, atomic_save_npy, atomic_write_bytes, file_sha256
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
+from .io import (TMP_SUFFIX, LockHeld, atomic_save_npy, atomic_write_bytes, file_sha256,
+                 hold_lock, lock_holder)
 
 STORE_FORMAT = "sae_nb.activation_store"
 STORE_VERSION = 1
@@ -61,44 +53,15 @@ def site_dirname(site: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", site)
 
 
-def _flock_exclusive(file, patience_s: float) -> None:
-    """Take the exclusive lock, retrying for ``patience_s``: a reader asking who writes the
-    store holds a shared lock for a moment, which must not look like a second writer."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def _lock_store(folder: Path):
-    """Hold an exclusive lock on a store folder for as long as the returned file stays open.
-
-    The OS drops the lock when the file is closed or the process dies, however it dies, so a
-    crashed extraction never leaves the store locked. The lock file names its holder.
-    """
-    if fcntl is None:  # no flock on this platform: one writer at a time is up to the user
-        return None
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    file = os.fdopen(fd, "r+", encoding="utf-8")
+    """Hold the store's writer lock for as long as the returned file stays open (the OS drops
+    it when the writer closes it or dies, however it dies)."""
     try:
-        _flock_exclusive(file, patience_s=0.5)
-    except OSError:  # BlockingIOError: another open file holds it, in this or another process
-        holder = file.read().strip() or "a process that has not yet written its name"
-        file.close()
+        return hold_lock(folder / LOCK_FILE)
+    except LockHeld as held:
         raise StoreError(f"The store at {str(folder)!r} is being written by another extraction "
-                         f"({holder}). Two writers would corrupt it: wait for that one to finish "
-                         f"(or stop it), or extract into another run_dir.") from None
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    file.seek(0)
-    file.truncate()
-    file.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {started}\n")
-    file.flush()
-    return file
+                         f"({held.holder}). Two writers would corrupt it: wait for that one to "
+                         f"finish (or stop it), or extract into another run_dir.") from None
 
 
 class StoreWriter:
@@ -237,19 +200,6 @@ def damaged_files(path: Path, manifest: dict) -> list[str]:
     return damaged
 
 
-def _writer_of(folder: Path) -> str | None:
-    """Who holds the store's writer lock now (its lock file's line), or None when nobody."""
-    if fcntl is None or not (folder / LOCK_FILE).is_file():
-        return None
-    with open(folder / LOCK_FILE, encoding="utf-8") as file:
-        try:
-            fcntl.flock(file.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return file.read().strip() or "a process that has not yet written its name"
-        fcntl.flock(file.fileno(), fcntl.LOCK_UN)
-    return None
-
-
 def _incomplete_message(path: Path, manifest: dict) -> tuple[str, str]:
     """How far an interrupted (or running) extraction got, in rows and units of how many; and
     what to do about it."""
@@ -260,7 +210,7 @@ def _incomplete_message(path: Path, manifest: dict) -> tuple[str, str]:
         got = f"{rows:,} rows from {done:,} of {total:,} {unit}{about}"
     else:
         got = f"{rows:,} rows from {done:,} {unit} (the total was not recorded)"
-    writer = _writer_of(path)
+    writer = lock_holder(path / LOCK_FILE)
     if writer:
         return (f"The store at {str(path)!r} is still being written ({writer}); it holds {got} "
                 f"so far.", "Wait for it to finish, or pass allow_partial=True to use the rows "
