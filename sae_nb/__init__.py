@@ -9,13 +9,13 @@ from .extract import (ExtractConfig, ExtractionError, extract_activations,
                       pooled_activations, run_sites)
 from .formats import load_dictionary
 from .models import DEFAULT_MODEL, ModelLoadError, load_model
-from .saving import (DEFAULT_DICTIONARY, DictionaryFormatError, load_default_dictionary,
-                     load_sae_nb, save_dictionary, verify_dictionary)
+from .saving import (DEFAULT_DICTIONARY, DictionaryFormatError, dictionary_path, folder_files,
+                     load_default_dictionary, load_sae_nb, save_dictionary, verify_dictionary)
 from .sites import SiteError, resolve_site, valid_sites
-from .store import ActivationStore, StoreError, open_stores
-from .train import TrainConfig, TrainingError, TrainResult, train_dictionary
-from .workflow import (HeldoutSplit, checkpoint_dir, dictionary_name, dictionary_path,
-                       folder_files, heldout_split, open_store)
+from .split import HeldoutSplit, heldout_split
+from .store import ActivationStore, StoreError, open_store, open_stores
+from .train import (TrainConfig, TrainingError, TrainResult, checkpoint_dir, dictionary_name,
+                    train_dictionary)
 
 __version__ = "0.1.0"
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .corpora import document_separator, load_corpus, pack_contexts
 from .dictionary import dictionary_site
-from .extract import _envoy, resolve_sites, run_sites
+from .extract import module_envoy, resolve_sites, run_sites
 from .models import hf_model, model_name
 
 
@@ -112,7 +112,7 @@ def splice_loss(model, site: str, tokens: torch.Tensor,
     with torch.no_grad():
         with model.trace(inputs):
             if replace is not None:
-                envoy = _envoy(model, s.module)
+                envoy = module_envoy(model, s.module)
                 value = envoy.output if s.io == "output" else envoy.input
                 acts = value[0] if isinstance(value, tuple) else value
                 new = replace(acts)

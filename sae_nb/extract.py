@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from .corpora import Corpus, document_separator, load_corpus, pack_contexts, sentence_batches
 from .models import hf_model, max_positions, model_name
 from .sites import Site, execution_order, resolve_site
-from .store import INDEX_DTYPE, ActivationStore, StoreWriter, site_dirname
+from .io import folder_name
+from .store import INDEX_DTYPE, ActivationStore, StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,8 @@ def check_ctx_len(model, config: ExtractConfig) -> None:
                               f"or lower.")
 
 
-def _envoy(model, module_path: str):
+def module_envoy(model, module_path: str):
+    """The nnsight envoy of a dotted module path (``model.layers.3``), inside a trace."""
     envoy = model
     for part in module_path.split("."):
         envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
@@ -114,7 +116,7 @@ def run_sites(model, sites: list[Site], input_ids: torch.Tensor,
     with torch.no_grad():
         with model.trace(inputs) as tracer:
             for site in sites:
-                envoy = _envoy(model, site.module)
+                envoy = module_envoy(model, site.module)
                 value = envoy.output if site.io == "output" else envoy.input
                 if isinstance(value, tuple):  # attention modules return (out, weights)
                     value = value[0]
@@ -148,7 +150,7 @@ def extract_activations(model, run_dir: str | Path, config: ExtractConfig | None
         writers = {}
         for site in sites:
             header = _header(model, site, d_by_site[site.name], config)
-            path = Path(run_dir) / "activations" / site_dirname(site.name)
+            path = Path(run_dir) / "activations" / folder_name(site.name)
             writers[site.name] = locks.enter_context(StoreWriter(path, header, overwrite=overwrite))
         units = _extract(model, sites, writers, corpus, config, progress)
         for w in writers.values():

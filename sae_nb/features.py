@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 
 from .contexts import latent_contexts, text_activations  # noqa: F401 (public here)
 from .dictionary import Dictionary, TopKSAE, dictionary_hash  # noqa: F401 (public here too)
-from .io import atomic_save_npz, atomic_write_json
+from .io import atomic_save_npz, atomic_write_json, folder_name
 from .logit_effects import LogitEffects, logit_effects  # noqa: F401  (public here too)
-from .store import IDENTITY, ActivationStore, site_dirname
+from .store import IDENTITY, ActivationStore
 from .threads import one_thread
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ class FeatureStats:
 
 def stats_folder(run_dir: str | Path, dictionary_name_or_id: str) -> Path:
     """Where a run caches one dictionary's statistics: ``run_dir/features/<name>/``."""
-    return Path(run_dir) / "features" / site_dirname(str(dictionary_name_or_id))
+    return Path(run_dir) / "features" / folder_name(str(dictionary_name_or_id))
 
 
 # -- identity (the cache key) ---------------------------------------------------------------

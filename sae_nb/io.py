@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import socket
 import time
@@ -31,6 +32,12 @@ except ImportError:  # Windows: no flock; locks are no-ops there
     fcntl = None
 
 TMP_SUFFIX = ".tmp"  # every temporary name ends so; ``folder.glob("*.tmp")`` finds leftovers
+
+
+def folder_name(name: str) -> str:
+    """A safe file or folder name for a site, model or dictionary name (raw module paths may
+    hold ':', hub names '/'): every character outside ``[A-Za-z0-9_.-]`` becomes ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 def temporary_name(path: str | Path) -> Path:

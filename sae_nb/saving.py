@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE
-from .io import file_sha256
+from .io import file_sha256, folder_name
 from .sites import hook_name
 
 CFG_FILE = "cfg.json"
@@ -252,3 +253,16 @@ def load_default_dictionary() -> Dictionary:
                                     f"{str(DEFAULT_DICTIONARY)!r}; see dictionaries/README.md "
                                     f"for the command that trains it.")
     return load_sae_nb(DEFAULT_DICTIONARY)
+
+
+def dictionary_path(root: str | Path, model: str, site: str, name: str) -> Path:
+    """``root/<model>/<site>/<name>``; a model given as a local folder goes by its folder name."""
+    model_dir = Path(model).name if Path(model).is_dir() else model
+    return Path(root) / folder_name(model_dir) / folder_name(site) / folder_name(name)
+
+
+def folder_files(folder: str | Path) -> pd.DataFrame:
+    """The files of a folder with their sizes, e.g. a saved dictionary."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
+    return pd.DataFrame({"file": [p.name for p in files],
+                         "KB": [round(p.stat().st_size / 1024, 1) for p in files]})

@@ -18,7 +18,6 @@ manifest records each shard file's SHA-256: a resumed extraction checks them, an
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,11 +45,6 @@ IDENTITY = ("model", "site", "module", "io", "d", "dtype", "tokenizer", "mode", 
 
 class StoreError(RuntimeError):
     """A store is missing, damaged, or was written with other settings than asked for."""
-
-
-def site_dirname(site: str) -> str:
-    """A folder name for a site (raw module paths may hold ':')."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", site)
 
 
 def _lock_store(folder: Path):
@@ -423,3 +417,23 @@ def open_stores(run_dir: str | Path, allow_partial: bool = False) -> dict[str, A
     is refused unless ``allow_partial`` (see :class:`ActivationStore`)."""
     return {site: ActivationStore(folder, allow_partial=allow_partial)
             for site, folder in store_folders(run_dir).items()}
+
+
+def open_store(run_dir: str | Path, site: str, model: str | None = None,
+               allow_partial: bool = False) -> ActivationStore:
+    """The store of ``site`` under ``run_dir/activations``; ``model`` must be the one it holds.
+
+    An incomplete store (an interrupted extraction) is refused unless ``allow_partial``.
+    """
+    folders = store_folders(run_dir)
+    folder = folders.get(site) or next((f for f in folders.values() if f.name == site), None)
+    if folder is None:
+        raise StoreError(f"No store for site {site!r} under {str(Path(run_dir) / 'activations')!r};"
+                         f" it holds {sorted(folders)}. Pick one of those, or add the site to "
+                         f"notebook 01's sites and run it again.")
+    store = ActivationStore(folder, allow_partial=allow_partial)
+    if model is not None and store.manifest["model"] != model:
+        raise StoreError(f"The store at {str(store.path)!r} holds activations of model "
+                         f"{store.manifest['model']!r}, not {model!r}: the spliced cross-entropy "
+                         f"would run the wrong model. Set model to {store.manifest['model']!r}.")
+    return store

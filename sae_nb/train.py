@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE, build_dictionary
-from .io import atomic_open
+from .io import atomic_open, folder_name
 from .models import resolve_device
 from .objectives import compute_step
 from .sparse_ops import release_scratch
@@ -366,3 +366,42 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     return value
+
+
+def dictionary_name(config: TrainConfig, d_in: int) -> str:
+    """An automatic name from the architecture, width and sparsity: ``topk_4608_k32``."""
+    width = config.width(d_in)
+    sparsity = {"topk": f"k{config.k}", "batchtopk": f"k{config.k}",
+                "standard": f"l1_{config.l1_coefficient:g}",
+                "jumprelu": f"l0_{config.l0_coefficient:g}"}[config.architecture]
+    return f"{config.architecture}_{width}_{sparsity}"
+
+
+def checkpoint_dir(run_dir: str | Path, name: str, config: TrainConfig) -> str:
+    """``run_dir/checkpoints/<name>``, where training resumes from an existing checkpoint.
+
+    Raises when a checkpoint there was written with other settings than ``config``: resuming
+    it would mix two runs. Delete the folder, or pick another name.
+    """
+    folder = Path(run_dir) / "checkpoints" / folder_name(name)
+    file = folder / CHECKPOINT
+    if file.exists():  # fail here, before training starts, rather than in train_dictionary
+        check_resumable(file, _checkpoint_config(file), config)
+    return str(folder)
+
+
+def _checkpoint_config(file: Path) -> dict:
+    """The training config saved in a checkpoint. ``weights_only`` unpickles tensors and plain
+    containers only, so a malicious file cannot run code; any unreadable file gets one error."""
+    try:
+        payload = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+        saved = payload["config"]
+        if not isinstance(saved, dict):
+            raise TypeError(f"its config is a {type(saved).__name__}, not a dict")
+    except Exception as err:  # noqa: BLE001 - truncated, random, foreign or malicious: same fix
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise TrainingError(f"Checkpoint {str(file)!r} cannot be read ({type(err).__name__}: "
+                            f"{reason}); it is damaged or not an sae_nb checkpoint. Delete the "
+                            f"folder {str(file.parent)!r} to train afresh, or pick another name."
+                            ) from None
+    return saved

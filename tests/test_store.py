@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from sae_nb.store import (INDEX_DTYPE, MANIFEST, ActivationStore, StoreError, StoreWriter,
-                          open_stores, site_dirname)
+                          open_stores)
+from sae_nb.io import folder_name
 
 SHARD_ROWS = [7, 1, 12, 5, 9]  # uneven on purpose; 34 rows in all
 N = sum(SHARD_ROWS)
@@ -158,7 +159,7 @@ def test_context_lists_rows_of_the_same_context(store):
 
 def test_open_stores_keys_by_site(tmp_path):
     for site in ("embed", "model.layers.1.mlp:input"):
-        write_store(tmp_path / "activations" / site_dirname(site), site=site)
+        write_store(tmp_path / "activations" / folder_name(site), site=site)
     stores = open_stores(tmp_path)
     assert set(stores) == {"embed", "model.layers.1.mlp:input"}
     assert all(len(s) == N for s in stores.values())

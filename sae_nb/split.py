@@ -1,8 +1,4 @@
-"""The steps of the training notebook that are more than one library call.
-
-Open one site's store (checking it belongs to the model the evaluation will load), split it
-into training rows and held-out rows that no training batch ever sees, name a dictionary, and
-find its checkpoint folder, refusing to resume a checkpoint written with other settings.
+"""Split one store into training rows and held-out rows that no training batch ever sees.
 
 The held-out rows are the last whole contexts of the store, so every held-out context can also
 be fed to the model for the spliced cross-entropy without it having been trained on.
@@ -11,36 +7,13 @@ be fed to the model for the spliced cross-entropy without it having been trained
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import pandas as pd
 import torch
 
-from .store import ActivationStore, StoreError, site_dirname, store_folders
-from .train import CHECKPOINT, TrainConfig, TrainingError, check_resumable
-
-
-
-def open_store(run_dir: str | Path, site: str, model: str | None = None,
-               allow_partial: bool = False) -> ActivationStore:
-    """The store of ``site`` under ``run_dir/activations``; ``model`` must be the one it holds.
-
-    An incomplete store (an interrupted extraction) is refused unless ``allow_partial``.
-    """
-    folders = store_folders(run_dir)
-    folder = folders.get(site) or next((f for f in folders.values() if f.name == site), None)
-    if folder is None:
-        raise StoreError(f"No store for site {site!r} under {str(Path(run_dir) / 'activations')!r};"
-                         f" it holds {sorted(folders)}. Pick one of those, or add the site to "
-                         f"notebook 01's sites and run it again.")
-    store = ActivationStore(folder, allow_partial=allow_partial)
-    if model is not None and store.manifest["model"] != model:
-        raise StoreError(f"The store at {str(store.path)!r} holds activations of model "
-                         f"{store.manifest['model']!r}, not {model!r}: the spliced cross-entropy "
-                         f"would run the wrong model. Set model to {store.manifest['model']!r}.")
-    return store
+from .store import ActivationStore, StoreError
 
 
 @dataclass
@@ -134,54 +107,3 @@ def heldout_split(store: ActivationStore, heldout_tokens: int, n_contexts: int) 
                          f"ce_contexts.")
     return HeldoutSplit(store, boundary, heldout[:n_contexts])
 
-
-def dictionary_name(config: TrainConfig, d_in: int) -> str:
-    """An automatic name from the architecture, width and sparsity: ``topk_4608_k32``."""
-    width = config.width(d_in)
-    sparsity = {"topk": f"k{config.k}", "batchtopk": f"k{config.k}",
-                "standard": f"l1_{config.l1_coefficient:g}",
-                "jumprelu": f"l0_{config.l0_coefficient:g}"}[config.architecture]
-    return f"{config.architecture}_{width}_{sparsity}"
-
-
-def dictionary_path(root: str | Path, model: str, site: str, name: str) -> Path:
-    """``root/<model>/<site>/<name>``; a model given as a local folder goes by its folder name."""
-    model_dir = Path(model).name if Path(model).is_dir() else model
-    return Path(root) / site_dirname(model_dir) / site_dirname(site) / site_dirname(name)
-
-
-def checkpoint_dir(run_dir: str | Path, name: str, config: TrainConfig) -> str:
-    """``run_dir/checkpoints/<name>``, where training resumes from an existing checkpoint.
-
-    Raises when a checkpoint there was written with other settings than ``config``: resuming
-    it would mix two runs. Delete the folder, or pick another name.
-    """
-    folder = Path(run_dir) / "checkpoints" / site_dirname(name)
-    file = folder / CHECKPOINT
-    if file.exists():  # fail here, before training starts, rather than in train_dictionary
-        check_resumable(file, _checkpoint_config(file), config)
-    return str(folder)
-
-
-def _checkpoint_config(file: Path) -> dict:
-    """The training config saved in a checkpoint. ``weights_only`` unpickles tensors and plain
-    containers only, so a malicious file cannot run code; any unreadable file gets one error."""
-    try:
-        payload = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
-        saved = payload["config"]
-        if not isinstance(saved, dict):
-            raise TypeError(f"its config is a {type(saved).__name__}, not a dict")
-    except Exception as err:  # noqa: BLE001 - truncated, random, foreign or malicious: same fix
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
-        raise TrainingError(f"Checkpoint {str(file)!r} cannot be read ({type(err).__name__}: "
-                            f"{reason}); it is damaged or not an sae_nb checkpoint. Delete the "
-                            f"folder {str(file.parent)!r} to train afresh, or pick another name."
-                            ) from None
-    return saved
-
-
-def folder_files(folder: str | Path) -> pd.DataFrame:
-    """The files of a folder with their sizes, e.g. a saved dictionary."""
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file())
-    return pd.DataFrame({"file": [p.name for p in files],
-                         "KB": [round(p.stat().st_size / 1024, 1) for p in files]})
