@@ -10,8 +10,10 @@ from .extract import (ExtractConfig, ExtractionError, extract_activations,
 from .formats import load_dictionary
 from .models import DEFAULT_MODEL, ModelLoadError, load_model
 from .saving import (DEFAULT_DICTIONARY, DictionaryFormatError, dictionary_path, folder_files,
-                     load_default_dictionary, load_sae_nb, save_dictionary, verify_dictionary)
+                     load_default_dictionary, load_sae_nb, save_dictionary, save_trained,
+                     verify_dictionary)
 from .sites import SiteError, resolve_site, valid_sites
+from .io import write_table
 from .split import HeldoutSplit, heldout_split
 from .store import ActivationStore, StoreError, open_store, open_stores
 from .train import (TrainConfig, TrainingError, TrainResult, checkpoint_dir, dictionary_name,
@@ -21,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "catalogue", "SentenceCodes", "pooled_token_codes", "sentence_codes", "dictionary_site",
-    "EvaluationError", "fit_check",
+    "EvaluationError", "fit_check", "save_trained", "write_table",
     "ActivationStore", "Corpus", "CorpusError", "DEFAULT_DICTIONARY", "DEFAULT_MODEL",
     "DictionaryFormatError", "load_default_dictionary",
     "Evaluation", "ExtractConfig", "ExtractionError", "HeldoutSplit", "ModelLoadError",

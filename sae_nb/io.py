@@ -98,6 +98,12 @@ def atomic_write_json(path: str | Path, value: Any, indent: int | None = 1, **kw
     return atomic_write_text(path, json.dumps(value, indent=indent, **kwargs))
 
 
+def write_table(table, path: str | Path) -> Path:
+    """A DataFrame as CSV at ``path`` (folders made as needed), written atomically: a notebook
+    killed mid-write leaves the previous table or none, never half of one."""
+    return atomic_write_text(path, table.to_csv(index=False))
+
+
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> Path:
     with atomic_open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)

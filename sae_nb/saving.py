@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -259,6 +260,22 @@ def dictionary_path(root: str | Path, model: str, site: str, name: str) -> Path:
     """``root/<model>/<site>/<name>``; a model given as a local folder goes by its folder name."""
     model_dir = Path(model).name if Path(model).is_dir() else model
     return Path(root) / folder_name(model_dir) / folder_name(site) / folder_name(name)
+
+
+def save_trained(result, root: str | Path, name: str, store, evaluation=None,
+                 dtype: str = "float32") -> Path:
+    """Save a :class:`~sae_nb.train.TrainResult` as notebook 02 does, at
+    ``root/<model>/<site>/<name>``: the store it was trained on names the model, site, context
+    size and corpus; ``evaluation`` (an :class:`~sae_nb.evaluate.Evaluation`) adds its metrics
+    and the firing densities."""
+    m = store.manifest
+    metrics = density = None
+    if evaluation is not None:
+        metrics, density = evaluation.metrics.to_dict("records")[0], evaluation.density
+    return save_dictionary(
+        result.dictionary, dictionary_path(root, m["model"], m["site"], name), model=m["model"],
+        site=m["site"], context_size=m.get("ctx_len"), dataset=m.get("corpus"), density=density,
+        train_config=asdict(result.config), metrics=metrics, dtype=dtype)
 
 
 def folder_files(folder: str | Path) -> pd.DataFrame:

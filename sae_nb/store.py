@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .corpora import token_strings
 from .io import (TMP_SUFFIX, LockHeld, atomic_save_npy, atomic_write_bytes, file_sha256,
                  hold_lock, lock_holder)
 
@@ -377,13 +378,19 @@ class ActivationStore:
             out[i, index["offset"][lo:hi]] = index["token"][lo:hi]
         return out
 
-    def context(self, row: int, before: int = 16, after: int = 4) -> pd.DataFrame:
-        """The stored tokens around ``row`` in its own context (rows are stored in order)."""
+    def context(self, row: int, before: int = 16, after: int = 4,
+                tokenizer=None) -> pd.DataFrame:
+        """The stored tokens around ``row`` in its own context (rows are stored in order), with
+        each row's activation norm, and each token as text when a ``tokenizer`` is given."""
         lo, hi = max(0, row - before), min(len(self), row + after + 1)
         idx = self.index(slice(lo, hi))
         same = idx["context"] == self.index(row)["context"]
         df = pd.DataFrame(idx[same])
-        df.insert(0, "row", np.arange(lo, hi)[same])
+        rows = np.arange(lo, hi)[same]
+        df.insert(0, "row", rows)
+        if tokenizer is not None:
+            df["text"] = token_strings(tokenizer, df["token"].to_numpy())
+        df["norm"] = np.linalg.norm(self[rows].astype(np.float64), axis=1).round(2)
         return df
 
 

@@ -157,6 +157,20 @@ def test_context_lists_rows_of_the_same_context(store):
     assert df["offset"].tolist() == list(range(8))
 
 
+def test_context_shows_each_token_and_its_norm(store):
+    """Row r holds (r, -2r, r + 0.25): its norm is sqrt(5 r^2 + (r + 0.25)^2) in closed form."""
+
+    class Tokenizer:  # decodes id i as "<i>", one call per distinct id
+        def batch_decode(self, seqs):
+            return [f"<{s[0]}>" for s in seqs]
+
+    df = store.context(20, before=6, after=6, tokenizer=Tokenizer())
+    rows = np.arange(16, 24)
+    assert df["text"].tolist() == [f"<{r % 250}>" for r in rows]
+    np.testing.assert_allclose(df["norm"], np.sqrt(5 * rows**2 + (rows + 0.25) ** 2), atol=0.006)
+    assert "text" not in store.context(20).columns
+
+
 def test_open_stores_keys_by_site(tmp_path):
     for site in ("embed", "model.layers.1.mlp:input"):
         write_store(tmp_path / "activations" / folder_name(site), site=site)

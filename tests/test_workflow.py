@@ -261,6 +261,24 @@ def _torch_bytes(value, path: Path) -> bytes:
     return path.read_bytes()
 
 
+def test_save_trained_records_what_the_store_and_evaluation_say(tmp_path: Path, store):
+    split = heldout_split(store, heldout_tokens=40, n_contexts=0)
+    result = train_dictionary(split.train_batches(32), d_sae=8, k=2, total_tokens=32 * 4,
+                              progress=False, metadata=split.metadata(32))
+    evaluation = sae_nb.evaluate_dictionary(result.dictionary, split.heldout_acts)
+    folder = sae_nb.save_trained(result, tmp_path / "dicts", "mine", store, evaluation)
+    assert folder == tmp_path / "dicts" / "tiny" / "resid_out_layer1" / "mine"
+    loaded = sae_nb.load_sae_nb(folder)
+    assert loaded.metadata["model"] == "tiny" and loaded.metadata["site"] == "resid_out_layer1"
+    assert loaded.metadata["metrics"]["fvu"] == pytest.approx(
+        float(evaluation.metrics["fvu"].iloc[0]))
+    assert loaded.metadata["train_config"]["k"] == 2
+    cfg = __import__("json").loads((folder / "cfg.json").read_text())
+    assert cfg["metadata"]["context_size"] == CTX_LEN and cfg["metadata"]["dataset_path"] == "docs"
+    x = split.heldout_acts
+    torch.testing.assert_close(loaded.encode(x), result.dictionary.encode(x))
+
+
 def test_folder_files(tmp_path: Path):
     (tmp_path / "b.json").write_text("{}")
     (tmp_path / "a.bin").write_bytes(b"x" * 2048)

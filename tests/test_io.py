@@ -1,0 +1,32 @@
+"""Atomic writers and file names (sae_nb/io.py)."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from sae_nb.io import atomic_open, folder_name, write_table
+
+
+def test_write_table_makes_folders_and_leaves_no_temporary(tmp_path):
+    table = pd.DataFrame({"text": ["a, quoted \"one\"", "b"], "score": [0.5, -1.25]})
+    path = write_table(table, tmp_path / "probing" / "results.csv")
+    assert path.read_text().splitlines()[0] == "text,score"
+    pd.testing.assert_frame_equal(pd.read_csv(path), table)
+    assert [p.name for p in path.parent.iterdir()] == ["results.csv"]
+
+
+def test_an_interrupted_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_open(path, "w") as f:
+            f.write("new, half")
+            raise RuntimeError("killed")
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+def test_folder_name_keeps_safe_characters_only():
+    assert folder_name("model.layers.3.mlp:input") == "model.layers.3.mlp_input"
+    assert folder_name("EleutherAI/pythia-70m") == "EleutherAI_pythia-70m"
