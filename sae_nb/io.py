@@ -18,6 +18,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import time
 from datetime import datetime, timezone
@@ -96,6 +97,27 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, value: Any, indent: int | None = 1, **kwargs: Any) -> Path:
     """``json.dumps(value)`` written atomically (``kwargs`` go to ``json.dumps``, e.g. default)."""
     return atomic_write_text(path, json.dumps(value, indent=indent, **kwargs))
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Build a folder under a temporary name; on a clean exit, swap it in for ``path`` (an old
+    folder there is replaced), so ``path`` is always a complete folder or absent. On an
+    exception the temporary folder is removed and ``path`` is left as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_name(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = temporary_name(path.with_name(path.name + ".old"))
+        if path.exists():  # swap in the new folder, then drop the old one
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _fsync_folder(path.parent)
 
 
 def write_table(table, path: str | Path) -> Path:

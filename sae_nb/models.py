@@ -13,7 +13,6 @@ import hashlib
 import importlib.util
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,6 +24,8 @@ from urllib.parse import urlparse
 from typing import Any
 
 import torch
+
+from .io import atomic_folder
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +175,10 @@ def ensure_default_model() -> Path:
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".convert-") as tmp:
-        gguf = _find_smollm2_gguf(Path(tmp))
-        _convert_gguf(gguf, Path(tmp) / "model")
-        if folder.exists():  # a half-written folder from an interrupted conversion
-            shutil.rmtree(folder)
-        os.replace(Path(tmp) / "model", folder)  # atomic: the folder is complete or absent
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".convert-") as scratch:
+        gguf = _find_smollm2_gguf(Path(scratch))
+        with atomic_folder(folder) as tmp:  # the folder is complete or absent, never half
+            _convert_gguf(gguf, tmp)
     log.info("Converted %s into %s", SMOLLM2_GGUF, folder)
     return folder
 

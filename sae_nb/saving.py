@@ -13,9 +13,6 @@ so ``sae_lens.SAE.load_from_disk(folder)`` reads it unchanged, and so do we.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE
-from .io import file_sha256, folder_name
+from .io import atomic_folder, file_sha256, folder_name
 from .sites import hook_name
 
 CFG_FILE = "cfg.json"
@@ -72,9 +69,7 @@ def save_dictionary(dictionary: Dictionary, path: str | Path, *, model: str, sit
             "k": getattr(dictionary, "k", None), "model": model, "site": site,
             "target_site": target_site or site, "train_config": train_config or {},
             "metrics": metrics or {}}
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
-    tmp.chmod(0o755)
-    try:
+    with atomic_folder(path) as tmp:
         (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
         save_file(weights, tmp / WEIGHTS_FILE)
         if density is not None:
@@ -82,13 +77,6 @@ def save_dictionary(dictionary: Dictionary, path: str | Path, *, model: str, sit
             save_file({"sparsity": log10}, tmp / SPARSITY_FILE)
         meta["checksums"] = _checksums(tmp)  # for verify_dictionary; loads never read them
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
-        old = path.with_name(f".{path.name}.old")
-        if path.exists():  # swap in the new folder, then drop the old one
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

@@ -30,3 +30,21 @@ def test_an_interrupted_write_keeps_the_old_file(tmp_path):
 def test_folder_name_keeps_safe_characters_only():
     assert folder_name("model.layers.3.mlp:input") == "model.layers.3.mlp_input"
     assert folder_name("EleutherAI/pythia-70m") == "EleutherAI_pythia-70m"
+
+
+def test_atomic_folder_swaps_in_whole_or_leaves_the_old(tmp_path):
+    from sae_nb.io import atomic_folder
+
+    path = tmp_path / "dictionary"
+    with atomic_folder(path) as tmp:
+        (tmp / "a.txt").write_text("first")
+    assert sorted(p.name for p in path.iterdir()) == ["a.txt"]
+    with pytest.raises(RuntimeError):
+        with atomic_folder(path) as tmp:
+            (tmp / "a.txt").write_text("second, half")
+            raise RuntimeError("killed")
+    assert (path / "a.txt").read_text() == "first"
+    with atomic_folder(path) as tmp:
+        (tmp / "b.txt").write_text("third")
+    assert sorted(p.name for p in path.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dictionary"]
