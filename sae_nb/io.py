@@ -1,4 +1,6 @@
-"""Atomic file writes: a file is either the old one or the complete new one, never half.
+"""Files: atomic writes and folder swaps, tables, checksums, a writer's lock, safe names.
+
+A file this package writes is either the old one or the complete new one, never half.
 
 Every writer goes through :func:`atomic_open`: it writes to a temporary file in the same
 folder, named after the target plus the writer's pid and a random suffix (so two writers of
@@ -7,7 +9,8 @@ A reader opening the target sees the old file or the new one. A killed writer le
 ``*.tmp`` file, which the next writer of that folder may delete.
 
 :func:`hold_lock` is the one-writer-at-a-time lock of a folder (an OS ``flock``, released
-however the holder ends), and :func:`lock_holder` asks who holds it.
+however the holder ends), and :func:`lock_holder` asks who holds it. :func:`atomic_folder`
+does for a folder (a saved dictionary) what :func:`atomic_open` does for a file.
 """
 
 from __future__ import annotations
