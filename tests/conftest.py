@@ -159,3 +159,19 @@ def sentences_csv(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("csv") / "sentences.csv"
     pd.DataFrame({"id": range(len(texts)), "sentence": texts}).to_csv(path, index=False)
     return path
+
+
+def identity_like(d: int, site: str | None = "resid_out_layer1"):
+    """A perfect dictionary, exact in floats: codes ``[relu(x), relu(-x)]`` (2d latents) and
+    the decoder ``[I; -I]`` that undoes them, since ``relu(x) - relu(-x) == x``."""
+    from sae_nb.dictionary import ReLUSAE
+
+    sae = ReLUSAE(d, 2 * d)
+    with torch.no_grad():
+        eye = torch.eye(d)
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.metadata = {"site": site} if site else {}
+    return sae

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import identity_like
 
 import sae_nb
 from sae_nb.codes import sentence_codes
@@ -11,19 +12,6 @@ from sae_nb.evaluate import fit_check
 from sae_nb.dictionary import ReLUSAE, TopKSAE
 
 TEXTS = ["the state of the union", "war and peace", "a new law for trade and work", "we must"]
-
-
-def identity_like(d: int) -> ReLUSAE:
-    """Codes [relu(x), relu(-x)] and a decoder that undoes them: a perfect dictionary."""
-    sae = ReLUSAE(d, 2 * d)
-    with torch.no_grad():
-        eye = torch.eye(d)
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    sae.metadata = {"site": "resid_out_layer1"}
-    return sae
 
 
 def test_sentence_table_matches_a_direct_computation(llama):

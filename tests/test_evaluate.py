@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import identity_like
 
 from sae_nb.dictionary import NormalizedTopKSAE, SkipTopKSAE, TopKSAE
 from sae_nb.evaluate import ce_metrics, evaluate_dictionary, reconstruction_metrics, splice_loss
@@ -198,20 +199,6 @@ def tokens_with_bos(llama, n=3, T=16):
     tokens[:, 0] = bos
     tokens[1, 7] = bos
     return tokens, bos
-
-
-def identity_like(d: int):
-    """``relu(x) - relu(-x) == x``: codes [relu(x), relu(-x)], decoder [I; -I], exact in floats."""
-    from sae_nb.dictionary import ReLUSAE
-
-    sae = ReLUSAE(d, 2 * d)
-    with torch.no_grad():
-        eye = torch.eye(d)
-        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
-        sae.W_dec.copy_(torch.cat([eye, -eye], 0))
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-    return sae
 
 
 @pytest.mark.parametrize("keep_bos", [True, False])
