@@ -81,6 +81,32 @@ def test_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# The package's layers, lowest first (README, "Layout"). A module imports only from its own
+# layer or lower ones. A new module must be placed here: the test fails until it is.
+LAYERS = {
+    "ground": ["threads", "io", "sites", "models", "corpora", "store", "split"],
+    "dictionaries": ["dictionary", "sparse_ops", "saving", "formats", "catalogue"],
+    "producing": ["extract", "objectives", "train", "evaluate"],
+    "studying": ["codes", "features", "contexts", "logit_effects", "probing", "clustering",
+                 "families", "intervene"],
+    "showing": ["plotting", "dashboard", "explorer"],
+    "running": ["runs", "pipeline", "__main__", "__init__"],
+}
+
+
+def test_every_module_has_a_layer_and_imports_downwards():
+    rank = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}
+    unplaced = sorted(set(modules()) - set(rank))
+    assert not unplaced, f"place these modules in a layer of LAYERS: {unplaced}"
+    upward = [f"{m} ({layer_of(m)}) imports {dep} ({layer_of(dep)})"
+              for m, deps in graph().items() for dep in deps if rank[dep] > rank[m]]
+    assert not upward, upward
+
+
+def layer_of(module: str) -> str:
+    return next(name for name, mods in LAYERS.items() if module in mods)
+
+
 def test_no_private_name_imported_across_modules():
     borrowed = [f"{m} imports {name} from {dep}"
                 for m, tree in modules().items() for dep, names in package_imports(tree)
