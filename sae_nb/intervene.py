@@ -1,0 +1,303 @@
+"""Edit a model through a dictionary at its site: ablate, clamp, scale or steer latents, or steer
+along a raw direction, keeping the dictionary's error term.
+
+With a dictionary at site ``s``, the spliced model replaces the site's activation ``x`` by
+``x_hat(f') + (x - x_hat(f))``: ``f = encode(x)`` the codes, ``f'`` the edited codes,
+``x_hat`` the dictionary's reconstruction (``encode_and_reconstruct``) and ``x - x_hat(f)``
+the error term, the part the dictionary does not explain. With no edit the model is unchanged;
+an edit changes only what the edited latents contribute. Because the reconstruction is affine in
+the codes (``f @ W_dec + b_dec``, plus terms that depend on ``x`` alone: a skip connection, or
+OpenAI's normalisation which scales the dictionary part by the input's ``sigma``), the output is
+computed in the equivalent form ``x + (x_hat(f') - x_hat(f))``, exact when nothing is edited.
+``error_term=False`` splices ``x_hat(f')`` alone (what the spliced cross-entropy measures).
+
+Edits are small frozen dataclasses made by :func:`ablate`, :func:`clamp`, :func:`scale`,
+:func:`steer_latent` (``f_i += alpha``, i.e. ``alpha * W_dec[i]`` added to the site) and
+:func:`steer_direction` (``alpha * v / |v|`` added, for a probe direction or a difference of
+class means). Each applies at positions ``start <= p < stop`` (all by default); positions
+holding BOS keep their clean activation when the dictionary was trained without BOS rows
+(:func:`sae_nb.evaluate.bos_kept_clean`). A coefficient may be one number or one per batch row,
+so a sweep over coefficients runs as one batch.
+
+The splice is a pair of plain PyTorch hooks on the transformers module (not an nnsight trace),
+so it works in a forward pass, a backward pass (:mod:`sae_nb.attribution`) and generation with
+a KV cache (:mod:`sae_nb.effects`) alike.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from .corpora import document_separator
+from .dictionary import dictionary_site
+from .evaluate import bos_kept_clean
+from .extract import resolve_sites, site_widths
+from .models import hf_model
+
+Coefficient = float | Sequence[float]
+
+
+class InterventionError(ValueError):
+    """An edit, prompt or dictionary that cannot be spliced; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class LatentEdit:
+    """Set the codes of ``latents`` to ``0`` (ablate), ``value`` (clamp), ``f * value``
+    (scale) or ``f + value`` (add: steering by ``value * W_dec[i]``) at positions
+    ``start <= p < stop``."""
+
+    kind: Literal["ablate", "clamp", "scale", "add"]
+    latents: tuple[int, ...]
+    value: Coefficient = 0.0  # one number, or one per batch row
+    start: int = 0
+    stop: int | None = None
+
+
+@dataclass(frozen=True)
+class DirectionEdit:
+    """Add ``value * direction / |direction|`` to the site at positions ``start <= p < stop``:
+    steering along a raw direction, the baseline a latent is compared with."""
+
+    direction: torch.Tensor  # (D,)
+    value: Coefficient = 0.0  # the norm of the added vector; one number or one per batch row
+    start: int = 0
+    stop: int | None = None
+    name: str = "direction"
+
+
+Edit = LatentEdit | DirectionEdit
+
+
+def _latents(latents) -> tuple[int, ...]:
+    return (int(latents),) if isinstance(latents, (int, torch.Tensor)) and \
+        torch.as_tensor(latents).ndim == 0 else tuple(int(i) for i in latents)
+
+
+def ablate(latents, start: int = 0, stop: int | None = None) -> LatentEdit:
+    """Zero the codes of ``latents`` (an index or a list)."""
+    return LatentEdit("ablate", _latents(latents), 0.0, start, stop)
+
+
+def clamp(latents, value: Coefficient, start: int = 0, stop: int | None = None) -> LatentEdit:
+    """Set the codes of ``latents`` to ``value``."""
+    return LatentEdit("clamp", _latents(latents), _value(value), start, stop)
+
+
+def scale(latents, factor: Coefficient, start: int = 0, stop: int | None = None) -> LatentEdit:
+    """Multiply the codes of ``latents`` by ``factor``."""
+    return LatentEdit("scale", _latents(latents), _value(factor), start, stop)
+
+
+def steer_latent(latents, alpha: Coefficient, start: int = 0,
+                 stop: int | None = None) -> LatentEdit:
+    """Add ``alpha`` to the codes of ``latents``: ``alpha * W_dec[i]`` added to the site."""
+    return LatentEdit("add", _latents(latents), _value(alpha), start, stop)
+
+
+def steer_direction(direction, alpha: Coefficient, start: int = 0, stop: int | None = None,
+                    name: str = "direction") -> DirectionEdit:
+    """Add ``alpha`` times the unit vector along ``direction`` ``(D,)`` to the site."""
+    v = torch.as_tensor(direction, dtype=torch.float32).detach().reshape(-1)
+    norm = float(v.norm())
+    if not norm > 0 or not torch.isfinite(v).all():
+        raise InterventionError(f"The direction {name!r} has norm {norm}; pass a nonzero, finite "
+                                f"vector (a probe's weights, a difference of class means).")
+    return DirectionEdit(v / norm, _value(alpha), start, stop, name)
+
+
+def _value(value: Coefficient) -> Coefficient:
+    if isinstance(value, (int, float)):
+        return float(value)
+    values = tuple(float(v) for v in torch.as_tensor(value).reshape(-1).tolist())
+    if not values:
+        raise InterventionError("The coefficients are empty; give one number, or one per row "
+                                "(e.g. [0, 2, 4]).")
+    return values
+
+
+def prompt_tokens(model, prompt: str, prepend_bos: bool = True) -> torch.Tensor:
+    """``(1, T)`` token ids of ``prompt``, after BOS (the document separator) by default."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InterventionError(f"The prompt {prompt!r} is empty; type some text.")
+    ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if prepend_bos:
+        ids = [document_separator(model.tokenizer)] + ids
+    return torch.tensor([ids], dtype=torch.long)
+
+
+class Splice:
+    """A dictionary spliced in at its site with ``edits``, as a context manager.
+
+    ``with Splice(lm, sae, [ablate(12)]): hf_model(lm)(input_ids=ids)`` runs the edited model;
+    outside the block the model is clean again. ``record=True`` keeps the last forward pass's
+    codes (``self.codes``, ``(B, T, F)``) and adds a zero leaf tensor ``self.leaf`` (``(B, T, D)``,
+    requires grad) to the site's output, whose gradient is the gradient at the site.
+    """
+
+    def __init__(self, model, dictionary, edits: Sequence[Edit] = (), site: str | None = None,
+                 error_term: bool = True, splice_bos: bool | None = None, record: bool = False):
+        self.model, self.dictionary = model, dictionary
+        self.edits = list(edits) if isinstance(edits, (list, tuple)) else [edits]
+        self.error_term, self.record = error_term, record
+        name = dictionary_site(dictionary, site)
+        target = (getattr(dictionary, "metadata", None) or {}).get("target_site")
+        if target and target != name and site is None:
+            raise InterventionError(f"This dictionary reads {name!r} and writes {target!r} (a "
+                                    f"transcoder); splicing supports dictionaries that "
+                                    f"reconstruct their own site.")
+        (self.site,) = resolve_sites(model, [name])  # SiteError when the model lacks it
+        width = site_widths(model, [self.site])[self.site.name]
+        if width != dictionary.d_in:
+            raise InterventionError(f"Site {name!r} of this model is {width} wide but the "
+                                    f"dictionary reads {dictionary.d_in}: it belongs to another "
+                                    f"model or site.")
+        for edit in self.edits:
+            self._check(edit)
+        with warnings.catch_warnings():  # unknown: BOS stays clean, the extraction default
+            warnings.simplefilter("ignore")
+            self.bos = bos_kept_clean(dictionary, model, splice_bos=splice_bos)
+        self.tokens: torch.Tensor | None = None
+        self.offset = 0
+        self.codes: torch.Tensor | None = None
+        self.leaf: torch.Tensor | None = None
+        self._handles: list = []
+
+    def _check(self, edit) -> None:
+        if isinstance(edit, LatentEdit):
+            bad = [i for i in edit.latents if not 0 <= i < self.dictionary.d_sae]
+            if bad or not edit.latents:
+                raise InterventionError(f"Latent(s) {bad or '[]'} out of range: this dictionary "
+                                        f"has latents 0..{self.dictionary.d_sae - 1}.")
+            if edit.kind not in ("ablate", "clamp", "scale", "add"):
+                raise InterventionError(f"Edit kind {edit.kind!r}; use ablate, clamp, scale, add.")
+        elif isinstance(edit, DirectionEdit):
+            if edit.direction.numel() != self.dictionary.d_in:
+                raise InterventionError(f"Direction {edit.name!r} has {edit.direction.numel()} "
+                                        f"entries; the site is {self.dictionary.d_in} wide.")
+        else:
+            raise InterventionError(f"{edit!r} is not an edit; make one with ablate, clamp, "
+                                    f"scale, steer_latent or steer_direction.")
+        if edit.start < 0 or (edit.stop is not None and edit.stop <= edit.start):
+            raise InterventionError(f"Positions start={edit.start}, stop={edit.stop}: need "
+                                    f"0 <= start < stop.")
+
+    # -- hooks -------------------------------------------------------------------------------
+    def __enter__(self) -> "Splice":
+        hf = hf_model(self.model)
+        module = hf.get_submodule(self.site.module)
+        self._handles.append(hf.register_forward_pre_hook(self._see_inputs, with_kwargs=True))
+        if self.site.io == "output":
+            self._handles.append(module.register_forward_hook(self._on_output))
+        else:
+            self._handles.append(module.register_forward_pre_hook(self._on_input))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _see_inputs(self, module, args, kwargs) -> None:
+        """Note the token ids and the cache length (the absolute position of the first one)."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        self.tokens = ids
+        self.offset = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+
+    def _on_output(self, module, args, output):
+        if isinstance(output, tuple):
+            return (self.edit(output[0]),) + tuple(output[1:])
+        return self.edit(output)
+
+    def _on_input(self, module, args):
+        return (self.edit(args[0]),) + tuple(args[1:])
+
+    # -- the splice itself ---------------------------------------------------------------------
+    def positions(self, start: int, stop: int | None, B: int, T: int, device) -> torch.Tensor:
+        """``(B, T, 1)`` float mask of the positions ``start <= p < stop`` (BOS excluded)."""
+        pos = self.offset + torch.arange(T, device=device)
+        keep = pos >= start
+        if stop is not None:
+            keep &= pos < stop
+        keep = keep.expand(B, T)
+        if self.bos is not None and self.tokens is not None and self.tokens.shape == (B, T):
+            keep = keep & (self.tokens.to(device) != self.bos)
+        return keep[..., None].float()
+
+    def edit(self, x: torch.Tensor) -> torch.Tensor:
+        """The site's new activation for ``x`` ``(B, T, D)``."""
+        sae, (B, T, D) = self.dictionary, x.shape
+        xf = x.float()
+        flat = xf.reshape(B * T, D)
+        need_codes = self.record or not self.error_term or any(
+            isinstance(e, LatentEdit) and e.kind != "add" for e in self.edits)
+        f = x_hat = None
+        if need_codes:
+            with torch.no_grad():
+                f, x_hat = sae.encode_and_reconstruct(flat)
+            f, x_hat = f.view(B, T, -1), x_hat.view(B, T, D)
+        delta = torch.zeros_like(xf)
+        for e in self.edits:
+            delta = delta + self._delta(e, xf, f) * self.positions(e.start, e.stop, B, T, x.device)
+        if self.error_term:
+            out = xf + delta  # == x_hat(f') + (x - x_hat(f)): see the module docstring
+        else:
+            clean = self.positions(0, None, B, T, x.device) == 0  # BOS when kept clean
+            out = torch.where(clean, xf, x_hat + delta)
+        if self.record:
+            self.codes = f
+            self.leaf = torch.zeros_like(xf, requires_grad=True)
+            out = out + self.leaf
+        return out.to(x.dtype)
+
+    def _delta(self, e: Edit, x: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
+        """``x_hat(f') - x_hat(f)`` ``(B, T, D)`` for one edit at every position."""
+        value = _rows(e.value, x)
+        if isinstance(e, DirectionEdit):
+            return value * e.direction.to(x.device)
+        idx = torch.tensor(e.latents, device=x.device)
+        if e.kind == "add":
+            dcode = value.expand(*x.shape[:2], len(idx))
+        else:
+            cur = f[..., idx]  # (B, T, L)
+            new = {"ablate": torch.zeros_like(cur), "clamp": value.expand_as(cur),
+                   "scale": cur * value}[e.kind]
+            dcode = new - cur
+        return decoder_output(self.dictionary, x, dcode, idx)
+
+
+def _rows(value: Coefficient, x: torch.Tensor) -> torch.Tensor:
+    """A coefficient as ``(B or 1, 1, 1)``: one number, or one per batch row."""
+    v = torch.as_tensor(value, dtype=torch.float32, device=x.device).reshape(-1, 1, 1)
+    if v.shape[0] not in (1, x.shape[0]):
+        raise InterventionError(f"{v.shape[0]} coefficients for a batch of {x.shape[0]} rows; "
+                                f"give one, or one per row.")
+    return v
+
+
+def decoder_output(dictionary, x: torch.Tensor, dcode: torch.Tensor,
+                   latents: torch.Tensor | None = None) -> torch.Tensor:
+    """What a change of codes ``dcode`` ``(B, T, L)`` of ``latents`` (all when None) adds to the
+    reconstruction of ``x`` ``(B, T, D)``: ``dcode @ W_dec[latents]``, times the input's
+    ``sigma`` for OpenAI's normalised TopK (whose dictionary part is in normalised units)."""
+    W = dictionary.W_dec if latents is None else dictionary.W_dec[latents]  # (L, D)
+    out = dcode @ W.float()
+    if hasattr(dictionary, "input_stats"):
+        out = out * dictionary.input_stats(x)[1]
+    return out
+
+
+def edited_logits(model, tokens: torch.Tensor, splice: Splice | None = None) -> torch.Tensor:
+    """``(B, T, V)`` float logits of ``tokens`` ``(B, T)``, clean or with ``splice`` on."""
+    hf = hf_model(model)
+    device = next(hf.parameters()).device
+    with torch.no_grad():
+        if splice is None:
+            return hf(input_ids=tokens.to(device)).logits.float()
+        with splice:
+            return hf(input_ids=tokens.to(device)).logits.float()
