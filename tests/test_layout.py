@@ -88,7 +88,7 @@ LAYERS = {
     "dictionaries": ["dictionary", "sparse_ops", "saving", "formats", "catalogue"],
     "producing": ["extract", "objectives", "train", "evaluate"],
     "studying": ["codes", "features", "contexts", "logit_effects", "probing", "clustering",
-                 "families", "intervene"],
+                 "families", "intervene", "effects", "attribution", "steering"],
     "showing": ["plotting", "dashboard", "explorer"],
     "running": ["runs", "pipeline", "__main__", "__init__"],
 }
