@@ -135,7 +135,7 @@ class Splice:
 
     ``with Splice(lm, sae, [ablate(12)]): hf_model(lm)(input_ids=ids)`` runs the edited model;
     outside the block the model is clean again. ``record=True`` keeps the last forward pass's
-    codes (``self.codes``, ``(B, T, F)``) and adds a zero leaf tensor ``self.leaf`` (``(B, T, D)``,
+    codes (``self.codes``, ``(B, T, F)``) and site inputs (``self.inputs``) and adds a zero leaf tensor ``self.leaf`` (``(B, T, D)``,
     requires grad) to the site's output, whose gradient is the gradient at the site.
     """
 
@@ -164,6 +164,7 @@ class Splice:
         self.tokens: torch.Tensor | None = None
         self.offset = 0
         self.codes: torch.Tensor | None = None
+        self.inputs: torch.Tensor | None = None
         self.leaf: torch.Tensor | None = None
         self._handles: list = []
 
@@ -250,7 +251,7 @@ class Splice:
             clean = self.positions(0, None, B, T, x.device) == 0  # BOS when kept clean
             out = torch.where(clean, xf, x_hat + delta)
         if self.record:
-            self.codes = f
+            self.codes, self.inputs = f, xf.detach()
             self.leaf = torch.zeros_like(xf, requires_grad=True)
             out = out + self.leaf
         return out.to(x.dtype)

@@ -1,0 +1,81 @@
+"""Attribution (sae_nb.attribution) against finite edits: activation x gradient is the
+first-order change of the target, so a small scaling of one latent at one position, measured
+with two forward passes, must agree with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import D_MODEL
+from sae_nb.attribution import (ablation_check, agreement, attribute, per_latent_ablations,
+                                target_function)
+from sae_nb.dictionary import NormalizedTopKSAE, ReLUSAE
+from sae_nb.intervene import InterventionError, Splice, edited_logits, prompt_tokens, scale
+from test_intervene import PROMPT, SITE, topk
+
+
+def relu_sae():
+    """A dense ReLU dictionary: many latents active at each position."""
+    torch.manual_seed(4)
+    sae = ReLUSAE(D_MODEL, 48)
+    with torch.no_grad():
+        sae.b_enc.normal_(0, 0.2)
+    sae.metadata = {"site": SITE}
+    return sae
+
+
+@pytest.mark.parametrize("make", [relu_sae, lambda: topk(cls=NormalizedTopKSAE)],
+                         ids=["relu", "normalized_topk"])
+def test_attribution_is_the_first_order_change_of_a_finite_edit(llama, make):
+    sae = make()
+    ids = prompt_tokens(llama, PROMPT)
+    target = (ord("e") - 0, ord("a"))  # byte tokens: the logit difference 'e' - 'a'
+    fn, _ = target_function(llama, target)
+    att = attribute(llama, sae, PROMPT, target)
+    assert att.target == pytest.approx(float(fn(edited_logits(llama, ids)[0, -1])), rel=1e-5)
+    scores = att.scores
+    checked = 0
+    for flat in scores.abs().flatten().topk(6).indices.tolist():
+        p, i = divmod(flat, scores.shape[1])
+        eps = 1e-2
+
+        def measure(factor):
+            out = edited_logits(llama, ids, Splice(llama, sae, [scale(i, factor, p, p + 1)]))
+            return float(fn(out[0, -1].double()))
+
+        # scaling f by (1 +- eps) moves the target by +- eps * f * dm/df to first order
+        slope = (measure(1 + eps) - measure(1 - eps)) / (2 * eps)
+        assert float(scores[p, i]) == pytest.approx(slope, rel=0.05), (p, i)
+        checked += 1
+    assert checked == 6
+
+
+def test_bos_and_silent_latents_get_no_attribution(llama):
+    sae = topk()
+    att = attribute(llama, sae, PROMPT, "e")
+    assert (att.scores[0] == 0).all()  # BOS kept clean
+    assert ((att.codes == 0) <= (att.scores == 0)).all()
+    assert att.codes.shape == (prompt_tokens(llama, PROMPT).shape[1], sae.d_sae)
+
+
+def test_ablation_check_and_per_latent_ablations(llama):
+    sae = relu_sae()
+    table = ablation_check(llama, sae, PROMPT, ("e", "a"), n=8)
+    assert len(table) == 8
+    stats = agreement(table)
+    assert stats["pearson_r"] > 0.9 and stats["same_sign"] >= 0.75, stats
+    att = attribute(llama, sae, PROMPT, ("e", "a"))
+    latents = att.per_latent().abs().topk(3).indices.tolist()
+    naive = per_latent_ablations(llama, sae, PROMPT, ("e", "a"), latents)
+    assert naive == pytest.approx(att.per_latent()[latents].numpy(), rel=0.5, abs=0.05)
+
+
+def test_bad_targets(llama):
+    sae = topk()
+    with pytest.raises(InterventionError, match="2 tokens"):
+        attribute(llama, sae, PROMPT, "ab")
+    with pytest.raises(InterventionError, match="out of range"):
+        attribute(llama, sae, PROMPT, 10**6)
+    with pytest.raises(InterventionError, match="pair"):
+        attribute(llama, sae, PROMPT, ("a", "b", "c"))
