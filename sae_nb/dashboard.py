@@ -106,14 +106,16 @@ def contexts_html(contexts: Iterable[dict], scale: float) -> str:
 
 # -- tables -----------------------------------------------------------------------------------
 
-def summary_html(stats, latent: int) -> str:
-    """Density, mean activation where firing, and largest activation of one latent."""
+def summary_html(stats, latent: int, tags: Sequence[str] = ()) -> str:
+    """Density, mean activation where firing, and largest activation of one latent, then
+    ``tags`` (e.g. "dense"), muted."""
     density = float(stats.density[latent])
     fired = int(round(density * stats.n_tokens))
+    notes = "".join(f'<span class="muted">{html.escape(t)}</span>' for t in tags)
     return (f'<div class="summary"><span><b>latent {latent}</b></span>'
             f'<span>density {density:.3%} ({fired:,} of {stats.n_tokens:,} tokens)</span>'
             f'<span>mean when firing {float(stats.mean_act[latent]):.4g}</span>'
-            f'<span>max {float(stats.max_act[latent]):.4g}</span></div>')
+            f'<span>max {float(stats.max_act[latent]):.4g}</span>{notes}</div>')
 
 
 def logit_table_html(table: pd.DataFrame | None) -> str:

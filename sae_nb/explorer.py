@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 from collections import OrderedDict
+from copy import deepcopy
 
 import ipywidgets as widgets
 import numpy as np
@@ -27,24 +28,61 @@ from .dashboard import (contexts_html, latents_table_html, logit_table_html,
                         scoped_css, shaded_tokens_html, summary_html)
 from .features import latent_contexts, text_activations
 
+HISTOGRAM_WIDTH = 440  # px; with the logit table (about 360 px) it fits one row of a notebook
+# What the logit table's numbers are, under its title.
+LOGIT_CAPTION = (
+    '<div class="muted" style="font-size: 12px; max-width: 420px">Direct effect of one unit of '
+    "this latent on the output logits: its decoder row through the final norm's weight, times "
+    "the unembedding (logit units; the residual stream's norm is left out, so compare tokens "
+    "within a latent). Tokens are the tokenizer's sub-word pieces.</div>")
+
 SORTS = ("index", "density", "max activation")
 WIDGET_CLASS = "sae-nb-explorer"  # the explorer's styles apply inside this class only
+# A first look skips the latents that fire on more than this fraction of tokens: they say little
+# about any one text, and sorted by density they would fill the first ranks.
+DENSE = 0.05
+# ... and those whose largest activation is an outlier among the alive latents: the robust
+# z-score of log(max) (median and MAD) above this. On the default dictionary's smoke store 32
+# latents sit 4.8-6.1 MADs above the median (max 0.76-1.37 against a median of 0.08; the next
+# is at 3.9): near-copies that fire on the space before digits.
+OUTLIER_Z = 4.5
 
 
-def latent_order(stats, sort: str) -> np.ndarray:
-    """Latents in display order: by index, or by density / max activation, largest first."""
+def unusual_latents(stats, dense: float = DENSE, outlier_z: float = OUTLIER_Z) -> np.ndarray:
+    """(F,) bool: latents that are dense (``density > dense``) or outliers of max activation
+    (robust z-score of ``log(max_act)`` over the alive latents above ``outlier_z``)."""
+    density = np.asarray(stats.density, dtype=np.float64)
+    max_act = np.asarray(stats.max_act, dtype=np.float64)
+    alive = max_act > 0
+    log_max = np.log(np.where(alive, max_act, 1.0))
+    center = np.median(log_max[alive]) if alive.any() else 0.0
+    spread = 1.4826 * np.median(np.abs(log_max[alive] - center)) if alive.any() else 0.0
+    outlier = alive & ((log_max - center) > outlier_z * max(spread, 1e-12))
+    return (density > dense) | outlier
+
+
+def latent_order(stats, sort: str, skip_unusual: bool = True) -> np.ndarray:
+    """Latents in display order: by index, or by density / max activation, largest first.
+
+    With ``skip_unusual`` the dense and outlier latents (:func:`unusual_latents`) come after all
+    the others, in the same order among themselves."""
     if sort == "index":
-        return np.arange(stats.d_sae)
-    key = {"density": stats.density, "max activation": stats.max_act}.get(sort)
-    if key is None:
-        raise ValueError(f"sort={sort!r}; choose one of {SORTS}.")
-    return np.argsort(-np.asarray(key, dtype=np.float64), kind="stable")
+        order = np.arange(stats.d_sae)
+    else:
+        key = {"density": stats.density, "max activation": stats.max_act}.get(sort)
+        if key is None:
+            raise ValueError(f"sort={sort!r}; choose one of {SORTS}.")
+        order = np.argsort(-np.asarray(key, dtype=np.float64), kind="stable")
+    if skip_unusual:
+        order = order[np.argsort(unusual_latents(stats)[order], kind="stable")]
+    return order
 
 
-def top_latents(stats, n: int, sort: str = "max activation") -> list[int]:
+def top_latents(stats, n: int, sort: str = "max activation", skip_unusual: bool = True
+                ) -> list[int]:
     """The first ``n`` latents that fired at least once, in ``sort`` order (see
     :func:`latent_order`): e.g. the latents to export to dashboards."""
-    return [int(i) for i in latent_order(stats, sort) if stats.density[i] > 0][:n]
+    return [int(i) for i in latent_order(stats, sort, skip_unusual) if stats.density[i] > 0][:n]
 
 
 class LatentSearch:
@@ -86,6 +124,7 @@ class LatentSearch:
                   for c, ws, ps in zip(self.centers, self.windows, self.promoted)]
         scores = np.asarray(scores)
         hits = np.nonzero(scores)[0]
+        self.n_found = len(hits)  # all matches, before the limit
         best = hits[np.argsort(-scores[hits], kind="stable")][:limit]
         return [(int(i), int(scores[i])) for i in best]
 
@@ -95,14 +134,15 @@ class FeatureExplorer:
 
     ``stats`` are ``features.feature_stats`` of ``dictionary`` on ``store``; ``model`` (for the
     text box) and ``logit_effects`` are optional. ``tokenizer`` defaults to the model's.
-    ``sort`` orders the slider (see :func:`latent_order`); ``n_contexts`` top contexts are
+    ``sort`` orders the slider (see :func:`latent_order`), dense and outlier latents last unless
+    ``skip_unusual`` is False (a checkbox switches it); ``n_contexts`` top contexts are
     shown, each ``before`` tokens before and ``after`` after the token it fires on.
     Display it as the last expression of a cell, or ``display(explorer.widget)``.
     """
 
     def __init__(self, stats, store, dictionary, model=None, logit_effects=None, tokenizer=None,
                  sort: str = "index", n_contexts: int = 10, before: int = 16, after: int = 4,
-                 cache_size: int = 64):
+                 cache_size: int = 64, skip_unusual: bool = True):
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError("FeatureExplorer needs a tokenizer to show tokens: pass model=... "
@@ -118,54 +158,80 @@ class FeatureExplorer:
         self._search: LatentSearch | None = None
         self._text: tuple[list[str], np.ndarray] | None = None
         self._busy = False
-        self.order = latent_order(stats, sort)
+        self.unusual = unusual_latents(stats)
+        self.order = latent_order(stats, sort, skip_unusual)
         self.latent = -1
-        self._build_widgets(sort)
+        self._build_widgets(sort, skip_unusual)
         self.show_latent(int(self.order[0]))
 
     # -- layout --------------------------------------------------------------------------------
-    def _build_widgets(self, sort: str) -> None:
+    def _build_widgets(self, sort: str, skip_unusual: bool) -> None:
         F = self.stats.d_sae
-        self.sort = widgets.Dropdown(options=SORTS, value=sort, description="sort by")
+        fit = {"width": "auto"}  # a control as wide as its content, so rows wrap, never clip
+        self.sort = widgets.Dropdown(options=SORTS, value=sort, description="sort by",
+                                     layout={"width": "250px"})
+        self.show_unusual = widgets.Checkbox(not skip_unusual, indent=False, layout=fit,
+                                             description="dense and outlier latents in order")
         self.slider = widgets.IntSlider(0, min=0, max=F - 1, description="rank",
-                                        continuous_update=False)
-        self.number = widgets.BoundedIntText(0, min=0, max=F - 1, description="latent")
-        self.query = widgets.Text(placeholder="a token or phrase", description="search",
-                                  continuous_update=False)
-        self.matches = widgets.Dropdown(options=[], description="matches")
+                                        continuous_update=False, layout={"width": "320px"})
+        self.prev_button = widgets.Button(description="◀", tooltip="previous rank",
+                                          layout={"width": "36px"})
+        self.next_button = widgets.Button(description="▶", tooltip="next rank",
+                                          layout={"width": "36px"})
+        self.number = widgets.BoundedIntText(0, min=0, max=F - 1, description="latent",
+                                             layout={"width": "200px"})
+        self.query = widgets.Text(placeholder="a token or phrase, then Enter",
+                                  description="search", continuous_update=False,
+                                  layout={"width": "320px"})
+        self.matches = widgets.Dropdown(options=[], description="matches",
+                                        layout={"width": "320px"})
+        self.search_status = widgets.HTML()
         self.summary = widgets.HTML()
         self.figure = go.FigureWidget(plotting.latent_histogram_figure(
             self.stats.hist_edges[0], self.stats.hist_counts[0]))
+        self.figure.layout.width = HISTOGRAM_WIDTH
         self.logits = widgets.HTML()
         self.contexts = widgets.HTML()
         self.text = widgets.Textarea(placeholder="Type any text, then Run", rows=3,
-                                     layout={"width": "90%"})
+                                     layout={"width": "auto", "flex": "1 1 300px"})
         self.run_button = widgets.Button(description="Run", button_style="primary")
         self.text_view = widgets.HTML()
         self.text_latents = widgets.HTML()
-        self.text_jump = widgets.Dropdown(options=[], description="go to")
+        self.text_jump = widgets.Dropdown(options=[], description="go to",
+                                          layout={"width": "320px"})
         self.sort.observe(lambda c: self.set_sort(c["new"]), names="value")
+        self.show_unusual.observe(lambda c: self.set_sort(self.sort.value), names="value")
         self.slider.observe(lambda c: self._on_rank(c["new"]), names="value")
+        self.prev_button.on_click(lambda _: self.step(-1))
+        self.next_button.on_click(lambda _: self.step(+1))
         self.number.observe(lambda c: self._on_number(c["new"]), names="value")
         self.query.observe(lambda c: self.search(c["new"]), names="value")
         self.matches.observe(lambda c: self._jump(c["new"]), names="value")
         self.text_jump.observe(lambda c: self._jump(c["new"]), names="value")
         self.run_button.on_click(lambda _: self._on_run())
+        row = lambda *children, align="center": widgets.HBox(  # noqa: E731
+            children, layout={"flex_flow": "row wrap", "align_items": align,
+                              "grid_gap": "4px 12px"})
+        logits = widgets.VBox([widgets.HTML(f"<b>Logit effects</b>{LOGIT_CAPTION}"),
+                               self.logits], layout={"flex": "1 1 300px", "min_width": "0"})
         self.widget = widgets.VBox([
             widgets.HTML(f"<style>{scoped_css('.' + WIDGET_CLASS)}</style>"),
-            widgets.HBox([self.sort, self.slider, self.number]),
-            widgets.HBox([self.query, self.matches]),
+            row(self.sort, self.show_unusual),
+            row(self.slider, self.prev_button, self.next_button, self.number),
+            row(self.query, self.matches, self.search_status),
             self.summary,
-            widgets.HBox([self.figure, widgets.VBox([widgets.HTML("<b>Logit effects</b>"),
-                                                     self.logits])]),
+            row(self.figure, logits, align="flex-start"),
             widgets.HTML("<b>Top activations</b> (hover a token for its activation)"),
             self.contexts,
             widgets.HTML("<b>Your text</b>"),
-            widgets.HBox([self.text, self.run_button]),
+            row(self.text, self.run_button),
             self.text_view,
-            widgets.HBox([self.text_latents, self.text_jump]),
+            row(self.text_latents, self.text_jump),
         ])
-
+        for name in ("slider", "number", "query", "matches", "search_status", "summary",
+                     "figure", "logits", "contexts", "text", "run_button", "text_view",
+                     "text_latents", "text_jump", "prev_button", "next_button", "show_unusual"):
+            getattr(self, name).add_class(f"sae-nb-{name.replace('_', '-')}")  # for tests
         self.widget.add_class(WIDGET_CLASS)
 
     def _repr_mimebundle_(self, **kwargs):
@@ -183,9 +249,12 @@ class FeatureExplorer:
         try:
             self.number.value = latent
             self.slider.value = int(np.nonzero(self.order == latent)[0][0])
+            for menu in (self.matches, self.text_jump):  # a choice of another latent is stale
+                if menu.value is not None and menu.value != latent:
+                    menu.value = None
         finally:
             self._busy = False
-        self.summary.value = summary_html(self.stats, latent)
+        self.summary.value = summary_html(self.stats, latent, self._tags(latent))
         self.contexts.value = contexts_view
         self.logits.value = logits_view
         x, width, y = plotting.histogram_bars(self.stats.hist_edges[latent],
@@ -194,6 +263,10 @@ class FeatureExplorer:
             bar = self.figure.data[0]
             bar.x, bar.y, bar.width = x, y, width
             self.figure.layout.title.text = f"latent {latent}: nonzero activations"
+        # A reloaded page builds the figure from these synced traits, not from the update
+        # messages above: keep them on the latent shown (plotly sets them only when displayed).
+        self.figure._widget_data = deepcopy(self.figure._data)
+        self.figure._widget_layout = deepcopy(self.figure._layout_obj._props)
         if self._text is not None:
             self._render_text()
         return contexts
@@ -216,10 +289,17 @@ class FeatureExplorer:
             self._cache.popitem(last=False)
         return view
 
+    def _tags(self, latent: int) -> list[str]:
+        if not self.unusual[latent]:
+            return []
+        dense = self.stats.density[latent] > DENSE
+        return ["dense" if dense else "outlier of max activation",
+                "listed last unless 'dense and outlier latents in order' is ticked"]
+
     def set_sort(self, sort: str) -> None:
         """Order the slider by ``sort`` ("index", "density", "max activation"), keeping the
-        latent shown."""
-        self.order = latent_order(self.stats, sort)
+        latent shown; dense and outlier latents last unless ``show_unusual`` is ticked."""
+        self.order = latent_order(self.stats, sort, skip_unusual=not self.show_unusual.value)
         if self.sort.value != sort:
             self.sort.value = sort  # calls back here once, harmlessly
         self.show_latent(self.latent)
@@ -227,6 +307,11 @@ class FeatureExplorer:
     def _on_rank(self, rank: int) -> None:
         if not self._busy:
             self.show_latent(int(self.order[rank]))
+
+    def step(self, by: int) -> None:
+        """Move ``by`` ranks in the slider's order (the prev and next buttons), within its ends."""
+        rank = min(max(self.slider.value + by, 0), self.stats.d_sae - 1)
+        self.show_latent(int(self.order[rank]))
 
     def _on_number(self, latent: int) -> None:
         if not self._busy:
@@ -239,16 +324,28 @@ class FeatureExplorer:
     # -- search -----------------------------------------------------------------------------
     def search(self, query: str) -> list[int]:
         """Latents whose top contexts (or promoted tokens) contain ``query``, best first; they
-        fill the matches menu, and choosing one shows it."""
+        fill the matches menu, the best one is shown, and choosing another shows it."""
         if self._search is None and query.strip():
+            self.search_status.value = '<span class="muted">searching...</span>'
             self._search = LatentSearch(self.stats, self.store, self.tokenizer, self.logit_effects)
         found = self._search(query) if self._search is not None else []
         self._busy = True
         try:
             self.matches.options = [(f"latent {i} (score {s})", i) for i, s in found]
-            self.matches.value = None
+            self.matches.value = found[0][0] if found else None
         finally:
             self._busy = False
+        shown = html.escape(repr(query))
+        if not query.strip():
+            self.search_status.value = ""
+        elif found:
+            total = self._search.n_found
+            listed = f"the best {len(found)} in the menu" if total > len(found) else "best first"
+            self.search_status.value = (f"{total} match{'es' if total > 1 else ''} for {shown} "
+                                        f"({listed}); showing the best")
+            self.show_latent(found[0][0])
+        else:
+            self.search_status.value = f"No latent has {shown} in its top contexts."
         return [i for i, _ in found]
 
     # -- the text box -------------------------------------------------------------------------
@@ -258,7 +355,13 @@ class FeatureExplorer:
         latent's per-token activations."""
         if self.model is None:
             raise ValueError("The text box runs the model: create the explorer with model=....")
-        tokens, codes = text_activations(self.model, self.dictionary, text, site=self.stats.site)
+        self.run_button.disabled, self.run_button.description = True, "Running..."
+        self.text_view.value = '<span class="muted">Running the model on your text...</span>'
+        try:
+            tokens, codes = text_activations(self.model, self.dictionary, text,
+                                             site=self.stats.site)
+        finally:
+            self.run_button.disabled, self.run_button.description = False, "Run"
         codes = codes.float().cpu().numpy()  # (T, F)
         self._text = (list(tokens), codes)
         peak = codes.max(0) if len(codes) else np.zeros(self.stats.d_sae, np.float32)
@@ -287,8 +390,22 @@ class FeatureExplorer:
                                 + shaded_tokens_html(tokens, acts, scale))
 
     def _on_run(self) -> None:
+        if not self.text.value.strip():
+            self._clear_text('<span class="muted">Type some text in the box above, then press '
+                             'Run.</span>')
+            return
         try:
             self.run_text(self.text.value)
         except Exception as err:  # shown in the widget: a callback's exception is lost otherwise
-            self.text_view.value = (f'<span style="color: crimson">{type(err).__name__}: '
-                                    f'{html.escape(str(err))}</span>')
+            self._clear_text(f'<span style="color: crimson">{type(err).__name__}: '
+                             f'{html.escape(str(err))}</span>')
+
+    def _clear_text(self, message: str) -> None:
+        """Drop the last text's result and show ``message`` in its place."""
+        self._text = None
+        self.text_view.value, self.text_latents.value = message, ""
+        self._busy = True
+        try:
+            self.text_jump.options = []
+        finally:
+            self._busy = False

@@ -26,7 +26,8 @@ def test_harness_runs_a_notebook_and_drives_a_widget(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
     nbformat.write(nb, root / "square.ipynb")
     with JupyterLab(root, tmp_path / "lab") as lab, chromium:
         page = chromium.new_page(lab, tmp_path / "screenshots")

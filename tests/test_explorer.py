@@ -3,8 +3,10 @@ click a button, then read the figure's data and the rendered HTML."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
+import ipywidgets
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from bs4 import BeautifulSoup
 import sae_nb
 from sae_nb import explorer as explorer_module
 from sae_nb.dictionary import TopKSAE
-from sae_nb.explorer import FeatureExplorer, latent_order, top_latents
+from sae_nb.explorer import FeatureExplorer, latent_order, top_latents, unusual_latents
 from sae_nb.features import LogitEffects, feature_stats, latent_contexts
 from sae_nb.models import hf_model
 
@@ -39,7 +41,9 @@ def setup(llama, corpus_dir, tmp_path_factory):
 @pytest.fixture
 def explorer(setup, llama):
     store, sae, stats = setup
-    return FeatureExplorer(stats, store, sae, model=llama, n_contexts=4, before=5, after=2)
+    # Plain sort order: half the tiny dictionary's latents are "dense" (k=4 of 64 fire per row).
+    return FeatureExplorer(stats, store, sae, model=llama, n_contexts=4, before=5, after=2,
+                           skip_unusual=False)
 
 
 def shown_rows(html: str) -> list[int]:
@@ -92,15 +96,16 @@ def test_sort_maps_the_slider_to_latents(explorer, setup):
     latent = explorer.latent
     explorer.sort.value = "density"  # the latent stays; its rank follows the new order
     assert explorer.latent == latent
-    assert explorer.slider.value == int(np.nonzero(latent_order(stats, "density") == latent)[0][0])
+    by_density_order = latent_order(stats, "density", skip_unusual=False)
+    assert explorer.slider.value == int(np.nonzero(by_density_order == latent)[0][0])
     explorer.slider.value = 0
     check_shows(explorer, stats, int(np.argmax(stats.density)))
     store, sae, _ = setup
     by_density = FeatureExplorer(stats, store, sae, tokenizer=explorer.tokenizer, sort="density",
-                                 n_contexts=4, before=5, after=2)
+                                 n_contexts=4, before=5, after=2, skip_unusual=False)
     assert by_density.sort.value == "density"
     check_shows(by_density, stats, int(np.argmax(stats.density)))
-    chosen = top_latents(stats, 5)
+    chosen = top_latents(stats, 5, skip_unusual=False)
     assert chosen == np.argsort(-stats.max_act, kind="stable")[:5].tolist()
     assert (stats.density[top_latents(stats, 64, "index")] > 0).all()
     with pytest.raises(ValueError, match="sort='size'"):
@@ -229,3 +234,134 @@ def test_styles_stay_inside_the_widget(explorer):
     for head in rules:
         for selector in head.split(","):
             assert selector.strip().startswith(".sae-nb-explorer "), selector
+
+
+# -- issue 12 ---------------------------------------------------------------------------------
+
+def second_alive(stats, other: int) -> int:
+    """An alive latent whose histogram differs from ``other``'s."""
+    return next(int(i) for i in np.nonzero(stats.density > 0)[0]
+                if stats.hist_counts[i].tolist() != stats.hist_counts[other].tolist())
+
+
+def test_reloaded_page_gets_the_shown_latents_histogram(explorer, setup):
+    """A reloaded page rebuilds the figure from the widget's synced state, not from the
+    messages that updated it: that state must hold the latent shown (point 8)."""
+    _, _, stats = setup
+    latent = second_alive(stats, explorer.latent)
+    explorer.number.value = latent
+    (bar,) = explorer.figure._widget_data  # what a new browser view is built from
+    assert list(bar["y"]) == stats.hist_counts[latent].tolist()
+    edges = stats.hist_edges[latent]
+    assert np.allclose(bar["x"], (edges[:-1] + edges[1:]) / 2)
+    assert f"latent {latent}" in explorer.figure._widget_layout["title"]["text"]
+
+
+def test_search_moves_to_the_first_match_and_counts_them(explorer, setup):
+    store, sae, stats = setup
+    latent = int(np.argmax(stats.max_act))
+    (top,) = latent_contexts(store, sae, latent, stats.top_rows[latent, :1], explorer.tokenizer)
+    word = "".join(top["tokens"][max(top["center"] - 2, 0) : top["center"] + 1])
+    explorer.number.value = second_alive(stats, latent)
+    explorer.query.value = word  # Enter in the search box
+    found = [value for _, value in explorer.matches.options]
+    assert found and explorer.latent == found[0]  # the panel moved to the best match
+    check_shows(explorer, stats, found[0])
+    assert explorer.matches.value == found[0]  # the menu shows its first item
+    total = explorer._search.n_found
+    assert total >= len(found) and f"{total} match" in explorer.search_status.value
+    elsewhere = next(i for i in np.nonzero(stats.density > 0)[0] if int(i) not in found)
+    explorer.number.value = int(elsewhere)  # navigating elsewhere clears the stale match
+    assert explorer.matches.value is None and explorer.latent == int(elsewhere)
+    explorer.matches.value = found[-1]  # the menu still offers the matches
+    check_shows(explorer, stats, found[-1])
+    explorer.query.value = "no such text anywhere §§"
+    assert explorer.matches.options == () and "No latent" in explorer.search_status.value
+
+
+def test_text_box_shows_a_busy_state_then_clears_it(explorer, setup, monkeypatch):
+    seen = []
+    real = explorer_module.text_activations
+
+    def spy(*args, **kwargs):
+        seen.append((explorer.run_button.disabled, explorer.run_button.description,
+                     explorer.text_view.value))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(explorer_module, "text_activations", spy)
+    explorer.text.value = TEXT
+    explorer.run_button.click()
+    ((disabled, label, view),) = seen  # while the model ran
+    assert disabled and "Running" in label and "Running the model" in view
+    assert not explorer.run_button.disabled and explorer.run_button.description == "Run"
+    assert "tok" in explorer.text_view.value and explorer.text_jump.options
+
+
+def test_empty_text_says_what_to_do_and_clears_the_last_result(explorer):
+    explorer.text.value = TEXT
+    explorer.run_button.click()
+    assert explorer.text_jump.options
+    for empty in ("", "   \n"):
+        explorer.text.value = empty
+        explorer.run_button.click()
+        assert "Type some text" in explorer.text_view.value
+        assert "Error" not in explorer.text_view.value  # no exception name shown to the user
+        assert explorer.text_latents.value == "" and explorer.text_jump.options == ()
+        assert not explorer.run_button.disabled
+    explorer.number.value = (explorer.latent + 1) % explorer.stats.d_sae  # the old text is gone
+    assert "Type some text" in explorer.text_view.value
+
+
+def test_default_order_puts_dense_and_outlier_latents_last(setup, llama):
+    """The first latents shown are not the dense ones nor the max-activation outliers (point 2);
+    a switch shows them in plain sort order."""
+    store, sae, stats = setup
+    planted = dataclasses.replace(stats, max_act=stats.max_act.copy(),
+                                  density=stats.density.copy())
+    alive = np.nonzero(stats.density > 0)[0]
+    outliers = alive[:3]
+    planted.max_act[outliers] = 50 * stats.max_act.max()  # far above every other latent
+    planted.density[alive[3:5]] = 0.5  # fire on half of the tokens
+    dense = np.nonzero(planted.density > explorer_module.DENSE)[0]
+    assert set(np.nonzero(unusual_latents(planted))[0]) == set(outliers) | set(dense)
+    usual = [int(i) for i in alive if i not in set(outliers) | set(dense)]
+    assert len(usual) > 10
+    by_max = sorted(usual, key=lambda i: (-planted.max_act[i], i))
+    assert latent_order(planted, "max activation")[: len(usual)].tolist() == by_max
+    assert top_latents(planted, 4) == by_max[:4]
+    plain = latent_order(planted, "max activation", skip_unusual=False)
+    assert set(plain[:3].tolist()) == set(outliers.tolist())
+    ex = FeatureExplorer(planted, store, sae, tokenizer=llama.tokenizer, sort="max activation")
+    assert ex.latent == by_max[0] and "outlier" not in ex.summary.value
+    ex.show_unusual.value = True  # the switch: outliers first again
+    ex.slider.value = 0
+    assert ex.latent in set(outliers.tolist())
+    assert "outlier" in ex.summary.value
+
+
+def test_prev_and_next_step_one_rank(explorer, setup):
+    _, _, stats = setup
+    explorer.sort.value = "density"
+    explorer.slider.value = 5
+    explorer.next_button.click()
+    assert explorer.slider.value == 6 and explorer.latent == explorer.order[6]
+    explorer.prev_button.click()
+    explorer.prev_button.click()
+    assert explorer.slider.value == 4 and explorer.latent == explorer.order[4]
+    explorer.slider.value = 0
+    explorer.prev_button.click()  # stays at the ends
+    assert explorer.slider.value == 0
+
+
+def test_logit_table_says_what_its_values_are(explorer):
+    """Point 3: the logit values (about +-100 to 220) come with their scale."""
+    def texts(widget):
+        if isinstance(widget, ipywidgets.HTML) and not widget.value.startswith("<style>"):
+            yield widget.value
+        for child in getattr(widget, "children", ()):
+            yield from texts(child)
+
+    (caption,) = [BeautifulSoup(t, "html.parser").get_text() for t in texts(explorer.widget)
+                  if "Logit effects" in t]
+    assert "Logit effects" in caption and "logit units" in caption
+    assert "unembedding" in caption and "decoder" in caption and "sub-word" in caption

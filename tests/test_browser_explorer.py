@@ -1,0 +1,259 @@
+"""Notebook 06 in a real JupyterLab and chromium, right after the main job, as a person meets it.
+
+The module runs the main job's notebook 01 with the smoke parameters into ``outputs/default``
+of a temporary copy of the repository's notebooks, opens notebook 06 *as shipped* in JupyterLab
+(the file browser open, a 1,400 x 1,000 window), runs all cells from the Run menu, then uses the
+explorer: the number box, a reload, search, the text box, prev/next, and measures every element
+of the widget for overflow. Expected values come from the store encoded here with the
+dictionary, not from the widget. Screenshots go to the module's temporary folder; ``pytest -s``
+prints their paths. The tests share one page and run in file order.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+import sae_nb
+from jupyter_browser import Chromium, JupyterLab
+from sae_nb.features import FeatureStats, latent_contexts, stats_folder
+from sae_nb.pipeline import NOTEBOOKS_DIR
+
+pytestmark = pytest.mark.slow
+NOTEBOOK = "notebooks/06_visualize.ipynb"
+SITE = "resid_out_layer6"  # the default dictionary's site, in the smoke store of notebook 01
+EXPLORER = ".sae-nb-explorer"
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory) -> Path:
+    """A copy of the notebooks beside ``outputs/default`` written by the main job (smoke size)."""
+    Chromium()  # skip (or fail under CI) before the long steps when there is no browser
+    root = tmp_path_factory.mktemp("repo")
+    shutil.copytree(NOTEBOOKS_DIR, root / "notebooks",
+                    ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    subprocess.run([sys.executable, "-m", "sae_nb", "run", "--smoke", "--only", "01",
+                    "--outputs", str(root / "outputs")], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def page(main_job, tmp_path_factory):
+    """Notebook 06 open in chromium after Run All."""
+    chromium = Chromium()
+    home = tmp_path_factory.mktemp("lab")
+    with JupyterLab(main_job, home) as lab, chromium:
+        page = chromium.new_page(lab, home / "screenshots")
+        page.open_notebook(NOTEBOOK)
+        page.screenshot("opened")
+        page.run_all(timeout=900)
+        yield page
+
+
+@pytest.fixture(scope="module")
+def truth(main_job):
+    """The store, the dictionary's codes of every row (computed here), and the cached stats."""
+    run_dir = main_job / "outputs" / "default"
+    store = sae_nb.open_stores(run_dir)[SITE]
+    sae = sae_nb.load_default_dictionary()
+    with torch.no_grad():
+        codes = torch.cat([sae.encode(torch.from_numpy(store[lo: lo + 512]).float())
+                           for lo in range(0, len(store), 512)]).numpy()  # (N, F)
+    stats = FeatureStats.load(stats_folder(run_dir, "topk_4608_k32"))
+    return store, sae, codes, stats
+
+
+def shown_latent(page) -> int:
+    text = page.page.locator(f"{EXPLORER} .summary b").first.text_content() or ""
+    return int(text.split()[-1]) if text.strip() else -1  # -1 before the widget is drawn
+
+
+def histogram_y(page) -> list[float]:
+    return page.page.evaluate(
+        f"() => Array.from(document.querySelector('{EXPLORER} .js-plotly-plot').data[0].y)")
+
+
+def brute_histogram(codes, stats, latent: int) -> list[int]:
+    values = codes[:, latent][codes[:, latent] > 0]
+    edges = stats.hist_edges[latent]
+    counts = np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0]
+    return counts.tolist()
+
+
+def test_notebook_06_runs_after_the_main_job(page, main_job):
+    """Point 1: as shipped, Run All after the main job reads outputs/default and says so."""
+    assert page.error_outputs() == []
+    code_cells = [c for c in nbformat.read(main_job / NOTEBOOK, as_version=4).cells
+                  if c.cell_type == "code"]
+    assert page.prompts() == [str(i + 1) for i in range(len(code_cells))]
+    assert page.page.get_by_text("Run folder: ../outputs/default").count() == 1
+    assert page.sidebar_open()
+    page.page.locator(EXPLORER).scroll_into_view_if_needed()
+    page.screenshot("explorer_after_run_all")
+
+
+def explorer(page):
+    return page.page.locator(EXPLORER)
+
+
+def wait_for_latent(page, latent: int) -> None:
+    page.wait_for(lambda: shown_latent(page) == latent, 30, f"the explorer to show {latent}")
+
+
+def test_first_latent_shown_is_not_a_max_activation_outlier(page, truth):
+    """Point 2: the default order opens on an ordinary latent, not on the ~30 outliers of max
+    activation (brute force: the largest activations of every latent over the store)."""
+    _, _, codes, _ = truth
+    max_act, density = codes.max(0), (codes > 0).mean(0)
+    first = shown_latent(page)
+    assert first not in set(np.argsort(-max_act)[:20].tolist())
+    assert density[first] <= 0.05 and max_act[first] > 0
+
+
+def select_text(locator) -> str:
+    """The text a <select> shows: its selected option's, '' when none is selected."""
+    text = locator.evaluate("s => s.selectedIndex < 0 ? '' : s.options[s.selectedIndex].text")
+    return text.replace("\xa0", " ")  # ipywidgets writes options with no-break spaces
+
+
+def test_search_shows_the_first_match_and_clears_when_leaving(page, truth):
+    """Point 4: Enter in the search box moves the panel to the best match, counts the matches,
+    shows the first one in the menu; moving elsewhere clears the stale choice."""
+    store, sae, codes, stats = truth
+    tokenizer = sae_nb.load_model("smollm2-135m").tokenizer
+    for latent in np.argsort(-(codes > 0).sum(0))[40:]:  # a word from an ordinary latent's top
+        (top,) = latent_contexts(store, sae, int(latent), stats.top_rows[latent, :1], tokenizer)
+        query = "".join(top["tokens"][max(top["center"] - 1, 0): top["center"] + 1])
+        if query.replace(" ", "").isalpha() and len(query.strip()) >= 4:  # typeable, not "\n"
+            break
+    before = shown_latent(page)
+    box = explorer(page).locator(".sae-nb-query input")
+    box.fill(query)
+    box.press("Enter")
+    status = explorer(page).locator(".sae-nb-search-status")
+    page.wait_for(lambda: "match" in status.text_content(), 120, "the search result")
+    status = status.text_content()
+    menu = explorer(page).locator(".sae-nb-matches select")
+    n = menu.locator("option").count()
+    assert n >= 1 and int(status.split()[0]) >= n and "match" in status
+    best = shown_latent(page)
+    assert select_text(menu).startswith(f"latent {best} ")
+    contexts = explorer(page).locator(".sae-nb-contexts").text_content().lower()
+    assert query.lower().strip() in contexts  # the latent shown fires around the query
+    assert best != before or n == 1
+    explorer(page).scroll_into_view_if_needed()
+    page.screenshot("search_result")
+    explorer(page).locator(".sae-nb-next-button").click()
+    page.wait_for(lambda: shown_latent(page) != best, 30, "next to move on")
+    assert select_text(menu) == ""  # the stale match is cleared; the menu keeps the matches
+    assert menu.locator("option").count() == n
+
+
+def test_text_box_busy_result_and_empty_text(page):
+    """Point 5: Run shows a busy state, then the shaded text; an empty box gets a message."""
+    text = "The state of the union is strong, and taxes will fall in 2027."
+    area = explorer(page).locator(".sae-nb-text textarea")
+    run = explorer(page).locator(".sae-nb-run-button")
+    area.fill(text)
+    run.click()
+    explorer(page).locator(".sae-nb-run-button:disabled").wait_for(timeout=10_000)
+    assert "Running" in run.text_content()
+    page.screenshot("text_box_busy")
+    view = explorer(page).locator(".sae-nb-text-view")
+    view.locator(".tok").first.wait_for(timeout=120_000)
+    page.wait_for(lambda: run.is_enabled(), 30, "Run to be enabled again")
+    assert "".join(view.locator(".tok").all_text_contents()) == text
+    assert explorer(page).locator(".sae-nb-text-latents tr").count() > 1
+    view.scroll_into_view_if_needed()
+    page.screenshot("text_box_result")
+    area.fill("")
+    run.click()
+    page.wait_for(lambda: "Type some text" in view.text_content(), 30, "the empty-text message")
+    assert explorer(page).locator(".sae-nb-text-latents tr").count() == 0
+    assert "CorpusError" not in explorer(page).text_content()
+    page.screenshot("text_box_empty")
+
+
+OVERFLOW_JS = """root => {
+    const bad = [], box = root.getBoundingClientRect();
+    for (const el of [root, ...root.querySelectorAll('*')]) {
+        if (el instanceof SVGElement) continue;  // plotly's drawing, measured by its <div>
+        if (String(el.className).startsWith('noUi-')) continue;  // the slider's handle, by design
+        const r = el.getBoundingClientRect();
+        if (r.width === 0) continue;
+        const name = el.tagName.toLowerCase() + '.' + String(el.className).split(' ').join('.');
+        if (el.scrollWidth > el.clientWidth + 1 && el.clientWidth > 0)
+            bad.push(`${name}: scrollWidth ${el.scrollWidth} > clientWidth ${el.clientWidth}`);
+        if (r.right > box.right + 1 || r.left < box.left - 1)
+            bad.push(`${name}: [${r.left}, ${r.right}] outside [${box.left}, ${box.right}]`);
+    }
+    return bad;
+}"""
+
+
+def test_no_element_of_the_widget_overflows_its_box(page):
+    """Point 3: at 1,400 x 1,000 with the file browser open, nothing is clipped; the logit
+    table says what its numbers are."""
+    assert page.sidebar_open()
+    assert page.page.viewport_size == {"width": 1400, "height": 1000}
+    root = explorer(page)
+    root.scroll_into_view_if_needed()
+    overflowing = root.evaluate(OVERFLOW_JS)
+    assert not overflowing, "\n".join(overflowing)
+    table = root.locator(".sae-nb-logits table")
+    assert table.count() == 1 and table.evaluate("t => t.getBoundingClientRect().width") > 200
+    caption = root.get_by_text("Direct effect of one unit").text_content()
+    assert "logit units" in caption and "unembedding" in caption
+    root.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+    page.screenshot("histogram_and_logits")
+
+
+def test_prev_and_next_buttons_step_one_rank(page):
+    """Point 7: one click moves one rank; the slider alone moved about 40 ranks per pixel."""
+    rank = lambda: int(explorer(page).locator(".sae-nb-slider .widget-readout")  # noqa: E731
+                       .first.text_content())
+    start, latent = rank(), shown_latent(page)
+    explorer(page).locator(".sae-nb-next-button").click()
+    page.wait_for(lambda: rank() == start + 1, 30, "next")
+    assert shown_latent(page) != latent
+    explorer(page).locator(".sae-nb-prev-button").click()
+    page.wait_for(lambda: rank() == start, 30, "prev")
+    wait_for_latent(page, latent)
+    page.screenshot("prev_next")
+
+
+def test_number_box_and_reload_keep_the_histogram_on_the_latent(page, truth):
+    """Point 8: after a reload the histogram is the latent's, not the first latent's. Last: the
+    reload re-creates every widget view."""
+    _, _, codes, stats = truth
+    first = shown_latent(page)
+    counts = (codes > 0).sum(0)
+    latent = next(int(i) for i in np.argsort(-counts)[40:]  # an ordinary, often-firing latent
+                  if brute_histogram(codes, stats, i) != brute_histogram(codes, stats, first))
+    box = explorer(page).locator(".sae-nb-number input")
+    box.fill(str(latent))
+    box.press("Enter")
+    wait_for_latent(page, latent)
+    expected = brute_histogram(codes, stats, latent)
+    page.wait_for(lambda: histogram_y(page) == expected, 20, "the histogram to update")
+    explorer(page).scroll_into_view_if_needed()
+    page.screenshot("latent_by_number")
+    page.save()
+    page.reload()
+    page.page.locator(f"{EXPLORER} .js-plotly-plot").first.wait_for(timeout=60_000)
+    explorer(page).scroll_into_view_if_needed()
+    wait_for_latent(page, latent)
+    page.page.wait_for_timeout(1000)  # let plotly draw
+    page.screenshot("after_reload")
+    assert histogram_y(page) == expected
+    title = page.page.locator(f"{EXPLORER} .js-plotly-plot .gtitle").first.text_content()
+    assert f"latent {latent}" in title
