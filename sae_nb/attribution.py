@@ -95,8 +95,7 @@ def attribute(model, dictionary, prompt: str | torch.Tensor, target: Target,
               position: int = -1, site: str | None = None) -> Attribution:
     """Activation x gradient of every latent at every position of ``prompt`` (text, or token
     ids ``(T,)``) for ``target`` at ``position``: one forward and one backward pass."""
-    ids = prompt_tokens(model, prompt) if isinstance(prompt, str) else \
-        torch.as_tensor(prompt).reshape(1, -1)
+    ids = as_ids(model, prompt)
     fn, name = target_function(model, target)
     hf = hf_model(model)
     splice = Splice(model, dictionary, [], site, record=True)
@@ -114,6 +113,16 @@ def attribute(model, dictionary, prompt: str | torch.Tensor, target: Target,
     return Attribution(ids[0].cpu(), codes[0].cpu(), grads[0].cpu(), float(value.detach()), name)
 
 
+def as_ids(model, prompt: str | torch.Tensor) -> torch.Tensor:
+    """``(1, T)`` token ids of a prompt given as text (BOS prepended) or as ids."""
+    if isinstance(prompt, str):
+        return prompt_tokens(model, prompt)
+    ids = torch.as_tensor(prompt).reshape(1, -1).long()
+    if ids.shape[1] == 0:
+        raise InterventionError("The prompt holds no tokens; give some text.")
+    return ids
+
+
 def ablation_effect(model, dictionary, ids: torch.Tensor, fn, latent: int, position: int | None,
                     clean: float, at: int = -1, site: str | None = None) -> float:
     """``clean - m(latent ablated)`` measured with one forward pass: the latent ablated at
@@ -123,7 +132,7 @@ def ablation_effect(model, dictionary, ids: torch.Tensor, fn, latent: int, posit
     return clean - float(edited)
 
 
-def ablation_check(model, dictionary, prompt: str, target: Target, n: int = 20,
+def ablation_check(model, dictionary, prompt: str | torch.Tensor, target: Target, n: int = 20,
                    position: int = -1, site: str | None = None) -> pd.DataFrame:
     """The ``n`` top-attributed (position, latent) pairs with their attribution and their true
     ablation effect (one forward pass each)."""
@@ -145,12 +154,12 @@ def agreement(table: pd.DataFrame) -> dict:
     return {"pairs": len(a), "pearson_r": corr, "same_sign": float(np.mean(np.sign(a) == np.sign(b)))}
 
 
-def per_latent_ablations(model, dictionary, prompt: str, target: Target,
+def per_latent_ablations(model, dictionary, prompt: str | torch.Tensor, target: Target,
                          latents: Sequence[int], position: int = -1,
                          site: str | None = None) -> np.ndarray:
     """The naive alternative to :func:`attribute`: one ablation forward pass per latent (at
     every position), ``m(clean) - m(ablated)`` for each."""
-    ids = prompt_tokens(model, prompt)
+    ids = as_ids(model, prompt)
     fn, _ = target_function(model, target)
     clean = float(fn(edited_logits(model, ids)[0, position]))
     return np.array([ablation_effect(model, dictionary, ids, fn, int(i), None, clean, position,

@@ -35,8 +35,8 @@ import torch
 from .corpora import document_separator
 from .dictionary import dictionary_site
 from .evaluate import bos_kept_clean
-from .extract import resolve_sites, site_widths
 from .models import hf_model
+from .sites import Site, resolve_site
 
 Coefficient = float | Sequence[float]
 
@@ -150,9 +150,9 @@ class Splice:
             raise InterventionError(f"This dictionary reads {name!r} and writes {target!r} (a "
                                     f"transcoder); splicing supports dictionaries that "
                                     f"reconstruct their own site.")
-        (self.site,) = resolve_sites(model, [name])  # SiteError when the model lacks it
-        width = site_widths(model, [self.site])[self.site.name]
-        if width != dictionary.d_in:
+        self.site = resolve_site(hf_model(model), name)  # SiteError when the model lacks it
+        width = site_width(model, self.site)
+        if width is not None and width != dictionary.d_in:
             raise InterventionError(f"Site {name!r} of this model is {width} wide but the "
                                     f"dictionary reads {dictionary.d_in}: it belongs to another "
                                     f"model or site.")
@@ -233,6 +233,9 @@ class Splice:
     def edit(self, x: torch.Tensor) -> torch.Tensor:
         """The site's new activation for ``x`` ``(B, T, D)``."""
         sae, (B, T, D) = self.dictionary, x.shape
+        if D != sae.d_in:
+            raise InterventionError(f"Site {self.site.name!r} is {D} wide here but the "
+                                    f"dictionary reads {sae.d_in}: wrong model or site.")
         xf = x.float()
         flat = xf.reshape(B * T, D)
         need_codes = self.record or not self.error_term or any(
@@ -270,6 +273,22 @@ class Splice:
                    "scale": cur * value}[e.kind]
             dcode = new - cur
         return decoder_output(self.dictionary, x, dcode, idx)
+
+
+def site_width(model, site: Site) -> int | None:
+    """The width of a site from its module's weights, without running the model: a block's or
+    a norm's hidden size for outputs, a linear layer's ``in_features`` for inputs; None when
+    it cannot be read off (the splice then checks the width on the first forward pass)."""
+    module = hf_model(model).get_submodule(site.module)
+    if site.io == "input":
+        return getattr(module, "in_features", None)
+    out = getattr(module, "out_features", None)
+    if out is not None:
+        return out
+    if site.layer is not None or site.module.endswith(("embed_tokens", "embed_in", "drop")):
+        config = hf_model(model).config
+        return getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    return None
 
 
 def _rows(value: Coefficient, x: torch.Tensor) -> torch.Tensor:

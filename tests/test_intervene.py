@@ -197,3 +197,16 @@ def test_bad_inputs_get_clear_errors(llama):
     ids = prompt_tokens(llama, PROMPT).repeat(2, 1)
     with pytest.raises(InterventionError, match="3 coefficients for a batch of 2"):
         edited_logits(llama, ids, Splice(llama, sae, [steer_latent(1, [1.0, 2.0, 3.0])]))
+
+
+def test_a_width_mismatch_at_an_input_site_is_named_on_the_first_pass(llama):
+    """mlp_in's width is not read off the module; the splice checks it on the forward pass."""
+    sae = ReLUSAE(D_MODEL, 8)  # the MLP's input is d_model wide: fits
+    sae.metadata = {"site": "mlp_in_layer1"}
+    ids = prompt_tokens(llama, PROMPT)
+    assert edited_logits(llama, ids, Splice(llama, sae, [ablate(0)])).shape == \
+        clean_logits(llama, ids).shape
+    wide = ReLUSAE(D_MODEL * 2, 8)
+    wide.metadata = {"site": "mlp_in_layer1"}
+    with pytest.raises(InterventionError, match="is 32 wide here but the dictionary reads 64"):
+        edited_logits(llama, ids, Splice(llama, wide, [ablate(0)]))
