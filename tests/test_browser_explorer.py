@@ -35,11 +35,17 @@ EXPLORER = ".sae-nb-explorer"
 
 @pytest.fixture(scope="module")
 def main_job(tmp_path_factory) -> Path:
-    """A copy of the notebooks beside ``outputs/default`` written by the main job (smoke size)."""
+    """A copy of the notebooks beside ``outputs/default`` written by the main job (smoke size),
+    or linked to the run folder ``SAE_NB_MAIN_RUN`` names (a whole main job run already made,
+    e.g. by ``python -m sae_nb run --smoke --run /tmp/smoke``; notebook 06 writes into it)."""
     Chromium()  # skip (or fail under CI) before the long steps when there is no browser
     root = tmp_path_factory.mktemp("repo")
     shutil.copytree(NOTEBOOKS_DIR, root / "notebooks",
                     ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    if run := os.environ.get("SAE_NB_MAIN_RUN"):
+        (root / "outputs").mkdir()
+        (root / "outputs" / "default").symlink_to(Path(run).resolve(), target_is_directory=True)
+        return root
     subprocess.run([sys.executable, "-m", "sae_nb", "run", "--smoke", "--only", "01",
                     "--outputs", str(root / "outputs")], check=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -97,12 +103,20 @@ def test_notebook_06_runs_after_the_main_job(page, main_job):
     assert page.prompts() == [str(i + 1) for i in range(len(code_cells))]
     assert page.page.get_by_text("Run folder: ../outputs/default").count() == 1
     assert page.sidebar_open()
-    page.page.locator(EXPLORER).scroll_into_view_if_needed()
+    page.page.get_by_text("Run folder: ../outputs/default").scroll_into_view_if_needed()
+    page.screenshot("run_folder_note")
+    scroll_to(page, EXPLORER)
     page.screenshot("explorer_after_run_all")
 
 
 def explorer(page):
     return page.page.locator(EXPLORER)
+
+
+def scroll_to(page, selector: str) -> None:
+    """Scroll the notebook so the element is at the top of the window, for a screenshot."""
+    page.page.locator(selector).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+    page.page.wait_for_timeout(500)
 
 
 def wait_for_latent(page, latent: int) -> None:
@@ -150,7 +164,7 @@ def test_search_shows_the_first_match_and_clears_when_leaving(page, truth):
     contexts = explorer(page).locator(".sae-nb-contexts").text_content().lower()
     assert query.lower().strip() in contexts  # the latent shown fires around the query
     assert best != before or n == 1
-    explorer(page).scroll_into_view_if_needed()
+    scroll_to(page, f"{EXPLORER} .sae-nb-query")
     page.screenshot("search_result")
     explorer(page).locator(".sae-nb-next-button").click()
     page.wait_for(lambda: shown_latent(page) != best, 30, "next to move on")
@@ -213,7 +227,7 @@ def test_no_element_of_the_widget_overflows_its_box(page):
     assert table.count() == 1 and table.evaluate("t => t.getBoundingClientRect().width") > 200
     caption = root.get_by_text("Direct effect of one unit").text_content()
     assert "logit units" in caption and "unembedding" in caption
-    root.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+    scroll_to(page, f"{EXPLORER} .sae-nb-summary")
     page.screenshot("histogram_and_logits")
 
 
@@ -245,13 +259,13 @@ def test_number_box_and_reload_keep_the_histogram_on_the_latent(page, truth):
     wait_for_latent(page, latent)
     expected = brute_histogram(codes, stats, latent)
     page.wait_for(lambda: histogram_y(page) == expected, 20, "the histogram to update")
-    explorer(page).scroll_into_view_if_needed()
+    scroll_to(page, f"{EXPLORER} .sae-nb-summary")
     page.screenshot("latent_by_number")
     page.save()
     page.reload()
     page.page.locator(f"{EXPLORER} .js-plotly-plot").first.wait_for(timeout=60_000)
-    explorer(page).scroll_into_view_if_needed()
     wait_for_latent(page, latent)
+    scroll_to(page, f"{EXPLORER} .sae-nb-summary")
     page.page.wait_for_timeout(1000)  # let plotly draw
     page.screenshot("after_reload")
     assert histogram_y(page) == expected
