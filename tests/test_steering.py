@@ -1,0 +1,118 @@
+"""Steering sweeps (sae_nb.steering) on the tiny models, with a target computed by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import D_MODEL
+from sae_nb.effects import generate, side_effects
+from sae_nb.intervene import InterventionError, prompt_tokens
+from sae_nb.steering import (direction_method, latent_method, probe_direction,
+                             sentiment_methods, sentiment_setup, site_scale, steering_sweep,
+                             verdict)
+from test_intervene import PROMPT, SITE, topk
+
+
+def share_of_e(texts):
+    """A target computed without the model: the share of the letter 'e' in each text."""
+    return np.array([t.count("e") / max(1, len(t)) for t in texts])
+
+
+def test_sweep_rows_match_separate_runs(llama):
+    sae = topk()
+    neutral = torch.stack([prompt_tokens(llama, PROMPT)[0], prompt_tokens(llama, PROMPT[::-1])[0]])
+    methods = [latent_method(sae, 7, scale=2.0),
+               direction_method(torch.randn(D_MODEL).numpy(), "random", scale=2.0)]
+    coefs = [0.0, 1.0, 3.0]
+    prompts = ["The nation", "Peace and law"]
+    res = steering_sweep(llama, sae, methods, coefs, prompts, neutral, share_of_e,
+                         max_new_tokens=6)
+    assert len(res.table) == 6 and len(res.generations) == 12
+    for m in methods:
+        for c in coefs:
+            row = res.table[(res.table.method == m.name) & (res.table.coefficient == c)].iloc[0]
+            alone = [generate(llama, p, sae, m.edits(c), max_new_tokens=6)[0] for p in prompts]
+            clean = [generate(llama, p, max_new_tokens=6)[0] for p in prompts]
+            assert row.score == pytest.approx(share_of_e(alone).mean())
+            assert row["shift"] == pytest.approx(share_of_e(alone).mean() - share_of_e(clean).mean())
+            fx = side_effects(llama, sae, m.edits(c), neutral)
+            assert row.kl == pytest.approx(fx["kl"], rel=1e-5, abs=1e-9)
+            assert row.ce_increase == pytest.approx(fx["ce_increase"], rel=1e-5, abs=1e-7)
+        zero = res.table[(res.table.method == m.name) & (res.table.coefficient == 0)].iloc[0]
+        assert zero.kl == pytest.approx(0, abs=1e-7) and zero["shift"] == 0
+    assert "per nat" in verdict(res.table, "the share of e")
+
+
+def test_latent_method_is_its_decoder_direction_at_equal_norm(llama):
+    sae = topk()
+    neutral = prompt_tokens(llama, PROMPT)
+    a = side_effects(llama, sae, latent_method(sae, 5, scale=3.0).edits(2.0), neutral)
+    b = side_effects(llama, sae, direction_method(sae.W_dec[5].detach(), "row", 3.0).edits(2.0),
+                     neutral)
+    assert a["kl"] == pytest.approx(b["kl"], rel=1e-4) and a["kl"] > 1e-4
+
+
+def test_site_scale_is_the_median_token_norm(llama):
+    sae = topk()
+    ids = prompt_tokens(llama, PROMPT)
+    from sae_nb.models import hf_model
+    seen = {}
+    h = hf_model(llama).model.layers[1].register_forward_hook(lambda m, a, o: seen.setdefault("x", o))
+    try:
+        with torch.no_grad():
+            hf_model(llama)(input_ids=ids)
+    finally:
+        h.remove()
+    x = seen["x"][0] if isinstance(seen["x"], tuple) else seen["x"]
+    assert site_scale(llama, sae, ids) == pytest.approx(float(x[0, 1:].norm(dim=-1).median()), rel=1e-5)
+
+
+def test_probe_direction_recovers_the_separating_direction():
+    from sae_nb.probing import fit_probe
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=8)
+    X = rng.normal(size=(400, 8)) * np.arange(1, 9)  # unequal scales: the scaler matters
+    y = np.where(X @ w > 0, "positive", "negative")
+    probe = fit_probe(X[:300], y[:300], X[300:], y[300:])
+    d = probe_direction(probe, "positive")
+    assert d @ w / np.linalg.norm(d) / np.linalg.norm(w) > 0.9
+    assert probe_direction(probe, "negative") @ w < 0
+
+
+def test_bad_sweeps(llama):
+    sae = topk()
+    neutral = prompt_tokens(llama, PROMPT)
+    m = [latent_method(sae, 1)]
+    with pytest.raises(InterventionError, match="grid is empty"):
+        steering_sweep(llama, sae, m, [], ["a"], neutral, share_of_e)
+    with pytest.raises(InterventionError, match="0 prompts"):
+        steering_sweep(llama, sae, m, [1.0], [], neutral, share_of_e)
+    with pytest.raises(InterventionError, match="out of range"):
+        latent_method(sae, 64)
+
+
+def test_sentiment_setup_on_a_labeled_csv(llama, tmp_path):
+    """The whole experiment's plumbing on a tiny labeled CSV: 'positive' texts are written
+    with the letters a-m, 'negative' ones with n-z."""
+    rng = np.random.default_rng(1)
+    letters = {"positive": list("abcdefghijklm"), "negative": list("nopqrstuvwxyz")}
+    rows = [(" ".join("".join(rng.choice(letters[lab], 5)) for _ in range(4)), lab)
+            for lab in ["positive", "negative"] * 40]
+    csv = tmp_path / "labeled.csv"
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(csv, index=False)
+    sae = topk()
+    setup = sentiment_setup(llama, sae, str(csv), n_sentences=80, explain_k=5,
+                            sweep_sites=["resid_out_layer0", "resid_out_layer2"], run_dir=tmp_path)
+    assert setup.score_site in ("resid_out_layer0", "resid_out_layer2")
+    assert setup.sweep["accuracy"].max() > 0.9  # word halves are easy to tell apart
+    pos = setup.score([r[0] for r in rows[:10:2]])
+    neg = setup.score([r[0] for r in rows[1:10:2]])
+    assert pos.mean() > 0.5 > neg.mean()
+    methods = sentiment_methods(sae, setup, scale=1.0)
+    assert [m.name for m in methods] == [f"latent {setup.latent}", "probe direction",
+                                         "difference of means"]
+    with pytest.raises(InterventionError, match="No class 'happy'"):
+        sentiment_setup(llama, sae, str(csv), n_sentences=80, positive="happy")
