@@ -94,7 +94,9 @@ class JupyterLab:
             path = settings / name
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(values))
+        # The user's own config and kernels stay out: the kernel is this environment's python3.
         env = {**os.environ, "JUPYTER_CONFIG_DIR": str(self.home / "config"),
+               "JUPYTER_DATA_DIR": str(self.home / "data"),
                "JUPYTER_RUNTIME_DIR": str(self.home / "runtime"),
                "JUPYTERLAB_SETTINGS_DIR": str(settings),
                "JUPYTERLAB_WORKSPACES_DIR": str(self.home / "workspaces")}
