@@ -8,6 +8,7 @@ from .evaluate import Evaluation, EvaluationError, evaluate_dictionary, fit_chec
 from .extract import (ExtractConfig, ExtractionError, extract_activations,
                       pooled_activations, run_sites)
 from .formats import load_dictionary
+from .intervene import InterventionError
 from .models import DEFAULT_MODEL, ModelLoadError, load_model
 from .saving import (DEFAULT_DICTIONARY, DictionaryFormatError, dictionary_path, folder_files,
                      load_default_dictionary, load_sae_nb, save_dictionary, save_trained,
@@ -26,7 +27,8 @@ __all__ = [
     "EvaluationError", "fit_check", "save_trained", "write_table",
     "ActivationStore", "Corpus", "CorpusError", "DEFAULT_DICTIONARY", "DEFAULT_MODEL",
     "DictionaryFormatError", "load_default_dictionary",
-    "Evaluation", "ExtractConfig", "ExtractionError", "HeldoutSplit", "ModelLoadError",
+    "Evaluation", "ExtractConfig", "ExtractionError", "HeldoutSplit", "InterventionError",
+    "ModelLoadError",
     "SiteError", "StoreError",
     "TrainConfig", "TrainResult", "TrainingError", "checkpoint_dir", "dictionary_name",
     "dictionary_path", "evaluate_dictionary", "extract_activations", "folder_files",

@@ -43,6 +43,11 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
                    "max_latents": 200},
     # 06 reads 01's resid_out_layer6 store (2016 rows) with the shipped dictionary.
     "06_visualize": {"n_top": 5, "n_latents_dashboard": 3},
+    # 07 reuses 04's smoke probes (60 snippets, layer 2) and steers 2 prompts by 6 tokens.
+    "07_intervene": {"n_sentences": 60, "sweep_sites": ["resid_out_layer2"],
+                     "coefficients": [1.0], "prompts": ["The film was", "The new album sounds"],
+                     "max_new_tokens": 6, "neutral_contexts": 2, "neutral_ctx_len": 32,
+                     "n_check": 4},
 }
 
 

@@ -359,3 +359,46 @@ def density_max_figure(density: np.ndarray, max_act: np.ndarray,
                       template="plotly_white", showlegend=False)
     fig.update_xaxes(type="log")
     return fig
+
+
+def steering_figure(table: pd.DataFrame, target: str = "sentiment shift") -> go.Figure:
+    """A steering sweep (:func:`sae_nb.steering.steering_sweep`): the target's shift against
+    the KL to the clean model on neutral text (left) and against the CE increase (right), one
+    curve per method, points labelled by coefficient. Up and to the left is better."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("against KL(clean || steered)",
+                                                        "against the CE increase"))
+    colors = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+    for i, (method, rows) in enumerate(table.groupby("method", sort=False)):
+        rows = rows.sort_values("coefficient")
+        for col, x in ((1, "kl"), (2, "ce_increase")):
+            fig.add_trace(go.Scatter(
+                x=rows[x], y=rows["shift"], mode="lines+markers", name=str(method),
+                legendgroup=str(method), showlegend=col == 1, customdata=rows["coefficient"],
+                line={"color": colors[i % len(colors)]},
+                hovertemplate=f"{method}<br>coefficient %{{customdata}}<br>{x} %{{x:.3f}}<br>"
+                              f"shift %{{y:+.3f}}<extra></extra>"), row=1, col=col)
+    fig.update_xaxes(title_text="KL (nats per token)", row=1, col=1)
+    fig.update_xaxes(title_text="CE increase (nats per token)", row=1, col=2)
+    fig.update_yaxes(title_text=target, row=1, col=1)
+    fig.update_layout(title=f"Steering: {target} against side effects", template="plotly_white")
+    return fig
+
+
+def attribution_scatter_figure(table: pd.DataFrame) -> go.Figure:
+    """Attribution (activation x gradient) against the measured ablation effect of the same
+    (position, latent) pairs (:func:`sae_nb.attribution.ablation_check`), with the diagonal."""
+    a, b = table["attribution"].to_numpy(float), table["ablation_effect"].to_numpy(float)
+    lo, hi = float(min(a.min(), b.min(), 0)), float(max(a.max(), b.max(), 0))
+    fig = go.Figure([
+        go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x",
+                   line={"color": "gray", "dash": "dot"}),
+        go.Scatter(x=a, y=b, mode="markers", name="latent at a position",
+                   customdata=np.stack([table["latent"], table["position"],
+                                        table["token"].astype(str)], 1),
+                   hovertemplate="latent %{customdata[0]} at %{customdata[1]} "
+                                 "(%{customdata[2]})<br>attribution %{x:.3f}<br>"
+                                 "ablation %{y:.3f}<extra></extra>")])
+    fig.update_layout(title="Attribution against the true ablation effect",
+                      xaxis_title="attribution (activation x gradient)",
+                      yaxis_title="measured effect of ablating it", template="plotly_white")
+    return fig

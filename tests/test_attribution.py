@@ -79,3 +79,13 @@ def test_bad_targets(llama):
         attribute(llama, sae, PROMPT, 10**6)
     with pytest.raises(InterventionError, match="pair"):
         attribute(llama, sae, PROMPT, ("a", "b", "c"))
+
+
+def test_attribution_scatter_figure():
+    import pandas as pd
+    from sae_nb.plotting import attribution_scatter_figure
+    table = pd.DataFrame({"position": [3, 5], "token": ["a", "b"], "latent": [7, 9],
+                          "attribution": [0.5, -0.2], "ablation_effect": [0.4, -0.1]})
+    fig = attribution_scatter_figure(table)
+    assert list(fig.data[1].x) == [0.5, -0.2] and list(fig.data[1].y) == [0.4, -0.1]
+    assert list(fig.data[0].x) == [-0.2, 0.5]  # the diagonal spans both axes' data

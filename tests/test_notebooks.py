@@ -170,9 +170,35 @@ def check_06_visualize(run_dir: Path, values: dict) -> None:
     assert len(figures) == 2  # the density histogram and density against max activation
 
 
+def check_07_intervene(run_dir: Path, values: dict) -> None:
+    import pandas as pd
+
+    out = run_dir / "intervene"
+    sweep = pd.read_csv(out / "steering_sweep.csv")
+    methods = sweep["method"].unique().tolist()
+    assert len(methods) == 3 and methods[0].startswith("latent ")
+    assert methods[1:] == ["probe direction", "difference of means"]
+    assert sweep.groupby("method")["coefficient"].apply(list).tolist() == [values["coefficients"]] * 3
+    assert (sweep["kl"] >= 0).all() and sweep["score"].between(0, 1).all()
+    generations = pd.read_csv(out / "steering_generations.csv")
+    assert len(generations) == 3 * len(values["coefficients"]) * len(values["prompts"])
+    changes = pd.read_csv(out / "logit_changes.csv")
+    assert changes["effect"].tolist() == ["promoted"] * 10 + ["suppressed"] * 10
+    assert len(pd.read_csv(out / "generations.csv")) == len(values["prompts"])
+    check = pd.read_csv(out / "attribution_check.csv")
+    assert len(check) == values["n_check"] and check["latent"].between(0, 4607).all()
+    executed = nbformat.read(run_dir / "07_intervene.ipynb", as_version=4)
+    figures = [o for c in executed.cells for o in c.get("outputs", [])
+               if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) == 2  # the steering curves and the attribution scatter
+    printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "per nat" in printed  # the verdict, with its figures
+
+
 CHECKS = {"01_extract": check_01_extract, "02_train": check_02_train,
           "03_load_pretrained": check_03_load_pretrained, "04_probe": check_04_probe,
-          "05_cluster": check_05_cluster, "06_visualize": check_06_visualize}
+          "05_cluster": check_05_cluster, "06_visualize": check_06_visualize,
+          "07_intervene": check_07_intervene}
 
 
 @pytest.fixture(scope="session")

@@ -116,3 +116,14 @@ def test_sentiment_setup_on_a_labeled_csv(llama, tmp_path):
                                          "difference of means"]
     with pytest.raises(InterventionError, match="No class 'happy'"):
         sentiment_setup(llama, sae, str(csv), n_sentences=80, positive="happy")
+
+
+def test_steering_figure_draws_a_curve_per_method():
+    from sae_nb.plotting import steering_figure
+    table = pd.DataFrame({"method": ["a", "a", "b", "b"], "coefficient": [2.0, 1.0, 1.0, 2.0],
+                          "shift": [0.4, 0.1, 0.2, 0.3], "kl": [0.5, 0.2, 0.1, 0.3],
+                          "ce_increase": [0.6, 0.3, 0.2, 0.4]})
+    fig = steering_figure(table)
+    assert [t.name for t in fig.data] == ["a", "a", "b", "b"]
+    assert list(fig.data[0].x) == [0.2, 0.5] and list(fig.data[0].y) == [0.1, 0.4]  # by coefficient
+    assert list(fig.data[1].x) == [0.3, 0.6]  # CE increase on the right
