@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import html
+import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -23,6 +24,7 @@ import pandas as pd
 from plotly.offline import get_plotlyjs
 
 from . import plotting
+from .corpora import token_strings
 from .features import latent_contexts
 
 SHADE_RGB = (255, 140, 0)  # the activation colour (dark orange), alpha = act / scale
@@ -106,13 +108,14 @@ def contexts_html(contexts: Iterable[dict], scale: float) -> str:
 
 # -- tables -----------------------------------------------------------------------------------
 
-def summary_html(stats, latent: int, tags: Sequence[str] = ()) -> str:
-    """Density, mean activation where firing, and largest activation of one latent, then
-    ``tags`` (e.g. "dense"), muted."""
+def summary_html(stats, latent: int, tags: Sequence[str] = (), caption: str = "") -> str:
+    """The latent's number and caption (top tokens), its density, mean activation where
+    firing, and largest activation, then ``tags`` (e.g. "dense"), muted."""
     density = float(stats.density[latent])
     fired = int(round(density * stats.n_tokens))
     notes = "".join(f'<span class="muted">{html.escape(t)}</span>' for t in tags)
-    return (f'<div class="summary"><span><b>latent {latent}</b></span>'
+    cap = f' <span class="muted caption">{html.escape(caption)}</span>' if caption else ""
+    return (f'<div class="summary"><span><b>latent {latent}</b>{cap}</span>'
             f'<span>density {density:.3%} ({fired:,} of {stats.n_tokens:,} tokens)</span>'
             f'<span>mean when firing {float(stats.mean_act[latent]):.4g}</span>'
             f'<span>max {float(stats.max_act[latent]):.4g}</span>{notes}</div>')
@@ -132,21 +135,72 @@ def logit_table_html(table: pd.DataFrame | None) -> str:
     return f'<table class="logits">{head}{body}</table>'
 
 
+def latent_captions(stats, store, tokenizer, n_tokens: int = 2, latents=None) -> dict[int, str]:
+    """A short caption per latent: its commonest tokens at its top store rows (the rows of
+    ``stats.top_rows``; ties by strength), quoted, e.g. ``'" depressions", " dem"'``; "" for a
+    latent that never fired or a store of sentence rows. ``latents`` defaults to all."""
+    latents = np.arange(stats.d_sae) if latents is None else np.asarray(latents, dtype=np.int64)
+    rows = np.asarray(stats.top_rows)[latents]  # (L, n_top)
+    flat = rows[rows >= 0]
+    ids = np.full(rows.shape, -1, dtype=np.int64)
+    ids[rows >= 0] = store.index(flat)["token"] if flat.size else []
+    uniq = np.unique(ids[ids >= 0])
+    names = dict(zip(uniq.tolist(), token_strings(tokenizer, uniq))) if uniq.size else {}
+    out = {}
+    for latent, row_ids in zip(latents.tolist(), ids):
+        counts: dict[int, int] = {}
+        for t in row_ids[row_ids >= 0].tolist():  # strongest first: a tie keeps that order
+            counts[t] = counts.get(t, 0) + 1
+        best = sorted(counts, key=lambda t: -counts[t])[:n_tokens]
+        out[latent] = ", ".join(json.dumps(names[t], ensure_ascii=False) for t in best)
+    return out
+
+
+def latent_label(latent: int, caption: str = "") -> str:
+    """``'1258 " depressions", " dem"'``: a latent's number and caption, as plain text."""
+    return f"{int(latent)} {caption}".rstrip()
+
+
+def latent_link_html(latent: int, caption: str = "", href: str | None = None) -> str:
+    """A latent's number as a link (``data-latent`` holds it) followed by its muted caption."""
+    href = f"#latent-{int(latent)}" if href is None else href
+    cap = f' <span class="muted caption">{html.escape(caption)}</span>' if caption else ""
+    return (f'<a class="latent-link" href="{html.escape(href)}" data-latent="{int(latent)}">'
+            f'{int(latent)}</a>{cap}')
+
+
+# What the text table's "of its max" column is (a fraction above 100% is stronger than any
+# activation of the latent over the store).
+FRACTION_NOTE = ("<i>of its max</i>: the latent's peak on your text over its largest activation "
+                 "in the store (above 100%: stronger than anywhere in the store)")
+
+
 def latents_table_html(latents: Sequence[int], values: Sequence[float],
                        densities: Sequence[float] | None = None,
-                       fractions: Sequence[float] | None = None) -> str:
+                       fractions: Sequence[float] | None = None,
+                       captions: Sequence[str] | None = None,
+                       at_tokens: Sequence[str] | None = None) -> str:
     """A small table of latents and a value each (e.g. the strongest latents of a text), with
-    their density and the value as a fraction of their max, when given."""
+    their caption (top tokens), the token where the value is reached, their density and the
+    value as a fraction of their max, when given; the latent numbers are links."""
     n = len(latents)
-    densities = densities if densities is not None else [None] * n
-    fractions = fractions if fractions is not None else [None] * n
+    none = [None] * n
+    densities = densities if densities is not None else none
+    fractions = fractions if fractions is not None else none
+    captions = captions if captions is not None else [""] * n
+    at_tokens = at_tokens if at_tokens is not None else none
     pct = lambda x, fmt: "" if x is None else format(float(x), fmt)  # noqa: E731
+    frac = lambda x: ("" if x is None else "never fired in the store" if not np.isfinite(x)  # noqa: E731
+                      else f"{float(x):.1%}")
+    tok = lambda t: "" if t is None else f'<span class="tokens">{display_token(t)}</span>'  # noqa: E731
     rows = "".join(
-        f'<tr><td>{int(i)}</td><td class="num">{float(v):.4g}</td>'
-        f'<td class="num">{pct(f, ".0%")}</td><td class="num">{pct(d, ".3%")}</td></tr>'
-        for i, v, d, f in zip(latents, values, densities, fractions))
-    return ('<table class="logits"><tr><th>latent</th><th>max on text</th><th>of its max</th>'
-            f'<th>density</th></tr>{rows}</table>')
+        f'<tr data-latent="{int(i)}"><td>{latent_link_html(i, c)}</td>'
+        f'<td class="num">{float(v):.4g}</td><td>{tok(t)}</td>'
+        f'<td class="num">{frac(f)}</td><td class="num">{pct(d, ".3%")}</td></tr>'
+        for i, v, d, f, c, t in zip(latents, values, densities, fractions, captions, at_tokens))
+    return ('<table class="logits"><tr><th>latent (top tokens)</th><th>max on text</th>'
+            f'<th>at token</th><th>of its max</th><th>density</th></tr>{rows}</table>'
+            f'<div class="muted" style="font-size: 12px">{FRACTION_NOTE}</div>')
 
 
 # -- the static export ------------------------------------------------------------------------
@@ -180,7 +234,7 @@ def interval_sections(stats, latent: int) -> list[tuple[str, np.ndarray]]:
 
 def latent_section_html(stats, latent: int, top_contexts: list[dict],
                         intervals: list[tuple[str, list[dict]]], logit_table: pd.DataFrame | None,
-                        ) -> str:
+                        caption: str = "") -> str:
     """One latent's dashboard section: summary, histogram, logit effects, contexts."""
     fig = plotting.latent_histogram_figure(stats.hist_edges[latent], stats.hist_counts[latent],
                                            title=f"latent {latent}: nonzero activations")
@@ -190,7 +244,7 @@ def latent_section_html(stats, latent: int, top_contexts: list[dict],
     interval_html = "".join(f"<h4>{html.escape(label)}</h4>{contexts_html(c, scale)}"
                             for label, c in intervals)
     return (f'<section class="latent" id="latent-{latent}" data-latent="{latent}">'
-            f'<h2>Latent {latent}</h2>{summary_html(stats, latent)}'
+            f'<h2>Latent {latent}</h2>{summary_html(stats, latent, caption=caption)}'
             f'<div class="panels"><div class="hist">{hist}</div>'
             f'<div><h3>Logit effects</h3>{logit_table_html(logit_table)}</div></div>'
             f'<h3>Top activations</h3>{contexts_html(top_contexts, scale)}'
@@ -223,6 +277,7 @@ def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: st
     if tokenizer is None:
         raise ValueError("export_dashboards needs tokenizer=... (e.g. model.tokenizer) to show "
                          "the tokens of each context.")
+    captions = latent_captions(stats, store, tokenizer, latents=latents)
     sections = []
     for latent in latents:
         top = stats.top_rows[latent, :n_contexts]
@@ -235,16 +290,19 @@ def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: st
         table = logit_effects.tokens(tokenizer, latent) if logit_effects is not None else None
         sections.append(latent_section_html(stats, latent, grouped[0],
                                             list(zip([g[0] for g in groups[1:]], grouped[1:])),
-                                            table))
+                                            table, captions[latent]))
     title = f"{dictionary_label(dictionary)} · {stats.model} · {stats.site}"
-    page = page_html(title, index_html(stats, latents), sections, get_plotlyjs())
+    page = page_html(title, index_html(stats, latents, captions), sections, get_plotlyjs())
     return atomic_write_text(Path(path), page)
 
 
-def index_html(stats, latents: Sequence[int]) -> str:
-    """The page header: what the statistics cover, and a linked list of the latents."""
+def index_html(stats, latents: Sequence[int], captions: dict[int, str] | None = None) -> str:
+    """The page header: what the statistics cover, and a linked list of the latents, each
+    with its caption (top tokens)."""
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    links = "".join(f'<li><a href="#latent-{i}">latent {i}</a> <span class="muted">density '
+    captions = captions or {}
+    links = "".join(f'<li>latent {latent_link_html(i, captions.get(i, ""))} '
+                    f'<span class="muted">density '
                     f'{float(stats.density[i]):.3%}, max {float(stats.max_act[i]):.3g}</span></li>'
                     for i in latents)
     return (f'<p class="muted">{stats.d_sae:,} latents; statistics over {stats.n_tokens:,} '

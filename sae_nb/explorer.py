@@ -24,8 +24,8 @@ import plotly.graph_objects as go
 
 from . import plotting
 from .corpora import token_strings
-from .dashboard import (contexts_html, latents_table_html, logit_table_html,
-                        scoped_css, shaded_tokens_html, summary_html)
+from .dashboard import (contexts_html, latent_captions, latent_label, latents_table_html,
+                        logit_table_html, scoped_css, shaded_tokens_html, summary_html)
 from .features import latent_contexts, text_activations
 
 HISTOGRAM_WIDTH = 440  # px; with the logit table (about 360 px) it fits one row of a notebook
@@ -76,6 +76,22 @@ def latent_order(stats, sort: str, skip_unusual: bool = True) -> np.ndarray:
     if skip_unusual:
         order = order[np.argsort(unusual_latents(stats)[order], kind="stable")]
     return order
+
+
+def strongest_on_text(codes: np.ndarray, max_act, n: int = 10
+                      ) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """``(latents, peak, relative)``: the ``n`` latents firing most on a text's codes ``(T, F)``,
+    ranked by their peak over their max in the store (``relative``, unclipped: above 1 is
+    stronger than anywhere in the store; inf for a latent that never fired there, ranked last),
+    ties by the peak. By raw value a few dense latents of large scale would top every text."""
+    codes = np.asarray(codes, dtype=np.float64)
+    max_act = np.asarray(max_act, dtype=np.float64)
+    peak = codes.max(0) if len(codes) else np.zeros(len(max_act))  # (F,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(max_act > 0, peak / np.where(max_act > 0, max_act, 1.0), np.inf)
+    finite = np.where(np.isfinite(relative), relative, -1.0)  # never-fired latents last
+    order = np.lexsort((-peak, -finite))
+    return [int(i) for i in order if peak[i] > 0][:n], peak, relative
 
 
 def top_latents(stats, n: int, sort: str = "max activation", skip_unusual: bool = True
@@ -159,6 +175,8 @@ class FeatureExplorer:
         self._text: tuple[list[str], np.ndarray] | None = None
         self._busy = False
         self.unusual = unusual_latents(stats)
+        # Each latent's commonest tokens at its top rows, beside its number wherever it is listed.
+        self.captions = latent_captions(stats, store, self.tokenizer)
         self.order = latent_order(stats, sort, skip_unusual)
         self.latent = -1
         self._build_widgets(sort, skip_unusual)
@@ -254,7 +272,8 @@ class FeatureExplorer:
                     menu.value = None
         finally:
             self._busy = False
-        self.summary.value = summary_html(self.stats, latent, self._tags(latent))
+        self.summary.value = summary_html(self.stats, latent, self._tags(latent),
+                                          self.captions[latent])
         self.contexts.value = contexts_view
         self.logits.value = logits_view
         x, width, y = plotting.histogram_bars(self.stats.hist_edges[latent],
@@ -288,6 +307,10 @@ class FeatureExplorer:
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return view
+
+    def label(self, latent: int) -> str:
+        """``'1258 " depressions", " dem"'``: the latent's number and its top tokens."""
+        return latent_label(latent, self.captions[int(latent)])
 
     def _tags(self, latent: int) -> list[str]:
         if not self.unusual[latent]:
@@ -331,7 +354,8 @@ class FeatureExplorer:
         found = self._search(query) if self._search is not None else []
         self._busy = True
         try:
-            self.matches.options = [(f"latent {i} (score {s})", i) for i, s in found]
+            self.matches.options = [(f"latent {self.label(i)} (score {s})", i)
+                                    for i, s in found]
             self.matches.value = found[0][0] if found else None
         finally:
             self._busy = False
@@ -364,16 +388,14 @@ class FeatureExplorer:
             self.run_button.disabled, self.run_button.description = False, "Run"
         codes = codes.float().cpu().numpy()  # (T, F)
         self._text = (list(tokens), codes)
-        peak = codes.max(0) if len(codes) else np.zeros(self.stats.d_sae, np.float32)
-        # Ranked by the peak as a fraction of the latent's max over the store: by raw value,
-        # a few dense latents of large scale would top every text.
-        relative = peak / np.maximum(self.stats.max_act, peak).clip(min=1e-12)  # (F,)
-        strongest = [int(i) for i in np.argsort(-relative, kind="stable")[:10] if peak[i] > 0]
+        strongest, peak, relative = strongest_on_text(codes, self.stats.max_act)
+        at = codes[:, strongest].argmax(0) if strongest else []
         self.text_latents.value = latents_table_html(
-            strongest, peak[strongest], self.stats.density[strongest], relative[strongest])
+            strongest, peak[strongest], self.stats.density[strongest], relative[strongest],
+            [self.captions[i] for i in strongest], [tokens[t] for t in at])
         self._busy = True
         try:
-            self.text_jump.options = [(f"latent {i} ({relative[i]:.0%} of its max)", i)
+            self.text_jump.options = [(f"latent {self.label(i)} ({relative[i]:.1%} of its max)", i)
                                       for i in strongest]
             self.text_jump.value = None
         finally:

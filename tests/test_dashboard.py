@@ -8,10 +8,12 @@ ran: the shaded token spans and the histogram's bars.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -135,6 +137,20 @@ def test_export_writes_one_self_contained_file(exported):
         labels = [h.get_text() for h in section.find_all("h4")]
         assert len(labels) == len(expected) and labels[0].startswith("interval 3 of 3")
     assert [a["href"] for a in soup.find_all("a")] == [f"#latent-{i}" for i in latents]
+
+
+def test_dashboard_index_and_sections_caption_each_latent(exported):
+    """Point 6: the index lists each latent with its top tokens, not as a bare number."""
+    path, store, sae, stats, latents, tokenizer = exported
+    soup = BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
+    items = soup.find("ul").find_all("li")
+    for item, section, latent in zip(items, soup.find_all("section", class_="latent"), latents):
+        ids = [int(store.index(np.array([r]))["token"][0]) for r in stats.top_rows[latent]
+               if r >= 0]
+        caption = ", ".join(json.dumps(tokenizer.decode([t]), ensure_ascii=False)
+                            for t, _ in Counter(ids).most_common(2))
+        assert item.get_text().startswith(f"latent {latent} {caption} ")
+        assert f"latent {latent} {caption}" in section.find("div", class_="summary").get_text()
 
 
 def test_export_refuses_bad_latents(exported):

@@ -4,7 +4,9 @@ click a button, then read the figure's data and the rendered HTML."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from collections import Counter
 
 import ipywidgets
 import numpy as np
@@ -154,23 +156,7 @@ def test_text_box_shows_activations_equal_to_a_direct_encode(explorer, setup, ll
     assert "".join(s.get_text() for s in spans) == TEXT
     acts = explorer.run_text(TEXT)
     torch.testing.assert_close(torch.from_numpy(acts), codes[:, latent], rtol=1e-4, atol=1e-5)
-    peak = codes.max(0).values
-    relative = peak / torch.maximum(torch.from_numpy(stats.max_act).float(), peak)
     listed = [value for _, value in explorer.text_jump.options]
-    assert len(listed) == min(10, int((peak > 0).sum()))
-    # Listed by peak / max over the store, largest first (the text's own tokens may sit at a
-    # latent's max: ties at 1 are broken by index, so compare values, to float tolerance).
-    shown = relative[listed]
-    assert (shown[:-1] >= shown[1:] - 1e-4).all()
-    rest = torch.ones_like(peak, dtype=torch.bool)
-    rest[listed] = False
-    unlisted = relative[rest & (peak > 0)]
-    assert not len(unlisted) or float(shown.min()) >= float(unlisted.max()) - 1e-4
-    table = BeautifulSoup(explorer.text_latents.value, "html.parser").find_all("tr")[1:]
-    first = [td.get_text() for td in table[0].find_all("td")]
-    assert first[0] == str(listed[0]) and float(first[1]) == pytest.approx(float(peak[listed[0]]),
-                                                                          rel=1e-3)
-    assert first[2] == f"{float(relative[listed[0]]):.0%}"
     other = listed[1]
     explorer.text_jump.value = other  # choosing a strong latent of the text shows it
     check_shows(explorer, stats, other)
@@ -365,3 +351,56 @@ def test_logit_table_says_what_its_values_are(explorer):
                   if "Logit effects" in t]
     assert "Logit effects" in caption and "logit units" in caption
     assert "unembedding" in caption and "decoder" in caption and "sub-word" in caption
+
+
+def brute_caption(stats, store, tokenizer, latent: int, n: int = 2) -> str:
+    """The commonest tokens at the latent's top rows (ties: the stronger row's first), quoted."""
+    ids = [int(store.index(np.array([r]))["token"][0]) for r in stats.top_rows[latent] if r >= 0]
+    return ", ".join(json.dumps(tokenizer.decode([t]), ensure_ascii=False)
+                     for t, _ in Counter(ids).most_common(n))
+
+
+def test_text_box_lists_latents_with_captions_tokens_and_unclipped_fractions(explorer, setup,
+                                                                             llama):
+    """Point 6: each listed latent has its top tokens and the token of the text it fires on
+    most; "of its max" is peak / store max unclipped (several rows read 100% before), by it."""
+    store, sae, stats = setup
+    codes = direct_codes(llama, sae, TEXT).numpy()  # (T, F)
+    tokens = [llama.tokenizer.decode([t]) for t in llama.tokenizer(TEXT, add_special_tokens=False)
+              ["input_ids"]]
+    explorer.text.value = TEXT
+    explorer.run_button.click()
+    peak = codes.max(0)
+    alive = (peak > 0) & (stats.max_act > 0)
+    relative = np.where(alive, peak / np.where(stats.max_act > 0, stats.max_act, 1), -1)
+    expected = [int(i) for i in np.argsort(-relative, kind="stable")[: min(10, alive.sum())]]
+    rows = BeautifulSoup(explorer.text_latents.value, "html.parser").find_all("tr")[1:]
+    listed = [v for _, v in explorer.text_jump.options]
+    assert relative[listed] == pytest.approx(relative[expected], rel=1e-4)
+    for row, latent in zip(rows, listed):
+        cells = [td.get_text() for td in row.find_all("td")]
+        assert f"{relative[latent]:.1%}" in cells, cells
+        caption = brute_caption(stats, store, llama.tokenizer, latent)
+        assert caption and cells[0] == f"{latent} {caption}"
+        assert float(cells[1]) == pytest.approx(float(peak[latent]), rel=1e-3)
+        assert cells[2] == tokens[int(codes[:, latent].argmax())].replace("\n", "↵")
+        assert cells[3] == f"{relative[latent]:.1%}"
+    labels = [label for label, _ in explorer.text_jump.options]
+    assert labels[0].startswith(f"latent {listed[0]} {brute_caption(stats, store, llama.tokenizer, listed[0])} (")
+    assert len(set(labels)) == len(labels)
+    assert "of its max" in explorer.text_latents.value and "largest activation in the store" in \
+        explorer.text_latents.value
+
+
+def test_summary_and_search_menu_show_captions(explorer, setup, llama):
+    """Point 6: the summary and the search matches name each latent's top tokens."""
+    store, sae, stats = setup
+    latent = int(np.argmax(stats.max_act))
+    caption = brute_caption(stats, store, llama.tokenizer, latent)
+    explorer.number.value = latent
+    summary = BeautifulSoup(explorer.summary.value, "html.parser").get_text()
+    assert f"latent {latent} {caption}" in summary
+    (top,) = latent_contexts(store, sae, latent, stats.top_rows[latent, :1], explorer.tokenizer)
+    explorer.query.value = top["tokens"][top["center"]]
+    for label, value in explorer.matches.options:
+        assert label.startswith(f"latent {value} {brute_caption(stats, store, llama.tokenizer, value)} (score ")
