@@ -104,12 +104,12 @@ def test_bad_generation_inputs(llama):
 
 
 def test_sampling_draws_from_the_softmax(llama):
-    """Over 400 seeds the first sampled token's frequencies match softmax(logits / T)."""
+    """Over 250 seeds the first sampled token's frequencies match softmax(logits / T)."""
     ids = prompt_tokens(llama, PROMPT)
     p = torch.softmax(edited_logits(llama, ids)[0, -1] / 0.7, -1)
     draws = torch.cat([sample_tokens(llama, ids, 1, temperature=0.7, seed=s)[0]
-                       for s in range(400)])
-    freq = torch.bincount(draws, minlength=len(p)).float() / 400
+                       for s in range(250)])
+    freq = torch.bincount(draws, minlength=len(p)).float() / 250
     top = p.topk(3).indices
-    sigma = (p[top] * (1 - p[top]) / 400).sqrt()
+    sigma = (p[top] * (1 - p[top]) / 250).sqrt()
     assert ((freq[top] - p[top]).abs() < 4 * sigma + 1e-3).all(), (freq[top], p[top])
