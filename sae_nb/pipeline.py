@@ -18,6 +18,8 @@ from typing import Any, Iterable, Mapping
 
 import nbformat
 
+from .runs import finish_progress_bars
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -143,6 +145,7 @@ def run_notebook(path: str | Path, run_dir: str | Path, parameters: Mapping[str,
             str(path), str(output), parameters={k: v for k, v in given.items() if k in declared},
             kernel_name=KERNEL_NAME, cwd=str(path.parent), progress_bar=progress,
         )
+        finish_progress_bars(output)  # saved bars read how they ended, not 0%
     except papermill.PapermillExecutionError as err:
         raise PipelineError(_failure_message(path, output, err)) from None
     except RuntimeError as err:  # nbclient's DeadKernelError: out of memory, a crash, a kill

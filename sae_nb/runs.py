@@ -5,12 +5,17 @@ when that folder holds activation stores, and otherwise the main job's ``../outp
 (``python -m sae_nb run``), so Run All works right after the README's main job. The main job
 itself always passes its own ``run_dir``. The note returned says which folder was chosen and how
 to choose another, for the notebook to print.
+
+:func:`finish_progress_bars` makes the progress bars saved in an executed notebook read their
+final state.
 """
 
 from __future__ import annotations
 
+import html
 from pathlib import Path
 
+from .io import atomic_write_text
 from .store import StoreError, store_folders
 
 INTERACTIVE_RUN = "../outputs/interactive"  # notebook 01 run by hand, from notebooks/
@@ -40,3 +45,48 @@ def _has_store(run_dir: str) -> bool:
         return bool(store_folders(run_dir))
     except StoreError:
         return False
+
+
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def finish_progress_bars(path: str | Path) -> int:
+    """Give each tqdm bar saved in the executed notebook at ``path`` the text of its last state.
+
+    A tqdm bar in a notebook is a widget whose plain-text form is written when it appears
+    (``Loading weights: 0% 0/272``); the widget state saved at the end holds how it finished.
+    JupyterLab shows the plain text wherever it cannot draw the widget (an executed notebook
+    opened later is untrusted), so that text is rewritten from the saved state
+    (``Loading weights: 100%|##########| 272/272 [...]``). Returns the number of bars rewritten."""
+    import nbformat
+
+    path = Path(path)
+    nb = nbformat.read(path, as_version=4)
+    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
+    done = 0
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            view = output.get("data", {}).get(WIDGET_VIEW)
+            text = _bar_text(state, view["model_id"]) if view else None
+            if text is not None:
+                output["data"]["text/plain"] = text
+                done += 1
+    if done:
+        atomic_write_text(path, nbformat.writes(nb))
+    return done
+
+
+def _bar_text(state: dict, model_id: str) -> str | None:
+    """tqdm's text of the bar widget ``model_id`` (an HBox of HTML, FloatProgress, HTML)."""
+    box = state.get(model_id, {})
+    children = box.get("state", {}).get("children", []) if box.get("model_name") == "HBoxModel" \
+        else []
+    models = [state.get(str(c).removeprefix("IPY_MODEL_"), {}) for c in children]
+    if [m.get("model_name") for m in models] != ["HTMLModel", "FloatProgressModel", "HTMLModel"]:
+        return None
+    left, bar, right = (m.get("state", {}) for m in models)
+    total, value = float(bar.get("max") or 0), float(bar.get("value") or 0)
+    filled = int(10 * min(value / total, 1.0)) if total > 0 else 0
+    text = f"{left.get('value', '')}|{'█' * filled}{' ' * (10 - filled)}|{right.get('value', '')}"
+    return html.unescape(text).replace("\u2007", " ")

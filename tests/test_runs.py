@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 
+import nbformat
 import pytest
 
+from sae_nb.pipeline import run_notebook
 from sae_nb.runs import choose_run_dir
 from sae_nb.store import MANIFEST, STORE_FORMAT, STORE_VERSION, StoreError
 
@@ -31,3 +33,24 @@ def test_empty_run_dir_reads_the_main_jobs_run_after_the_main_job(tmp_path, monk
     fake_store("interactive", tmp_path)  # notebook 01 run by hand wins once it has written
     assert choose_run_dir("")[0] == "../outputs/interactive"
     assert choose_run_dir("/somewhere/else")[0] == "/somewhere/else"  # a given one is kept
+
+
+@pytest.mark.slow  # runs a notebook in a kernel
+def test_executed_notebook_saves_progress_bars_as_they_ended(tmp_path):
+    """Point 10: a tqdm bar saved in an executed notebook read ``0% 0/272`` (its text when it
+    appeared); the main job's run_notebook rewrites it from the widget state it ended in."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('run_dir = ""', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("from tqdm.auto import tqdm\n"
+                                          "for _ in tqdm(range(272), desc='Loading weights'):\n"
+                                          "    pass")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    path = tmp_path / "nb" / "99_bars.ipynb"
+    path.parent.mkdir()
+    nbformat.write(nb, path)
+    output = run_notebook(path, tmp_path / "run")
+    (bar,) = nbformat.read(output, as_version=4).cells[-1].outputs
+    assert "application/vnd.jupyter.widget-view+json" in bar["data"]  # still a live widget
+    text = bar["data"]["text/plain"]
+    assert text.startswith("Loading weights: 100%|██████████| 272/272 ["), text
