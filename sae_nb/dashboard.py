@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime
 import html
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -26,6 +25,7 @@ from plotly.offline import get_plotlyjs
 from . import plotting
 from .corpora import token_strings
 from .features import latent_contexts
+from .io import atomic_write_text
 
 SHADE_RGB = (255, 140, 0)  # the activation colour (dark orange), alpha = act / scale
 VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}  # whitespace drawn so a reader can see it
@@ -218,13 +218,14 @@ def dashboard_path(run_dir: str | Path, dictionary) -> Path:
 
 def interval_sections(stats, latent: int) -> list[tuple[str, np.ndarray]]:
     """``(label, rows)`` per activation interval of a latent (``FeatureStats.quantile_rows``:
-    equal-width intervals of ``(0, max_act]``), strongest interval first."""
+    equal-width intervals of ``(0, max_act]``), strongest interval first, and within each the
+    strongest example first."""
     bounds = stats.quantile_bounds[latent]
     out = []
     n = stats.quantile_rows.shape[1]
     for q in reversed(range(n)):
-        rows = stats.quantile_rows[latent, q]
-        rows = rows[rows >= 0]
+        rows, values = stats.quantile_rows[latent, q], stats.quantile_values[latent, q]
+        rows = rows[rows >= 0][np.argsort(-values[rows >= 0], kind="stable")]  # strongest first
         if len(rows):
             out.append((f"interval {q + 1} of {n}: activations {bounds[q]:.3g} to "
                         f"{bounds[q + 1]:.3g}",
@@ -307,13 +308,4 @@ def index_html(stats, latents: Sequence[int], captions: dict[int, str] | None = 
                     for i in latents)
     return (f'<p class="muted">{stats.d_sae:,} latents; statistics over {stats.n_tokens:,} '
             f'tokens; written {stamp}. Hover a token for its activation.</p><ul>{links}</ul>')
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
