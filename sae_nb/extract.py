@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import numbers
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .checks import whole_number
 from .corpora import Corpus, document_separator, load_corpus, pack_contexts, sentence_batches
 from .models import hf_model, max_positions, model_name
 from .sites import Site, execution_order, resolve_site
@@ -69,20 +69,8 @@ class ExtractConfig:
             value = getattr(self, name)
             if value is None and name == "shard_rows":
                 continue
-            setattr(self, name, _whole_number(name, value, minimum=0 if name == "seed" else 1))
-
-
-def _whole_number(name: str, value, minimum: int) -> int:
-    """``value`` as an int: ints and integral floats (``1e3``, what ``-p n_tokens=1e3`` passes)
-    are whole numbers; strings, bools, fractions, NaN are not."""
-    whole = isinstance(value, numbers.Integral) or (isinstance(value, numbers.Real)
-                                                    and float(value).is_integer())
-    if isinstance(value, bool) or not whole:
-        raise ExtractionError(f"{name}={value!r} is not a whole number; give a number without "
-                              f"quotes, e.g. {name}={max(minimum, 1) * 128}.")
-    if int(value) < minimum:
-        raise ExtractionError(f"{name}={value!r} must be at least {minimum}.")
-    return int(value)
+            setattr(self, name, whole_number(name, value, 0 if name == "seed" else 1,
+                                             ExtractionError))
 
 
 def check_ctx_len(model, config: ExtractConfig) -> None:

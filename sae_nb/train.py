@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .checks import real_number, whole_number
 from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE, build_dictionary
 from .io import atomic_open, folder_name
 from .models import resolve_device
@@ -83,13 +84,19 @@ class TrainConfig:
         if self.architecture not in ("topk", "batchtopk", "standard", "jumprelu"):
             raise TrainingError(f"Unknown architecture {self.architecture!r}; choose one of "
                                 f"'topk', 'batchtopk', 'standard', 'jumprelu'.")
-        if self.total_tokens < 1:
-            raise TrainingError(f"total_tokens={self.total_tokens} must be positive.")
-        if self.d_sae is None and not (isinstance(self.expansion, int) and self.expansion >= 1):
-            raise TrainingError(f"expansion={self.expansion!r} must be a whole number >= 1 "
-                                f"(latents per input dimension); or give d_sae.")
-        if self.d_sae is not None and not (isinstance(self.d_sae, int) and self.d_sae >= 1):
-            raise TrainingError(f"d_sae={self.d_sae!r} must be a whole number >= 1 (latents).")
+        for name, minimum in (("total_tokens", 1), ("expansion", 1), ("k", 1), ("seed", 0),
+                              ("dead_window_tokens", 1), ("checkpoint_every", 0),
+                              ("log_every", 1), ("d_sae", 1), ("d_in", 1), ("k_aux", 1),
+                              ("warmup_steps", 0), ("resample_every", 1)):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, whole_number(name, value, minimum, TrainingError))
+        for name in ("l1_coefficient", "l0_coefficient", "auxk_alpha"):
+            setattr(self, name, real_number(name, getattr(self, name), 0.0, error=TrainingError))
+        for name in ("lr", "jumprelu_bandwidth"):
+            if getattr(self, name) is not None:
+                setattr(self, name, real_number(name, getattr(self, name), 0.0, strict=True,
+                                                error=TrainingError))
         if self.sparsity_penalty not in ("l1", "entropy"):
             raise TrainingError(f"sparsity_penalty={self.sparsity_penalty!r}; use 'l1' or 'entropy'.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -482,3 +483,20 @@ def test_degenerate_sizes_and_empty_batches_are_refused():
     with pytest.raises(TrainingError, match="Batch 1 has no rows"):
         train_dictionary(iter([x[:128], x[:0], x[:128]]), d_sae=F, k=K, total_tokens=128 * 3,
                          progress=False)
+
+
+def test_settings_from_notebook_parameters_are_checked_by_name():
+    """`-p total_tokens=1e6` is a whole number; quoted numbers, negative rates and fractional
+    counts are refused by name (they once surfaced as TypeError or torch's ValueError)."""
+    from sae_nb import TrainConfig
+
+    assert TrainConfig(total_tokens=1e6, k=32.0).total_tokens == 1_000_000
+    assert isinstance(TrainConfig(k=32.0).k, int)
+    for bad, message in (({"total_tokens": "abc"}, "total_tokens='abc' is not a whole number"),
+                         ({"k": 2.5}, "k=2.5 is not a whole number"),
+                         ({"lr": -1.0}, "lr=-1.0 must be above 0"),
+                         ({"lr": "fast"}, "lr='fast' is not a number"),
+                         ({"l1_coefficient": -0.1}, "l1_coefficient=-0.1 must be at least 0"),
+                         ({"seed": -1}, "seed=-1 must be at least 0")):
+        with pytest.raises(TrainingError, match=re.escape(message)):
+            TrainConfig(**bad)
