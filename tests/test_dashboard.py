@@ -133,7 +133,11 @@ def test_export_writes_one_self_contained_file(exported):
         assert f"{stats.max_act[latent]:.4g}" in section.find("div", class_="summary").get_text()
         intervals = section.find_all("table", class_="contexts")[1:]
         expected = [r[r >= 0].tolist() for r in stats.quantile_rows[latent][::-1] if (r >= 0).any()]
-        assert [[int(tr["data-row"]) for tr in t.find_all("tr")] for t in intervals] == expected
+        shown = [[int(tr["data-row"]) for tr in t.find_all("tr")] for t in intervals]
+        assert [sorted(rows) for rows in shown] == [sorted(rows) for rows in expected]
+        for table in intervals:  # point 10: strongest first within each interval
+            values = [float(td.get_text()) for td in table.find_all("td", class_="value")]
+            assert values == sorted(values, reverse=True), values
         labels = [h.get_text() for h in section.find_all("h4")]
         assert len(labels) == len(expected) and labels[0].startswith("interval 3 of 3")
     assert [a["href"] for a in soup.find_all("a")] == [f"#latent-{i}" for i in latents]
