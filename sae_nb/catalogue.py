@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from .formats import load_dictionary
-from .saving import DEFAULT_DICTIONARY, META_FILE, read_json
+from .saving import DEFAULT_DICTIONARY, META_FILE, DictionaryFormatError, read_json
 
 # Files that mark a folder as one dictionary, in the formats we read.
 MARKERS = ("cfg.json", "ae.pt", "params.npz")
@@ -22,6 +22,10 @@ SKIP_DIRS = {"checkpoints", ".git", "__pycache__"}
 def find_dictionaries(root: str | Path) -> list[Path]:
     """Folders (and OpenAI-style ``.pt`` files) under ``root`` that hold one dictionary."""
     root = Path(root)
+    if not root.is_dir():
+        raise DictionaryFormatError(f"No folder {str(root)!r} to list dictionaries from; pass "
+                                    f"a folder that exists (default: the repository's "
+                                    f"dictionaries/).")
     found = []
     for folder in sorted(p for p in [root, *root.rglob("*")] if p.is_dir()):
         parts = folder.relative_to(root).parts

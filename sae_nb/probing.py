@@ -99,8 +99,8 @@ def load_labeled(source: str | Path = "movie_reviews", text_column: str = "text"
             parse_vader(fetch_vader(cache_dir)).to_csv(csv, index=False)
         source, text_column, label_column, encoding = csv, "text", "label", "utf-8"
     if not Path(source).exists():
-        raise FileNotFoundError(f"No labeled data at {str(source)!r}: pass 'movie_reviews' or a "
-                                f"CSV file with text and label columns.")
+        raise LabelError(f"No labeled data at {str(source)!r}: pass 'movie_reviews' or a CSV "
+                         f"file with text and label columns.")
     table = read_text_table(source, text_column, label_column, encoding)
     return check_labeled(table[["text", "label"]])
 

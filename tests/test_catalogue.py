@@ -27,6 +27,14 @@ def test_catalogue_lists_saved_dictionaries_with_metrics(tmp_path):
     assert "broken" in df.loc["broken", "error"]  # the message names the folder
 
 
+def test_catalogue_of_a_missing_folder_says_so(tmp_path):
+    """A mistyped folder once listed nothing, silently."""
+    from sae_nb import DictionaryFormatError
+
+    with pytest.raises(DictionaryFormatError, match="No folder .*absent"):
+        catalogue(tmp_path / "absent")
+
+
 def test_catalogue_defaults_to_the_shipped_dictionaries():
     df = catalogue()
     row = df[df["name"] == "topk_4608_k32"].iloc[0]

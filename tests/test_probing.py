@@ -101,7 +101,7 @@ def test_bad_labeled_inputs(tmp_path):
         probing.load_labeled(csv)
     with pytest.raises(probing.LabelError, match="Too few rows per class"):
         probing.split_labeled(["a"] * 10 + ["b"] * 2)
-    with pytest.raises(FileNotFoundError, match="movie_reviews"):
+    with pytest.raises(CorpusError, match="movie_reviews"):
         probing.load_labeled(tmp_path / "absent.csv")
     ok = tmp_path / "ok.csv"
     pd.DataFrame({"s": list("abcdef"), "y": [1, 2, 1, 2, 1, 2]}).to_csv(ok, index=False)
