@@ -202,7 +202,9 @@ def probe_accuracy_figure(table: pd.DataFrame) -> go.Figure:
         if len(value):
             fig.add_hline(y=float(value.iloc[0]), line_dash=dash,
                           annotation_text=f"{name} {float(value.iloc[0]):.3f}")
+    ks = [int(k) for k in sparse["k"]]  # a tick at each k probed, not log-axis minor digits
     fig.update_layout(xaxis_title="k (latents chosen on the train split)", xaxis_type="log",
+                      xaxis={"tickvals": ks, "ticktext": [str(k) for k in ks]},
                       yaxis_title="held-out accuracy", title="Sparse probes")
     return fig
 
@@ -213,13 +215,20 @@ def layer_sweep_figure(sweep: pd.DataFrame) -> go.Figure:
 
     ``sweep`` is ``probing.layer_sweep``'s table: columns site, accuracy, roc_auc,
     majority_baseline."""
-    fig = go.Figure([go.Scatter(x=sweep["site"], y=sweep[col], mode="lines+markers", name=name)
+    # Sites of one kind (resid_out_layer0..29) are drawn at their layer number: 30 site names
+    # on the axis would be rotated and unreadable.
+    parts = sweep["site"].astype(str).str.extract(r"^(\w+?)_layer(\d+)$")
+    one_kind = len(sweep) > 0 and parts[0].notna().all() and parts[0].nunique() == 1
+    x = parts[1].astype(int) if one_kind else sweep["site"]
+    x_title = f"layer ({parts[0].iloc[0]})" if one_kind else "site"
+    fig = go.Figure([go.Scatter(x=x, y=sweep[col], mode="lines+markers", name=name,
+                                text=sweep["site"], hovertemplate="%{text}: %{y:.3f}")
                      for col, name in (("accuracy", "accuracy"), ("roc_auc", "ROC AUC"))])
     if len(sweep):
         baseline = float(sweep["majority_baseline"].iloc[0])
         fig.add_hline(y=baseline, line_dash="dashdot",
                       annotation_text=f"majority baseline {baseline:.3f}")
-    fig.update_layout(xaxis_title="site", yaxis_title="held-out score",
+    fig.update_layout(xaxis_title=x_title, yaxis_title="held-out score",
                       title="Raw-activation probe across the model")
     return fig
 
@@ -268,11 +277,14 @@ def cluster_map_figure(table: pd.DataFrame, title: str = "Texts in latent space"
     if has_labels:
         n_c = len(groups[0][1])
         show = [[i < n_c for i in range(len(fig.data))], [i >= n_c for i in range(len(fig.data))]]
-        fig.update_layout(updatemenus=[{"type": "buttons", "direction": "right", "x": 0,
-                                        "y": 1.12, "xanchor": "left", "buttons": [
+        # Buttons just above the plot, the title above them (both at the top covered it).
+        fig.update_layout(margin={"t": 110}, updatemenus=[{
+            "type": "buttons", "direction": "right", "x": 0, "y": 1.02, "xanchor": "left",
+            "yanchor": "bottom", "buttons": [
             {"label": "colour by cluster", "method": "update", "args": [{"visible": show[0]}]},
             {"label": "colour by label", "method": "update", "args": [{"visible": show[1]}]}]}])
-    fig.update_layout(title=title, xaxis_title="component 1", yaxis_title="component 2",
+    fig.update_layout(title={"text": title, "y": 0.97, "yanchor": "top"},
+                      xaxis_title="component 1", yaxis_title="component 2",
                       template="plotly_white", height=600)
     return fig
 

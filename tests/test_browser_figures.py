@@ -1,0 +1,96 @@
+"""Notebooks 04 and 05's figures drawn by plotly.js in chromium, measured as a person sees them
+(issue 12 point 10): the cluster map's title clear of its colour buttons, the sparse-probe
+plot's log axis labelled at the k values probed, the layer sweep's sites as unrotated layer
+numbers. Screenshots go to the test's temporary folder."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from plotly.offline import get_plotlyjs
+
+from jupyter_browser import find_chromium, sync_playwright
+from sae_nb import plotting
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = find_chromium()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def draw(browser, fig, path):
+    """The figure as a page of its own (900 x 600, as in a notebook), drawn; a screenshot."""
+    page = browser.new_page(viewport={"width": 1000, "height": 700})
+    path.with_suffix(".html").write_text(
+        f"<html><head><script>{get_plotlyjs()}</script></head><body>"
+        + fig.to_html(full_html=False, include_plotlyjs=False, default_width="900px",
+                      div_id="fig") + "</body></html>")
+    page.goto(path.with_suffix(".html").as_uri())
+    page.wait_for_selector("#fig .main-svg")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(path))
+    print(f"screenshot: {path}")
+    return page
+
+
+def box(page, selector: str) -> dict:
+    return page.locator(selector).first.evaluate(
+        "e => { const r = e.getBoundingClientRect(); "
+        "return {left: r.left, right: r.right, top: r.top, bottom: r.bottom}; }")
+
+
+def overlap(a: dict, b: dict) -> bool:
+    return a["left"] < b["right"] and b["left"] < a["right"] and a["top"] < b["bottom"] \
+        and b["top"] < a["bottom"]
+
+
+def test_cluster_map_title_is_clear_of_its_buttons(browser, tmp_path):
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"text": [f"text {i}" for i in range(45)], "x": rng.normal(size=45),
+                          "y": rng.normal(size=45), "cluster": rng.integers(0, 9, 45),
+                          "label": rng.choice(["politics", "sports", "food"], 45)})
+    page = draw(browser, plotting.cluster_map_figure(table, "Texts by their codes (pca)"),
+                tmp_path / "cluster_map.png")
+    title = box(page, "#fig .gtitle")
+    buttons = [box(page, f"#fig .updatemenu-button >> nth={i}") for i in range(2)]
+    assert not any(overlap(title, b) for b in buttons), (title, buttons)
+    plot = box(page, "#fig .nsewdrag")
+    assert all(b["bottom"] <= plot["top"] + 1 for b in buttons)  # and clear of the points
+
+
+def tick_labels(page, axis: str) -> list[str]:
+    return [t.replace("\u2212", "-") for t in
+            page.locator(f"#fig .{axis}tick text").all_text_contents()]
+
+
+def test_probe_plot_labels_its_log_axis_at_the_k_probed(browser, tmp_path):
+    ks = [1, 2, 5, 10, 20, 50, 100, 200, 500]
+    table = pd.DataFrame({"probe": ["raw", "all latents"] + [f"top {k} latents" for k in ks],
+                          "k": [None, None] + ks,
+                          "accuracy": [0.8, 0.7] + list(np.linspace(0.55, 0.75, len(ks))),
+                          "majority_baseline": 0.5})
+    page = draw(browser, plotting.probe_accuracy_figure(table), tmp_path / "probes.png")
+    assert tick_labels(page, "x") == [str(k) for k in ks]
+
+
+def test_layer_sweep_shows_layers_unrotated(browser, tmp_path):
+    sweep = pd.DataFrame({"site": [f"resid_out_layer{i}" for i in range(30)],
+                          "accuracy": np.linspace(0.6, 0.8, 30), "roc_auc": 0.7,
+                          "majority_baseline": 0.5})
+    page = draw(browser, plotting.layer_sweep_figure(sweep), tmp_path / "layer_sweep.png")
+    labels = tick_labels(page, "x")
+    assert labels and all(label.isdigit() for label in labels), labels
+    assert len(labels) <= 16
+    rotated = page.locator("#fig .xtick text").evaluate_all(
+        "ts => ts.filter(t => (t.getAttribute('transform') || '').includes('rotate'))"
+        ".length")
+    assert rotated == 0
+    title = page.locator("#fig .g-xtitle").text_content()
+    assert "resid_out" in title and "layer" in title
