@@ -40,6 +40,17 @@ def choose_run_dir(run_dir: str = "") -> tuple[str, str]:
                      f"activations/.")
 
 
+def choose_output_dir(run_dir: str = "") -> tuple[str, str]:
+    """``(run_dir, note)`` for a notebook that only writes (03, 04): ``run_dir`` itself when
+    given; when empty, the run folder :func:`choose_run_dir` would read, so its tables sit
+    beside that run's; with no run yet, the interactive run folder."""
+    try:
+        return choose_run_dir(run_dir)
+    except StoreError:
+        return INTERACTIVE_RUN, (f"Run folder: {INTERACTIVE_RUN} (no run has activations yet). "
+                                 f"To write elsewhere, set run_dir in the parameters cell.")
+
+
 def _has_store(run_dir: str) -> bool:
     try:
         return bool(store_folders(run_dir))

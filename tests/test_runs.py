@@ -8,8 +8,8 @@ import json
 import nbformat
 import pytest
 
-from sae_nb.pipeline import run_notebook
-from sae_nb.runs import choose_run_dir
+from sae_nb.pipeline import NOTEBOOKS_DIR, run_notebook
+from sae_nb.runs import choose_output_dir, choose_run_dir
 from sae_nb.store import MANIFEST, STORE_FORMAT, STORE_VERSION, StoreError
 
 
@@ -54,3 +54,44 @@ def test_executed_notebook_saves_progress_bars_as_they_ended(tmp_path):
     assert "application/vnd.jupyter.widget-view+json" in bar["data"]  # still a live widget
     text = bar["data"]["text/plain"]
     assert text.startswith("Loading weights: 100%|██████████| 272/272 ["), text
+
+
+def test_write_only_notebooks_write_beside_the_run_they_would_read(tmp_path, monkeypatch):
+    """Point 4 (03 and 04 only write): an empty run_dir follows the run folder notebooks 02, 05
+    and 06 read, and is the interactive folder on a fresh clone."""
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    monkeypatch.chdir(notebooks)
+    run_dir, note = choose_output_dir("")
+    assert run_dir == "../outputs/interactive" and "run_dir" in note
+    fake_store("default", tmp_path)
+    assert choose_output_dir("")[0] == "../outputs/default"
+    assert choose_output_dir("/x/y")[0] == "/x/y"
+
+
+READERS = ["02_train", "05_cluster", "06_visualize"]  # read run_dir/activations
+WRITERS = ["03_load_pretrained", "04_probe"]
+
+
+@pytest.mark.parametrize("stem", READERS + WRITERS)
+def test_notebooks_choose_their_run_folder_after_the_main_job(stem, tmp_path, monkeypatch):
+    """Point 4: Run All after the main job. Each notebook's run_dir defaults to empty and its
+    first cell that uses run_dir chooses the folder (and prints why); the chosen folder after
+    the main job is the main job's."""
+    nb = nbformat.read(NOTEBOOKS_DIR / f"{stem}.ipynb", as_version=4)
+    parameters = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
+    assert 'run_dir = ""  #' in parameters.source
+    code = [c.source for c in nb.cells if c.cell_type == "code" and c is not parameters]
+    first = next(src for src in code[1:] if "run_dir" in src)  # code[0]: the imports
+    chooser = "choose_run_dir" if stem in READERS else "choose_output_dir"
+    assert first.startswith(f"run_dir, note = {chooser}(run_dir)\nprint(note)"), first
+    notebooks = tmp_path / "notebooks"
+    notebooks.mkdir()
+    monkeypatch.chdir(notebooks)
+    fake_store("default", tmp_path)
+    namespace = {}
+    exec("\n".join(code[0:1]) + "\nfrom sae_nb.runs import choose_run_dir, choose_output_dir",
+         namespace)
+    namespace["run_dir"] = ""
+    exec(first.split("\n", 2)[0], namespace)
+    assert namespace["run_dir"] == "../outputs/default"
