@@ -43,6 +43,8 @@ table.logits { border-collapse: collapse; font-size: 13px; }
 table.logits td, table.logits th { padding: 1px 8px; text-align: left; }
 table.logits td.num { font-family: ui-monospace, monospace; text-align: right; }
 .summary span { margin-right: 1.5em; }
+.summary span.caption { margin-right: 0; }
+a.latent-link { color: #1a62b8; text-decoration: underline; cursor: pointer; }
 .muted { color: #777; }
 """
 PAGE_CSS = """
@@ -161,12 +163,15 @@ def latent_label(latent: int, caption: str = "") -> str:
     return f"{int(latent)} {caption}".rstrip()
 
 
-def latent_link_html(latent: int, caption: str = "", href: str | None = None) -> str:
-    """A latent's number as a link (``data-latent`` holds it) followed by its muted caption."""
+def latent_link_html(latent: int, caption: str = "", href: str | None = None,
+                     script: str = "") -> str:
+    """A latent's number as a link (``data-latent`` holds it) followed by its muted caption;
+    ``script`` is the link's onclick JavaScript (the explorer's jump to the latent)."""
     href = f"#latent-{int(latent)}" if href is None else href
     cap = f' <span class="muted caption">{html.escape(caption)}</span>' if caption else ""
-    return (f'<a class="latent-link" href="{html.escape(href)}" data-latent="{int(latent)}">'
-            f'{int(latent)}</a>{cap}')
+    onclick = f' onclick="{html.escape(script)}"' if script else ""
+    return (f'<a class="latent-link" href="{html.escape(href)}" data-latent="{int(latent)}"'
+            f'{onclick}>{int(latent)}</a>{cap}')
 
 
 # What the text table's "of its max" column is (a fraction above 100% is stronger than any
@@ -179,10 +184,11 @@ def latents_table_html(latents: Sequence[int], values: Sequence[float],
                        densities: Sequence[float] | None = None,
                        fractions: Sequence[float] | None = None,
                        captions: Sequence[str] | None = None,
-                       at_tokens: Sequence[str] | None = None) -> str:
+                       at_tokens: Sequence[str] | None = None, link_script: str = "") -> str:
     """A small table of latents and a value each (e.g. the strongest latents of a text), with
     their caption (top tokens), the token where the value is reached, their density and the
-    value as a fraction of their max, when given; the latent numbers are links."""
+    value as a fraction of their max, when given; the latent numbers are links (with
+    ``link_script``, a ``{latent}`` template, as their onclick)."""
     n = len(latents)
     none = [None] * n
     densities = densities if densities is not None else none
@@ -190,11 +196,13 @@ def latents_table_html(latents: Sequence[int], values: Sequence[float],
     captions = captions if captions is not None else [""] * n
     at_tokens = at_tokens if at_tokens is not None else none
     pct = lambda x, fmt: "" if x is None else format(float(x), fmt)  # noqa: E731
-    frac = lambda x: ("" if x is None else "never fired in the store" if not np.isfinite(x)  # noqa: E731
-                      else f"{float(x):.1%}")
-    tok = lambda t: "" if t is None else f'<span class="tokens">{display_token(t)}</span>'  # noqa: E731
+    frac = lambda x: ("" if x is None  # noqa: E731
+                      else "never fired in the store" if not np.isfinite(x) else f"{x:.1%}")
+    tok = lambda t: ("" if t is None  # noqa: E731
+                     else f'<span class="tokens">{display_token(t)}</span>')
     rows = "".join(
-        f'<tr data-latent="{int(i)}"><td>{latent_link_html(i, c)}</td>'
+        f'<tr data-latent="{int(i)}"><td>'
+        f'{latent_link_html(i, c, script=link_script.format(latent=int(i)))}</td>'
         f'<td class="num">{float(v):.4g}</td><td>{tok(t)}</td>'
         f'<td class="num">{frac(f)}</td><td class="num">{pct(d, ".3%")}</td></tr>'
         for i, v, d, f, c, t in zip(latents, values, densities, fractions, captions, at_tokens))

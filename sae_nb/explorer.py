@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 from collections import OrderedDict
+from pathlib import Path
 from copy import deepcopy
 
 import ipywidgets as widgets
@@ -23,9 +24,12 @@ import numpy as np
 import plotly.graph_objects as go
 
 from . import plotting
-from .corpora import token_strings
-from .dashboard import (contexts_html, latent_captions, latent_label, latents_table_html,
-                        logit_table_html, scoped_css, shaded_tokens_html, summary_html)
+from .dashboard import (contexts_html, latent_captions, latent_label, latent_link_html,
+                        latents_table_html, logit_table_html, scoped_css, shaded_tokens_html,
+                        summary_html)
+from .explorer_data import (DENSE, OUTLIER_Z, SORTS, LatentSearch, latent_order,  # noqa: F401
+                            load_families, nearest_latents, strongest_on_text, top_latents,
+                            unit_decoder_rows, unusual_latents)  # public here too
 from .features import latent_contexts, text_activations
 
 HISTOGRAM_WIDTH = 440  # px; with the logit table (about 360 px) it fits one row of a notebook
@@ -36,113 +40,13 @@ LOGIT_CAPTION = (
     "the unembedding (logit units; the residual stream's norm is left out, so compare tokens "
     "within a latent). Tokens are the tokenizer's sub-word pieces.</div>")
 
-SORTS = ("index", "density", "max activation")
 WIDGET_CLASS = "sae-nb-explorer"  # the explorer's styles apply inside this class only
-# A first look skips the latents that fire on more than this fraction of tokens: they say little
-# about any one text, and sorted by density they would fill the first ranks.
-DENSE = 0.05
-# ... and those whose largest activation is an outlier among the alive latents: the robust
-# z-score of log(max) (median and MAD) above this. On the default dictionary's smoke store 32
-# latents sit 4.8-6.1 MADs above the median (max 0.76-1.37 against a median of 0.08; the next
-# is at 3.9): near-copies that fire on the space before digits.
-OUTLIER_Z = 4.5
-
-
-def unusual_latents(stats, dense: float = DENSE, outlier_z: float = OUTLIER_Z) -> np.ndarray:
-    """(F,) bool: latents that are dense (``density > dense``) or outliers of max activation
-    (robust z-score of ``log(max_act)`` over the alive latents above ``outlier_z``)."""
-    density = np.asarray(stats.density, dtype=np.float64)
-    max_act = np.asarray(stats.max_act, dtype=np.float64)
-    alive = max_act > 0
-    log_max = np.log(np.where(alive, max_act, 1.0))
-    center = np.median(log_max[alive]) if alive.any() else 0.0
-    spread = 1.4826 * np.median(np.abs(log_max[alive] - center)) if alive.any() else 0.0
-    outlier = alive & ((log_max - center) > outlier_z * max(spread, 1e-12))
-    return (density > dense) | outlier
-
-
-def latent_order(stats, sort: str, skip_unusual: bool = True) -> np.ndarray:
-    """Latents in display order: by index, or by density / max activation, largest first.
-
-    With ``skip_unusual`` the dense and outlier latents (:func:`unusual_latents`) come after all
-    the others, in the same order among themselves."""
-    if sort == "index":
-        order = np.arange(stats.d_sae)
-    else:
-        key = {"density": stats.density, "max activation": stats.max_act}.get(sort)
-        if key is None:
-            raise ValueError(f"sort={sort!r}; choose one of {SORTS}.")
-        order = np.argsort(-np.asarray(key, dtype=np.float64), kind="stable")
-    if skip_unusual:
-        order = order[np.argsort(unusual_latents(stats)[order], kind="stable")]
-    return order
-
-
-def strongest_on_text(codes: np.ndarray, max_act, n: int = 10
-                      ) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """``(latents, peak, relative)``: the ``n`` latents firing most on a text's codes ``(T, F)``,
-    ranked by their peak over their max in the store (``relative``, unclipped: above 1 is
-    stronger than anywhere in the store; inf for a latent that never fired there, ranked last),
-    ties by the peak. By raw value a few dense latents of large scale would top every text."""
-    codes = np.asarray(codes, dtype=np.float64)
-    max_act = np.asarray(max_act, dtype=np.float64)
-    peak = codes.max(0) if len(codes) else np.zeros(len(max_act))  # (F,)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        relative = np.where(max_act > 0, peak / np.where(max_act > 0, max_act, 1.0), np.inf)
-    finite = np.where(np.isfinite(relative), relative, -1.0)  # never-fired latents last
-    order = np.lexsort((-peak, -finite))
-    return [int(i) for i in order if peak[i] > 0][:n], peak, relative
-
-
-def top_latents(stats, n: int, sort: str = "max activation", skip_unusual: bool = True
-                ) -> list[int]:
-    """The first ``n`` latents that fired at least once, in ``sort`` order (see
-    :func:`latent_order`): e.g. the latents to export to dashboards."""
-    return [int(i) for i in latent_order(stats, sort, skip_unusual) if stats.density[i] > 0][:n]
-
-
-class LatentSearch:
-    """Finds latents by the text around their strongest activations.
-
-    For each latent, the token at each top row scores 2 when it contains the query (case
-    folded) and the ``window`` tokens before it plus that token score 1; a promoted output
-    token (with logit effects) scores 1. Built once, on the first query."""
-
-    def __init__(self, stats, store, tokenizer, logit_effects=None, window: int = 4):
-        rows = np.asarray(stats.top_rows)  # (F, n_top)
-        valid = rows >= 0
-        flat = np.where(valid, rows, 0).reshape(-1)
-        around = flat[:, None] + np.arange(-window, 1)  # (F * n_top, window + 1)
-        inside = around >= 0
-        index = store.index(np.maximum(around, 0).reshape(-1)).reshape(around.shape)
-        same = inside & (index["context"] == index["context"][:, -1:])  # last column: the row
-        ids = np.where(same, index["token"], -1)
-        uniq = [int(i) for i in np.unique(ids) if i >= 0]
-        vocab = {i: s.lower() for i, s in zip(uniq, token_strings(tokenizer, uniq))}
-        vocab[-1] = ""
-        F, n_top = rows.shape
-        self.centers = [[vocab[int(ids[f * n_top + j, -1])] for j in range(n_top) if valid[f, j]]
-                        for f in range(F)]
-        self.windows = [["".join(vocab[int(t)] for t in ids[f * n_top + j])
-                         for j in range(n_top) if valid[f, j]] for f in range(F)]
-        self.promoted = [[] for _ in range(F)]
-        if logit_effects is not None:
-            top_ids = np.asarray(logit_effects.top_ids)
-            self.promoted = [[s.lower() for s in token_strings(tokenizer, top_ids[f])]
-                             for f in range(F)]
-
-    def __call__(self, query: str, limit: int = 20) -> list[tuple[int, int]]:
-        """``(latent, score)`` of the best-matching latents, best first; [] for no query."""
-        if not query.strip():
-            return []
-        q = query.lower()  # spaces kept: " con" finds word starts
-        scores = [2 * sum(q in t for t in c) + sum(q in w for w in ws) + sum(q in p for p in ps)
-                  for c, ws, ps in zip(self.centers, self.windows, self.promoted)]
-        scores = np.asarray(scores)
-        hits = np.nonzero(scores)[0]
-        self.n_found = len(hits)  # all matches, before the limit
-        best = hits[np.argsort(-scores[hits], kind="stable")][:limit]
-        return [(int(i), int(scores[i])) for i in best]
+# A latent link's click: put its number in this explorer's number box, as if typed (the box's
+# change event, which must bubble up to the widget's handler, sends it to the kernel). In a
+# static copy the script is stripped; the link stays.
+JUMP_JS = ("const b = this.closest('.sae-nb-explorer')?.querySelector('.sae-nb-number input');"
+           " if (b) {{ b.value = '{latent}';"
+           " b.dispatchEvent(new Event('change', {{bubbles: true}})); }} return false;")
 
 
 class FeatureExplorer:
@@ -158,7 +62,8 @@ class FeatureExplorer:
 
     def __init__(self, stats, store, dictionary, model=None, logit_effects=None, tokenizer=None,
                  sort: str = "index", n_contexts: int = 10, before: int = 16, after: int = 4,
-                 cache_size: int = 64, skip_unusual: bool = True):
+                 cache_size: int = 64, skip_unusual: bool = True, families=None,
+                 n_nearest: int = 5):
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError("FeatureExplorer needs a tokenizer to show tokens: pass model=... "
@@ -170,7 +75,12 @@ class FeatureExplorer:
         self.model, self.logit_effects = model, logit_effects
         self.n_contexts, self.before, self.after = n_contexts, before, after
         self.cache_size = cache_size
-        self._cache: OrderedDict[int, tuple[list[dict], str, str]] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int], tuple[list[dict], str, str]] = OrderedDict()
+        self.n_shown = n_contexts  # contexts shown of the current latent ("more contexts")
+        self.n_nearest = n_nearest
+        self.unit_rows = unit_decoder_rows(dictionary)  # (F, D), for the nearest latents
+        self.families = (load_families(families) if isinstance(families, (str, Path))
+                         else dict(families or {}))
         self._search: LatentSearch | None = None
         self._text: tuple[list[str], np.ndarray] | None = None
         self._busy = False
@@ -205,9 +115,13 @@ class FeatureExplorer:
                                         layout={"width": "320px"})
         self.search_status = widgets.HTML()
         self.summary = widgets.HTML()
+        self.related = widgets.HTML()
+        self.more_button = widgets.Button(description="more contexts", layout=fit,
+                                          tooltip="show the next strongest contexts")
         self.figure = go.FigureWidget(plotting.latent_histogram_figure(
             self.stats.hist_edges[0], self.stats.hist_counts[0]))
         self.figure.layout.width = HISTOGRAM_WIDTH
+        self.figure.layout.margin.t = 60  # two title lines: the latent, then its density
         self.logits = widgets.HTML()
         self.contexts = widgets.HTML()
         self.text = widgets.Textarea(placeholder="Type any text, then Run", rows=3,
@@ -227,6 +141,7 @@ class FeatureExplorer:
         self.matches.observe(lambda c: self._jump(c["new"]), names="value")
         self.text_jump.observe(lambda c: self._jump(c["new"]), names="value")
         self.run_button.on_click(lambda _: self._on_run())
+        self.more_button.on_click(lambda _: self.show_more())
         row = lambda *children, align="center": widgets.HBox(  # noqa: E731
             children, layout={"flex_flow": "row wrap", "align_items": align,
                               "grid_gap": "4px 12px"})
@@ -238,9 +153,11 @@ class FeatureExplorer:
             row(self.slider, self.prev_button, self.next_button, self.number),
             row(self.query, self.matches, self.search_status),
             self.summary,
+            self.related,
             row(self.figure, logits, align="flex-start"),
             widgets.HTML("<b>Top activations</b> (hover a token for its activation)"),
             self.contexts,
+            row(self.more_button),
             widgets.HTML("<b>Your text</b>"),
             row(self.text, self.run_button),
             self.text_view,
@@ -248,12 +165,47 @@ class FeatureExplorer:
         ])
         for name in ("slider", "number", "query", "matches", "search_status", "summary",
                      "figure", "logits", "contexts", "text", "run_button", "text_view",
-                     "text_latents", "text_jump", "prev_button", "next_button", "show_unusual"):
+                     "text_latents", "text_jump", "prev_button", "next_button", "show_unusual",
+                     "related", "more_button"):
             getattr(self, name).add_class(f"sae-nb-{name.replace('_', '-')}")  # for tests
         self.widget.add_class(WIDGET_CLASS)
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        """The widget, plus a static HTML snapshot and a plain-text line: JupyterLab draws a
+        widget only in a trusted notebook whose kernel holds it, and an executed notebook opened
+        later (the main job's copy, or on GitHub) shows the richest of the others."""
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/html"] = self.snapshot_html()
+        bundle["text/plain"] = (f"FeatureExplorer of {self.stats.d_sae:,} latents, showing latent "
+                                f"{self.label(self.latent)}: a live widget; run this cell in "
+                                f"JupyterLab to use it.")
+        return bundle
+
+    def snapshot_html(self, n_listed: int = 10) -> str:
+        """What the explorer shows now, as static HTML (no widget, no script): the latent's
+        summary, logit effects and top contexts, and the first latents in the slider's order."""
+        _, contexts_view, logits_view = self._view(self.latent, self.n_shown)
+        listed = "".join(f"<li>{html.escape(self.label(int(i)))}</li>"
+                         for i in self.order[:n_listed])
+        scope = f"{WIDGET_CLASS}-snapshot"
+        summary = summary_html(self.stats, self.latent, self._tags(self.latent),
+                               self.captions[self.latent])
+        # JupyterLab's sanitizer drops <style> from an untrusted notebook: inline styles stay.
+        inline = {'<span class="tokens">': '<span class="tokens" style="font-family: monospace; '
+                                           'white-space: pre-wrap">',
+                  "<td>": '<td style="text-align: left">',
+                  '<div class="summary"><span>': '<div class="summary"><span style="margin-right:'
+                                                 ' 1.5em">',
+                  "</span><span>": '</span><span style="margin-right: 1.5em">'}
+        for old, new in inline.items():
+            contexts_view, summary = contexts_view.replace(old, new), summary.replace(old, new)
+        return (f'<div class="{scope}"><style>{scoped_css("." + scope)}</style>'
+                f'<p class="muted"><b>Feature explorer (a static snapshot).</b> The live '
+                f'explorer is a widget: run this cell with a kernel to use it.</p>{summary}'
+                f'<div style="display: flex; flex-wrap: wrap; gap: 2em"><div><b>Logit effects</b>'
+                f'{LOGIT_CAPTION}{logits_view}</div><div><b>First latents in "{self.sort.value}" '
+                f'order</b><ol start="0">{listed}</ol></div></div>'
+                f'<b>Top activations</b> (hover a token for its activation){contexts_view}</div>')
 
     # -- choosing a latent ------------------------------------------------------------------
     def show_latent(self, latent: int) -> list[dict]:
@@ -261,8 +213,8 @@ class FeatureExplorer:
         latent = int(latent)
         if not 0 <= latent < self.stats.d_sae:
             raise ValueError(f"latent={latent} is not in 0..{self.stats.d_sae - 1}.")
-        contexts, contexts_view, logits_view = self._view(latent)
-        self.latent = latent
+        contexts, contexts_view, logits_view = self._view(latent, self.n_contexts)
+        self.latent, self.n_shown = latent, self.n_contexts
         self._busy = True  # the controls follow the latent without calling back
         try:
             self.number.value = latent
@@ -275,13 +227,17 @@ class FeatureExplorer:
         self.summary.value = summary_html(self.stats, latent, self._tags(latent),
                                           self.captions[latent])
         self.contexts.value = contexts_view
+        self._update_more_button()
+        self.related.value = self._related_html(latent)
         self.logits.value = logits_view
         x, width, y = plotting.histogram_bars(self.stats.hist_edges[latent],
                                               self.stats.hist_counts[latent])
         with self.figure.batch_update():
             bar = self.figure.data[0]
             bar.x, bar.y, bar.width = x, y, width
-            self.figure.layout.title.text = f"latent {latent}: nonzero activations"
+            self.figure.layout.title.text = (f"latent {latent}: nonzero activations<br><sup>"
+                                             f"density {float(self.stats.density[latent]):.3%} "
+                                             f"of {self.stats.n_tokens:,} tokens</sup>")
         # A reloaded page builds the figure from these synced traits, not from the update
         # messages above: keep them on the latent shown (plotly sets them only when displayed).
         self.figure._widget_data = deepcopy(self.figure._data)
@@ -290,12 +246,12 @@ class FeatureExplorer:
             self._render_text()
         return contexts
 
-    def _view(self, latent: int) -> tuple[list[dict], str, str]:
-        """The latent's contexts and rendered panels, from a small LRU cache."""
-        if latent in self._cache:
-            self._cache.move_to_end(latent)
-            return self._cache[latent]
-        rows = self.stats.top_rows[latent, : self.n_contexts]
+    def _view(self, latent: int, n: int) -> tuple[list[dict], str, str]:
+        """The latent's ``n`` top contexts and rendered panels, from a small LRU cache."""
+        if (latent, n) in self._cache:
+            self._cache.move_to_end((latent, n))
+            return self._cache[(latent, n)]
+        rows = self.stats.top_rows[latent, :n]
         rows = rows[rows >= 0]
         contexts = latent_contexts(self.store, self.dictionary, latent, rows, self.tokenizer,
                                    self.before, self.after) if len(rows) else []
@@ -303,10 +259,45 @@ class FeatureExplorer:
                  if self.logit_effects is not None else None)
         view = (contexts, contexts_html(contexts, float(self.stats.max_act[latent])),
                 logit_table_html(table))
-        self._cache[latent] = view
+        self._cache[(latent, n)] = view
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return view
+
+    def show_more(self) -> list[dict]:
+        """Show ``n_contexts`` more of the latent's top contexts (up to the statistics'
+        ``n_top``); returns all the contexts shown."""
+        available = int((self.stats.top_rows[self.latent] >= 0).sum())
+        self.n_shown = min(self.n_shown + self.n_contexts, available)
+        contexts, view, _ = self._view(self.latent, self.n_shown)
+        self.contexts.value = view
+        self._update_more_button()
+        return contexts
+
+    def _update_more_button(self) -> None:
+        available = int((self.stats.top_rows[self.latent] >= 0).sum())
+        shown = min(self.n_shown, available)
+        self.more_button.disabled = shown >= available
+        self.more_button.description = (f"more contexts ({shown} of {available} shown)"
+                                        if available else "no contexts")
+
+    def link(self, latent: int, caption: bool = True) -> str:
+        """HTML: ``latent`` as a link that opens it in this explorer, then its caption."""
+        return latent_link_html(latent, self.captions[int(latent)] if caption else "",
+                                script=JUMP_JS.format(latent=int(latent)))
+
+    def _related_html(self, latent: int) -> str:
+        """The latent's nearest latents by decoder direction and its family, as links."""
+        near = ", ".join(f"{self.link(i)} <span class=\"muted\">({c:.2f})</span>"
+                         for i, c in nearest_latents(self.unit_rows, latent, self.n_nearest))
+        parts = [f"<span>nearest by decoder cosine: {near}</span>"]
+        family = [m for m in self.families.get(latent, []) if m != latent]
+        if family:
+            shown = ", ".join(self.link(m) for m in family[:8])
+            more = f" and {len(family) - 8} more" if len(family) > 8 else ""
+            parts.append(f"<span>co-firing family (notebook 05), {len(family) + 1} latents: "
+                         f"{shown}{more}</span>")
+        return f'<div class="related">{"<br>".join(parts)}</div>'
 
     def label(self, latent: int) -> str:
         """``'1258 " depressions", " dem"'``: the latent's number and its top tokens."""
@@ -365,9 +356,9 @@ class FeatureExplorer:
         elif found:
             total = self._search.n_found
             listed = f"the best {len(found)} in the menu" if total > len(found) else "best first"
+            self.show_latent(found[0][0])  # first: the count appears once the match is shown
             self.search_status.value = (f"{total} match{'es' if total > 1 else ''} for {shown} "
                                         f"({listed}); showing the best")
-            self.show_latent(found[0][0])
         else:
             self.search_status.value = f"No latent has {shown} in its top contexts."
         return [i for i, _ in found]
@@ -392,7 +383,7 @@ class FeatureExplorer:
         at = codes[:, strongest].argmax(0) if strongest else []
         self.text_latents.value = latents_table_html(
             strongest, peak[strongest], self.stats.density[strongest], relative[strongest],
-            [self.captions[i] for i in strongest], [tokens[t] for t in at])
+            [self.captions[i] for i in strongest], [tokens[t] for t in at], JUMP_JS)
         self._busy = True
         try:
             self.text_jump.options = [(f"latent {self.label(i)} ({relative[i]:.1%} of its max)", i)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import papermill
 import numpy as np
 import pytest
 import torch
@@ -197,6 +198,35 @@ def test_text_box_busy_result_and_empty_text(page):
     page.screenshot("text_box_empty")
 
 
+def test_latent_links_open_the_latent(page, truth):
+    """Expected feature: a latent number listed in the explorer (the text box's table, the
+    nearest latents) is a link; a click shows that latent, with its own histogram."""
+    _, _, codes, stats = truth
+    area = explorer(page).locator(".sae-nb-text textarea")
+    area.fill("Congress will cut taxes and raise tariffs on steel in 2027.")
+    explorer(page).locator(".sae-nb-run-button").click()
+    table = explorer(page).locator(".sae-nb-text-latents")
+    table.locator("a.latent-link").first.wait_for(timeout=120_000)
+    links = table.locator("a.latent-link")
+    target = int(links.nth(1).get_attribute("data-latent"))
+    assert target != shown_latent(page)
+    links.nth(1).click()
+    wait_for_latent(page, target)
+    expected = brute_histogram(codes, stats, target)
+    page.wait_for(lambda: histogram_y(page) == expected, 20, "the histogram to follow the link")
+    near = explorer(page).locator(".sae-nb-related a.latent-link")
+    assert near.count() >= 1
+    neighbour = int(near.first.get_attribute("data-latent"))
+    w = truth[1].W_dec.detach().numpy()
+    cos = (w / np.linalg.norm(w, axis=1, keepdims=True)) @ (w[target] / np.linalg.norm(w[target]))
+    cos[target] = -np.inf
+    assert neighbour == int(np.argmax(cos))  # brute force over every decoder row
+    scroll_to(page, f"{EXPLORER} .sae-nb-summary")
+    page.screenshot("after_latent_link")
+    near.first.click()
+    wait_for_latent(page, neighbour)
+
+
 OVERFLOW_JS = """root => {
     const bad = [], box = root.getBoundingClientRect();
     for (const el of [root, ...root.querySelectorAll('*')]) {
@@ -271,3 +301,37 @@ def test_number_box_and_reload_keep_the_histogram_on_the_latent(page, truth):
     assert histogram_y(page) == expected
     title = page.page.locator(f"{EXPLORER} .js-plotly-plot .gtitle").first.text_content()
     assert f"latent {latent}" in title
+
+
+def test_executed_notebook_06_shows_the_explorer_without_running_it(page, main_job):
+    """Point 9: the main job's executed copy of notebook 06, opened later and not run, shows
+    a snapshot of the explorer (its summary, shaded contexts and first latents), not the
+    widget's repr text: JupyterLab draws widgets only for a trusted notebook with the kernel
+    that made them."""
+    output = main_job / "outputs" / "default" / "06_visualize.ipynb"
+    papermill.execute_notebook(str(main_job / NOTEBOOK), str(output),
+                               parameters={"run_dir": str(output.parent)}, kernel_name="python3",
+                               cwd=str(main_job / "notebooks"), progress_bar=False)
+    page.open_notebook(str(output.relative_to(main_job)))
+    panel = page.page.locator(".jp-NotebookPanel:visible")
+    panel.locator(".jp-OutputArea-output").first.wait_for(timeout=60_000)
+    outputs = " ".join(panel.locator(".jp-OutputArea-output").all_text_contents())
+    assert "VBox(children" not in outputs
+    snapshot = panel.locator(".sae-nb-explorer-snapshot")
+    snapshot.first.wait_for(timeout=60_000)
+    assert snapshot.count() == 1
+    text = snapshot.text_content()
+    assert "static snapshot" in text and "run this cell" in text
+    shown = int(snapshot.locator(".summary b").first.text_content().split()[-1])
+    executed = nbformat.read(output, as_version=4)
+    widget_cells = [c for c in executed.cells if "FeatureExplorer(" in c.source]
+    assert len(widget_cells) == 1  # and its output still holds the widget for a live kernel
+    bundle = widget_cells[0].outputs[0]["data"]
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert f"latent {shown}" in bundle["text/plain"]
+    assert snapshot.locator(".tok").count() > 10  # shaded contexts
+    shaded = snapshot.locator(".tok.center").first.evaluate("e => getComputedStyle(e)"
+                                                            ".backgroundColor")
+    assert shaded.replace("rgba", "rgb").startswith("rgb(255, 140, 0"), shaded  # orange
+    snapshot.scroll_into_view_if_needed()
+    page.screenshot("executed_copy_not_run")

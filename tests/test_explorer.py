@@ -386,7 +386,8 @@ def test_text_box_lists_latents_with_captions_tokens_and_unclipped_fractions(exp
         assert cells[2] == tokens[int(codes[:, latent].argmax())].replace("\n", "↵")
         assert cells[3] == f"{relative[latent]:.1%}"
     labels = [label for label, _ in explorer.text_jump.options]
-    assert labels[0].startswith(f"latent {listed[0]} {brute_caption(stats, store, llama.tokenizer, listed[0])} (")
+    first = brute_caption(stats, store, llama.tokenizer, listed[0])
+    assert labels[0].startswith(f"latent {listed[0]} {first} (")
     assert len(set(labels)) == len(labels)
     assert "of its max" in explorer.text_latents.value and "largest activation in the store" in \
         explorer.text_latents.value
@@ -403,4 +404,93 @@ def test_summary_and_search_menu_show_captions(explorer, setup, llama):
     (top,) = latent_contexts(store, sae, latent, stats.top_rows[latent, :1], explorer.tokenizer)
     explorer.query.value = top["tokens"][top["center"]]
     for label, value in explorer.matches.options:
-        assert label.startswith(f"latent {value} {brute_caption(stats, store, llama.tokenizer, value)} (score ")
+        caption = brute_caption(stats, store, llama.tokenizer, value)
+        assert label.startswith(f"latent {value} {caption} (score ")
+
+
+def test_display_bundle_carries_a_static_snapshot(explorer, setup, llama):
+    """Point 9: an executed notebook opened without the widget's kernel shows the richest
+    non-widget output: a snapshot of the latent shown (no script), not the VBox repr."""
+    store, sae, stats = setup
+    latent = int(np.argmax(stats.max_act))
+    explorer.number.value = latent
+    bundle = explorer._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert "VBox" not in bundle["text/plain"] and f"latent {latent} " in bundle["text/plain"]
+    soup = BeautifulSoup(bundle["text/html"], "html.parser")
+    assert not soup.find_all("script")
+    assert f"latent {latent} {brute_caption(stats, store, llama.tokenizer, latent)}" in \
+        soup.find("div", class_="summary").get_text()
+    top = stats.top_rows[latent, :4]
+    assert shown_rows(str(soup.find("table", class_="contexts"))) == top[top >= 0].tolist()
+    first = [li.get_text() for li in soup.find("ol").find_all("li")]
+    caption = brute_caption(stats, store, llama.tokenizer, explorer.order[0])
+    assert first[0] == f"{explorer.order[0]} {caption}".rstrip()
+
+
+def test_more_contexts_shows_the_next_strongest(explorer, setup):
+    """Expected feature: "more contexts" adds the next strongest top rows, up to n_top."""
+    store, sae, stats = setup
+    latent = int(np.argmax(stats.max_act))
+    top = stats.top_rows[latent][stats.top_rows[latent] >= 0].tolist()
+    assert len(top) == 6  # n_top of the fixture, explorer shows 4
+    explorer.number.value = latent
+    assert shown_rows(explorer.contexts.value) == top[:4]
+    explorer.more_button.click()
+    assert shown_rows(explorer.contexts.value) == top
+    codes = sae.encode(torch.from_numpy(store[np.array(top)]).float())[:, latent]
+    centers = BeautifulSoup(explorer.contexts.value, "html.parser").find_all(class_="center")
+    assert [float(c["title"]) for c in centers] == pytest.approx(codes.tolist(), rel=1e-3)
+    assert explorer.more_button.disabled and "6 of 6" in explorer.more_button.description
+    explorer.step(+1)  # another latent starts again at n_contexts
+    assert len(shown_rows(explorer.contexts.value)) <= 4 and not (
+        explorer.more_button.disabled and len(shown_rows(explorer.contexts.value)) == 4)
+
+
+def test_histogram_title_gives_the_density(explorer, setup):
+    """Expected feature: activation density on the histogram (brute force over the store)."""
+    store, sae, stats = setup
+    with torch.no_grad():
+        codes = sae.encode(torch.from_numpy(store[:]).float())  # (N, F)
+    latent = int(np.argmax(stats.max_act))
+    explorer.number.value = latent
+    density = float((codes[:, latent] > 0).float().mean())
+    assert f"density {density:.3%} of {len(store):,} tokens" in explorer.figure.layout.title.text
+
+
+def test_nearest_latents_and_family_are_links(setup, llama, tmp_path):
+    """Expected features: the latent's nearest latents by decoder cosine (brute force over the
+    decoder rows) and its family from notebook 05's latents.csv, each a link that opens it."""
+    store, sae, stats = setup
+    latent = int(np.argmax(stats.max_act))
+    family = [latent, (latent + 7) % 64, (latent + 9) % 64]
+    others = [i for i in range(64) if i not in family][:3]
+    csv = tmp_path / "latents.csv"
+    csv.write_text("latent,fires,cofiring_family\n" + "".join(
+        f"{m},5,{0 if m in family else 1}\n" for m in family + others))
+    ex = FeatureExplorer(stats, store, sae, model=llama, n_contexts=4, before=5, after=2,
+                         skip_unusual=False, families=str(csv), n_nearest=3)
+    ex.number.value = latent
+    w = sae.W_dec.detach().numpy()
+    cos = (w @ w[latent]) / np.linalg.norm(w, axis=1) / np.linalg.norm(w[latent])
+    cos[latent] = -np.inf
+    soup = BeautifulSoup(ex.related.value, "html.parser")
+    spans = soup.find_all("span", recursive=True)
+    near = [int(a["data-latent"]) for a in spans[0].find_all("a")]
+    assert near == np.argsort(-cos)[:3].tolist()
+    assert [int(a["data-latent"]) for a in soup.find_all("a")][3:] == family[1:]
+    for a in soup.find_all("a"):
+        assert ".sae-nb-number input" in a["onclick"] and f"'{a['data-latent']}'" in a["onclick"]
+    assert FeatureExplorer(stats, store, sae, model=llama, n_contexts=4,
+                           families=str(tmp_path / "none.csv")).families == {}
+
+
+def test_text_table_latents_are_links_to_them(explorer):
+    """Expected feature: every latent in the text box's table is a link that opens it."""
+    explorer.text.value = TEXT
+    explorer.run_button.click()
+    rows = BeautifulSoup(explorer.text_latents.value, "html.parser").find_all("tr")[1:]
+    for row in rows:
+        link = row.find("a", class_="latent-link")
+        assert link["data-latent"] == row["data-latent"]
+        assert f"b.value = '{row['data-latent']}'" in link["onclick"]

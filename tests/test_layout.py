@@ -89,7 +89,7 @@ LAYERS = {
     "producing": ["extract", "objectives", "train", "evaluate"],
     "studying": ["codes", "features", "contexts", "logit_effects", "probing", "clustering",
                  "families", "intervene", "effects", "attribution", "steering"],
-    "showing": ["plotting", "dashboard", "explorer", "steering_widget"],
+    "showing": ["plotting", "dashboard", "explorer_data", "explorer", "steering_widget"],
     "running": ["runs", "pipeline", "__main__", "__init__"],
 }
 
