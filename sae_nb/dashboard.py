@@ -24,6 +24,7 @@ from plotly.offline import get_plotlyjs
 
 from . import plotting
 from .corpora import token_strings
+from .explorer_data import load_families, nearest_latents, unit_decoder_rows
 from .features import latent_contexts
 from .io import atomic_write_text
 
@@ -243,7 +244,7 @@ def interval_sections(stats, latent: int) -> list[tuple[str, np.ndarray]]:
 
 def latent_section_html(stats, latent: int, top_contexts: list[dict],
                         intervals: list[tuple[str, list[dict]]], logit_table: pd.DataFrame | None,
-                        caption: str = "") -> str:
+                        caption: str = "", related: str = "") -> str:
     """One latent's dashboard section: summary, histogram, logit effects, contexts."""
     fig = plotting.latent_histogram_figure(stats.hist_edges[latent], stats.hist_counts[latent],
                                            title=f"latent {latent}: nonzero activations")
@@ -253,11 +254,28 @@ def latent_section_html(stats, latent: int, top_contexts: list[dict],
     interval_html = "".join(f"<h4>{html.escape(label)}</h4>{contexts_html(c, scale)}"
                             for label, c in intervals)
     return (f'<section class="latent" id="latent-{latent}" data-latent="{latent}">'
-            f'<h2>Latent {latent}</h2>{summary_html(stats, latent, caption=caption)}'
+            f'<h2>Latent {latent}</h2>{summary_html(stats, latent, caption=caption)}{related}'
             f'<div class="panels"><div class="hist">{hist}</div>'
             f'<div><h3>Logit effects</h3>{logit_table_html(logit_table)}</div></div>'
             f'<h3>Top activations</h3>{contexts_html(top_contexts, scale)}'
             f'<h3>Examples by activation interval</h3>{interval_html}</section>')
+
+
+def related_html(latent: int, nearest: Sequence[tuple[int, float]], family: Sequence[int],
+                 captions: dict[int, str], linked: set[int]) -> str:
+    """A latent's nearest latents (``(latent, cosine)``) and family members, each with its
+    caption; those in ``linked`` (sections of the page) are links to their section."""
+    name = lambda i: (latent_link_html(i, captions.get(i, "")) if i in linked  # noqa: E731
+                      else f'{i} <span class="muted caption">{html.escape(captions.get(i, ""))}'
+                           f'</span>')
+    near = ", ".join(f'<span class="near" data-latent="{i}">{name(i)} '
+                     f'<span class="muted">({c:.2f})</span></span>' for i, c in nearest)
+    parts = [f"nearest by decoder cosine: {near}"]
+    members = [m for m in family if m != latent]
+    if members:
+        parts.append(f"co-firing family (notebook 05), {len(members) + 1} latents: "
+                     + ", ".join(name(m) for m in members))
+    return f'<p class="related">{"<br>".join(parts)}</p>'
 
 
 def page_html(title: str, header: str, sections: Sequence[str], plotlyjs: str) -> str:
@@ -270,12 +288,15 @@ def page_html(title: str, header: str, sections: Sequence[str], plotlyjs: str) -
 
 def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: str | Path,
                       logit_effects=None, tokenizer=None, n_contexts: int = 10,
-                      before: int = 16, after: int = 4) -> Path:
+                      before: int = 16, after: int = 4, n_nearest: int = 5,
+                      families=None) -> Path:
     """Write one self-contained HTML dashboard file for ``latents`` to ``path``; returns it.
 
     Per latent: density, mean and max activation, the histogram of its nonzero activations,
     the output tokens it promotes and suppresses (when ``logit_effects`` is given), its top
-    ``n_contexts`` contexts and examples from each activation interval, every token shaded.
+    ``n_contexts`` contexts and examples from each activation interval, every token shaded,
+    its ``n_nearest`` latents by decoder cosine and its family (``families``: notebook 05's
+    ``clustering/latents.csv`` or a dict, optional); latents in the file are links.
     The file is written to a temporary name and renamed, so it is complete or absent.
     """
     latents = [int(i) for i in latents]
@@ -286,7 +307,13 @@ def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: st
     if tokenizer is None:
         raise ValueError("export_dashboards needs tokenizer=... (e.g. model.tokenizer) to show "
                          "the tokens of each context.")
-    captions = latent_captions(stats, store, tokenizer, latents=latents)
+    unit = unit_decoder_rows(dictionary)
+    near = {i: nearest_latents(unit, i, n_nearest) for i in latents}
+    families = (load_families(families) if isinstance(families, (str, Path))
+                else dict(families or {}))
+    named = set(latents) | {j for n in near.values() for j, _ in n} | {
+        m for i in latents for m in families.get(i, [])}
+    captions = latent_captions(stats, store, tokenizer, latents=sorted(named))
     sections = []
     for latent in latents:
         top = stats.top_rows[latent, :n_contexts]
@@ -299,7 +326,10 @@ def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: st
         table = logit_effects.tokens(tokenizer, latent) if logit_effects is not None else None
         sections.append(latent_section_html(stats, latent, grouped[0],
                                             list(zip([g[0] for g in groups[1:]], grouped[1:])),
-                                            table, captions[latent]))
+                                            table, captions[latent],
+                                            related_html(latent, near[latent],
+                                                         families.get(latent, []), captions,
+                                                         set(latents))))
     title = f"{dictionary_label(dictionary)} · {stats.model} · {stats.site}"
     page = page_html(title, index_html(stats, latents, captions), sections, get_plotlyjs())
     return atomic_write_text(Path(path), page)

@@ -140,7 +140,9 @@ def test_export_writes_one_self_contained_file(exported):
             assert values == sorted(values, reverse=True), values
         labels = [h.get_text() for h in section.find_all("h4")]
         assert len(labels) == len(expected) and labels[0].startswith("interval 3 of 3")
-    assert [a["href"] for a in soup.find_all("a")] == [f"#latent-{i}" for i in latents]
+    assert [a["href"] for a in soup.find("ul").find_all("a")] == [f"#latent-{i}" for i in latents]
+    linked = {a["href"] for a in soup.find_all("a")}  # every link leads to a section here
+    assert linked <= {f"#latent-{i}" for i in latents}
 
 
 def test_dashboard_index_and_sections_caption_each_latent(exported):
@@ -211,3 +213,22 @@ def test_latent_histogram_and_density_figures():
     fig = plotting.density_max_figure(density, max_act, latents=[2])
     assert list(fig.data[0].customdata) == [1, 2]  # the dead latent 0 is left out
     assert list(fig.data[1].x) == [0.01] and list(fig.data[1].y) == [5.0]
+
+
+def test_dashboard_sections_list_nearest_latents_linking_those_exported(exported):
+    """Expected feature: each section names its nearest latents by decoder cosine (brute force
+    over the decoder rows), a link when that latent has a section of its own."""
+    path, store, sae, stats, latents, tokenizer = exported
+    soup = BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
+    w = sae.W_dec.detach().numpy()
+    unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+    for section, latent in zip(soup.find_all("section", class_="latent"), latents):
+        cos = unit @ unit[latent]
+        cos[latent] = -np.inf
+        expected = np.argsort(-cos)[:5].tolist()
+        near = section.find("p", class_="related").find_all("span", class_="near")
+        assert [int(s["data-latent"]) for s in near] == expected
+        for s, i in zip(near, expected):
+            assert s.get_text().endswith(f"({cos[i]:.2f})")
+        links = [int(a["data-latent"]) for a in section.find("p", class_="related").find_all("a")]
+        assert links == [i for i in expected if i in latents]
