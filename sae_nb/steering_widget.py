@@ -39,7 +39,7 @@ class SteeringWidget(widgets.VBox):
     """Steer and ablate latents of ``dictionary`` in ``model`` from a notebook."""
 
     def __init__(self, model, dictionary, prompt: str = "The film was", latent: int = 0,
-                 coefficient: float = 1.0, scale: float | None = None, max_new_tokens: int = 20,
+                 coefficient: float = 0.25, scale: float | None = None, max_new_tokens: int = 20,
                  n_attributed: int = 8):
         self.model, self.dictionary, self.n_attributed = model, dictionary, n_attributed
         self.scale = scale if scale is not None else site_scale(
@@ -48,7 +48,7 @@ class SteeringWidget(widgets.VBox):
                                        layout=widgets.Layout(width="95%"))
         self.latent = widgets.BoundedIntText(value=latent, min=0, max=dictionary.d_sae - 1,
                                              description="latent")
-        self.coefficient = widgets.FloatSlider(value=coefficient, min=-4.0, max=4.0, step=0.25,
+        self.coefficient = widgets.FloatSlider(value=coefficient, min=-1.0, max=1.0, step=0.05,
                                                description="coefficient",
                                                continuous_update=False)
         self.tokens = widgets.BoundedIntText(value=max_new_tokens, min=1, max=200,

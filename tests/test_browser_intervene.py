@@ -70,12 +70,14 @@ def test_generate_slide_generate_and_ablate(page, root):
     first_logits = widget.locator("table").first.inner_html()
     latent = int(widget.locator(".widget-inline-hbox input[type=number]").first.input_value())
 
+    readout = widget.locator(".widget-readout").first
+    coefficient = round(float(readout.inner_text()) + 8 * 0.05, 2)  # 8 steps of 0.05
     handle = widget.locator(".noUi-handle").first
     handle.focus()
-    for _ in range(8):  # 8 steps of 0.25: coefficient 1.0 -> 3.0
+    for _ in range(8):
         handle.press("ArrowRight")
-    page.wait_for(lambda: widget.locator(".widget-readout").first.inner_text().strip() == "3.00",
-                  30, "the slider's readout to show 3.00")
+    page.wait_for(lambda: readout.inner_text().strip() == f"{coefficient:.2f}", 30,
+                  f"the slider's readout to show {coefficient:.2f}")
     widget.locator("button", has_text="Generate").click()
     page.wait_for(lambda: texts(page) != first_texts, 300, "the steered text to change")
     page.screenshot("after_slider")
@@ -87,7 +89,7 @@ def test_generate_slide_generate_and_ablate(page, root):
     nb = nbformat.read(NOTEBOOKS_DIR / "07_intervene.ipynb", as_version=4)
     prompt = next(line for line in nb.cells[1].source.splitlines()
                   if line.startswith("prompt ")).split('"')[1]
-    expected = generate(lm, prompt, sae, latent_method(sae, latent, scale).edits(3.0),
+    expected = generate(lm, prompt, sae, latent_method(sae, latent, scale).edits(coefficient),
                         max_new_tokens=values["max_new_tokens"])[0]
     clean, steered = texts(page)
     assert clean == first_texts[0] and steered == expected != first_texts[1]
