@@ -111,8 +111,8 @@ class FeatureExplorer:
         self.query = widgets.Text(placeholder="a token or phrase, then Enter",
                                   description="search", continuous_update=False,
                                   layout={"width": "320px"})
-        self.matches = widgets.Dropdown(options=[], description="matches",
-                                        layout={"width": "320px"})
+        menu = {"width": "460px"}  # labels carry captions: 'latent 1258 " dep", " dem" (score 4)'
+        self.matches = widgets.Dropdown(options=[], description="matches", layout=menu)
         self.search_status = widgets.HTML()
         self.summary = widgets.HTML()
         self.related = widgets.HTML()
@@ -129,8 +129,7 @@ class FeatureExplorer:
         self.run_button = widgets.Button(description="Run", button_style="primary")
         self.text_view = widgets.HTML()
         self.text_latents = widgets.HTML()
-        self.text_jump = widgets.Dropdown(options=[], description="go to",
-                                          layout={"width": "320px"})
+        self.text_jump = widgets.Dropdown(options=[], description="go to", layout=menu)
         self.sort.observe(lambda c: self.set_sort(c["new"]), names="value")
         self.show_unusual.observe(lambda c: self.set_sort(self.sort.value), names="value")
         self.slider.observe(lambda c: self._on_rank(c["new"]), names="value")
