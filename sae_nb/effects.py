@@ -32,12 +32,14 @@ from .models import hf_model
 def logit_changes(model, dictionary, prompt: str, edits: Sequence[Edit], k: int = 10,
                   site: str | None = None) -> pd.DataFrame:
     """The ``k`` next tokens the edit promotes most and the ``k`` it suppresses most after
-    ``prompt``: clean and edited probability, change in log-probability and in logit."""
+    ``prompt``, ranked by the probability they gain or lose (a change of log-probability
+    ranks tokens nobody would sample first): clean and edited probability, change in
+    log-probability and in logit."""
     ids = prompt_tokens(model, prompt)
     clean = edited_logits(model, ids)[0, -1]  # (V,)
     edited = edited_logits(model, ids, Splice(model, dictionary, edits, site))[0, -1]
     lp_clean, lp_edit = torch.log_softmax(clean, -1), torch.log_softmax(edited, -1)
-    change = lp_edit - lp_clean
+    change = lp_edit.exp() - lp_clean.exp()
     rows = []
     for kind, order in (("promoted", change.argsort(descending=True)[:k]),
                         ("suppressed", change.argsort()[:k])):
@@ -45,7 +47,7 @@ def logit_changes(model, dictionary, prompt: str, edits: Sequence[Edit], k: int 
         for rank, (t, name) in enumerate(zip(order.tolist(), names), 1):
             rows.append({"effect": kind, "rank": rank, "token": name, "token_id": t,
                          "p_clean": float(lp_clean[t].exp()), "p_edited": float(lp_edit[t].exp()),
-                         "logprob_change": float(change[t]),
+                         "logprob_change": float(lp_edit[t] - lp_clean[t]),
                          "logit_change": float(edited[t] - clean[t])})
     return pd.DataFrame(rows)
 

@@ -26,8 +26,9 @@ WIDGET_CLASS = "sae-nb-steering"
 
 
 def _table_html(table: pd.DataFrame, columns: list[str]) -> str:
-    return table[columns].to_html(index=False, float_format=lambda v: f"{v:+.3f}",
-                                  escape=True, border=0)
+    formats = {"p_clean": "{:.4f}".format, "p_edited": "{:.4f}".format,
+               "logprob_change": "{:+.2f}".format}
+    return table[columns].to_html(index=False, formatters=formats, escape=True, border=0)
 
 
 def _text_html(title: str, text: str) -> str:

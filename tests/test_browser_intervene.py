@@ -25,14 +25,14 @@ WIDGET = ".sae-nb-steering"
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     """A folder with notebook 07 parameterised for the smoke run, and its run folder."""
-    from papermill.parameterize import parameterize_notebook
+    import papermill
 
     Chromium()  # skip (or fail under CI) before the long steps when there is no browser
     root = tmp_path_factory.mktemp("repo")
     (root / "notebooks").mkdir()
-    nb = nbformat.read(NOTEBOOKS_DIR / "07_intervene.ipynb", as_version=4)
     params = {**SMOKE_PARAMETERS["07_intervene"], "run_dir": str(root / "outputs" / "smoke")}
-    nbformat.write(parameterize_notebook(nb, params), root / NOTEBOOK)
+    papermill.execute_notebook(str(NOTEBOOKS_DIR / "07_intervene.ipynb"), str(root / NOTEBOOK),
+                               parameters=params, prepare_only=True, kernel_name="python3")
     return root
 
 

@@ -77,17 +77,21 @@ def test_side_effects_against_the_evaluation_splice_and_the_kl_formula(llama):
     assert got["ce_edited"] == pytest.approx(float(ce_edit), rel=1e-5)
 
 
-def test_logit_changes_rank_the_change_in_log_probability(llama):
+def test_logit_changes_rank_the_change_in_probability(llama):
     sae = topk()
     edits = [steer_latent(9, 4.0)]
     table = logit_changes(llama, sae, PROMPT, edits, k=5)
     ids = prompt_tokens(llama, PROMPT)
-    change = (torch.log_softmax(edited_logits(llama, ids, Splice(llama, sae, edits))[0, -1], -1)
-              - torch.log_softmax(edited_logits(llama, ids)[0, -1], -1))
+    lp_edit = torch.log_softmax(edited_logits(llama, ids, Splice(llama, sae, edits))[0, -1], -1)
+    lp_clean = torch.log_softmax(edited_logits(llama, ids)[0, -1], -1)
+    gain = lp_edit.exp() - lp_clean.exp()
     promoted = table[table.effect == "promoted"]
-    assert promoted.token_id.tolist() == change.topk(5).indices.tolist()
-    assert promoted.logprob_change.tolist() == pytest.approx(change.topk(5).values.tolist(), abs=1e-5)
+    assert promoted.token_id.tolist() == gain.topk(5).indices.tolist()
+    top = gain.topk(5).indices
+    assert promoted.logprob_change.tolist() == pytest.approx((lp_edit - lp_clean)[top].tolist(), abs=1e-5)
+    assert (promoted.p_edited - promoted.p_clean).tolist() == pytest.approx(gain[top].tolist(), abs=1e-6)
     suppressed = table[table.effect == "suppressed"]
+    assert suppressed.token_id.tolist() == (-gain).topk(5).indices.tolist()
     assert suppressed.logprob_change.max() < 0 < promoted.logprob_change.min()
 
 

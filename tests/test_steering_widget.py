@@ -18,9 +18,9 @@ def test_generate_shows_clean_and_steered_text_and_tables(llama):
     w.generate_button.click()
     assert w.clean_text == w.steered_text  # coefficient 0
     assert w.clean_text == generate(llama, PROMPT, max_new_tokens=6)[0]
-    w.coefficient.value = 4.0
+    w.coefficient.value = 1.0
     w.generate_button.click()
-    expected = generate(llama, PROMPT, sae, latent_method(sae, 3, 5.0).edits(4.0),
+    expected = generate(llama, PROMPT, sae, latent_method(sae, 3, 5.0).edits(1.0),
                         max_new_tokens=6)[0]
     assert w.steered_text == expected and w.steered_text != w.clean_text
     assert "promoted" in w.logits.value and "suppressed" in w.logits.value
