@@ -167,7 +167,8 @@ def test_features_on_the_tiny_model_are_cached(llama, tmp_path):
     with pytest.raises(ValueError, match="resid_out"):
         probing.sweep_sites(llama, "resid")
     fig = layer_sweep_figure(every)
-    assert list(fig.data[0].x) == every["site"].tolist()
+    assert list(fig.data[0].x) == [0, 1, 2]  # one kind of site: drawn at its layer number
+    assert list(fig.data[0].text) == every["site"].tolist()
     assert list(fig.data[0].y) == every["accuracy"].tolist()
     assert fig.layout.shapes[0].y0 == every["majority_baseline"].iloc[0]
 
