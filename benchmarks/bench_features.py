@@ -70,7 +70,7 @@ def naive_baseline(store, dictionary, batch_size: int, n_chunks: int, n_top: int
 
 def time_contexts(store, dictionary, stats, tokenizer, n_latents: int = 10) -> float:
     """Mean ms of latent_contexts over the top rows of the densest latents."""
-    from sae_nb.features import latent_contexts
+    from sae_nb.contexts import latent_contexts
 
     latents = np.argsort(-stats.density)[:n_latents]
     latent_contexts(store, dictionary, int(latents[0]), stats.top_rows[latents[0]], tokenizer,

@@ -25,7 +25,7 @@ from plotly.offline import get_plotlyjs
 from . import plotting
 from .corpora import token_strings
 from .explorer_data import load_families, nearest_latents, unit_decoder_rows
-from .features import latent_contexts
+from .contexts import latent_contexts
 from .io import atomic_write_text
 
 SHADE_RGB = (255, 140, 0)  # the activation colour (dark orange), alpha = act / scale
@@ -99,7 +99,7 @@ def shaded_tokens_html(tokens: Sequence[str], acts: Sequence[float], scale: floa
 
 
 def contexts_html(contexts: Iterable[dict], scale: float) -> str:
-    """A table of contexts (``features.latent_contexts``'s dicts), one per line: the activation
+    """A table of contexts (``contexts.latent_contexts``'s dicts), one per line: the activation
     at the centre token, then the shaded tokens."""
     rows = [f'<tr data-row="{c["row"]}"><td class="value">{c["value"]:.3g}</td><td>'
             f'{shaded_tokens_html(c["tokens"], c["acts"], scale, c["center"])}</td></tr>'

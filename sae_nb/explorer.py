@@ -6,7 +6,7 @@ tokens where latents fire most; see its top contexts with every token shaded by 
 promotes and suppresses. A text box runs the model on any text and shades the chosen latent
 over its tokens, beside the latents that fire most on it.
 
-Switching latents encodes only that latent's context rows (``features.latent_contexts``), and
+Switching latents encodes only that latent's context rows (``contexts.latent_contexts``), and
 recent latents are cached, so a switch stays well under 100 ms (``benchmarks/bench_explorer.py``).
 Every callback is a method (``show_latent``, ``run_text``, ``search``), so tests and scripts
 drive the explorer without a browser.
@@ -30,7 +30,7 @@ from .dashboard import (contexts_html, latent_captions, latent_label, latent_lin
 from .explorer_data import (DENSE, OUTLIER_Z, SORTS, LatentSearch, latent_order,  # noqa: F401
                             load_families, nearest_latents, strongest_on_text, top_latents,
                             unit_decoder_rows, unusual_latents)  # public here too
-from .features import latent_contexts, text_activations
+from .contexts import latent_contexts, text_activations
 
 HISTOGRAM_WIDTH = 440  # px; with the logit table (about 360 px) it fits one row of a notebook
 # What the logit table's numbers are, under its title.

@@ -34,7 +34,6 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .contexts import latent_contexts, text_activations  # noqa: F401 (public here)
 from .dictionary import Dictionary, TopKSAE, dictionary_hash  # noqa: F401 (public here too)
 from .io import atomic_save_npz, atomic_write_json, folder_name
 from .logit_effects import LogitEffects, logit_effects  # noqa: F401  (public here too)

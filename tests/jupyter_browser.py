@@ -13,6 +13,7 @@ where they fail.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -23,6 +24,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -237,3 +239,19 @@ class Chromium:
     def __exit__(self, *exc) -> None:
         self.browser.close()
         self._playwright.__exit__(*exc)
+
+
+@contextlib.contextmanager
+def notebook_after_run_all(root: str | Path, notebook: str, home: str | Path,
+                           timeout: float = 900.0, shot_opened: bool = False) -> Iterator[LabPage]:
+    """JupyterLab on ``root`` and chromium, with ``notebook`` open after Run All: the page every
+    widget test starts from. Screenshots go to ``home/screenshots``."""
+    home = Path(home)
+    chromium = Chromium()
+    with JupyterLab(root, home) as lab, chromium:
+        page = chromium.new_page(lab, home / "screenshots")
+        page.open_notebook(notebook)
+        if shot_opened:
+            page.screenshot("opened")
+        page.run_all(timeout=timeout)
+        yield page

@@ -24,8 +24,9 @@ import pytest
 import torch
 
 import sae_nb
-from jupyter_browser import Chromium, JupyterLab
-from sae_nb.features import FeatureStats, latent_contexts, stats_folder
+from jupyter_browser import Chromium, notebook_after_run_all
+from sae_nb.contexts import latent_contexts
+from sae_nb.features import FeatureStats, stats_folder
 from sae_nb.pipeline import NOTEBOOKS_DIR
 
 pytestmark = pytest.mark.slow
@@ -56,13 +57,8 @@ def main_job(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def page(main_job, tmp_path_factory):
     """Notebook 06 open in chromium after Run All."""
-    chromium = Chromium()
-    home = tmp_path_factory.mktemp("lab")
-    with JupyterLab(main_job, home) as lab, chromium:
-        page = chromium.new_page(lab, home / "screenshots")
-        page.open_notebook(NOTEBOOK)
-        page.screenshot("opened")
-        page.run_all(timeout=900)
+    with notebook_after_run_all(main_job, NOTEBOOK, tmp_path_factory.mktemp("lab"),
+                                shot_opened=True) as page:
         yield page
 
 

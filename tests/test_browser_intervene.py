@@ -14,7 +14,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from jupyter_browser import Chromium, JupyterLab
+from jupyter_browser import Chromium, notebook_after_run_all
 from sae_nb.pipeline import NOTEBOOKS_DIR, SMOKE_PARAMETERS
 
 pytestmark = pytest.mark.slow
@@ -38,12 +38,7 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def page(root, tmp_path_factory):
-    chromium = Chromium()
-    home = tmp_path_factory.mktemp("lab")
-    with JupyterLab(root, home) as lab, chromium:
-        page = chromium.new_page(lab, home / "screenshots")
-        page.open_notebook(NOTEBOOK)
-        page.run_all(timeout=900)
+    with notebook_after_run_all(root, NOTEBOOK, tmp_path_factory.mktemp("lab")) as page:
         yield page
 
 

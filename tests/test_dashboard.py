@@ -21,10 +21,11 @@ import torch
 from bs4 import BeautifulSoup
 
 import sae_nb
+from sae_nb.contexts import latent_contexts
 from sae_nb.dashboard import (contexts_html, dashboard_path, display_token, export_dashboards,
                               shade_alpha, shaded_tokens_html, token_span)
 from sae_nb.dictionary import TopKSAE
-from sae_nb.features import feature_stats, latent_contexts
+from sae_nb.features import feature_stats
 
 SITE = "resid_out_layer1"
 ALPHA_RE = re.compile(r"rgba\(255,140,0,([0-9.]+)\)")

@@ -16,9 +16,10 @@ from bs4 import BeautifulSoup
 
 import sae_nb
 from sae_nb import explorer as explorer_module
+from sae_nb.contexts import latent_contexts
 from sae_nb.dictionary import TopKSAE
 from sae_nb.explorer import FeatureExplorer, latent_order, top_latents, unusual_latents
-from sae_nb.features import LogitEffects, feature_stats, latent_contexts
+from sae_nb.features import LogitEffects, feature_stats
 from sae_nb.models import hf_model
 
 SITE = "resid_out_layer1"

@@ -17,9 +17,10 @@ import torch
 from conftest import make_tokenizer
 
 from sae_nb import contexts, features
+from sae_nb.contexts import latent_contexts, text_activations
 from sae_nb.dictionary import JumpReLUSAE, ReLUSAE, TopKSAE
-from sae_nb.features import (FeatureStats, FeatureStatsError, feature_stats, latent_contexts,
-                             logit_effects, stats_folder, text_activations)
+from sae_nb.features import (FeatureStats, FeatureStatsError, feature_stats, logit_effects,
+                             stats_folder)
 from sae_nb.models import hf_model
 from sae_nb.store import INDEX_DTYPE, ActivationStore, StoreWriter
 

@@ -25,15 +25,11 @@ def modules() -> dict[str, ast.Module]:
 
 def package_imports(tree: ast.Module) -> list[tuple[str, list[str]]]:
     """``(module, names)`` for every ``from .module import names`` / ``from . import module``,
-    at any depth (function-level imports count: they are cycles Python merely postpones).
-    Imports under ``if TYPE_CHECKING:`` are left out: they never run."""
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip.update(id(n) for b in node.body for n in ast.walk(b))
+    at any depth: function-level imports and ``if TYPE_CHECKING:`` ones count too (a cycle
+    Python merely postpones, or one only a type checker follows, is still a tangle to read)."""
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in skip:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
             names = [a.name for a in node.names]
             if node.module:
                 found.append((node.module.split(".")[0], names))

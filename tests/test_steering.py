@@ -13,7 +13,7 @@ from sae_nb.intervene import InterventionError, prompt_tokens
 from sae_nb.steering import (direction_method, latent_method, probe_direction,
                              sentiment_methods, sentiment_setup, site_scale, steering_sweep,
                              verdict)
-from test_intervene import PROMPT, SITE, topk
+from test_intervene import PROMPT, topk
 
 
 def share_of_e(texts):

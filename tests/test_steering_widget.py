@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from sae_nb.effects import generate
 from sae_nb.intervene import ablate
 from sae_nb.steering import latent_method
