@@ -376,17 +376,20 @@ def density_max_figure(density: np.ndarray, max_act: np.ndarray,
 def steering_figure(table: pd.DataFrame, target: str = "sentiment shift") -> go.Figure:
     """A steering sweep (:func:`sae_nb.steering.steering_sweep`): the target's shift against
     the KL to the clean model on neutral text (left) and against the CE increase (right), one
-    curve per method, points labelled by coefficient. Up and to the left is better."""
+    curve per method, points labelled by coefficient, with bars of two standard errors of the
+    shift when the table has ``shift_se``. Up and to the left is better."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("against KL(clean || steered)",
                                                         "against the CE increase"))
     colors = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
     for i, (method, rows) in enumerate(table.groupby("method", sort=False)):
         rows = rows.sort_values("coefficient")
+        error = ({"type": "data", "array": 2 * rows["shift_se"].fillna(0), "thickness": 1}
+                 if "shift_se" in rows else None)  # two standard errors over the prompts
         for col, x in ((1, "kl"), (2, "ce_increase")):
             fig.add_trace(go.Scatter(
                 x=rows[x], y=rows["shift"], mode="lines+markers", name=str(method),
                 legendgroup=str(method), showlegend=col == 1, customdata=rows["coefficient"],
-                line={"color": colors[i % len(colors)]},
+                line={"color": colors[i % len(colors)]}, error_y=error,
                 hovertemplate=f"{method}<br>coefficient %{{customdata}}<br>{x} %{{x:.3f}}<br>"
                               f"shift %{{y:+.3f}}<extra></extra>"), row=1, col=col)
     fig.update_xaxes(title_text="KL (nats per token)", row=1, col=1)

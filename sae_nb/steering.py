@@ -62,6 +62,14 @@ def direction_method(direction, name: str, scale: float = 1.0) -> SteeringMethod
                                                            name=name)])
 
 
+def random_direction_method(d: int, scale: float = 1.0, seed: int = 0,
+                            name: str = "random direction") -> SteeringMethod:
+    """The control: steer along a seeded random direction of the same norm as the others, so a
+    method's KL and shift can be read against what any push of that size does."""
+    g = torch.Generator().manual_seed(int(seed))
+    return direction_method(torch.randn(int(d), generator=g).numpy(), name, scale)
+
+
 def site_scale(model, dictionary, tokens: torch.Tensor, site: str | None = None) -> float:
     """The median norm of the site's token activations on ``tokens`` (BOS left out)."""
     (s,) = resolve_sites(model, [dictionary_site(dictionary, site)])
@@ -105,35 +113,58 @@ def steering_sweep(model, dictionary, methods: Sequence[SteeringMethod],
                          **side_effects(model, dictionary, method.edits(c), neutral, clean_lp)})
     generations = pd.DataFrame(texts)
     generations["score"] = np.asarray(score(generations["continuation"].tolist()), dtype=float)
-    table = pd.DataFrame(rows).merge(
-        generations.groupby(["method", "coefficient"], as_index=False)["score"].mean(),
-        on=["method", "coefficient"])
+    # paired by prompt: each continuation against the same prompt's clean one
+    generations["shift"] = generations["score"] - generations["prompt"].map(
+        dict(zip(prompts, clean_scores)))
+    per = generations.groupby(["method", "coefficient"], as_index=False).agg(
+        score=("score", "mean"), shift_se=("shift", "sem"))
+    table = pd.DataFrame(rows).merge(per, on=["method", "coefficient"])
     table["shift"] = table["score"] - baseline
     table["shift_per_kl"] = table["shift"] / table["kl"].where(table["kl"] > 0)
-    table = table[["method", "coefficient", "score", "shift", "kl", "ce_increase",
+    table = table[["method", "coefficient", "score", "shift", "shift_se", "kl", "ce_increase",
                    "shift_per_kl", "ce_clean", "ce_edited"]]
     clean = pd.DataFrame({"prompt": list(prompts), "continuation": clean_texts,
                           "score": clean_scores})
     return SweepResult(table, generations, clean)
 
 
-def verdict(table: pd.DataFrame, target: str = "sentiment") -> str:
-    """One paragraph naming the method that moves the target furthest per unit of KL (at its
-    best coefficient), with the measured figures of every method."""
-    usable = table.dropna(subset=["shift_per_kl"])
-    if usable.empty:
-        return "No coefficient changed the model (KL 0 everywhere): nothing to compare."
-    best = usable.loc[usable.groupby("method")["shift_per_kl"].idxmax()]
+def verdict(table: pd.DataFrame, target: str = "sentiment", n_prompts: int | None = None,
+            control: str = "random direction") -> str:
+    """One paragraph naming the method that moves the target furthest per unit of KL, with the
+    measured figures of every method.
+
+    Only coefficients whose shift is beyond noise count: more than two standard errors
+    (``shift_se``, over the prompts, paired with their clean continuations) above zero. A method
+    with none is said to be within noise; the ``control`` (a random direction) is reported
+    beside the others, as the size of shift any push of that norm gives."""
+    se = table["shift_se"] if "shift_se" in table else pd.Series(0.0, index=table.index)
+    over = f" over {n_prompts} prompts" if n_prompts else ""
+    beyond = table[(table["kl"] > 0) & (table["shift"] > 2 * se.fillna(np.inf))]
+    methods = [m for m in dict.fromkeys(table["method"]) if m != control]
+    real = beyond[beyond["method"] != control].dropna(subset=["shift_per_kl"])
+    if real.empty:
+        return (f"No method moved {target} beyond noise (two standard errors{over}) at any "
+                f"coefficient of the grid; the largest shift was {table['shift'].max():+.3f}.")
+    best = real.loc[real.groupby("method")["shift_per_kl"].idxmax()]
     best = best.sort_values("shift_per_kl", ascending=False)
-    parts = [f"{r.method}: shift {r.shift:+.3f} at coefficient {r.coefficient:g} with KL "
-             f"{r.kl:.3f} nats ({r.shift_per_kl:+.3f} per nat), CE +{r.ce_increase:.3f}"
-             for r in best.itertuples()]
     top = best.iloc[0]
-    furthest = table.loc[table["shift"].idxmax()]
-    return (f"Per unit of KL on neutral text, {top.method} moves {target} furthest "
-            f"({top.shift_per_kl:+.3f} per nat). " + "; ".join(parts) + ". The largest shift "
-            f"overall: {furthest.method} at coefficient {furthest.coefficient:g} "
-            f"({furthest['shift']:+.3f}, KL {furthest.kl:.3f}).")
+    parts = [f"{r.method}: shift {r.shift:+.3f} +- {r.shift_se:.3f} at coefficient "
+             f"{r.coefficient:g} with KL {r.kl:.3f} nats ({r.shift_per_kl:+.3f} per nat), "
+             f"CE +{r.ce_increase:.3f}" for r in best.itertuples()]
+    parts += [f"{m}: no coefficient moved {target} beyond noise"
+              for m in methods if m not in set(best["method"])]
+    furthest = real.loc[real["shift"].idxmax()]
+    text = (f"Per unit of KL on neutral text, {top.method} moves {target} furthest "
+            f"({top.shift_per_kl:+.3f} per nat; shifts count when beyond two standard "
+            f"errors{over}). " + "; ".join(parts) + f". The largest shift: {furthest.method} "
+            f"at coefficient {furthest.coefficient:g} ({furthest['shift']:+.3f}, KL "
+            f"{furthest.kl:.3f}).")
+    ctrl = table[table["method"] == control]
+    if not ctrl.empty:
+        c = ctrl.loc[ctrl["shift"].abs().idxmax()]
+        text += (f" The control, a {control} of the same norm, shifts {target} by at most "
+                 f"{c['shift']:+.3f} (coefficient {c.coefficient:g}, KL {c.kl:.3f}).")
+    return text
 
 
 # ---------------------------------------------------------------- the sentiment experiment
@@ -198,7 +229,10 @@ def sentiment_setup(model, dictionary, labeled: str = "movie_reviews", n_sentenc
 
 
 def sentiment_methods(dictionary, setup: SentimentSetup, scale: float) -> list[SteeringMethod]:
-    """The three methods the notebook compares: the positive latent, the probe direction and
-    the difference of class means, each adding a vector of norm ``coefficient * scale``."""
+    """The methods the notebook compares: the positive latent, the probe direction and the
+    difference of class means, and a random direction as the control, each adding a vector of
+    norm ``coefficient * scale``."""
+    d = dictionary.d_in
     return [latent_method(dictionary, setup.latent, scale),
-            *(direction_method(v, name, scale) for name, v in setup.directions.items())]
+            *(direction_method(v, name, scale) for name, v in setup.directions.items()),
+            random_direction_method(d, scale)]

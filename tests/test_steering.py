@@ -11,8 +11,8 @@ from conftest import D_MODEL
 from sae_nb.effects import generate, side_effects
 from sae_nb.intervene import InterventionError, prompt_tokens
 from sae_nb.steering import (direction_method, latent_method, probe_direction,
-                             sentiment_methods, sentiment_setup, site_scale, steering_sweep,
-                             verdict)
+                             random_direction_method, sentiment_methods, sentiment_setup,
+                             site_scale, steering_sweep, verdict)
 from test_intervene import PROMPT, topk
 
 
@@ -38,12 +38,16 @@ def test_sweep_rows_match_separate_runs(llama):
             clean = [generate(llama, p, max_new_tokens=6)[0] for p in prompts]
             assert row.score == pytest.approx(share_of_e(alone).mean())
             assert row["shift"] == pytest.approx(share_of_e(alone).mean() - share_of_e(clean).mean())
+            paired = share_of_e(alone) - share_of_e(clean)  # the same prompt steered and clean
+            assert row.shift_se == pytest.approx(paired.std(ddof=1) / np.sqrt(len(prompts)))
             fx = side_effects(llama, sae, m.edits(c), neutral)
             assert row.kl == pytest.approx(fx["kl"], rel=1e-5, abs=1e-9)
             assert row.ce_increase == pytest.approx(fx["ce_increase"], rel=1e-5, abs=1e-7)
         zero = res.table[(res.table.method == m.name) & (res.table.coefficient == 0)].iloc[0]
         assert zero.kl == pytest.approx(0, abs=1e-7) and zero["shift"] == 0
-    assert "per nat" in verdict(res.table, "the share of e")
+    beyond = (res.table["shift"] > 2 * res.table["shift_se"]) & (res.table["kl"] > 0)
+    text = verdict(res.table, "the share of e")
+    assert ("per nat" in text) == bool(beyond.any()), text
 
 
 def test_latent_method_is_its_decoder_direction_at_equal_norm(llama):
@@ -113,9 +117,34 @@ def test_sentiment_setup_on_a_labeled_csv(llama, tmp_path):
     assert pos.mean() > 0.5 > neg.mean()
     methods = sentiment_methods(sae, setup, scale=1.0)
     assert [m.name for m in methods] == [f"latent {setup.latent}", "probe direction",
-                                         "difference of means"]
+                                         "difference of means", "random direction"]
     with pytest.raises(InterventionError, match="No class 'happy'"):
         sentiment_setup(llama, sae, str(csv), n_sentences=80, positive="happy")
+
+
+def test_verdict_names_no_method_whose_shift_is_within_noise():
+    # b has the best shift per nat but its shift is within two standard errors of zero
+    table = pd.DataFrame({"method": ["a", "a", "b", "random direction"],
+                          "coefficient": [0.1, 0.2, 0.1, 0.1], "shift": [0.05, 0.30, 0.20, 0.01],
+                          "shift_se": [0.04, 0.05, 0.15, 0.02], "kl": [0.1, 0.5, 0.1, 0.2],
+                          "ce_increase": [0.1, 0.4, 0.1, 0.2]})
+    table["shift_per_kl"] = table["shift"] / table["kl"]
+    text = verdict(table, "sentiment", n_prompts=8)
+    assert text.startswith("Per unit of KL on neutral text, a moves sentiment furthest")
+    assert "+0.600 per nat" in text  # a at 0.2: 0.30 / 0.5; a at 0.1 is within noise
+    assert "b: no coefficient moved sentiment beyond noise" in text
+    assert "random direction" in text and "control" in text
+    quiet = table.assign(shift=[0.01, 0.02, 0.03, 0.0])
+    assert verdict(quiet, "sentiment", n_prompts=8).startswith(
+        "No method moved sentiment beyond noise (two standard errors over 8 prompts)")
+
+
+def test_random_direction_method_is_seeded_with_the_norm_of_the_others():
+    a, b, c = (random_direction_method(D_MODEL, scale=2.0, seed=s).edits(0.5)[0]
+               for s in (3, 3, 4))
+    assert torch.equal(a.direction, b.direction) and not torch.equal(a.direction, c.direction)
+    assert float((a.direction * a.value).norm()) == pytest.approx(1.0, rel=1e-5)  # 0.5 x 2.0
+    assert a.name == "random direction"
 
 
 def test_steering_figure_draws_a_curve_per_method():
@@ -127,3 +156,6 @@ def test_steering_figure_draws_a_curve_per_method():
     assert [t.name for t in fig.data] == ["a", "a", "b", "b"]
     assert list(fig.data[0].x) == [0.2, 0.5] and list(fig.data[0].y) == [0.1, 0.4]  # by coefficient
     assert list(fig.data[1].x) == [0.3, 0.6]  # CE increase on the right
+    assert fig.data[0].error_y.array is None
+    fig = steering_figure(table.assign(shift_se=[0.05, 0.01, 0.02, 0.03]))
+    assert list(fig.data[0].error_y.array) == [0.02, 0.1]  # two standard errors, by coefficient
