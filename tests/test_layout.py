@@ -84,7 +84,8 @@ LAYERS = {
     "dictionaries": ["dictionary", "sparse_ops", "saving", "formats", "catalogue"],
     "producing": ["extract", "objectives", "train", "evaluate"],
     "studying": ["codes", "features", "contexts", "logit_effects", "probing", "clustering",
-                 "families", "intervene", "effects", "attribution", "steering", "explanations"],
+                 "families", "intervene", "effects", "attribution", "steering", "explanations",
+                 "rules"],
     "showing": ["plotting", "dashboard", "explorer_data", "explorer", "steering_widget"],
     "running": ["runs", "pipeline", "__main__", "__init__"],
 }
