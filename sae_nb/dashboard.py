@@ -8,6 +8,8 @@ is escaped, and newlines and tabs are drawn as visible symbols.
 ``export_dashboards`` writes one HTML file for a list of latents: an index, then a section per
 latent with its summary, activation histogram (plotly.js embedded once, inline), logit effects,
 top contexts and examples from each activation interval. It opens offline, with no server.
+Given explanation tables (``sae_nb.explanations``), every latent shown carries its best
+explanation and that explanation's score.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from plotly.offline import get_plotlyjs
 
 from . import plotting
 from .corpora import token_strings
-from .explorer_data import load_families, nearest_latents, unit_decoder_rows
+from .explorer_data import (best_of, explained_captions, load_families, nearest_latents,
+                            unit_decoder_rows)
 from .contexts import latent_contexts
 from .io import atomic_write_text
 
@@ -45,6 +48,7 @@ table.logits td, table.logits th { padding: 1px 8px; text-align: left; }
 table.logits td.num { font-family: ui-monospace, monospace; text-align: right; }
 .summary span { margin-right: 1.5em; }
 .summary span.caption { margin-right: 0; }
+.explanation { margin: 2px 0 4px 0; }
 a.latent-link { color: #1a62b8; text-decoration: underline; cursor: pointer; }
 .muted { color: #777; }
 """
@@ -122,6 +126,18 @@ def summary_html(stats, latent: int, tags: Sequence[str] = (), caption: str = ""
             f'<span>density {density:.3%} ({fired:,} of {stats.n_tokens:,} tokens)</span>'
             f'<span>mean when firing {float(stats.mean_act[latent]):.4g}</span>'
             f'<span>max {float(stats.max_act[latent]):.4g}</span>{notes}</div>')
+
+
+def explanation_html(best: pd.DataFrame | None, latent: int) -> str:
+    """The latent's best explanation (a row of ``explanations.best_explanations``) with its
+    method and score, or "" when it has none."""
+    if best is None or int(latent) not in best.index:
+        return ""
+    r = best.loc[int(latent)]
+    return (f'<div class="explanation" data-latent="{int(latent)}">explanation: '
+            f'<b>{html.escape(str(r["explanation"]))}</b> <span class="muted">(best of the '
+            f'methods: {html.escape(str(r["method"]))}, {html.escape(str(r["score_name"]))} '
+            f'{float(r["score"]):.2f})</span></div>')
 
 
 def logit_table_html(table: pd.DataFrame | None) -> str:
@@ -244,8 +260,11 @@ def interval_sections(stats, latent: int) -> list[tuple[str, np.ndarray]]:
 
 def latent_section_html(stats, latent: int, top_contexts: list[dict],
                         intervals: list[tuple[str, list[dict]]], logit_table: pd.DataFrame | None,
-                        caption: str = "", related: str = "") -> str:
-    """One latent's dashboard section: summary, histogram, logit effects, contexts."""
+                        caption: str = "", related: str = "", explanation: str = "",
+                        title: str = "") -> str:
+    """One latent's dashboard section: summary, ``explanation`` (HTML, see
+    :func:`explanation_html`), histogram, logit effects, contexts; ``title`` follows the
+    latent's number in the heading."""
     fig = plotting.latent_histogram_figure(stats.hist_edges[latent], stats.hist_counts[latent],
                                            title=f"latent {latent}: nonzero activations")
     hist = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"hist-{latent}",
@@ -254,7 +273,8 @@ def latent_section_html(stats, latent: int, top_contexts: list[dict],
     interval_html = "".join(f"<h4>{html.escape(label)}</h4>{contexts_html(c, scale)}"
                             for label, c in intervals)
     return (f'<section class="latent" id="latent-{latent}" data-latent="{latent}">'
-            f'<h2>Latent {latent}</h2>{summary_html(stats, latent, caption=caption)}{related}'
+            f'<h2>Latent {latent}{": " + html.escape(title) if title else ""}</h2>'
+            f'{summary_html(stats, latent, caption=caption)}{explanation}{related}'
             f'<div class="panels"><div class="hist">{hist}</div>'
             f'<div><h3>Logit effects</h3>{logit_table_html(logit_table)}</div></div>'
             f'<h3>Top activations</h3>{contexts_html(top_contexts, scale)}'
@@ -289,14 +309,16 @@ def page_html(title: str, header: str, sections: Sequence[str], plotlyjs: str) -
 def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: str | Path,
                       logit_effects=None, tokenizer=None, n_contexts: int = 10,
                       before: int = 16, after: int = 4, n_nearest: int = 5,
-                      families=None) -> Path:
+                      families=None, explanations=None) -> Path:
     """Write one self-contained HTML dashboard file for ``latents`` to ``path``; returns it.
 
     Per latent: density, mean and max activation, the histogram of its nonzero activations,
     the output tokens it promotes and suppresses (when ``logit_effects`` is given), its top
     ``n_contexts`` contexts and examples from each activation interval, every token shaded,
     its ``n_nearest`` latents by decoder cosine and its family (``families``: notebook 05's
-    ``clustering/latents.csv`` or a dict, optional); latents in the file are links.
+    ``clustering/latents.csv`` or a dict, optional); latents in the file are links. With
+    ``explanations`` (an explanation table or its folder, ``explanations.explanations_folder``)
+    each latent's best explanation and score head its section and follow it in every list.
     The file is written to a temporary name and renamed, so it is complete or absent.
     """
     latents = [int(i) for i in latents]
@@ -313,7 +335,9 @@ def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: st
                 else dict(families or {}))
     named = set(latents) | {j for n in near.values() for j, _ in n} | {
         m for i in latents for m in families.get(i, [])}
-    captions = latent_captions(stats, store, tokenizer, latents=sorted(named))
+    tokens = latent_captions(stats, store, tokenizer, latents=sorted(named))
+    best = best_of(explanations)
+    captions = explained_captions(tokens, best)
     sections = []
     for latent in latents:
         top = stats.top_rows[latent, :n_contexts]
@@ -326,10 +350,14 @@ def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: st
         table = logit_effects.tokens(tokenizer, latent) if logit_effects is not None else None
         sections.append(latent_section_html(stats, latent, grouped[0],
                                             list(zip([g[0] for g in groups[1:]], grouped[1:])),
-                                            table, captions[latent],
+                                            table, tokens[latent],
                                             related_html(latent, near[latent],
                                                          families.get(latent, []), captions,
-                                                         set(latents))))
+                                                         set(latents)),
+                                            explanation_html(best, latent),
+                                            best.loc[latent, "explanation"]
+                                            if best is not None and latent in best.index
+                                            else ""))
     title = f"{dictionary_label(dictionary)} · {stats.model} · {stats.site}"
     page = page_html(title, index_html(stats, latents, captions), sections, get_plotlyjs())
     return atomic_write_text(Path(path), page)

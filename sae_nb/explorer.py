@@ -4,11 +4,15 @@ Pick a latent by slider (its rank in the chosen sort order), by number, or by a 
 tokens where latents fire most; see its top contexts with every token shaded by activation
 (value on hover), its summary, the histogram of its activations and the output tokens it
 promotes and suppresses. A text box runs the model on any text and shades the chosen latent
-over its tokens, beside the latents that fire most on it.
+over its tokens, beside the latents that fire most on it. Given explanation tables
+(``sae_nb.explanations``), every latent shown carries its best explanation and score, and a
+meaning search ("taxes", "negation") lists the latents whose explanations and top contexts are
+closest to a query.
 
 Switching latents encodes only that latent's context rows (``contexts.latent_contexts``), and
 recent latents are cached, so a switch stays well under 100 ms (``benchmarks/bench_explorer.py``).
-Every callback is a method (``show_latent``, ``run_text``, ``search``), so tests and scripts
+Every callback is a method (``show_latent``, ``run_text``, ``search``, ``search_meaning``), so
+tests and scripts
 drive the explorer without a browser.
 """
 
@@ -24,12 +28,14 @@ import numpy as np
 import plotly.graph_objects as go
 
 from . import plotting
-from .dashboard import (contexts_html, latent_captions, latent_label, latent_link_html,
-                        latents_table_html, logit_table_html, scoped_css, shaded_tokens_html,
-                        summary_html)
+from .dashboard import (contexts_html, explanation_html, latent_captions, latent_label,
+                        latent_link_html, latents_table_html, logit_table_html, scoped_css,
+                        shaded_tokens_html, summary_html)
+from .explanations import MeaningIndex, meaning_index
 from .explorer_data import (DENSE, OUTLIER_Z, SORTS, LatentSearch, latent_order,  # noqa: F401
                             load_families, nearest_latents, strongest_on_text, top_latents,
-                            unit_decoder_rows, unusual_latents)  # public here too
+                            unit_decoder_rows, unusual_latents, best_of,  # public here too
+                            explained_captions)
 from .contexts import latent_contexts, text_activations
 
 HISTOGRAM_WIDTH = 440  # px; with the logit table (about 360 px) it fits one row of a notebook
@@ -57,13 +63,16 @@ class FeatureExplorer:
     ``sort`` orders the slider (see :func:`latent_order`), dense and outlier latents last unless
     ``skip_unusual`` is False (a checkbox switches it); ``n_contexts`` top contexts are
     shown, each ``before`` tokens before and ``after`` after the token it fires on.
+    ``explanations`` (an explanation table, or its folder ``explanations.explanations_folder``,
+    where the meaning index is then cached) put each latent's best explanation beside it;
+    ``meaning`` is a ready ``explanations.MeaningIndex`` (else built on the first query).
     Display it as the last expression of a cell, or ``display(explorer.widget)``.
     """
 
     def __init__(self, stats, store, dictionary, model=None, logit_effects=None, tokenizer=None,
                  sort: str = "index", n_contexts: int = 10, before: int = 16, after: int = 4,
                  cache_size: int = 64, skip_unusual: bool = True, families=None,
-                 n_nearest: int = 5):
+                 n_nearest: int = 5, explanations=None, meaning: MeaningIndex | None = None):
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError("FeatureExplorer needs a tokenizer to show tokens: pass model=... "
@@ -85,8 +94,12 @@ class FeatureExplorer:
         self._text: tuple[list[str], np.ndarray] | None = None
         self._busy = False
         self.unusual = unusual_latents(stats)
-        # Each latent's commonest tokens at its top rows, beside its number wherever it is listed.
-        self.captions = latent_captions(stats, store, self.tokenizer)
+        # Each latent's commonest tokens at its top rows (after its best explanation, when given)
+        # beside its number wherever it is listed.
+        self.token_captions = latent_captions(stats, store, self.tokenizer)
+        self.explanations = best_of(explanations)  # one row per explained latent, or None
+        self.captions = explained_captions(self.token_captions, self.explanations)
+        self._meaning, self._explanation_source = meaning, explanations
         self.order = latent_order(stats, sort, skip_unusual)
         self.latent = -1
         self._build_widgets(sort, skip_unusual)
@@ -114,6 +127,11 @@ class FeatureExplorer:
         menu = {"width": "460px"}  # labels carry captions: 'latent 1258 " dep", " dem" (score 4)'
         self.matches = widgets.Dropdown(options=[], description="matches", layout=menu)
         self.search_status = widgets.HTML()
+        self.meaning = widgets.Text(placeholder="a meaning, e.g. taxes, then Enter",
+                                    description="meaning", continuous_update=False,
+                                    layout={"width": "320px"})
+        self.meaning_matches = widgets.Dropdown(options=[], description="by meaning", layout=menu)
+        self.meaning_status = widgets.HTML()
         self.summary = widgets.HTML()
         self.related = widgets.HTML()
         self.more_button = widgets.Button(description="more contexts", layout=fit,
@@ -138,6 +156,8 @@ class FeatureExplorer:
         self.number.observe(lambda c: self._on_number(c["new"]), names="value")
         self.query.observe(lambda c: self.search(c["new"]), names="value")
         self.matches.observe(lambda c: self._jump(c["new"]), names="value")
+        self.meaning.observe(lambda c: self.search_meaning(c["new"]), names="value")
+        self.meaning_matches.observe(lambda c: self._jump(c["new"]), names="value")
         self.text_jump.observe(lambda c: self._jump(c["new"]), names="value")
         self.run_button.on_click(lambda _: self._on_run())
         self.more_button.on_click(lambda _: self.show_more())
@@ -151,6 +171,7 @@ class FeatureExplorer:
             row(self.sort, self.show_unusual),
             row(self.slider, self.prev_button, self.next_button, self.number),
             row(self.query, self.matches, self.search_status),
+            row(self.meaning, self.meaning_matches, self.meaning_status),
             self.summary,
             self.related,
             row(self.figure, logits, align="flex-start"),
@@ -165,7 +186,7 @@ class FeatureExplorer:
         for name in ("slider", "number", "query", "matches", "search_status", "summary",
                      "figure", "logits", "contexts", "text", "run_button", "text_view",
                      "text_latents", "text_jump", "prev_button", "next_button", "show_unusual",
-                     "related", "more_button"):
+                     "related", "more_button", "meaning", "meaning_matches", "meaning_status"):
             getattr(self, name).add_class(f"sae-nb-{name.replace('_', '-')}")  # for tests
         self.widget.add_class(WIDGET_CLASS)
 
@@ -187,8 +208,7 @@ class FeatureExplorer:
         listed = "".join(f"<li>{html.escape(self.label(int(i)))}</li>"
                          for i in self.order[:n_listed])
         scope = f"{WIDGET_CLASS}-snapshot"
-        summary = summary_html(self.stats, self.latent, self._tags(self.latent),
-                               self.captions[self.latent])
+        summary = self._summary(self.latent)
         # JupyterLab's sanitizer drops <style> from an untrusted notebook: inline styles stay.
         inline = {'<span class="tokens">': '<span class="tokens" style="font-family: monospace; '
                                            'white-space: pre-wrap">',
@@ -218,13 +238,12 @@ class FeatureExplorer:
         try:
             self.number.value = latent
             self.slider.value = int(np.nonzero(self.order == latent)[0][0])
-            for menu in (self.matches, self.text_jump):  # a choice of another latent is stale
+            for menu in (self.matches, self.meaning_matches, self.text_jump):  # now stale
                 if menu.value is not None and menu.value != latent:
                     menu.value = None
         finally:
             self._busy = False
-        self.summary.value = summary_html(self.stats, latent, self._tags(latent),
-                                          self.captions[latent])
+        self.summary.value = self._summary(latent)
         self.contexts.value = contexts_view
         self._update_more_button()
         self.related.value = self._related_html(latent)
@@ -244,6 +263,10 @@ class FeatureExplorer:
         if self._text is not None:
             self._render_text()
         return contexts
+
+    def _summary(self, latent: int) -> str:
+        return (summary_html(self.stats, latent, self._tags(latent), self.token_captions[latent])
+                + explanation_html(self.explanations, latent))
 
     def _view(self, latent: int, n: int) -> tuple[list[dict], str, str]:
         """The latent's ``n`` top contexts and rendered panels, from a small LRU cache."""
@@ -361,6 +384,34 @@ class FeatureExplorer:
         else:
             self.search_status.value = f"No latent has {shown} in its top contexts."
         return [i for i, _ in found]
+
+    def search_meaning(self, query: str, limit: int = 20) -> list[int]:
+        """Latents whose best explanation and top contexts are closest in meaning to ``query``
+        (``explanations.MeaningIndex``), best first, with their similarity: they fill the
+        'by meaning' menu and the best one is shown."""
+        if self._meaning is None and query.strip():
+            self.meaning_status.value = ('<span class="muted">embedding the latents\' '
+                                         'explanations and contexts (once)...</span>')
+            source = self._explanation_source  # a folder also caches the index
+            self._meaning = meaning_index(self.stats, self.store, self.tokenizer, source,
+                                          cache=source if isinstance(source, (str, Path)) else None)
+        found = self._meaning.search(query, limit) if query.strip() else None
+        pairs = [] if found is None else list(zip(found["latent"].tolist(), found["score"]))
+        self._busy = True
+        try:
+            self.meaning_matches.options = [(f"latent {self.label(i)} (similarity {s:.2f})", i)
+                                            for i, s in pairs]
+            self.meaning_matches.value = pairs[0][0] if pairs else None
+        finally:
+            self._busy = False
+        if pairs:
+            self.show_latent(pairs[0][0])
+            self.meaning_status.value = (f"the {len(pairs)} latents closest in meaning to "
+                                         f"{html.escape(repr(query))}, best first; showing the "
+                                         f"best (similarity {pairs[0][1]:.2f})")
+        else:
+            self.meaning_status.value = ""
+        return [i for i, _ in pairs]
 
     # -- the text box -------------------------------------------------------------------------
     def run_text(self, text: str) -> np.ndarray:

@@ -3,8 +3,9 @@
 The slider's orders (:func:`latent_order`, dense and outlier latents last), the latents to
 export (:func:`top_latents`), the latents firing most on a text (:func:`strongest_on_text`),
 search over the text around each latent's top activations (:class:`LatentSearch`), a latent's
-nearest latents by decoder direction (:func:`nearest_latents`) and its family from notebook 05's
-``clustering/latents.csv`` (:func:`load_families`).
+nearest latents by decoder direction (:func:`nearest_latents`), its family from notebook 05's
+``clustering/latents.csv`` (:func:`load_families`), and each latent's caption with its best
+explanation and score in front (:func:`explained_captions`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .corpora import token_strings
+from .explanations import as_explanations, best_explanations, explanation_caption
 
 SORTS = ("index", "density", "max activation")
 # A first look skips the latents that fire on more than this fraction of tokens: they say little
@@ -158,4 +160,25 @@ def load_families(path: str | Path, column: str = "cofiring_family") -> dict[int
         members = [int(m) for m in group["latent"]]
         if len(members) > 1:
             out.update({m: members for m in members})
+    return out
+
+
+def best_of(explanations) -> pd.DataFrame | None:
+    """Each latent's best explanation (``explanations.best_explanations``) of a table or a
+    folder of cached tables; None for None."""
+    table = as_explanations(explanations)
+    return None if table is None else best_explanations(table)
+
+
+def explained_captions(captions: dict[int, str], best: pd.DataFrame | None) -> dict[int, str]:
+    """``captions`` (top tokens) with each latent's best explanation and score in front:
+    ``'tax words (f1 0.92) · " tax", " taxes"'``; latents without one keep their caption."""
+    if best is None or not len(best):
+        return dict(captions)
+    out = dict(captions)
+    for r in best.itertuples():
+        if int(r.latent) in out:
+            tokens = out[int(r.latent)]
+            text = explanation_caption(r.explanation, r.score, r.score_name)
+            out[int(r.latent)] = f"{text} · {tokens}" if tokens else text
     return out

@@ -233,3 +233,29 @@ def test_dashboard_sections_list_nearest_latents_linking_those_exported(exported
             assert s.get_text().endswith(f"({cos[i]:.2f})")
         links = [int(a["data-latent"]) for a in section.find("p", class_="related").find_all("a")]
         assert links == [i for i in expected if i in latents]
+
+
+def test_dashboard_shows_each_latents_best_explanation(exported, tmp_path):
+    """Issue 14 point 5: with explanation tables, each section's heading and explanation line,
+    and the index, carry the best explanation and its score (never a control's)."""
+    import pandas as pd
+
+    path, store, sae, stats, latents, tokenizer = exported
+    a, b = latents[0], latents[1]
+    table = pd.DataFrame({"latent": [a, a, b], "method": ["rule", "llm:control", "llm"],
+                          "explanation": ["tokens ' tax'", "control words", "tax words"],
+                          "score": [0.61, 0.97, 0.88], "error": ["", "", ""],
+                          "score_name": ["f1", "detection_auroc", "detection_auroc"]})
+    out = export_dashboards(stats, store, sae, latents, tmp_path / "d.html", tokenizer=tokenizer,
+                            n_contexts=4, before=5, after=2, explanations=table)
+    soup = BeautifulSoup(out.read_text(encoding="utf-8"), "html.parser")
+    sections = {int(s["data-latent"]): s for s in soup.find_all("section", class_="latent")}
+    assert sections[a].find("h2").get_text() == f"Latent {a}: tokens ' tax'"
+    line = sections[a].find("div", class_="explanation").get_text()
+    assert "tokens ' tax'" in line and "rule, f1 0.61" in line
+    assert sections[b].find("h2").get_text() == f"Latent {b}: tax words"
+    assert sections[latents[2]].find("div", class_="explanation") is None  # none given
+    assert "control words" not in soup.get_text()
+    index = [li.get_text() for li in soup.find("ul").find_all("li")]
+    assert index[0].startswith(f"latent {a} tokens ' tax' (f1 0.61) · ")
+    assert index[1].startswith(f"latent {b} tax words (detection_auroc 0.88) · ")

@@ -495,3 +495,73 @@ def test_text_table_latents_are_links_to_them(explorer):
         link = row.find("a", class_="latent-link")
         assert link["data-latent"] == row["data-latent"]
         assert f"b.value = '{row['data-latent']}'" in link["onclick"]
+
+
+def hand_explanations(stats) -> tuple[int, int, "object"]:
+    """Two alive latents explained by hand ("tax words", "the days of the week"), a control
+    row and a failed row that must never show."""
+    import pandas as pd
+
+    alive = np.nonzero(stats.density > 0)[0]
+    tax, days = int(alive[0]), int(alive[-1])
+    return tax, days, pd.DataFrame({
+        "latent": [tax, tax, days, days], "method": ["rule", "llm:control", "llm", "rule"],
+        "explanation": ["tax words", "a control text", "the days of the week", ""],
+        "score": [0.83, 0.99, 0.71, float("nan")],
+        "score_name": ["f1", "detection_auroc", "detection_auroc", "f1"],
+        "error": ["", "", "", "never fired"]})
+
+
+def test_every_latent_shown_carries_its_best_explanation(setup, llama):
+    """Issue 14 point 5: the summary, the menus, the links and the text table show the best
+    explanation and its score; a control or failed row never does."""
+    store, sae, stats = setup
+    tax, days, table = hand_explanations(stats)
+    ex = FeatureExplorer(stats, store, sae, model=llama, n_contexts=4, skip_unusual=False,
+                         explanations=table)
+    ex.number.value = tax
+    summary = BeautifulSoup(ex.summary.value, "html.parser")
+    line = summary.find("div", class_="explanation").get_text()
+    assert "tax words" in line and "rule, f1 0.83" in line and "control" not in line
+    assert ex.label(tax).startswith(f"{tax} tax words (f1 0.83) · ")
+    assert ex.label(days).startswith(f"{days} the days of the week (detection_auroc 0.71)")
+    other = next(i for i in range(stats.d_sae) if i not in (tax, days))
+    assert ex.label(other) == f"{other} {ex.token_captions[other]}".rstrip()  # tokens only
+    assert "(f1" not in ex.label(other) and "auroc" not in ex.label(other)
+    ex.number.value = days
+    assert "the days of the week" in ex.summary.value
+    bundle = ex._repr_mimebundle_()
+    assert "the days of the week" in BeautifulSoup(bundle["text/html"], "html.parser").get_text()
+    ex.text.value = TEXT
+    ex.run_button.click()
+    rows = BeautifulSoup(ex.text_latents.value, "html.parser").find_all("tr")[1:]
+    for row in rows:  # the text table names each latent's explanation too
+        assert row.find("td").get_text().startswith(ex.label(int(row["data-latent"])))
+    labels = dict((v, k) for k, v in ex.text_jump.options)
+    assert all(label.startswith(f"latent {ex.label(i)} (") for i, label in labels.items())
+
+
+def test_meaning_search_lists_latents_by_explanation(setup, llama, tmp_path):
+    """Issue 14 point 4: a meaning query fills its menu with latents and similarities, the
+    explained latent first, and shows it; the index is cached in the explanations folder."""
+    from sae_nb.explanations import MeaningIndex, save_explanations
+
+    store, sae, stats = setup
+    tax, days, table = hand_explanations(stats)
+    save_explanations(table, tmp_path, "hand", {"test": 1})
+    ex = FeatureExplorer(stats, store, sae, model=llama, n_contexts=4, skip_unusual=False,
+                         explanations=tmp_path)
+    ex.meaning.value = "taxes"
+    assert ex.latent == tax and ex.meaning_matches.value == tax
+    label, value = ex.meaning_matches.options[0]
+    assert value == tax and label.startswith(f"latent {tax} tax words (f1 0.83)")
+    assert re.search(r"\(similarity 0\.\d\d\)$", label)
+    status = BeautifulSoup(ex.meaning_status.value, "html.parser").get_text()
+    assert "closest in meaning to 'taxes'" in status
+    ex.meaning.value = "Monday and Friday"
+    assert ex.latent == days and ex.meaning_matches.options[0][1] == days
+    assert ex.matches.value is None  # the token search's menu is not touched
+    assert (tmp_path / "meaning_index.npz").exists()
+    assert MeaningIndex.load(tmp_path).explanations[tax] == "tax words"
+    ex.meaning.value = ""
+    assert ex.meaning_matches.options == () and ex.meaning_status.value == ""
