@@ -71,13 +71,13 @@ def empty_table() -> pd.DataFrame:
 
 
 def merge_explanations(*tables: pd.DataFrame) -> pd.DataFrame:
-    """One table of all rows; where two tables hold the same ``(latent, method)`` the later
-    one wins. Sorted by latent, then method."""
+    """One table of all rows; where two rows hold the same ``(latent, method, score_name)``
+    (one explanation scored one way) the later one wins. Sorted by latent, then method."""
     tables = [check_table(t) for t in tables if t is not None and len(t)]
     if not tables:
         return empty_table()
     merged = pd.concat(tables, ignore_index=True)
-    merged = merged.drop_duplicates(["latent", "method"], keep="last")
+    merged = merged.drop_duplicates(["latent", "method", "score_name"], keep="last")
     return merged.sort_values(["latent", "method"], kind="stable").reset_index(drop=True)
 
 
@@ -88,16 +88,21 @@ def is_control(method) -> pd.Series | bool:
     return str(method).endswith(CONTROL)
 
 
-def best_explanations(table: pd.DataFrame) -> pd.DataFrame:
+def best_explanations(table: pd.DataFrame,
+                      score_names: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per latent with a usable explanation: the highest-scoring one (``latent``,
     ``explanation``, ``method``, ``score``, ``score_name``), indexed by latent too.
 
     Control rows, failed rows (an error, an empty explanation or a NaN score) are ignored.
-    Scores of different methods are compared as they are (each in [0, 1]); on a tie the method
-    listed first in the table wins."""
+    Scores are compared as they are (each in [0, 1]); ``score_names`` (e.g.
+    ``["detection_auroc"]``) keeps only those scores, so that methods are compared on one
+    yardstick (an F1 and an AUROC, whose chance level is 0.5, are not the same). On a tie the
+    row listed first in the table wins."""
     t = check_table(table)
     usable = (~is_control(t["method"]) & (t["error"] == "") & (t["explanation"].str.strip() != "")
               & np.isfinite(t["score"]))
+    if score_names is not None:
+        usable &= t["score_name"].isin(list(score_names))
     t = t[usable]
     t = t.sort_values(["latent", "score"], ascending=[True, False], kind="stable")
     best = t.drop_duplicates("latent", keep="first")
@@ -205,13 +210,35 @@ def explain_cached(folder: str | Path, method: str, identity: dict,
     return table
 
 
+def read_records(path: str | Path) -> pd.DataFrame:
+    """A JSON-lines file of explanation rows (``autointerp.ResultLog``: one record per line,
+    appended as each finishes; a torn last line is skipped) as a table."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line a killed run left half written
+    table = pd.DataFrame([{k: v for k, v in r.items() if k != "key"} for r in records])
+    return table if len(table) else empty_table()
+
+
 def load_explanations(folder: str | Path) -> pd.DataFrame:
-    """Every cached table in ``folder`` merged into one (empty when there is none)."""
+    """Every explanation table cached in ``folder`` merged into one: the ``*.csv`` tables
+    (``rule.csv``...) and the ``*.jsonl`` records of the language-model explainer and scorers
+    (``llm.jsonl``, ``detection.jsonl``...). Files without the table's columns are skipped;
+    empty when there is none."""
     folder = Path(folder)
     if not folder.is_dir():
         return empty_table()
-    tables = [pd.read_csv(p, keep_default_na=False, na_values={"score": [""]})
-              for p in sorted(folder.glob("*.csv"))]
+    tables = []
+    for path in sorted(folder.glob("*.csv")) + sorted(folder.glob("*.jsonl")):
+        table = (pd.read_csv(path, keep_default_na=False, na_values={"score": [""]})
+                 if path.suffix == ".csv" else read_records(path))
+        if set(COLUMNS) <= set(table.columns):
+            tables.append(table)
+        else:
+            log.info("%s is not an explanation table; skipped.", path)
     return merge_explanations(*tables)
 
 

@@ -193,3 +193,29 @@ def test_meaning_index_is_cached_by_identity(tiny, tmp_path, monkeypatch):
     assert again.search("taxes")["latent"].iloc[0] == int(np.argmax(stats.max_act))
     meaning_index(stats, store, tokenizer, hand, cache=tmp_path, n_contexts=3)  # other settings
     assert builds == [1]
+
+
+def test_scores_of_one_explanation_by_several_scorers_are_kept_and_loaded(tmp_path):
+    """The scorers write one row per (latent, method, score_name) as JSON lines; loading the
+    folder keeps each, and best_explanations can compare methods on one score only."""
+    save_explanations(HAND[HAND["method"] == "rule"], tmp_path, "rule", {"k": 1})
+    records = [
+        {"key": "a", "latent": 0, "method": "rule", "explanation": "tokens ' tax', ' taxes'",
+         "score": 0.81, "score_name": "detection_auroc", "error": ""},
+        {"key": "b", "latent": 0, "method": "llm", "explanation": "tax words", "score": 0.74,
+         "score_name": "detection_auroc", "error": ""},
+        {"key": "c", "latent": 0, "method": "llm:control", "explanation": "army", "score": 0.5,
+         "score_name": "detection_auroc", "error": ""},
+    ]
+    lines = "".join(json.dumps(r) + "\n" for r in records) + '{"key": "d", "lat'  # torn line
+    (tmp_path / "detection.jsonl").write_text(lines)
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")  # not an explanation table: skipped
+    merged = load_explanations(tmp_path)
+    zero = merged[merged["latent"] == 0].set_index(["method", "score_name"])["score"]
+    assert zero[("rule", "f1")] == 0.62 and zero[("rule", "detection_auroc")] == 0.81
+    assert zero[("llm", "detection_auroc")] == 0.74 and len(zero) == 4
+    assert best_explanations(merged).loc[0, "score"] == 0.81
+    on_f1 = best_explanations(merged, score_names=["f1"])
+    assert on_f1.loc[0, "explanation"] == "tokens ' tax', ' taxes'" and on_f1.loc[0, "score"] == 0.62
+    only_detection = best_explanations(merged, score_names=["detection_auroc"])
+    assert only_detection["latent"].tolist() == [0]
