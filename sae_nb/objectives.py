@@ -3,6 +3,11 @@
 ``x`` is the (scaled) input and ``y`` the (scaled) target: the same tensor for an SAE, the
 next site's activation for a transcoder. Each returns the loss to minimise plus what the
 trainer logs and needs (which latents fired, for dead-latent tracking).
+
+Under data parallelism (``group`` of several ranks) each rank passes its slice of the global
+batch; the two terms that are not means of per-row terms, AuxK's normaliser and BatchTopK's
+batch-wide selection and threshold, are reduced over the ranks, so the mean of the ranks'
+gradients is the gradient of the whole batch.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE
+from .distributed import Group
 from .sparse_ops import sparse_decode, topk_encode
 
 
@@ -29,7 +35,17 @@ def _fvu(y: torch.Tensor, err_sq: torch.Tensor) -> float:
     return float(err_sq / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12))
 
 
-def topk_step(sae: TopKSAE, x, y, dead: torch.Tensor | None, k_aux: int, auxk_alpha: float) -> Step:
+def _residual_variance(residual: torch.Tensor, group: Group | None) -> torch.Tensor:
+    """``mean_i |r_i - mean(r)|^2`` over the global batch (this rank's rows without a group)."""
+    if group is None or group.world == 1:
+        return (residual - residual.mean(0)).pow(2).sum(-1).mean()
+    n = len(residual) * group.world
+    mean = group.sum_(residual.sum(0)) / n  # (D,)
+    return group.sum_((residual - mean).pow(2).sum()) / n
+
+
+def topk_step(sae: TopKSAE, x, y, dead: torch.Tensor | None, k_aux: int, auxk_alpha: float,
+              group: Group | None = None) -> Step:
     """TopK (Gao et al. 2024) with the AuxK loss: the dead latents' top ``k_aux`` codes are asked
     to reconstruct the residual error, which gives dead latents a gradient again."""
     use_aux = dead is not None and bool(dead.any())
@@ -46,7 +62,7 @@ def topk_step(sae: TopKSAE, x, y, dead: torch.Tensor | None, k_aux: int, auxk_al
         aux_hat = sparse_decode(aux_vals, aux_idx, sae.W_dec)
         aux_mse = (residual - aux_hat).pow(2).sum(-1).mean()
         # Normalised by the residual's variance, as in Gao et al.; guarded against NaN early.
-        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+        denom = _residual_variance(residual, group).clamp_min(1e-8)
         loss = loss + auxk_alpha * torch.nan_to_num(aux_mse / denom)
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
     fired[idx[vals > 0]] = True
@@ -54,13 +70,26 @@ def topk_step(sae: TopKSAE, x, y, dead: torch.Tensor | None, k_aux: int, auxk_al
                 _fvu(y, err_sq.detach()), x_hat.detach())
 
 
+def _global_batch_topk(pre: torch.Tensor, k: int, group: Group) -> torch.Tensor:
+    """BatchTopK over the global batch of ``B = b * world`` rows: keep activations at least the
+    ``k * B``-th largest of all ranks'. Each rank's share of those lies among its own ``k * B``
+    largest, so gathering those candidates finds the cut."""
+    acts = torch.relu(pre)  # (b, F)
+    n = k * len(pre) * group.world
+    flat = acts.detach().flatten()
+    candidates = group.gather(flat.topk(min(n, flat.numel()), sorted=False).values)
+    cut = candidates.topk(n, sorted=False).values.min()
+    return acts * (acts >= cut)
+
+
 def batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux: int, auxk_alpha: float,
                    update_threshold: bool = True,
-                   threshold_beta: float = 0.99) -> Step:
+                   threshold_beta: float = 0.99, group: Group | None = None) -> Step:
     """BatchTopK (Bussmann et al. 2024): the k*B largest activations over the whole batch; the
     inference threshold tracks the smallest kept activation with an exponential average."""
     pre = sae.pre_acts(x)
-    f = sae.batch_activation(pre)
+    ranks = group is not None and group.world > 1
+    f = _global_batch_topk(pre, sae.k, group) if ranks else sae.batch_activation(pre)
     x_hat = sae.decode(f)
     err = y - x_hat
     err_sq = err.pow(2).sum()
@@ -71,12 +100,16 @@ def batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux: int, auxk_alpha: float,
         aux_v, aux_i = pre.masked_fill(~dead, float("-inf")).topk(kk, dim=-1, sorted=False)
         residual = err.detach()
         aux_hat = sparse_decode(torch.relu(aux_v), aux_i, sae.W_dec)
-        denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
+        denom = _residual_variance(residual, group).clamp_min(1e-8)
         loss = loss + auxk_alpha * torch.nan_to_num((residual - aux_hat).pow(2).sum(-1).mean() / denom)
     with torch.no_grad():
         active = f > 0
-        if active.any() and update_threshold:
-            kept_min = f[active].min()
+        kept_min = f[active].min() if active.any() else None
+        if ranks and update_threshold:  # the smallest kept activation over all ranks
+            local = kept_min if kept_min is not None else f.new_tensor(float("inf"))
+            kept_min = group.min_(local.float().reshape(1))[0]
+            kept_min = kept_min if torch.isfinite(kept_min) else None
+        if kept_min is not None and update_threshold:
             t = sae.threshold
             t.copy_(torch.where(t == 0, kept_min, threshold_beta * t + (1 - threshold_beta) * kept_min))
     return Step(loss, mse.detach(), float(active.sum()) / len(x), active.any(0),
@@ -152,12 +185,14 @@ def jumprelu_step(sae: JumpReLUSAE, x, y, l0_coefficient: float, bandwidth: floa
                 active.any(0), _fvu(y, err_sq.detach()), x_hat.detach())
 
 
-def compute_step(sae: Dictionary, x, y, cfg, dead, past_warmup: bool = True) -> Step:
-    """Dispatch on the dictionary's class."""
+def compute_step(sae: Dictionary, x, y, cfg, dead, past_warmup: bool = True,
+                 group: Group | None = None) -> Step:
+    """Dispatch on the dictionary's class; ``group``: the ranks sharing the batch, if any."""
     if isinstance(sae, BatchTopKSAE):
-        return batchtopk_step(sae, x, y, dead, cfg.k_aux_value(sae), cfg.auxk_alpha, past_warmup)
+        return batchtopk_step(sae, x, y, dead, cfg.k_aux_value(sae), cfg.auxk_alpha, past_warmup,
+                              group=group)
     if isinstance(sae, TopKSAE):
-        return topk_step(sae, x, y, dead, cfg.k_aux_value(sae), cfg.auxk_alpha)
+        return topk_step(sae, x, y, dead, cfg.k_aux_value(sae), cfg.auxk_alpha, group)
     if isinstance(sae, JumpReLUSAE):
         return jumprelu_step(sae, x, y, cfg.l0_coefficient, cfg.jumprelu_bandwidth)
     return relu_step(sae, x, y, cfg.l1_coefficient, cfg.sparsity_penalty, cfg.l1_weighted_by_decoder_norm)

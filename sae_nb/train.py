@@ -6,10 +6,18 @@ shuffled iterator. Adam with linear warm-up and a final linear decay; inputs sca
 mean squared norm while training and the scale folded into the weights at the end; dead
 latents tracked over a window of tokens (AuxK for TopK, resampling for ReLU); checkpoints every
 N steps that resume bit for bit on the CPU.
+
+Under ``torchrun`` (or in a process group the caller initialised) the same call trains data
+parallel: each rank takes its slice of every global batch (or reads only that slice, with
+``sae_nb.distributed.rank_batches``), gradients and batch-wide statistics are reduced (see
+``sae_nb.distributed``), every rank ends with the same dictionary, and rank 0 writes the
+checkpoints. The result equals a one-process run on the same global batches up to float
+rounding; a checkpoint resumes with any world size that divides the batch.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -22,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .checks import real_number, whole_number
 from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE, build_dictionary
+from .distributed import ONE_PROCESS, Group, rank_device, setup
 from .io import atomic_open, folder_name
 from .models import resolve_device
 from .objectives import compute_step
@@ -205,7 +214,9 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
     (skipping the batches already consumed) and ends bit-identical to an uninterrupted run.
     """
     cfg = TrainConfig(**{**(asdict(config) if config else {}), **options})
-    device = resolve_device(cfg.device)
+    group = setup()  # one process, or the ranks of a torchrun job
+    device = rank_device(resolve_device(cfg.device), group)
+    local = bool(getattr(batches, "rank_local", False))  # yields this rank's slices already
     it = iter(batches)
     try:
         first = next(it)
@@ -214,6 +225,8 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
                             "Check that the store has rows.") from None
     x0, y0 = _split(first)
     _check_batch(0, x0, y0, x0.shape[-1] if x0.ndim == 2 else -1, y0.shape[-1] if y0.ndim == 2 else -1)
+    if group.world > 1:  # every rank initialises from the whole first global batch
+        x0, y0 = _global_first_batch(group, cfg, batches, local, x0, y0)
     sae, s_in, s_out = _init(cfg, x0, y0, device)
     steps = max(1, cfg.total_tokens // len(x0))
     # The fused Adam kernel is ~7x faster than the per-tensor one on a CPU.
@@ -224,12 +237,13 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
     state = {"step": 0, "tokens": 0, "steps": steps, "since_fired": torch.zeros(sae.d_sae, dtype=torch.long, device=device),
              "log": []}
     ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT if cfg.checkpoint_dir else None
-    if resume and ckpt is not None and ckpt.exists():
-        s_in, s_out = _load_checkpoint(ckpt, sae, opt, sched, state, cfg)
+    if resume and ckpt is not None and _checkpoint_exists(ckpt, group):
+        s_in, s_out = _load_checkpoint(ckpt, sae, opt, sched, state, cfg, group)
         for _ in range(state["step"] - 1):  # the first batch was already taken
             next(it, None)
         first = None
-    bar = tqdm(total=steps, initial=state["step"], disable=not progress, desc=f"train {cfg.architecture}")
+    bar = tqdm(total=steps, initial=state["step"], disable=not progress or not group.main,
+               desc=f"train {cfg.architecture}")
     while state["step"] < steps:
         batch = first if first is not None else next(it, None)
         first = None
@@ -237,27 +251,33 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
             log.warning("Batches ran out after %d of %d steps.", state["step"], steps)
             break
         x, y = _split(batch)
+        if not local:
+            x, y = _rank_slice(state["step"], x, y, group)
         _check_batch(state["step"], x, y, sae.d_in, sae.d_in)
         _train_step(sae, opt, sched, cfg, state, x.to(device).float() * s_in,
-                    y.to(device).float() * s_out, bar)
+                    y.to(device).float() * s_out, bar, group)
         if ckpt is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, sae, opt, sched, state, cfg, (s_in, s_out))
+            _save_checkpoint(ckpt, sae, opt, sched, state, cfg, (s_in, s_out), group)
     bar.close()
     release_scratch()
     if ckpt is not None:
-        _save_checkpoint(ckpt, sae, opt, sched, state, cfg, (s_in, s_out))
+        _save_checkpoint(ckpt, sae, opt, sched, state, cfg, (s_in, s_out), group)
     sae.fold_scale(s_in, s_out)
     sae.metadata = dict(cfg.metadata)  # its training data (site, BOS handling), as on loading
     return TrainResult(sae.eval(), pd.DataFrame(state["log"]), cfg, (s_in, s_out))
 
 
-def _train_step(sae, opt, sched, cfg, state, x, y, bar) -> None:
+def _train_step(sae, opt, sched, cfg, state, x, y, bar, group: Group = ONE_PROCESS) -> None:
+    rows = len(x) * group.world  # the global batch
     dead = state["since_fired"] >= cfg.dead_window_tokens  # (F,)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.autocast and x.is_cuda):
         out = compute_step(sae, x, y, cfg, dead if isinstance(sae, TopKSAE | BatchTopKSAE) else None,
-                           past_warmup=state["step"] >= state["steps"] // 10)
+                           past_warmup=state["step"] >= state["steps"] // 10, group=group)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
+    fired = out.fired
+    if group.world > 1:  # mean gradient over ranks; a latent fired if it fired on any rank
+        fired = group.average_gradients(list(sae.parameters()), out.fired.float()) > 0
     # Unit-norm decoder rows (gradient projected, rows renormalised) for every architecture, as
     # dictionary_learning trains them, except under the April update, whose L1 weights each
     # latent by its decoder norm instead.
@@ -271,21 +291,71 @@ def _train_step(sae, opt, sched, cfg, state, x, y, bar) -> None:
         sae.project_threshold()
     if unit_norm:
         sae.normalize_decoder()
-    state["since_fired"] += len(x)
-    state["since_fired"][out.fired] = 0
+    state["since_fired"] += rows
+    state["since_fired"][fired] = 0
     state["step"] += 1
-    state["tokens"] += len(x)
+    state["tokens"] += rows
     if isinstance(sae, ReLUSAE) and cfg.resample_every and state["step"] % cfg.resample_every == 0:
         # Dead here: not fired in the last resample_every steps (batches of this one's size).
-        dead_since = state["since_fired"] >= cfg.resample_every * len(x)
-        _resample_dead(sae, opt, x, y, out.x_hat, dead_since)
+        dead_since = state["since_fired"] >= cfg.resample_every * rows
+        # Every rank draws the same rows of the whole batch (same RNG state): same dictionary.
+        _resample_dead(sae, opt, group.gather(x), group.gather(y), group.gather(out.x_hat),
+                       dead_since)
     if state["step"] % cfg.log_every == 0 or state["step"] == 1:
-        row = {"step": state["step"], "tokens": state["tokens"], "loss": float(out.loss.detach()),
-               "mse": float(out.mse), "l0": out.l0, "fvu": out.fvu,
+        row = {"step": state["step"], "tokens": state["tokens"],
+               **_batch_metrics(out, y, group),
                "dead_frac": float(dead.float().mean()), "lr": sched.get_last_lr()[0]}
         state["log"].append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", fvu=f"{row['fvu']:.3f}")
     bar.update(1)
+
+
+def _batch_metrics(out, y: torch.Tensor, group: Group) -> dict[str, float]:
+    """Loss, MSE, L0 and FVU of the global batch (this rank's rows are a slice of it)."""
+    if group.world == 1:
+        return {"loss": float(out.loss.detach()), "mse": float(out.mse), "l0": out.l0,
+                "fvu": out.fvu}
+    with torch.no_grad():
+        means = torch.stack([out.loss.detach().double(), out.mse.double(),
+                             torch.tensor(out.l0, dtype=torch.float64, device=y.device)])
+        loss, mse, l0 = (group.sum_(means) / group.world).tolist()  # means of equal slices
+        rows = len(y) * group.world
+        centre = group.sum_(y.double().sum(0)) / rows  # (D,)
+        spread = float(group.sum_((y.double() - centre).pow(2).sum()))
+    return {"loss": loss, "mse": mse, "l0": l0, "fvu": mse * rows / max(spread, 1e-12)}
+
+
+def _rank_slice(i: int, x: torch.Tensor, y: torch.Tensor, group: Group):
+    """This rank's rows of global batch ``i``: the ``rank``-th of ``world`` equal parts."""
+    if group.world == 1:
+        return x, y
+    if len(x) % group.world:
+        raise TrainingError(f"Batch {i} has {len(x)} rows, which {group.world} ranks cannot "
+                            f"share evenly. Use a batch size divisible by {group.world} (and "
+                            f"drop_last=True, so that the last batch is whole too), or a number "
+                            f"of ranks that divides {len(x)}.")
+    part = len(x) // group.world
+    lo = group.rank * part
+    return x[lo:lo + part], y[lo:lo + part]
+
+
+def _global_first_batch(group: Group, cfg: TrainConfig, batches, local: bool, x, y):
+    """The whole first global batch on every rank (initialisation and input scale use it),
+    after checking that the ranks train the same thing on the same data."""
+    group.same_everywhere("the training settings", _jsonable(asdict(cfg)),
+                          "Launch every rank with the same configuration.")
+    if local:
+        group.same_everywhere("the data", getattr(batches, "identity", None),
+                              "Every rank must read the same store (same extraction, rows, "
+                              "batch size and seed); point all ranks at one run folder.")
+        group.same_everywhere("the rows per rank", len(x), "Every rank needs equal slices.")
+        return group.gather(x), group.gather(y)
+    digest = hashlib.sha256(x.detach().float().cpu().numpy().tobytes()
+                            + y.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+    group.same_everywhere("the first global batch (shape, SHA-256)", [list(x.shape), digest],
+                          "Every rank must iterate over the same global batches (same store, "
+                          "seed and batch size); each takes its own slice of each.")
+    return x, y
 
 
 @torch.no_grad()
@@ -321,14 +391,30 @@ def _resample_dead(sae: ReLUSAE, opt, x, y, y_hat, dead: torch.Tensor) -> None:
     log.info("Resampled %d dead latents", n)
 
 
-def _save_checkpoint(path: Path, sae, opt, sched, state, cfg, scale) -> None:
-    payload = {"model": sae.state_dict(), "optimizer": opt.state_dict(),
-               "scheduler": sched.state_dict(), "step": state["step"], "tokens": state["tokens"],
-               "tokens_since_fired": state["since_fired"], "log": state["log"],
-               "scale": list(scale),
-               "config": _jsonable(asdict(cfg)), "torch_rng": torch.get_rng_state()}
-    with atomic_open(path) as f:
-        torch.save(payload, f)
+def _save_checkpoint(path: Path, sae, opt, sched, state, cfg, scale,
+                     group: Group = ONE_PROCESS) -> None:
+    """Rank 0 writes (atomically), after checking every rank holds the same weights; the others
+    wait for it at a barrier."""
+    if group.world > 1:
+        group.same_everywhere(f"the dictionary's weights at step {state['step']} (checksums)",
+                              group.checksum(sae), "The ranks diverged; report this as a bug.")
+    if group.main:
+        payload = {"model": sae.state_dict(), "optimizer": opt.state_dict(),
+                   "scheduler": sched.state_dict(), "step": state["step"],
+                   "tokens": state["tokens"], "tokens_since_fired": state["since_fired"],
+                   "log": state["log"], "scale": list(scale), "world_size": group.world,
+                   "config": _jsonable(asdict(cfg)), "torch_rng": torch.get_rng_state()}
+        with atomic_open(path) as f:
+            torch.save(payload, f)
+    group.barrier()
+
+
+def _checkpoint_exists(path: Path, group: Group) -> bool:
+    exists = path.exists()
+    group.same_everywhere(f"whether {str(path)!r} exists", exists,
+                          "Rank 0 writes the checkpoints: put checkpoint_dir on a filesystem "
+                          "every rank sees, or delete the stale checkpoint.")
+    return exists
 
 
 def check_resumable(path: Path, saved: dict, config: TrainConfig) -> None:
@@ -342,7 +428,8 @@ def check_resumable(path: Path, saved: dict, config: TrainConfig) -> None:
                             f"checkpoint folder (another name) to train a separate dictionary.")
 
 
-def _load_checkpoint(path: Path, sae, opt, sched, state, config: TrainConfig) -> tuple[float, float]:
+def _load_checkpoint(path: Path, sae, opt, sched, state, config: TrainConfig,
+                     group: Group = ONE_PROCESS) -> tuple[float, float]:
     try:
         payload = torch.load(path, weights_only=True, map_location=sae.W_enc.device)
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
@@ -355,6 +442,14 @@ def _load_checkpoint(path: Path, sae, opt, sched, state, config: TrainConfig) ->
     state.update(step=payload["step"], tokens=payload["tokens"], log=payload["log"],
                  since_fired=_tokens_since_fired(payload))
     torch.set_rng_state(payload["torch_rng"])
+    written_by = int(payload.get("world_size", 1))
+    if written_by != group.world:
+        # Every rank holds the whole state and the global batches do not depend on the world
+        # size, so the run continues re-sharded: the same training, not the same rounding.
+        log.warning("Resuming %s, written by %d rank(s), with %d: re-sharded, each rank now "
+                    "takes 1/%d of every global batch. The result matches the uninterrupted run "
+                    "up to float rounding, not bit for bit.", path, written_by, group.world,
+                    group.world)
     log.info("Resumed from %s at step %d", path, state["step"])
     return tuple(payload["scale"])
 
