@@ -9,6 +9,9 @@ and coefficient the page shows. Screenshots go to the module's temporary folder.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbformat
@@ -24,15 +27,25 @@ WIDGET = ".sae-nb-steering"
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    """A folder with notebook 07 parameterised for the smoke run, and its run folder."""
+    """A folder with notebook 07 parameterised for the smoke run, and its run folder: the one
+    ``SAE_NB_MAIN_RUN`` names (a main job already made), else a fresh smoke run of notebook 01,
+    whose store gives the widget its token search."""
     import papermill
 
     Chromium()  # skip (or fail under CI) before the long steps when there is no browser
     root = tmp_path_factory.mktemp("repo")
     (root / "notebooks").mkdir()
-    params = {**SMOKE_PARAMETERS["07_intervene"], "run_dir": str(root / "outputs" / "smoke")}
+    run_dir = root / "outputs" / "smoke"
+    if run := os.environ.get("SAE_NB_MAIN_RUN"):
+        run_dir = Path(run).resolve()
+    else:
+        subprocess.run([sys.executable, "-m", "sae_nb", "run", "--smoke", "--only", "01",
+                        "--run", str(run_dir)], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    params = {**SMOKE_PARAMETERS["07_intervene"], "run_dir": str(run_dir)}
     papermill.execute_notebook(str(NOTEBOOKS_DIR / "07_intervene.ipynb"), str(root / NOTEBOOK),
                                parameters=params, prepare_only=True, kernel_name="python3")
+    (root / "run_dir").write_text(str(run_dir))
     return root
 
 
@@ -59,11 +72,13 @@ def test_generate_slide_generate_and_ablate(page, root):
     from sae_nb.steering import latent_method, site_scale
 
     widget = page.page.locator(WIDGET)
+    number = widget.locator(".widget-inline-hbox input[type=number]").first
+    latent = search_for_a_latent(page, widget, number, root)
     widget.locator("button", has_text="Generate").click()
     page.wait_for(lambda: len(texts(page)) == 2, 300, "the first generation")
     first_texts = texts(page)
     first_logits = widget.locator("table").first.inner_html()
-    latent = int(widget.locator(".widget-inline-hbox input[type=number]").first.input_value())
+    assert int(number.input_value()) == latent
 
     readout = widget.locator(".widget-readout").first
     coefficient = round(float(readout.inner_text()) + 8 * 0.05, 2)  # 8 steps of 0.05
@@ -88,9 +103,36 @@ def test_generate_slide_generate_and_ablate(page, root):
                         max_new_tokens=values["max_new_tokens"])[0]
     clean, steered = texts(page)
     assert clean == first_texts[0] and steered == expected != first_texts[1]
-    assert widget.locator("table").first.inner_html() != first_logits  # the logit table updated
+    # shown together with the texts: the logit table is new by the time the texts are
+    assert widget.locator("table").first.inner_html() != first_logits
 
     widget.locator("button", has_text="ablate").first.click()
     page.wait_for(lambda: "ablated at position" in widget.inner_text(), 300, "the ablation")
     page.screenshot("after_ablate")
     assert page.errors == []
+
+
+def search_for_a_latent(page, widget, number, root) -> int:
+    """Type a token into "find latent", press Enter: the steered latent becomes the search's
+    best match (computed here from the same store and statistics) and its caption shows."""
+    import sae_nb
+    from sae_nb.dashboard import dictionary_label, latent_captions
+    from sae_nb.explorer_data import LatentSearch
+    from sae_nb.features import FeatureStats, stats_folder
+
+    run_dir = Path((root / "run_dir").read_text())
+    sae, lm = sae_nb.load_default_dictionary(), sae_nb.load_model()
+    store = sae_nb.open_store(run_dir, sae_nb.dictionary_site(sae))
+    stats = FeatureStats.load(stats_folder(run_dir, dictionary_label(sae)))
+    query = " the"
+    best = LatentSearch(stats, store, lm.tokenizer)(query)[0][0]
+    box = widget.locator("input[placeholder^='a token']")
+    box.fill(query)
+    box.press("Enter")
+    page.wait_for(lambda: number.input_value() == str(best), 120,
+                  f"the search to pick latent {best}")
+    caption = latent_captions(stats, store, lm.tokenizer, latents=[best])[best]
+    page.wait_for(lambda: caption in widget.inner_text(), 30, "the latent's caption")
+    assert "match" in widget.inner_text()
+    page.screenshot("after_search")
+    return best
