@@ -19,13 +19,16 @@ fires / rows holding the item). With no length cap, the F1-optimal set is a pref
 ranking (F1 = 2 TP / (P + predicted) is a ratio of sums, maximised by every item whose rate beats
 a threshold); the rule is the best prefix of at most ``max_items`` items. Among all prefixes of
 all kinds within ``tolerance`` of a latent's best training F1, the fewest items win, then the
-simplest kind.
+simplest kind. The rate is smoothed first, ``(fired + prior_rows * base rate) / (rows +
+prior_rows)``, and TP counted as rows x smoothed rate: an item seen twice and fired on twice is
+then worth ~(2 + 0) / (2 + 4), not a perfect 1, so a rare latent does not get ten one-off pairs
+that never recur (``prior_rows=0``: the plain training F1). ``train_f1`` is the plain one.
 
 **Scoring** (:func:`score_rules`, held-out counts only, exact). Precision, recall and F1 of
 "the rule matches the row" against "the latent fires (code > 0)". AUROC of a graded rule score
-against firing: a row matching the rule scores its item's training firing rate, any other row
-scores 0; ties count one half (Mann-Whitney). So the AUROC of a one-item rule is that of its
-yes/no prediction, (TPR + TNR) / 2, and a longer rule gains by ranking its reliable items first.
+against firing: a row matching the rule scores its item's smoothed training firing rate, any
+other row scores 0; ties count one half (Mann-Whitney). So the AUROC of a one-item rule is that
+of its yes/no prediction, (TPR + TNR) / 2; a longer rule gains by ranking reliable items first.
 
 **Control** (``rule:control`` rows): each latent with a rule is scored with the rule of another
 one, drawn by a seeded random cycle over them; it should score near chance.
@@ -251,9 +254,10 @@ class Rules:
         return {"kind": kind, "items": listed, "rates": [round(float(r), 6) for r in rates]}
 
 
-def _prefixes(counts: RuleCounts, kind: str, max_items: int, min_count: int) -> dict:
+def _prefixes(counts: RuleCounts, kind: str, max_items: int, min_count: int,
+              prior_rows: float) -> dict:
     """Every candidate prefix of every latent for one kind: per element (latent, rank, item,
-    rate, f1), the element being the last item of the prefix of length rank + 1."""
+    rate, f1, smoothed f1), the element being the last item of the prefix of length rank + 1."""
     W, part = counts.width, counts.train
     ikeys, icounts = part.items(kind, W)
     fkeys, c = part.firings(kind, W)
@@ -261,35 +265,39 @@ def _prefixes(counts: RuleCounts, kind: str, max_items: int, min_count: int) -> 
     n = _lookup(ikeys, icounts, item)
     ok = n >= min_count
     latent, item, c, n = latent[ok], item[ok], c[ok], n[ok]
-    rate = c / np.maximum(n, 1)
-    order = np.lexsort((item, -c, -rate, latent))  # by latent, then rate, count, item
-    latent, item, c, n, rate = latent[order], item[order], c[order], n[order], rate[order]
+    base = part.fired[latent] / max(part.rows, 1)  # the latent's firing rate on any row
+    smooth = (c + prior_rows * base) / (n + prior_rows)
+    order = np.lexsort((item, -c, -smooth, latent))  # by latent, then smoothed rate, count
+    latent, item, c, n, smooth = (a[order] for a in (latent, item, c, n, smooth))
     rank = np.arange(len(latent)) - np.searchsorted(latent, latent, side="left")
     keep = rank < max_items
-    latent, item, c, n, rate, rank = (a[keep] for a in (latent, item, c, n, rate, rank))
+    latent, item, c, n, smooth, rank = (a[keep] for a in (latent, item, c, n, smooth, rank))
     start = np.searchsorted(latent, latent, side="left")
-    tp, pred = np.cumsum(c), np.cumsum(n)
-    tp, pred = tp - (tp[start] - c[start]), pred - (pred[start] - n[start])
-    f1 = 2 * tp / (part.fired[latent] + pred)
-    return {"latent": latent, "rank": rank, "item": item, "rate": rate, "f1": f1}
+    within = lambda v: np.cumsum(v) - (np.cumsum(v)[start] - v[start])  # noqa: E731
+    tp, pred, expected = within(c), within(n), within(n * smooth)
+    P = part.fired[latent]
+    return {"latent": latent, "rank": rank, "item": item, "rate": smooth,
+            "f1": 2 * tp / (P + pred), "smoothed_f1": 2 * expected / (P + pred)}
 
 
 def fit_rules(counts: RuleCounts, max_items: int = 10, min_count: int = 2,
-              tolerance: float = 0.01, kinds: Sequence[str] = RULE_KINDS) -> Rules:
+              tolerance: float = 0.01, prior_rows: float = 4.0,
+              kinds: Sequence[str] = RULE_KINDS) -> Rules:
     """The rule of every latent from training counts (see the module docstring): the best
-    training-F1 prefix of each kind's ranking, at most ``max_items`` items that each occur
-    ``min_count`` times in the training rows; within ``tolerance`` of the best, fewest items
-    then simplest kind."""
-    if max_items < 1 or min_count < 1 or not 0 <= tolerance < 1:
-        raise RuleError(f"max_items={max_items} and min_count={min_count} must be >= 1 and "
-                        f"tolerance={tolerance} in [0, 1).")
+    smoothed-training-F1 prefix of each kind's ranking, at most ``max_items`` items that each
+    occur ``min_count`` times in the training rows; within ``tolerance`` of the best, fewest
+    items then simplest kind. ``prior_rows=0`` ranks and chooses by the plain training F1."""
+    if max_items < 1 or min_count < 1 or not 0 <= tolerance < 1 or prior_rows < 0:
+        raise RuleError(f"max_items={max_items} and min_count={min_count} must be >= 1, "
+                        f"tolerance={tolerance} in [0, 1) and prior_rows={prior_rows} >= 0.")
     kinds = [k for k in RULE_KINDS if k in kinds]
     if not kinds:
         raise RuleError(f"kinds must name at least one of {RULE_KINDS}.")
     F = counts.n_latents
-    cand = [_prefixes(counts, k, max_items, min_count) for k in kinds]
+    cand = [_prefixes(counts, k, max_items, min_count, prior_rows) for k in kinds]
     kind_idx = np.concatenate([np.full(len(c["latent"]), i) for i, c in enumerate(cand)])
-    latent, rank, f1 = (np.concatenate([c[a] for c in cand]) for a in ("latent", "rank", "f1"))
+    latent, rank, f1 = (np.concatenate([c[a] for c in cand])
+                        for a in ("latent", "rank", "smoothed_f1"))
     best = np.full(F, -np.inf)
     np.maximum.at(best, latent, f1)
     code = np.full(F, np.iinfo(np.int64).max)  # fewest items, then simplest kind
@@ -318,7 +326,8 @@ def score_rules(counts: RuleCounts, rules: Rules, rule_of: np.ndarray | None = N
     """Held-out precision, recall, F1 and AUROC (module docstring) of the rule of latent
     ``rule_of[f]`` (default ``f``) against the firing of each latent ``f``; NaN where there
     is no rule or latent ``f`` never fires in the held-out rows. Precision is 0 where the rule
-    matches no held-out row."""
+    matches no held-out row. ``f1_all_rows`` is the F1 of a rule matching every held-out row,
+    2 p / (1 + p) at firing density p: the F1 a dense latent gets for nothing."""
     F, W, part = counts.n_latents, counts.width, counts.heldout
     rule_of = np.arange(F) if rule_of is None else np.asarray(rule_of, dtype=np.int64)
     has = rule_of >= 0
@@ -350,7 +359,8 @@ def score_rules(counts: RuleCounts, rules: Rules, rule_of: np.ndarray | None = N
             "precision": np.where(pred > 0, tp / np.maximum(pred, 1), 0.0),
             "recall": tp / P, "f1": 2 * tp / (P + pred),
             "auroc": np.where(N > 0, wins / (P * N), np.nan),
-            "n_fired_heldout": part.fired, "n_matched_heldout": pred, "n_true_positive": tp})
+            "n_fired_heldout": part.fired, "n_matched_heldout": pred, "n_true_positive": tp,
+            "f1_all_rows": 2 * P / (P + part.rows)})
     out.loc[~scored, ["precision", "recall", "f1", "auroc"]] = np.nan
     return out
 
@@ -431,6 +441,7 @@ def explanation_table(counts: RuleCounts, rules: Rules, seed: int = 0,
             "precision": scores["precision"].to_numpy(), "recall": scores["recall"].to_numpy(),
             "auroc": scores["auroc"].to_numpy(), "n_fired_heldout": counts.heldout.fired,
             "n_matched_heldout": scores["n_matched_heldout"].to_numpy(),
+            "f1_all_rows": scores["f1_all_rows"].to_numpy(),
             "rule_kind": [str(rules.kind[s]) if s >= 0 else "" for s in src],
             "rule_latent": src, "rule": [json.dumps(rule_data[s]) if s >= 0 else "" for s in src],
             "train_f1": np.where(ok, rules.train_f1[np.maximum(src, 0)], np.nan),
@@ -556,7 +567,8 @@ def rule_explanations(store: ActivationStore, dictionary: Dictionary,
                       split: HeldoutSplit | None = None, cache: str | Path | None = None,
                       seed: int = 0, progress: bool = True, *, tokenizer=None,
                       heldout_fraction: float = 0.2, max_items: int = 10, min_count: int = 2,
-                      tolerance: float = 0.01, batch_size: int = 4096) -> pd.DataFrame:
+                      tolerance: float = 0.01, prior_rows: float = 4.0,
+                      batch_size: int = 4096) -> pd.DataFrame:
     """Executable explanations of every latent of ``dictionary`` over ``store``: the explanation
     table (:func:`explanation_table`), rules fitted on the training rows and scored on the
     held-out rows of ``split`` (default: the last ``heldout_fraction`` of the rows, whole
@@ -572,14 +584,15 @@ def rule_explanations(store: ActivationStore, dictionary: Dictionary,
                         f"dictionary's site ({site!r}).")
     boundary = _boundary(store, split, heldout_fraction)
     settings = {"max_items": int(max_items), "min_count": int(min_count),
-                "tolerance": float(tolerance), "kinds": list(RULE_KINDS), "seed": int(seed)}
+                "tolerance": float(tolerance), "prior_rows": float(prior_rows),
+                "kinds": list(RULE_KINDS), "seed": int(seed)}
     identity = _identity(store, dictionary, boundary, settings, tokenizer)
     folder = None if cache is None else Path(cache)
     if folder is not None and (table := _cached(folder, identity)) is not None:
         return table
     counts = count_store(store, dictionary, boundary, batch_size, progress)
     with one_thread():
-        rules = fit_rules(counts, max_items, min_count, tolerance)
+        rules = fit_rules(counts, max_items, min_count, tolerance, prior_rows)
         table = explanation_table(counts, rules, seed, tokenizer)
     if folder is not None:
         (folder / IDENTITY_FILE).unlink(missing_ok=True)  # no stale key beside a new table

@@ -105,7 +105,10 @@ def row(table, latent: int, method: str = "rule"):
 
 def test_planted_token_gets_that_token_with_heldout_f1_one(planted_table):
     r = row(planted_table, 0)
-    assert json.loads(r.rule) == {"kind": "tokens", "items": [TOKEN], "rates": [1.0]}
+    rule = json.loads(r.rule)
+    assert (rule["kind"], rule["items"]) == ("tokens", [TOKEN])
+    n = r.n_fired_train  # the token's training rows, all firing, smoothed by 4 prior rows
+    assert rule["rates"] == [pytest.approx((n + 4 * n / 1920) / (n + 4), abs=1e-6)]
     name = token_strings(make_tokenizer(), [TOKEN])[0]
     assert r.explanation == f"token {name!r}"
     assert (r.score, r.precision, r.recall, r.auroc) == (1.0, 1.0, 1.0, 1.0)
@@ -132,7 +135,7 @@ def test_random_latent_scores_low_and_dead_latent_is_recorded(planted_table):
 
 def test_table_has_the_contract_columns(planted_table):
     for column in ("latent", "method", "explanation", "score", "score_name", "error",
-                   "precision", "recall", "auroc", "n_fired_heldout", "rule_kind"):
+                   "precision", "recall", "auroc", "n_fired_heldout", "rule_kind", "f1_all_rows"):
         assert column in planted_table.columns
     assert set(planted_table.method) == {"rule", "rule:control"}
     assert len(planted_table) == 2 * 8
@@ -203,7 +206,7 @@ def test_scores_match_a_brute_force_per_latent(random_case):
 
 
 def test_fit_finds_the_best_token_set_of_a_brute_force():
-    """Without a length cap the chosen token set has the best training F1 of all subsets."""
+    """Without a length cap or smoothing the token set has the best training F1 of all subsets."""
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, 7, size=600)
     prev = np.r_[-1, tokens[:-1]]
@@ -211,7 +214,8 @@ def test_fit_finds_the_best_token_set_of_a_brute_force():
     fired = rng.random((600, 5)) < rate[:, tokens].T
     rows, latents = np.nonzero(fired)
     counts = count_firings(tokens, prev, rows, latents, boundary=500, n_latents=5)
-    fitted = fit_rules(counts, max_items=7, min_count=1, tolerance=0.0, kinds=("tokens",))
+    fitted = fit_rules(counts, max_items=7, min_count=1, tolerance=0.0, prior_rows=0,
+                       kinds=("tokens",))
     train_tok, train_fired = tokens[:500], fired[:500]
     for f in range(5):
         best = 0.0
