@@ -10,6 +10,9 @@ the codes (``f @ W_dec + b_dec``, plus terms that depend on ``x`` alone: a skip 
 OpenAI's normalisation which scales the dictionary part by the input's ``sigma``), the output is
 computed in the equivalent form ``x + (x_hat(f') - x_hat(f))``, exact when nothing is edited.
 ``error_term=False`` splices ``x_hat(f')`` alone (what the spliced cross-entropy measures).
+A transcoder (``metadata["target_site"]`` differs from its site) is spliced the same way at the
+site it writes, with codes of the site it reads in the same forward pass: the MLP's output
+becomes ``y_hat(f') + (y - y_hat(f))`` with ``f`` the codes of the MLP's input.
 
 Edits are small frozen dataclasses made by :func:`ablate`, :func:`clamp`, :func:`scale`,
 :func:`steer_latent` (``f_i += alpha``, i.e. ``alpha * W_dec[i]`` added to the site) and
@@ -146,16 +149,18 @@ class Splice:
         self.error_term, self.record = error_term, record
         name = dictionary_site(dictionary, site)
         target = (getattr(dictionary, "metadata", None) or {}).get("target_site")
-        if target and target != name and site is None:
-            raise InterventionError(f"This dictionary reads {name!r} and writes {target!r} (a "
-                                    f"transcoder); splicing supports dictionaries that "
-                                    f"reconstruct their own site.")
         self.site = resolve_site(hf_model(model), name)  # SiteError when the model lacks it
-        width = site_width(model, self.site)
-        if width is not None and width != dictionary.d_in:
-            raise InterventionError(f"Site {name!r} of this model is {width} wide but the "
-                                    f"dictionary reads {dictionary.d_in}: it belongs to another "
-                                    f"model or site.")
+        # a transcoder reads one site and writes another: codes from there, edits here
+        self.target = (resolve_site(hf_model(model), target)
+                       if target and target != name and site is None else None)
+        self.d_out = int(dictionary.W_dec.shape[1])
+        for where, wide, reads in ((self.site, dictionary.d_in, "reads"),
+                                   (self.target, self.d_out, "writes")):
+            width = site_width(model, where) if where is not None else None
+            if width is not None and width != wide:
+                raise InterventionError(f"Site {where.name!r} of this model is {width} wide but "
+                                        f"the dictionary {reads} {wide}: it belongs to another "
+                                        f"model or site.")
         for edit in self.edits:
             self._check(edit)
         with warnings.catch_warnings():  # unknown: BOS stays clean, the extraction default
@@ -166,6 +171,7 @@ class Splice:
         self.codes: torch.Tensor | None = None
         self.inputs: torch.Tensor | None = None
         self.leaf: torch.Tensor | None = None
+        self._source: torch.Tensor | None = None
         self._handles: list = []
 
     def _check(self, edit) -> None:
@@ -177,9 +183,9 @@ class Splice:
             if edit.kind not in ("ablate", "clamp", "scale", "add"):
                 raise InterventionError(f"Edit kind {edit.kind!r}; use ablate, clamp, scale, add.")
         elif isinstance(edit, DirectionEdit):
-            if edit.direction.numel() != self.dictionary.d_in:
+            if edit.direction.numel() != self.d_out:
                 raise InterventionError(f"Direction {edit.name!r} has {edit.direction.numel()} "
-                                        f"entries; the site is {self.dictionary.d_in} wide.")
+                                        f"entries; the edited site is {self.d_out} wide.")
         else:
             raise InterventionError(f"{edit!r} is not an edit; make one with ablate, clamp, "
                                     f"scale, steer_latent or steer_direction.")
@@ -190,13 +196,31 @@ class Splice:
     # -- hooks -------------------------------------------------------------------------------
     def __enter__(self) -> "Splice":
         hf = hf_model(self.model)
-        module = hf.get_submodule(self.site.module)
         self._handles.append(hf.register_forward_pre_hook(self._see_inputs, with_kwargs=True))
-        if self.site.io == "output":
-            self._handles.append(module.register_forward_hook(self._on_output))
-        else:
-            self._handles.append(module.register_forward_pre_hook(self._on_input))
+        if self.target is not None:  # a transcoder: note what it reads, edit what it writes
+            self._hook(hf, self.site, lambda x: self._note_source(x))
+        self._hook(hf, self.target or self.site, self.edit)
         return self
+
+    def _hook(self, hf, site: Site, fn) -> None:
+        """Run ``fn`` on the site's activation; what it returns (unless None) replaces it."""
+        module = hf.get_submodule(site.module)
+
+        def on_output(module, args, output):
+            out = fn(output[0] if isinstance(output, tuple) else output)
+            if out is None:
+                return None
+            return (out,) + tuple(output[1:]) if isinstance(output, tuple) else out
+
+        def on_input(module, args):
+            out = fn(args[0])
+            return None if out is None else (out,) + tuple(args[1:])
+
+        self._handles.append(module.register_forward_hook(on_output) if site.io == "output"
+                             else module.register_forward_pre_hook(on_input))
+
+    def _note_source(self, x: torch.Tensor) -> None:
+        self._source = x
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
@@ -209,14 +233,6 @@ class Splice:
         cache = kwargs.get("past_key_values")
         self.tokens = ids
         self.offset = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
-
-    def _on_output(self, module, args, output):
-        if isinstance(output, tuple):
-            return (self.edit(output[0]),) + tuple(output[1:])
-        return self.edit(output)
-
-    def _on_input(self, module, args):
-        return (self.edit(args[0]),) + tuple(args[1:])
 
     # -- the splice itself ---------------------------------------------------------------------
     def positions(self, start: int, stop: int | None, B: int, T: int, device) -> torch.Tensor:
@@ -231,13 +247,21 @@ class Splice:
         return keep[..., None].float()
 
     def edit(self, x: torch.Tensor) -> torch.Tensor:
-        """The site's new activation for ``x`` ``(B, T, D)``."""
+        """The edited site's new activation for ``x`` ``(B, T, D)``: for a transcoder the
+        site it writes, with codes of what it read earlier in this forward pass."""
         sae, (B, T, D) = self.dictionary, x.shape
-        if D != sae.d_in:
-            raise InterventionError(f"Site {self.site.name!r} is {D} wide here but the "
-                                    f"dictionary reads {sae.d_in}: wrong model or site.")
-        xf = x.float()
-        flat = xf.reshape(B * T, D)
+        source = x if self.target is None else self._source
+        if source is None or source.shape[:2] != (B, T):
+            raise InterventionError(f"The transcoder's input site {self.site.name!r} did not run "
+                                    f"before its target {self.target.name!r} in this pass.")
+        self._source = None
+        for where, width, wide, verb in ((self.site, source.shape[-1], sae.d_in, "reads"),
+                                         (self.target or self.site, D, self.d_out, "writes")):
+            if width != wide:
+                raise InterventionError(f"Site {where.name!r} is {width} wide here but the "
+                                        f"dictionary {verb} {wide}: wrong model or site.")
+        xf, src = x.float(), source.float()
+        flat = src.reshape(B * T, -1)
         need_codes = self.record or not self.error_term or any(
             isinstance(e, LatentEdit) and e.kind != "add" for e in self.edits)
         f = x_hat = None
@@ -247,20 +271,23 @@ class Splice:
             f, x_hat = f.view(B, T, -1), x_hat.view(B, T, D)
         delta = torch.zeros_like(xf)
         for e in self.edits:
-            delta = delta + self._delta(e, xf, f) * self.positions(e.start, e.stop, B, T, x.device)
+            delta = delta + self._delta(e, xf, src, f) * self.positions(e.start, e.stop, B, T,
+                                                                        x.device)
         if self.error_term:
             out = xf + delta  # == x_hat(f') + (x - x_hat(f)): see the module docstring
         else:
             clean = self.positions(0, None, B, T, x.device) == 0  # BOS when kept clean
             out = torch.where(clean, xf, x_hat + delta)
         if self.record:
-            self.codes, self.inputs = f, xf.detach()
+            self.codes, self.inputs = f, src.detach()
             self.leaf = torch.zeros_like(xf, requires_grad=True)
             out = out + self.leaf
         return out.to(x.dtype)
 
-    def _delta(self, e: Edit, x: torch.Tensor, f: torch.Tensor | None) -> torch.Tensor:
-        """``x_hat(f') - x_hat(f)`` ``(B, T, D)`` for one edit at every position."""
+    def _delta(self, e: Edit, x: torch.Tensor, src: torch.Tensor,
+               f: torch.Tensor | None) -> torch.Tensor:
+        """``x_hat(f') - x_hat(f)`` ``(B, T, D)`` for one edit at every position (``src``: what
+        the dictionary read, ``x`` itself unless it is a transcoder)."""
         value = _rows(e.value, x)
         if isinstance(e, DirectionEdit):
             return value * e.direction.to(x.device)
@@ -272,7 +299,7 @@ class Splice:
             new = {"ablate": torch.zeros_like(cur), "clamp": value.expand_as(cur),
                    "scale": cur * value}[e.kind]
             dcode = new - cur
-        return decoder_output(self.dictionary, x, dcode, idx)
+        return decoder_output(self.dictionary, src, dcode, idx)
 
 
 def site_width(model, site: Site) -> int | None:

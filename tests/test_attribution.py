@@ -25,8 +25,16 @@ def relu_sae():
     return sae
 
 
-@pytest.mark.parametrize("make", [relu_sae, lambda: topk(cls=NormalizedTopKSAE)],
-                         ids=["relu", "normalized_topk"])
+def relu_transcoder():
+    """A ReLU transcoder: reads the MLP's input of layer 1, writes its output."""
+    sae = relu_sae()
+    sae.metadata = {"site": "mlp_in_layer1", "target_site": "mlp_out_layer1"}
+    return sae
+
+
+@pytest.mark.parametrize("make", [relu_sae, lambda: topk(cls=NormalizedTopKSAE),
+                                  relu_transcoder],
+                         ids=["relu", "normalized_topk", "transcoder"])
 def test_attribution_is_the_first_order_change_of_a_finite_edit(llama, make):
     sae = make()
     ids = prompt_tokens(llama, PROMPT)

@@ -210,3 +210,62 @@ def test_a_width_mismatch_at_an_input_site_is_named_on_the_first_pass(llama):
     wide.metadata = {"site": "mlp_in_layer1"}
     with pytest.raises(InterventionError, match="is 32 wide here but the dictionary reads 64"):
         edited_logits(llama, ids, Splice(llama, wide, [ablate(0)]))
+
+
+def transcoder():
+    """A TopK transcoder: reads the MLP's input of layer 1, predicts its output."""
+    sae = topk()
+    sae.metadata = {"site": "mlp_in_layer1", "target_site": "mlp_out_layer1"}
+    return sae
+
+
+def test_a_transcoder_edits_the_mlp_output_from_codes_of_its_input(llama):
+    """Against hand-written hooks: codes from the MLP's input, their change decoded into the
+    MLP's output (BOS kept clean); with no edit the model is unchanged."""
+    ids = prompt_tokens(llama, PROMPT)
+    sae, mlp = transcoder(), hf_model(llama).model.layers[1].mlp
+    clean = clean_logits(llama, ids)
+    seen = {}
+    h = mlp.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    try:
+        clean_logits(llama, ids)
+    finally:
+        h.remove()
+    f = sae.encode(seen["x"][0].float()).detach()  # (T, F)
+    active = int((f[1:] != 0).any(0).nonzero()[0])
+
+    def expected(change):  # change: (T, F) code change -> logits with it decoded into the output
+        def add(module, args, output):
+            return output + (change @ sae.W_dec.detach())[None]
+        h = mlp.register_forward_hook(add)
+        try:
+            return clean_logits(llama, ids)
+        finally:
+            h.remove()
+
+    assert torch.allclose(edited_logits(llama, ids, Splice(llama, sae, [])), clean,
+                          atol=1e-5, rtol=0)
+    change = torch.zeros_like(f)
+    change[1:, active] = -f[1:, active]
+    got = edited_logits(llama, ids, Splice(llama, sae, [ablate(active)]))
+    assert torch.allclose(got, expected(change), atol=1e-5, rtol=0)
+    assert (got - clean).abs().max() > 1e-3
+    change = torch.zeros_like(f)
+    change[1:, 5] = 2.0
+    got = edited_logits(llama, ids, Splice(llama, sae, [steer_latent(5, 2.0)]))
+    assert torch.allclose(got, expected(change), atol=1e-5, rtol=0)
+    recon = sae.reconstruct(seen["x"][0].float()).detach()  # without the error term:
+    replaced = edited_logits(llama, ids, Splice(llama, sae, [], error_term=False))
+    h = mlp.register_forward_hook(  # the MLP's output is the transcoder's, BOS kept clean
+        lambda m, a, out: torch.cat([out[:, :1], recon[None, 1:]], dim=1))
+    try:
+        assert torch.allclose(replaced, clean_logits(llama, ids), atol=1e-5, rtol=0)
+    finally:
+        h.remove()
+    wide = TopKSAE(D_MODEL, 64, k=4)
+    wide.metadata = {"site": "mlp_in_layer1", "target_site": "resid_out_layer1"}
+    with torch.no_grad():
+        wide.W_dec.data = torch.randn(64, D_MODEL)
+    assert Splice(llama, wide, []).target.name == "resid_out_layer1"
+    with pytest.raises(InterventionError, match="direction.*entries"):
+        Splice(llama, sae, [steer_direction(torch.ones(D_MODEL + 3), 1.0)])
