@@ -12,8 +12,9 @@ Two sources of noise, kept apart:
   over seeds; :func:`summarize` gives it per configuration for a table of runs.
 
 :func:`compare` reads a table of estimates with intervals (``m``, ``m_low``, ``m_high`` per
-metric) and marks each pairwise difference "within noise" when the two intervals overlap (or,
-for a paired difference, when its interval contains 0).
+metric) and marks each pairwise difference "within noise" when the two intervals overlap;
+:func:`compare_paired` does the same from per-row quantities of dictionaries scored on the same
+rows, "within noise" when the paired interval of the difference contains 0.
 """
 
 from __future__ import annotations
@@ -170,12 +171,31 @@ def compare(table: pd.DataFrame, metrics: list[str] | None = None,
             ra, rb = table.loc[a], table.loc[b]
             overlap = ra[f"{m}_low"] <= rb[f"{m}_high"] and rb[f"{m}_low"] <= ra[f"{m}_high"]
             diff = float(ra[m] - rb[m])
-            if overlap:
-                verdict = "within noise"
-            elif m in better:
-                verdict = f"{a if (diff > 0) == better[m] else b} better"
-            else:
-                verdict = f"{a if diff > 0 else b} higher"
+            verdict = _verdict(a, b, diff, bool(overlap), better.get(m))
             rows.append({"metric": m, "a": a, "b": b, "a_value": float(ra[m]),
                          "b_value": float(rb[m]), "difference": diff, "verdict": verdict})
+    return pd.DataFrame(rows)
+
+
+def _verdict(a: str, b: str, diff: float, noise: bool, higher_is_better: bool | None) -> str:
+    if noise:
+        return "within noise"
+    if higher_is_better is None:
+        return f"{a if diff > 0 else b} higher"
+    return f"{a if (diff > 0) == higher_is_better else b} better"
+
+
+def compare_paired(name: str, metric: Callable[..., float], per_row: dict[str, list],
+                   higher_is_better: bool | None = True, n_resamples: int = 1000,
+                   level: float = 0.95, seed: int = 0, groups=None) -> pd.DataFrame:
+    """Every pair of the dictionaries in ``per_row`` (name -> the per-row arrays ``metric``
+    reads, all on the same held-out rows) by :func:`paired_difference`: the difference
+    ``a - b``, its interval, and "within noise" when the interval contains 0."""
+    rows = []
+    for a, b in combinations(per_row, 2):
+        d = paired_difference(metric, per_row[a], per_row[b], n_resamples, level, seed, groups)
+        rows.append({"metric": name, "a": a, "b": b, "a_value": float(metric(*per_row[a])),
+                     "b_value": float(metric(*per_row[b])), "difference": d.estimate,
+                     "low": d.low, "high": d.high,
+                     "verdict": _verdict(a, b, d.estimate, d.contains(0.0), higher_is_better)})
     return pd.DataFrame(rows)

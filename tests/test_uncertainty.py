@@ -9,7 +9,8 @@ import pytest
 from scipy import stats
 
 from sae_nb.uncertainty import (Interval, UncertaintyError, bootstrap_interval, compare,
-                                paired_difference, resample_indices, seed_interval, summarize)
+                                compare_paired, paired_difference, resample_indices,
+                                seed_interval, summarize)
 
 
 def ratio(e, v):
@@ -87,6 +88,10 @@ def test_paired_difference_is_tighter_than_two_intervals():
     assert d.low > 0 and d.contains(0.002)
     with pytest.raises(UncertaintyError, match="same per-row"):
         paired_difference(ratio, [err_a, hard], [err_b])
+    table = compare_paired("error", np.mean, {"a": [err_a], "b": [err_b], "a2": [err_a]},
+                           higher_is_better=False, n_resamples=200)
+    assert table.verdict.tolist() == ["b better", "within noise", "b better"]
+    assert table.loc[0, "low"] > 0 and table.loc[1, "difference"] == 0
 
 
 def test_summarize_and_compare_mark_differences_within_noise():
