@@ -200,6 +200,54 @@ def rank_device(device: torch.device, group: Group) -> torch.device:
     return device
 
 
+def batch_metrics(out, y: torch.Tensor, group: Group) -> dict[str, float]:
+    """Loss, MSE, L0 and FVU of the global batch (this rank's rows are a slice of it)."""
+    if group.world == 1:
+        return {"loss": float(out.loss.detach()), "mse": float(out.mse), "l0": out.l0,
+                "fvu": out.fvu}
+    with torch.no_grad():
+        means = torch.stack([out.loss.detach().double(), out.mse.double(),
+                             torch.tensor(out.l0, dtype=torch.float64, device=y.device)])
+        loss, mse, l0 = (group.sum_(means) / group.world).tolist()  # means of equal slices
+        rows = len(y) * group.world
+        centre = group.sum_(y.double().sum(0)) / rows  # (D,)
+        spread = float(group.sum_((y.double() - centre).pow(2).sum()))
+    return {"loss": loss, "mse": mse, "l0": l0, "fvu": mse * rows / max(spread, 1e-12)}
+
+
+def rank_slice(i: int, x: torch.Tensor, y: torch.Tensor, group: Group):
+    """This rank's rows of global batch ``i``: the ``rank``-th of ``world`` equal parts."""
+    if group.world == 1:
+        return x, y
+    if len(x) % group.world:
+        raise DistributedError(f"Batch {i} has {len(x)} rows, which {group.world} ranks cannot "
+                               f"share evenly. Use a batch size divisible by {group.world} (and "
+                               f"drop_last=True, so that the last batch is whole too), or a number "
+                               f"of ranks that divides {len(x)}.")
+    part = len(x) // group.world
+    lo = group.rank * part
+    return x[lo:lo + part], y[lo:lo + part]
+
+
+def first_global_batch(group: Group, settings: dict, batches, local: bool, x, y):
+    """The whole first global batch on every rank (initialisation and input scale use it),
+    after checking that the ranks train the same thing on the same data."""
+    group.same_everywhere("the training settings", settings,
+                          "Launch every rank with the same configuration.")
+    if local:
+        group.same_everywhere("the data", getattr(batches, "identity", None),
+                              "Every rank must read the same store (same extraction, rows, "
+                              "batch size and seed); point all ranks at one run folder.")
+        group.same_everywhere("the rows per rank", len(x), "Every rank needs equal slices.")
+        return group.gather(x), group.gather(y)
+    digest = hashlib.sha256(x.detach().float().cpu().numpy().tobytes()
+                            + y.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+    group.same_everywhere("the first global batch (shape, SHA-256)", [list(x.shape), digest],
+                          "Every rank must iterate over the same global batches (same store, "
+                          "seed and batch size); each takes its own slice of each.")
+    return x, y
+
+
 class RankBatches:
     """This rank's slice of every batch ``store.batches(batch_size, shuffle=True, seed=seed,
     rows=rows, epochs=epochs, drop_last=True)`` yields: the same global batches, each rank

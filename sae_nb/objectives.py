@@ -39,7 +39,7 @@ def _residual_variance(residual: torch.Tensor, group: Group | None) -> torch.Ten
     """``mean_i |r_i - mean(r)|^2`` over the global batch (this rank's rows without a group)."""
     if group is None or group.world == 1:
         return (residual - residual.mean(0)).pow(2).sum(-1).mean()
-    n = len(residual) * group.world
+    n, residual = len(residual) * group.world, residual.float()  # bf16 under autocast
     mean = group.sum_(residual.sum(0)) / n  # (D,)
     return group.sum_((residual - mean).pow(2).sum()) / n
 
@@ -76,7 +76,7 @@ def _global_batch_topk(pre: torch.Tensor, k: int, group: Group) -> torch.Tensor:
     largest, so gathering those candidates finds the cut."""
     acts = torch.relu(pre)  # (b, F)
     n = k * len(pre) * group.world
-    flat = acts.detach().flatten()
+    flat = acts.detach().float().flatten()
     candidates = group.gather(flat.topk(min(n, flat.numel()), sorted=False).values)
     cut = candidates.topk(n, sorted=False).values.min()
     return acts * (acts >= cut)

@@ -17,7 +17,6 @@ rounding; a checkpoint resumes with any world size that divides the batch.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,8 @@ from tqdm.auto import tqdm
 
 from .checks import real_number, whole_number
 from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE, build_dictionary
-from .distributed import ONE_PROCESS, Group, rank_device, setup
+from .distributed import (ONE_PROCESS, Group, batch_metrics, first_global_batch, rank_device,
+                          rank_slice, setup)
 from .io import atomic_open, folder_name
 from .models import resolve_device
 from .objectives import compute_step
@@ -226,7 +226,7 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
     x0, y0 = _split(first)
     _check_batch(0, x0, y0, x0.shape[-1] if x0.ndim == 2 else -1, y0.shape[-1] if y0.ndim == 2 else -1)
     if group.world > 1:  # every rank initialises from the whole first global batch
-        x0, y0 = _global_first_batch(group, cfg, batches, local, x0, y0)
+        x0, y0 = first_global_batch(group, _jsonable(asdict(cfg)), batches, local, x0, y0)
     sae, s_in, s_out = _init(cfg, x0, y0, device)
     steps = max(1, cfg.total_tokens // len(x0))
     # The fused Adam kernel is ~7x faster than the per-tensor one on a CPU.
@@ -252,7 +252,7 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
             break
         x, y = _split(batch)
         if not local:
-            x, y = _rank_slice(state["step"], x, y, group)
+            x, y = rank_slice(state["step"], x, y, group)
         _check_batch(state["step"], x, y, sae.d_in, sae.d_in)
         _train_step(sae, opt, sched, cfg, state, x.to(device).float() * s_in,
                     y.to(device).float() * s_out, bar, group)
@@ -303,59 +303,11 @@ def _train_step(sae, opt, sched, cfg, state, x, y, bar, group: Group = ONE_PROCE
                        dead_since)
     if state["step"] % cfg.log_every == 0 or state["step"] == 1:
         row = {"step": state["step"], "tokens": state["tokens"],
-               **_batch_metrics(out, y, group),
+               **batch_metrics(out, y, group),
                "dead_frac": float(dead.float().mean()), "lr": sched.get_last_lr()[0]}
         state["log"].append(row)
         bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", fvu=f"{row['fvu']:.3f}")
     bar.update(1)
-
-
-def _batch_metrics(out, y: torch.Tensor, group: Group) -> dict[str, float]:
-    """Loss, MSE, L0 and FVU of the global batch (this rank's rows are a slice of it)."""
-    if group.world == 1:
-        return {"loss": float(out.loss.detach()), "mse": float(out.mse), "l0": out.l0,
-                "fvu": out.fvu}
-    with torch.no_grad():
-        means = torch.stack([out.loss.detach().double(), out.mse.double(),
-                             torch.tensor(out.l0, dtype=torch.float64, device=y.device)])
-        loss, mse, l0 = (group.sum_(means) / group.world).tolist()  # means of equal slices
-        rows = len(y) * group.world
-        centre = group.sum_(y.double().sum(0)) / rows  # (D,)
-        spread = float(group.sum_((y.double() - centre).pow(2).sum()))
-    return {"loss": loss, "mse": mse, "l0": l0, "fvu": mse * rows / max(spread, 1e-12)}
-
-
-def _rank_slice(i: int, x: torch.Tensor, y: torch.Tensor, group: Group):
-    """This rank's rows of global batch ``i``: the ``rank``-th of ``world`` equal parts."""
-    if group.world == 1:
-        return x, y
-    if len(x) % group.world:
-        raise TrainingError(f"Batch {i} has {len(x)} rows, which {group.world} ranks cannot "
-                            f"share evenly. Use a batch size divisible by {group.world} (and "
-                            f"drop_last=True, so that the last batch is whole too), or a number "
-                            f"of ranks that divides {len(x)}.")
-    part = len(x) // group.world
-    lo = group.rank * part
-    return x[lo:lo + part], y[lo:lo + part]
-
-
-def _global_first_batch(group: Group, cfg: TrainConfig, batches, local: bool, x, y):
-    """The whole first global batch on every rank (initialisation and input scale use it),
-    after checking that the ranks train the same thing on the same data."""
-    group.same_everywhere("the training settings", _jsonable(asdict(cfg)),
-                          "Launch every rank with the same configuration.")
-    if local:
-        group.same_everywhere("the data", getattr(batches, "identity", None),
-                              "Every rank must read the same store (same extraction, rows, "
-                              "batch size and seed); point all ranks at one run folder.")
-        group.same_everywhere("the rows per rank", len(x), "Every rank needs equal slices.")
-        return group.gather(x), group.gather(y)
-    digest = hashlib.sha256(x.detach().float().cpu().numpy().tobytes()
-                            + y.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
-    group.same_everywhere("the first global batch (shape, SHA-256)", [list(x.shape), digest],
-                          "Every rank must iterate over the same global batches (same store, "
-                          "seed and batch size); each takes its own slice of each.")
-    return x, y
 
 
 @torch.no_grad()

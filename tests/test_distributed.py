@@ -123,6 +123,12 @@ def worker(scenario: str, out: Path) -> None:
             except Interrupted:
                 continue
             save(run, f"{arch}_resumed", out, rank)
+    elif scenario == "gpu":  # tests/test_gpu.py: two ranks sharing one GPU
+        for arch in ("topk", "batchtopk"):
+            for autocast in (False, True):
+                run = train_dictionary(global_batches(store), **settings(
+                    arch, device="cuda", autocast=autocast))
+                save(run, f"gpu_{arch}_{autocast}", out, rank)
     elif scenario == "bad":
         other = ActivationStore(out / "other_store")
         attempts = {
@@ -265,7 +271,7 @@ def test_bad_inputs_are_refused_clearly_on_every_rank(folder):
     assert done.returncode == 0, done.stdout[-4000:]
     for rank in (0, 1):
         errors = json.loads((folder / f"bad.rank{rank}.json").read_text())
-        assert errors["uneven_global"].startswith("TrainingError: Batch 0 has 127 rows, which 2 "
+        assert errors["uneven_global"].startswith("DistributedError: Batch 0 has 127 rows, which 2 "
                                                   "ranks cannot share evenly")
         assert "divisible by 2" in errors["uneven_global"]
         assert errors["uneven_local"].startswith("DistributedError: batch_size=127 cannot be "

@@ -1,7 +1,8 @@
 """The same code on a CUDA device: extraction, training and the spliced loss.
 
 Skipped where no GPU is present (CI has none); run on a machine with one to check the device
-paths: ``pytest tests/test_gpu.py``.
+paths: ``pytest tests/test_gpu.py``. The data-parallel test runs two torchrun ranks on one GPU
+(gloo, CUDA tensors staged through the host; NCCL needs a GPU per rank).
 """
 
 from __future__ import annotations
@@ -51,3 +52,27 @@ def test_spliced_loss_on_cuda(model_dirs):
     m = ce_metrics(torch.nn.Identity(), model, "resid_out_layer1", tokens)
     assert m["ce_spliced"] == pytest.approx(m["ce_clean"], rel=1e-5)
     assert m["ce_zero_ablation"] > m["ce_clean"]
+
+
+def test_two_ranks_on_one_gpu_train_the_dictionary_of_one_process(tmp_path):
+    """torchrun with 2 ranks on the one GPU: the same dictionary as one CUDA process on the same
+    global batches (fp32), both ranks identical; bf16 autocast trains too."""
+    from test_distributed import global_batches, load, make_store, data, settings, torchrun
+
+    make_store(tmp_path / "store", data())
+    done = torchrun("gpu", tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout[-4000:]
+    store = sae_nb.ActivationStore(tmp_path / "store")
+    for arch in ("topk", "batchtopk"):
+        for autocast in (False, True):
+            ranks = [load(tmp_path, f"gpu_{arch}_{autocast}", r) for r in (0, 1)]
+            for key, value in ranks[0]["state"].items():
+                assert torch.equal(value, ranks[1]["state"][key]), f"{arch}: ranks differ in {key}"
+            assert ranks[0]["state"]["W_enc"].is_cuda
+            fvu = ranks[0]["log"]["fvu"]
+            assert fvu[-1] < fvu[0]
+            if not autocast:
+                one = train_dictionary(global_batches(store), **settings(arch, device="cuda"))
+                for key, value in one.dictionary.state_dict().items():
+                    torch.testing.assert_close(ranks[0]["state"][key], value, rtol=1e-4,
+                                               atol=1e-4, msg=key)
