@@ -1,8 +1,14 @@
-"""Command line: ``python -m sae_nb run`` (the main job) and ``python -m sae_nb setup``."""
+"""Command line: ``run`` (the main job), ``setup``, and the ``extract`` and ``train`` jobs.
+
+``extract`` and ``train`` take notebooks 01 and 02's parameters as options (``--n_tokens`` or
+``--n-tokens``) or from a JSON/YAML file (``--config``); ``torchrun`` launches them on several
+processes (see :mod:`sae_nb.jobs`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import sys
 import time
@@ -13,7 +19,50 @@ USAGE_EXAMPLES = """examples:
   python -m sae_nb run --run big -p n_tokens=1_000_000
   python -m sae_nb run --only 01 -p "sites=['resid_out_layer9']"
   python -m sae_nb run --smoke --run /tmp/smoke   the CI parameters, into an absolute folder
+  python -m sae_nb extract --sites resid_out_layer6 --n-tokens 1e6 --run-dir outputs/big
+  python -m sae_nb train --site resid_out_layer6 --k 64 --run-dir outputs/big
+  torchrun --nproc_per_node 2 -m sae_nb extract --config job.yaml
+  torchrun --nproc_per_node 2 -m sae_nb train --config job.yaml --batch-size 8192
 """
+JOB_HELP = {"extract": "notebook 01 as a job: activations into stores (torchrun: one part "
+                       "per process)",
+            "train": "notebook 02 as a job: train, evaluate and save a dictionary (torchrun: "
+                     "data parallel)"}
+
+
+def literal(text: str):
+    """A Python literal when the text is one (``1e6``, ``None``, ``0.5``), else the text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def boolean(text: str) -> bool:
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if text.lower() not in value:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return value[text.lower()]
+
+
+def add_job_parser(commands, job: str) -> None:
+    """A subcommand whose options are the job's parameters, each under its notebook name and
+    with dashes; options not given are left out, so a --config file's values stand."""
+    from .jobs import JOBS
+
+    parser = commands.add_parser(job, help=JOB_HELP[job], allow_abbrev=False,
+                                 argument_default=argparse.SUPPRESS, epilog=USAGE_EXAMPLES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="parameters from a JSON or YAML file; "
+                        "options given here override it")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for name, option in JOBS[job].items():
+        flags = sorted({f"--{name}", f"--{name.replace('_', '-')}"})
+        kind = {"list": dict(nargs="+"), "bool": dict(type=boolean, nargs="?", const=True, metavar="true|false"),
+                "text": dict(type=str), "literal": dict(type=literal)}[option.kind]
+        parser.add_argument(*flags, dest=name, help=f"{option.help} (default: {option.default!r})",
+                            **kind)
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,13 +86,51 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--outputs", default=str(pipeline.OUTPUTS_DIR), metavar="DIR",
                      help="root of the run folders (default: the repository's outputs/)")
     commands.add_parser("setup", help="fetch and convert the default model once; print its folder")
+    for job in ("extract", "train"):
+        add_job_parser(commands, job)
     return parser
+
+
+def run_job(args: argparse.Namespace) -> int:
+    """``extract`` or ``train``: print what was written, or the error and return 1."""
+    from . import jobs
+    from .corpora import CorpusError
+    from .evaluate import EvaluationError
+    from .extract import ExtractionError
+    from .models import ModelLoadError
+    from .saving import DictionaryFormatError
+    from .shards import rank_and_world
+    from .sites import SiteError
+    from .store import StoreError
+    from .train import TrainingError
+
+    errors = (jobs.JobError, StoreError, ExtractionError, TrainingError, SiteError, CorpusError,
+              ModelLoadError, EvaluationError, DictionaryFormatError, ValueError)
+    options = {k: v for k, v in vars(args).items() if k in jobs.JOBS[args.command]}
+    progress = not getattr(args, "no_progress", False)
+    try:
+        config = jobs.read_config_file(args.config) if getattr(args, "config", None) else {}
+        params = jobs.job_parameters(args.command, config, options)
+        if args.command == "extract":
+            stores = jobs.extract_job(params, progress)
+            for site, store in stores.items() if rank_and_world()[0] == 0 else ():
+                print(f"{site}: {len(store):,} rows in {store.path}")
+        else:
+            folder = jobs.train_job(params, progress)
+            if folder is not None:
+                print(f"Saved {folder}")
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if args.command in ("extract", "train"):
+        return run_job(args)
     if args.command == "setup":
         from .models import ensure_default_model
 

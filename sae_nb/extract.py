@@ -4,6 +4,10 @@ One forward pass reads every requested site and stops right after the last one t
 reaches, so extracting ``resid_out_layer3`` of a 30-layer model runs 4 blocks, not 30 plus the
 49k-token unembedding. Batches are right-padded with an attention mask; padding, and BOS when
 ``exclude_bos``, never reach the store or a pooled vector.
+
+Under ``torchrun`` (a process group of N > 1), each process extracts its own block of units
+into a part of the same store, and rank 0 merges the parts into a store that reads exactly like
+a single-process one (see :mod:`sae_nb.shards`).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from .corpora import Corpus, document_separator, load_corpus, pack_contexts, sen
 from .models import hf_model, max_positions, model_name
 from .sites import Site, execution_order, resolve_site
 from .io import folder_name
-from .store import INDEX_DTYPE, ActivationStore, StoreWriter
+from . import shards
+from .store import INDEX_DTYPE, ActivationStore, StoreError, StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -127,40 +132,92 @@ def extract_activations(model, run_dir: str | Path, config: ExtractConfig | None
     """Extract ``config.sites`` over ``config.corpus`` into stores under ``run_dir/activations``.
 
     Resumes a store that an earlier (possibly killed) run left behind, and extends it when
-    ``n_tokens`` grew. Keyword ``options`` override fields of ``config``.
+    ``n_tokens`` grew. Keyword ``options`` override fields of ``config``. Inside a process
+    group of several processes (``torchrun``), each extracts its own part of the units.
     """
     config = ExtractConfig(**{**(asdict(config) if config else {}), **options})
     check_ctx_len(model, config)
     sites = resolve_sites(model, config.sites)
     corpus = load_corpus(config.corpus, config.text_column)
     d_by_site = site_widths(model, sites)
+    headers = {s.name: _header(model, s, d_by_site[s.name], config) for s in sites}
+    paths = {s.name: Path(run_dir) / "activations" / folder_name(s.name) for s in sites}
+    if shards.rank_and_world()[1] > 1:
+        return _extract_sharded(model, sites, headers, paths, corpus, config, overwrite, progress)
     with contextlib.ExitStack() as locks:  # each writer locks its store until it is done
-        writers = {}
-        for site in sites:
-            header = _header(model, site, d_by_site[site.name], config)
-            path = Path(run_dir) / "activations" / folder_name(site.name)
-            writers[site.name] = locks.enter_context(StoreWriter(path, header, overwrite=overwrite))
-        units = _extract(model, sites, writers, corpus, config, progress)
+        writers = {name: locks.enter_context(StoreWriter(paths[name], headers[name],
+                                                         overwrite=overwrite))
+                   for name in paths}
+        units, per_unit, batches = _units(model, corpus, config)
+        for w in writers.values():
+            w.set_units_total(units)
+        start = min(w.done for w in writers.values())
+        _run(model, sites, writers, batches(start, units), units, per_unit, config, progress)
         for w in writers.values():
             w.finish(n_units_total=units)
     return {name: ActivationStore(w.path) for name, w in writers.items()}
 
 
-def _extract(model, sites, writers, corpus, config: ExtractConfig, progress: bool) -> int:
-    """Fill the writers' stores; returns the number of units (contexts or texts) in all."""
+def _units(model, corpus: Corpus, config: ExtractConfig):
+    """``(units, tokens per unit or None, batches(start, stop))`` of this extraction."""
     tok = model.tokenizer
     if config.mode == "tokens":
         ctx = pack_contexts(corpus, tok, config.ctx_len, -(-config.n_tokens // config.ctx_len),
                             config.seed, config.prepend_bos)
-        units, batches = len(ctx.tokens), _token_batches(ctx, config, min(w.done for w in writers.values()))
-        per_unit = config.ctx_len
-    else:
-        units, per_unit = len(corpus.texts), None
-        batches = _sentence_batches(corpus, tok, config, min(w.done for w in writers.values()))
-    for w in writers.values():
-        w.set_units_total(units)
-    _run(model, sites, writers, batches, units, per_unit, config, progress)
-    return units
+        return (len(ctx.tokens), config.ctx_len,
+                lambda start, stop: _token_batches(ctx, config, start, stop))
+    return (len(corpus.texts), None,
+            lambda start, stop: _sentence_batches(corpus, tok, config, start, stop))
+
+
+def _extract_sharded(model, sites, headers, paths, corpus, config, overwrite, progress):
+    """This process's part of a multi-process extraction; rank 0 plans and merges."""
+    rank, world = shards.rank_and_world()
+    shards.agree({"config": asdict(config), "headers": headers, "overwrite": overwrite,
+                  "stores": {k: str(p.resolve()) for k, p in paths.items()}},
+                 "extraction settings")
+    units, per_unit, batches = _units(model, corpus, config)
+    with contextlib.ExitStack() as locks:
+        mains, plan, error = {}, None, None
+        if rank == 0:  # rank 0 locks every store for the whole run and records the plan
+            try:
+                mains = {name: locks.enter_context(StoreWriter(paths[name], headers[name],
+                                                               overwrite, world_size=world))
+                         for name in paths}
+                start = min(w.done for w in mains.values())
+                plans = [shards.plan(w, start, units, config.batch_size, world)
+                         for w in mains.values()]
+                plan = (plans[0], {name: w.done for name, w in mains.items()})
+            except StoreError as err:
+                error = str(err)
+        bounds, done = shards.share(plan) or (None, None)
+        shards.gather_errors(error)
+        error = None
+        try:
+            parts = {}
+            for s in sites:
+                lo, hi = shards.part_range(bounds, rank, done[s.name])
+                if lo < hi:
+                    parts[s.name] = locks.enter_context(shards.open_part(paths[s.name],
+                                                                         headers[s.name], lo, hi))
+            mine = [s for s in sites if s.name in parts]
+            if mine:
+                start = min(w.done for w in parts.values())
+                stop = max(shards.part_range(bounds, rank, d)[1] for d in done.values())
+                _run(model, mine, parts, batches(start, stop), stop, per_unit, config,
+                     progress and rank == 0)
+                for w in parts.values():
+                    w.finish(n_units_total=int(w.manifest["units"]))
+        except StoreError as err:
+            error = str(err)
+        shards.gather_errors(error)
+        try:
+            for name, w in mains.items():  # rank 0 only
+                shards.merge(w, bounds, done[name])
+        except StoreError as err:
+            error = str(err)
+        shards.gather_errors(error)  # every process returns the merged stores
+    return {name: ActivationStore(path) for name, path in paths.items()}
 
 
 def site_widths(model, sites: list[Site]) -> dict[str, int]:
@@ -181,11 +238,11 @@ def _header(model, site: Site, d: int, config: ExtractConfig) -> dict:
             "exclude_bos": config.exclude_bos, "bos_token_id": document_separator(tok)}
 
 
-def _token_batches(ctx, config: ExtractConfig, start: int):
-    """Batches of packed contexts from unit ``start``: (first_unit, ids, mask, index, keep)."""
+def _token_batches(ctx, config: ExtractConfig, start: int, stop: int):
+    """Batches of packed contexts ``start..stop``: (first_unit, ids, mask, index, keep)."""
     sep_rows = ctx.pos == -1
-    for lo in range(start, len(ctx.tokens), config.batch_size):
-        hi = min(lo + config.batch_size, len(ctx.tokens))
+    for lo in range(start, stop, config.batch_size):
+        hi = min(lo + config.batch_size, stop)
         ids = torch.from_numpy(ctx.tokens[lo:hi].astype(np.int64))
         keep = ~(sep_rows[lo:hi]) if config.exclude_bos else np.ones_like(sep_rows[lo:hi])
         index = np.empty(ids.shape, dtype=INDEX_DTYPE)
@@ -195,8 +252,8 @@ def _token_batches(ctx, config: ExtractConfig, start: int):
         yield lo, ids, torch.ones_like(ids), index, keep
 
 
-def _sentence_batches(corpus: Corpus, tok, config: ExtractConfig, start: int):
-    texts = corpus.texts[start:]
+def _sentence_batches(corpus: Corpus, tok, config: ExtractConfig, start: int, stop: int):
+    texts = corpus.texts[start:stop]
     for rows, ids, mask in sentence_batches(texts, tok, config.batch_size, config.ctx_len,
                                             config.prepend_bos, sort_by_length=False):
         keep = mask.astype(bool)

@@ -6,6 +6,8 @@ One store per site, a folder::
     shard_00000.npy            (rows, d) activations, float16 or float32
     shard_00000.index.npy      (rows,) per-row token id, document, position, context, offset
     writer.lock                held by the one extraction writing the store; names it
+    parts/part_<lo>_<hi>/      a multi-process extraction's part (units lo..hi), itself a store;
+                               the merged manifest lists its shards as ``parts/<part>/shard_*``
 
 A shard is written to a temporary name and renamed into place; the manifest is rewritten the
 same way after each shard. Readers trust only the manifest, so a killed extraction leaves
@@ -18,6 +20,7 @@ manifest records each shard file's SHA-256: a resumed extraction checks them, an
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +37,7 @@ STORE_FORMAT = "sae_nb.activation_store"
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK_FILE = "writer.lock"  # held (flock) by the one writer of a store; names it
+PARTS = "parts"  # sub-folder of the parts a multi-process extraction writes (sae_nb/shards.py)
 # Per row: the token id (-1 in sentence mode), its document and position in the document's
 # tokens, and the context (token mode) or sentence (sentence mode) it belongs to, with its
 # offset inside that context (-1 in sentence mode).
@@ -67,25 +71,32 @@ class StoreWriter:
 
     A writer holds the store's lock from its creation to :meth:`finish` or :meth:`close` (or
     its process's end): a second writer of the same store gets a StoreError naming the first.
+
+    ``first_unit`` is where a new store's units start (a part of a multi-process extraction
+    holds units ``first_unit..``); ``world_size`` is the number of processes extracting: a store
+    that an extraction on another number of processes left unfinished is refused.
     """
 
-    def __init__(self, path: str | Path, header: dict[str, Any], overwrite: bool = False):
+    def __init__(self, path: str | Path, header: dict[str, Any], overwrite: bool = False,
+                 first_unit: int = 0, world_size: int = 1):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self._lock = _lock_store(self.path)  # before anything is read, deleted or written
         try:
-            self._open(header, overwrite)
+            self._open(header, overwrite, first_unit, world_size)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, header: dict[str, Any], overwrite: bool) -> None:
+    def _open(self, header: dict[str, Any], overwrite: bool, first_unit: int,
+              world_size: int) -> None:
         for stale in self.path.glob(f"*{TMP_SUFFIX}"):  # leftovers of a killed write
             stale.unlink()
         old = self.path / MANIFEST
         if old.exists() and not overwrite:
-            self.manifest = _read_manifest(self.path)
+            self.manifest = read_manifest(self.path)
             _check_identity(self.path, self.manifest, header)
+            _check_world_size(self.path, self.manifest, world_size)
             if not self.manifest["complete"]:  # a resume: appending would hide damaged shards
                 damaged = damaged_files(self.path, self.manifest)
                 if damaged:
@@ -95,8 +106,10 @@ class StoreWriter:
         else:
             for shard in self.path.glob("shard_*.npy"):
                 shard.unlink()
+            shutil.rmtree(self.path / PARTS, ignore_errors=True)
             self.manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, **header,
-                             "rows": 0, "units": 0, "complete": False, "shards": []}
+                             "rows": 0, "units": int(first_unit), "complete": False,
+                             "shards": []}
             self._write_manifest()
 
     def close(self) -> None:
@@ -137,6 +150,15 @@ class StoreWriter:
         self.manifest["n_units_total"] = int(units)
         self._write_manifest()
 
+    def record(self, **fields: Any) -> None:
+        """Set manifest fields (None removes one) and write the manifest."""
+        for key, value in fields.items():
+            if value is None:
+                self.manifest.pop(key, None)
+            else:
+                self.manifest[key] = value
+        self._write_manifest()
+
     def finish(self, **extra: Any) -> None:
         """Mark the store complete and release its lock."""
         self.manifest.update(extra, complete=True)
@@ -148,7 +170,7 @@ class StoreWriter:
         atomic_write_bytes(self.path / MANIFEST, data)
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def read_manifest(path: Path) -> dict[str, Any]:
     file = path / MANIFEST
     if not file.exists():
         raise StoreError(f"No activation store at {str(path)!r} (no {MANIFEST}). Run notebook 01 "
@@ -164,6 +186,22 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise StoreError(f"Store {str(path)!r} has format version {manifest['version']}; this "
                          f"sae_nb reads up to {STORE_VERSION}. Upgrade sae_nb.")
     return manifest
+
+
+def _check_world_size(path: Path, manifest: dict, world_size: int) -> None:
+    """Refuse to resume an extraction that another number of processes left unfinished: its
+    parts split the units for that number (``pending``), a single process leaves none."""
+    if manifest["complete"]:
+        return
+    before = int(manifest.get("pending", {}).get("world_size", 1))
+    if before != world_size:
+        how = ("with a single process (python -m sae_nb extract, or notebook 01)" if before == 1
+               else f"on {before} processes (torchrun --nproc_per_node {before} -m sae_nb "
+                    f"extract ...)")
+        raise StoreError(f"The store at {str(path)!r} holds an extraction that {before} "
+                         f"process(es) left unfinished; this one runs on {world_size}. Resume it "
+                         f"{how} with the same settings, or pass overwrite=True (--overwrite) to "
+                         f"extract it afresh.")
 
 
 def _check_identity(path: Path, manifest: dict, header: dict) -> None:
@@ -200,6 +238,21 @@ def _incomplete_message(path: Path, manifest: dict) -> tuple[str, str]:
     what to do about it."""
     unit = "contexts" if manifest["mode"] == "tokens" else "texts"
     rows, done, total = manifest["rows"], manifest["units"], manifest.get("n_units_total")
+    pending = manifest.get("pending")
+    if pending:  # a multi-process extraction: its parts hold the rows until the merge
+        n = int(pending["world_size"])
+        parts = [read_manifest(f.parent) for f in sorted((path / PARTS).glob(f"*/{MANIFEST}"))]
+        got = (f"{sum(p['rows'] for p in parts):,} rows in the parts of its {n} processes, "
+               f"{sum(p['units'] - p['shards'][0]['units'][0] for p in parts if p['shards']):,}"
+               f" of {pending['units_total']:,} {unit}; the store lists {rows:,} rows until "
+               f"the parts are merged")
+        if lock_holder(path / LOCK_FILE):
+            return (f"The store at {str(path)!r} is still being written by {n} processes; "
+                    f"{got}.", "Wait for it to finish.")
+        return (f"The store at {str(path)!r} is incomplete: its extraction on {n} processes "
+                f"stopped with {got}.", f"Finish it by running the same extraction again on "
+                f"{n} processes (torchrun --nproc_per_node {n} -m sae_nb extract ...): each "
+                f"resumes its part. Or pass allow_partial=True to use the merged rows only.")
     if total:
         about = f" (about {round(rows * total / done):,} rows when complete)" if done else ""
         got = f"{rows:,} rows from {done:,} of {total:,} {unit}{about}"
@@ -225,7 +278,7 @@ class ActivationStore:
 
     def __init__(self, path: str | Path, allow_partial: bool = False):
         self.path = Path(path)
-        self.manifest = _read_manifest(self.path)
+        self.manifest = read_manifest(self.path)
         if not self.manifest["complete"]:
             state, advice = _incomplete_message(self.path, self.manifest)
             if not allow_partial:
@@ -413,9 +466,10 @@ def store_folders(run_dir: str | Path) -> dict[str, Path]:
     folders = {}
     for folder in sorted(root.glob("*")):
         if (folder / MANIFEST).exists():
-            folders[str(_read_manifest(folder)["site"])] = folder
+            folders[str(read_manifest(folder)["site"])] = folder
     if not folders:
-        raise StoreError(f"No activation stores under {str(root)!r}. Run notebook 01 first.")
+        raise StoreError(f"No activation stores under {str(root)!r}. Run notebook 01 first, or "
+                         f"python -m sae_nb extract --run-dir {str(Path(run_dir))!r} ...")
     return folders
 
 
