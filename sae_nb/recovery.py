@@ -42,6 +42,7 @@ from scipy.stats import beta
 
 from .dictionary import Dictionary
 from .synthetic import Lab
+from .uncertainty import resample_weights
 
 
 def unit_rows(matrix) -> np.ndarray:
@@ -159,29 +160,46 @@ def shrinkage(acts, recon, center=None) -> float:
     return float((nr[keep] / nx[keep]).mean())
 
 
+def absorption_rows(latents, codes, parent: np.ndarray, latent_of: np.ndarray,
+                    threshold: float = 0.0) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """The (parent, child) pairs of the hierarchy ``parent`` and four ``(N, pairs)`` boolean
+    row masks: ``both`` (parent and child fire), ``both_silent`` (and the parent's latent is
+    silent), ``alone`` (the parent fires, none of its children) and ``alone_silent``."""
+    a, t = _as_sparse(latents), _as_sparse(codes)
+    pairs, masks = [], {k: [] for k in ("both", "both_silent", "alone", "alone_silent")}
+    for par in np.unique(parent[parent >= 0]):
+        kids = np.nonzero(parent == par)[0]
+        on_par = (t[:, par] > 0).toarray().ravel()
+        alone = on_par & ~(np.asarray((t[:, kids] > 0).sum(1)).ravel() > 0)
+        lat = latent_of[par]
+        silent = ~((a[:, lat] > threshold).toarray().ravel()) if lat >= 0 else np.ones_like(on_par)
+        for kid in kids:
+            both = on_par & (t[:, kid] > 0).toarray().ravel()
+            pairs.append({"parent": int(par), "child": int(kid), "parent_latent": int(lat)})
+            for key, mask in (("both", both), ("both_silent", both & silent), ("alone", alone),
+                              ("alone_silent", alone & silent)):
+                masks[key].append(mask)
+    n = t.shape[0]
+    return (pd.DataFrame(pairs, columns=["parent", "child", "parent_latent"]),
+            {k: np.stack(v, 1) if v else np.zeros((n, 0), bool) for k, v in masks.items()})
+
+
+def _rates(masks: dict[str, np.ndarray], w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pair, with row weights ``w``: (absorbed, missed_alone) rates, NaN with no rows."""
+    sums = {k: w @ m for k, m in masks.items()}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums["both_silent"] / sums["both"], sums["alone_silent"] / sums["alone"]
+
+
 def absorption(latents, codes, parent: np.ndarray, latent_of: np.ndarray,
                threshold: float = 0.0) -> pd.DataFrame:
     """One row per (parent, child) pair of the hierarchy ``parent`` (``parent[child]``, -1 for
     none): ``absorbed`` = P(parent's latent silent | parent and child fire), beside
     ``missed_alone`` = P(parent's latent silent | parent fires, none of its children does)."""
-    a, t = _as_sparse(latents), _as_sparse(codes)
-    rows = []
-    for par in np.unique(parent[parent >= 0]):
-        kids = np.nonzero(parent == par)[0]
-        on_par = (t[:, par] > 0).toarray().ravel()
-        any_kid = np.asarray((t[:, kids] > 0).sum(1)).ravel() > 0
-        lat = latent_of[par]
-        silent = ~((a[:, lat] > threshold).toarray().ravel()) if lat >= 0 else np.ones_like(on_par)
-        alone = on_par & ~any_kid
-        missed = float(silent[alone].mean()) if alone.any() else np.nan
-        for kid in kids:
-            both = on_par & (t[:, kid] > 0).toarray().ravel()
-            rows.append({"parent": int(par), "child": int(kid), "parent_latent": int(lat),
-                         "rows": int(both.sum()),
-                         "absorbed": float(silent[both].mean()) if both.any() else np.nan,
-                         "missed_alone": missed})
-    return pd.DataFrame(rows, columns=["parent", "child", "parent_latent", "rows", "absorbed",
-                                       "missed_alone"])
+    pairs, masks = absorption_rows(latents, codes, parent, latent_of, threshold)
+    absorbed, missed = _rates(masks, np.ones(masks["both"].shape[0]))
+    return pairs.assign(rows=masks["both"].sum(0).astype(int), absorbed=absorbed,
+                        missed_alone=missed)
 
 
 @dataclass
@@ -191,44 +209,110 @@ class Recovery:
     absorption: pd.DataFrame  # one row per planted (parent, child) pair
 
 
-def score_recovery(dictionary: Dictionary, lab: Lab, rows=None, threshold: float | None = None,
-                   batch_size: int = 4096) -> Recovery:
-    """Every recovery score of ``dictionary`` against ``lab`` on ``rows`` of it (a slice or
-    index array, e.g. the held-out rows; all by default). A latent fires where activation x
-    decoder norm exceeds ``threshold`` (None: 1% of ``lab.config.magnitude_mean``)."""
+def _evaluate(dictionary: Dictionary, lab: Lab, rows, threshold: float | None,
+              batch_size: int) -> dict:
+    """Codes, reconstructions and both matchings of ``dictionary`` on ``rows`` of ``lab``."""
     pick = np.arange(len(lab.acts))[rows] if rows is not None else np.arange(len(lab.acts))
     acts, codes = lab.acts[pick], lab.codes[pick]
     latents, recon = latent_codes(dictionary, acts, batch_size)
     cos = cosine_matrix(dictionary.W_dec, lab.directions)  # (m, n)
     corr = correlation_matrix(latents, codes)  # (m, n)
     n = lab.directions.shape[0]
-    latent_of = np.full(n, -1)
+    latent_of, by_corr = np.full(n, -1), np.full(n, -1)  # by decoder, by correlation
     r, c = hungarian(cos)
     latent_of[c] = r
-    by_corr = np.full(n, -1)
-    r2, c2 = hungarian(corr)
-    by_corr[c2] = r2
+    r, c = hungarian(corr)
+    by_corr[c] = r
     if threshold is None:
         threshold = 0.01 * lab.config.magnitude_mean
     norms = dictionary.W_dec.detach().cpu().double().norm(dim=1).numpy()  # (m,)
     contrib = (latents @ sp.diags(norms)).tocsr()  # (N, m) each latent's reconstruction norm
-    det = detection(contrib, codes, latent_of, threshold)
+    return {"acts": acts, "codes": codes, "latents": latents, "recon": recon, "cos": cos,
+            "corr": corr, "latent_of": latent_of, "by_corr": by_corr, "contrib": contrib,
+            "threshold": threshold}
+
+
+def score_recovery(dictionary: Dictionary, lab: Lab, rows=None, threshold: float | None = None,
+                   batch_size: int = 4096) -> Recovery:
+    """Every recovery score of ``dictionary`` against ``lab`` on ``rows`` of it (a slice or
+    index array, e.g. the held-out rows; all by default). A latent fires where activation x
+    decoder norm exceeds ``threshold`` (None: 1% of ``lab.config.magnitude_mean``)."""
+    e = _evaluate(dictionary, lab, rows, threshold, batch_size)
+    acts, codes, latents, recon, cos = e["acts"], e["codes"], e["latents"], e["recon"], e["cos"]
+    latent_of, by_corr, n = e["latent_of"], e["by_corr"], lab.directions.shape[0]
+    det = detection(e["contrib"], codes, latent_of, e["threshold"])
     feats = pd.DataFrame({"feature": np.arange(n), "probability": lab.probabilities,
                           "parent": lab.parent, "latent": latent_of,
                           "cosine": np.where(latent_of >= 0, cos[latent_of, np.arange(n)], 0.0),
                           "max_cosine": cos.max(0), "latent_by_corr": by_corr,
-                          "correlation": np.where(by_corr >= 0, corr[by_corr, np.arange(n)], 0.0)})
+                          "correlation": np.where(by_corr >= 0, e["corr"][by_corr, np.arange(n)], 0.0)})
     feats = pd.concat([feats, det], axis=1)
-    absorbed = absorption(contrib, codes, lab.parent, latent_of, threshold)
-    err = ((acts - recon) ** 2).sum()
+    absorbed = absorption(e["contrib"], codes, lab.parent, latent_of, e["threshold"])
+    x = acts.astype(np.float64)
+    err = ((x - recon) ** 2).sum()
     summary = {"mcc": float(feats["correlation"].sum() / n), "mean_max_cos": float(cos.max(0).mean()),
                "hungarian_cos": float(feats["cosine"].sum() / n),
                "precision": float(det["precision"].mean()), "recall": float(det["recall"].mean()),
                "f1": float(det["f1"].mean()), "shrinkage": shrinkage(acts, recon, lab.bias),
                "absorption": float(absorbed["absorbed"].mean()) if len(absorbed) else np.nan,
                "missed_alone": float(absorbed["missed_alone"].mean()) if len(absorbed) else np.nan,
-               "fvu": float(err / ((acts - acts.mean(0)) ** 2).sum()),
+               "fvu": float(err / ((x - x.mean(0)) ** 2).sum()),
                "l0": float(latents.getnnz(axis=1).mean()),
                "dead_frac": float((latents.getnnz(axis=0) == 0).mean()),
                "chance_max_cos": expected_max_cosine(lab.config.d, dictionary.d_sae)}
     return Recovery(summary, feats, absorbed)
+
+
+def _matched(matrix, columns: np.ndarray) -> sp.csc_matrix:
+    """``matrix[:, columns]`` as sparse, with a zero column where ``columns`` is -1."""
+    m = _as_sparse(matrix)[:, np.maximum(columns, 0)]
+    return (m @ sp.diags((columns >= 0).astype(np.float64))).tocsc()
+
+
+def recovery_intervals(dictionary: Dictionary, lab: Lab, rows=None, n_resamples: int = 200,
+                       level: float = 0.95, seed: int = 0, groups=None,
+                       threshold: float | None = None, batch_size: int = 4096) -> pd.DataFrame:
+    """Bootstrap intervals of MCC, precision, recall, F1, shrinkage, absorption and FVU over
+    resamples of ``rows`` (or of whole ``groups`` of them, e.g. the store's contexts), the two
+    matchings found once on all the rows and held fixed (the interval is the evaluation noise
+    of these scores, not of the matching; FVU's variance is taken about the mean of all the
+    rows). One row per metric: estimate, low, high."""
+    e = _evaluate(dictionary, lab, rows, threshold, batch_size)
+    n_rows, n = e["acts"].shape[0], lab.directions.shape[0]
+    a, t = _matched(e["latents"], e["by_corr"]).astype(np.float64), _as_sparse(e["codes"]).astype(np.float64)
+    parts = {"a": a, "t": t, "aa": a.multiply(a).tocsc(), "tt": t.multiply(t).tocsc(),
+             "at": a.multiply(t).tocsc()}
+    fire = (_matched(e["contrib"], e["latent_of"]) > e["threshold"]).astype(np.float64)
+    on = (t > 0).astype(np.float64)
+    parts.update(fire=fire, on=on, hit=fire.multiply(on).tocsc())
+    x, c = e["acts"].astype(np.float64), lab.bias.astype(np.float64)
+    nx, nr = np.linalg.norm(x - c, axis=1), np.linalg.norm(e["recon"] - c, axis=1)
+    ratio = np.divide(nr, nx, out=np.zeros_like(nr), where=nx > 1e-12)
+    err, dev = ((x - e["recon"]) ** 2).sum(1), ((x - x.mean(0)) ** 2).sum(1)
+    _, masks = absorption_rows(e["contrib"], e["codes"], lab.parent, e["latent_of"], e["threshold"])
+    masks = {k: m.astype(np.float64) for k, m in masks.items()}
+
+    def scores(w: np.ndarray) -> dict[str, float]:
+        s = {k: v.T @ w for k, v in parts.items()}
+        W = w.sum()
+        cov = s["at"] / W - s["a"] * s["t"] / W ** 2
+        var = (s["aa"] / W - (s["a"] / W) ** 2) * (s["tt"] / W - (s["t"] / W) ** 2)
+        corr = np.divide(cov, np.sqrt(np.maximum(var, 0)), out=np.zeros(n), where=var > 1e-24)
+        prec = np.divide(s["hit"], s["fire"], out=np.zeros(n), where=s["fire"] > 0)
+        rec = np.divide(s["hit"], s["on"], out=np.zeros(n), where=s["on"] > 0)
+        f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros(n), where=prec + rec > 0)
+        absorbed, missed = _rates(masks, w)
+        nan_mean = lambda v: float(np.nanmean(v)) if np.isfinite(v).any() else np.nan  # noqa: E731
+        return {"mcc": float(corr.sum() / n), "precision": float(prec.mean()),
+                "recall": float(rec.mean()), "f1": float(f1.mean()),
+                "shrinkage": float(w[nx > 1e-12] @ ratio[nx > 1e-12] / w[nx > 1e-12].sum()),
+                "absorption": nan_mean(absorbed), "missed_alone": nan_mean(missed),
+                "fvu": float(w @ err / (w @ dev))}
+
+    rng = np.random.default_rng(seed)
+    draws = pd.DataFrame([scores(w) for w in resample_weights(n_rows, n_resamples, rng, groups)])
+    estimate = scores(np.ones(n_rows))
+    lo, hi = draws.quantile((1 - level) / 2), draws.quantile((1 + level) / 2)
+    return pd.DataFrame({"metric": list(estimate), "estimate": list(estimate.values()),
+                         "low": lo[list(estimate)].to_numpy(), "high": hi[list(estimate)].to_numpy(),
+                         "level": level, "resamples": n_resamples})

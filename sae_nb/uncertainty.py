@@ -80,6 +80,14 @@ def resample_indices(n: int, n_resamples: int, rng: np.random.Generator,
         yield np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
 
 
+def resample_weights(n: int, n_resamples: int, rng: np.random.Generator,
+                     groups=None) -> Iterable[np.ndarray]:
+    """The resamples of :func:`resample_indices` as ``(n,)`` counts, how often each row was
+    drawn: a metric made of sums over rows takes them as weights instead of copying rows."""
+    for idx in resample_indices(n, n_resamples, rng, groups):
+        yield np.bincount(idx, minlength=n).astype(np.float64)
+
+
 def bootstrap_interval(metric: Callable[..., float], *arrays, n_resamples: int = 1000,
                        level: float = 0.95, seed: int = 0, groups=None) -> Interval:
     """The percentile bootstrap interval of ``metric(*arrays)``, resampling the arrays' rows

@@ -12,8 +12,9 @@ import torch
 
 from sae_nb.dictionary import TopKSAE
 from sae_nb.recovery import (absorption, correlation_matrix, cosine_matrix, detection,
-                             expected_max_cosine, hungarian, hungarian_cosine, matched_mean, mcc,
-                             mean_max_cosine, score_recovery, shrinkage)
+                             expected_max_cosine, hungarian, hungarian_cosine, latent_codes,
+                             matched_mean, mcc, mean_max_cosine, recovery_intervals,
+                             score_recovery, shrinkage)
 from sae_nb.synthetic import make_lab
 from sae_nb.train import train_dictionary
 
@@ -193,3 +194,35 @@ def test_plain_topk_absorbs_a_planted_hierarchy():
     rec = score_recovery(res.dictionary, lab)
     ab = rec.absorption
     assert ab["absorbed"].mean() > 0.25 and ab["absorbed"].mean() > 3 * ab["missed_alone"].mean(), ab
+
+
+
+def test_recovery_intervals_agree_with_the_scores_and_with_copied_rows():
+    """The estimates are score_recovery's; one resample (n_resamples=1: low = high = its score)
+    equals scoring the drawn rows copied as often as drawn, with the matchings of all rows."""
+    lab = make_lab(rows=2000, n_features=24, d=16, mean_l0=3.0, n_parents=2,
+                   children_per_parent=3, noise_std=0.05, seed=8)
+    sae = TopKSAE(16, 48, k=4)
+    torch.nn.init.normal_(sae.b_enc, std=0.1)
+    rec = score_recovery(sae, lab)
+    iv = recovery_intervals(sae, lab, n_resamples=50, groups=np.arange(2000) // 50).set_index("metric")
+    for key in ("mcc", "precision", "recall", "f1", "shrinkage", "absorption", "missed_alone", "fvu"):
+        assert iv.loc[key, "estimate"] == pytest.approx(rec.summary[key], rel=1e-9, abs=1e-12), key
+        assert iv.loc[key, "low"] <= iv.loc[key, "estimate"] <= iv.loc[key, "high"], key
+    assert (iv["high"] > iv["low"]).all()
+    one = recovery_intervals(sae, lab, n_resamples=1, seed=5).set_index("metric")
+    idx = np.random.default_rng(5).integers(0, 2000, 2000)  # the draw resample_indices makes
+    latents, recon = latent_codes(sae, lab.acts[idx])
+    codes = lab.codes[idx]
+    f = rec.features
+    corr = correlation_matrix(latents, codes)
+    norms = sae.W_dec.detach().double().norm(dim=1).numpy()
+    det = detection(latents @ sp.diags(norms), codes, f["latent"].to_numpy(), 0.01)
+    ab = absorption(latents @ sp.diags(norms), codes, lab.parent, f["latent"].to_numpy(), 0.01)
+    x = lab.acts[idx].astype(np.float64)
+    want = {"mcc": corr[f["latent_by_corr"], np.arange(24)].mean(), "f1": det["f1"].mean(),
+            "recall": det["recall"].mean(), "absorption": ab["absorbed"].mean(),
+            "shrinkage": shrinkage(lab.acts[idx], recon, lab.bias),
+            "fvu": ((x - recon) ** 2).sum() / ((x - lab.acts.mean(0)) ** 2).sum()}
+    for key, value in want.items():
+        assert one.loc[key, "low"] == pytest.approx(value, rel=1e-6), key
