@@ -30,6 +30,10 @@ against firing: a row matching the rule scores its item's smoothed training firi
 other row scores 0; ties count one half (Mann-Whitney). So the AUROC of a one-item rule is that
 of its yes/no prediction, (TPR + TNR) / 2; a longer rule gains by ranking reliable items first.
 
+Not a kind: "a token anywhere in the last w tokens". On the shipped dictionary (100k tokens of
+its store) the best such single-token rule beat a latent's rule by more than 0.05 held-out F1 for
+31, 21 and 14 of 4,608 latents at w = 4, 8, 16 (median F1 0.13, 0.10, 0.08).
+
 **Control** (``rule:control`` rows): each latent with a rule is scored with the rule of another
 one, drawn by a seeded random cycle over them; it should score near chance.
 """
