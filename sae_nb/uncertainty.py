@@ -207,3 +207,41 @@ def compare_paired(name: str, metric: Callable[..., float], per_row: dict[str, l
                      "low": d.low, "high": d.high,
                      "verdict": _verdict(a, b, d.estimate, d.contains(0.0), higher_is_better)})
     return pd.DataFrame(rows)
+
+
+def per_row_reconstruction(dictionary, acts, batch_size: int = 4096) -> dict[str, np.ndarray]:
+    """Per held-out row of ``acts`` ``(N, D)``: ``err`` the squared reconstruction error,
+    ``dev`` the squared deviation from the rows' mean and ``l0`` the active latents, the
+    pieces :func:`reconstruction_intervals` (and :func:`paired_difference`) resample."""
+    import torch
+
+    x_all = torch.as_tensor(np.asarray(acts, dtype=np.float32))
+    device = next(dictionary.parameters()).device
+    mean = x_all.double().mean(0)
+    out = {"err": [], "dev": [], "l0": []}
+    with torch.no_grad():
+        for x in x_all.split(batch_size):
+            f, x_hat = dictionary.encode_and_reconstruct(x.to(device))
+            out["err"].append((x.double() - x_hat.double().cpu()).pow(2).sum(1).numpy())
+            out["dev"].append((x.double() - mean).pow(2).sum(1).numpy())
+            out["l0"].append((f != 0).sum(1).cpu().numpy().astype(np.float64))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def fvu_of(err: np.ndarray, dev: np.ndarray) -> float:
+    """The fraction of variance unexplained from per-row pieces: sum(err) / sum(dev)."""
+    return float(err.sum() / dev.sum())
+
+
+def reconstruction_intervals(dictionary, acts, groups=None, n_resamples: int = 1000,
+                             level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Bootstrap intervals of a dictionary's FVU and L0 over its held-out rows ``acts`` (or
+    whole ``groups`` of them: pass the rows' context ids, as tokens of one context are
+    correlated). One row per metric: estimate, low, high."""
+    rows = per_row_reconstruction(dictionary, acts)
+    found = {"fvu": bootstrap_interval(fvu_of, rows["err"], rows["dev"], n_resamples=n_resamples,
+                                       level=level, seed=seed, groups=groups),
+             "l0": bootstrap_interval(np.mean, rows["l0"], n_resamples=n_resamples,
+                                      level=level, seed=seed, groups=groups)}
+    return pd.DataFrame([{"metric": k, "estimate": v.estimate, "low": v.low, "high": v.high,
+                          "level": level, "method": v.method} for k, v in found.items()])

@@ -9,8 +9,9 @@ import pytest
 from scipy import stats
 
 from sae_nb.uncertainty import (Interval, UncertaintyError, bootstrap_interval, compare,
-                                compare_paired, paired_difference, resample_indices,
-                                seed_interval, summarize)
+                                compare_paired, fvu_of, paired_difference,
+                                per_row_reconstruction, reconstruction_intervals,
+                                resample_indices, seed_interval, summarize)
 
 
 def ratio(e, v):
@@ -126,3 +127,23 @@ def test_interval_basics():
     assert str(iv) == "0.5 [0.4, 0.6]"
     with pytest.raises(UncertaintyError, match="length"):
         bootstrap_interval(ratio, np.ones(5), np.ones(4))
+
+
+def test_reconstruction_intervals_of_a_dictionary():
+    import torch
+
+    from sae_nb.dictionary import TopKSAE
+
+    torch.manual_seed(0)
+    sae = TopKSAE(8, 32, k=3)
+    x = torch.randn(600, 8) + 1.0
+    rows = per_row_reconstruction(sae, x, batch_size=128)
+    with torch.no_grad():
+        x_hat = sae(x)
+    fvu = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
+    assert fvu_of(rows["err"], rows["dev"]) == pytest.approx(fvu, rel=1e-5)
+    assert (rows["l0"] <= 3).all() and len(rows["l0"]) == 600
+    table = reconstruction_intervals(sae, x, groups=np.arange(600) // 20, n_resamples=200)
+    fvu_row = table.set_index("metric").loc["fvu"]
+    assert fvu_row.estimate == pytest.approx(fvu, rel=1e-5)
+    assert fvu_row.low < fvu < fvu_row.high and fvu_row.method == "bootstrap (groups)"
