@@ -2,10 +2,10 @@
 
 For each latent the prompt shows its strongest contexts and contexts sampled from each
 activation interval (notebook 06's :class:`~sae_nb.features.FeatureStats`), with the tokens
-where the latent fires marked ``<<like this>>``, and the model names what they share. A small
-model (the embedded SmolLM2-135M) gets a few-shot *completion* prompt (``Marked words: ... /
-Theme: ...``): asked in a chat it writes nonsense. A capable model behind an endpoint gets a
-chat instruction (``backend.chat``). See EleutherAI's delphi (Paulo et al. 2024, "Automatically
+where the latent fires marked ``<<like this>>``, and the model names what they share: the chat
+instruction for a capable model (``backend.chat``, e.g. behind an endpoint). A small model
+(the embedded SmolLM2-135M) gets a few-shot *completion* prompt over the marked words of those
+contexts (``Marked words: ... / Theme: ...``): asked in a chat it writes nonsense. See EleutherAI's delphi (Paulo et al. 2024, "Automatically
 Interpreting Millions of Features in Large Language Models").
 
 Results are rows of the explanation table (``latent, method, explanation, score, score_name,
@@ -114,27 +114,22 @@ def explanation_windows(store: ActivationStore, dictionary: Dictionary, stats, l
 
 
 # -- prompts ----------------------------------------------------------------------------------
-# Solved examples for the few-shot completion prompt. Their themes avoid everyday words a
-# small model would copy onto an unrelated latent.
-FEW_SHOT = (
-    (["the income <<tax>> rate", "cut <<taxes>> for families", "a <<tax>> on imports"],
-     ["tax", "taxes"], "taxes"),
-    (["on <<Monday>> morning", "in <<March>> of last year", "since <<1990>>, the"],
-     ["Monday", "March", "1990"], "dates and times"),
-    (["we will <<not>> accept", "<<never>> again will", "there is <<no>> doubt"],
-     ["not", "never", "no"], "negation"),
-)
+# Solved examples for the few-shot completion prompt. Five unlike themes: with three, the 135M
+# model copied one onto unrelated latents ("animals" for the Pacific railways, the Philippines).
+FEW_SHOT = (("tax, taxes, tariff", "taxes"), ("Monday, March, 1990", "dates"),
+            ("not, never, no", "negation"), ("France, England, Mexico", "countries"),
+            ("would, could, might", "modal verbs"))
 
 
 def completion_prompt(windows: Sequence[dict], words: Sequence[str]) -> str:
-    """The few-shot completion prompt for small models; the reply completes ``Theme:``."""
-    blocks = ["Each block shows text snippets with marked words and names the theme the marked "
-              "words share, in one to three words."]
-    for snippets, example_words, theme in FEW_SHOT:
-        blocks.append(f"Snippets: {' | '.join(snippets)}\nMarked words: "
-                      f"{', '.join(example_words)}\nTheme: {theme}")
-    snippets = " | ".join(marked_text(w) for w in windows)
-    blocks.append(f"Snippets: {snippets}\nMarked words: {', '.join(words)}\nTheme:")
+    """The few-shot completion prompt for small models; the reply completes ``Theme:``.
+
+    It lists the marked words only: with the marked snippets too, the 135M model's labels were
+    no better (4 hand-checked latents) and the prompt three times longer. ``windows`` are
+    unused here and kept for the signature shared with :func:`chat_prompt`."""
+    blocks = ["Each block names the theme that the marked words share."]
+    blocks += [f"Marked words: {w}\nTheme: {t}" for w, t in FEW_SHOT]
+    blocks.append(f"Marked words: {', '.join(words)}\nTheme:")
     return "\n\n".join(blocks)
 
 

@@ -179,40 +179,34 @@ def test_auroc_closed_forms_and_against_sklearn():
     assert balanced_accuracy([1, 1, -1], [-1, 1]) == pytest.approx((2 / 3 + 1 / 2) / 2)
 
 
-def test_prompt_shows_the_top_contexts_with_marked_tokens(store, dictionary, stats, tokenizer):
+def test_prompts_show_the_marked_tokens_of_the_top_contexts(store, dictionary, stats,
+                                                           tokenizer):
     seen = []
 
     class Echo(Oracle):
         def complete(self, prompt, max_tokens=32, stop=("\n",)):
             seen.append(prompt)
-            return "letters"
+            return "Explanation: the letter z" if self.chat else "letters"
 
-    table = llm_explanations(store, dictionary, stats, [0], tokenizer, backend=Echo())
-    prompt = seen[0]
-    assert prompt.endswith("Marked words: z\nTheme:")
-    snippets = last_field(prompt, "Snippets").split(" | ")
-    windows = explanation_windows(store, dictionary, stats, 0, tokenizer, ExplainSettings())
-    assert len(snippets) == len(windows) >= 8  # the 8 top rows, then interval samples
-    assert all("<<z>>" in s for s in snippets)
-    assert not any(re.search(r"<<[^z]", s) for s in snippets)  # nothing else marked
-    assert table.loc[0, ["latent", "method", "explanation", "error"]].tolist() == [
-        0, "llm", "letters", ""]
-    assert math.isnan(table.loc[0, "score"])
-
-
-def test_chat_backends_get_an_instruction(store, dictionary, stats, tokenizer):
-    seen = []
-
-    class Chat(Oracle):
+    class Chat(Echo):
         chat = True
 
-        def complete(self, prompt, max_tokens=32, stop=("\n",)):
-            seen.append(prompt)
-            return "Explanation: the letter z"
-
-    table = llm_explanations(store, dictionary, stats, [0], tokenizer, backend=Chat())
-    assert "marked <<like this>>" in seen[0] and "Theme:" not in seen[0]
-    assert table.loc[0, "explanation"] == "the letter z"
+    small = llm_explanations(store, dictionary, stats, [0, 1], tokenizer, backend=Echo())
+    big = llm_explanations(store, dictionary, stats, [0], tokenizer, backend=Chat())
+    # the few-shot completion prompt lists the marked words (latent 1: digits, most frequent
+    # first), the chat instruction each context with its firing tokens marked
+    assert seen[0].endswith("Marked words: z\nTheme:")
+    digits = last_field(seen[1], "Marked words").split(", ")
+    assert sorted(digits) == ["0", "1", "2", "4", "9"]  # of 1990, 2024, 42
+    windows = explanation_windows(store, dictionary, stats, 0, tokenizer, ExplainSettings())
+    excerpts = re.findall(r"^\d+\. (.*)$", seen[2], flags=re.MULTILINE)
+    assert "marked <<like this>>" in seen[2] and "Theme:" not in seen[2]
+    assert len(excerpts) == len(windows) >= 8  # the 8 top rows, then interval samples
+    assert all("<<z>>" in e for e in excerpts)
+    assert not any(re.search(r"<<[^z]", e) for e in excerpts)  # nothing else marked
+    assert small.loc[0, ["latent", "method", "explanation", "error"]].tolist() == [
+        0, "llm", "letters", ""]
+    assert math.isnan(small.loc[0, "score"]) and big.loc[0, "explanation"] == "the letter z"
 
 
 # -- scoring ----------------------------------------------------------------------------------
@@ -459,15 +453,13 @@ def test_minilm_ranks_date_contexts_above_others():
 
 
 @pytest.mark.slow
-def test_the_embedded_model_names_a_token_latent():
-    backend = LocalBackend()  # the embedded SmolLM2-135M-Instruct
-    windows = [{"tokens": t.split("|"), "acts": [float(s.strip() == "tax") for s in t.split("|")]}
-               for t in ["we| cut| the| tax| on| wages", "a| new| tax| on| steel",
-                         "the| tax| rate| for| families", "raise| the| tax| on| income"]]
+def test_the_embedded_model_names_a_war_latent():
     from sae_nb.autointerp import completion_prompt
 
-    reply = backend.complete(completion_prompt(windows, ["tax"]), max_tokens=8)
-    assert "tax" in parse_explanation(reply).lower()
+    backend = LocalBackend()  # the embedded SmolLM2-135M-Instruct
+    reply = backend.complete(completion_prompt([], ["war", "army", "battle", "troops"]),
+                             max_tokens=8)
+    assert "war" in parse_explanation(reply).lower()
     logp = backend.choice_logprobs(["Description: taxes\nText: we cut the tax on wages\n"
                                     "Matches:"], [" Yes", " No"])
-    assert logp.shape == (1, 2) and np.isfinite(logp).all()
+    assert logp.shape == (1, 2) and np.isfinite(logp).all() and (logp < 0).all()
