@@ -19,6 +19,7 @@ it per latent and go on.
 
 from __future__ import annotations
 
+import copy
 import json
 import socket
 import urllib.error
@@ -76,6 +77,7 @@ class LocalBackend(Backend):
     """
 
     supports_logprobs = True
+    prefix_cache = True  # run the prompts' shared prefix once (False: every prompt in full)
 
     def __init__(self, model: Any = DEFAULT_MODEL, device: str = "cpu", chat: bool = False,
                  batch_size: int = 8):
@@ -122,24 +124,55 @@ class LocalBackend(Backend):
 
     @torch.no_grad()
     def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[str]) -> np.ndarray:
+        """As :meth:`Backend.choice_logprobs`, in batches of ``batch_size`` right-padded
+        prompts. The token prefix all prompts share (the few-shot examples of a scoring
+        prompt, ~3/4 of its tokens) runs once and its key/value cache is reused."""
         choice_ids = [self._first_token(c) for c in choices]
         device = next(self.hf.parameters()).device
-        pad = self.tokenizer.pad_token_id or 0
+        ids = [self._ids(p) for p in prompts]
+        if not ids:
+            return np.empty((0, len(choices)))
+        shared = self._shared_prefix(ids) if self.prefix_cache else 0
+        prefix = None
+        if shared:
+            prefix = self.hf(input_ids=torch.tensor([ids[0][:shared]], device=device),
+                             use_cache=True).past_key_values
         out = np.empty((len(prompts), len(choices)), dtype=np.float64)
         for start in range(0, len(prompts), self.batch_size):
-            batch = [self._ids(p) for p in prompts[start : start + self.batch_size]]
-            lengths = torch.tensor([len(b) for b in batch], device=device)
-            width = int(lengths.max())
-            ids = torch.full((len(batch), width), pad, dtype=torch.long, device=device)
-            mask = torch.zeros_like(ids)
-            for i, b in enumerate(batch):  # right padding: each row's last real token is intact
-                ids[i, : len(b)] = torch.tensor(b, device=device)
-                mask[i, : len(b)] = 1
-            logits = self.hf(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-            last = logits[torch.arange(len(batch), device=device), lengths - 1]  # (B, V)
-            logp = torch.log_softmax(last.float(), dim=-1)[:, choice_ids]  # (B, C)
+            batch = [b[shared:] for b in ids[start : start + self.batch_size]]
+            logp = self._last_logprobs(batch, prefix, shared, device)[:, choice_ids]  # (B, C)
             out[start : start + len(batch)] = logp.cpu().numpy()
         return out
+
+    def _last_logprobs(self, batch: list[list[int]], prefix, shared: int,
+                       device) -> torch.Tensor:
+        """Next-token log-probabilities after each token list of ``batch`` (B, V), each list
+        continuing the ``shared`` cached prefix tokens (none when ``prefix`` is None)."""
+        pad = self.tokenizer.pad_token_id or 0
+        lengths = torch.tensor([len(b) for b in batch], device=device)
+        ids = torch.full((len(batch), int(lengths.max())), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(batch), shared + ids.shape[1]), dtype=torch.long, device=device)
+        mask[:, :shared] = 1
+        for i, b in enumerate(batch):  # right padding: each row's last real token is intact
+            ids[i, : len(b)] = torch.tensor(b, device=device)
+            mask[i, shared : shared + len(b)] = 1
+        past = None
+        if prefix is not None:
+            past = copy.deepcopy(prefix)
+            past.batch_repeat_interleave(len(batch))
+        logits = self.hf(input_ids=ids, attention_mask=mask, past_key_values=past,
+                         use_cache=past is not None).logits  # (B, T, V)
+        last = logits[torch.arange(len(batch), device=device), lengths - 1]  # (B, V)
+        return torch.log_softmax(last.float(), dim=-1)
+
+    @staticmethod
+    def _shared_prefix(ids: list[list[int]]) -> int:
+        """Tokens every list starts with, leaving each at least one token of its own."""
+        n = min(len(b) for b in ids) - 1
+        first = ids[0]
+        for b in ids[1:]:
+            n = min(n, next((i for i in range(n) if b[i] != first[i]), n))
+        return max(n, 0)
 
     def _first_token(self, choice: str) -> int:
         ids = self.tokenizer.encode(choice, add_special_tokens=False)

@@ -428,6 +428,15 @@ def test_local_backend_batches_match_single_prompts(llama):
     single = np.concatenate([backend.choice_logprobs([p], [" Yes", " No"]) for p in prompts])
     assert batched.shape == (3, 2) and np.all(batched < 0)
     np.testing.assert_allclose(batched, single, atol=1e-4)
+    shots = ["Description: taxes\nText: " + t + "\nMatches:" for t in ("a tax", "the war on",
+                                                                       "x", "tax tax tax")]
+    cached = backend.choice_logprobs(shots, [" Yes", " No"])  # a long shared prefix
+    backend.prefix_cache = False
+    np.testing.assert_allclose(cached, backend.choice_logprobs(shots, [" Yes", " No"]),
+                               atol=1e-4)
+    backend.prefix_cache = True
+    assert LocalBackend._shared_prefix([[1, 2, 3], [1, 2, 4, 5], [1, 2]]) == 1
+    assert LocalBackend._shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
     tok = backend.tokenizer
     with torch.no_grad():  # against a direct forward pass
         ids = torch.tensor([[tok.bos_token_id] + tok.encode(prompts[1], add_special_tokens=False)])
