@@ -181,3 +181,30 @@ def test_every_notebook_parameter_is_a_job_option_with_its_default():
                 continue
             assert name in table, f"{notebook}'s {name} is not an option of the job"
             assert table[name].default == ast.literal_eval(node.value), name
+
+
+@pytest.mark.slow  # torchrun and two interpreters
+def test_notebook_02_with_world_size_2_trains_under_torchrun_and_loads_the_result(
+        llama, corpus_dir, tmp_path, capfd):
+    from sae_nb.jobs import train_on_split
+
+    sae_nb.extract_activations(llama, tmp_path, corpus=str(corpus_dir), progress=False,
+                               **EXTRACT)
+    store = sae_nb.open_store(tmp_path, "resid_out_layer0")
+    split = sae_nb.heldout_split(store, 64, 2)
+    results = {}
+    for world_size in (1, 2):
+        config = sae_nb.TrainConfig(expansion=2, k=4, total_tokens=512, checkpoint_every=4,
+                                    log_every=1, metadata=split.metadata(32))
+        config.checkpoint_dir = sae_nb.checkpoint_dir(tmp_path, f"world{world_size}", config)
+        results[world_size] = train_on_split(split, config, 32, 0, world_size)
+    shown = capfd.readouterr().out
+    assert "Rank 1 of 2" in shown and "train topk" in shown  # the job's output, as it came
+    one, two = results[1], results[2]
+    for key, value in one.dictionary.state_dict().items():
+        torch.testing.assert_close(two.dictionary.state_dict()[key], value, rtol=1e-5,
+                                   atol=1e-5)
+    assert two.scale == pytest.approx(one.scale, rel=1e-6)
+    assert len(two.log) == len(one.log) == 16
+    assert two.log["fvu"].to_numpy() == pytest.approx(one.log["fvu"].to_numpy(), abs=1e-4)
+    assert two.dictionary.metadata == one.dictionary.metadata == split.metadata(32)

@@ -176,7 +176,8 @@ def test_a_killed_two_rank_extraction_resumes_to_the_identical_store(two_rank_ru
             child.wait(timeout=30)
             child.stdout.close()
             child.stderr.close()
-    killed = sae_nb.open_stores(run_dir, allow_partial=True)
+    with pytest.warns(UserWarning, match=r"on 2 processes stopped.*--nproc_per_node 2"):
+        killed = sae_nb.open_stores(run_dir, allow_partial=True)
     for site, store in killed.items():
         assert not store.manifest["complete"] and store.manifest["pending"]["world_size"] == 2
     part = run_dir / "activations" / SITES[1] / PARTS / "part_000000010_000000020"
