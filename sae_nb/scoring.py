@@ -289,6 +289,10 @@ def scored_table(kind: str, scorer: Callable[[str, Examples, np.random.Generator
             memo.clear()  # jobs come grouped by latent: keep one latent's contexts
             memo[latent] = scoring_examples(store, dictionary, stats, latent, tokenizer,
                                             settings, seed)
+        if not memo[latent].positives or not memo[latent].negatives:
+            row["error"] = ("no contexts where the latent fires" if not memo[latent].positives
+                            else "no contexts where the latent is silent")
+            return row
         try:
             row.update(scorer(text, memo[latent], np.random.default_rng([seed, latent, 1])))
         except BackendError as err:

@@ -263,6 +263,25 @@ def test_scoring_contexts_are_held_out_and_seeded(store, dictionary, stats, toke
     assert one.equals(two)
 
 
+def test_a_latent_that_never_fires_gets_an_error_not_a_score(store, dictionary, stats,
+                                                             tokenizer):
+    import pandas as pd
+
+    silent = ReLUSAE(4, 5)  # latent 4 never fires
+    with torch.no_grad():
+        silent.W_enc.copy_(torch.cat([dictionary.W_enc, torch.zeros(4, 1)], 1))
+        silent.b_enc.copy_(torch.cat([dictionary.b_enc, torch.tensor([-1.0])]))
+    silent_stats = feature_stats(store, silent, n_top=8, progress=False)
+    table = llm_explanations(store, silent, silent_stats, [4], tokenizer, backend=Oracle())
+    assert table.loc[0, "error"] == "the latent never fires in this store"
+    given = pd.DataFrame({"latent": [0, 4], "method": "rule", "explanation": ["z", "z"],
+                          "error": ""})
+    scores = detection_scores(store, silent, silent_stats, given, tokenizer, backend=Oracle())
+    assert scores.loc[scores["latent"] == 4, "error"].eq(
+        "no contexts where the latent fires").all()
+    assert scores.loc[scores["latent"] == 0, "error"].eq("").all()
+
+
 def test_control_donors_form_a_seeded_cycle():
     import pandas as pd
 
