@@ -293,3 +293,12 @@ def test_bad_input_is_refused_clearly(random_case, planted, tmp_path):
         rule_explanations(sentences, sae, progress=False)
     with pytest.raises(RuleError, match="max_items=0"):
         fit_rules(count_firings(tokens, tokens, [], [], 10, F), max_items=0)
+
+
+def test_small_chunks_and_buffer_give_the_same_table(random_case, monkeypatch):
+    """The pass reduces its buffer of firing keys as it fills: any chunking, same counts."""
+    store, sae, _, _ = random_case
+    whole = rule_explanations(store, sae, progress=False)
+    monkeypatch.setattr(rules, "MAX_BUFFERED_KEYS", 50)
+    pieces = rule_explanations(store, sae, progress=False, batch_size=97)
+    assert pieces.equals(whole)
