@@ -176,7 +176,9 @@ def test_a_killed_two_rank_extraction_resumes_to_the_identical_store(two_rank_ru
             child.wait(timeout=30)
             child.stdout.close()
             child.stderr.close()
-    with pytest.warns(UserWarning, match=r"on 2 processes stopped.*--nproc_per_node 2"):
+    with pytest.raises(StoreError, match=r"on 2 processes stopped.*--nproc_per_node 2"):
+        sae_nb.open_stores(run_dir)
+    with pytest.warns(UserWarning, match=r"on 2 processes stopped with \d+ rows in the parts"):
         killed = sae_nb.open_stores(run_dir, allow_partial=True)
     for site, store in killed.items():
         assert not store.manifest["complete"] and store.manifest["pending"]["world_size"] == 2
