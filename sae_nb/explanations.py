@@ -157,6 +157,79 @@ def score_summary(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def method_comparison(table: pd.DataFrame) -> pd.DataFrame:
+    """Methods side by side on each score: per ``score_name`` and method, over the latents that
+    every method of that score has a usable score for, the mean score, the mean score of the
+    method's control on the same latents, and the margin between them."""
+    t = check_table(table)
+    t = t[(t["error"] == "") & np.isfinite(t["score"])]
+    rows = []
+    for name, group in t.groupby("score_name", sort=True):
+        own = group[~is_control(group["method"])]
+        methods = sorted(own["method"].unique())
+        common = set.intersection(*[set(own.loc[own["method"] == m, "latent"]) for m in methods]
+                                  ) if methods else set()
+        for method in methods:
+            mine = own[(own["method"] == method) & own["latent"].isin(common)]
+            ctrl = group[(group["method"] == method + CONTROL) & group["latent"].isin(common)]
+            mean, control = mine["score"].mean(), ctrl["score"].mean() if len(ctrl) else np.nan
+            rows.append({"score_name": name, "method": method, "latents": len(mine),
+                         "mean": mean, "median": mine["score"].median(),
+                         "control_mean": control, "margin": mean - control})
+    return pd.DataFrame(rows, columns=["score_name", "method", "latents", "mean", "median",
+                                       "control_mean", "margin"])
+
+
+def method_verdict(comparison: pd.DataFrame) -> str:
+    """Which method explains best, in words with the numbers of :func:`method_comparison`:
+    on each score that two or more methods share, the method with the largest margin over its
+    control (a method without a control is judged by its mean)."""
+    lines = []
+    for name, group in comparison.groupby("score_name", sort=True):
+        group = group[group["latents"] > 0]
+        parts = "; ".join(
+            f"{r.method} {r.mean:.3f}" + (f" (control {r.control_mean:.3f}, margin {r.margin:+.3f})"
+                                          if np.isfinite(r.control_mean) else " (no control)")
+            for r in group.itertuples())
+        if len(group) < 2:
+            lines.append(f"{name}: only {parts} over {int(group['latents'].sum())} latents.")
+            continue
+        key = group["margin"].where(np.isfinite(group["margin"]), group["mean"])
+        best = group.loc[key.idxmax()]
+        lines.append(f"{name}, over the {int(best['latents'])} latents every method has: "
+                     f"{parts}. Best: {best['method']}.")
+    return "\n".join(lines) if lines else "No scored explanations to compare."
+
+
+def explainer_backend(explainer: str = "", model=None, endpoint_model: str = ""):
+    """The language model that writes and scores explanations: ``""`` for ``model`` (an already
+    loaded model, e.g. the notebook's; else the embedded SmolLM2-135M), a local model folder, or
+    an OpenAI-compatible endpoint URL (``http://127.0.0.1:8000/v1``) serving ``endpoint_model``
+    (see ``sae_nb.backends``)."""
+    from .backends import LocalBackend, OpenAIBackend
+
+    explainer = str(explainer or "")
+    if explainer.startswith(("http://", "https://")):
+        if not endpoint_model:
+            raise ExplanationError(f"explainer={explainer!r} is an endpoint: name the model "
+                                   f"it serves with explainer_model, e.g. 'Qwen2.5-7B-Instruct'.")
+        return OpenAIBackend(explainer, endpoint_model)
+    if explainer:
+        return LocalBackend(explainer)
+    return LocalBackend(model) if model is not None else LocalBackend()
+
+
+def sample_latents(stats, n: int, seed: int = 0, min_fires: int = 5) -> list[int]:
+    """``n`` latents drawn at random (seeded) among those firing on at least ``min_fires``
+    tokens of the store, in increasing order: a fair sample for the costly explainers."""
+    fires = np.rint(np.asarray(stats.density, dtype=np.float64) * stats.n_tokens)
+    alive = np.nonzero(fires >= min_fires)[0]
+    if n <= 0 or not len(alive):
+        return []
+    chosen = np.random.default_rng(seed).choice(alive, size=min(n, len(alive)), replace=False)
+    return sorted(int(i) for i in chosen)
+
+
 # -- the cache --------------------------------------------------------------------------------
 def explanations_folder(run_dir: str | Path, dictionary_name: str) -> Path:
     """Where a run caches one dictionary's explanation tables:
@@ -297,15 +370,18 @@ def embedding_model(device: str = "cpu"):
 
 
 def embed_texts(texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
-    """``(N, 384)`` float32 unit vectors of ``texts`` by all-MiniLM-L6-v2 (zeros for "")."""
+    """``(N, 384)`` float32 unit vectors of ``texts`` by all-MiniLM-L6-v2 (zeros for ""),
+    each distinct text embedded once (latents share top contexts and rule texts)."""
     texts = list(texts)
     out = np.zeros((len(texts), 384), dtype=np.float32)
-    keep = [i for i, t in enumerate(texts) if t.strip()]
-    if keep:
-        vecs = embedding_model().encode([texts[i] for i in keep], batch_size=batch_size,
+    distinct = sorted({t for t in texts if t.strip()}, key=len)  # similar lengths batch well
+    if distinct:
+        vecs = embedding_model().encode(distinct, batch_size=batch_size,
                                         normalize_embeddings=True, convert_to_numpy=True,
                                         show_progress_bar=False)
-        out[keep] = vecs.astype(np.float32)
+        row = {t: i for i, t in enumerate(distinct)}
+        keep = [i for i, t in enumerate(texts) if t in row]
+        out[keep] = vecs[[row[texts[i]] for i in keep]].astype(np.float32)
     return out
 
 

@@ -219,3 +219,39 @@ def test_scores_of_one_explanation_by_several_scorers_are_kept_and_loaded(tmp_pa
     assert on_f1.loc[0, "explanation"] == "tokens ' tax', ' taxes'" and on_f1.loc[0, "score"] == 0.62
     only_detection = best_explanations(merged, score_names=["detection_auroc"])
     assert only_detection["latent"].tolist() == [0]
+
+
+def test_methods_are_compared_on_the_latents_both_have_with_their_controls():
+    rows = []
+    for latent, (rule, llm) in enumerate([(0.9, 0.7), (0.8, 0.6), (0.7, 0.5)]):
+        rows += [(latent, "rule", "r", rule, "detection_auroc", ""),
+                 (latent, "rule:control", "c", 0.5, "detection_auroc", ""),
+                 (latent, "llm", "l", llm, "detection_auroc", ""),
+                 (latent, "llm:control", "c", 0.45, "detection_auroc", ""),
+                 (latent, "rule", "r", 0.3, "f1", "")]
+    rows += [(3, "rule", "r", 1.0, "detection_auroc", "")]  # llm has no score here: left out
+    rows += [(4, "llm", "l", 0.2, "detection_auroc", "timeout")]  # failed: left out
+    from sae_nb.explanations import method_comparison, method_verdict
+
+    comparison = method_comparison(table(rows)).set_index(["score_name", "method"])
+    rule, llm = comparison.loc[("detection_auroc", "rule")], comparison.loc[("detection_auroc",
+                                                                             "llm")]
+    assert rule["latents"] == 3 and rule["mean"] == pytest.approx(0.8)
+    assert rule["margin"] == pytest.approx(0.3) and llm["margin"] == pytest.approx(0.15)
+    verdict = method_verdict(method_comparison(table(rows)))
+    assert "detection_auroc, over the 3 latents every method has" in verdict
+    assert "llm 0.600 (control 0.450, margin +0.150)" in verdict and "Best: rule." in verdict
+    assert "f1: only rule 0.300 (no control) over 3 latents." in verdict
+
+
+def test_sample_latents_is_seeded_and_skips_rare_latents():
+    from sae_nb.explanations import sample_latents
+
+    class Stats:
+        n_tokens = 1000
+        density = np.array([0.0, 0.001, 0.01, 0.02, 0.5, 0.004, 0.1])  # fires 0, 1, 10 ...
+
+    a = sample_latents(Stats, 3, seed=1)
+    assert a == sample_latents(Stats, 3, seed=1) and a == sorted(a) and len(a) == 3
+    assert set(a) <= {2, 3, 4, 6}  # at least 5 firings
+    assert sample_latents(Stats, 10) == [2, 3, 4, 6]

@@ -195,10 +195,49 @@ def check_07_intervene(run_dir: Path, values: dict) -> None:
     assert "per nat" in printed  # the verdict, with its figures
 
 
+def check_08_explain(run_dir: Path, values: dict) -> None:
+    from bs4 import BeautifulSoup
+
+    from sae_nb.explanations import load_explanations, sample_latents
+    from sae_nb.features import FeatureStats, stats_folder
+
+    stats = FeatureStats.load(stats_folder(run_dir, "topk_4608_k32"))
+    folder = run_dir / "explanations" / "topk_4608_k32"
+    table = load_explanations(folder)
+    rules = table[table["score_name"] == "f1"]
+    assert sorted(rules["method"].unique()) == ["rule", "rule:control"]
+    assert (rules.groupby("method")["latent"].nunique() == 4608).all()  # every latent
+    assert rules["score"].dropna().between(0, 1).all()
+    latents = sample_latents(stats, values["n_llm_latents"], values["seed"])
+    assert len(latents) == values["n_llm_latents"]
+    llm = table[(table["method"] == "llm") & (table["score_name"] == "")]
+    assert sorted(llm["latent"]) == latents
+    for name in ("detection_auroc", "embedding_auroc"):
+        scored = table[table["score_name"] == name]
+        assert sorted(scored["method"].unique()) == ["llm", "llm:control", "rule", "rule:control"]
+        assert set(scored["latent"]) == set(latents)
+        assert scored["score"].dropna().between(0, 1).all()
+    assert (folder / "meaning_index.npz").exists()
+    page = run_dir / "dashboards" / "topk_4608_k32_explained.html"
+    soup = BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser")
+    sections = soup.find_all("section", class_="latent")
+    assert len(sections) == values["n_latents_dashboard"]
+    assert all(s.find("div", class_="explanation") for s in sections)
+    executed = nbformat.read(run_dir / "08_explain.ipynb", as_version=4)
+    figures = [o for c in executed.cells for o in c.get("outputs", [])
+               if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) == 1  # the score distributions per method and control
+    printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "Best: " in printed and "detection_auroc" in printed  # the verdict, with numbers
+    (explorer,) = [c for c in executed.cells if c.source.startswith("effects = logit_effects")]
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+               for o in explorer.outputs)
+
+
 CHECKS = {"01_extract": check_01_extract, "02_train": check_02_train,
           "03_load_pretrained": check_03_load_pretrained, "04_probe": check_04_probe,
           "05_cluster": check_05_cluster, "06_visualize": check_06_visualize,
-          "07_intervene": check_07_intervene}
+          "07_intervene": check_07_intervene, "08_explain": check_08_explain}
 
 
 @pytest.fixture(scope="session")
