@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -39,6 +39,7 @@ from .models import ModelLoadError
 from .store import ActivationStore
 
 CHOICES = (" Yes", " No")
+NEUTRAL = "any text"  # the description a calibrated detection score is measured against
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,10 @@ class ScoreSettings:
     n_negative: int = 10  # contexts where the latent fires nowhere in the window
     before: int = 12  # tokens before the context's centre row
     after: int = 3  # and after it
+    # Detection with log-probabilities: subtract each context's log-odds of Yes under a
+    # neutral description (NEUTRAL), so a scorer's bias for or against a context (the 135M
+    # model's is as large as the explanation's effect) cancels. One more prompt per context.
+    calibrate: bool = False
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Examples:
     latent: int
     positives: list[dict]
     negatives: list[dict]
+    memo: dict = field(default_factory=dict)  # what scoring its explanations shares (baselines)
 
 
 def auroc(positive: Sequence[float], negative: Sequence[float]) -> float:
@@ -173,9 +179,13 @@ def judge(backend: Backend, prompt: Callable[[str, str, bool], str], explanation
 
 # -- the three scorers ------------------------------------------------------------------------
 def detection_score(backend: Backend, explanation: str, examples: Examples,
-                    rng: np.random.Generator) -> dict:
+                    rng: np.random.Generator, calibrate: bool = False) -> dict:
     texts = [plain_text(w) for w in examples.positives + examples.negatives]
     scores, failed = judge(backend, detection_prompt, explanation, texts)
+    if calibrate and backend.supports_logprobs:
+        if "neutral" not in examples.memo:  # shared by the explanation and its control
+            examples.memo["neutral"] = judge(backend, detection_prompt, NEUTRAL, texts)[0]
+        scores = scores - examples.memo["neutral"]
     p = len(examples.positives)
     return {"score": auroc(scores[:p], scores[p:]),
             "balanced_accuracy": balanced_accuracy(scores[:p], scores[p:]),
@@ -317,7 +327,9 @@ def detection_scores(store: ActivationStore, dictionary: Dictionary, stats,
     ``retry_failed``: as :func:`~sae_nb.autointerp.llm_explanations`."""
     backend = backend if backend is not None else LocalBackend()
     tokenizer = resolve_tokenizer(tokenizer, backend, store)
-    return scored_table("detection", lambda t, ex, rng: detection_score(backend, t, ex, rng),
+    calibrate = (settings or ScoreSettings()).calibrate
+    return scored_table("detection",
+                        lambda t, ex, rng: detection_score(backend, t, ex, rng, calibrate),
                         backend.settings(), store, dictionary, stats, explanations, tokenizer,
                         cache, seed, settings, control, retry_failed, progress)
 

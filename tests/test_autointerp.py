@@ -238,6 +238,29 @@ def test_random_scorer_is_near_chance(store, dictionary, stats, tokenizer):
     assert len(scores) == 2 and (abs(scores["score"] - 0.5) < 0.2).all(), scores["score"]
 
 
+def test_calibration_cancels_a_scorers_bias_per_context(store, dictionary, stats, tokenizer):
+    class Biased(Oracle):
+        """The oracle's log-odds (+-1) plus a large bias of its own per context (+-6)."""
+
+        def choice_logprobs(self, prompts, choices):
+            self.calls += len(prompts)
+            return np.array([[0.5 * (2 * self.truth(p) - 1)
+                              + 6 * np.sin(len(last_field(p, "Text")) * 7.1), 0.0]
+                             for p in prompts])
+
+    table = explained(store, dictionary, stats, tokenizer)
+    raw = detection_scores(store, dictionary, stats, table, tokenizer, backend=Biased(),
+                           settings=MANY, control=False)
+    assert (raw["score"] < 0.9).all(), raw["score"]
+    backend = Biased()
+    calibrated = ScoreSettings(**{**MANY.__dict__, "calibrate": True})
+    fixed = detection_scores(store, dictionary, stats, table, tokenizer, backend=backend,
+                             settings=calibrated)
+    assert (fixed.loc[fixed["method"] == "llm", "score"] == 1.0).all()
+    # one neutral pass per latent, shared by its explanation and its control
+    assert backend.calls == 2 * 3 * 60
+
+
 def test_oracle_fuzzing_is_perfect(store, dictionary, stats, tokenizer):
     table = explained(store, dictionary, stats, tokenizer)
     scores = fuzzing_scores(store, dictionary, stats, table, tokenizer, backend=Oracle(),
