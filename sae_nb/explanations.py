@@ -262,7 +262,7 @@ def cached_explanations(folder: str | Path, method: str, identity: dict) -> pd.D
         return None
     try:
         saved = json.loads(key.read_text())
-        table = pd.read_csv(csv, keep_default_na=False, na_values={"score": [""]})
+        table = pd.read_csv(csv, keep_default_na=False, na_values=[""])
     except (OSError, ValueError) as err:
         log.warning("Ignoring the cached %s explanations in %s (%s).", method, folder, err)
         return None
@@ -306,7 +306,7 @@ def load_explanations(folder: str | Path) -> pd.DataFrame:
         return empty_table()
     tables = []
     for path in sorted(folder.glob("*.csv")) + sorted(folder.glob("*.jsonl")):
-        table = (pd.read_csv(path, keep_default_na=False, na_values={"score": [""]})
+        table = (pd.read_csv(path, keep_default_na=False, na_values=[""])
                  if path.suffix == ".csv" else read_records(path))
         if set(COLUMNS) <= set(table.columns):
             tables.append(table)

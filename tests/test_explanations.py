@@ -255,3 +255,15 @@ def test_sample_latents_is_seeded_and_skips_rare_latents():
     assert a == sample_latents(Stats, 3, seed=1) and a == sorted(a) and len(a) == 3
     assert set(a) <= {2, 3, 4, 6}  # at least 5 firings
     assert sample_latents(Stats, 10) == [2, 3, 4, 6]
+
+
+def test_explanations_that_read_like_missing_values_survive_the_cache(tmp_path):
+    words = table([(0, "llm", "None", 0.6, "detection_auroc", ""),
+                   (1, "llm", "NA", 0.7, "detection_auroc", ""),
+                   (2, "llm", "", math.nan, "detection_auroc", "empty reply")])
+    save_explanations(words, tmp_path, "llm", {"k": 1})
+    back = load_explanations(tmp_path)
+    assert back["explanation"].tolist() == ["None", "NA", ""]
+    assert back["score"].tolist()[:2] == [0.6, 0.7] and np.isnan(back["score"].iloc[2])
+    assert cached_explanations(tmp_path, "llm", {"k": 1})["explanation"].tolist()[:2] == [
+        "None", "NA"]
