@@ -103,20 +103,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise JobError(f"Config file {str(path)!r} does not exist.")
     text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise JobError(f"{str(path)!r} is YAML but PyYAML is not installed; pip install "
+                           f"pyyaml, or write the config as JSON.") from None
+        parse = yaml.safe_load
+    else:
+        parse = json.loads
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError:
-                raise JobError(f"{str(path)!r} is YAML but PyYAML is not installed; pip install "
-                               f"pyyaml, or write the config as JSON.") from None
-            values = yaml.safe_load(text)
-        else:
-            values = json.loads(text)
-    except (ValueError, ImportError) as err:  # json and yaml errors are ValueErrors / YAMLError
-        raise JobError(f"Config file {str(path)!r} cannot be read: {err}") from None
-    except Exception as err:  # noqa: BLE001 - yaml.YAMLError is not a ValueError
-        raise JobError(f"Config file {str(path)!r} cannot be read: {err}") from None
+        values = parse(text)
+    except Exception as err:  # noqa: BLE001 - json's ValueError, yaml's YAMLError: same advice
+        raise JobError(f"Config file {str(path)!r} cannot be read ({err}); fix its syntax.") \
+            from None
     if not isinstance(values, dict):
         raise JobError(f"Config file {str(path)!r} must hold a mapping of parameter names to "
                        f"values, not a {type(values).__name__}.")
@@ -131,13 +131,13 @@ def job_parameters(job: str, config: dict[str, Any] | None = None,
     :class:`~sae_nb.train.TrainConfig` field (``warmup_steps``, ``dead_window_tokens``, ...).
     """
     table = JOBS[job]
+    config = {str(k).replace("-", "_"): v for k, v in (config or {}).items()}  # n-tokens too
     known = set(table) | (set(TRAIN_CONFIG_FIELDS) - {"metadata"} if job == "train" else set())
-    unknown = sorted(set(config or {}) - known)
+    unknown = sorted(set(config) - known)
     if unknown:
         raise JobError(f"Unknown {job} parameter(s) in the config file: {unknown}. Valid names: "
                        f"{sorted(known)}.")
-    return {**{name: o.default for name, o in table.items()}, **(config or {}),
-            **(options or {})}
+    return {**{name: o.default for name, o in table.items()}, **config, **(options or {})}
 
 
 def extract_job(params: dict[str, Any], progress: bool = True):

@@ -118,8 +118,9 @@ def test_extract_and_train_jobs_equal_the_notebook_functions(llama, model_dirs, 
 def test_a_config_file_gives_the_parameters_and_options_override_it(llama, model_dirs,
                                                                    corpus_dir, tmp_path):
     yaml = pytest.importorskip("yaml")
-    config = {"model": str(model_dirs["llama"]), "corpus": str(corpus_dir), **EXTRACT,
-              "n_tokens": 10_000, "run_dir": str(tmp_path / "yaml")}
+    config = {"model": str(model_dirs["llama"]), "corpus": str(corpus_dir),
+              **{k: v for k, v in EXTRACT.items() if k != "n_tokens"},
+              "n-tokens": 10_000, "run_dir": str(tmp_path / "yaml")}  # either spelling
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(config))
     (tmp_path / "job.json").write_text(json.dumps({**config, "run_dir": str(tmp_path / "json")}))
     for kind in ("yaml", "json"):  # the file says 10,000 tokens; the option 320
@@ -164,6 +165,9 @@ def test_unknown_options_and_config_keys_are_refused(tmp_path, capsys):
     assert "mapping of parameter names" in capsys.readouterr().err
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 1
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"n_tokens": 100,')
+    assert main(["extract", "--config", str(tmp_path / "bad.json")]) == 1
+    assert "bad.json' cannot be read" in capsys.readouterr().err
 
 
 def test_every_notebook_parameter_is_a_job_option_with_its_default():
