@@ -169,6 +169,34 @@ def test_search_shows_the_first_match_and_clears_when_leaving(page, truth):
     assert menu.locator("option").count() == n
 
 
+def test_meaning_search_lists_latents_with_similarities(page, truth):
+    """Issue 14 point 4: a query in the meaning box (no explanations in notebook 06: the top
+    contexts alone) fills its menu with latents and similarities, best first, and shows the
+    best, the one the meaning index ranks first."""
+    from sae_nb.explanations import meaning_index
+
+    store, sae, codes, stats = truth
+    tokenizer = sae_nb.load_model("smollm2-135m").tokenizer
+    expected = meaning_index(stats, store, tokenizer).search("taxes", 20)
+    box = explorer(page).locator(".sae-nb-meaning input")
+    box.fill("taxes")
+    box.press("Enter")
+    status = explorer(page).locator(".sae-nb-meaning-status")
+    page.wait_for(lambda: "closest in meaning" in status.text_content(), 600,
+                  "the meaning search (embeds the latents' contexts once)")
+    menu = explorer(page).locator(".sae-nb-meaning-matches select")
+    options = [o.replace("\xa0", " ") for o in menu.locator("option").all_text_contents()]
+    assert len(options) == len(expected) == 20
+    best = int(expected["latent"].iloc[0])
+    wait_for_latent(page, best)
+    assert select_text(menu).startswith(f"latent {best} ")
+    assert options[0].endswith(f"(similarity {expected['score'].iloc[0]:.2f})")
+    shown = [float(o.rsplit("similarity ", 1)[1].rstrip(")")) for o in options]
+    assert shown == sorted(shown, reverse=True)
+    scroll_to(page, f"{EXPLORER} .sae-nb-meaning")
+    page.screenshot("meaning_search")
+
+
 def test_text_box_busy_result_and_empty_text(page):
     """Point 5: Run shows a busy state, then the shaded text; an empty box gets a message."""
     text = "The state of the union is strong, and taxes will fall in 2027."
