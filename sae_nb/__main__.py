@@ -58,11 +58,11 @@ def add_job_parser(commands, job: str) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     for name, option in JOBS[job].items():
         flags = sorted({f"--{name}", f"--{name.replace('_', '-')}"})
-        kind = {"list": dict(nargs="+"), "bool": dict(type=boolean, nargs="?", const=True, metavar="true|false"),
+        kind = {"list": dict(nargs="+"),
+                "bool": dict(type=boolean, nargs="?", const=True, metavar="true|false"),
                 "text": dict(type=str), "literal": dict(type=literal)}[option.kind]
         parser.add_argument(*flags, dest=name, help=f"{option.help} (default: {option.default!r})",
                             **kind)
-
 
 
 def build_parser() -> argparse.ArgumentParser:

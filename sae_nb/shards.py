@@ -99,7 +99,8 @@ def part_name(lo: int, hi: int) -> str:
     return f"part_{lo:09d}_{hi:09d}"
 
 
-def plan(writer: StoreWriter, start: int, total: int, batch_size: int, world_size: int) -> list[int]:
+def plan(writer: StoreWriter, start: int, total: int, batch_size: int,
+         world_size: int) -> list[int]:
     """Rank 0: the block bounds of this run, recorded in the store's manifest as ``pending``
     before any part is written; a resumed run must find the same plan."""
     pending = writer.manifest.get("pending")

@@ -152,7 +152,8 @@ def test_job_errors_name_the_value_and_the_fix(model_dirs, corpus_dir, tmp_path,
 def test_unknown_options_and_config_keys_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["train", "--n-latents", "64"])
-    assert exit_.value.code == 2 and "unrecognized arguments: --n-latents" in capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "unrecognized arguments: --n-latents" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # no prefix guessing: --run is not --run-dir
         main(["extract", "--run", "x"])
     capsys.readouterr()

@@ -134,28 +134,35 @@ def job_argv(model_dirs, corpus_dir, sentences_csv):
 
 
 @pytest.fixture(scope="module")
-def two_rank_runs(job_argv, tmp_path_factory):
-    """Token and sentence mode, each extracted by 2 processes (one launch for both)."""
+def two_rank_runs(job_argv, llama, corpus_dir, tmp_path_factory):
+    """Token and sentence mode, each extracted by 2 processes, and a single-process store of
+    half the tokens extended by 2 processes (one launch for all three)."""
     root = tmp_path_factory.mktemp("two_ranks")
-    argvs = [job_argv(root / "tokens"), job_argv(root / "sentences", "sentences")]
+    sae_nb.extract_activations(llama, root / "extend", corpus=str(corpus_dir), progress=False,
+                               **{**TOKEN_RUN, "n_tokens": 160})
+    argvs = [job_argv(root / "tokens"), job_argv(root / "sentences", "sentences"),
+             job_argv(root / "extend")]
     results = finish(start_ranks([argvs, argvs]))
     assert [code for code, _, _ in results] == [0, 0], results
     return root
 
 
 @pytest.mark.slow  # two interpreters
-@pytest.mark.parametrize("mode", ["tokens", "sentences"])
+@pytest.mark.parametrize("mode", ["tokens", "sentences", "extend"])
 def test_two_ranks_write_the_store_one_rank_writes(two_rank_runs, llama, corpus_dir,
                                                    sentences_csv, tmp_path, mode):
-    run, corpus = (TOKEN_RUN, corpus_dir) if mode == "tokens" else (SENTENCE_RUN, sentences_csv)
+    run, corpus = (SENTENCE_RUN, sentences_csv) if mode == "sentences" else (TOKEN_RUN, corpus_dir)
     sae_nb.extract_activations(llama, tmp_path, corpus=str(corpus), progress=False, **run)
     assert_reads_like(two_rank_runs / mode, tmp_path)
     for store in sae_nb.open_stores(two_rank_runs / mode).values():
         parts = sorted(p.name for p in (store.path / PARTS).iterdir())
         assert len(parts) == 2  # each rank wrote its own part, listed in unit order
         names = [s["name"] for s in store.manifest["shards"]]
-        assert names == sorted(names) and all(n.startswith(f"{PARTS}/part_") for n in names)
+        assert names == sorted(names, key=lambda n: (n.startswith(PARTS), n))
+        assert all(n.startswith(f"{PARTS}/part_") for n in names) == (mode != "extend")
         assert "pending" not in store.manifest and store.manifest["complete"]
+    if mode == "extend":  # the parts took over where the single-process store ended
+        assert parts == ["part_000000010_000000014", "part_000000014_000000020"]  # 2 + 3 batches
 
 
 @pytest.mark.slow  # two interpreters killed mid-shard, then torchrun
@@ -168,7 +175,8 @@ def test_a_killed_two_rank_extraction_resumes_to_the_identical_store(two_rank_ru
     children = start_ranks([[job_argv(run_dir)]] * 2, {"KILL_AT": "10"})
     try:
         line = children[1].stdout.readline()
-        assert line.startswith("WRITING"), f"rank 1 ended early: {line!r} {children[1].stderr.read()}"
+        assert line.startswith("WRITING"), \
+            f"rank 1 ended early: {line!r} {children[1].stderr.read()}"
     finally:
         for child in children:
             if child.poll() is None:
