@@ -212,6 +212,10 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
 
     With ``config.checkpoint_dir`` set and a checkpoint there, training resumes from it
     (skipping the batches already consumed) and ends bit-identical to an uninterrupted run.
+
+    Under ``torchrun`` every rank calls this with the same global batches (each keeps its
+    slice) or with ``sae_nb.distributed.rank_batches`` (each reads only its slice); every rank
+    returns the same dictionary, and rank 0 alone writes checkpoints.
     """
     cfg = TrainConfig(**{**(asdict(config) if config else {}), **options})
     group = setup()  # one process, or the ranks of a torchrun job
