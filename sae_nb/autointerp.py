@@ -5,8 +5,9 @@ activation interval (notebook 06's :class:`~sae_nb.features.FeatureStats`), with
 where the latent fires marked ``<<like this>>``, and the model names what they share: the chat
 instruction for a capable model (``backend.chat``, e.g. behind an endpoint). A small model
 (the embedded SmolLM2-135M) gets a few-shot *completion* prompt over the marked words of those
-contexts (``Marked words: ... / Theme: ...``): asked in a chat it writes nonsense. See EleutherAI's delphi (Paulo et al. 2024, "Automatically
-Interpreting Millions of Features in Large Language Models").
+contexts (``Marked words: ... / Theme: ...``): asked in a chat it writes nonsense. See
+EleutherAI's delphi (Paulo et al. 2024, "Automatically Interpreting Millions of Features in
+Large Language Models").
 
 Results are rows of the explanation table (``latent, method, explanation, score, score_name,
 error``; method ``"llm"``), written per latent as they finish to a JSON-lines file under the
@@ -33,7 +34,7 @@ import pandas as pd
 from .backends import Backend, BackendError, LocalBackend
 from .contexts import latent_contexts
 from .dictionary import Dictionary, dictionary_hash
-from .io import atomic_write_json, folder_name
+from .io import atomic_write_json
 from .store import IDENTITY, ActivationStore
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ MARK_OPEN, MARK_CLOSE = "<<", ">>"
 
 @dataclass(frozen=True)
 class ExplainSettings:
-    """What the explainer is shown; short windows keep a 135M model's prompt readable."""
+    """What the explainer is shown: the marked words of these contexts (completion prompt),
+    or the contexts themselves, their firing tokens marked (chat prompt)."""
 
     n_top: int = 8  # strongest contexts shown (stats.top_rows[:n_top])
     n_interval: int = 4  # interval-sampled contexts shown (the first sample of each interval)
@@ -52,11 +54,6 @@ class ExplainSettings:
     after: int = 2  # and after it
     n_words: int = 8  # distinct marked words listed on the "Marked words" line
     max_tokens: int = 16  # longest reply, in tokens (completion style; chat gets 3x)
-
-
-def explanations_folder(run_dir: str | Path, dictionary_name: str) -> Path:
-    """Where a run caches one dictionary's explanation tables: ``run_dir/explanations/<name>/``."""
-    return Path(run_dir) / "explanations" / folder_name(str(dictionary_name))
 
 
 # -- examples ---------------------------------------------------------------------------------
@@ -257,9 +254,9 @@ def llm_explanations(store: ActivationStore, dictionary: Dictionary, stats,
     ``tokenizer`` the store's model's (taken from a local backend running that model when
     omitted). A failed latent (backend error, timeout, empty or nonsense reply) gets an
     ``error`` and an empty explanation; the run goes on. With ``cache`` (a folder, see
-    :func:`explanations_folder`) every latent's row is saved as it finishes and a rerun with
-    the same dictionary, store, backend and settings skips it; failed ones are retried only
-    with ``retry_failed``. ``seed`` orders the interval-sampled snippets. Extra columns:
+    :func:`sae_nb.explanations.explanations_folder`) every latent's row is saved as it
+    finishes and a rerun with the same dictionary, store, backend and settings skips it;
+    failed ones are retried only with ``retry_failed``. ``seed`` orders the interval-sampled snippets. Extra columns:
     ``backend``, ``reply`` (the raw reply), ``n_examples``.
     """
     backend = backend if backend is not None else LocalBackend()

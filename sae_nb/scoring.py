@@ -265,9 +265,10 @@ def scored_table(kind: str, scorer: Callable[[str, Examples, np.random.Generator
     each latent's control; rows with score_name ``"<kind>_auroc"``, cached per row."""
     settings = settings or ScoreSettings()
     need = {"latent", "method", "explanation"}
-    if not need <= set(explanations.columns):
-        raise ValueError(f"explanations lacks the columns {sorted(need - set(explanations.columns))}:"
-                         f" pass an explanation table (llm_explanations, rules ...).")
+    missing = sorted(need - set(explanations.columns))
+    if missing:
+        raise ValueError(f"explanations lacks the columns {missing}: pass an explanation table "
+                         f"(llm_explanations, rules ...).")
     given = explanations[~explanations["method"].str.endswith(":control")].copy()
     given["error"] = given["error"].fillna("") if "error" in given else ""
     given["explanation"] = given["explanation"].fillna("")
