@@ -256,8 +256,8 @@ def llm_explanations(store: ActivationStore, dictionary: Dictionary, stats,
     ``error`` and an empty explanation; the run goes on. With ``cache`` (a folder, see
     :func:`sae_nb.explanations.explanations_folder`) every latent's row is saved as it
     finishes and a rerun with the same dictionary, store, backend and settings skips it;
-    failed ones are retried only with ``retry_failed``. ``seed`` orders the interval-sampled snippets. Extra columns:
-    ``backend``, ``reply`` (the raw reply), ``n_examples``.
+    failed ones are retried only with ``retry_failed``. ``seed`` orders the interval-sampled
+    snippets. Extra columns: ``backend``, ``reply`` (the raw reply), ``n_examples``.
     """
     backend = backend if backend is not None else LocalBackend()
     tokenizer = resolve_tokenizer(tokenizer, backend, store)
