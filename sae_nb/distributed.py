@@ -300,5 +300,5 @@ def store_identity(store, rows, batch_size: int, seed: int) -> dict[str, Any]:
     shards = [(s["rows"], sorted(s.get("sha256", {}).values())) for s in m["shards"]]
     digest = hashlib.sha256(json.dumps(shards).encode()).hexdigest()[:16]
     return {"model": m.get("model"), "site": m.get("site"), "corpus": m.get("corpus"),
-            "rows": len(store), "shards": digest, "used_rows": str(rows),
+            "rows": len(store), "shard_checksums": digest, "used_rows": str(rows),
             "batch_size": batch_size, "seed": seed}
