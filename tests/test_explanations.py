@@ -150,8 +150,10 @@ def test_meaning_search_ranks_the_explained_latent_first(query, expected):
 def test_meaning_search_uses_contexts_when_a_latent_has_no_explanation():
     index = MeaningIndex.build(["", ""], [["income tax and taxes", "the tax bill"],
                                           ["he ran fast", "a quick run"]])
-    assert index.search("taxation")["latent"].iloc[0] == 0
+    found = index.search("taxation")
+    assert found["latent"].iloc[0] == 0
     assert (index.explanation_vectors == 0).all()
+    assert (found["score"] == found["context_similarity"]).all()  # contexts alone, unscaled
 
 
 @pytest.fixture(scope="module")
