@@ -111,7 +111,7 @@ def save(result, name: str, out: Path, rank: int) -> None:
 
 
 def worker(scenario: str, out: Path) -> None:
-    from sae_nb.distributed import DistributedError, rank_batches
+    from sae_nb.distributed import DistributedError, Group, rank_batches
     from sae_nb.store import ActivationStore
     from sae_nb.train import TrainingError, train_dictionary
 
@@ -146,6 +146,23 @@ def worker(scenario: str, out: Path) -> None:
                 save(run, f"gpu_{arch}_{autocast}", out, rank)
     elif scenario == "bad":
         other = ActivationStore(out / "other_store")
+
+        def diverging():
+            """Rank 1 adds to one gradient after the all-reduce: caught at the first checkpoint."""
+            average = Group.average_gradients
+
+            def skewed(self, params, extra=None):
+                out = average(self, params, extra)
+                params[0].grad[0, 0] += float(rank)
+                return out
+
+            Group.average_gradients = skewed
+            try:
+                train_dictionary(global_batches(store), **settings(
+                    "topk", checkpoint_dir=str(out / "diverged"), checkpoint_every=5))
+            finally:
+                Group.average_gradients = average
+
         attempts = {
             "uneven_global": lambda: train_dictionary(global_batches(store, batch=127), **settings("topk")),
             "uneven_local": lambda: rank_batches(store, 127),
@@ -153,6 +170,7 @@ def worker(scenario: str, out: Path) -> None:
                                                **settings("topk")),
             "batches": lambda: train_dictionary(global_batches(store, seed=rank), **settings("topk")),
             "settings": lambda: train_dictionary(global_batches(store), **settings("topk", seed=rank)),
+            "diverged": diverging,
         }
         errors = {}
         for name, attempt in attempts.items():
@@ -302,6 +320,8 @@ def test_bad_inputs_are_refused_clearly_on_every_rank(folder):
         assert "disagree on the first global batch" in errors["batches"]
         assert "disagree on the training settings" in errors["settings"]
         assert "seed=0 (rank 0) vs 1 (rank 1)" in errors["settings"]
+        assert "disagree on the dictionary's weights at step 5" in errors["diverged"]
+        assert not (folder / "diverged" / "checkpoint.pt").exists()
 
 
 if __name__ == "__main__":
