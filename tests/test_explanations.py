@@ -269,3 +269,17 @@ def test_explanations_that_read_like_missing_values_survive_the_cache(tmp_path):
     assert back["score"].tolist()[:2] == [0.6, 0.7] and np.isnan(back["score"].iloc[2])
     assert cached_explanations(tmp_path, "llm", {"k": 1})["explanation"].tolist()[:2] == [
         "None", "NA"]
+
+
+def test_explainer_backend_by_name(llama, model_dirs):
+    from sae_nb.backends import LocalBackend, OpenAIBackend
+    from sae_nb.explanations import explainer_backend
+
+    with pytest.raises(ExplanationError, match="explainer_model"):
+        explainer_backend("http://127.0.0.1:8000/v1")
+    endpoint = explainer_backend("http://127.0.0.1:8000/v1", endpoint_model="qwen")
+    assert isinstance(endpoint, OpenAIBackend) and endpoint.settings()["model"] == "qwen"
+    held = explainer_backend("", llama)
+    assert isinstance(held, LocalBackend) and held.model is llama  # the notebook's model, reused
+    folder = explainer_backend(str(model_dirs["gpt2"]))
+    assert isinstance(folder, LocalBackend) and folder.hf.config.model_type == "gpt2"
