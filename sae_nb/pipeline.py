@@ -51,9 +51,9 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
                      "max_new_tokens": 6, "neutral_contexts": 2, "neutral_ctx_len": 32,
                      "n_check": 4},
     # 08 reuses 06's smoke statistics (n_top 5), explains 2 sampled latents with the embedded
-    # model and scores each explanation on 3 firing and 3 silent contexts.
+    # model, scores each explanation on 3 firing and 3 silent contexts, embeds 2 per latent.
     "08_explain": {"n_top": 5, "n_llm_latents": 2, "n_score_contexts": 3,
-                   "n_latents_dashboard": 2},
+                   "n_latents_dashboard": 2, "meaning_contexts": 2},
 }
 
 
