@@ -228,6 +228,7 @@ def train_on_split(split, config: TrainConfig, batch_size: int, seed: int = 0,
     ``world_size`` processes launched with ``torchrun`` (their output shown as it comes),
     returning the same :class:`TrainResult`."""
     from .checks import whole_number
+    from .io import atomic_write_json
 
     world_size = whole_number("world_size", world_size, 1, JobError)
     if world_size == 1:
@@ -243,9 +244,7 @@ def train_on_split(split, config: TrainConfig, batch_size: int, seed: int = 0,
            "run_dir": str(store.path.parent.parent.resolve()), "batch_size": batch_size,
            "seed": seed, "heldout_tokens": len(store) - split.boundary, "ce_contexts": 0,
            "train_only": True, "result_dir": str(folder / "result")}
-    folder.mkdir(parents=True, exist_ok=True)
-    job_file = folder / "job.json"
-    job_file.write_text(json.dumps(job, indent=1))
+    job_file = atomic_write_json(folder / "job.json", job)
     command = torchrun_command(world_size, ["train", "--config", str(job_file)])
     run_streaming(command)
     return load_train_result(job["result_dir"])
