@@ -13,9 +13,9 @@ score, for the rules and their control.
     python benchmarks/bench_explain.py --run-dir outputs/default     # a run of notebook 01
     python benchmarks/bench_explain.py      # extracts 100k tokens into outputs/bench-features
 
-:func:`time_llm_explanations` is the place for the language-model explanations and their
-detection scoring (20 latents), not yet timed here. Timings on a shared machine are noisy: the
-load average is printed with them.
+:func:`time_llm_explanations` times the embedded model's explanations and their detection and
+embedding scoring, with controls, for 20 latents (``--skip-llm`` leaves them out). Timings on a
+shared machine are noisy: the load average is printed with them.
 """
 
 from __future__ import annotations
@@ -71,10 +71,40 @@ def naive_latent(store, dictionary, latent: int, tokens: np.ndarray, boundary: i
 
 
 def time_llm_explanations(store, dictionary, table, model, n_latents: int = 20) -> None:
-    """LEAD: language-model explanations and detection scoring for ``n_latents`` latents
-    (sae_nb.autointerp), timed on 2 cores, printed in latents per minute beside the rules'.
-    Not yet measured."""
-    print(f"LLM explanations + detection scoring for {n_latents} latents: not yet timed here")
+    """Language-model explanations (the embedded model, :mod:`sae_nb.autointerp`) and their
+    detection and embedding scoring with controls (:mod:`sae_nb.scoring`) for ``n_latents``
+    latents drawn with seed 0 among those firing at least 40 times, no cache; latents per
+    minute (wall and CPU) beside the rules', and each scorer's AUROC against its control."""
+    from sae_nb.backends import LocalBackend
+    from sae_nb.autointerp import llm_explanations
+    from sae_nb.features import feature_stats
+    from sae_nb.scoring import detection_scores, embedding_scores
+
+    stats = feature_stats(store, dictionary, progress=False)
+    fired = stats.density * stats.n_tokens
+    latents = np.random.default_rng(0).choice(np.nonzero(fired >= 40)[0], n_latents,
+                                              replace=False)
+    backend = LocalBackend(model)
+    wall, cpu = time.perf_counter(), time.process_time()
+    explained = llm_explanations(store, dictionary, stats, latents, backend=backend)
+    t_explain, c_explain = time.perf_counter() - wall, time.process_time() - cpu
+    detected = detection_scores(store, dictionary, stats, explained, backend=backend)
+    t_total, c_total = time.perf_counter() - wall, time.process_time() - cpu
+    print(f"LLM explanations + detection scoring (with control), {n_latents} latents: "
+          f"{t_total:.1f} s wall ({t_explain:.1f} s explaining) = "
+          f"{n_latents / t_total * 60:.1f} latents/min; {c_total / n_latents:.1f} CPU s per "
+          f"latent (explaining {c_explain / n_latents:.1f})")
+    start = time.perf_counter()
+    embedded = embedding_scores(store, dictionary, stats, explained, model.tokenizer)
+    print(f"embedding scoring (with control), {n_latents} latents: "
+          f"{time.perf_counter() - start:.1f} s")
+    for name, scores in (("detection", detected), ("embedding", embedded)):
+        piv = scores.pivot(index="latent", columns="method", values="score")
+        own, ctrl = piv["llm"], piv["llm:control"]
+        print(f"  {name} AUROC: explanations {quartiles(own)}; control {quartiles(ctrl)}; "
+              f"explanation above its control for {(own > ctrl).sum()} of {own.notna().sum()}")
+    for r in explained.head(8).itertuples():
+        print(f"  latent {r.latent}: {r.explanation!r} {r.error}")
 
 
 def quartiles(values) -> str:
