@@ -212,6 +212,8 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
 
     With ``config.checkpoint_dir`` set and a checkpoint there, training resumes from it
     (skipping the batches already consumed) and ends bit-identical to an uninterrupted run.
+    A source with ``state_dict``/``load_state_dict`` (:class:`sae_nb.streaming.ActivationStream`)
+    is not replayed: its state goes in the checkpoint and is restored before the next batch.
 
     Under ``torchrun`` every rank calls this with the same global batches (each keeps its
     slice) or with ``sae_nb.distributed.rank_batches`` (each reads only its slice); every rank
@@ -221,6 +223,15 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
     group = setup()  # one process, or the ranks of a torchrun job
     device = rank_device(resolve_device(cfg.device), group)
     local = bool(getattr(batches, "rank_local", False))  # yields this rank's slices already
+    stream = batches if callable(getattr(batches, "load_state_dict", None)) else None
+    ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT if cfg.checkpoint_dir else None
+    saved = (read_checkpoint(ckpt, cfg) if resume and ckpt is not None
+             and _checkpoint_exists(ckpt, group) else None)
+    if saved is not None and stream is not None:
+        if "source" not in saved:
+            raise TrainingError(f"The checkpoint {str(ckpt)!r} was written by a run on other "
+                                f"batches (no stream position in it); delete it to train afresh.")
+        stream.load_state_dict(saved["source"])  # the next batch is the one after the checkpoint
     it = iter(batches)
     try:
         first = next(it)
@@ -231,44 +242,110 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
     _check_batch(0, x0, y0, x0.shape[-1] if x0.ndim == 2 else -1, y0.shape[-1] if y0.ndim == 2 else -1)
     if group.world > 1:  # every rank initialises from the whole first global batch
         x0, y0 = first_global_batch(group, _jsonable(asdict(cfg)), batches, local, x0, y0)
-    sae, s_in, s_out = _init(cfg, x0, y0, device)
-    steps = max(1, cfg.total_tokens // len(x0))
-    # The fused Adam kernel is ~7x faster than the per-tensor one on a CPU.
-    opt = torch.optim.Adam(sae.parameters(), lr=cfg.learning_rate(sae.d_sae), betas=cfg.adam_betas,
-                           fused=device.type in ("cpu", "cuda"))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg, steps))
-    # since_fired (F,): tokens in the batches after the last one in which each latent fired.
-    state = {"step": 0, "tokens": 0, "steps": steps, "since_fired": torch.zeros(sae.d_sae, dtype=torch.long, device=device),
-             "log": []}
-    ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT if cfg.checkpoint_dir else None
-    if resume and ckpt is not None and _checkpoint_exists(ckpt, group):
-        s_in, s_out = _load_checkpoint(ckpt, sae, opt, sched, state, cfg, group)
-        for _ in range(state["step"] - 1):  # the first batch was already taken
-            next(it, None)
-        first = None
-    bar = tqdm(total=steps, initial=state["step"], disable=not progress or not group.main,
-               desc=f"train {cfg.architecture}")
-    while state["step"] < steps:
+    run = Training(x0, y0, cfg, group, device, progress)
+    if saved is not None:
+        run.restore(saved, ckpt)
+        if stream is None:
+            for _ in range(run.state["step"] - 1):  # the first batch was already taken
+                next(it, None)
+            first = None
+    while not run.done:
         batch = first if first is not None else next(it, None)
         first = None
         if batch is None:
-            log.warning("Batches ran out after %d of %d steps.", state["step"], steps)
+            log.warning("Batches ran out after %d of %d steps.", run.state["step"], run.steps)
             break
+        run.step(batch, local)
+        if ckpt is not None and cfg.checkpoint_every and not run.state["step"] % cfg.checkpoint_every:
+            run.save(ckpt, source=stream)
+    if ckpt is not None:
+        run.save(ckpt, source=stream)
+    return run.finish()
+
+
+class Training:
+    """One dictionary in training, a step at a time. :func:`train_dictionary` drives one;
+    :func:`sae_nb.streaming.train_sites` drives several in lockstep on the same batches. Each
+    keeps its own torch RNG state (swapped in around its steps), so interleaved dictionaries
+    train exactly as each would alone."""
+
+    def __init__(self, x0: torch.Tensor, y0: torch.Tensor, cfg: TrainConfig,
+                 group: Group = ONE_PROCESS, device=None, progress: bool = True):
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self.cfg, self.group, self.device, self.progress = cfg, group, device, progress
+        self.sae, s_in, s_out = _init(cfg, x0, y0, device)
+        self.scale = (s_in, s_out)
+        self.steps = max(1, cfg.total_tokens // len(x0))
+        # The fused Adam kernel is ~7x faster than the per-tensor one on a CPU.
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate(self.sae.d_sae),
+                                    betas=cfg.adam_betas, fused=device.type in ("cpu", "cuda"))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, self.steps))
+        # since_fired (F,): tokens in the batches after the last one in which each latent fired.
+        self.state = {"step": 0, "tokens": 0, "steps": self.steps, "log": [],
+                      "since_fired": torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)}
+        self.rng = _rng_state(device)
+        self.bar = None
+
+    @property
+    def done(self) -> bool:
+        return self.state["step"] >= self.steps
+
+    def step(self, batch, local: bool = False) -> None:
+        """One optimiser step on ``batch`` (a global batch unless ``local``)."""
+        if self.bar is None:
+            self.bar = tqdm(total=self.steps, initial=self.state["step"],
+                            disable=not self.progress or not self.group.main,
+                            desc=f"train {self.cfg.architecture}")
         x, y = _split(batch)
         if not local:
-            x, y = rank_slice(state["step"], x, y, group)
-        _check_batch(state["step"], x, y, sae.d_in, sae.d_in)
-        _train_step(sae, opt, sched, cfg, state, x.to(device).float() * s_in,
-                    y.to(device).float() * s_out, bar, group)
-        if ckpt is not None and cfg.checkpoint_every and state["step"] % cfg.checkpoint_every == 0:
-            _save_checkpoint(ckpt, sae, opt, sched, state, cfg, (s_in, s_out), group)
-    bar.close()
-    release_scratch()
-    if ckpt is not None:
-        _save_checkpoint(ckpt, sae, opt, sched, state, cfg, (s_in, s_out), group)
-    sae.fold_scale(s_in, s_out)
-    sae.metadata = dict(cfg.metadata)  # its training data (site, BOS handling), as on loading
-    return TrainResult(sae.eval(), pd.DataFrame(state["log"]), cfg, (s_in, s_out))
+            x, y = rank_slice(self.state["step"], x, y, self.group)
+        _check_batch(self.state["step"], x, y, self.sae.d_in, self.sae.d_in)
+        s_in, s_out = self.scale
+        _set_rng_state(self.rng, self.device)
+        _train_step(self.sae, self.opt, self.sched, self.cfg, self.state,
+                    x.to(self.device).float() * s_in, y.to(self.device).float() * s_out,
+                    self.bar, self.group)
+        self.rng = _rng_state(self.device)
+
+    def payload(self) -> dict:
+        """Everything a resumption needs (what the checkpoint file holds)."""
+        return {"model": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "step": self.state["step"],
+                "tokens": self.state["tokens"], "tokens_since_fired": self.state["since_fired"],
+                "log": self.state["log"], "scale": list(self.scale), "world_size": self.group.world,
+                "config": _jsonable(asdict(self.cfg)), "torch_rng": self.rng[0],
+                **({"cuda_rng": self.rng[1]} if self.rng[1] is not None else {})}
+
+    def save(self, path: Path, source=None) -> None:
+        """Write the checkpoint (rank 0, atomically), with ``source.state_dict()`` if given."""
+        _save_checkpoint(path, self, source, self.group)
+
+    def restore(self, payload: dict, path: Path) -> None:
+        """Continue from a checkpoint's ``payload`` (read by :func:`read_checkpoint`)."""
+        self.scale = _load_checkpoint(path, payload, self.sae, self.opt, self.sched, self.state,
+                                      self.group)
+        self.rng = (payload["torch_rng"], payload.get("cuda_rng"))
+
+    def finish(self) -> TrainResult:
+        """Fold the input scale into the weights and return the trained dictionary."""
+        if self.bar is not None:
+            self.bar.close()
+        release_scratch()
+        self.sae.fold_scale(*self.scale)
+        self.sae.metadata = dict(self.cfg.metadata)  # its training data (site, BOS handling)
+        return TrainResult(self.sae.eval(), pd.DataFrame(self.state["log"]), self.cfg,
+                           tuple(self.scale))
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _train_step(sae, opt, sched, cfg, state, x, y, bar, group: Group = ONE_PROCESS) -> None:
@@ -347,19 +424,17 @@ def _resample_dead(sae: ReLUSAE, opt, x, y, y_hat, dead: torch.Tensor) -> None:
     log.info("Resampled %d dead latents", n)
 
 
-def _save_checkpoint(path: Path, sae, opt, sched, state, cfg, scale,
+def _save_checkpoint(path: Path, run: Training, source=None,
                      group: Group = ONE_PROCESS) -> None:
     """Rank 0 writes (atomically), after checking every rank holds the same weights; the others
     wait for it at a barrier."""
     if group.world > 1:
-        group.same_everywhere(f"the dictionary's weights at step {state['step']} (checksums)",
-                              group.checksum(sae), "The ranks diverged; report this as a bug.")
+        group.same_everywhere(f"the dictionary's weights at step {run.state['step']} (checksums)",
+                              group.checksum(run.sae), "The ranks diverged; report this as a bug.")
     if group.main:
-        payload = {"model": sae.state_dict(), "optimizer": opt.state_dict(),
-                   "scheduler": sched.state_dict(), "step": state["step"],
-                   "tokens": state["tokens"], "tokens_since_fired": state["since_fired"],
-                   "log": state["log"], "scale": list(scale), "world_size": group.world,
-                   "config": _jsonable(asdict(cfg)), "torch_rng": torch.get_rng_state()}
+        payload = run.payload()
+        if source is not None:
+            payload["source"] = source.state_dict()
         with atomic_open(path) as f:
             torch.save(payload, f)
     group.barrier()
@@ -384,19 +459,24 @@ def check_resumable(path: Path, saved: dict, config: TrainConfig) -> None:
                             f"checkpoint folder (another name) to train a separate dictionary.")
 
 
-def _load_checkpoint(path: Path, sae, opt, sched, state, config: TrainConfig,
-                     group: Group = ONE_PROCESS) -> tuple[float, float]:
+def read_checkpoint(path: Path, config: TrainConfig) -> dict:
+    """A checkpoint's contents, refused when written with other settings than ``config``."""
     try:
-        payload = torch.load(path, weights_only=True, map_location=sae.W_enc.device)
+        payload = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
         raise TrainingError(f"Checkpoint {str(path)!r} cannot be read ({err}); delete it to "
                             f"start over.") from None
     check_resumable(path, payload["config"], config)
+    return payload
+
+
+def _load_checkpoint(path: Path, payload: dict, sae, opt, sched, state,
+                     group: Group = ONE_PROCESS) -> tuple[float, float]:
     sae.load_state_dict(payload["model"])
     opt.load_state_dict(payload["optimizer"])
     sched.load_state_dict(payload["scheduler"])
     state.update(step=payload["step"], tokens=payload["tokens"], log=payload["log"],
-                 since_fired=_tokens_since_fired(payload))
+                 since_fired=_tokens_since_fired(payload).to(sae.W_enc.device))
     torch.set_rng_state(payload["torch_rng"])
     written_by = int(payload.get("world_size", 1))
     if written_by != group.world:

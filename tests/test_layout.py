@@ -83,7 +83,7 @@ LAYERS = {
     "ground": ["threads", "checks", "io", "sites", "models", "corpora", "store", "shards", "split",
                "distributed"],
     "dictionaries": ["dictionary", "sparse_ops", "saving", "formats", "catalogue"],
-    "producing": ["extract", "objectives", "train", "evaluate", "synthetic"],
+    "producing": ["extract", "objectives", "train", "evaluate", "synthetic", "streaming"],
     "studying": ["codes", "features", "contexts", "logit_effects", "probing", "clustering",
                  "families", "intervene", "effects", "attribution", "steering", "explanations",
                  "rules", "backends", "autointerp", "scoring", "recovery", "uncertainty"],
