@@ -39,7 +39,12 @@ class LabError(ValueError):
 @dataclass
 class LabConfig:
     """What the synthetic activations are made of. Defaults: a 1,024-feature lab in 64 dims with
-    ~8 features active per row, a small hierarchy, correlated groups and a little noise."""
+    ~8 features active per row, a small hierarchy, correlated groups and a little noise.
+
+    How hard that is (TopK 2,048 latents, held-out rows, measured): in 64 dims (16x
+    superposition) k=16 reaches MCC 0.20 and mean max cosine 0.57 (chance 0.42) after 2M
+    tokens at lr 3e-3; the same 1,024 features in d=256 reach MCC 0.96 and 0.996 after 1M;
+    256 features in 64 dims (L0 4, 512 latents, k=8) MCC 0.89 and 0.98."""
 
     n_features: int = 1024
     d: int = 64
