@@ -79,7 +79,8 @@ class ActivationStream:
         self.rng = torch.Generator().manual_seed(self.buffer_seed)
         self.next_context = 0  # contexts already run through the model
         self.yielded = 0  # batches
-        self.buffer: dict[str, torch.Tensor] = {}  # site -> (n, d) rows not yet yielded
+        self.buffer: dict[str, torch.Tensor] = {}  # site -> (n, d) rows
+        self.read = torch.zeros(0, dtype=torch.bool)  # (n,): yielded already (dropped at refill)
 
     @property
     def names(self) -> list[str]:
@@ -97,7 +98,8 @@ class ActivationStream:
         return self
 
     def __next__(self):
-        if self._unread() < max(self.buffer_rows // 2, self.batch_rows):
+        if self._unread() < max(self.buffer_rows // 2, self.batch_rows) and \
+                self.next_context < len(self.contexts.tokens):
             self._refill()  # dictionary_learning's rule: refill when half empty
         n = self._unread()
         if n < self.batch_rows and not self.yielded:  # refilled: the corpus is spent
@@ -108,18 +110,19 @@ class ActivationStream:
         if n < self.batch_rows:
             raise StopIteration
         self.yielded += 1
-        pick = (torch.randperm(n, generator=self.rng)[: self.batch_rows] if self.shuffle
-                else torch.arange(self.batch_rows))  # (B,)
-        left = torch.ones(n, dtype=torch.bool)
-        left[pick] = False
-        batch = {}
-        for name, rows in self.buffer.items():
-            batch[name] = rows[pick.to(rows.device)].float()  # (B, d)
-            self.buffer[name] = rows[left.to(rows.device)]
-        return batch[self.names[0]] if len(self.sites) == 1 else batch
+        unread = (~self.read).nonzero()[:, 0]  # (n,) in buffer order
+        pick = unread[torch.randperm(n, generator=self.rng)[: self.batch_rows] if self.shuffle
+                      else slice(self.batch_rows)]  # (B,)
+        self.read[pick] = True  # marked, not removed: no copy of the buffer per batch
+        batch = {name: rows[pick.to(rows.device)].float() for name, rows in self.buffer.items()}
+        return batch[self.names[0]] if len(self.sites) == 1 else batch  # (B, d) each
 
     def _unread(self) -> int:
-        return len(next(iter(self.buffer.values()))) if self.buffer else 0
+        return int((~self.read).sum())
+
+    def _unread_rows(self) -> dict[str, torch.Tensor]:
+        keep = ~self.read
+        return {name: rows[keep.to(rows.device)] for name, rows in self.buffer.items()}
 
     def _refill(self) -> None:
         """Run the model over the next contexts until the buffer holds ``buffer_rows`` rows."""
@@ -136,16 +139,17 @@ class ActivationStream:
                 new[site.name].append(acts[keep.to(acts.device)].to(self.dtype))  # (rows, d)
             have += int(keep.sum())
             self.next_context = hi
+        old = self._unread_rows()
         for name, parts in new.items():
-            old = self.buffer.get(name)
-            self.buffer[name] = torch.cat(([old] if old is not None else []) + parts)
+            self.buffer[name] = torch.cat(([old[name]] if name in old else []) + parts)
+        self.read = torch.zeros(have, dtype=torch.bool)
 
     def state_dict(self) -> dict[str, Any]:
         """The stream's position: contexts consumed, sampling RNG, rows still in the buffer."""
         return {"settings": self.settings(), "next_context": self.next_context,
                 "yielded": self.yielded,
                 "rng": self.rng.get_state(),
-                "buffer": {name: rows.cpu() for name, rows in self.buffer.items()}}
+                "buffer": {name: rows.cpu() for name, rows in self._unread_rows().items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where :meth:`state_dict` was taken, refusing another stream's state."""
@@ -158,6 +162,7 @@ class ActivationStream:
         self.next_context, self.yielded = int(state["next_context"]), int(state["yielded"])
         self.rng.set_state(state["rng"])
         self.buffer = {name: rows.to(self.device) for name, rows in state["buffer"].items()}
+        self.read = torch.zeros(len(next(iter(self.buffer.values()), [])), dtype=torch.bool)
 
 
 def _positive(name: str, value) -> int:
