@@ -89,19 +89,20 @@ def is_control(method) -> pd.Series | bool:
     return str(method).endswith(CONTROL)
 
 
-def best_explanations(table: pd.DataFrame,
-                      score_names: Sequence[str] | None = None) -> pd.DataFrame:
+def best_explanations(table: pd.DataFrame, score_names: Sequence[str] | None = None,
+                      min_score: float = 0.0) -> pd.DataFrame:
     """One row per latent with a usable explanation: the highest-scoring one (``latent``,
     ``explanation``, ``method``, ``score``, ``score_name``), indexed by latent too.
 
-    Control rows, failed rows (an error, an empty explanation or a NaN score) are ignored.
+    Control rows, failed rows (an error, an empty explanation or a NaN score) and scores not
+    above ``min_score`` (an F1 of 0 explains nothing) are ignored.
     Scores are compared as they are (each in [0, 1]); ``score_names`` (e.g.
     ``["detection_auroc"]``) keeps only those scores, so that methods are compared on one
     yardstick (an F1 and an AUROC, whose chance level is 0.5, are not the same). On a tie the
     row listed first in the table wins."""
     t = check_table(table)
     usable = (~is_control(t["method"]) & (t["error"] == "") & (t["explanation"].str.strip() != "")
-              & np.isfinite(t["score"]))
+              & np.isfinite(t["score"]) & (t["score"] > min_score))
     if score_names is not None:
         usable &= t["score_name"].isin(list(score_names))
     t = t[usable]
@@ -111,9 +112,13 @@ def best_explanations(table: pd.DataFrame,
     return best.set_index("latent", drop=False).rename_axis(None)
 
 
-def explanation_caption(explanation: str, score: float, score_name: str, method: str = "") -> str:
-    """``'tax words (llm, detection_auroc 0.91)'``: an explanation with its score."""
+def explanation_caption(explanation: str, score: float, score_name: str, method: str = "",
+                        max_chars: int | None = None) -> str:
+    """``'tax words (llm, detection_auroc 0.91)'``: an explanation with its score, the
+    explanation cut to ``max_chars`` (with an ellipsis) when given."""
     how = f"{method}, " if method else ""
+    if max_chars is not None and len(explanation) > max_chars:
+        explanation = explanation[: max_chars - 1].rstrip() + "…"
     return f"{explanation} ({how}{score_name} {float(score):.2f})"
 
 

@@ -170,15 +170,17 @@ def best_of(explanations) -> pd.DataFrame | None:
     return None if table is None else best_explanations(table)
 
 
-def explained_captions(captions: dict[int, str], best: pd.DataFrame | None) -> dict[int, str]:
-    """``captions`` (top tokens) with each latent's best explanation and score in front:
-    ``'tax words (f1 0.92) · " tax", " taxes"'``; latents without one keep their caption."""
+def explained_captions(captions: dict[int, str], best: pd.DataFrame | None,
+                       max_chars: int = 60) -> dict[int, str]:
+    """``captions`` (top tokens) with each latent's best explanation (cut to ``max_chars``,
+    so menus stay readable) and score in front: ``'tax words (f1 0.92) · " tax", " taxes"'``;
+    latents without one keep their caption."""
     if best is None or not len(best):
         return dict(captions)
     out = dict(captions)
     for r in best.itertuples():
         if int(r.latent) in out:
             tokens = out[int(r.latent)]
-            text = explanation_caption(r.explanation, r.score, r.score_name)
+            text = explanation_caption(r.explanation, r.score, r.score_name, max_chars=max_chars)
             out[int(r.latent)] = f"{text} · {tokens}" if tokens else text
     return out

@@ -39,6 +39,7 @@ HAND = table([
     (2, "llm", "days of the week", 0.95, "detection_auroc", "empty reply"),  # error: ignored
     (3, "llm", "war and the army", 0.70, "detection_auroc", ""),
     (4, "rule", "", math.nan, "f1", "never fired"),  # no usable row at all
+    (5, "rule", "tokens ' the'", 0.0, "f1", ""),  # F1 0 explains nothing: never best
 ])
 
 
@@ -50,12 +51,15 @@ def test_best_explanation_is_the_highest_usable_score_per_latent():
     assert best.loc[1, "explanation"] == "tokens ' not', ' never'"  # the failed llm row ignored
     assert best.loc[2, "method"] == "rule" and best.loc[2, "score"] == 0.40
     assert best.loc[3, "score_name"] == "detection_auroc"
+    assert best_explanations(HAND, min_score=-1).loc[5, "score"] == 0.0
     # brute force: for every latent, the max over non-control, error-free, finite rows
     for latent, group in HAND.groupby("latent"):
         ok = group[~group["method"].str.endswith(":control") & (group["error"] == "")
-                   & group["score"].notna() & (group["explanation"] != "")]
+                   & (group["score"] > 0) & (group["explanation"] != "")]
         if len(ok):
             assert best.loc[latent, "score"] == ok["score"].max()
+        else:
+            assert latent not in best.index
 
 
 def test_table_contract_is_checked():
@@ -82,6 +86,8 @@ def test_feature_table_gains_explanation_columns():
     assert joined.loc[5, "explanation"] == "" and np.isnan(joined.loc[5, "explanation_score"])
     captions = explanation_captions(best_explanations(HAND))
     assert captions[0] == "tax words (llm, detection_auroc 0.91)"
+    from sae_nb.explanations import explanation_caption
+    assert explanation_caption("a b c d e f", 0.5, "f1", max_chars=6) == "a b c… (f1 0.50)"
 
 
 def test_score_summary_counts_failures_and_reports_the_control():
@@ -89,7 +95,7 @@ def test_score_summary_counts_failures_and_reports_the_control():
     assert summary.loc["llm", "latents"] == 4 and summary.loc["llm", "failed"] == 2
     assert summary.loc["llm", "mean"] == pytest.approx((0.91 + 0.70) / 2)
     assert summary.loc["llm:control", "mean"] == pytest.approx(0.97)
-    assert summary.loc["rule", "median"] == pytest.approx(np.median([0.62, 0.55, 0.40]))
+    assert summary.loc["rule", "median"] == pytest.approx(np.median([0.62, 0.55, 0.40, 0.0]))
 
 
 class FakeStats:
