@@ -1,6 +1,16 @@
-"""Training without a store: the activation stream, its resumption, many sites in one pass."""
+"""Training without a store: the activation stream, its resumption, many sites in one pass.
+
+The file is also the worker of the two-rank test (``python tests/test_streaming.py MODEL CORPUS
+OUT`` under torchrun): every rank streams the same batches and trains on its slice of each.
+"""
 
 from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,3 +197,36 @@ def test_bad_inputs_get_clear_errors(llama, corpus_dir, tmp_path):
     too_few = stream(llama, corpus_dir, n_tokens=16, batch_rows=ROWS)  # 15 rows < one batch
     with pytest.raises(StreamError, match="give 15 rows, fewer than one batch"):
         train_dictionary(too_few, progress=False, **TRAIN)
+
+
+@pytest.mark.slow
+def test_two_ranks_streaming_equal_one_process(llama, model_dirs, corpus_dir, tmp_path):
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", __file__, str(model_dirs["llama"]),
+                             str(corpus_dir), str(tmp_path)], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"torchrun ran over 240 s:\n{proc.communicate()[0][-3000:]}")
+    assert proc.returncode == 0, output[-4000:]
+    one = train_dictionary(stream(llama, corpus_dir), progress=False, **TRAIN).dictionary
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for name, p in one.state_dict().items():
+        assert torch.equal(ranks[0][name], ranks[1][name])
+        torch.testing.assert_close(ranks[0][name], p, atol=1e-5, rtol=0, msg=name)
+
+
+if __name__ == "__main__":  # the worker of the two-rank test
+    torch.set_num_threads(1)
+    import sae_nb
+
+    model_dir, corpus, out = sys.argv[1:4]
+    result = train_dictionary(stream(sae_nb.load_model(model_dir), corpus), progress=False,
+                              **TRAIN)
+    torch.save(result.dictionary.state_dict(), Path(out) / f"rank{os.environ['RANK']}.pt")
