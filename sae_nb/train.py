@@ -5,7 +5,10 @@
 shuffled iterator. Adam with linear warm-up and a final linear decay; inputs scaled to unit
 mean squared norm while training and the scale folded into the weights at the end; dead
 latents tracked over a window of tokens (AuxK for TopK, resampling for ReLU); checkpoints every
-N steps that resume bit for bit on the CPU.
+N steps that resume bit for bit on the CPU. :class:`Training` is one dictionary a step at a
+time (``sae_nb.streaming.train_sites`` drives several in lockstep); a batch source with
+``state_dict``/``load_state_dict`` (``sae_nb.streaming.ActivationStream``) is checkpointed
+with the dictionary instead of being replayed on resumption.
 
 Under ``torchrun`` (or in a process group the caller initialised) the same call trains data
 parallel: each rank takes its slice of every global batch (or reads only that slice, with
