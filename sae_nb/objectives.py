@@ -4,6 +4,9 @@
 next site's activation for a transcoder. Each returns the loss to minimise plus what the
 trainer logs and needs (which latents fired, for dead-latent tracking).
 
+Matryoshka BatchTopK is BatchTopK with a nested loss (``matryoshka_widths``): the same
+dictionary class, saved and loaded as BatchTopK (SAELens: a JumpReLU with one threshold).
+
 Under data parallelism (``group`` of several ranks) each rank passes its slice of the global
 batch; the two terms that are not means of per-row terms, AuxK's normaliser and BatchTopK's
 batch-wide selection and threshold, are reduced over the ranks, so the mean of the ranks'
@@ -82,19 +85,95 @@ def _global_batch_topk(pre: torch.Tensor, k: int, group: Group) -> torch.Tensor:
     return acts * (acts >= cut)
 
 
+def check_matryoshka_widths(widths, d_sae: int | None = None, error=ValueError) -> tuple[int, ...]:
+    """``widths`` as a tuple of ints, checked: strictly increasing positive prefix sizes, the last
+    one ``d_sae`` (when given). Raises ``error`` naming the value and the fix."""
+    try:
+        out = tuple(int(w) for w in widths)
+        if any(int(w) != w for w in widths):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise error(f"matryoshka_widths={widths!r} must be a list of whole numbers, the sizes of "
+                    f"the nested prefixes of the latents, e.g. [512, 1024, 2048, 4096].") from None
+    if not out:
+        raise error("matryoshka_widths is empty; give the prefix sizes, ending with d_sae, e.g. "
+                    "[d_sae // 8, d_sae // 4, d_sae // 2, d_sae], or None for that default.")
+    if out[0] < 1 or any(b <= a for a, b in zip(out, out[1:])):
+        raise error(f"matryoshka_widths={list(out)} must be strictly increasing positive prefix "
+                    f"sizes (each prefix holds the one before it), e.g. [512, 1024, 2048, 4096].")
+    if d_sae is not None and out[-1] != d_sae:
+        raise error(f"matryoshka_widths={list(out)} ends at {out[-1]}, but d_sae={d_sae}: the last "
+                    f"prefix must be the whole dictionary. End the list with {d_sae}.")
+    return out
+
+
+def default_matryoshka_widths(d_sae: int) -> tuple[int, ...]:
+    """``(F/8, F/4, F/2, F)``, the nesting of Bussmann et al. (2025), fewer levels for small
+    ``F`` (repeated sizes dropped)."""
+    return tuple(sorted({max(1, d_sae // 8), max(1, d_sae // 4), max(1, d_sae // 2), d_sae}))
+
+
+def prefix_reconstructions(f: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor,
+                           widths) -> list[torch.Tensor]:
+    """The reconstruction ``f[:, :m] @ W_dec[:m] + b_dec`` of every prefix width ``m``, built
+    group by group (each group's latents decoded once and added to the previous prefix's), so
+    all of them together cost one full decode."""
+    out, decoded, start = [], b_dec, 0
+    for width in widths:
+        decoded = f[:, start:width] @ W_dec[start:width] + decoded
+        out.append(decoded)
+        start = width
+    return out
+
+
+def matryoshka_loss(sae: Dictionary, f: torch.Tensor, y: torch.Tensor, widths) -> tuple[
+        torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """``(loss, per-prefix MSEs, full reconstruction)`` for codes ``f`` (B, F): the loss is the
+    SUM over prefixes of each prefix's squared error (summed over D, averaged over rows), as in
+    Bussmann et al. (2025) and SAELens's ``matryoshka_batchtopk`` (an inner loss per level added
+    to the full one). A sum, not a mean, so the full dictionary's term keeps the weight it has
+    in plain BatchTopK and one prefix is exactly BatchTopK."""
+    recons = prefix_reconstructions(f, sae.W_dec, sae.b_dec, widths)
+    mses = [(y - r).pow(2).sum(-1).mean() for r in recons]
+    return torch.stack(mses).sum(), mses, recons[-1]
+
+
+@torch.no_grad()
+def matryoshka_prefix_losses(sae: BatchTopKSAE, x: torch.Tensor, widths,
+                             batch_topk: bool = True) -> list[float]:
+    """Each prefix's reconstruction MSE of ``x`` (the dictionary's own units), with the
+    training-time batch top-k selection (``batch_topk``) or the inference threshold."""
+    pre = sae.pre_acts(x)
+    f = sae.batch_activation(pre) if batch_topk else sae.activation(pre)
+    widths = check_matryoshka_widths(widths, sae.d_sae)
+    return [float(m) for m in matryoshka_loss(sae, f, x, widths)[1]]
+
+
 def batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux: int, auxk_alpha: float,
                    update_threshold: bool = True,
-                   threshold_beta: float = 0.99, group: Group | None = None) -> Step:
+                   threshold_beta: float = 0.99, group: Group | None = None,
+                   matryoshka_widths=None) -> Step:
     """BatchTopK (Bussmann et al. 2024): the k*B largest activations over the whole batch; the
-    inference threshold tracks the smallest kept activation with an exponential average."""
+    inference threshold tracks the smallest kept activation with an exponential average.
+
+    With ``matryoshka_widths`` (several increasing prefix sizes ending at ``d_sae``): Matryoshka
+    BatchTopK (Bussmann et al. 2025), the loss summing every prefix's reconstruction error
+    (:func:`matryoshka_loss`); AuxK and the threshold as in BatchTopK (SAELens's default, AuxK
+    on the full dictionary's residual)."""
     pre = sae.pre_acts(x)
     ranks = group is not None and group.world > 1
     f = _global_batch_topk(pre, sae.k, group) if ranks else sae.batch_activation(pre)
-    x_hat = sae.decode(f)
-    err = y - x_hat
-    err_sq = err.pow(2).sum()
-    mse = err_sq / len(x)
-    loss = mse
+    if matryoshka_widths is not None and len(matryoshka_widths) > 1:
+        loss, _, x_hat = matryoshka_loss(sae, f, y, matryoshka_widths)
+        err = y - x_hat
+        err_sq = err.pow(2).sum()
+        mse = err_sq / len(x)
+    else:
+        x_hat = sae.decode(f)
+        err = y - x_hat
+        err_sq = err.pow(2).sum()
+        mse = err_sq / len(x)
+        loss = mse
     if dead is not None and bool(dead.any()):
         kk = min(k_aux, int(dead.sum()))
         aux_v, aux_i = pre.masked_fill(~dead, float("-inf")).topk(kk, dim=-1, sorted=False)
@@ -189,8 +268,11 @@ def compute_step(sae: Dictionary, x, y, cfg, dead, past_warmup: bool = True,
                  group: Group | None = None) -> Step:
     """Dispatch on the dictionary's class; ``group``: the ranks sharing the batch, if any."""
     if isinstance(sae, BatchTopKSAE):
+        widths = None
+        if getattr(cfg, "architecture", None) == "matryoshka_batchtopk":
+            widths = cfg.matryoshka_widths_value(sae.d_sae)
         return batchtopk_step(sae, x, y, dead, cfg.k_aux_value(sae), cfg.auxk_alpha, past_warmup,
-                              group=group)
+                              group=group, matryoshka_widths=widths)
     if isinstance(sae, TopKSAE):
         return topk_step(sae, x, y, dead, cfg.k_aux_value(sae), cfg.auxk_alpha, group)
     if isinstance(sae, JumpReLUSAE):

@@ -36,12 +36,13 @@ from .distributed import (ONE_PROCESS, Group, batch_metrics, first_global_batch,
                           rank_slice, setup)
 from .io import atomic_open, folder_name
 from .models import resolve_device
-from .objectives import compute_step
+from .objectives import check_matryoshka_widths, compute_step, default_matryoshka_widths
 from .sparse_ops import release_scratch
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 # Settings that may change between a run and its resumption without changing the result.
+ARCHITECTURE_NAMES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard", "jumprelu")
 RESUMABLE_CHANGES = ("checkpoint_dir", "checkpoint_every", "log_every", "device")
 
 
@@ -57,11 +58,15 @@ class TrainConfig:
     projected out, rows renormalised after each step) for every architecture except the ReLU
     with ``l1_weighted_by_decoder_norm``, Anthropic's April update, which leaves them free."""
 
-    architecture: Literal["topk", "batchtopk", "standard", "jumprelu"] = "topk"
+    architecture: Literal["topk", "batchtopk", "matryoshka_batchtopk", "standard",
+                          "jumprelu"] = "topk"
     d_in: int | None = None  # input width; None takes it from the first batch
     expansion: int = 8  # d_sae = expansion * d_in, unless d_sae is given
     d_sae: int | None = None
     k: int = 32  # TopK / BatchTopK: active latents per token
+    # Matryoshka BatchTopK: the nested prefix sizes, strictly increasing and ending at d_sae;
+    # None: (d_sae/8, d_sae/4, d_sae/2, d_sae). The loss sums each prefix's reconstruction error.
+    matryoshka_widths: tuple[int, ...] | None = None
     total_tokens: int = 1_000_000  # training budget; steps = total_tokens // batch rows
     lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2**14), Gao et al.'s scaling law
     warmup_steps: int | None = None  # None: 5% of the steps
@@ -93,9 +98,16 @@ class TrainConfig:
     metadata: dict = field(default_factory=dict)  # model, sites, ... saved with the dictionary
 
     def __post_init__(self):
-        if self.architecture not in ("topk", "batchtopk", "standard", "jumprelu"):
+        if self.architecture not in ARCHITECTURE_NAMES:
             raise TrainingError(f"Unknown architecture {self.architecture!r}; choose one of "
-                                f"'topk', 'batchtopk', 'standard', 'jumprelu'.")
+                                f"{', '.join(map(repr, ARCHITECTURE_NAMES))}.")
+        if self.matryoshka_widths is not None:
+            if self.architecture != "matryoshka_batchtopk":
+                raise TrainingError(f"matryoshka_widths is set but architecture="
+                                    f"{self.architecture!r}; use architecture="
+                                    f"'matryoshka_batchtopk' or drop matryoshka_widths.")
+            self.matryoshka_widths = check_matryoshka_widths(
+                self.matryoshka_widths, self.d_sae, TrainingError)
         for name, minimum in (("total_tokens", 1), ("expansion", 1), ("k", 1), ("seed", 0),
                               ("dead_window_tokens", 1), ("checkpoint_every", 0),
                               ("log_every", 1), ("d_sae", 1), ("d_in", 1), ("k_aux", 1),
@@ -114,6 +126,12 @@ class TrainConfig:
 
     def width(self, d_in: int) -> int:
         return int(self.d_sae or self.expansion * d_in)
+
+    def matryoshka_widths_value(self, d_sae: int) -> tuple[int, ...]:
+        """The prefix sizes for a dictionary of ``d_sae`` latents (checked against it)."""
+        if self.matryoshka_widths is None:
+            return default_matryoshka_widths(d_sae)
+        return check_matryoshka_widths(self.matryoshka_widths, d_sae, TrainingError)
 
     def k_aux_value(self, sae: Dictionary) -> int:
         return int(self.k_aux or sae.d_in // 2)
@@ -173,9 +191,13 @@ def _init(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, device) -> tuple[D
         raise TrainingError(f"config.d_in={cfg.d_in} but the batches have width {d_in}: "
                             f"wrong site or store. Set d_in=None to take it from the data.")
     d_sae = cfg.width(d_in)
-    if cfg.architecture in ("topk", "batchtopk") and not 0 < cfg.k <= d_sae:
+    if cfg.architecture in ("topk", "batchtopk", "matryoshka_batchtopk") and not 0 < cfg.k <= d_sae:
         raise TrainingError(f"k={cfg.k} must lie in 1..d_sae={d_sae}.")
-    sae = build_dictionary(cfg.architecture, d_in, d_sae, k=cfg.k,
+    if cfg.architecture == "matryoshka_batchtopk":
+        cfg.matryoshka_widths_value(d_sae)  # fail before training when they do not fit d_sae
+    # Matryoshka BatchTopK trains a BatchTopK dictionary with a nested loss.
+    arch = "batchtopk" if cfg.architecture == "matryoshka_batchtopk" else cfg.architecture
+    sae = build_dictionary(arch, d_in, d_sae, k=cfg.k,
                            apply_b_dec_to_input=not transcoder).to(device)
     x, y = x.to(device).float(), y.to(device).float()
     s_in = float(1 / x.pow(2).sum(1).mean().sqrt()) if cfg.normalize_activations else 1.0
@@ -513,6 +535,7 @@ def dictionary_name(config: TrainConfig, d_in: int) -> str:
     """An automatic name from the architecture, width and sparsity: ``topk_4608_k32``."""
     width = config.width(d_in)
     sparsity = {"topk": f"k{config.k}", "batchtopk": f"k{config.k}",
+                "matryoshka_batchtopk": f"k{config.k}",
                 "standard": f"l1_{config.l1_coefficient:g}",
                 "jumprelu": f"l0_{config.l0_coefficient:g}"}[config.architecture]
     return f"{config.architecture}_{width}_{sparsity}"
