@@ -1,4 +1,5 @@
-"""Command line: ``run`` (the main job), ``setup``, and the ``extract`` and ``train`` jobs.
+"""Command line: ``run`` (the main job), ``setup``, ``sweep`` (one notebook over a grid), and
+the ``extract`` and ``train`` jobs.
 
 ``extract`` and ``train`` take notebooks 01 and 02's parameters as options (``--n_tokens`` or
 ``--n-tokens``) or from a JSON/YAML file (``--config``); ``torchrun`` launches them on several
@@ -12,6 +13,7 @@ import ast
 import logging
 import sys
 import time
+from pathlib import Path
 
 USAGE_EXAMPLES = """examples:
   python -m sae_nb setup                       fetch and convert the default model once
@@ -21,8 +23,13 @@ USAGE_EXAMPLES = """examples:
   python -m sae_nb run --smoke --run /tmp/smoke   the CI parameters, into an absolute folder
   python -m sae_nb extract --sites resid_out_layer6 --n-tokens 1e6 --run-dir outputs/big
   python -m sae_nb train --site resid_out_layer6 --k 64 --run-dir outputs/big
+  python -m sae_nb sweep --only 02 -p "k=[16,32,64]" -p "architecture=['topk','batchtopk']"
   torchrun --nproc_per_node 2 -m sae_nb extract --config job.yaml
   torchrun --nproc_per_node 2 -m sae_nb train --config job.yaml --batch-size 8192
+"""
+SWEEP_EXAMPLES = """examples:
+  python -m sae_nb sweep --only 02 -p "k=[16,32,64]" -p "architecture=['topk','batchtopk']"
+  python -m sae_nb sweep --only 02 --smoke --base-run smoke --run sweeps/k -p "k=[4,8]" --jobs 2
 """
 JOB_HELP = {"extract": "notebook 01 as a job: activations into stores (torchrun: one part "
                        "per process)",
@@ -65,6 +72,67 @@ def add_job_parser(commands, job: str) -> None:
                             **kind)
 
 
+def add_sweep_parser(commands) -> None:
+    """``sweep``: one notebook over the cartesian product of list-valued -p options."""
+    from . import pipeline
+
+    sweep = commands.add_parser(
+        "sweep", help="run one notebook over a grid of parameters (papermill), one folder per "
+                      "combination; a rerun skips the finished ones",
+        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("--only", required=True, metavar="NN",
+                       help="the notebook to sweep, by number (02) or stem (02_train)")
+    sweep.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
+                       help="a list value (k=[16,32]) is swept, anything else fixed; wrap a "
+                            "list-valued parameter to fix it: \"sites=[['a']]\" (repeatable)")
+    sweep.add_argument("--run", metavar="NAME", help="sweep folder: outputs/NAME or an absolute "
+                       "path (default: sweeps/<notebook stem>)")
+    sweep.add_argument("--base-run", metavar="NAME",
+                       help="run whose --link entries each combination's folder links to, e.g. "
+                            f"notebook 01's activations (default: {pipeline.DEFAULT_RUN}, when "
+                            f"that folder exists)")
+    sweep.add_argument("--link", nargs="+", default=["activations"], metavar="ENTRY",
+                       help="entries of the base run to link (default: activations)")
+    sweep.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="combinations at once; each gets cores // N threads (default: 1)")
+    sweep.add_argument("--smoke", action="store_true",
+                       help="start from the small CI parameters (sae_nb.pipeline.SMOKE_PARAMETERS)")
+    sweep.add_argument("--outputs", default=str(pipeline.OUTPUTS_DIR), metavar="DIR",
+                       help="root of the run folders (default: the repository's outputs/)")
+    sweep.add_argument("--notebooks", default=str(pipeline.NOTEBOOKS_DIR), metavar="DIR",
+                       help="folder of the numbered notebooks (default: the repository's)")
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    """``sweep``: print each combination's status and the table's path; 1 if any failed."""
+    from .pipeline import DEFAULT_RUN, PipelineError
+    from .sweep import METRICS_TABLE, parse_grid, run_sweep
+
+    start = time.perf_counter()
+    base_run = args.base_run
+    if base_run is None and (Path(args.outputs) / DEFAULT_RUN).is_dir():
+        base_run = DEFAULT_RUN
+    try:
+        axes, fixed = parse_grid(args.parameter)
+        sweep, table = run_sweep(args.only, axes, fixed, run=args.run, jobs=args.jobs,
+                                 smoke=args.smoke, base_run=base_run, link=args.link,
+                                 outputs_root=args.outputs, notebooks_dir=args.notebooks)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for row in table.to_dict("records"):
+        where = ""
+        if row["status"] == "failed":
+            cell = row["cell"]
+            where = (f" in cell {int(cell)}" if cell == cell and cell is not None else "") + \
+                f": {row['error']}"
+        print(f"{row['combination']}: {row['status']}{where}")
+    failed = int((table["status"] != "done").sum())
+    print(f"{len(table) - failed} of {len(table)} combination(s) done in "
+          f"{time.perf_counter() - start:.0f} s; table in {sweep.sweep_dir / METRICS_TABLE}")
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import pipeline
 
@@ -86,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--outputs", default=str(pipeline.OUTPUTS_DIR), metavar="DIR",
                      help="root of the run folders (default: the repository's outputs/)")
     commands.add_parser("setup", help="fetch and convert the default model once; print its folder")
+    add_sweep_parser(commands)
     for job in ("extract", "train"):
         add_job_parser(commands, job)
     return parser
@@ -131,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     if args.command in ("extract", "train"):
         return run_job(args)
+    if args.command == "sweep":
+        return run_sweep_command(args)
     if args.command == "setup":
         from .models import ensure_default_model
 

@@ -88,7 +88,7 @@ LAYERS = {
                  "families", "intervene", "effects", "attribution", "steering", "explanations",
                  "rules", "backends", "autointerp", "scoring", "recovery", "uncertainty"],
     "showing": ["plotting", "dashboard", "explorer_data", "explorer", "steering_widget"],
-    "running": ["runs", "pipeline", "jobs", "__main__", "__init__"],
+    "running": ["runs", "pipeline", "jobs", "sweep", "__main__", "__init__"],
 }
 
 

@@ -1,0 +1,203 @@
+"""``python -m sae_nb sweep``: a grid of papermill runs, each in its own folder, resumable, in
+parallel on divided threads, failures recorded with their cell, metrics gathered in one table.
+
+The mechanics run on a tiny notebook written here: it records its parameters, the thread
+variables its kernel saw and its start and end times in ``metrics.json``, appends a line to a
+shared counter file per execution, and fails in its third cell when ``k == 3``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from sae_nb.__main__ import main
+from sae_nb.pipeline import PipelineError
+from sae_nb.sweep import (MANIFEST, METRICS_TABLE, combination_name, combinations, failed_cell,
+                          job_threads, parse_grid, recorded_metrics, run_sweep)
+
+PARAMETERS = 'k = 1\nmode = "a"\nsleep = 0.0\ncounter = ""\nrun_dir = ""\n'
+BODY = [
+    "import json, os, time\nstart = time.time()\ntime.sleep(sleep)",
+    "with open(counter, 'a') as f:\n    f.write(f'{k},{mode}\\n')",
+    "if k == 3:\n    raise ValueError('k three is refused')",
+    "json.dump({'score': k * 10 + len(mode), 'omp': os.environ.get('OMP_NUM_THREADS'),\n"
+    "           'mkl': os.environ.get('MKL_NUM_THREADS'), 'start': start, 'end': time.time()},\n"
+    "          open(os.path.join(run_dir, 'metrics.json'), 'w'))",
+]
+
+
+def write_notebook(folder: Path) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "language": "python",
+                                 "display_name": "Python 3"}
+    cell = nbformat.v4.new_code_cell(PARAMETERS)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# tiny"), cell,
+                *[nbformat.v4.new_code_cell(src) for src in BODY]]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "01_tiny.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def executions(counter: Path) -> list[str]:
+    return counter.read_text().splitlines() if counter.exists() else []
+
+
+# --- fast: the grid, names, threads, metrics, bad input --------------------------------------
+
+def test_parse_grid_sweeps_lists_and_fixes_scalars():
+    axes, fixed = parse_grid(["k=[16,32,64]", "architecture=['topk','batchtopk']", "lr=0.001",
+                              "sites=[['a', 'b']]"])
+    assert axes == {"k": [16, 32, 64], "architecture": ["topk", "batchtopk"],
+                    "sites": [["a", "b"]]}
+    assert fixed == {"lr": 0.001}
+    grid = combinations(axes)
+    assert len(grid) == 3 * 2 * 1
+    assert grid[0] == {"k": 16, "architecture": "topk", "sites": ["a", "b"]}
+    assert grid[1]["architecture"] == "batchtopk" and grid[2]["k"] == 32  # last axis fastest
+    assert {tuple(sorted((k, str(v)) for k, v in g.items())) for g in grid} == {
+        tuple(sorted([("k", str(k)), ("architecture", a), ("sites", "['a', 'b']")]))
+        for k in (16, 32, 64) for a in ("topk", "batchtopk")}
+
+
+def test_combination_names_are_readable_and_stable():
+    assert combination_name({"k": 16, "architecture": "topk"}) == "k=16,architecture=topk"
+    assert combination_name({"lr": 1e-3, "sites": ["a b"]}) == "lr=0.001,sites=__a_b__"
+    assert combination_name({}) == "single"
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("k=[16,32", "k=[16,32"),  # an unclosed bracket names the value
+    ("k", "'k'"),  # not name=value
+    ("k=[]", "k=[]"),  # sweeps nothing
+    ("run_dir=['/tmp']", "run_dir"),
+])
+def test_bad_parameter_syntax_is_a_clear_error(text, fragment):
+    with pytest.raises(PipelineError, match=None) as err:
+        parse_grid([text])
+    assert fragment in str(err.value)
+
+
+def test_bad_parameter_from_the_command_line_names_the_value(capsys):
+    assert main(["sweep", "--only", "02", "-p", "k=[16,32"]) == 1
+    err = capsys.readouterr().err
+    assert "k=[16,32" in err and "not a valid Python literal" in err
+
+
+def test_repeated_name_is_an_error():
+    with pytest.raises(PipelineError, match="given twice"):
+        parse_grid(["k=[1]", "k=2"])
+
+
+def test_job_threads_divide_the_cores():
+    assert [job_threads(j, cores=16) for j in (1, 2, 3, 16, 32)] == [16, 8, 5, 1, 1]
+    assert job_threads(1, cores=2) == 2 and job_threads(4, cores=2) == 1
+
+
+def test_recorded_metrics_ignore_linked_folders(tmp_path):
+    base = tmp_path / "base" / "activations"
+    base.mkdir(parents=True)
+    (base / "metrics.json").write_text(json.dumps({"leak": 1}))
+    run = tmp_path / "run"
+    (run / "dictionaries" / "m" / "s" / "topk_8").mkdir(parents=True)
+    (run / "activations").symlink_to(base, target_is_directory=True)
+    (run / "dictionaries" / "m" / "s" / "topk_8" / "sae_nb.json").write_text(
+        json.dumps({"metrics": {"fvu": 0.25, "l0": 8.0, "hist": [1, 2]}, "model": "m"}))
+    assert recorded_metrics(run) == {"fvu": 0.25, "l0": 8.0}
+
+
+def test_failed_cell_counts_cells_as_committed(tmp_path):
+    nb = nbformat.v4.new_notebook()
+    injected = nbformat.v4.new_code_cell("k = 3")
+    injected.metadata["tags"] = ["injected-parameters"]
+    bad = nbformat.v4.new_code_cell("raise ValueError('no')")
+    bad.outputs = [nbformat.v4.new_output("error", ename="ValueError", evalue="no",
+                                          traceback=[])]
+    nb.cells = [nbformat.v4.new_markdown_cell("x"), nbformat.v4.new_code_cell("k = 1"), injected,
+                nbformat.v4.new_code_cell("pass"), bad]
+    nbformat.write(nb, tmp_path / "x.ipynb")
+    assert failed_cell(tmp_path / "x.ipynb") == {"cell": 4, "source": "raise ValueError('no')",
+                                                  "error": "ValueError: no"}
+    assert failed_cell(tmp_path / "absent.ipynb") is None
+
+
+# --- slow: real papermill runs of the tiny notebook --------------------------------------------
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """k in 1..3 x mode in a, bb with 2 jobs (k == 3 fails), then the same sweep again."""
+    root = tmp_path_factory.mktemp("sweep")
+    notebooks = root / "notebooks"
+    write_notebook(notebooks)
+    counter = root / "counter.txt"
+    args = ["sweep", "--only", "01", "--notebooks", str(notebooks), "--outputs", str(root),
+            "--run", "grid", "-p", "k=[1,2,3]", "-p", "mode=['a','bb']", "-p", "sleep=1.5",
+            "-p", f"counter={str(counter)!r}", "--jobs", "2"]
+    first_code = main(args)
+    first = executions(counter)
+    manifest = json.loads((root / "grid" / MANIFEST).read_text())
+    table = pd.read_csv(root / "grid" / METRICS_TABLE)
+    second_code = main(args)
+    return dict(root=root, first_code=first_code, first=first, manifest=manifest, table=table,
+                second_code=second_code, second=executions(counter)[len(first):])
+
+
+# 1-based position of the raising cell in the notebook as written: markdown, parameters, then BODY
+RAISING_CELL = 2 + next(i for i, src in enumerate(BODY, 1) if "raise" in src)
+NAMES = [f"k={k},mode={m}" for k in (1, 2, 3) for m in ("a", "bb")]
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_combination(swept):
+    assert sorted(swept["first"]) == sorted(f"{k},{m}" for k in (1, 2, 3) for m in ("a", "bb"))
+    for name in NAMES:
+        assert (swept["root"] / "grid" / name / "01_tiny.ipynb").exists()
+    done = {n for n, e in swept["manifest"]["combinations"].items() if e["status"] == "done"}
+    assert done == {n for n in NAMES if not n.startswith("k=3")}
+
+
+@pytest.mark.slow
+def test_failure_is_reported_with_cell_and_error_and_the_rest_complete(swept):
+    assert swept["first_code"] == 1 and swept["second_code"] == 1  # not all succeeded
+    for name in ("k=3,mode=a", "k=3,mode=bb"):
+        entry = swept["manifest"]["combinations"][name]
+        assert entry["status"] == "failed"
+        assert entry["cell"] == RAISING_CELL
+        assert entry["error"] == "ValueError: k three is refused"
+    assert all(swept["manifest"]["combinations"][n]["status"] == "done"
+               for n in NAMES if not n.startswith("k=3"))
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_combinations(swept):
+    assert sorted(swept["second"]) == ["3,a", "3,bb"]  # only the failed ones ran again
+
+
+@pytest.mark.slow
+def test_table_has_one_row_per_combination_with_parameter_columns(swept):
+    table = swept["table"]
+    assert list(table["combination"]) == NAMES
+    assert {"k", "mode", "sleep", "counter", "status", "cell", "error", "score"} <= set(table)
+    assert list(table["k"]) == [1, 1, 2, 2, 3, 3]
+    assert list(table["mode"]) == ["a", "bb"] * 3
+    ok = table[table["k"] != 3]
+    assert list(ok["score"]) == [k * 10 + len(m) for k, m in zip(ok["k"], ok["mode"])]
+    assert table.loc[table["k"] == 3, "score"].isna().all()
+    assert list(table.loc[table["k"] == 3, "cell"]) == [RAISING_CELL] * 2
+
+
+@pytest.mark.slow
+def test_two_jobs_run_at_once_on_divided_threads(swept):
+    runs = [json.loads((swept["root"] / "grid" / n / "metrics.json").read_text())
+            for n in NAMES if not n.startswith("k=3")]
+    threads = str(job_threads(2, cores=len(os.sched_getaffinity(0))))
+    assert {r["omp"] for r in runs} == {threads} and {r["mkl"] for r in runs} == {threads}
+    spans = sorted((r["start"], r["end"]) for r in runs)
+    overlapping = any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+    assert overlapping, spans
