@@ -22,7 +22,7 @@ import pandas as pd
 from .attribution import attribute
 from .dashboard import latent_captions, latent_label
 from .effects import generate, logit_changes, neutral_tokens
-from .explorer_data import LatentSearch
+from .explorer_data import LatentSearch, best_of, explained_captions
 from .intervene import InterventionError, ablate, edited_logits, prompt_tokens
 from .steering import latent_method, site_scale
 
@@ -45,11 +45,14 @@ class SteeringWidget(widgets.VBox):
 
     def __init__(self, model, dictionary, prompt: str = "The film was", latent: int = 0,
                  coefficient: float = 0.25, scale: float | None = None, max_new_tokens: int = 20,
-                 n_attributed: int = 8, stats=None, store=None):
+                 n_attributed: int = 8, stats=None, store=None, explanations=None):
         """``stats`` and ``store`` (notebook 06's :class:`~sae_nb.features.FeatureStats` and the
-        store they were computed on) add the token search and each latent's caption."""
+        store they were computed on) add the token search and each latent's caption (top
+        tokens); ``explanations`` (notebook 08's table or its folder) puts each latent's best
+        explanation and score in front of it."""
         self.model, self.dictionary, self.n_attributed = model, dictionary, n_attributed
         self.stats, self.store = stats, store
+        self.explanations = best_of(explanations)  # one row per explained latent, or None
         self._search: LatentSearch | None = None
         self.scale = scale if scale is not None else site_scale(
             model, dictionary, neutral_tokens(model, n_contexts=2, ctx_len=32))
@@ -95,16 +98,21 @@ class SteeringWidget(widgets.VBox):
         self.show_caption()
 
     def label(self, latent: int) -> str:
-        """The latent's number and, with ``stats`` and ``store``, its caption (top tokens)."""
-        if self.stats is None or self.store is None:
-            return str(int(latent))
-        caption = latent_captions(self.stats, self.store, self.model.tokenizer,
-                                  latents=[int(latent)])[int(latent)]
+        """The latent's number, its best explanation and score (with ``explanations``) and its
+        caption (top tokens, with ``stats`` and ``store``)."""
+        latent = int(latent)
+        caption = ""
+        if self.stats is not None and self.store is not None:
+            caption = latent_captions(self.stats, self.store, self.model.tokenizer,
+                                      latents=[latent])[latent]
+        best = self.explanations
+        if best is not None:
+            caption = explained_captions({latent: caption}, best[best["latent"] == latent])[latent]
         return latent_label(latent, caption)
 
     def show_caption(self) -> None:
         text = self.label(self.latent.value)[len(str(self.latent.value)):].strip()
-        self.caption.value = (f'<span style="color: gray">top tokens {html.escape(text)}</span>'
+        self.caption.value = (f'<span style="color: gray">{html.escape(text)}</span>'
                               if text else "")
 
     def search(self, query: str) -> list[int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 
 import numpy as np
+import pandas as pd
 import pytest
 
 import sae_nb
@@ -109,3 +110,24 @@ def test_generate_shows_a_busy_state_then_everything_at_once(llama, monkeypatch)
     assert texts == logits == ""  # nothing new shown before everything is computed
     assert not w.generate_button.disabled and w.generate_button.description == "Generate"
     assert w.texts.value and w.logits.value and len(w.attributed.children) == 2
+
+
+def test_the_latent_picker_shows_each_latents_best_explanation(llama, searchable):
+    store, sae, stats = searchable
+    latent = int(np.argmax(stats.max_act))
+    other = int(np.argsort(stats.max_act)[-2])
+    table = pd.DataFrame({"latent": [latent, latent, latent, other],
+                          "method": ["rule", "llm", "rule:control", "rule"],
+                          "explanation": ["tokens ' z'", "the letter zed", "control text", "digits"],
+                          "score": [0.9, 0.4, 0.95, 0.7], "score_name": ["f1", "f1", "f1", "f1"],
+                          "error": ["", "", "", ""]})
+    w = SteeringWidget(llama, sae, prompt=PROMPT, latent=latent, scale=5.0, stats=stats,
+                       store=store, explanations=table)
+    assert "tokens &#x27; z&#x27; (f1 0.90)" in w.caption.value  # the best, not the control
+    assert "control text" not in w.caption.value and "zed" not in w.caption.value
+    caption = latent_captions(stats, store, llama.tokenizer, latents=[latent])[latent]
+    assert html.escape(caption) in w.caption.value  # the top tokens stay after it
+    w.latent.value = other
+    assert "digits (f1 0.70)" in w.caption.value
+    plain = SteeringWidget(llama, sae, prompt=PROMPT, latent=other, scale=5.0, explanations=table)
+    assert plain.label(other) == f"{other} digits (f1 0.70)"  # no store: no top tokens
