@@ -41,8 +41,8 @@ from .sparse_ops import release_scratch
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
-# Settings that may change between a run and its resumption without changing the result.
 ARCHITECTURE_NAMES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard", "jumprelu")
+# Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = ("checkpoint_dir", "checkpoint_every", "log_every", "device")
 
 

@@ -1,0 +1,94 @@
+"""Benchmark: Matryoshka BatchTopK training speed against plain BatchTopK, same batches, one run.
+
+Both train on the identical list of batches (materialised in memory first, so reading is not
+timed), alternating which goes first over ``--repeats`` rounds; prints each one's tokens/s (the
+median over rounds), their ratio (goal >= 0.8x), and each dictionary's held-out FVU and
+per-prefix FVU (the Matryoshka prefixes should reconstruct better than plain BatchTopK's).
+
+Data: the ``resid_out_layer6`` store of the default model under ``outputs/bench/`` when
+present (``benchmarks/bench_train.py`` extracts it), else synthetic sparse activations.
+
+    python benchmarks/bench_compare.py                     # d 576, 4608 latents, k 32, batch 4096
+    python benchmarks/bench_compare.py --tokens 32768 --repeats 1 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+D, F, K, BATCH = 576, 4608, 32, 4096
+
+
+def load_rows(n: int, site: str, seed: int = 0) -> tuple[torch.Tensor, str]:
+    """``n`` activation rows (shuffled) from the bench store, else synthetic ones."""
+    try:
+        from sae_nb.store import open_store
+
+        store = open_store(ROOT / "outputs" / "bench", site)
+        rows = next(store.batches(min(n, len(store)), seed=seed))
+        if len(rows) >= n:
+            return rows, f"store {site} ({len(store):,} rows)"
+    except Exception as err:  # noqa: BLE001 - any missing or partial store: synthetic instead
+        print(f"(no usable store: {type(err).__name__}: {err}; synthetic activations)")
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(8 * D, D, generator=g) / D ** 0.5
+    codes = torch.rand(n, 8 * D, generator=g) * (torch.rand(n, 8 * D, generator=g) < 0.01)
+    return codes @ dirs + 0.1 * torch.randn(n, D, generator=g), "synthetic"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=131_072, help="training tokens per run")
+    parser.add_argument("--heldout", type=int, default=16_384)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--site", default="resid_out_layer6")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--d-sae", type=int, default=F)
+    parser.add_argument("--k", type=int, default=K)
+    parser.add_argument("--batch", type=int, default=BATCH)
+    args = parser.parse_args()
+    from sae_nb.objectives import default_matryoshka_widths, matryoshka_prefix_losses
+    from sae_nb.train import train_dictionary
+
+    steps = max(1, args.tokens // args.batch)
+    rows, source = load_rows(steps * args.batch + args.heldout, args.site)
+    train, held = rows[:steps * args.batch], rows[steps * args.batch:]
+    batches = list(train.split(args.batch))
+    widths = default_matryoshka_widths(args.d_sae)
+    print(f"data: {source}; d_in {train.shape[1]}, d_sae {args.d_sae}, k {args.k}, batch "
+          f"{args.batch}, {steps} steps, device {args.device}, torch threads "
+          f"{torch.get_num_threads()}; Matryoshka widths {list(widths)}")
+    kw = dict(d_sae=args.d_sae, k=args.k, total_tokens=steps * args.batch, seed=0,
+              progress=False, device=args.device)
+    archs = ("batchtopk", "matryoshka_batchtopk")
+    rates: dict[str, list[float]] = {a: [] for a in archs}
+    results = {}
+    for r in range(args.repeats):
+        for arch in (archs if r % 2 == 0 else archs[::-1]):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            results[arch] = train_dictionary(iter(batches), architecture=arch, **kw)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            rates[arch].append(steps * args.batch / (time.perf_counter() - start))
+    held = held.to(args.device)
+    var = float((held - held.mean(0)).pow(2).sum(1).mean())
+    for arch in archs:
+        sae = results[arch].dictionary
+        fvu = [m / var for m in matryoshka_prefix_losses(sae, held, widths)]
+        print(f"{arch:>22}: {statistics.median(rates[arch]):>10,.0f} tokens/s "
+              f"(rounds: {', '.join(f'{v:,.0f}' for v in rates[arch])}); held-out FVU by prefix "
+              f"{', '.join(f'{w}: {v:.3f}' for w, v in zip(widths, fvu))}")
+    ratio = statistics.median(rates["matryoshka_batchtopk"]) / statistics.median(rates["batchtopk"])
+    print(f"Matryoshka / BatchTopK speed: {ratio:.2f}x (goal >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()
