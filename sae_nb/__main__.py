@@ -105,6 +105,8 @@ def add_sweep_parser(commands) -> None:
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     """``sweep``: print each combination's status and the table's path; 1 if any failed."""
+    import pandas as pd
+
     from .pipeline import DEFAULT_RUN, PipelineError
     from .sweep import METRICS_TABLE, parse_grid, run_sweep
 
@@ -123,8 +125,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     for row in table.to_dict("records"):
         where = ""
         if row["status"] == "failed":
-            cell = row["cell"]
-            where = (f" in cell {int(cell)}" if cell == cell and cell is not None else "") + \
+            where = ("" if pd.isna(row["cell"]) else f" in cell {row['cell']}") + \
                 f": {row['error']}"
         print(f"{row['combination']}: {row['status']}{where}")
     failed = int((table["status"] != "done").sum())

@@ -277,6 +277,7 @@ class Sweep:
             row.update(recorded_metrics(self.sweep_dir / name))
             rows.append(row)
         table = pd.DataFrame(rows)
+        table["cell"] = table["cell"].astype("Int64")  # 5, not 5.0, beside the empty ones
         write_table(table, self.sweep_dir / METRICS_TABLE)
         return table
 

@@ -201,3 +201,26 @@ def test_two_jobs_run_at_once_on_divided_threads(swept):
     spans = sorted((r["start"], r["end"]) for r in runs)
     overlapping = any(a_end > b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
     assert overlapping, spans
+
+
+# --- slow: the real notebook 02 over the base run of notebook 01 ------------------------------
+
+@pytest.mark.slow  # runs notebook 01 once and notebook 02 twice on the real embedded model
+def test_sweep_of_notebook_02_over_a_base_run(tmp_path):
+    """01's smoke stores in a base run; 02 swept over k, its dictionary metrics gathered."""
+    assert main(["run", "--smoke", "--only", "01", "--run", "base",
+                 "--outputs", str(tmp_path)]) == 0
+    assert main(["sweep", "--only", "02", "--smoke", "--base-run", "base", "--run", "k",
+                 "--outputs", str(tmp_path), "-p", "k=[4,8]", "--jobs", "2"]) == 0
+    table = pd.read_csv(tmp_path / "k" / METRICS_TABLE)
+    assert list(table["combination"]) == ["k=4", "k=8"] and list(table["k"]) == [4, 8]
+    assert (table["status"] == "done").all()
+    assert ((0 < table["l0"]) & (table["l0"] <= table["k"])).all()
+    assert ((0 < table["fvu"]) & (table["fvu"] < 1)).all()
+    for k in (4, 8):
+        folder = tmp_path / "k" / f"k={k}"
+        assert (folder / "activations").is_symlink()
+        assert (folder / "activations").resolve() == (tmp_path / "base" / "activations").resolve()
+        saved = list((folder / "dictionaries").rglob("sae_nb.json"))
+        assert len(saved) == 1 and json.loads(saved[0].read_text())["train_config"]["k"] == k
+        assert (folder / "checkpoints").is_dir()
