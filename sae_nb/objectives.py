@@ -15,11 +15,12 @@ gradients is the gradient of the whole batch.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE
+from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE, folded_bias
 from .distributed import Group
 from .sparse_ops import sparse_decode, topk_encode
 
@@ -83,6 +84,78 @@ def _global_batch_topk(pre: torch.Tensor, k: int, group: Group) -> torch.Tensor:
     candidates = group.gather(flat.topk(min(n, flat.numel()), sorted=False).values)
     cut = candidates.topk(n, sorted=False).values.min()
     return acts * (acts >= cut)
+
+
+class _BatchTopKEncode(torch.autograd.Function):
+    """BatchTopK codes as a ragged sparse list: ``(values (N,), rows (N,), cols (N,))`` of the
+    kept activations, sorted by row, plus the AuxK codes ``(B, k_aux)`` over dead latents.
+
+    The sparse TopK training of ``sae_nb.sparse_ops`` for a batch-wide selection: one dense
+    matmul (the pre-activations, ``b_dec`` folded into the bias), the encoder's weight gradient
+    a CSR matmul over the kept (row, latent) pairs, no ``(B, F) @ (F, D)`` product anywhere.
+    ``cut``: keep activations >= it (the global cut under data parallelism); None: the ``k * B``
+    largest of this batch, as :meth:`BatchTopKSAE.batch_activation`."""
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, dead, k_aux: int, group):
+        pre = torch.addmm(folded_bias(W_enc, b_enc, b_dec), x, W_enc)  # (B, F)
+        B, F = pre.shape
+        acts = torch.relu(pre)
+        if group is None:
+            vals, flat = acts.flatten().topk(min(k * B, acts.numel()), sorted=False)
+            flat, order = flat.sort()
+            vals = vals[order]
+        else:
+            n = k * B * group.world
+            local = acts.flatten()
+            candidates = group.gather(local.float().topk(min(n, local.numel()), sorted=False).values)
+            cut = candidates.topk(n, sorted=False).values.min().to(acts.dtype)
+            flat = (local >= cut).nonzero().squeeze(1)  # sorted
+            vals = local[flat]
+        rows, cols = flat // F, flat % F
+        aux_vals = aux_idx = None
+        if dead is not None and k_aux > 0:
+            aux_vals, aux_idx = pre.masked_fill_(~dead, float("-inf")).topk(k_aux, dim=-1,
+                                                                           sorted=False)
+            aux_vals = torch.relu(aux_vals)
+        ctx.save_for_backward(x, W_enc, b_dec, rows, cols, vals > 0, aux_idx,
+                              None if aux_vals is None else aux_vals > 0)
+        ctx.mark_non_differentiable(rows, cols)
+        if aux_idx is not None:
+            ctx.mark_non_differentiable(aux_idx)
+        return vals, rows, cols, aux_vals, aux_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_rows, _g_cols, g_aux, _g_aux_idx):
+        x, W_enc, b_dec, rows, cols, alive, aux_idx, aux_alive = ctx.saved_tensors
+        g = g_vals * alive
+        if aux_idx is not None and g_aux is not None:
+            B, n = aux_idx.shape
+            g = torch.cat([g, (g_aux * aux_alive).flatten()])
+            rows = torch.cat([rows, torch.arange(B, device=x.device).repeat_interleave(n)])
+            cols = torch.cat([cols, aux_idx.flatten()])
+        F, B = W_enc.shape[1], x.shape[0]
+        order = torch.argsort(cols)
+        crow = torch.zeros(F + 1, dtype=torch.long, device=x.device)
+        crow[1:] = torch.bincount(cols, minlength=F).cumsum(0)
+        with warnings.catch_warnings():  # "CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            g_pre_T = torch.sparse_csr_tensor(crow, rows[order], g[order], (F, B),
+                                              check_invariants=False)
+        g_W = (g_pre_T @ (x - b_dec)).T  # (D, F)
+        g_b_enc = torch.zeros(F, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        return None, g_W, g_b_enc, -(W_enc @ g_b_enc), None, None, None, None
+
+
+def _ragged_decode(vals: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, B: int,
+                   W_dec: torch.Tensor, b_dec: torch.Tensor | None = None) -> torch.Tensor:
+    """``(B, D)``: row ``i`` is ``sum vals[j] * W_dec[cols[j]]`` over ``rows[j] == i`` (rows
+    sorted), plus ``b_dec``: a weighted gather of the kept decoder rows."""
+    offsets = torch.zeros(B, dtype=torch.long, device=vals.device)
+    offsets[1:] = torch.bincount(rows, minlength=B)[:-1].cumsum(0)
+    out = torch.nn.functional.embedding_bag(cols, W_dec, offsets, mode="sum",
+                                            per_sample_weights=vals)
+    return out if b_dec is None else out + b_dec
 
 
 def check_matryoshka_widths(widths, d_sae: int | None = None, error=ValueError) -> tuple[int, ...]:
@@ -152,7 +225,7 @@ def matryoshka_prefix_losses(sae: BatchTopKSAE, x: torch.Tensor, widths,
 def batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux: int, auxk_alpha: float,
                    update_threshold: bool = True,
                    threshold_beta: float = 0.99, group: Group | None = None,
-                   matryoshka_widths=None) -> Step:
+                   matryoshka_widths=None, sparse: bool = False) -> Step:
     """BatchTopK (Bussmann et al. 2024): the k*B largest activations over the whole batch; the
     inference threshold tracks the smallest kept activation with an exponential average.
 
@@ -160,8 +233,11 @@ def batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux: int, auxk_alpha: float,
     BatchTopK (Bussmann et al. 2025), the loss summing every prefix's reconstruction error
     (:func:`matryoshka_loss`); AuxK and the threshold as in BatchTopK (SAELens's default, AuxK
     on the full dictionary's residual)."""
-    pre = sae.pre_acts(x)
     ranks = group is not None and group.world > 1
+    if sparse:
+        return _sparse_batchtopk_step(sae, x, y, dead, k_aux, auxk_alpha, update_threshold,
+                                      threshold_beta, group if ranks else None, matryoshka_widths)
+    pre = sae.pre_acts(x)
     f = _global_batch_topk(pre, sae.k, group) if ranks else sae.batch_activation(pre)
     if matryoshka_widths is not None and len(matryoshka_widths) > 1:
         loss, _, x_hat = matryoshka_loss(sae, f, y, matryoshka_widths)
@@ -193,6 +269,57 @@ def batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux: int, auxk_alpha: float,
             t.copy_(torch.where(t == 0, kept_min, threshold_beta * t + (1 - threshold_beta) * kept_min))
     return Step(loss, mse.detach(), float(active.sum()) / len(x), active.any(0),
                 _fvu(y, err_sq.detach()), x_hat.detach())
+
+
+def _update_threshold(sae, kept_min, update: bool, beta: float, group) -> None:
+    with torch.no_grad():
+        if group is not None and update:  # the smallest kept activation over all ranks
+            local = kept_min if kept_min is not None else sae.threshold.new_tensor(float("inf"))
+            kept_min = group.min_(local.float().reshape(1))[0]
+            kept_min = kept_min if torch.isfinite(kept_min) else None
+        if kept_min is not None and update:
+            t = sae.threshold
+            t.copy_(torch.where(t == 0, kept_min, beta * t + (1 - beta) * kept_min))
+
+
+def _sparse_batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux, auxk_alpha, update_threshold,
+                           threshold_beta, group, widths) -> Step:
+    use_aux = dead is not None and bool(dead.any())
+    b_dec_in = sae.b_dec if sae.apply_b_dec_to_input else torch.zeros_like(sae.b_dec)
+    vals, rows, cols, aux_vals, aux_idx = _BatchTopKEncode.apply(
+        x, sae.W_enc, sae.b_enc, b_dec_in, sae.k, dead if use_aux else None,
+        min(k_aux, int(dead.sum())) if use_aux else 0, group)
+    B = len(x)
+    mses = []
+    if widths is not None and len(widths) > 1:
+        # Prefix m's codes are the kept ones of latents < m: decode each group of latents
+        # [previous width, width) once and add it to the previous prefix's reconstruction, so
+        # all prefixes cost one full decode (a gather per kept code), forward and back.
+        x_hat, start = sae.b_dec, 0
+        for i, width in enumerate(widths):
+            keep = (cols >= start) & (cols < width)
+            x_hat = x_hat + _ragged_decode(vals[keep], rows[keep], cols[keep], B, sae.W_dec)
+            if i < len(widths) - 1:
+                mses.append((y - x_hat).pow(2).sum(-1).mean())
+            start = width
+    else:
+        x_hat = _ragged_decode(vals, rows, cols, B, sae.W_dec, sae.b_dec)
+    err = y - x_hat
+    err_sq = err.pow(2).sum()
+    mse = err_sq / B
+    loss = torch.stack([*mses, mse]).sum() if mses else mse
+    if use_aux:
+        residual = err.detach()
+        aux_hat = sparse_decode(aux_vals, aux_idx, sae.W_dec)
+        denom = _residual_variance(residual, group).clamp_min(1e-8)
+        loss = loss + auxk_alpha * torch.nan_to_num((residual - aux_hat).pow(2).sum(-1).mean() / denom)
+    active = vals > 0
+    _update_threshold(sae, vals[active].detach().min() if active.any() else None,
+                      update_threshold, threshold_beta, group)
+    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
+    fired[cols[active]] = True
+    return Step(loss, mse.detach(), float(active.sum()) / B, fired, _fvu(y, err_sq.detach()),
+                x_hat.detach())
 
 
 def relu_step(sae: ReLUSAE, x, y, l1_coefficient: float, penalty: str,
@@ -272,7 +399,7 @@ def compute_step(sae: Dictionary, x, y, cfg, dead, past_warmup: bool = True,
         if getattr(cfg, "architecture", None) == "matryoshka_batchtopk":
             widths = cfg.matryoshka_widths_value(sae.d_sae)
         return batchtopk_step(sae, x, y, dead, cfg.k_aux_value(sae), cfg.auxk_alpha, past_warmup,
-                              group=group, matryoshka_widths=widths)
+                              group=group, matryoshka_widths=widths, sparse=True)
     if isinstance(sae, TopKSAE):
         return topk_step(sae, x, y, dead, cfg.k_aux_value(sae), cfg.auxk_alpha, group)
     if isinstance(sae, JumpReLUSAE):

@@ -4,6 +4,7 @@ bad widths refused."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict
 
@@ -71,9 +72,9 @@ def random_sae(seed=0) -> BatchTopKSAE:
 def test_loss_equals_brute_force_sum_over_prefixes():
     sae = random_sae()
     x = torch.randn(6, D, generator=torch.Generator().manual_seed(1))
-    for widths in (WIDTHS, (5, 64), (64,)):
+    for widths, sparse in itertools.product((WIDTHS, (5, 64), (64,)), (False, True)):
         step = batchtopk_step(sae, x, x, None, 8, 1 / 32, update_threshold=False,
-                              matryoshka_widths=widths)
+                              matryoshka_widths=widths, sparse=sparse)
         assert float(step.loss.detach()) == pytest.approx(brute_force_loss(sae, x, widths), rel=1e-5)
         assert float(step.mse) == pytest.approx(brute_force_loss(sae, x, (F,)), rel=1e-5)
     # The per-prefix figures sum to the loss, the smallest prefix reconstructs worst here.
@@ -186,3 +187,25 @@ def test_last_width_must_be_d_sae():
                          matryoshka_widths=[8, 64], progress=False)
     with pytest.raises(TrainingError, match="architecture='matryoshka_batchtopk'"):
         TrainConfig(architecture="batchtopk", matryoshka_widths=[8, 64])
+
+
+@pytest.mark.parametrize("widths", [None, (64,), WIDTHS])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_sparse_step_equals_dense_reference(widths, with_dead):
+    """The trainer's sparse BatchTopK step (ragged codes, CSR encoder gradient, prefixes by
+    masking latents >= width) gives the dense reference's loss, gradients and threshold."""
+    x = torch.randn(32, D, generator=torch.Generator().manual_seed(4)) + 0.3
+    dead = (torch.arange(F) % 3 == 0) if with_dead else None
+    out = {}
+    for sparse in (False, True):
+        sae = random_sae(5)
+        step = batchtopk_step(sae, x, x, dead, 8, 1 / 32, matryoshka_widths=widths, sparse=sparse)
+        grads = torch.autograd.grad(step.loss, [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec])
+        out[sparse] = (step, grads, sae.threshold.clone())
+    (d, gd, td), (s, gs, ts) = out[False], out[True]
+    torch.testing.assert_close(s.loss, d.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.x_hat, d.x_hat, rtol=1e-5, atol=1e-5)
+    assert s.l0 == d.l0 and torch.equal(s.fired, d.fired)
+    for a, b in zip(gs, gd):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ts, td)
