@@ -25,21 +25,27 @@ ROOT = Path(__file__).resolve().parents[1]
 D, F, K, BATCH = 576, 4608, 32, 4096
 
 
-def load_rows(n: int, site: str, seed: int = 0) -> tuple[torch.Tensor, str]:
-    """``n`` activation rows (shuffled) from the bench store, else synthetic ones."""
+def load_rows(n: int, heldout: int, site: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``(train rows, held-out rows, source)``: the bench store's rows (the last ``heldout``
+    held out, training rows repeated in fresh shuffles up to ``n``), else synthetic ones."""
+    g = torch.Generator().manual_seed(seed)
     try:
         from sae_nb.store import open_store
 
         store = open_store(ROOT / "outputs" / "bench", site)
-        rows = next(store.batches(min(n, len(store)), seed=seed))
-        if len(rows) >= n:
-            return rows, f"store {site} ({len(store):,} rows)"
+        rows = torch.as_tensor(store[:], dtype=torch.float32)
+        if len(rows) > heldout + 4096:
+            train, held = rows[:-heldout], rows[-heldout:]
+            epochs = -(-n // len(train))
+            order = torch.cat([torch.randperm(len(train), generator=g) for _ in range(epochs)])
+            return train[order[:n]], held, f"store {site} ({len(store):,} rows, {epochs} epoch(s))"
+        print(f"(the store has {len(rows):,} rows, too few; synthetic activations)")
     except Exception as err:  # noqa: BLE001 - any missing or partial store: synthetic instead
         print(f"(no usable store: {type(err).__name__}: {err}; synthetic activations)")
-    g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(8 * D, D, generator=g) / D ** 0.5
-    codes = torch.rand(n, 8 * D, generator=g) * (torch.rand(n, 8 * D, generator=g) < 0.01)
-    return codes @ dirs + 0.1 * torch.randn(n, D, generator=g), "synthetic"
+    codes = torch.rand(n + heldout, 8 * D, generator=g) * (torch.rand(n + heldout, 8 * D, generator=g) < 0.01)
+    rows = codes @ dirs + 0.1 * torch.randn(n + heldout, D, generator=g)
+    return rows[:n], rows[n:], "synthetic"
 
 
 def main() -> None:
@@ -57,8 +63,7 @@ def main() -> None:
     from sae_nb.train import train_dictionary
 
     steps = max(1, args.tokens // args.batch)
-    rows, source = load_rows(steps * args.batch + args.heldout, args.site)
-    train, held = rows[:steps * args.batch], rows[steps * args.batch:]
+    train, held, source = load_rows(steps * args.batch, args.heldout, args.site)
     batches = list(train.split(args.batch))
     widths = default_matryoshka_widths(args.d_sae)
     print(f"data: {source}; d_in {train.shape[1]}, d_sae {args.d_sae}, k {args.k}, batch "

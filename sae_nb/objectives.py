@@ -128,10 +128,10 @@ class _BatchTopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals, _g_rows, _g_cols, g_aux, _g_aux_idx):
         x, W_enc, b_dec, rows, cols, alive, aux_idx, aux_alive = ctx.saved_tensors
-        g = g_vals * alive
+        g = (g_vals * alive).to(x.dtype)  # bf16 under autocast; the weights' gradient in fp32
         if aux_idx is not None and g_aux is not None:
             B, n = aux_idx.shape
-            g = torch.cat([g, (g_aux * aux_alive).flatten()])
+            g = torch.cat([g, (g_aux * aux_alive).flatten().to(x.dtype)])
             rows = torch.cat([rows, torch.arange(B, device=x.device).repeat_interleave(n)])
             cols = torch.cat([cols, aux_idx.flatten()])
         F, B = W_enc.shape[1], x.shape[0]
@@ -154,7 +154,7 @@ def _ragged_decode(vals: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, B
     offsets = torch.zeros(B, dtype=torch.long, device=vals.device)
     offsets[1:] = torch.bincount(rows, minlength=B)[:-1].cumsum(0)
     out = torch.nn.functional.embedding_bag(cols, W_dec, offsets, mode="sum",
-                                            per_sample_weights=vals)
+                                            per_sample_weights=vals.to(W_dec.dtype))
     return out if b_dec is None else out + b_dec
 
 
