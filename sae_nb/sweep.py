@@ -38,7 +38,7 @@ from typing import Any, Iterable, Mapping
 import nbformat
 import pandas as pd
 
-from .io import atomic_write_json, write_table
+from .io import LockHeld, atomic_write_json, hold_lock, write_table
 from .pipeline import (NOTEBOOKS_DIR, OUTPUTS_DIR, SMOKE_PARAMETERS, PipelineError,
                        find_notebooks, notebook_parameters, parse_parameter, run_notebook,
                        select_notebooks)
@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "sweep.json"
 METRICS_TABLE = "sweep_metrics.csv"
+LOCK_NAME = "sweep.lock"  # held while a sweep runs into the folder: one writer of sweep.json
 LOG_NAME = "sweep.log"  # each combination's worker output, in its folder
 DEFAULT_LINKS = ("activations",)
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -226,12 +227,21 @@ class Sweep:
             raise SweepError(f"--jobs {jobs}: give at least 1.")
         threads = threads or job_threads(jobs)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        todo = [n for n in self.combinations if not self.is_done(n)]
-        for name in self.combinations:
-            if name not in todo:
-                log.info("%s: done before, skipped", name)
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(lambda n: self.run_one(n, threads), todo))
+        try:
+            lock = hold_lock(self.sweep_dir / LOCK_NAME)
+        except LockHeld as held:
+            raise SweepError(f"Another sweep is running into {self.sweep_dir} ({held.holder}); "
+                             f"wait for it or sweep into another --run folder.") from None
+        try:
+            todo = [n for n in self.combinations if not self.is_done(n)]
+            for name in self.combinations:
+                if name not in todo:
+                    log.info("%s: done before, skipped", name)
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                list(pool.map(lambda n: self.run_one(n, threads), todo))
+        finally:
+            if lock is not None:
+                lock.close()
         return {n: self.manifest["combinations"][n] for n in self.combinations}
 
     def run_one(self, name: str, threads: int) -> dict[str, Any]:

@@ -127,6 +127,21 @@ def test_failed_cell_counts_cells_as_committed(tmp_path):
     assert failed_cell(tmp_path / "absent.ipynb") is None
 
 
+def test_a_second_sweep_into_a_busy_folder_is_refused(tmp_path):
+    from sae_nb.io import hold_lock
+    from sae_nb.sweep import LOCK_NAME, Sweep
+
+    notebook = write_notebook(tmp_path / "notebooks")
+    (tmp_path / "grid").mkdir()
+    lock = hold_lock(tmp_path / "grid" / LOCK_NAME)
+    try:
+        with pytest.raises(PipelineError, match="Another sweep is running"):
+            Sweep(notebook, tmp_path / "grid", {"k": [1, 2]}).run()
+    finally:
+        lock.close()
+    assert not (tmp_path / "grid" / MANIFEST).exists()  # nothing ran
+
+
 # --- slow: real papermill runs of the tiny notebook --------------------------------------------
 
 @pytest.fixture(scope="module")
