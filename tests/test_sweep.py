@@ -239,3 +239,18 @@ def test_sweep_of_notebook_02_over_a_base_run(tmp_path):
         saved = list((folder / "dictionaries").rglob("sae_nb.json"))
         assert len(saved) == 1 and json.loads(saved[0].read_text())["train_config"]["k"] == k
         assert (folder / "checkpoints").is_dir()
+
+
+@pytest.mark.slow  # starts a kernel that dies
+def test_a_dead_kernel_is_recorded_with_the_workers_message(tmp_path):
+    from sae_nb.sweep import Sweep
+
+    notebook = write_notebook(tmp_path / "notebooks")
+    nb = nbformat.read(notebook, as_version=4)
+    nb.cells.insert(2, nbformat.v4.new_code_cell("import os\nif k == 9:\n    os._exit(3)"))
+    nbformat.write(nb, notebook)
+    sweep = Sweep(notebook, tmp_path / "grid", {"k": [9]}, {"counter": str(tmp_path / "c")})
+    entry = sweep.run()["k=9"]
+    assert entry["status"] == "failed" and entry["cell"] is None
+    assert entry["error"].startswith("exit code 1") and "kernel died" in entry["error"]
+    assert sweep.gather()["status"].tolist() == ["failed"]
