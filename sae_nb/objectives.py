@@ -93,8 +93,9 @@ class _BatchTopKEncode(torch.autograd.Function):
     The sparse TopK training of ``sae_nb.sparse_ops`` for a batch-wide selection: one dense
     matmul (the pre-activations, ``b_dec`` folded into the bias), the encoder's weight gradient
     a CSR matmul over the kept (row, latent) pairs, no ``(B, F) @ (F, D)`` product anywhere.
-    ``cut``: keep activations >= it (the global cut under data parallelism); None: the ``k * B``
-    largest of this batch, as :meth:`BatchTopKSAE.batch_activation`."""
+    ``group`` (data parallelism): keep the positive activations >= the cut of the global batch
+    (as ``_global_batch_topk``); None: the ``k * B`` largest of this batch, as
+    :meth:`BatchTopKSAE.batch_activation`."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec, k: int, dead, k_aux: int, group):
@@ -110,7 +111,7 @@ class _BatchTopKEncode(torch.autograd.Function):
             local = acts.flatten()
             candidates = group.gather(local.float().topk(min(n, local.numel()), sorted=False).values)
             cut = candidates.topk(n, sorted=False).values.min().to(acts.dtype)
-            flat = (local >= cut).nonzero().squeeze(1)  # sorted
+            flat = ((local >= cut) & (local > 0)).nonzero().squeeze(1)  # sorted; zeros add nothing
             vals = local[flat]
         rows, cols = flat // F, flat % F
         aux_vals = aux_idx = None
@@ -232,7 +233,10 @@ def batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux: int, auxk_alpha: float,
     With ``matryoshka_widths`` (several increasing prefix sizes ending at ``d_sae``): Matryoshka
     BatchTopK (Bussmann et al. 2025), the loss summing every prefix's reconstruction error
     (:func:`matryoshka_loss`); AuxK and the threshold as in BatchTopK (SAELens's default, AuxK
-    on the full dictionary's residual)."""
+    on the full dictionary's residual).
+
+    ``sparse`` (what the trainer uses): the same step on sparse codes (``_BatchTopKEncode``, each
+    group of latents decoded once); the dense form here is its reference."""
     ranks = group is not None and group.world > 1
     if sparse:
         return _sparse_batchtopk_step(sae, x, y, dead, k_aux, auxk_alpha, update_threshold,
