@@ -201,3 +201,13 @@ def lock_holder(path: str | Path) -> str | None:
             return file.read().strip() or "a process that has not yet written its name"
         fcntl.flock(file.fileno(), fcntl.LOCK_UN)
     return None
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with its tuples made lists, through dicts and lists: what a JSON round trip
+    gives back, so a setting read from a file compares equal to the one in memory."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value

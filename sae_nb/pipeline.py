@@ -198,9 +198,10 @@ def run_pipeline(run: str | Path = DEFAULT_RUN, only: Iterable[str] | None = Non
 
 def _failure_message(path: Path, output: Path, err) -> str:
     """Name the failing cell by its position in the notebook as committed (1-based)."""
-    cell_no, source = _failed_cell(output)
-    where = f"cell {cell_no}" if cell_no else f"cell index {err.cell_index} (executed copy)"
-    source = source or err.source or ""
+    failed = failed_cell(output)
+    where = (f"cell {failed['cell']}" if failed else
+             f"cell index {err.cell_index} (executed copy)")
+    source = (failed or {}).get("source") or err.source or ""
     lines = source.strip().splitlines()
     excerpt = "\n    ".join(lines[:6] + (["..."] if len(lines) > 6 else []))
     return (f"Notebook {path.name} failed in {where}:\n    {excerpt}\n"
@@ -208,18 +209,22 @@ def _failure_message(path: Path, output: Path, err) -> str:
             f"The executed notebook, with the full traceback, is {output}")
 
 
-def _failed_cell(output: Path) -> tuple[int | None, str | None]:
-    """The committed position and source of the cell that holds an error output."""
+def failed_cell(executed: str | Path) -> dict[str, Any] | None:
+    """Where an executed notebook failed: ``{"cell", "source", "error"}`` with the cell's
+    position in the notebook as committed (1-based, papermill's own cells not counted) and
+    ``"ename: evalue"``; None when no cell holds an error (or the notebook cannot be read)."""
     try:
-        nb = nbformat.read(output, as_version=4)
-    except Exception:  # the notebook could not be written; fall back to papermill's index
-        return None, None
+        nb = nbformat.read(str(executed), as_version=4)
+    except Exception:  # never written, or cut short
+        return None
     papermill_tags = {"injected-parameters", "papermill-error-cell-tag"}
     position = 0
     for cell in nb.cells:
         if papermill_tags & set(cell.get("metadata", {}).get("tags", [])):
             continue
         position += 1
-        if any(o.get("output_type") == "error" for o in cell.get("outputs", [])):
-            return position, cell.source
-    return None, None
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error":
+                return {"cell": position, "source": cell.source,
+                        "error": f"{output.get('ename')}: {output.get('evalue')}"}
+    return None

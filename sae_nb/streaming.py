@@ -27,7 +27,7 @@ import torch
 from .corpora import load_corpus, pack_contexts
 from .distributed import setup
 from .extract import ExtractConfig, check_ctx_len, resolve_sites, run_sites
-from .io import atomic_open
+from .io import atomic_open, jsonable
 from .models import hf_model, model_name, resolve_device
 from .train import (TrainConfig, Training, TrainingError, TrainResult, check_resumable,
                     read_checkpoint)
@@ -89,7 +89,7 @@ class ActivationStream:
 
     def settings(self) -> dict[str, Any]:
         """What defines the batches: a checkpoint of another stream is refused."""
-        return {"model": model_name(self.model), **_jsonable(asdict(self.config)),
+        return {"model": model_name(self.model), **jsonable(asdict(self.config)),
                 "sites": self.names, "batch_rows": self.batch_rows,
                 "buffer_rows": self.buffer_rows, "shuffle": self.shuffle,
                 "buffer_seed": self.buffer_seed}
@@ -171,14 +171,6 @@ def _positive(name: str, value) -> int:
     return value
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def train_sites(batches: Iterable, config: TrainConfig | None = None, progress: bool = True,
                 resume: bool = True, **options) -> dict[str, TrainResult]:
     """One dictionary per site, trained in lockstep on ``{site: (B, d)}`` batches (an
@@ -230,7 +222,7 @@ def train_sites(batches: Iterable, config: TrainConfig | None = None, progress: 
 
 def _save(path: Path, cfg: TrainConfig, runs: dict[str, Training], stream) -> None:
     """Every site and the stream in one file, written atomically: they cannot disagree."""
-    payload = {"config": _jsonable(asdict(cfg)),
+    payload = {"config": jsonable(asdict(cfg)),
                "sites": {name: run.payload() for name, run in runs.items()}}
     if stream is not None:
         payload["source"] = stream.state_dict()

@@ -35,13 +35,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import nbformat
 import pandas as pd
 
 from .io import LockHeld, atomic_write_json, hold_lock, write_table
 from .pipeline import (NOTEBOOKS_DIR, OUTPUTS_DIR, SMOKE_PARAMETERS, PipelineError,
-                       find_notebooks, notebook_parameters, parse_parameter, run_notebook,
-                       select_notebooks)
+                       failed_cell, find_notebooks, notebook_parameters, parse_parameter,
+                       run_notebook, select_notebooks)
 
 log = logging.getLogger(__name__)
 
@@ -120,27 +119,6 @@ def thread_environment(threads: int, base: Mapping[str, str] | None = None) -> d
     env = dict(os.environ if base is None else base)
     env.update({name: str(threads) for name in THREAD_VARIABLES})
     return env
-
-
-def failed_cell(executed: str | Path) -> dict[str, Any] | None:
-    """Where an executed notebook failed: ``{"cell", "source", "error"}`` with the cell's
-    position in the notebook as committed (1-based, papermill's own cells not counted) and
-    ``"ename: evalue"``; None when no cell holds an error (or the notebook cannot be read)."""
-    try:
-        nb = nbformat.read(str(executed), as_version=4)
-    except Exception:  # never written, or cut short
-        return None
-    papermill_tags = {"injected-parameters", "papermill-error-cell-tag"}
-    position = 0
-    for cell in nb.cells:
-        if papermill_tags & set(cell.get("metadata", {}).get("tags", [])):
-            continue
-        position += 1
-        for output in cell.get("outputs", []):
-            if output.get("output_type") == "error":
-                return {"cell": position, "source": cell.source,
-                        "error": f"{output.get('ename')}: {output.get('evalue')}"}
-    return None
 
 
 def link_base(folder: Path, base: Path | None, names: Iterable[str]) -> list[str]:

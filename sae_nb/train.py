@@ -24,7 +24,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Iterable, Literal
 
 import pandas as pd
 import torch
@@ -34,7 +34,7 @@ from .checks import real_number, whole_number
 from .dictionary import BatchTopKSAE, Dictionary, JumpReLUSAE, ReLUSAE, TopKSAE, build_dictionary
 from .distributed import (ONE_PROCESS, Group, batch_metrics, first_global_batch, rank_device,
                           rank_slice, setup)
-from .io import atomic_open, folder_name
+from .io import atomic_open, folder_name, jsonable
 from .models import resolve_device
 from .objectives import check_matryoshka_widths, compute_step, default_matryoshka_widths
 from .sparse_ops import release_scratch
@@ -266,7 +266,7 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
     x0, y0 = _split(first)
     _check_batch(0, x0, y0, x0.shape[-1] if x0.ndim == 2 else -1, y0.shape[-1] if y0.ndim == 2 else -1)
     if group.world > 1:  # every rank initialises from the whole first global batch
-        x0, y0 = first_global_batch(group, _jsonable(asdict(cfg)), batches, local, x0, y0)
+        x0, y0 = first_global_batch(group, jsonable(asdict(cfg)), batches, local, x0, y0)
     run = Training(x0, y0, cfg, group, device, progress)
     if saved is not None:
         run.restore(saved, ckpt)
@@ -338,7 +338,7 @@ class Training:
                 "scheduler": self.sched.state_dict(), "step": self.state["step"],
                 "tokens": self.state["tokens"], "tokens_since_fired": self.state["since_fired"],
                 "log": self.state["log"], "scale": list(self.scale), "world_size": self.group.world,
-                "config": _jsonable(asdict(self.cfg)), "torch_rng": self.rng[0],
+                "config": jsonable(asdict(self.cfg)), "torch_rng": self.rng[0],
                 **({"cuda_rng": self.rng[1]} if self.rng[1] is not None else {})}
 
     def save(self, path: Path, source=None) -> None:
@@ -475,7 +475,7 @@ def _checkpoint_exists(path: Path, group: Group) -> bool:
 
 def check_resumable(path: Path, saved: dict, config: TrainConfig) -> None:
     """Refuse to resume a checkpoint written with other settings: it would mix two runs."""
-    asked = _jsonable(asdict(config))
+    asked = jsonable(asdict(config))
     differ = [f"{k}={saved.get(k)!r} (checkpoint) vs {asked[k]!r} (now)" for k in asked
               if k not in RESUMABLE_CHANGES and saved.get(k) != asked[k]]
     if differ:
@@ -521,14 +521,6 @@ def _tokens_since_fired(payload: dict) -> torch.Tensor:
     if "tokens_since_fired" in payload:
         return payload["tokens_since_fired"]
     return payload["since_fired"] * (payload["tokens"] // max(1, payload["step"]))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def dictionary_name(config: TrainConfig, d_in: int) -> str:
