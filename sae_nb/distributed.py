@@ -179,9 +179,15 @@ def setup() -> Group:
 
 
 def shutdown() -> None:
-    """Destroy the process group if :func:`setup` created it (called at exit)."""
+    """Destroy the process group if :func:`setup` created it (called at exit), after a barrier:
+    a rank that tore its gloo connections down while another still talked to it aborted
+    ("terminate called without an active exception") once rank 0 saved while rank 1 exited."""
     global _created_here
     if _created_here and dist.is_initialized():
+        try:
+            dist.barrier()
+        except Exception:  # a peer is gone (it failed, torchrun stops us): just tear down
+            pass
         dist.destroy_process_group()
     _created_here = False
 
