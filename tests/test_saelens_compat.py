@@ -9,7 +9,8 @@ metadata, every weight, ``encode``, ``decode`` and forward, and that it warned a
 
 Cases: every architecture we save (standard, topk, batchtopk saved as a JumpReLU with one
 constant threshold, jumprelu), with and without ``apply_b_dec_to_input``; a JumpReLU file with
-thresholds <= 0 (our encode must still equal SAELens's ``relu(pre) * (pre > t)``); a transcoder.
+thresholds <= 0 (our encode must still equal SAELens's ``relu(pre) * (pre > t)``); a transcoder;
+a Matryoshka BatchTopK trained by our trainer (saved, as BatchTopK is, as a JumpReLU).
 The inputs make the thresholds, the top-k and the ReLU after the top-k all decide some
 activations.
 
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_nb.dictionary import JumpReLUSAE, TopKSAE, build_dictionary
 from sae_nb.saving import save_dictionary
+from sae_nb.train import train_dictionary
 
 pytestmark = pytest.mark.slow  # starts SAELens in a second interpreter (about 15 s)
 
@@ -48,6 +50,7 @@ CASES = {f"{arch}-{'b_dec_in' if b_dec_in else 'no_b_dec_in'}": (arch, b_dec_in,
          for arch in SAELENS_CLASS for b_dec_in in (True, False)}
 CASES["jumprelu-nonpositive_thresholds"] = ("jumprelu", True, "nonpositive_thresholds")
 CASES["topk-transcoder"] = ("topk", True, "transcoder")
+CASES["matryoshka_batchtopk-trained"] = ("batchtopk", True, "matryoshka")
 
 
 def saelens_python() -> str:
@@ -72,6 +75,8 @@ def make_dictionary(arch: str, apply_b_dec: bool, variant: str | None, gen: torc
 
     ``b_enc`` is mostly negative with 3 positive entries, so the input row ``x0`` whose
     pre-activations equal ``b_enc`` has fewer than k positive ones (TopK must ReLU its top k)."""
+    if variant == "matryoshka":
+        return trained_matryoshka(gen)
     sae = build_dictionary(arch, D, F, k=K if arch in ("topk", "batchtopk") else None,
                            apply_b_dec_to_input=apply_b_dec)
     with torch.no_grad():
@@ -89,6 +94,19 @@ def make_dictionary(arch: str, apply_b_dec: bool, variant: str | None, gen: torc
         elif arch == "jumprelu":
             sae.threshold.copy_(torch.rand(F, generator=gen) * 0.6 + 0.05)
     return sae.eval()
+
+
+def trained_matryoshka(gen: torch.Generator):
+    """A Matryoshka BatchTopK trained by our trainer (three nested prefixes), as a user saves
+    it: the threshold is the one training estimated, the weights what the nested loss made."""
+    codes = torch.rand(2048, 24, generator=gen) * (torch.rand(2048, 24, generator=gen) < 0.15)
+    x = codes @ torch.randn(24, D, generator=gen) + 0.3
+    result = train_dictionary((x[i:i + 128] for _ in range(10) for i in range(0, len(x), 128)),
+                              architecture="matryoshka_batchtopk", d_sae=F, k=K,
+                              matryoshka_widths=(16, 32, F), total_tokens=160 * 128,
+                              progress=False, seed=0)
+    assert result.dictionary.threshold.min() > 0  # training estimated a threshold
+    return result.dictionary.eval()
 
 
 @pytest.fixture(scope="module")
