@@ -86,7 +86,8 @@ LAYERS = {
     "producing": ["extract", "objectives", "train", "evaluate", "synthetic", "streaming"],
     "studying": ["codes", "features", "contexts", "logit_effects", "probing", "clustering",
                  "families", "intervene", "effects", "attribution", "steering", "explanations",
-                 "rules", "backends", "autointerp", "scoring", "recovery", "uncertainty"],
+                 "rules", "backends", "autointerp", "scoring", "recovery", "uncertainty",
+                 "bags", "tasks"],
     "showing": ["plotting", "dashboard", "explorer_data", "explorer", "steering_widget"],
     "running": ["runs", "pipeline", "jobs", "sweep", "__main__", "__init__"],
 }
