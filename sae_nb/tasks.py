@@ -23,7 +23,7 @@ import pandas as pd
 
 from .corpora import token_strings
 from .probing import (DEFAULT_CACHE, LabelError, MOVIE_FILE, fetch_vader, fit_probe,
-                      parse_vader, probe_features, run_probes, split_labeled, top_latents)
+                      parse_vader, probe_features, run_probes, split_labeled)
 
 SOTU_ERAS = (1790, 1850, 1900, 1950, 2030)  # era bins: [1790, 1850), [1850, 1900), ...
 VADER_DOMAINS = {"movie reviews": MOVIE_FILE,
@@ -196,6 +196,17 @@ def _probe_direction(probe) -> tuple[np.ndarray, float]:
     return w / np.linalg.norm(w), float(clf.intercept_[0])
 
 
+def detector_latents(codes, has, k: int = 1) -> np.ndarray:
+    """The ``k`` latents whose standardised mean is most above on the tokens with the property
+    than on the others, best first: detectors of the property, not of its absence (the
+    unsigned class-mean difference of :func:`sae_nb.probing.top_latents` may pick a latent of
+    the other class)."""
+    codes, has = np.asarray(codes, np.float64), np.asarray(has).astype(bool)
+    std = codes.std(0)
+    diff = (codes[has].mean(0) - codes[~has].mean(0)) / np.where(std > 0, std, np.inf)
+    return np.argsort(-diff, kind="stable")[:k]
+
+
 def absorption_scores(acts, codes, W_dec, b_dec, has, train, test, main_k: int = 1,
                       full_cos: float = 0.025, fraction_cos: float = 0.1,
                       proportion: float = 0.4, max_absorbers: int = 3,
@@ -204,8 +215,8 @@ def absorption_scores(acts, codes, W_dec, b_dec, has, train, test, main_k: int =
 
     ``acts`` (N, D) inputs, ``codes`` (N, F) their codes, ``W_dec`` (F, D), ``b_dec`` (D,),
     ``has`` (N,) the property. A logistic probe on ``acts`` (train split) gives the property's
-    direction ``w`` (unit); the ``main_k`` latents of largest class-mean difference (train
-    split) are the main latents. On the test tokens that have the property and that the probe
+    direction ``w`` (unit); the ``main_k`` latents of :func:`detector_latents` (train split)
+    are the main latents. On the test tokens that have the property and that the probe
     calls right, a latent's projection is ``code * (W_dec[j] . w)`` and the total is
     ``(x - b_dec) . w`` (what the latents must account for). A token is fully absorbed when
     every main latent is silent, the latent of largest projection has cosine >= ``full_cos``
@@ -226,7 +237,7 @@ def absorption_scores(acts, codes, W_dec, b_dec, has, train, test, main_k: int =
         raise LabelError("The property holds for every token or for none in the train split; "
                          "take more tokens.")
     w, _ = _probe_direction(probe)
-    main = top_latents(codes[train], y[train], main_k)
+    main = detector_latents(codes[train], has[train], main_k)
     norms = np.linalg.norm(W_dec, axis=1)
     along = W_dec @ w  # (F,) a unit of each latent along w
     cos = along / np.where(norms > 0, norms, np.inf)
