@@ -1,4 +1,4 @@
-"""Pooled codes as bags of token features: TF-IDF, binary, LSA and dense-latent treatments.
+"""Pooled codes as bags of token features: TF-IDF, binary, idf, LSA, dense-latent treatments.
 
 A text's pooled codes are a bag of token features: which latents fired on its tokens and how
 strongly. Text mining has long treated bags this way, and this module tries those treatments
@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .clustering import ClusteringError, kmeans, scale_rows
+from .clustering import ClusteringError, inverse_document_frequency, kmeans, scale_rows
 from .probing import fit_probe, majority_baseline, top_latents
 
-TREATMENTS = ("l2", "tfidf", "binary", "lsa", "drop_dense")
+TREATMENTS = ("none", "l2", "tfidf", "binary", "idf", "lsa", "lsa_idf", "drop_dense")
 BAG_K_VALUES = (1, 5, 50)
 
 
@@ -40,16 +40,6 @@ def dense_latents(density, threshold: float) -> np.ndarray:
     return np.nonzero(np.asarray(density) > threshold)[0]
 
 
-def inverse_document_frequency(codes) -> np.ndarray:
-    """``log((1 + N) / (1 + df))`` per latent, ``df`` the number of rows where it fires.
-
-    Smoothed like scikit-learn's, but without its ``+ 1``: a latent that fires in every row
-    gets weight 0, which is the point for codes, where a few latents fire on every token."""
-    codes = np.asarray(codes)
-    df = (codes > 0).sum(0)
-    return np.log((1.0 + len(codes)) / (1.0 + df))
-
-
 def l2_rows(X) -> np.ndarray:
     """Rows scaled to unit length (all-zero rows stay zero)."""
     return scale_rows(X, "l2")
@@ -59,16 +49,19 @@ def l2_rows(X) -> np.ndarray:
 class BagTransform:
     """One treatment, fitted on some rows (a train split) and applied to any rows.
 
-    ``l2`` unit rows (the codes as they are); ``tfidf`` codes times the idf of the fitted rows,
-    then unit rows; ``binary`` 1 where a latent fired, then unit rows; ``lsa`` the TF-IDF rows
-    projected on the top ``n_components`` right singular vectors of the fitted TF-IDF matrix,
-    then unit rows; ``drop_dense`` the codes without the latents whose density (``density``
+    ``none`` the codes as they are (what :mod:`sae_nb.probing` probes); ``l2`` unit rows;
+    ``tfidf`` codes times the idf (:func:`sae_nb.clustering.inverse_document_frequency`) of
+    the fitted rows, then unit rows; ``binary`` 1 where a latent fired, then unit rows; ``idf``
+    binary firing times the idf, unit rows (``clustering.scale_rows(X, "idf")`` when fitted on
+    the same rows); ``lsa`` the TF-IDF rows projected on the top ``n_components`` right
+    singular vectors of the fitted TF-IDF matrix, then unit rows; ``lsa_idf`` the same of the
+    ``idf`` rows; ``drop_dense`` the codes without the latents whose density (``density``
     when given, e.g. over a store's tokens, else over the fitted rows) is above
     ``threshold``, then unit rows."""
 
     treatment: str = "l2"
     threshold: float = 0.5
-    n_components: int = 100
+    n_components: int = 20
     density: np.ndarray | None = None
     seed: int = 0
     idf: np.ndarray | None = field(default=None, init=False)
@@ -80,9 +73,9 @@ class BagTransform:
             raise ClusteringError(f"Unknown treatment {self.treatment!r}; choose one of "
                                   f"{TREATMENTS}.")
         codes = np.asarray(codes, dtype=np.float64)
-        if self.treatment in ("tfidf", "lsa"):
+        if self.treatment in ("tfidf", "idf", "lsa", "lsa_idf"):
             self.idf = inverse_document_frequency(codes)
-        if self.treatment == "lsa":
+        if self.treatment in ("lsa", "lsa_idf"):
             from sklearn.decomposition import TruncatedSVD
 
             n = min(self.n_components, codes.shape[1] - 1, codes.shape[0] - 1)
@@ -90,7 +83,7 @@ class BagTransform:
                 raise ClusteringError(f"LSA needs at least 2 rows and 2 latents; got "
                                       f"{codes.shape}.")
             self.svd = TruncatedSVD(n, algorithm="arpack", random_state=self.seed)
-            self.svd.fit(l2_rows(codes * self.idf))
+            self.svd.fit(self._weighted(codes))
         if self.treatment == "drop_dense":
             density = firing_density(codes) if self.density is None else self.density
             if len(density) != codes.shape[1]:
@@ -100,16 +93,22 @@ class BagTransform:
             self.keep = np.setdiff1d(np.arange(codes.shape[1]), dense)
         return self
 
+    def _weighted(self, codes) -> np.ndarray:
+        tf = (codes > 0).astype(np.float64) if self.treatment in ("idf", "lsa_idf") else codes
+        return l2_rows(tf * self.idf)
+
     def transform(self, codes) -> np.ndarray:
         codes = np.asarray(codes, dtype=np.float64)
+        if self.treatment == "none":
+            return codes
         if self.treatment == "l2":
             return l2_rows(codes)
         if self.treatment == "binary":
             return l2_rows((codes > 0).astype(np.float64))
-        if self.treatment == "tfidf":
-            return l2_rows(codes * self.idf)
-        if self.treatment == "lsa":
-            return l2_rows(self.svd.transform(l2_rows(codes * self.idf)))
+        if self.treatment in ("tfidf", "idf"):
+            return self._weighted(codes)
+        if self.treatment in ("lsa", "lsa_idf"):
+            return l2_rows(self.svd.transform(self._weighted(codes)))
         return l2_rows(codes[:, self.keep])
 
     def fit_transform(self, codes) -> np.ndarray:
@@ -141,8 +140,8 @@ def _probe_row(X, y, train, test, k_values, seed) -> dict[str, float]:
 
 def treatment_table(raw, codes, labels, train, test, treatments=TREATMENTS,
                     k_values=BAG_K_VALUES, n_clusters: int | None = None, seed: int = 0,
-                    threshold: float = 0.5, n_components: int = 100,
-                    density=None) -> pd.DataFrame:
+                    threshold: float = 0.5, n_components: int = 20,
+                    density=None, n_seeds: int = 1) -> pd.DataFrame:
     """Held-out probing accuracy (top-k columns chosen by class-mean difference on the train
     split, and all columns) and clustering ARI against the labels, for the pooled raw
     activations and for the codes under each treatment.
@@ -150,8 +149,9 @@ def treatment_table(raw, codes, labels, train, test, treatments=TREATMENTS,
     Probing fits each treatment on the train split only (idf, SVD, densities); clustering
     fits it on all rows and runs spherical KMeans with ``n_clusters`` (default: the number of
     classes). The raw activations are probed as they are and clustered standardised (as
-    notebook 05 does) and as unit rows; their "top k" are raw dimensions. One row each, with
-    the majority-class baseline."""
+    notebook 05 does) and as unit rows; their "top k" are raw dimensions. ARI is the mean over
+    ``n_seeds`` KMeans seeds (``ari_sd`` their standard deviation): on a few dozen texts one
+    seed's ARI moves by 0.1. One row each, with the majority-class baseline."""
     from sklearn.metrics import adjusted_rand_score
 
     raw, codes, y = np.asarray(raw, np.float64), np.asarray(codes, np.float64), np.asarray(labels)
@@ -160,16 +160,22 @@ def treatment_table(raw, codes, labels, train, test, treatments=TREATMENTS,
     rows = []
     raw_row = {"representation": "raw", "treatment": "as is",
                **_probe_row(raw, y, train, test, k_values, seed)}
-    raw_row["ari"] = adjusted_rand_score(y, kmeans(raw, n_clusters, seed, "standardize").labels)
-    raw_row["ari_l2"] = adjusted_rand_score(y, spherical_kmeans(raw, n_clusters, seed))
+    seeds = range(seed, seed + max(1, n_seeds))
+
+    def ari(cluster) -> dict[str, float]:
+        values = [adjusted_rand_score(y, cluster(s)) for s in seeds]
+        return {"ari": float(np.mean(values)), "ari_sd": float(np.std(values))}
+
+    raw_row.update(ari(lambda s: kmeans(raw, n_clusters, s, "standardize").labels))
+    raw_row["ari_l2"] = ari(lambda s: spherical_kmeans(raw, n_clusters, s))["ari"]
     rows.append(raw_row)
     for t in treatments:
         fitted = BagTransform(t, **options).fit(codes[train])
         X = fitted.transform(codes)
         row = {"representation": "codes", "treatment": t,
                **_probe_row(X, y, train, test, k_values, seed)}
-        row["ari"] = adjusted_rand_score(y, spherical_kmeans(treat(codes, t, **options),
-                                                             n_clusters, seed))
+        treated = treat(codes, t, **options)
+        row.update(ari(lambda s: spherical_kmeans(treated, n_clusters, s)))
         row["columns"] = X.shape[1]
         rows.append(row)
     rows[0]["columns"] = raw.shape[1]

@@ -21,9 +21,9 @@ import pandas as pd
 from .corpora import read_text_table
 from .threads import one_thread
 
-Scale = Literal["none", "standardize", "l2"]
+Scale = Literal["none", "standardize", "l2", "idf"]
 Projection = Literal["pca", "tsne"]
-SCALES = ("none", "standardize", "l2")
+SCALES = ("none", "standardize", "l2", "idf")
 PROJECTIONS = ("pca", "tsne")
 
 
@@ -64,10 +64,17 @@ def scale_rows(X, scale: Scale = "l2") -> np.ndarray:
     with strong codes everywhere is not far from all others. ``standardize`` (per feature: zero
     mean, unit variance) stops the few huge dimensions of a residual stream from deciding
     every distance: the choice for raw activations, a poor one for sparse codes, where a latent
-    that fires on one text gets a huge z-score. ``none`` leaves ``X`` as it is."""
+    that fires on one text gets a huge z-score. ``idf`` treats a text's codes as a bag of
+    token features: 1 where a latent fired, weighted by its inverse document frequency
+    (:func:`inverse_document_frequency`, 0 for a latent firing in every text), unit rows; on
+    the shipped dictionary it lifts the topic ARI of ``data/sentences.csv`` from about 0 to
+    0.26 and that of VADER's four domains from 0.03 to 0.14 (``benchmarks/bench_tasks.py``),
+    so notebook 05 clusters codes with it. ``none`` leaves ``X`` as it is."""
     X = check_rows(X)
     if scale == "none":
         return X
+    if scale == "idf":
+        return scale_rows((X > 0) * inverse_document_frequency(X), "l2")
     if scale == "standardize":
         std = X.std(0)
         return (X - X.mean(0)) / np.where(std > 0, std, 1.0)
@@ -75,6 +82,14 @@ def scale_rows(X, scale: Scale = "l2") -> np.ndarray:
         norms = np.linalg.norm(X, axis=1, keepdims=True)
         return X / np.where(norms > 0, norms, 1.0)
     raise ClusteringError(f"Unknown scale {scale!r}; choose one of {SCALES}.")
+
+
+def inverse_document_frequency(X) -> np.ndarray:
+    """``log((1 + N) / (1 + df))`` per column, ``df`` the number of rows where it is positive
+    (a latent's firing). Smoothed like scikit-learn's, but without its ``+ 1``: a latent that
+    fires in every row gets weight 0, the point for codes, where some latents fire everywhere."""
+    X = np.asarray(X)
+    return np.log((1.0 + len(X)) / (1.0 + (X > 0).sum(0)))
 
 
 # ---------------------------------------------------------------- KMeans

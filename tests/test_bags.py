@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from sae_nb import bags
-from sae_nb.clustering import ClusteringError
+from sae_nb.clustering import ClusteringError, scale_rows
 
 CODES = np.array([[1.0, 0.0, 2.0, 4.0],
                   [0.0, 3.0, 0.0, 1.0],
@@ -19,6 +19,11 @@ def test_tfidf_equals_hand_computation():
     hand = np.array([[1 * a, 0, 2 * b, 0], [0, 3 * a, 0, 0], [1 * a, 1 * a, 0, 0]])
     hand /= np.linalg.norm(hand, axis=1, keepdims=True)
     np.testing.assert_allclose(bags.inverse_document_frequency(CODES), [a, a, b, 0.0])
+    # idf: binary firing times the idf, unit rows; clustering's "idf" scale is the same
+    hand_idf = np.array([[a, 0, b, 0], [0, a, 0, 0], [a, a, 0, 0]])
+    hand_idf /= np.linalg.norm(hand_idf, axis=1, keepdims=True)
+    np.testing.assert_allclose(bags.treat(CODES, "idf"), hand_idf)
+    np.testing.assert_allclose(scale_rows(CODES, "idf"), hand_idf)
     np.testing.assert_allclose(bags.treat(CODES, "tfidf"), hand)
 
 
@@ -27,14 +32,15 @@ def test_binary_is_unit_rows_of_firing():
     np.testing.assert_allclose(bags.treat(CODES, "binary"), hand)
 
 
-def test_lsa_equals_svd_of_tfidf_by_hand():
+@pytest.mark.parametrize("lsa,weighting", [("lsa", "tfidf"), ("lsa_idf", "idf")])
+def test_lsa_equals_svd_of_tfidf_by_hand(lsa, weighting):
     rng = np.random.default_rng(0)
     codes = np.maximum(rng.normal(size=(12, 7)), 0)
-    tfidf = bags.treat(codes, "tfidf")
+    tfidf = bags.treat(codes, weighting)
     _, _, vt = np.linalg.svd(tfidf, full_matrices=False)
     hand = tfidf @ vt[:3].T
     hand /= np.linalg.norm(hand, axis=1, keepdims=True)
-    got = bags.treat(codes, "lsa", n_components=3)
+    got = bags.treat(codes, lsa, n_components=3)
     assert got.shape == (12, 3)
     # components are defined up to sign: compare each column up to its sign
     signs = np.sign((got * hand).sum(0))
@@ -79,7 +85,7 @@ def test_dense_feature_defeats_unit_rows_and_bag_treatments_recover(seed):
                                                                       n_components=8), 4))
            for t in bags.TREATMENTS}
     assert ari["l2"] < 0.3, ari
-    for t in ("tfidf", "binary", "drop_dense"):
+    for t in ("tfidf", "binary", "idf", "drop_dense"):
         assert ari[t] >= 0.9, ari
 
 
@@ -91,6 +97,7 @@ def test_treatment_table_on_planted_bags():
     table = bags.treatment_table(raw, X, y, train, test, treatments=("l2", "binary"),
                                  k_values=(1, 5), n_components=8)
     assert list(table["treatment"]) == ["as is", "l2", "binary"]
+    assert table.set_index("treatment").loc["l2", "ari"] < 0.3
     binary = table.set_index("treatment").loc["binary"]
     assert binary["ari"] >= 0.9 and binary["all"] >= 0.9
     assert table.set_index("treatment").loc["as is", "ari"] < 0.1
