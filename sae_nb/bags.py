@@ -82,8 +82,12 @@ class BagTransform:
             if n < 1:
                 raise ClusteringError(f"LSA needs at least 2 rows and 2 latents; got "
                                       f"{codes.shape}.")
-            self.svd = TruncatedSVD(n, algorithm="arpack", random_state=self.seed)
-            self.svd.fit(self._weighted(codes))
+            weighted = self._weighted(codes)
+            if not weighted.any():
+                raise ClusteringError("Every latent fires in every row, so every idf weight is "
+                                      "0 and LSA has nothing to fit; use 'binary' or 'l2'.")
+            self.svd = TruncatedSVD(n, algorithm="arpack", random_state=0)
+            self.svd.fit(weighted)
         if self.treatment == "drop_dense":
             density = firing_density(codes) if self.density is None else self.density
             if len(density) != codes.shape[1]:

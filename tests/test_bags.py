@@ -42,6 +42,9 @@ def test_lsa_equals_svd_of_tfidf_by_hand(lsa, weighting):
     hand /= np.linalg.norm(hand, axis=1, keepdims=True)
     got = bags.treat(codes, lsa, n_components=3)
     assert got.shape == (12, 3)
+    if lsa == "lsa_idf":  # clustering's scale is the same treatment, at its 20 components
+        np.testing.assert_allclose(np.abs(scale_rows(codes, "lsa_idf")),
+                                   np.abs(bags.treat(codes, lsa, n_components=20)), atol=1e-8)
     # components are defined up to sign: compare each column up to its sign
     signs = np.sign((got * hand).sum(0))
     np.testing.assert_allclose(got * signs, hand, atol=1e-8)
@@ -57,6 +60,14 @@ def test_drop_dense_drops_exactly_those_above_threshold():
     # densities given from elsewhere (a store's tokens) decide instead of the rows
     given = bags.BagTransform("drop_dense", threshold=0.1, density=[0, 0.2, 0, 0, 0]).fit(codes)
     np.testing.assert_array_equal(given.keep, [0, 2, 3, 4])
+
+
+def test_lsa_idf_with_no_idf_weight_left():
+    everywhere = np.ones((6, 4))
+    with pytest.raises(ClusteringError, match="every idf weight is 0"):
+        bags.treat(everywhere, "lsa_idf")
+    with pytest.warns(UserWarning, match="every idf weight is 0"):
+        np.testing.assert_allclose(scale_rows(everywhere, "lsa_idf"), 0.5)
 
 
 def test_bad_treatment_and_threshold_are_named():
