@@ -74,8 +74,10 @@ def main() -> None:
     t = time.time()
     store = sae_nb.open_store(args.run_dir, site)
     with one_thread():
-        absorb = tasks.absorption_table(store, sae, lm.tokenizer, n_tokens=args.tokens,
-                                        seed=args.seed)
+        absorb = pd.concat([tasks.absorption_table(store, sae, lm.tokenizer,
+                                                   n_tokens=args.tokens, seed=args.seed,
+                                                   split_tau=tau).assign(main=how)
+                            for how, tau in (("k=1", None), ("split 0.03", 0.03))])
     print(f"\n## Absorption on token properties, {args.tokens:,} store tokens "
           f"({time.time() - t:.0f} s)\n")
     print(markdown(absorb))

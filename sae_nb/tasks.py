@@ -207,16 +207,40 @@ def detector_latents(codes, has, k: int = 1) -> np.ndarray:
     return np.argsort(-diff, kind="stable")[:k]
 
 
+def firing_f1(codes, has, latents) -> float:
+    """F1 of "any of ``latents`` fires" as a detector of the property ``has``."""
+    fires = (np.asarray(codes)[:, list(latents)] > 0).any(1)
+    has = np.asarray(has).astype(bool)
+    return float(2 * (fires & has).sum() / max(1, fires.sum() + has.sum()))
+
+
+def split_latents(codes, has, tau: float = 0.03, max_k: int = 10) -> np.ndarray:
+    """Main latents with feature splitting, as SAEBench grows them: the best detector first,
+    then the next ones of :func:`detector_latents` while each raises :func:`firing_f1` by
+    more than ``tau`` (at most ``max_k``)."""
+    order = detector_latents(codes, has, max_k)
+    main = [int(order[0])]
+    best = firing_f1(codes, has, main)
+    for latent in order[1:]:
+        f1 = firing_f1(codes, has, main + [int(latent)])
+        if f1 - best <= tau:
+            break
+        main.append(int(latent))
+        best = f1
+    return np.asarray(main)
+
+
 def absorption_scores(acts, codes, W_dec, b_dec, has, train, test, main_k: int = 1,
                       full_cos: float = 0.025, fraction_cos: float = 0.1,
                       proportion: float = 0.4, max_absorbers: int = 3,
-                      seed: int = 0) -> dict:
+                      seed: int = 0, split_tau: float | None = None) -> dict:
     """Absorption of one binary property, scored as SAEBench scores first-letter absorption.
 
     ``acts`` (N, D) inputs, ``codes`` (N, F) their codes, ``W_dec`` (F, D), ``b_dec`` (D,),
     ``has`` (N,) the property. A logistic probe on ``acts`` (train split) gives the property's
     direction ``w`` (unit); the ``main_k`` latents of :func:`detector_latents` (train split)
-    are the main latents. On the test tokens that have the property and that the probe
+    are the main latents (with ``split_tau``, as many as :func:`split_latents` keeps:
+    SAEBench's feature splitting). On the test tokens that have the property and that the probe
     calls right, a latent's projection is ``code * (W_dec[j] . w)`` and the total is
     ``(x - b_dec) . w`` (what the latents must account for). A token is fully absorbed when
     every main latent is silent, the latent of largest projection has cosine >= ``full_cos``
@@ -237,7 +261,8 @@ def absorption_scores(acts, codes, W_dec, b_dec, has, train, test, main_k: int =
         raise LabelError("The property holds for every token or for none in the train split; "
                          "take more tokens.")
     w, _ = _probe_direction(probe)
-    main = detector_latents(codes[train], has[train], main_k)
+    main = (detector_latents(codes[train], has[train], main_k) if split_tau is None
+            else split_latents(codes[train], has[train], split_tau))
     norms = np.linalg.norm(W_dec, axis=1)
     along = W_dec @ w  # (F,) a unit of each latent along w
     cos = along / np.where(norms > 0, norms, np.inf)
@@ -284,10 +309,11 @@ def store_sample(store, n_tokens: int, seed: int = 0) -> tuple[np.ndarray, np.nd
 
 def absorption_table(store, dictionary, tokenizer, properties=None, n_tokens: int = 20000,
                      test_size: float = 0.25, main_k: int = 1, seed: int = 0,
-                     batch_size: int = 4096) -> pd.DataFrame:
+                     batch_size: int = 4096, split_tau: float | None = None) -> pd.DataFrame:
     """Absorption of each token property (:data:`PROPERTIES`) on ``n_tokens`` tokens of a
     token-mode activation store encoded by ``dictionary``: one row per property with its
-    share of tokens and :func:`absorption_scores`' figures."""
+    share of tokens and :func:`absorption_scores`' figures (``split_tau``: main latents grown
+    by feature splitting, else the ``main_k`` best detectors)."""
     import torch
 
     acts, ids = store_sample(store, n_tokens, seed)
@@ -303,7 +329,7 @@ def absorption_table(store, dictionary, tokenizer, properties=None, n_tokens: in
         has = props[name].to_numpy()
         train, test = split_labeled(has, test_size, seed)
         scores = absorption_scores(acts, codes, W_dec, b_dec, has, train, test, main_k,
-                                   seed=seed)
+                                   seed=seed, split_tau=split_tau)
         main = scores["main_latents"]
         rows.append({"property": name, "share": float(has.mean()), **scores,
                      "main_latents": " ".join(map(str, main))})

@@ -56,6 +56,17 @@ def test_a_silent_parent_on_a_child_subset_is_absorption(share):
     assert abs(s["main_silent"] - share) < 0.06, s
 
 
+def test_feature_splitting_takes_the_child_as_a_main_latent():
+    # the child fires where the parent is silent: together they detect the property, so
+    # SAEBench's feature splitting keeps both and nothing is left to call absorption
+    acts, codes, W, b, has = planted_tokens(0.3, seed=2)
+    assert list(tasks.split_latents(codes, has)) == [0, 1]
+    assert tasks.firing_f1(codes, has, [0, 1]) == 1.0
+    train, test = split_labeled(has, 0.25, 0)
+    s = tasks.absorption_scores(acts, codes, W, b, has, train, test, split_tau=0.03)
+    assert s["main_latents"] == [0, 1] and s["full_absorption"] < 0.02
+
+
 def test_k_sparse_probe_picks_the_planted_latent():
     rng = np.random.default_rng(0)
     n, F = 400, 50
