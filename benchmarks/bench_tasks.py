@@ -80,7 +80,7 @@ def main() -> None:
                             for how, tau in (("k=1", None), ("split 0.03", 0.03))])
     print(f"\n## Absorption on token properties, {args.tokens:,} store tokens "
           f"({time.time() - t:.0f} s)\n")
-    print(markdown(absorb))
+    print(markdown(absorb.reset_index(drop=True)))
 
     for name in ("vader_domain", "vader_sentiment"):
         t = time.time()
