@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from sae_nb import tasks
 from sae_nb.probing import DEFAULT_CACHE, VADER_SDIST, LabelError, split_labeled, top_latents
@@ -132,3 +133,77 @@ def test_token_properties_follow_the_decoded_text():
     assert props["leading_space"].tolist() == [True, False, False, True, False, True, False]
     assert props["capitalised"].tolist() == [False, True, False, False, False, True, False]
     assert props["digit"].tolist() == [False, False, True, True, False, False, False]
+
+
+class ArrayStore:
+    """A token-mode store's reading surface over arrays: rows, and their token ids."""
+
+    def __init__(self, acts, tokens):
+        self.acts, self.tokens = acts, tokens
+
+    def __len__(self):
+        return len(self.acts)
+
+    def __getitem__(self, rows):
+        return self.acts[rows].astype(np.float32)
+
+    def index(self, rows):
+        return {"token": self.tokens[rows]}
+
+
+class ReluDictionary(torch.nn.Module):
+    """Codes relu(x @ W_dec.T) for orthonormal decoder rows: each latent reads one direction."""
+
+    def __init__(self, W_dec):
+        super().__init__()
+        self.W_dec = torch.nn.Parameter(torch.as_tensor(W_dec, dtype=torch.float32))
+        self.b_dec = torch.nn.Parameter(torch.zeros(self.W_dec.shape[1]))
+
+    def encode(self, x):
+        return torch.relu(x @ self.W_dec.T)
+
+
+def test_absorption_table_on_a_store_of_tokens():
+    from conftest import make_tokenizer
+
+    tok = make_tokenizer()
+    ids = {c: tok.convert_tokens_to_ids(c) for c in "ABCxyz789"}
+    rng = np.random.default_rng(0)
+    chars = rng.choice(list(ids), 3000)
+    d = 8
+    acts = rng.normal(size=(3000, d)) * 0.05
+    acts[:, :2] = -np.abs(acts[:, :2])  # latents 0 and 1 silent unless their property holds
+    acts[:, 2:] += rng.uniform(0, 1, (3000, d - 2))  # other latents fire on every token
+    capital = np.array([c.isupper() for c in chars])
+    digit = np.array([c.isdigit() for c in chars])
+    acts[capital, 0] += rng.uniform(1, 2, capital.sum())  # latent 0: a capital
+    acts[digit, 1] += rng.uniform(1, 2, digit.sum())  # latent 1: a digit
+    store = ArrayStore(acts, np.array([ids[c] for c in chars]))
+    props = {"capitalised": tasks.PROPERTIES["capitalised"], "digit": tasks.PROPERTIES["digit"]}
+    table = tasks.absorption_table(store, ReluDictionary(np.eye(d)), tok, props,
+                                   n_tokens=2000).set_index("property")
+    assert table.loc["capitalised", "main_latents"] == "0"
+    assert table.loc["digit", "main_latents"] == "1"
+    sample = np.sort(np.random.default_rng(0).choice(3000, 2000, replace=False))
+    assert table.loc["digit", "share"] == pytest.approx(digit[sample].mean())
+    assert (table["probe_accuracy"] > 0.97).all() and (table["main_f1"] > 0.97).all()
+    assert (table["full_absorption"] == 0).all() and (table["absorption_fraction"] == 0).all()
+
+
+def test_sparse_probing_table_on_the_tiny_model(llama, tmp_path):
+    from sae_nb.dictionary import TopKSAE
+
+    dictionary = TopKSAE(llama.config.hidden_size if hasattr(llama, "config") else 32, 64, k=4)
+    torch.nn.init.normal_(dictionary.W_enc)
+    dictionary.metadata = {"site": "resid_out_layer1"}
+    df = pd.DataFrame({"text": [f"{w} number {i}" for i in range(12) for w in ("aaaa", "zzzz")],
+                       "label": ["a", "z"] * 12})
+    table = tasks.sparse_probing_table(llama, dictionary, tasks=(), data={"toy": df},
+                                       k_values=(1, 2), run_dir=tmp_path)
+    assert table["probe"].tolist() == ["raw", "all latents", "top 1 latents", "top 2 latents"]
+    assert (table["task"] == "toy").all() and (table["rows"] == 24).all()
+    assert (table["classes"] == 2).all() and table["accuracy"].between(0, 1).all()
+    assert len(list((tmp_path / "probing").glob("features_*.npz"))) == 1
+    wide = tasks.sparse_probing_wide(table)
+    assert list(wide.columns) == ["raw", "all latents", "top 1 latents", "top 2 latents",
+                                  "majority_baseline"]
