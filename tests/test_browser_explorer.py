@@ -364,5 +364,5 @@ def test_executed_notebook_06_shows_the_explorer_without_running_it(page, main_j
                                                             ".backgroundColor")
     assert shaded.replace("rgba", "rgb").startswith("rgb(255, 140, 0"), shaded  # orange
     snapshot.scroll_into_view_if_needed()
-    page.page.wait_for_timeout(1500)  # JupyterLab draws the cells scrolled into view lazily
+    page.page.wait_for_timeout(5000)  # JupyterLab draws the cells scrolled into view lazily
     page.screenshot("executed_copy_not_run")
