@@ -27,7 +27,7 @@ from .codes import pooled_token_codes
 from .corpora import CorpusError, read_text_table
 from .dictionary import dictionary_hash, dictionary_site
 from .extract import pooled_activations
-from .io import atomic_save_npz
+from .io import atomic_save_npz, write_table
 from .models import hf_model, model_fingerprint
 from .sites import n_layers
 from .threads import one_thread
@@ -96,7 +96,7 @@ def load_labeled(source: str | Path = "movie_reviews", text_column: str = "text"
     if str(source) == "movie_reviews":
         csv = Path(cache_dir) / "movie_reviews.csv"
         if not csv.exists():
-            parse_vader(fetch_vader(cache_dir)).to_csv(csv, index=False)
+            write_table(parse_vader(fetch_vader(cache_dir)), csv)  # atomic: never half a cache
         source, text_column, label_column, encoding = csv, "text", "label", "utf-8"
     if not Path(source).exists():
         raise LabelError(f"No labeled data at {str(source)!r}: pass 'movie_reviews' or a CSV "

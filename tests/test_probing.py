@@ -132,6 +132,32 @@ def test_vader_parser_on_a_fake_sdist(tmp_path):
     assert (tmp_path / "movie_reviews.csv").exists()
 
 
+def test_vader_cache_is_never_left_half_written(tmp_path, monkeypatch):
+    """A kill while the parsed snippets are cached must not leave a partial movie_reviews.csv,
+    which the next call would read as the whole data set. The 'kill' is a text whose str()
+    raises in pandas' second 33,333-row chunk, after the first chunk reached the file."""
+    class Killed(Exception):
+        pass
+
+    class Boom:
+        def __str__(self):
+            raise Killed
+
+    n = 40_000
+    rows = pd.DataFrame({"text": [f"snippet {i}" for i in range(n)], "rating": 1.0,
+                         "label": ["positive", "negative"] * (n // 2)})
+    cut = rows.astype({"text": object})
+    cut.loc[n - 1, "text"] = Boom()
+    monkeypatch.setattr(probing, "fetch_vader", lambda cache_dir: tmp_path / probing.VADER_SDIST)
+    monkeypatch.setattr(probing, "parse_vader", lambda sdist: cut)
+    with pytest.raises(Killed):
+        probing.load_labeled("movie_reviews", cache_dir=tmp_path)
+    assert not (tmp_path / "movie_reviews.csv").exists()
+    monkeypatch.setattr(probing, "parse_vader", lambda sdist: rows)
+    assert len(probing.load_labeled("movie_reviews", cache_dir=tmp_path)) == n
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def test_features_on_the_tiny_model_are_cached(llama, tmp_path):
     d = llama.config.hidden_size if hasattr(llama, "config") else 32
     dictionary = TopKSAE(d, 64, k=4)
