@@ -22,6 +22,38 @@ from .train import (TrainConfig, TrainingError, TrainResult, checkpoint_dir, dic
 
 __version__ = "0.1.0"
 
+# What notebooks 02-08 use from the heavier modules (widgets, plotting, explanations), on
+# ``sae_nb`` too but imported on first use, so ``import sae_nb`` stays light: name -> module.
+LAZY = {
+    "choose_output_dir": "runs", "choose_run_dir": "runs", "train_on_split": "jobs",
+    "probe_features": "probing",
+    "FeatureExplorer": "explorer", "latent_order": "explorer", "top_latents": "explorer",
+    "feature_stats": "features", "stats_folder": "features",
+    "dashboard_path": "dashboard", "dictionary_label": "dashboard",
+    "export_dashboards": "dashboard", "SteeringWidget": "steering_widget",
+    "best_explanations": "explanations", "explainer_backend": "explanations",
+    "explanations_folder": "explanations", "meaning_index": "explanations",
+    "merge_explanations": "explanations", "method_comparison": "explanations",
+    "method_verdict": "explanations", "sample_latents": "explanations",
+    "score_summary": "explanations", "with_explanations": "explanations",
+    "rule_explanations": "rules", "llm_explanations": "autointerp",
+    "ScoreSettings": "scoring", "detection_scores": "scoring", "embedding_scores": "scoring",
+}
+
+
+def __getattr__(name: str):
+    if name in LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f"{__name__}.{LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(LAZY))
+
 __all__ = [
     "catalogue", "SentenceCodes", "pooled_token_codes", "sentence_codes", "dictionary_site",
     "EvaluationError", "fit_check", "save_trained", "write_table",

@@ -150,3 +150,26 @@ def test_notebook_names_are_public(path):
                if name.startswith("_") or not hasattr(importlib.import_module(mod), name)]
     assert not missing, f"{path.name} uses names that are missing or private: {missing}"
     assert sae_nb.__all__ and all(hasattr(sae_nb, n) for n in sae_nb.__all__)
+
+
+def test_every_name_a_notebook_imports_is_on_sae_nb_too():
+    """A name a notebook imports from a submodule is importable from ``sae_nb`` itself (the
+    same object; the heavier ones on first use), unless it is also a submodule's name."""
+    import importlib
+
+    import sae_nb
+
+    wanted = {}
+    for path in NOTEBOOKS:
+        for node in ast.walk(ast.parse(notebook_code(path))):
+            if (isinstance(node, ast.ImportFrom) and node.module
+                    and node.module.startswith("sae_nb.")):
+                wanted.update({a.name: node.module for a in node.names})
+    wanted = {n: m for n, m in wanted.items() if not (PACKAGE / f"{n}.py").exists()}
+    assert len(wanted) > 20
+    wrong = [f"{m}.{n}" for n, m in wanted.items()
+             if getattr(sae_nb, n, None) is not getattr(importlib.import_module(m), n)]
+    assert not wrong, f"not on sae_nb (add them to sae_nb.LAZY): {wrong}"
+    assert set(sae_nb.LAZY) <= set(dir(sae_nb))
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        sae_nb.no_such_name
