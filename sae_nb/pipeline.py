@@ -54,6 +54,12 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     # model, scores each explanation on 3 firing and 3 silent contexts, embeds 2 per latent.
     "08_explain": {"n_top": 5, "n_llm_latents": 2, "n_score_contexts": 3,
                    "n_latents_dashboard": 2, "meaning_contexts": 2},
+    # 09 trains 3 architectures x 2 k x 2 seeds on a 64-feature lab and on 01's smoke store
+    # (8 steps of 256 rows each), CE recovered on 2 held-out contexts.
+    "09_compare": {"lab_ks": [2, 4], "lab_features": 64, "lab_d": 16, "lab_rows": 4096,
+                   "lab_heldout": 1024, "lab_d_sae": 64, "lab_tokens": 4096, "ks": [8, 16],
+                   "d_sae": 256, "total_tokens": 2048, "batch_size": 256,
+                   "heldout_tokens": 512, "ce_contexts": 2, "n_resamples": 20},
 }
 
 

@@ -417,3 +417,62 @@ def attribution_scatter_figure(table: pd.DataFrame) -> go.Figure:
                       xaxis_title="attribution (activation x gradient)",
                       yaxis_title="measured effect of ablating it", template="plotly_white")
     return fig
+
+
+PARETO_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _bar(row: pd.Series, m: str, low: str, high: str) -> tuple[float, float]:
+    """(plus, minus) error-bar lengths of ``row[m]`` from its ``low`` / ``high`` columns (0
+    where absent or NaN)."""
+    if low not in row.index or high not in row.index:
+        return 0.0, 0.0
+    up, down = row[high] - row[m], row[m] - row[low]
+    return (float(up) if np.isfinite(up) else 0.0), (float(down) if np.isfinite(down) else 0.0)
+
+
+def pareto_figure(summary: pd.DataFrame, x: str = "l0",
+                  ys: tuple[str, ...] = ("fvu", "ce_loss_recovered"),
+                  by: str = "architecture", point: str = "k") -> go.Figure:
+    """L0 against each of ``ys`` (one panel each), one trace per ``by`` value with a point per
+    ``point`` value (``compare.summarize_runs``'s table). Thick error bars: the seed interval
+    (``m_low``, ``m_high``); thin grey ones on a second, dotted trace: the mean held-out
+    bootstrap interval of the runs (``m_boot_low``, ``m_boot_high``)."""
+    ys = [y for y in ys if y in summary.columns]
+    if x not in summary.columns or not ys:
+        raise ValueError(f"pareto_figure needs {x!r} and one of the y metrics in the table; it "
+                         f"has {list(summary.columns)}.")
+    titles = [f"{x.upper()} against {y.replace('_', ' ')}" for y in ys]
+    fig = make_subplots(rows=1, cols=len(ys), subplot_titles=titles)
+    groups = summary.groupby(by, sort=False) if by in summary.columns else [("all", summary)]
+    for i, (name, part) in enumerate(groups):
+        part = part.sort_values(x)
+        color = PARETO_COLORS[i % len(PARETO_COLORS)]
+        text = [f"{point}={v}" for v in part[point]] if point in part.columns else None
+        for j, y in enumerate(ys):
+            seed_bars = [_bar(r, y, f"{y}_low", f"{y}_high") for _, r in part.iterrows()]
+            xbars = [_bar(r, x, f"{x}_low", f"{x}_high") for _, r in part.iterrows()]
+            fig.add_trace(go.Scatter(
+                x=part[x], y=part[y], mode="lines+markers", name=str(name), legendgroup=str(name),
+                showlegend=j == 0, text=text, line={"color": color},
+                error_y={"type": "data", "symmetric": False, "array": [b[0] for b in seed_bars],
+                         "arrayminus": [b[1] for b in seed_bars], "thickness": 2},
+                error_x={"type": "data", "symmetric": False, "array": [b[0] for b in xbars],
+                         "arrayminus": [b[1] for b in xbars], "thickness": 1},
+                hovertemplate=f"%{{text}}<br>{x} %{{x:.1f}}<br>{y} %{{y:.4f}}<extra>{name}</extra>",
+            ), row=1, col=j + 1)
+            if f"{y}_boot_low" in part.columns:
+                boot = [_bar(r, y, f"{y}_boot_low", f"{y}_boot_high") for _, r in part.iterrows()]
+                fig.add_trace(go.Scatter(
+                    x=part[x], y=part[y], mode="markers", name=f"{name} (held-out bootstrap)",
+                    legendgroup=str(name), showlegend=False, marker={"color": color, "size": 1},
+                    error_y={"type": "data", "symmetric": False, "array": [b[0] for b in boot],
+                             "arrayminus": [b[1] for b in boot], "thickness": 1, "width": 8,
+                             "color": "grey"},
+                    hoverinfo="skip"), row=1, col=j + 1)
+            fig.update_xaxes(title_text=f"{x.upper()} (active latents per token)", row=1, col=j + 1)
+            fig.update_yaxes(title_text=y.replace("_", " "), row=1, col=j + 1)
+    fig.update_layout(title="Sparsity against reconstruction: seed intervals (thick) and "
+                            "held-out bootstrap intervals (grey)", height=420,
+                      width=480 * len(ys) + 120)
+    return fig

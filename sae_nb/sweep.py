@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "sweep.json"
 METRICS_TABLE = "sweep_metrics.csv"
+PARETO_FIGURE = "pareto.html"  # L0 against FVU and CE recovered, when k or architecture is swept
 LOCK_NAME = "sweep.lock"  # held while a sweep runs into the folder: one writer of sweep.json
 LOG_NAME = "sweep.log"  # each combination's worker output, in its folder
 DEFAULT_LINKS = ("activations",)
@@ -267,6 +268,10 @@ class Sweep:
         table = pd.DataFrame(rows)
         table["cell"] = table["cell"].astype("Int64")  # 5, not 5.0, beside the empty ones
         write_table(table, self.sweep_dir / METRICS_TABLE)
+        if {"k", "architecture"} & set(self.axes):  # the Pareto figure beside the table
+            from .compare import sweep_pareto
+
+            sweep_pareto(table, self.sweep_dir / PARETO_FIGURE)
         return table
 
 

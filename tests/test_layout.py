@@ -88,7 +88,8 @@ LAYERS = {
                  "families", "intervene", "effects", "attribution", "steering", "explanations",
                  "rules", "backends", "autointerp", "scoring", "recovery", "uncertainty",
                  "bags", "tasks"],
-    "showing": ["plotting", "dashboard", "explorer_data", "explorer", "steering_widget"],
+    "showing": ["plotting", "dashboard", "explorer_data", "explorer", "steering_widget",
+                "compare"],
     "running": ["runs", "pipeline", "jobs", "sweep", "__main__", "__init__"],
 }
 

@@ -235,10 +235,42 @@ def check_08_explain(run_dir: Path, values: dict) -> None:
                for o in explorer.outputs)
 
 
+def check_09_compare(run_dir: Path, values: dict) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from sae_nb.compare import summarize_runs
+
+    out = run_dir / "compare"
+    n_arch, n_seeds = len(values["architectures"]), len(values["seeds"])
+    lab = pd.read_csv(out / "lab_runs.csv")
+    real = pd.read_csv(out / "real_runs.csv")
+    assert len(lab) == n_arch * len(values["lab_ks"]) * n_seeds
+    assert len(real) == n_arch * len(values["ks"]) * n_seeds
+    assert not real.duplicated(["architecture", "k", "seed"]).any()
+    assert lab["mcc"].between(-1, 1).all() and real["fvu"].between(0, 2).all()
+    assert real["ce_loss_recovered"].notna().all()
+    # The summary the notebook wrote is the runs' summary, intervals included.
+    summary = pd.read_csv(out / "real_summary.csv")
+    again = summarize_runs(real, ["fvu", "l0", "ce_loss_recovered"])
+    np.testing.assert_allclose(summary["fvu_high"], again["fvu_high"], rtol=1e-6)
+    agree = pd.read_csv(out / "agreement.csv")
+    assert set(agree["metric"]) >= {"fvu", "f1", "mean_max_cos"}
+    assert agree["spearman"].between(-1, 1).all()
+    assert (out / "pareto.html").exists() and (out / "real_comparison.csv").exists()
+    executed = nbformat.read(run_dir / "09_compare.ipynb", as_version=4)
+    figures = [o for c in executed.cells for o in c.get("outputs", [])
+               if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    assert len(figures) == 1  # the Pareto figure
+    printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert "mcc: best " in printed and "Agree with MCC" in printed and "within noise" in printed
+
+
 CHECKS = {"01_extract": check_01_extract, "02_train": check_02_train,
           "03_load_pretrained": check_03_load_pretrained, "04_probe": check_04_probe,
           "05_cluster": check_05_cluster, "06_visualize": check_06_visualize,
-          "07_intervene": check_07_intervene, "08_explain": check_08_explain}
+          "07_intervene": check_07_intervene, "08_explain": check_08_explain,
+          "09_compare": check_09_compare}
 
 
 @pytest.fixture(scope="session")
