@@ -59,7 +59,8 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
     "09_compare": {"lab_ks": [2, 4], "lab_features": 64, "lab_d": 16, "lab_rows": 4096,
                    "lab_heldout": 1024, "lab_d_sae": 64, "lab_tokens": 4096, "ks": [8, 16],
                    "d_sae": 256, "total_tokens": 2048, "batch_size": 256,
-                   "heldout_tokens": 512, "ce_contexts": 2, "n_resamples": 20},
+                   "heldout_tokens": 512, "ce_contexts": 2, "n_resamples": 20,
+                   "task_tokens": 1000},
 }
 
 

@@ -25,6 +25,7 @@ def lab_grid():
     return lab, grid
 
 
+@pytest.mark.slow  # trains 8 small dictionaries (the module's fixture)
 def test_grid_has_one_row_per_run_with_its_dictionarys_own_scores(lab_grid):
     lab, grid = lab_grid
     t = grid.table
@@ -49,6 +50,7 @@ def test_grid_has_one_row_per_run_with_its_dictionarys_own_scores(lab_grid):
     assert not np.allclose(a.W_dec.detach().numpy(), b.W_dec.detach().numpy())
 
 
+@pytest.mark.slow  # the same fixture
 def test_summary_and_pareto_figure_match_the_runs(lab_grid):
     _, grid = lab_grid
     s = compare.summarize_runs(grid.table, ["fvu", "l0", "mcc"])

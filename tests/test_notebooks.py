@@ -258,6 +258,8 @@ def check_09_compare(run_dir: Path, values: dict) -> None:
     assert set(agree["metric"]) >= {"fvu", "f1", "mean_max_cos"}
     assert agree["spearman"].between(-1, 1).all()
     assert (out / "pareto.html").exists() and (out / "real_comparison.csv").exists()
+    absorbed = pd.read_csv(out / "task_absorption.csv")  # one row per architecture x property
+    assert len(absorbed) == n_arch * 3 and absorbed["absorption_fraction"].dropna().between(0, 1).all()
     executed = nbformat.read(run_dir / "09_compare.ipynb", as_version=4)
     figures = [o for c in executed.cells for o in c.get("outputs", [])
                if "application/vnd.plotly.v1+json" in o.get("data", {})]
