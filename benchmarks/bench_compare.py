@@ -4,6 +4,9 @@ Both train on the identical list of batches (materialised in memory first, so re
 timed), alternating which goes first over ``--repeats`` rounds; prints each one's tokens/s (the
 median over rounds), their ratio of medians and of best rounds (goal >= 0.8x), and each dictionary's held-out FVU and
 per-prefix FVU (the Matryoshka prefixes should reconstruct better than plain BatchTopK's).
+Then the wall time of notebook 09's default grid (its parameters cell's values: the lab grid,
+and the real grid on ``outputs/default``'s store with CE recovered when the main job wrote it)
+on ``--grid-threads`` torch threads (2: the README's machine); ``--no-grid`` skips it.
 
 Data: the ``resid_out_layer6`` store of the default model under ``outputs/bench/`` when
 present (``benchmarks/bench_train.py`` extracts it), else synthetic sparse activations.
@@ -15,6 +18,7 @@ present (``benchmarks/bench_train.py`` extracts it), else synthetic sparse activ
 from __future__ import annotations
 
 import argparse
+import ast
 import statistics
 import time
 from pathlib import Path
@@ -48,6 +52,41 @@ def load_rows(n: int, heldout: int, site: str, seed: int = 0) -> tuple[torch.Ten
     return rows[:n], rows[n:], "synthetic"
 
 
+def grid_wall_time(threads: int) -> None:
+    """Time notebook 09's default grid (lab, then real activations when outputs/default has
+    the store) with the notebook's own default values."""
+    import sae_nb
+    from sae_nb import compare, synthetic
+    from sae_nb.pipeline import notebook_parameters
+
+    nb = ROOT / "notebooks" / "09_compare.ipynb"
+    p = {k: ast.literal_eval(v["default"]) for k, v in notebook_parameters(nb).items()}
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    lab = synthetic.make_lab(rows=p["lab_rows"], n_features=p["lab_features"], d=p["lab_d"],
+                             mean_l0=4, n_parents=p["lab_features"] // 16)
+    lab_grid = compare.train_grid(lab, p["architectures"], p["lab_ks"], p["seeds"],
+                                  d_sae=p["lab_d_sae"], total_tokens=p["lab_tokens"],
+                                  batch_size=p["batch_size"], heldout=p["lab_heldout"],
+                                  n_resamples=p["n_resamples"], device="cpu", lr=p["lab_lr"])
+    lab_s = time.perf_counter() - start
+    print(f"notebook 09's lab grid ({len(lab_grid.table)} runs): {lab_s:.1f} s on {threads} threads")
+    try:
+        store = sae_nb.open_store(ROOT / "outputs" / "default", p["site"], p["model"])
+    except Exception as err:  # noqa: BLE001 - no main job yet: the lab grid alone
+        print(f"(no outputs/default store: {type(err).__name__}; the real grid is not timed)")
+        return
+    start = time.perf_counter()
+    split = sae_nb.heldout_split(store, p["heldout_tokens"], p["ce_contexts"])
+    lm = sae_nb.load_model(p["model"], device="cpu")
+    real = compare.train_grid(split, p["architectures"], p["ks"], p["seeds"], d_sae=p["d_sae"],
+                              total_tokens=p["total_tokens"], batch_size=p["batch_size"],
+                              model=lm, n_resamples=p["n_resamples"], device="cpu")
+    real_s = time.perf_counter() - start
+    print(f"notebook 09's real grid ({len(real.table)} runs, model load included): {real_s:.1f} s; "
+          f"default grid in all: {lab_s + real_s:.1f} s on {threads} threads")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=131_072, help="training tokens per run")
@@ -58,6 +97,8 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=F)
     parser.add_argument("--k", type=int, default=K)
     parser.add_argument("--batch", type=int, default=BATCH)
+    parser.add_argument("--grid-threads", type=int, default=2)
+    parser.add_argument("--no-grid", action="store_true", help="skip notebook 09's grid timing")
     args = parser.parse_args()
     from sae_nb.objectives import default_matryoshka_widths, matryoshka_prefix_losses
     from sae_nb.train import train_dictionary
@@ -95,6 +136,8 @@ def main() -> None:
     best = max(rates["matryoshka_batchtopk"]) / max(rates["batchtopk"])
     print(f"Matryoshka / BatchTopK speed: {ratio:.2f}x of medians, {best:.2f}x of best rounds "
           f"(goal >= 0.8x; on a shared machine the best rounds are the least disturbed)")
+    if not args.no_grid:
+        grid_wall_time(args.grid_threads)
 
 
 if __name__ == "__main__":
