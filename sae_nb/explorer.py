@@ -238,9 +238,12 @@ class FeatureExplorer:
         try:
             self.number.value = latent
             self.slider.value = int(np.nonzero(self.order == latent)[0][0])
-            for menu in (self.matches, self.meaning_matches, self.text_jump):  # now stale
+            for menu, status in ((self.matches, self.search_status),  # now stale
+                                 (self.meaning_matches, self.meaning_status), (self.text_jump, None)):
                 if menu.value is not None and menu.value != latent:
                     menu.value = None
+                    if status is not None:  # the count stays; 'showing the best' no longer holds
+                        status.value = status.value.split("; showing the best")[0]
         finally:
             self._busy = False
         self.summary.value = self._summary(latent)

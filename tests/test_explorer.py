@@ -260,6 +260,8 @@ def test_search_moves_to_the_first_match_and_counts_them(explorer, setup):
     elsewhere = next(i for i in np.nonzero(stats.density > 0)[0] if int(i) not in found)
     explorer.number.value = int(elsewhere)  # navigating elsewhere clears the stale match
     assert explorer.matches.value is None and explorer.latent == int(elsewhere)
+    assert "showing the best" not in explorer.search_status.value  # it no longer is
+    assert f"{total} match" in explorer.search_status.value  # the count stays
     explorer.matches.value = found[-1]  # the menu still offers the matches
     check_shows(explorer, stats, found[-1])
     explorer.query.value = "no such text anywhere §§"
