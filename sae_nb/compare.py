@@ -49,7 +49,9 @@ class Grid:
 
 
 def higher_is_better(metrics) -> dict[str, bool]:
-    return {m: m not in LOWER_IS_BETTER for m in metrics}
+    """compare's orientation: L0 is a choice, not a quality, so it is left out (its pairs
+    read "a higher")."""
+    return {m: m not in LOWER_IS_BETTER for m in metrics if m != "l0"}
 
 
 def _lab_batches(acts: np.ndarray, batch_size: int, seed: int):

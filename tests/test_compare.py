@@ -107,6 +107,10 @@ def test_agreement_is_spearman_by_brute_force():
         compare.agreement(runs.head(2), "mcc", ["f1"])
 
 
+def test_l0_is_not_oriented():
+    assert compare.higher_is_better(["fvu", "l0", "mcc"]) == {"fvu": False, "mcc": True}
+
+
 def test_best_by_says_when_the_lead_is_within_noise():
     s = pd.DataFrame({"architecture": ["a", "b", "c"], "k": [1, 1, 1], "mcc": [0.9, 0.5, 0.85],
                       "mcc_low": [0.88, 0.4, 0.8], "mcc_high": [0.92, 0.6, 0.89]})
