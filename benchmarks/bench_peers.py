@@ -95,7 +95,7 @@ def train_ours(out: Path) -> tuple[float, np.ndarray, dict]:
     seconds = time.perf_counter() - start - reading[0]
     heldout = torch.from_numpy(np.load(out / "heldout.npy"))
     with torch.no_grad():
-        x_hat = result.dictionary.decode(result.dictionary.encode(heldout)).numpy()
+        x_hat = result.dictionary.reconstruct(heldout).numpy()  # the contract's reconstruction
     return seconds, x_hat, {"lr": result.config.learning_rate(F)}
 
 
