@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .clustering import ClusteringError, inverse_document_frequency, kmeans, scale_rows
+from .clustering import (ClusteringError, fit_lsa, inverse_document_frequency, kmeans,
+                         scale_rows)
 from .probing import fit_probe, majority_baseline, top_latents
 
 TREATMENTS = ("none", "l2", "tfidf", "binary", "idf", "lsa", "lsa_idf", "drop_dense")
@@ -76,18 +77,11 @@ class BagTransform:
         if self.treatment in ("tfidf", "idf", "lsa", "lsa_idf"):
             self.idf = inverse_document_frequency(codes)
         if self.treatment in ("lsa", "lsa_idf"):
-            from sklearn.decomposition import TruncatedSVD
-
-            n = min(self.n_components, codes.shape[1] - 1, codes.shape[0] - 1)
-            if n < 1:
-                raise ClusteringError(f"LSA needs at least 2 rows and 2 latents; got "
-                                      f"{codes.shape}.")
             weighted = self._weighted(codes)
             if not weighted.any():
                 raise ClusteringError("Every latent fires in every row, so every idf weight is "
                                       "0 and LSA has nothing to fit; use 'binary' or 'l2'.")
-            self.svd = TruncatedSVD(n, algorithm="arpack", random_state=0)
-            self.svd.fit(weighted)
+            self.svd = fit_lsa(weighted, self.n_components)
         if self.treatment == "drop_dense":
             density = firing_density(codes) if self.density is None else self.density
             if len(density) != codes.shape[1]:

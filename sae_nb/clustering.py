@@ -82,20 +82,13 @@ def scale_rows(X, scale: Scale = "l2") -> np.ndarray:
     if scale == "idf":
         return scale_rows((X > 0) * inverse_document_frequency(X), "l2")
     if scale == "lsa_idf":
-        from sklearn.decomposition import TruncatedSVD
-
-        n = min(LSA_COMPONENTS, X.shape[0] - 1, X.shape[1] - 1)
-        if n < 1:
-            raise ClusteringError(f"scale='lsa_idf' needs at least 2 rows and 2 columns; got "
-                                  f"{X.shape}. Use scale='idf' or 'l2'.")
         weighted = scale_rows(X, "idf")
         if not weighted.any():  # every column positive in every row: no idf weight is left
             warnings.warn("scale='lsa_idf': every latent fires in every text, so every idf "
                           "weight is 0; using l2 rows instead.", UserWarning, stacklevel=2)
             return scale_rows(X, "l2")
-        svd = TruncatedSVD(n, algorithm="arpack", random_state=0)
         with one_thread():
-            return scale_rows(svd.fit_transform(weighted), "l2")
+            return scale_rows(fit_lsa(weighted).transform(weighted), "l2")
     if scale == "standardize":
         std = X.std(0)
         return (X - X.mean(0)) / np.where(std > 0, std, 1.0)
@@ -111,6 +104,20 @@ def inverse_document_frequency(X) -> np.ndarray:
     fires in every row gets weight 0, the point for codes, where some latents fire everywhere."""
     X = np.asarray(X)
     return np.log((1.0 + len(X)) / (1.0 + (X > 0).sum(0)))
+
+
+def fit_lsa(weighted, n_components: int = LSA_COMPONENTS):
+    """Latent semantic analysis: a truncated SVD (``sklearn``'s, ARPACK, seeded) fitted on the
+    weighted rows, keeping ``n_components`` (fewer when the matrix is smaller)."""
+    from sklearn.decomposition import TruncatedSVD
+
+    weighted = np.asarray(weighted)
+    n = min(n_components, weighted.shape[0] - 1, weighted.shape[1] - 1)
+    if n < 1:
+        raise ClusteringError(f"LSA needs at least 2 rows and 2 columns; got {weighted.shape}. "
+                              f"Use scale='idf' or 'l2'.")
+    with one_thread():
+        return TruncatedSVD(n, algorithm="arpack", random_state=0).fit(weighted)
 
 
 # ---------------------------------------------------------------- KMeans
