@@ -30,7 +30,8 @@ from scipy import stats
 from .recovery import score_recovery
 from .synthetic import Lab
 from .train import TrainConfig, train_dictionary
-from .uncertainty import bootstrap_interval, fvu_of, per_row_reconstruction, seed_interval
+from .uncertainty import (bootstrap_interval, per_row_reconstruction, row_intervals,
+                          seed_interval)
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 RECOVERY = ("mcc", "mean_max_cos", "hungarian_cos", "f1", "absorption", "shrinkage")
@@ -67,9 +68,7 @@ def _lab_batches(acts: np.ndarray, batch_size: int, seed: int):
 def _boot(per_row: dict, groups, n_resamples: int, seed: int) -> dict:
     """A run's held-out FVU and L0 with their bootstrap bounds."""
     out = {}
-    for name, metric, arrays in (("fvu", fvu_of, (per_row["err"], per_row["dev"])),
-                                 ("l0", np.mean, (per_row["l0"],))):
-        iv = bootstrap_interval(metric, *arrays, n_resamples=n_resamples, seed=seed, groups=groups)
+    for name, iv in row_intervals(per_row, groups, n_resamples, seed=seed).items():
         out.update({name: iv.estimate, f"{name}_boot_low": iv.low, f"{name}_boot_high": iv.high})
     return out
 

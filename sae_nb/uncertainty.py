@@ -233,15 +233,22 @@ def fvu_of(err: np.ndarray, dev: np.ndarray) -> float:
     return float(err.sum() / dev.sum())
 
 
+def row_intervals(rows: dict, groups=None, n_resamples: int = 1000, level: float = 0.95,
+                  seed: int = 0) -> dict[str, Interval]:
+    """``{"fvu": ..., "l0": ...}`` bootstrap intervals from :func:`per_row_reconstruction`'s
+    pieces (resampling whole ``groups`` when given)."""
+    return {"fvu": bootstrap_interval(fvu_of, rows["err"], rows["dev"], n_resamples=n_resamples,
+                                      level=level, seed=seed, groups=groups),
+            "l0": bootstrap_interval(np.mean, rows["l0"], n_resamples=n_resamples,
+                                     level=level, seed=seed, groups=groups)}
+
+
 def reconstruction_intervals(dictionary, acts, groups=None, n_resamples: int = 1000,
                              level: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Bootstrap intervals of a dictionary's FVU and L0 over its held-out rows ``acts`` (or
     whole ``groups`` of them: pass the rows' context ids, as tokens of one context are
     correlated). One row per metric: estimate, low, high."""
-    rows = per_row_reconstruction(dictionary, acts)
-    found = {"fvu": bootstrap_interval(fvu_of, rows["err"], rows["dev"], n_resamples=n_resamples,
-                                       level=level, seed=seed, groups=groups),
-             "l0": bootstrap_interval(np.mean, rows["l0"], n_resamples=n_resamples,
-                                      level=level, seed=seed, groups=groups)}
+    found = row_intervals(per_row_reconstruction(dictionary, acts), groups, n_resamples,
+                          level, seed)
     return pd.DataFrame([{"metric": k, "estimate": v.estimate, "low": v.low, "high": v.high,
                           "level": level, "method": v.method} for k, v in found.items()])
