@@ -383,7 +383,8 @@ def forced_dead_topk(monkeypatch, latents, auxk_alpha):
     x = data(density=0.25)
     res = train_dictionary(batches(x, epochs=200), architecture="topk", d_sae=F, k=K,
                            total_tokens=128 * 150, lr=3e-3, dead_window_tokens=128 * 5,
-                           auxk_alpha=auxk_alpha, k_aux=8, progress=False, log_every=50)
+                           auxk_alpha=auxk_alpha, k_aux=8, progress=False, log_every=50,
+                           grad_clip_norm=None)  # AuxK alone, as in Gao et al.
     with torch.no_grad():
         fires = (res.dictionary.encode(x) > 0).sum(0)  # (F,) rows where each latent fires
     return fires, res.log
@@ -500,3 +501,31 @@ def test_settings_from_notebook_parameters_are_checked_by_name():
                          ({"seed": -1}, "seed=-1 must be at least 0")):
         with pytest.raises(TrainingError, match=re.escape(message)):
             TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gradient_norm_reaching_adam_is_clipped_and_the_log_keeps_the_norm_before(arch, monkeypatch):
+    seen = []  # the global gradient norm each Adam step receives
+    step = torch.optim.Adam.step
+
+    def spy(self, *a, **kw):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.cat([g.flatten() for g in grads]).norm()))
+        return step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    x = data()
+    run = dict(architecture=arch, d_sae=F, k=K, total_tokens=128 * 12, seed=0, progress=False,
+               log_every=1)
+    free = train_dictionary(batches(x), grad_clip_norm=None, **run)
+    unclipped, seen[:] = list(seen), []
+    cap = 0.5 * unclipped[0]  # below the first steps' norms
+    clipped = train_dictionary(batches(x), grad_clip_norm=cap, **run)
+    assert max(unclipped) > cap  # so the bound below is not vacuous
+    assert max(seen) <= cap * (1 + 1e-5)
+    # Same start and first batch, so the first gradient is the same before clipping.
+    assert clipped.log["grad_norm"].iloc[0] == pytest.approx(unclipped[0], rel=1e-5)
+    assert seen[0] == pytest.approx(cap, rel=1e-5)
+    assert free.log["grad_norm"].isna().all()
+    with pytest.raises(TrainingError, match="grad_clip_norm"):
+        train_dictionary(batches(x), grad_clip_norm=0.0, **run)
