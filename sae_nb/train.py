@@ -491,9 +491,12 @@ def check_resumable(path: Path, saved: dict, config: TrainConfig) -> None:
     differ = [f"{k}={saved.get(k)!r} (checkpoint) vs {asked[k]!r} (now)" for k in asked
               if k not in RESUMABLE_CHANGES and saved.get(k) != asked[k]]
     if differ:
+        # A setting added since the checkpoint was written reads as None there (grad_clip_norm:
+        # checkpoints from before clipping existed were trained unclipped).
         raise TrainingError(f"The checkpoint {str(path)!r} was written with other settings: "
-                            f"{'; '.join(differ)}. Delete it to train afresh, or use another "
-                            f"checkpoint folder (another name) to train a separate dictionary.")
+                            f"{'; '.join(differ)}. Pass the checkpoint's values to resume it, "
+                            f"delete it to train afresh, or use another checkpoint folder "
+                            f"(another name) to train a separate dictionary.")
 
 
 def read_checkpoint(path: Path, config: TrainConfig) -> dict:

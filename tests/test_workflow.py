@@ -216,6 +216,26 @@ def test_checkpoint_dir_resumes_the_same_run_and_refuses_another(tmp_path: Path,
     assert checkpoint_dir(tmp_path, "another", changed).endswith("another")
 
 
+def test_a_checkpoint_from_before_clipping_is_refused_by_name_and_resumes_unclipped(tmp_path, store):
+    split = heldout_split(store, 20, 0)
+    old = TrainConfig(expansion=2, k=2, total_tokens=64, checkpoint_every=2, device="cpu",
+                      metadata=split.metadata(16), grad_clip_norm=None)
+    folder = checkpoint_dir(tmp_path, "old", old)
+    first = train_dictionary(split.train_batches(16), old, progress=False, checkpoint_dir=folder)
+    # Written by a version without the setting: the key is missing from the saved config.
+    file = Path(folder) / "checkpoint.pt"
+    payload = torch.load(file, weights_only=True)
+    del payload["config"]["grad_clip_norm"]
+    torch.save(payload, file)
+    default = TrainConfig(**{**old.__dict__, "grad_clip_norm": 0.05})
+    with pytest.raises(TrainingError, match=r"grad_clip_norm=None \(checkpoint\) vs 0\.05 \(now\)"
+                                            r".*Pass the checkpoint's values"):
+        checkpoint_dir(tmp_path, "old", default)
+    resumed = train_dictionary(split.train_batches(16), old, progress=False,
+                               checkpoint_dir=checkpoint_dir(tmp_path, "old", old))
+    torch.testing.assert_close(resumed.dictionary.W_dec, first.dictionary.W_dec)
+
+
 class Malicious:
     """Unpickling this would create a folder: the proof that a checkpoint ran code."""
 
