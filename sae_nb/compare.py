@@ -37,6 +37,13 @@ ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 RECOVERY = ("mcc", "mean_max_cos", "hungarian_cos", "f1", "absorption", "shrinkage")
 # Higher is better for every metric except these (compare's verdict wording).
 LOWER_IS_BETTER = ("fvu", "absorption", "dead_frac")
+# The values a metric can take: a seed interval is clipped to them (the true mean lies inside,
+# so clipping keeps the interval's coverage; two seeds' t interval, 12.7 standard errors wide
+# each side, otherwise reaches an L0 below 0).
+SUPPORT = {"l0": (0.0, np.inf), "fvu": (0.0, np.inf), "shrinkage": (0.0, np.inf),
+           "mcc": (-1.0, 1.0), "mean_max_cos": (-1.0, 1.0), "hungarian_cos": (-1.0, 1.0),
+           "f1": (0.0, 1.0), "precision": (0.0, 1.0), "recall": (0.0, 1.0),
+           "absorption": (0.0, 1.0), "dead_frac": (0.0, 1.0)}
 
 
 class CompareError(ValueError):
@@ -149,7 +156,8 @@ def train_grid(data, architectures=ARCHITECTURES, ks=(8, 16), seeds=(0, 1), d_sa
 def summarize_runs(runs: pd.DataFrame, metrics, by=("architecture", "k"),
                    level: float = 0.95) -> pd.DataFrame:
     """One row per ``by`` group: each metric's mean over the runs (seeds) with its seed
-    interval ``m_low``, ``m_high`` (NaN for a group of one run), and where the runs carry
+    interval ``m_low``, ``m_high`` (NaN for a group of one run; clipped to the metric's
+    :data:`SUPPORT`), and where the runs carry
     bootstrap bounds, their means ``m_boot_low``, ``m_boot_high``; ``n`` runs."""
     by = list(by)
     missing = [c for c in by + list(metrics) if c not in runs.columns]
@@ -162,7 +170,9 @@ def summarize_runs(runs: pd.DataFrame, metrics, by=("architecture", "k"),
             values = part[m].to_numpy(dtype=float)
             if np.isfinite(values).sum() >= 2:
                 iv = seed_interval(values, level)
-                row.update({m: iv.estimate, f"{m}_low": iv.low, f"{m}_high": iv.high})
+                lo, hi = SUPPORT.get(m, (-np.inf, np.inf))
+                row.update({m: iv.estimate, f"{m}_low": max(iv.low, lo),
+                            f"{m}_high": min(iv.high, hi)})
             else:
                 row.update({m: float(np.nanmean(values)) if np.isfinite(values).any() else np.nan,
                             f"{m}_low": np.nan, f"{m}_high": np.nan})

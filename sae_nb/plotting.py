@@ -419,6 +419,8 @@ def attribution_scatter_figure(table: pd.DataFrame) -> go.Figure:
     return fig
 
 
+AXIS_TITLES = {"l0": "L0 (active latents per token)", "fvu": "FVU (fraction of variance unexplained)",
+               "ce_loss_recovered": "CE loss recovered"}
 PARETO_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
@@ -442,7 +444,8 @@ def pareto_figure(summary: pd.DataFrame, x: str = "l0",
     if x not in summary.columns or not ys:
         raise ValueError(f"pareto_figure needs {x!r} and one of the y metrics in the table; it "
                          f"has {list(summary.columns)}.")
-    titles = [f"{x.upper()} against {y.replace('_', ' ')}" for y in ys]
+    axis = {m: AXIS_TITLES.get(m, m.replace("_", " ")) for m in [x, *ys]}
+    titles = [f"{axis[x].split(' (')[0]} against {axis[y].split(' (')[0]}" for y in ys]
     fig = make_subplots(rows=1, cols=len(ys), subplot_titles=titles)
     groups = summary.groupby(by, sort=False) if by in summary.columns else [("all", summary)]
     for i, (name, part) in enumerate(groups):
@@ -470,8 +473,8 @@ def pareto_figure(summary: pd.DataFrame, x: str = "l0",
                              "arrayminus": [b[1] for b in boot], "thickness": 1, "width": 8,
                              "color": "grey"},
                     hoverinfo="skip"), row=1, col=j + 1)
-            fig.update_xaxes(title_text=f"{x.upper()} (active latents per token)", row=1, col=j + 1)
-            fig.update_yaxes(title_text=y.replace("_", " "), row=1, col=j + 1)
+            fig.update_xaxes(title_text=axis[x], row=1, col=j + 1)
+            fig.update_yaxes(title_text=axis[y], row=1, col=j + 1)
     fig.update_layout(title="Sparsity against reconstruction: seed intervals (thick) and "
                             "held-out bootstrap intervals (grey)", height=420,
                       width=480 * len(ys) + 120)

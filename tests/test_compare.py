@@ -86,6 +86,22 @@ def test_a_single_run_per_group_has_no_seed_interval():
         compare.summarize_runs(runs, ["mcc"])
 
 
+def test_seed_intervals_stay_inside_what_the_metric_can_take():
+    # Two seeds: the t interval is mean +- 12.706 * |a - b| / 2, so L0 1 and 29 reach
+    # 15 - 177.9 below 0, and F1 0.9 and 0.98 reach 0.94 + 0.51 above 1.
+    runs = pd.DataFrame({"architecture": ["topk"] * 2, "k": [4, 4], "l0": [1.0, 29.0],
+                         "f1": [0.9, 0.98], "loss": [-1.0, 1.0]})
+    row = compare.summarize_runs(runs, ["l0", "f1", "loss"]).iloc[0]
+    assert row["l0_low"] == 0.0 and row["l0_high"] == pytest.approx(15 + 12.706204736 * 14)
+    assert row["f1_high"] == 1.0 and row["f1_low"] == pytest.approx(0.94 - 12.706204736 * 0.04)
+    # A metric without a known range keeps the whole interval.
+    assert row["loss_low"] == pytest.approx(-12.706204736)
+    fig = pareto_figure(compare.summarize_runs(runs, ["l0", "f1"]).assign(fvu=0.3), ys=("fvu",))
+    assert fig.data[0].error_x.arrayminus[0] == pytest.approx(15.0)  # the bar stops at L0 0
+    assert fig.layout.xaxis.title.text == "L0 (active latents per token)"
+    assert fig.layout.yaxis.title.text.startswith("FVU")
+
+
 def brute_spearman(a, b) -> float:
     """Pearson correlation of ranks, ranks by counting (no ties in the test's data)."""
     ra = np.array([(a < v).sum() for v in a], float)
