@@ -419,7 +419,7 @@ def attribution_scatter_figure(table: pd.DataFrame) -> go.Figure:
     return fig
 
 
-AXIS_TITLES = {"l0": "L0 (active latents per token)", "fvu": "FVU (fraction of variance unexplained)",
+AXIS_TITLES = {"l0": "L0 (active latents per token)", "fvu": "FVU",
                "ce_loss_recovered": "CE loss recovered"}
 PARETO_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -476,6 +476,9 @@ def pareto_figure(summary: pd.DataFrame, x: str = "l0",
             fig.update_xaxes(title_text=axis[x], row=1, col=j + 1)
             fig.update_yaxes(title_text=axis[y], row=1, col=j + 1)
     fig.update_layout(title="Sparsity against reconstruction: seed intervals (thick) and "
-                            "held-out bootstrap intervals (grey)", height=420,
-                      width=480 * len(ys) + 120)
+                            "held-out bootstrap intervals (grey)", height=480,
+                      # No fixed width: the figure fills the notebook's output area, and the
+                      # legend sits below the panels rather than past their right edge.
+                      legend={"orientation": "h", "x": 0, "y": -0.22, "yanchor": "top"},
+                      margin={"b": 110})
     return fig

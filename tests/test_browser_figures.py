@@ -94,3 +94,25 @@ def test_layer_sweep_shows_layers_unrotated(browser, tmp_path):
     assert rotated == 0
     title = page.locator("#fig .g-xtitle").text_content()
     assert "resid_out" in title and "layer" in title
+
+
+def test_pareto_figure_keeps_its_legend_and_axis_titles_inside_a_notebooks_width(browser, tmp_path):
+    # Notebook 09's figure in a 900 px output area (JupyterLab with the file browser open): the
+    # legend once sat past the right edge and the y title past the left one, both cut off.
+    rows = [{"architecture": a, "k": k, "l0": k * f, "fvu": 0.5 / k ** 0.5, "fvu_low": 0.05,
+             "fvu_high": 0.6, "l0_low": 0.0, "l0_high": 3 * k, "ce_loss_recovered": 0.7,
+             "ce_loss_recovered_low": 0.3, "ce_loss_recovered_high": 1.1}
+            for a, f in (("topk", 1.0), ("batchtopk", 0.9), ("matryoshka_batchtopk", 1.1))
+            for k in (16, 32)]
+    page = draw(browser, plotting.pareto_figure(pd.DataFrame(rows)), tmp_path / "pareto.png")
+    figure = box(page, "#fig")  # the 900 px output area, not the figure's own svg
+    assert figure["right"] - figure["left"] == pytest.approx(900)
+    names = page.locator("#fig .legendtext").all_text_contents()
+    assert names == ["topk", "batchtopk", "matryoshka_batchtopk"]
+    parts = [box(page, f"#fig .legendtext >> nth={i}") for i in range(3)]
+    parts += [box(page, f"#fig .g-{axis}title") for axis in ("y", "y2", "x", "x2")]
+    for part in parts:
+        assert figure["left"] <= part["left"] and part["right"] <= figure["right"], (part, figure)
+        assert part["bottom"] <= figure["bottom"], (part, figure)
+    plots = [box(page, f"#fig .nsewdrag >> nth={i}") for i in range(2)]
+    assert not any(overlap(p, q) for p in plots for q in parts[:3])  # legend clear of the data
