@@ -184,6 +184,27 @@ def summarize_runs(runs: pd.DataFrame, metrics, by=("architecture", "k"),
     return pd.DataFrame(out)
 
 
+def readable(summary: pd.DataFrame, metrics, by=("architecture", "k"),
+             digits: int = 3) -> pd.DataFrame:
+    """``summary`` as a person reads it: one column per metric, ``mean [low, high]`` (the seed
+    interval; the mean alone for a group of one run), then ``m bootstrap`` ``[low, high]`` for
+    the metrics whose runs carry held-out bootstrap bounds, and ``n`` runs."""
+    def interval(lo, hi) -> str:
+        return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+
+    out = summary[list(by)].copy()
+    for m in metrics:
+        out[m] = [f"{r[m]:.{digits}f}" + (f" {interval(r[f'{m}_low'], r[f'{m}_high'])}"
+                                          if np.isfinite(r[f"{m}_low"]) else "")
+                  for _, r in summary.iterrows()]
+    for m in metrics:
+        if f"{m}_boot_low" in summary.columns:
+            out[f"{m} bootstrap"] = [interval(r[f"{m}_boot_low"], r[f"{m}_boot_high"])
+                                     for _, r in summary.iterrows()]
+    out["n"] = summary["n"].to_numpy()
+    return out
+
+
 def labelled(summary: pd.DataFrame, by=("architecture", "k")) -> pd.DataFrame:
     """``summary`` indexed by one readable name per row (``topk k=8``), for uncertainty.compare."""
     names = summary[list(by)].astype(str).agg(lambda r: " ".join(

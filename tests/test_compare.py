@@ -102,6 +102,17 @@ def test_seed_intervals_stay_inside_what_the_metric_can_take():
     assert fig.layout.yaxis.title.text.startswith("FVU")
 
 
+def test_readable_writes_each_metric_as_its_mean_and_interval():
+    runs = pd.DataFrame({"architecture": ["a", "a", "b"], "k": [4, 4, 8], "fvu": [0.1, 0.3, 0.5],
+                         "fvu_boot_low": [0.05, 0.25, 0.45], "fvu_boot_high": [0.15, 0.35, 0.55]})
+    t = compare.readable(compare.summarize_runs(runs, ["fvu"]), ["fvu"]).set_index("architecture")
+    half = 12.706204736 * 0.1  # t(0.975, 1) * sd 0.1414 / sqrt 2
+    assert t.loc["a", "fvu"] == f"0.200 [{max(0.2 - half, 0):.3f}, {0.2 + half:.3f}]"
+    assert t.loc["a", "fvu bootstrap"] == "[0.150, 0.250]" and t.loc["a", "n"] == 2
+    assert t.loc["b", "fvu"] == "0.500" and t.loc["b", "fvu bootstrap"] == "[0.450, 0.550]"
+    assert list(t.columns) == ["k", "fvu", "fvu bootstrap", "n"]
+
+
 def brute_spearman(a, b) -> float:
     """Pearson correlation of ranks, ranks by counting (no ties in the test's data)."""
     ra = np.array([(a < v).sum() for v in a], float)
