@@ -184,11 +184,12 @@ def summarize_runs(runs: pd.DataFrame, metrics, by=("architecture", "k"),
     return pd.DataFrame(out)
 
 
-def readable(summary: pd.DataFrame, metrics, by=("architecture", "k"),
-             digits: int = 3) -> pd.DataFrame:
+def readable(summary: pd.DataFrame, metrics, by=("architecture", "k"), digits: int = 3,
+             bootstrap: bool = True) -> pd.DataFrame:
     """``summary`` as a person reads it: one column per metric, ``mean [low, high]`` (the seed
     interval; the mean alone for a group of one run), then ``m bootstrap`` ``[low, high]`` for
-    the metrics whose runs carry held-out bootstrap bounds, and ``n`` runs."""
+    the metrics whose runs carry held-out bootstrap bounds (unless ``bootstrap`` is False), and
+    ``n`` runs."""
     def interval(lo, hi) -> str:
         return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
 
@@ -198,7 +199,7 @@ def readable(summary: pd.DataFrame, metrics, by=("architecture", "k"),
                                           if np.isfinite(r[f"{m}_low"]) else "")
                   for _, r in summary.iterrows()]
     for m in metrics:
-        if f"{m}_boot_low" in summary.columns:
+        if bootstrap and f"{m}_boot_low" in summary.columns:
             out[f"{m} bootstrap"] = [interval(r[f"{m}_boot_low"], r[f"{m}_boot_high"])
                                      for _, r in summary.iterrows()]
     out["n"] = summary["n"].to_numpy()

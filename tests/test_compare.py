@@ -111,6 +111,8 @@ def test_readable_writes_each_metric_as_its_mean_and_interval():
     assert t.loc["a", "fvu bootstrap"] == "[0.150, 0.250]" and t.loc["a", "n"] == 2
     assert t.loc["b", "fvu"] == "0.500" and t.loc["b", "fvu bootstrap"] == "[0.450, 0.550]"
     assert list(t.columns) == ["k", "fvu", "fvu bootstrap", "n"]
+    seeds_only = compare.readable(compare.summarize_runs(runs, ["fvu"]), ["fvu"], bootstrap=False)
+    assert list(seeds_only.columns) == ["architecture", "k", "fvu", "n"]
 
 
 def brute_spearman(a, b) -> float:
