@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -188,6 +189,47 @@ def token_strings(tokenizer, ids) -> list[str]:
     uniq, inverse = np.unique(np.asarray(ids, dtype=np.int64), return_inverse=True)
     names = tokenizer.batch_decode([[int(i)] for i in uniq]) if uniq.size else []
     return [names[j] for j in inverse.reshape(-1)]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-ins (GPT-2's scheme, used by SmolLM2, Pythia, GPT-2):
+    printable Latin-1 bytes stand for themselves, the other bytes for code points from 256 on,
+    in byte order. Maps each stand-in back to its byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in kept]
+    return {**{chr(b): b for b in kept}, **{chr(256 + n): b for n, b in enumerate(moved)}}
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+SENTENCEPIECE_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _token_bytes(tokenizer, token_id: int) -> bytes | None:
+    """A token's bytes from its vocabulary entry (byte-level BPE or SentencePiece's <0xNN>),
+    or None when the entry is neither."""
+    raw = tokenizer.convert_ids_to_tokens(int(token_id))
+    if not isinstance(raw, str) or not raw:
+        return None
+    if m := SENTENCEPIECE_BYTE.fullmatch(raw):
+        return bytes([int(m.group(1), 16)])
+    if all(c in BYTE_LEVEL for c in raw):
+        return bytes(BYTE_LEVEL[c] for c in raw)
+    return None
+
+
+def token_labels(tokenizer, ids) -> list[str]:
+    """:func:`token_strings` for reading a token on its own (logit tables): a token holding
+    part of a UTF-8 character, which decodes to "\ufffd" alone, shows its bytes instead, the
+    complete characters as text and the rest escaped (``" \\xe2\\x80"``)."""
+    names = token_strings(tokenizer, ids)
+    flat = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+    out = []
+    for token_id, name in zip(flat, names):
+        if "\ufffd" in name and (raw := _token_bytes(tokenizer, token_id)) is not None:
+            name = raw.decode("utf-8", errors="backslashreplace")
+        out.append(name)
+    return out
 
 
 @dataclass

@@ -215,8 +215,10 @@ def latents_table_html(latents: Sequence[int], values: Sequence[float],
     pct = lambda x, fmt: "" if x is None else format(float(x), fmt)  # noqa: E731
     frac = lambda x: ("" if x is None  # noqa: E731
                       else "never fired in the store" if not np.isfinite(x) else f"{x:.1%}")
+    # A token alone in a cell: a space-only token shows its spaces (an empty cell read as none).
     tok = lambda t: ("" if t is None  # noqa: E731
-                     else f'<span class="tokens">{display_token(t)}</span>')
+                     else f'<span class="tokens">'
+                          f'{display_token(t.replace(" ", "␣") if not t.strip() else t)}</span>')
     rows = "".join(
         f'<tr data-latent="{int(i)}"><td>'
         f'{latent_link_html(i, c, script=link_script.format(latent=int(i)))}</td>'

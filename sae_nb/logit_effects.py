@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .corpora import token_strings
+from .corpora import token_labels
 from .io import atomic_save_npz
 from .models import hf_model
 
@@ -39,8 +39,9 @@ class LogitEffects:
     bottom_values: np.ndarray  # (F, k)
 
     def tokens(self, tokenizer, latent: int) -> pd.DataFrame:
-        """One latent's promoted and suppressed tokens, decoded, side by side."""
-        decode = lambda ids: token_strings(tokenizer, ids)  # noqa: E731
+        """One latent's promoted and suppressed tokens, decoded (a fragment of a character as its
+        bytes), side by side."""
+        decode = lambda ids: token_labels(tokenizer, ids)  # noqa: E731
         return pd.DataFrame({"promoted": decode(self.top_ids[latent]),
                              "promoted_value": self.top_values[latent],
                              "suppressed": decode(self.bottom_ids[latent]),

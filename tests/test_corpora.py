@@ -309,3 +309,22 @@ def test_token_strings_decode_each_token_alone(tok, eos_only):
         assert token_strings(tokenizer, np.asarray(ids)) == [" ", "a", "\n", "b"]
         assert token_strings(tokenizer, []) == []
     assert token_strings(tok, [tok.bos_token_id]) == ["<bos>"]
+
+
+def test_token_labels_show_a_character_fragment_as_its_bytes(tok):
+    from sae_nb.corpora import token_labels, token_strings
+
+    ids = tok("é→ a", add_special_tokens=False)["input_ids"]  # one token per byte
+    assert token_strings(tok, ids)[:5] == ["\ufffd"] * 5  # what a logit table showed
+    expected = [f"\\x{b:02x}" for b in "é→".encode("utf-8")] + [" ", "a"]
+    assert token_labels(tok, ids) == expected
+    assert token_labels(tok, [tok.bos_token_id]) == ["<bos>"]
+
+    class SentencePiece:  # byte-fallback tokens are spelled <0xNN> in the vocabulary
+        def batch_decode(self, ids):
+            return ["\ufffd" for _ in ids]
+
+        def convert_ids_to_tokens(self, token_id):
+            return {5: "<0xE2>", 6: "▁odd"}[token_id]
+
+    assert token_labels(SentencePiece(), [5, 6]) == ["\\xe2", "\ufffd"]  # unknown: kept

@@ -259,3 +259,12 @@ def test_dashboard_shows_each_latents_best_explanation(exported, tmp_path):
     index = [li.get_text() for li in soup.find("ul").find_all("li")]
     assert index[0].startswith(f"latent {a} tokens ' tax' (f1 0.61) · ")
     assert index[1].startswith(f"latent {b} tax words (detection_auroc 0.88) · ")
+
+
+def test_latents_table_shows_a_space_token_where_it_peaked():
+    from sae_nb.dashboard import latents_table_html
+
+    page = latents_table_html([3, 4, 5, 6], [1.0, 2.0, 3.0, 4.0],
+                              at_tokens=[" ", "\n", " the", "<a>"])
+    cells = re.findall(r'<span class="tokens">(.*?)</span>', page)
+    assert cells == ["␣", "↵", " the", "&lt;a&gt;"]

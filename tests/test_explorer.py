@@ -386,7 +386,9 @@ def test_text_box_lists_latents_with_captions_tokens_and_unclipped_fractions(exp
         caption = brute_caption(stats, store, llama.tokenizer, latent)
         assert caption and cells[0] == f"{latent} {caption}"
         assert float(cells[1]) == pytest.approx(float(peak[latent]), rel=1e-3)
-        assert cells[2] == tokens[int(codes[:, latent].argmax())].replace("\n", "↵")
+        at = tokens[int(codes[:, latent].argmax())]
+        at = at.replace(" ", "␣") if not at.strip() else at  # a space-only token shows
+        assert cells[2] == at.replace("\n", "↵")
         assert cells[3] == f"{relative[latent]:.1%}"
     labels = [label for label, _ in explorer.text_jump.options]
     first = brute_caption(stats, store, llama.tokenizer, listed[0])
