@@ -34,7 +34,7 @@ def load_rows(n: int, heldout: int, site: str, seed: int = 0) -> tuple[torch.Ten
     held out, training rows repeated in fresh shuffles up to ``n``), else synthetic ones."""
     g = torch.Generator().manual_seed(seed)
     try:
-        from sae_nb.store import open_store
+        from sae_nb.activations.store import open_store
 
         store = open_store(ROOT / "outputs" / "bench", site)
         rows = torch.as_tensor(store[:], dtype=torch.float32)
@@ -56,8 +56,9 @@ def grid_wall_time(threads: int) -> None:
     """Time notebook 09's default grid (lab, then real activations when outputs/default has
     the store) with the notebook's own default values."""
     import sae_nb
-    from sae_nb import compare, synthetic
-    from sae_nb.pipeline import notebook_parameters
+    from sae_nb.comparison import grid as compare
+    from sae_nb.comparison import synthetic
+    from sae_nb.running.notebooks import notebook_parameters
 
     nb = ROOT / "notebooks" / "09_compare.ipynb"
     p = {k: ast.literal_eval(v["default"]) for k, v in notebook_parameters(nb).items()}
@@ -100,8 +101,8 @@ def main() -> None:
     parser.add_argument("--grid-threads", type=int, default=2)
     parser.add_argument("--no-grid", action="store_true", help="skip notebook 09's grid timing")
     args = parser.parse_args()
-    from sae_nb.objectives import default_matryoshka_widths, matryoshka_prefix_losses
-    from sae_nb.train import train_dictionary
+    from sae_nb.training.objectives import default_matryoshka_widths, matryoshka_prefix_losses
+    from sae_nb.training.trainer import train_dictionary
 
     steps = max(1, args.tokens // args.batch)
     train, held, source = load_rows(steps * args.batch, args.heldout, args.site)

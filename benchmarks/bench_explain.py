@@ -1,6 +1,6 @@
 """Benchmark: explaining every latent of the shipped dictionary, against a naive per-latent scan.
 
-Times :func:`sae_nb.rules.rule_explanations`'s pieces (the one counting pass over the store, the
+Times :func:`sae_nb.explanations.rules.rule_explanations`'s pieces (the one counting pass over the store, the
 fit of all 4,608 rules from the counts, the held-out scoring with its control) on the shipped
 dictionary (``resid_out_layer6`` of SmolLM2-135M, 576 -> 4608, k 32), with no cache, and prints
 latents per minute. The baseline is what a first script does per latent: scan the whole store,
@@ -71,14 +71,14 @@ def naive_latent(store, dictionary, latent: int, tokens: np.ndarray, boundary: i
 
 
 def time_llm_explanations(store, dictionary, table, model, n_latents: int = 20) -> None:
-    """Language-model explanations (the embedded model, :mod:`sae_nb.autointerp`) and their
-    detection and embedding scoring with controls (:mod:`sae_nb.scoring`) for ``n_latents``
+    """Language-model explanations (the embedded model, :mod:`sae_nb.explanations.autointerp`) and their
+    detection and embedding scoring with controls (:mod:`sae_nb.explanations.scoring`) for ``n_latents``
     latents drawn with seed 0 among those firing at least 40 times, no cache; latents per
     minute (wall and CPU) beside the rules', and each scorer's AUROC against its control."""
-    from sae_nb.backends import LocalBackend
-    from sae_nb.autointerp import llm_explanations
-    from sae_nb.features import feature_stats
-    from sae_nb.scoring import detection_scores, embedding_scores
+    from sae_nb.explanations.autointerp import llm_explanations
+    from sae_nb.explanations.backends import LocalBackend
+    from sae_nb.explanations.scoring import detection_scores, embedding_scores
+    from sae_nb.latents.stats import feature_stats
 
     stats = feature_stats(store, dictionary, progress=False)
     fired = stats.density * stats.n_tokens
@@ -128,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import sae_nb
-    from sae_nb import rules
+    from sae_nb.explanations import rules
 
     model = sae_nb.load_model()
     store = open_or_extract(model, args.run_dir, args.n_tokens)

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 import sae_nb
-from sae_nb.dashboard import dictionary_label
-from sae_nb.explorer import FeatureExplorer
-from sae_nb.features import feature_stats, logit_effects, stats_folder
-from sae_nb.pipeline import OUTPUTS_DIR
-from sae_nb.store import StoreError
+from sae_nb.activations.store import StoreError
+from sae_nb.latents.stats import feature_stats, logit_effects, stats_folder
+from sae_nb.running.notebooks import OUTPUTS_DIR
+from sae_nb.views.dashboard import dictionary_label
+from sae_nb.views.explorer import FeatureExplorer
 
 SITE = "resid_out_layer6"
 TARGET_MS = 100.0

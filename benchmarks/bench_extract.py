@@ -48,10 +48,10 @@ def run_extraction(n_tokens: int, batch_size: int, ctx_len: int) -> dict:
 def run_baseline(n_batches: int, batch_size: int, ctx_len: int) -> dict:
     """Full forward with output_hidden_states=True on the first batches of the same contexts."""
     import sae_nb
-    from sae_nb.corpora import pack_contexts
+    from sae_nb.activations.corpora import pack_contexts
 
     model = sae_nb.load_model()
-    hf = sae_nb.models.hf_model(model)
+    hf = sae_nb.activations.models.hf_model(model)
     ctx = pack_contexts(sae_nb.load_corpus("sotu"), model.tokenizer, ctx_len,
                         n_batches * batch_size, seed=0)
     kept = []

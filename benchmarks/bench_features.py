@@ -1,6 +1,6 @@
 """Benchmark: the feature-statistics pass on the shipped dictionary, against a naive baseline.
 
-Times :func:`sae_nb.features.feature_stats` over one activation store at the dictionary's site
+Times :func:`sae_nb.latents.stats.feature_stats` over one activation store at the dictionary's site
 (``resid_out_layer6`` of SmolLM2-135M, 576 -> 4608, k 32), with no cache. The baseline is what a
 first script does: encode each chunk densely (``dictionary.encode``, ``(B, F)``) and update each
 latent's count, sum, max and top rows in a Python loop over latents. It runs on the first
@@ -70,7 +70,7 @@ def naive_baseline(store, dictionary, batch_size: int, n_chunks: int, n_top: int
 
 def time_contexts(store, dictionary, stats, tokenizer, n_latents: int = 10) -> float:
     """Mean ms of latent_contexts over the top rows of the densest latents."""
-    from sae_nb.contexts import latent_contexts
+    from sae_nb.latents.contexts import latent_contexts
 
     latents = np.argsort(-stats.density)[:n_latents]
     latent_contexts(store, dictionary, int(latents[0]), stats.top_rows[latents[0]], tokenizer,
@@ -94,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import sae_nb
-    from sae_nb.features import feature_stats, logit_effects
+    from sae_nb.latents.stats import feature_stats, logit_effects
 
     model = sae_nb.load_model()
     store = open_or_extract(model, args.run_dir, args.n_tokens)

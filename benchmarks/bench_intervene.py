@@ -5,7 +5,7 @@ TopK latents):
 
 1. Attribution of a logit difference (the clean model's top next token minus its second) to
    every latent at every position of a 64-token corpus context, one forward and one backward
-   pass (``sae_nb.attribution.attribute``), against the naive alternative: one ablation forward
+   pass (``sae_nb.interventions.attribution.attribute``), against the naive alternative: one ablation forward
    pass per latent active anywhere in the prompt. The ratio of the two times is printed (goal
    >= 50x), with the correlation between the attributions summed over positions and the
    measured ablation effects.
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 import sae_nb
-from sae_nb.attribution import ablation_effect, attribute, target_function
-from sae_nb.effects import neutral_tokens, time_per_token
-from sae_nb.intervene import ablate, edited_logits, steer_latent
+from sae_nb.interventions.attribution import ablation_effect, attribute, target_function
+from sae_nb.interventions.effects import neutral_tokens, time_per_token
+from sae_nb.interventions.splice import ablate, edited_logits, steer_latent
 
 PROMPT = "The President said that the nation"
 ATTRIBUTION_GOAL, GENERATION_GOAL = 50.0, 1.3
@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     lm = sae_nb.load_model(device=args.device)
-    device = next(sae_nb.models.hf_model(lm).parameters()).device
+    device = next(sae_nb.activations.models.hf_model(lm).parameters()).device
     sae = sae_nb.load_default_dictionary().to(device)
     print(f"device {device}, torch threads {torch.get_num_threads()}")
     bench_attribution(lm, sae, args.ctx_len, args.sample)

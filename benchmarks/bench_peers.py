@@ -49,7 +49,7 @@ def dump_batches(run_dir: Path, site: str, tokens: int, heldout: int, out: Path)
             "heldout": heldout, "seed": 0}
     if (out / "meta.json").exists() and json.loads((out / "meta.json").read_text()) == meta:
         return steps
-    from sae_nb.store import open_store
+    from sae_nb.activations.store import open_store
 
     try:
         store = open_store(run_dir, site)
@@ -76,7 +76,7 @@ def dump_batches(run_dir: Path, site: str, tokens: int, heldout: int, out: Path)
 
 
 def train_ours(out: Path) -> tuple[float, np.ndarray, dict]:
-    from sae_nb.train import train_dictionary
+    from sae_nb.training.trainer import train_dictionary
 
     train = np.load(out / "train.npy", mmap_mode="r")
     steps = len(train) // BATCH

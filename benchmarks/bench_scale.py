@@ -48,9 +48,9 @@ def worker(args) -> None:
     """One configuration: train ``args.steps`` steps, write its timings (rank 0)."""
     import torch
 
-    from sae_nb.distributed import Group, rank_batches, setup
-    from sae_nb.store import ActivationStore
-    from sae_nb.train import train_dictionary
+    from sae_nb.activations.store import ActivationStore
+    from sae_nb.training.distributed import Group, rank_batches, setup
+    from sae_nb.training.trainer import train_dictionary
 
     torch.set_num_threads(args.threads)
     group = setup()

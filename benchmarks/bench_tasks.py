@@ -3,12 +3,12 @@
 On SmolLM2-135M with the shipped dictionary (``resid_out_layer6``, 576 -> 4608, TopK k 32),
 prints four tables (issue 16, points 4 and 5):
 
-1. k-sparse probing (k = 1, 2, 5) on the shipped tasks of :mod:`sae_nb.tasks` (SOTU era and
+1. k-sparse probing (k = 1, 2, 5) on the shipped tasks of :mod:`sae_nb.comparison.tasks` (SOTU era and
    party, VADER sentiment and source domain; balanced, split 75/25, seed 0), beside the
    all-latent and raw probes and the majority baseline.
 2. Absorption on token properties the tokenizer decides (leading space, capital, digit), on
-   tokens of the run's layer-6 store (:func:`sae_nb.tasks.absorption_table`).
-3. The bag treatments of pooled codes (:func:`sae_nb.bags.treatment_table`) on VADER's four
+   tokens of the run's layer-6 store (:func:`sae_nb.comparison.tasks.absorption_table`).
+3. The bag treatments of pooled codes (:func:`sae_nb.texts.bags.treatment_table`) on VADER's four
    source domains (and on its movie sentiment): probing at k = 1, 5, 50 and all, and
    clustering ARI (spherical KMeans, k = the classes), against raw activations.
 4. The same treatments' ARI on the topic sentences of ``data/sentences.csv`` (9 topics).
@@ -42,8 +42,9 @@ def markdown(df: pd.DataFrame, digits: int = 3) -> str:
 
 def main() -> None:
     import sae_nb
-    from sae_nb import bags, clustering, probing, tasks
-    from sae_nb.threads import one_thread
+    from sae_nb.comparison import tasks
+    from sae_nb.texts import bags, clustering, probing
+    from sae_nb.util.threads import one_thread
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", default=str(ROOT / "outputs" / "default"),

@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--site", default="resid_out_layer6")
     parser.add_argument("--lr", type=float, default=None)
     args = parser.parse_args()
-    from sae_nb.train import train_dictionary
+    from sae_nb.training.trainer import train_dictionary
 
     store = activations(args.tokens + args.heldout + 4096, args.site)
     n_train = len(store) - args.heldout

@@ -1,43 +1,62 @@
 """sae_nb: a notebook workbench for dictionary learning on language-model activations."""
 
-from .catalogue import catalogue
-from .codes import SentenceCodes, pooled_token_codes, sentence_codes
-from .corpora import Corpus, CorpusError, load_corpus
-from .dictionary import dictionary_site
-from .evaluate import Evaluation, EvaluationError, evaluate_dictionary, fit_check
-from .extract import (ExtractConfig, ExtractionError, extract_activations,
-                      pooled_activations, run_sites)
-from .formats import load_dictionary
-from .intervene import InterventionError
-from .models import DEFAULT_MODEL, ModelLoadError, load_model
-from .saving import (DEFAULT_DICTIONARY, DictionaryFormatError, dictionary_path, folder_files,
-                     load_default_dictionary, load_sae_nb, save_dictionary, save_trained,
-                     verify_dictionary)
-from .sites import SiteError, resolve_site, valid_sites
-from .io import write_table
-from .split import HeldoutSplit, heldout_split
-from .store import ActivationStore, StoreError, open_store, open_stores
-from .train import (TrainConfig, TrainingError, TrainResult, checkpoint_dir, dictionary_name,
-                    train_dictionary)
+from sae_nb.activations.corpora import Corpus, CorpusError, load_corpus
+from sae_nb.activations.extract import (
+    ExtractConfig,
+    ExtractionError,
+    extract_activations,
+    pooled_activations,
+    run_sites,
+)
+from sae_nb.activations.models import DEFAULT_MODEL, ModelLoadError, load_model
+from sae_nb.activations.sites import SiteError, resolve_site, valid_sites
+from sae_nb.activations.split import HeldoutSplit, heldout_split
+from sae_nb.activations.store import ActivationStore, StoreError, open_store, open_stores
+from sae_nb.dictionaries.architectures import dictionary_site
+from sae_nb.dictionaries.catalogue import catalogue
+from sae_nb.dictionaries.formats import load_dictionary
+from sae_nb.dictionaries.saving import (
+    DEFAULT_DICTIONARY,
+    DictionaryFormatError,
+    dictionary_path,
+    folder_files,
+    load_default_dictionary,
+    load_sae_nb,
+    save_dictionary,
+    save_trained,
+    verify_dictionary,
+)
+from sae_nb.interventions.splice import InterventionError
+from sae_nb.texts.codes import SentenceCodes, pooled_token_codes, sentence_codes
+from sae_nb.training.evaluate import Evaluation, EvaluationError, evaluate_dictionary, fit_check
+from sae_nb.training.trainer import (
+    TrainConfig,
+    TrainingError,
+    TrainResult,
+    checkpoint_dir,
+    dictionary_name,
+    train_dictionary,
+)
+from sae_nb.util.io import write_table
 
 __version__ = "0.1.0"
 
 # What notebooks 02-08 use from the heavier modules (widgets, plotting, explanations), on
 # ``sae_nb`` too but imported on first use, so ``import sae_nb`` stays light: name -> module.
 LAZY = {
-    "choose_output_dir": "runs", "choose_run_dir": "runs", "train_on_split": "jobs",
-    "probe_features": "probing",
-    "FeatureExplorer": "explorer", "latent_order": "explorer", "top_latents": "explorer",
-    "feature_stats": "features", "stats_folder": "features",
-    "dashboard_path": "dashboard", "dictionary_label": "dashboard",
-    "export_dashboards": "dashboard", "SteeringWidget": "steering_widget",
-    "best_explanations": "explanations", "explainer_backend": "explanations",
-    "explanations_folder": "explanations", "meaning_index": "explanations",
-    "merge_explanations": "explanations", "method_comparison": "explanations",
-    "method_verdict": "explanations", "sample_latents": "explanations",
-    "score_summary": "explanations", "with_explanations": "explanations",
-    "rule_explanations": "rules", "llm_explanations": "autointerp",
-    "ScoreSettings": "scoring", "detection_scores": "scoring", "embedding_scores": "scoring",
+    "choose_output_dir": "running.run_dir", "choose_run_dir": "running.run_dir", "train_on_split": "running.jobs",
+    "probe_features": "texts.probing",
+    "FeatureExplorer": "views.explorer", "latent_order": "views.explorer", "top_latents": "views.explorer",
+    "feature_stats": "latents.stats", "logit_effects": "latents.logit_effects", "stats_folder": "latents.stats",
+    "dashboard_path": "views.dashboard", "dictionary_label": "views.dashboard",
+    "export_dashboards": "views.dashboard", "SteeringWidget": "views.steering_widget",
+    "best_explanations": "explanations.tables", "explainer_backend": "explanations.tables",
+    "explanations_folder": "explanations.tables", "meaning_index": "explanations.tables",
+    "merge_explanations": "explanations.tables", "method_comparison": "explanations.tables",
+    "method_verdict": "explanations.tables", "sample_latents": "explanations.tables",
+    "score_summary": "explanations.tables", "with_explanations": "explanations.tables",
+    "rule_explanations": "explanations.rules", "llm_explanations": "explanations.autointerp",
+    "ScoreSettings": "explanations.scoring", "detection_scores": "explanations.scoring", "embedding_scores": "explanations.scoring",
 }
 
 

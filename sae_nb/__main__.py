@@ -3,7 +3,7 @@ the ``extract`` and ``train`` jobs.
 
 ``extract`` and ``train`` take notebooks 01 and 02's parameters as options (``--n_tokens`` or
 ``--n-tokens``) or from a JSON/YAML file (``--config``); ``torchrun`` launches them on several
-processes (see :mod:`sae_nb.jobs`).
+processes (see :mod:`sae_nb.running.jobs`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def boolean(text: str) -> bool:
 def add_job_parser(commands, job: str) -> None:
     """A subcommand whose options are the job's parameters, each under its notebook name and
     with dashes; options not given are left out, so a --config file's values stand."""
-    from .jobs import JOBS
+    from sae_nb.running.jobs import JOBS
 
     parser = commands.add_parser(job, help=JOB_HELP[job], allow_abbrev=False,
                                  argument_default=argparse.SUPPRESS, epilog=USAGE_EXAMPLES,
@@ -74,7 +74,7 @@ def add_job_parser(commands, job: str) -> None:
 
 def add_sweep_parser(commands) -> None:
     """``sweep``: one notebook over the cartesian product of list-valued -p options."""
-    from . import pipeline
+    from sae_nb.running import notebooks as pipeline
 
     sweep = commands.add_parser(
         "sweep", help="run one notebook over a grid of parameters (papermill), one folder per "
@@ -96,7 +96,7 @@ def add_sweep_parser(commands) -> None:
     sweep.add_argument("--jobs", type=int, default=1, metavar="N",
                        help="combinations at once; each gets cores // N threads (default: 1)")
     sweep.add_argument("--smoke", action="store_true",
-                       help="start from the small CI parameters (sae_nb.pipeline.SMOKE_PARAMETERS)")
+                       help="start from the small CI parameters (sae_nb.running.notebooks.SMOKE_PARAMETERS)")
     sweep.add_argument("--outputs", default=str(pipeline.OUTPUTS_DIR), metavar="DIR",
                        help="root of the run folders (default: the repository's outputs/)")
     sweep.add_argument("--notebooks", default=str(pipeline.NOTEBOOKS_DIR), metavar="DIR",
@@ -107,8 +107,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     """``sweep``: print each combination's status and the table's path; 1 if any failed."""
     import pandas as pd
 
-    from .pipeline import DEFAULT_RUN, PipelineError
-    from .sweep import METRICS_TABLE, parse_grid, run_sweep
+    from sae_nb.running.notebooks import DEFAULT_RUN, PipelineError
+    from sae_nb.running.sweep import METRICS_TABLE, parse_grid, run_sweep
 
     start = time.perf_counter()
     base_run = args.base_run
@@ -135,7 +135,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import pipeline
+    from sae_nb.running import notebooks as pipeline
 
     parser = argparse.ArgumentParser(prog="python -m sae_nb", epilog=USAGE_EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a notebook parameter; VALUE is read as a Python literal "
                           "when it is one (repeatable)")
     run.add_argument("--smoke", action="store_true",
-                     help="use the small CI parameters (sae_nb.pipeline.SMOKE_PARAMETERS)")
+                     help="use the small CI parameters (sae_nb.running.notebooks.SMOKE_PARAMETERS)")
     run.add_argument("--outputs", default=str(pipeline.OUTPUTS_DIR), metavar="DIR",
                      help="root of the run folders (default: the repository's outputs/)")
     commands.add_parser("setup", help="fetch and convert the default model once; print its folder")
@@ -163,16 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_job(args: argparse.Namespace) -> int:
     """``extract`` or ``train``: print what was written, or the error and return 1."""
-    from . import jobs
-    from .corpora import CorpusError
-    from .evaluate import EvaluationError
-    from .extract import ExtractionError
-    from .models import ModelLoadError
-    from .saving import DictionaryFormatError
-    from .shards import rank_and_world
-    from .sites import SiteError
-    from .store import StoreError
-    from .train import TrainingError
+    from sae_nb.activations.corpora import CorpusError
+    from sae_nb.activations.extract import ExtractionError
+    from sae_nb.activations.models import ModelLoadError
+    from sae_nb.activations.shards import rank_and_world
+    from sae_nb.activations.sites import SiteError
+    from sae_nb.activations.store import StoreError
+    from sae_nb.dictionaries.saving import DictionaryFormatError
+    from sae_nb.running import jobs
+    from sae_nb.training.evaluate import EvaluationError
+    from sae_nb.training.trainer import TrainingError
 
     errors = (jobs.JobError, StoreError, ExtractionError, TrainingError, SiteError, CorpusError,
               ModelLoadError, EvaluationError, DictionaryFormatError, ValueError)
@@ -204,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "sweep":
         return run_sweep_command(args)
     if args.command == "setup":
-        from .models import ensure_default_model
+        from sae_nb.activations.models import ensure_default_model
 
         print(ensure_default_model())
         return 0
-    from .pipeline import PipelineError, parse_parameter, run_pipeline
+    from sae_nb.running.notebooks import PipelineError, parse_parameter, run_pipeline
 
     start = time.perf_counter()
     try:

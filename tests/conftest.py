@@ -164,7 +164,7 @@ def sentences_csv(tmp_path_factory) -> Path:
 def identity_like(d: int, site: str | None = "resid_out_layer1"):
     """A perfect dictionary, exact in floats: codes ``[relu(x), relu(-x)]`` (2d latents) and
     the decoder ``[I; -I]`` that undoes them, since ``relu(x) - relu(-x) == x``."""
-    from sae_nb.dictionary import ReLUSAE
+    from sae_nb.dictionaries.architectures import ReLUSAE
 
     sae = ReLUSAE(d, 2 * d)
     with torch.no_grad():

@@ -23,8 +23,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -90,7 +90,7 @@ class JupyterLab:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)
 
-    def __enter__(self) -> "JupyterLab":
+    def __enter__(self) -> JupyterLab:
         settings = self.home / "user-settings"
         for name, values in LAB_SETTINGS.items():
             path = settings / name
@@ -225,7 +225,7 @@ class Chromium:
         self.executable = find_chromium()
         self._playwright = sync_playwright()
 
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Chromium:
         self.playwright = self._playwright.__enter__()
         self.browser = self.playwright.chromium.launch(executable_path=self.executable,
                                                        args=CHROMIUM_ARGS)

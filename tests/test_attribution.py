@@ -1,4 +1,4 @@
-"""Attribution (sae_nb.attribution) against finite edits: activation x gradient is the
+"""Attribution (sae_nb.interventions.attribution) against finite edits: activation x gradient is the
 first-order change of the target, so a small scaling of one latent at one position, measured
 with two forward passes, must agree with it."""
 
@@ -6,13 +6,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import D_MODEL
-from sae_nb.attribution import (ablation_check, agreement, attribute, per_latent_ablations,
-                                target_function)
-from sae_nb.dictionary import NormalizedTopKSAE, ReLUSAE
-from sae_nb.intervene import InterventionError, Splice, edited_logits, prompt_tokens, scale
 from test_intervene import PROMPT, SITE, topk
+
+from sae_nb.dictionaries.architectures import NormalizedTopKSAE, ReLUSAE
+from sae_nb.interventions.attribution import (
+    ablation_check,
+    agreement,
+    attribute,
+    per_latent_ablations,
+    target_function,
+)
+from sae_nb.interventions.splice import (
+    InterventionError,
+    Splice,
+    edited_logits,
+    prompt_tokens,
+    scale,
+)
 
 
 def relu_sae():
@@ -91,7 +102,8 @@ def test_bad_targets(llama):
 
 def test_attribution_scatter_figure():
     import pandas as pd
-    from sae_nb.plotting import attribution_scatter_figure
+
+    from sae_nb.views.plotting import attribution_scatter_figure
     table = pd.DataFrame({"position": [3, 5], "token": ["a", "b"], "latent": [7, 9],
                           "attribution": [0.5, -0.2], "ablation_effect": [0.4, -0.1]})
     fig = attribution_scatter_figure(table)

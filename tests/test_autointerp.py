@@ -21,15 +21,35 @@ import torch
 from conftest import make_tokenizer
 from fake_llm_server import FakeLLMServer, chat_reply, completion_reply
 
-from sae_nb.autointerp import (ExplainSettings, explanation_windows, llm_explanations,
-                               marked_text, marked_words, parse_explanation)
-from sae_nb.backends import Backend, BackendError, LocalBackend, OpenAIBackend, cut_at_stop
-from sae_nb.dictionary import ReLUSAE
-from sae_nb.features import feature_stats
-from sae_nb.scoring import (ScoreSettings, auroc, balanced_accuracy, control_donors,
-                            detection_scores, embedding_auroc, embedding_scores, fuzzing_scores,
-                            scoring_examples)
-from sae_nb.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.activations.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.dictionaries.architectures import ReLUSAE
+from sae_nb.explanations.autointerp import (
+    ExplainSettings,
+    explanation_windows,
+    llm_explanations,
+    marked_text,
+    marked_words,
+    parse_explanation,
+)
+from sae_nb.explanations.backends import (
+    Backend,
+    BackendError,
+    LocalBackend,
+    OpenAIBackend,
+    cut_at_stop,
+)
+from sae_nb.explanations.scoring import (
+    ScoreSettings,
+    auroc,
+    balanced_accuracy,
+    control_donors,
+    detection_scores,
+    embedding_auroc,
+    embedding_scores,
+    fuzzing_scores,
+    scoring_examples,
+)
+from sae_nb.latents.stats import feature_stats
 
 CTX = 24  # 23 stored rows per context (BOS is not stored)
 WORDS = ("the state of union nation people congress war peace law tax year new work zeal "
@@ -492,7 +512,7 @@ def test_local_backend_batches_match_single_prompts(llama):
 # -- real models (slow) -----------------------------------------------------------------------
 @pytest.mark.slow
 def test_minilm_ranks_date_contexts_above_others():
-    from sae_nb.scoring import load_embedder
+    from sae_nb.explanations.scoring import load_embedder
 
     dates = ["on the 4th of July, 1776, the", "signed on March 3, 1990 in", "every Monday "
              "morning at nine", "in December of last year we", "by the spring of 2024 the"]
@@ -505,7 +525,7 @@ def test_minilm_ranks_date_contexts_above_others():
 
 @pytest.mark.slow
 def test_the_embedded_model_names_a_war_latent():
-    from sae_nb.autointerp import completion_prompt
+    from sae_nb.explanations.autointerp import completion_prompt
 
     backend = LocalBackend()  # the embedded SmolLM2-135M-Instruct
     reply = backend.complete(completion_prompt([], ["war", "army", "battle", "troops"]),

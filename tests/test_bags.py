@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from sae_nb import bags
-from sae_nb.clustering import ClusteringError, scale_rows
+from sae_nb.texts import bags
+from sae_nb.texts.clustering import ClusteringError, scale_rows
 
 CODES = np.array([[1.0, 0.0, 2.0, 4.0],
                   [0.0, 3.0, 0.0, 1.0],

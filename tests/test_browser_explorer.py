@@ -18,16 +18,16 @@ import sys
 from pathlib import Path
 
 import nbformat
-import papermill
 import numpy as np
+import papermill
 import pytest
 import torch
+from jupyter_browser import Chromium, notebook_after_run_all
 
 import sae_nb
-from jupyter_browser import Chromium, notebook_after_run_all
-from sae_nb.contexts import latent_contexts
-from sae_nb.features import FeatureStats, stats_folder
-from sae_nb.pipeline import NOTEBOOKS_DIR
+from sae_nb.latents.contexts import latent_contexts
+from sae_nb.latents.stats import FeatureStats, stats_folder
+from sae_nb.running.notebooks import NOTEBOOKS_DIR
 
 pytestmark = pytest.mark.slow
 NOTEBOOK = "notebooks/06_visualize.ipynb"
@@ -174,7 +174,7 @@ def test_meaning_search_lists_latents_with_similarities(page, truth, main_job):
     similarities, best first, and shows the best, the one the meaning index ranks first. The
     index is rebuilt here (no cache) from what notebook 06 reads: the top contexts, and
     notebook 08's explanations when the main job ran it on this run folder."""
-    from sae_nb.explanations import explanations_folder, meaning_index
+    from sae_nb.explanations.tables import explanations_folder, meaning_index
 
     store, sae, codes, stats = truth
     tokenizer = sae_nb.load_model("smollm2-135m").tokenizer

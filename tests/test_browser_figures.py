@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from jupyter_browser import find_chromium, sync_playwright
 from plotly.offline import get_plotlyjs
 
-from jupyter_browser import find_chromium, sync_playwright
-from sae_nb import plotting
+from sae_nb.views import plotting
 
 pytestmark = pytest.mark.slow
 

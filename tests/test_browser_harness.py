@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import nbformat
 import pytest
-
 from jupyter_browser import Chromium, JupyterLab
 
 CELLS = [

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import nbformat
 import pytest
-
 from jupyter_browser import Chromium, notebook_after_run_all
-from sae_nb.pipeline import NOTEBOOKS_DIR, SMOKE_PARAMETERS
+
+from sae_nb.running.notebooks import NOTEBOOKS_DIR, SMOKE_PARAMETERS
 
 pytestmark = pytest.mark.slow
 NOTEBOOK = "notebooks/07_intervene.ipynb"
@@ -68,8 +68,8 @@ def test_notebook_runs_without_errors(page):
 
 def test_generate_slide_generate_and_ablate(page, root):
     import sae_nb
-    from sae_nb.effects import generate, neutral_tokens
-    from sae_nb.steering import latent_method, site_scale
+    from sae_nb.interventions.effects import generate, neutral_tokens
+    from sae_nb.interventions.steering import latent_method, site_scale
 
     widget = page.page.locator(WIDGET)
     number = widget.locator(".widget-inline-hbox input[type=number]").first
@@ -116,9 +116,9 @@ def search_for_a_latent(page, widget, number, root) -> int:
     """Type a token into "find latent", press Enter: the steered latent becomes the search's
     best match (computed here from the same store and statistics) and its caption shows."""
     import sae_nb
-    from sae_nb.dashboard import dictionary_label, latent_captions
-    from sae_nb.explorer_data import LatentSearch
-    from sae_nb.features import FeatureStats, stats_folder
+    from sae_nb.latents.stats import FeatureStats, stats_folder
+    from sae_nb.views.dashboard import dictionary_label, latent_captions
+    from sae_nb.views.explorer_data import LatentSearch
 
     run_dir = Path((root / "run_dir").read_text())
     sae, lm = sae_nb.load_default_dictionary(), sae_nb.load_model()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sae_nb.catalogue import catalogue, find_dictionaries
-from sae_nb.dictionary import ReLUSAE, TopKSAE
-from sae_nb.saving import save_dictionary
+from sae_nb.dictionaries.architectures import ReLUSAE, TopKSAE
+from sae_nb.dictionaries.catalogue import catalogue, find_dictionaries
+from sae_nb.dictionaries.saving import save_dictionary
 
 
 def test_catalogue_lists_saved_dictionaries_with_metrics(tmp_path):

@@ -12,7 +12,7 @@ import torch
 
 import sae_nb
 from sae_nb.__main__ import main
-from sae_nb.pipeline import PipelineError, parse_parameter
+from sae_nb.running.notebooks import PipelineError, parse_parameter
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -174,8 +174,8 @@ def test_unknown_options_and_config_keys_are_refused(tmp_path, capsys):
 def test_every_notebook_parameter_is_a_job_option_with_its_default():
     """The jobs take notebooks 01 and 02's parameters under the same names and defaults
     (run_dir aside: the notebooks' is relative to notebooks/, the jobs' the main job's)."""
-    from sae_nb.jobs import EXTRACT_OPTIONS, TRAIN_OPTIONS
-    from sae_nb.pipeline import NOTEBOOKS_DIR
+    from sae_nb.running.jobs import EXTRACT_OPTIONS, TRAIN_OPTIONS
+    from sae_nb.running.notebooks import NOTEBOOKS_DIR
 
     for notebook, table in (("01_extract", EXTRACT_OPTIONS), ("02_train", TRAIN_OPTIONS)):
         nb = json.loads((NOTEBOOKS_DIR / f"{notebook}.ipynb").read_text())
@@ -191,7 +191,7 @@ def test_every_notebook_parameter_is_a_job_option_with_its_default():
 @pytest.mark.slow  # torchrun and two interpreters
 def test_notebook_02_with_world_size_2_trains_under_torchrun_and_loads_the_result(
         llama, corpus_dir, tmp_path, capfd):
-    from sae_nb.jobs import train_on_split
+    from sae_nb.running.jobs import train_on_split
 
     sae_nb.extract_activations(llama, tmp_path, corpus=str(corpus_dir), progress=False,
                                **EXTRACT)

@@ -12,10 +12,12 @@ import torch
 from conftest import make_tokenizer
 from sklearn.metrics import adjusted_rand_score
 
-from sae_nb import clustering, families, plotting
-from sae_nb.corpora import CorpusError
-from sae_nb.dictionary import build_dictionary
-from sae_nb.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.activations.corpora import CorpusError
+from sae_nb.activations.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.dictionaries.architectures import build_dictionary
+from sae_nb.latents import families
+from sae_nb.texts import clustering
+from sae_nb.views import plotting
 
 N_PER, K, F = 30, 4, 64  # planted clusters: rows per cluster, clusters, latents
 LETTERS = "abcdefghijklmnopqrstuvwxyz"  # row r of the tiny store holds the token LETTERS[r % 26]

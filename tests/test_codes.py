@@ -7,9 +7,9 @@ import torch
 from conftest import identity_like
 
 import sae_nb
-from sae_nb.codes import sentence_codes
-from sae_nb.evaluate import fit_check
-from sae_nb.dictionary import ReLUSAE, TopKSAE
+from sae_nb.dictionaries.architectures import ReLUSAE, TopKSAE
+from sae_nb.texts.codes import sentence_codes
+from sae_nb.training.evaluate import fit_check
 
 TEXTS = ["the state of the union", "war and peace", "a new law for trade and work", "we must"]
 
@@ -57,7 +57,7 @@ def test_width_mismatch_is_reported(llama, corpus_dir):
 
 
 def test_pooled_token_codes_encode_each_token_then_pool(llama):
-    from sae_nb.codes import pooled_token_codes
+    from sae_nb.texts.codes import pooled_token_codes
 
     sae = TopKSAE(32, 64, k=4)
     torch.nn.init.normal_(sae.b_enc)
@@ -65,7 +65,7 @@ def test_pooled_token_codes_encode_each_token_then_pool(llama):
     tok = llama.tokenizer
     for i, text in enumerate(TEXTS):  # one sentence alone, by hand
         ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
-        (site,) = sae_nb.extract.resolve_sites(llama, ["resid_out_layer1"])
+        (site,) = sae_nb.activations.extract.resolve_sites(llama, ["resid_out_layer1"])
         acts = sae_nb.run_sites(llama, [site], ids, torch.ones_like(ids))[0][0, 1:]
         with torch.no_grad():
             torch.testing.assert_close(res.codes[i], sae.encode(acts).mean(0), rtol=1e-4, atol=1e-5)

@@ -9,11 +9,10 @@ import pandas as pd
 import pytest
 import torch
 
-from sae_nb import compare
-from sae_nb.plotting import pareto_figure
-from sae_nb.recovery import score_recovery
-from sae_nb.synthetic import make_lab
-from sae_nb.uncertainty import per_row_reconstruction
+from sae_nb.comparison import grid as compare
+from sae_nb.comparison.recovery import score_recovery
+from sae_nb.comparison.synthetic import make_lab
+from sae_nb.views.plotting import pareto_figure
 
 
 @pytest.fixture(scope="module")
@@ -147,16 +146,3 @@ def test_best_by_says_when_the_lead_is_within_noise():
     s.loc[2, "mcc_high"] = 0.87
     assert compare.best_by(s, "mcc") == ("a k=1", True)
     assert compare.best_by(s, "mcc", higher=False) == ("b k=1", True)
-
-
-def test_sweep_pareto_draws_the_gathered_table(tmp_path):
-    table = pd.DataFrame({"combination": list("abcd"), "status": ["done", "done", "done", "failed"],
-                          "k": [8, 8, 16, 16], "seed": [0, 1, 0, 0],
-                          "l0": [8.0, 8.0, 16.0, np.nan], "fvu": [0.3, 0.32, 0.2, np.nan]})
-    s = compare.sweep_pareto(table, tmp_path / "pareto.html").set_index("k")
-    assert list(s.index) == [8, 16] and (s["architecture"] == "dictionary").all()
-    assert s.loc[8, "fvu"] == pytest.approx(0.31) and s.loc[8, "n"] == 2  # the seeds pooled
-    assert s.loc[16, "n"] == 1 and np.isnan(s.loc[16, "fvu_low"])  # the failed run left out
-    assert (tmp_path / "pareto.html").stat().st_size > 0
-    assert compare.sweep_pareto(table.drop(columns=["l0"]), tmp_path / "none.html") is None
-    assert not (tmp_path / "none.html").exists()

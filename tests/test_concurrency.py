@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import sae_nb
-from sae_nb import store as store_module
-from sae_nb.store import INDEX_DTYPE, StoreError, StoreWriter
+from sae_nb.activations import store as store_module
+from sae_nb.activations.store import INDEX_DTYPE, StoreError, StoreWriter
 
 SITES = ["resid_out_layer0", "mlp_out_layer1"]
 RUN = dict(sites=SITES, n_tokens=320, ctx_len=16, batch_size=2, dtype="float32", shard_rows=20,
@@ -30,7 +30,7 @@ CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     import sae_nb
-    from sae_nb import store
+    from sae_nb.activations import store
 
     folder, run_dir, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     real_write = store.StoreWriter.write_shard

@@ -1,4 +1,4 @@
-"""One contract for every dictionary class (``sae_nb.dictionary.DICTIONARY_CLASSES``).
+"""One contract for every dictionary class (``sae_nb.dictionaries.architectures.DICTIONARY_CLASSES``).
 
 ``reconstruct(x) == forward(x)`` is the reconstruction; ``encode(x)`` the codes. Each consumer
 is checked against those two, computed here by hand: the reconstruction metrics, the spliced
@@ -15,13 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from sae_nb.evaluate import fit_check
-from sae_nb.contexts import latent_contexts, text_activations
-from sae_nb.dictionary import DICTIONARY_CLASSES, Dictionary, TopKSAE
-from sae_nb.evaluate import ce_metrics, reconstruction_metrics
-from sae_nb.features import feature_stats
-from sae_nb.sparse_ops import topk_encode
-from sae_nb.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.activations.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.dictionaries.architectures import DICTIONARY_CLASSES, Dictionary, TopKSAE
+from sae_nb.latents.contexts import latent_contexts, text_activations
+from sae_nb.latents.stats import feature_stats
+from sae_nb.training.evaluate import ce_metrics, fit_check, reconstruction_metrics
+from sae_nb.training.sparse_ops import topk_encode
 
 D, F, K = 32, 64, 4  # D: the tiny llama's d_model
 SITE = "resid_out_layer1"
@@ -47,7 +46,7 @@ def dictionary(request) -> Dictionary:
 
 
 def test_the_registry_holds_every_dictionary_class():
-    import sae_nb.dictionary as module
+    import sae_nb.dictionaries.architectures as module
 
     classes = {c for c in vars(module).values()
                if isinstance(c, type) and issubclass(c, Dictionary) and c is not Dictionary}

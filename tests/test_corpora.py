@@ -10,8 +10,14 @@ import pandas as pd
 import pytest
 from conftest import make_documents, make_tokenizer
 
-from sae_nb.corpora import (Corpus, CorpusError, document_separator, load_corpus, pack_contexts,
-                            sentence_batches)
+from sae_nb.activations.corpora import (
+    Corpus,
+    CorpusError,
+    document_separator,
+    load_corpus,
+    pack_contexts,
+    sentence_batches,
+)
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +240,7 @@ def test_sentence_batches_refuse_texts_without_tokens(tok):
 # -- one CSV text loader behind corpora, probing and clustering ------------------------------
 
 def _loaders():
-    from sae_nb import clustering, probing
+    from sae_nb.texts import clustering, probing
 
     return {
         "corpus": lambda p, **kw: load_corpus(p, text_column="text", **kw).texts,
@@ -261,7 +267,7 @@ def test_csv_non_utf8_bytes_name_file_line_and_encoding(tmp_path, loader):
     load = _loaders()[loader]
     path = tmp_path / "latin.csv"
     path.write_bytes("text,label\nA fine day.,a\nCaf\xe9 au lait.,b\n".encode("latin-1"))
-    offset = len("text,label\nA fine day.,a\nCaf".encode())  # the byte 0xe9
+    offset = len(b"text,label\nA fine day.,a\nCaf")  # the byte 0xe9
     raises_corpus_error(load, path, "not UTF-8", "line 3", f"byte {offset}", "encoding=")
     assert load(path, encoding="latin-1") == ["A fine day.", "Caf\xe9 au lait."]
 
@@ -302,7 +308,7 @@ def test_csv_missing_labels_named_by_file_line(tmp_path, loader):
 
 
 def test_token_strings_decode_each_token_alone(tok, eos_only):
-    from sae_nb.corpora import token_strings
+    from sae_nb.activations.corpora import token_strings
 
     for tokenizer in (tok, eos_only):
         ids = tokenizer(" a\nb", add_special_tokens=False)["input_ids"]  # byte tokens
@@ -312,11 +318,11 @@ def test_token_strings_decode_each_token_alone(tok, eos_only):
 
 
 def test_token_labels_show_a_character_fragment_as_its_bytes(tok):
-    from sae_nb.corpora import token_labels, token_strings
+    from sae_nb.activations.corpora import token_labels, token_strings
 
     ids = tok("é→ a", add_special_tokens=False)["input_ids"]  # one token per byte
     assert token_strings(tok, ids)[:5] == ["\ufffd"] * 5  # what a logit table showed
-    expected = [f"\\x{b:02x}" for b in "é→".encode("utf-8")] + [" ", "a"]
+    expected = [f"\\x{b:02x}" for b in "é→".encode()] + [" ", "a"]
     assert token_labels(tok, ids) == expected
     assert token_labels(tok, [tok.bos_token_id]) == ["<bos>"]
 

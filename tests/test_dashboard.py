@@ -21,11 +21,18 @@ import torch
 from bs4 import BeautifulSoup
 
 import sae_nb
-from sae_nb.contexts import latent_contexts
-from sae_nb.dashboard import (contexts_html, dashboard_path, display_token, export_dashboards,
-                              shade_alpha, shaded_tokens_html, token_span)
-from sae_nb.dictionary import TopKSAE
-from sae_nb.features import feature_stats
+from sae_nb.dictionaries.architectures import TopKSAE
+from sae_nb.latents.contexts import latent_contexts
+from sae_nb.latents.stats import feature_stats
+from sae_nb.views.dashboard import (
+    contexts_html,
+    dashboard_path,
+    display_token,
+    export_dashboards,
+    shade_alpha,
+    shaded_tokens_html,
+    token_span,
+)
 
 SITE = "resid_out_layer1"
 ALPHA_RE = re.compile(r"rgba\(255,140,0,([0-9.]+)\)")
@@ -203,7 +210,7 @@ def test_dashboard_renders_in_headless_chromium(exported, tmp_path):
 # -- the figures ------------------------------------------------------------------------------
 
 def test_latent_histogram_and_density_figures():
-    from sae_nb import plotting
+    from sae_nb.views import plotting
 
     fig = plotting.latent_histogram_figure([0.0, 1.0, 3.0], [4, 2])
     bar = fig.data[0]
@@ -262,7 +269,7 @@ def test_dashboard_shows_each_latents_best_explanation(exported, tmp_path):
 
 
 def test_latents_table_shows_a_space_token_where_it_peaked():
-    from sae_nb.dashboard import latents_table_html
+    from sae_nb.views.dashboard import latents_table_html
 
     page = latents_table_html([3, 4, 5, 6], [1.0, 2.0, 3.0, 4.0],
                               at_tokens=[" ", "\n", " the", "<a>"])

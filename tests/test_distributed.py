@@ -45,7 +45,7 @@ def settings(architecture: str, **extra) -> dict:
 
 def case(name: str, folder: Path, **extra):
     """The store and training settings of case ``name``."""
-    from sae_nb.store import ActivationStore
+    from sae_nb.activations.store import ActivationStore
 
     store, options = CASES[name]
     return ActivationStore(folder / store), settings(**{**options, **extra})
@@ -60,7 +60,7 @@ def data(n: int = 2000, seed: int = 0, directions: int = 48, density: float = 0.
 
 
 def make_store(path: Path, acts: np.ndarray, shard_rows: int = 300):
-    from sae_nb.store import INDEX_DTYPE, ActivationStore, StoreWriter
+    from sae_nb.activations.store import INDEX_DTYPE, ActivationStore, StoreWriter
 
     header = {"model": "toy", "site": "resid_out_layer1", "module": "m", "io": "output",
               "d": acts.shape[1], "dtype": "float32", "tokenizer": "bytes", "mode": "tokens",
@@ -111,9 +111,9 @@ def save(result, name: str, out: Path, rank: int) -> None:
 
 
 def worker(scenario: str, out: Path) -> None:
-    from sae_nb.distributed import DistributedError, Group, rank_batches
-    from sae_nb.store import ActivationStore
-    from sae_nb.train import TrainingError, train_dictionary
+    from sae_nb.activations.store import ActivationStore
+    from sae_nb.training.distributed import DistributedError, Group, rank_batches
+    from sae_nb.training.trainer import TrainingError, train_dictionary
 
     rank = int(os.environ["RANK"])
     store = ActivationStore(out / "store")
@@ -222,7 +222,7 @@ def load(folder: Path, name: str, rank: int = 0) -> dict:
 
 
 def one_process(folder: Path, name: str, **extra):
-    from sae_nb.train import train_dictionary
+    from sae_nb.training.trainer import train_dictionary
 
     store, options = case(name, folder, **extra)
     return train_dictionary(global_batches(store), **options)
@@ -235,7 +235,7 @@ def assert_close(state: dict, reference: dict, tol: float = 1e-5) -> None:
 
 def test_rank_batches_are_slices_of_the_store_batches(tmp_path):
     """Rank r's batch i is rows [r*b, (r+1)*b) of the store's global batch i, every epoch."""
-    from sae_nb.distributed import DistributedError, Group, RankBatches
+    from sae_nb.training.distributed import DistributedError, Group, RankBatches
 
     store = make_store(tmp_path / "s", data(n=600))
     ranks = [iter(RankBatches(store, 90, seed=3, rows=slice(0, 500), group=Group(3, r)))
@@ -248,7 +248,7 @@ def test_rank_batches_are_slices_of_the_store_batches(tmp_path):
 
 
 def test_one_process_group_is_a_no_op():
-    from sae_nb.distributed import ONE_PROCESS, setup
+    from sae_nb.training.distributed import ONE_PROCESS, setup
 
     assert setup() is ONE_PROCESS and ONE_PROCESS.main
     t = torch.arange(4.0)
@@ -261,7 +261,7 @@ def test_one_process_group_is_a_no_op():
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_train_the_dictionary_of_one_process(equal_runs, name, mode, caplog):
     """Same global batches: the same dictionary (1e-5) and log; both ranks hold it bit for bit."""
-    with caplog.at_level("INFO", logger="sae_nb.train"):
+    with caplog.at_level("INFO", logger="sae_nb.training.trainer"):
         reference = one_process(equal_runs, name)
     assert ("Resampled" in caplog.text) == (name == "resampling")
     ranks = [load(equal_runs, f"{name}_{mode}", r) for r in (0, 1)]
@@ -297,7 +297,7 @@ def test_killed_two_rank_run_resumes_bit_for_bit(equal_runs, caplog):
         for key, value in full["state"].items():
             assert torch.equal(value, again["state"][key]), f"{name}: {key} differs"
         assert full["log"] == again["log"]
-        with caplog.at_level("WARNING", logger="sae_nb.train"):
+        with caplog.at_level("WARNING", logger="sae_nb.training.trainer"):
             one = one_process(folder, name, checkpoint_dir=str(folder / f"cut1_{name}"),
                               checkpoint_every=10)
         assert "written by 2 rank(s), with 1: re-sharded" in caplog.text

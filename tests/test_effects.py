@@ -1,20 +1,31 @@
-"""Effects of an edit (sae_nb.effects) on the tiny models: checked against transformers'
-own generate, generation without a KV cache, the nnsight splice of sae_nb.evaluate and the
+"""Effects of an edit (sae_nb.interventions.effects) on the tiny models: checked against transformers'
+own generate, generation without a KV cache, the nnsight splice of sae_nb.training.evaluate and the
 KL formula written out."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import D_MODEL
-from sae_nb.effects import (compare_generations, generate, logit_changes, sample_tokens,
-                            side_effects)
-from sae_nb.evaluate import splice_loss
-from sae_nb.intervene import (InterventionError, Splice, edited_logits, prompt_tokens,
-                              steer_direction, steer_latent)
-from sae_nb.models import hf_model
 from test_intervene import PROMPT, SITE, topk
+
+from sae_nb.activations.models import hf_model
+from sae_nb.interventions.effects import (
+    compare_generations,
+    generate,
+    logit_changes,
+    sample_tokens,
+    side_effects,
+)
+from sae_nb.interventions.splice import (
+    InterventionError,
+    Splice,
+    edited_logits,
+    prompt_tokens,
+    steer_direction,
+    steer_latent,
+)
+from sae_nb.training.evaluate import splice_loss
 
 
 def test_greedy_generation_equals_transformers_generate(model):

@@ -7,8 +7,13 @@ import pytest
 import torch
 from conftest import identity_like
 
-from sae_nb.dictionary import NormalizedTopKSAE, SkipTopKSAE, TopKSAE
-from sae_nb.evaluate import ce_metrics, evaluate_dictionary, reconstruction_metrics, splice_loss
+from sae_nb.dictionaries.architectures import NormalizedTopKSAE, SkipTopKSAE, TopKSAE
+from sae_nb.training.evaluate import (
+    ce_metrics,
+    evaluate_dictionary,
+    reconstruction_metrics,
+    splice_loss,
+)
 
 
 class Identity(torch.nn.Module):
@@ -144,8 +149,9 @@ def hand_splice_ce(llama, dictionary, tokens, keep_id):
 @pytest.mark.parametrize("exclude_bos", [True, False])
 def test_splice_keeps_bos_clean_exactly_when_training_excluded_it(llama, corpus_dir, tmp_path,
                                                                  exclude_bos):
-    import sae_nb
     from dataclasses import asdict
+
+    import sae_nb
 
     (store,) = sae_nb.extract_activations(
         llama, tmp_path, sites=[SITE], corpus=str(corpus_dir), n_tokens=768, ctx_len=32,
@@ -203,7 +209,7 @@ def tokens_with_bos(llama, n=3, T=16):
 
 @pytest.mark.parametrize("keep_bos", [True, False])
 def test_a_zero_dictionary_recovers_0_percent_and_a_perfect_one_100(llama, keep_bos):
-    from sae_nb.dictionary import ReLUSAE
+    from sae_nb.dictionaries.architectures import ReLUSAE
 
     tokens, bos = tokens_with_bos(llama)
     keep = bos if keep_bos else None
@@ -247,7 +253,7 @@ def test_kl_is_clean_to_spliced_as_saelens_computes_it(llama):
 
 def test_width_mismatch_and_empty_rows_are_named(llama):
     """A width mismatch once surfaced as a raw tensor-size error from inside the encode."""
-    from sae_nb.evaluate import EvaluationError
+    from sae_nb.training.evaluate import EvaluationError
 
     sae = TopKSAE(32, 64, k=4)
     sae.metadata = {"site": "resid_out_layer1"}

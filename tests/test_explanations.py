@@ -12,14 +12,26 @@ import pytest
 import torch
 
 import sae_nb
-from sae_nb.dictionary import TopKSAE
-from sae_nb.explanations import (
-    ExplanationError, MeaningIndex, best_explanations, cached_explanations, check_table,
-    context_texts, explain_cached, explanation_captions, explanation_identity,
-    explanations_folder, load_explanations, meaning_index, merge_explanations, save_explanations,
-    score_summary, with_explanations,
+from sae_nb.dictionaries.architectures import TopKSAE
+from sae_nb.explanations.tables import (
+    ExplanationError,
+    MeaningIndex,
+    best_explanations,
+    cached_explanations,
+    check_table,
+    context_texts,
+    explain_cached,
+    explanation_captions,
+    explanation_identity,
+    explanations_folder,
+    load_explanations,
+    meaning_index,
+    merge_explanations,
+    save_explanations,
+    score_summary,
+    with_explanations,
 )
-from sae_nb.features import feature_stats
+from sae_nb.latents.stats import feature_stats
 
 SITE = "resid_out_layer1"
 
@@ -86,7 +98,7 @@ def test_feature_table_gains_explanation_columns():
     assert joined.loc[5, "explanation"] == "" and np.isnan(joined.loc[5, "explanation_score"])
     captions = explanation_captions(best_explanations(HAND))
     assert captions[0] == "tax words (llm, detection_auroc 0.91)"
-    from sae_nb.explanations import explanation_caption
+    from sae_nb.explanations.tables import explanation_caption
     assert explanation_caption("a b c d e f", 0.5, "f1", max_chars=6) == "a b c… (f1 0.50)"
 
 
@@ -142,7 +154,7 @@ def test_meaning_search_ranks_the_explained_latent_first(query, expected):
     assert found["latent"].iloc[0] == expected
     assert found["score"].is_monotonic_decreasing and len(found) == 3
     # the score is its two parts, recomputed from the stored vectors
-    from sae_nb.explanations import embed_texts
+    from sae_nb.explanations.tables import embed_texts
 
     q = embed_texts([query])[0]
     top = found.iloc[0]
@@ -239,7 +251,7 @@ def test_methods_are_compared_on_the_latents_both_have_with_their_controls():
                  (latent, "rule", "r", 0.3, "f1", "")]
     rows += [(3, "rule", "r", 1.0, "detection_auroc", "")]  # llm has no score here: left out
     rows += [(4, "llm", "l", 0.2, "detection_auroc", "timeout")]  # failed: left out
-    from sae_nb.explanations import method_comparison, method_verdict
+    from sae_nb.explanations.tables import method_comparison, method_verdict
 
     comparison = method_comparison(table(rows)).set_index(["score_name", "method"])
     rule, llm = comparison.loc[("detection_auroc", "rule")], comparison.loc[("detection_auroc",
@@ -253,7 +265,7 @@ def test_methods_are_compared_on_the_latents_both_have_with_their_controls():
 
 
 def test_sample_latents_is_seeded_and_skips_rare_latents():
-    from sae_nb.explanations import sample_latents
+    from sae_nb.explanations.tables import sample_latents
 
     class Stats:
         n_tokens = 1000
@@ -278,8 +290,8 @@ def test_explanations_that_read_like_missing_values_survive_the_cache(tmp_path):
 
 
 def test_explainer_backend_by_name(llama, model_dirs):
-    from sae_nb.backends import LocalBackend, OpenAIBackend
-    from sae_nb.explanations import explainer_backend
+    from sae_nb.explanations.backends import LocalBackend, OpenAIBackend
+    from sae_nb.explanations.tables import explainer_backend
 
     with pytest.raises(ExplanationError, match="explainer_model"):
         explainer_backend("http://127.0.0.1:8000/v1")

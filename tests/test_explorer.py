@@ -15,12 +15,12 @@ import torch
 from bs4 import BeautifulSoup
 
 import sae_nb
-from sae_nb import explorer as explorer_module
-from sae_nb.contexts import latent_contexts
-from sae_nb.dictionary import TopKSAE
-from sae_nb.explorer import FeatureExplorer, latent_order, top_latents, unusual_latents
-from sae_nb.features import LogitEffects, feature_stats
-from sae_nb.models import hf_model
+from sae_nb.activations.models import hf_model
+from sae_nb.dictionaries.architectures import TopKSAE
+from sae_nb.latents.contexts import latent_contexts
+from sae_nb.latents.stats import LogitEffects, feature_stats
+from sae_nb.views import explorer as explorer_module
+from sae_nb.views.explorer import FeatureExplorer, latent_order, top_latents, unusual_latents
 
 SITE = "resid_out_layer1"
 TEXT = "the state of the union is strong"
@@ -501,7 +501,7 @@ def test_text_table_latents_are_links_to_them(explorer):
         assert f"b.value = '{row['data-latent']}'" in link["onclick"]
 
 
-def hand_explanations(stats) -> tuple[int, int, "object"]:
+def hand_explanations(stats) -> tuple[int, int, object]:
     """Two alive latents explained by hand ("tax words", "the days of the week"), a control
     row and a failed row that must never show."""
     import pandas as pd
@@ -548,7 +548,7 @@ def test_every_latent_shown_carries_its_best_explanation(setup, llama):
 def test_meaning_search_lists_latents_by_explanation(setup, llama, tmp_path):
     """Issue 14 point 4: a meaning query fills its menu with latents and similarities, the
     explained latent first, and shows it; the index is cached in the explanations folder."""
-    from sae_nb.explanations import MeaningIndex, save_explanations
+    from sae_nb.explanations.tables import MeaningIndex, save_explanations
 
     store, sae, stats = setup
     tax, days, table = hand_explanations(stats)

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
 from conftest import FAMILIES, MID, RAW_SITES
+from torch.overrides import TorchFunctionMode
 
 import sae_nb
-from sae_nb.corpora import load_corpus, pack_contexts
+from sae_nb.activations.corpora import load_corpus, pack_contexts
 
 CTX_LEN, N_TOKENS, BATCH = 24, 192, 3  # 8 contexts in batches of 3 (the last one short)
 
@@ -101,7 +101,7 @@ def extracted(request, models, corpus_dir, tmp_path_factory):
     modules.update({raw: raw_module(raw) for raw in RAW_SITES[family]})
     modules["mlp_norm"] = (MLP_NORM[family], "output")
     modules["final_norm_in"] = (FINAL_NORM[family], "input")
-    captured, hidden = hooked_forward(sae_nb.models.hf_model(model), modules, ids,
+    captured, hidden = hooked_forward(sae_nb.activations.models.hf_model(model), modules, ids,
                                       torch.ones_like(ids))
     return family, stores, ctx, captured, hidden
 
@@ -223,8 +223,8 @@ class WeightWatch(TorchFunctionMode):
 
 def test_run_sites_stops_after_last_site(llama):
     """Reading layer 0 must not run layers 1-2 or the unembedding."""
-    hf = sae_nb.models.hf_model(llama)
-    sites = sae_nb.extract.resolve_sites(llama, ["resid_out_layer0"])
+    hf = sae_nb.activations.models.hf_model(llama)
+    sites = sae_nb.activations.extract.resolve_sites(llama, ["resid_out_layer0"])
     paths = ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
              "model.layers.2.mlp.down_proj", "lm_head"]
     ids = torch.tensor([[llama.tokenizer.bos_token_id, 70, 71, 72]])
@@ -239,7 +239,7 @@ def test_run_sites_stops_after_last_site(llama):
 
 
 def test_resolve_sites_sorts_by_execution_order(llama):
-    sites = sae_nb.extract.resolve_sites(
+    sites = sae_nb.activations.extract.resolve_sites(
         llama, ["resid_out_layer2", "mlp_in_layer1", "embed", "attn_out_layer1", "mlp_out_layer1"])
     assert [s.name for s in sites] == ["embed", "attn_out_layer1", "mlp_in_layer1",
                                        "mlp_out_layer1", "resid_out_layer2"]
@@ -261,7 +261,7 @@ def manual_pool(model, family: str, text: str, pool: str) -> dict[str, np.ndarra
     sep = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     ids = torch.tensor([[sep] + tok(text, add_special_tokens=False)["input_ids"]])
     modules = {s: EXPECTED_MODULES[family][s] for s in POOL_SITES}
-    captured, _ = hooked_forward(sae_nb.models.hf_model(model), modules, ids)
+    captured, _ = hooked_forward(sae_nb.activations.models.hf_model(model), modules, ids)
     reduce = (lambda a: a.mean(0)) if pool == "mean" else (lambda a: a.max(0).values)
     return {s: reduce(captured[s][0, 1:]).numpy() for s in POOL_SITES}
 
@@ -285,7 +285,7 @@ def test_pooled_activation_equals_manual_and_ignores_batch(model, family, pool):
 
 
 def test_pooled_mean_excludes_bos(llama):
-    text, site, hf = SENTENCES[1], "resid_out_layer1", sae_nb.models.hf_model(llama)
+    text, site, hf = SENTENCES[1], "resid_out_layer1", sae_nb.activations.models.hf_model(llama)
     pooled = sae_nb.pooled_activations(llama, [text], [site])[site][0]
     tokens = llama.tokenizer(text, add_special_tokens=False)["input_ids"]
     ids = torch.tensor([[llama.tokenizer.bos_token_id] + tokens])

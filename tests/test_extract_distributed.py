@@ -21,8 +21,8 @@ import textwrap
 import pytest
 
 import sae_nb
-from sae_nb.shards import block_bounds
-from sae_nb.store import PARTS, StoreError, StoreWriter
+from sae_nb.activations.shards import block_bounds
+from sae_nb.activations.store import PARTS, StoreError, StoreWriter
 
 SITES = ["resid_out_layer0", "mlp_out_layer1"]
 # 20 contexts of 16 in batches of 2, a shard per batch: each of 2 ranks writes 5 shards a site.
@@ -40,7 +40,7 @@ CHILD = textwrap.dedent("""
     import numpy as np
     import torch
     torch.set_num_threads(1)
-    from sae_nb import store
+    from sae_nb.activations import store
     from sae_nb.__main__ import main
 
     kill_at = int(os.environ.get("KILL_AT", "-1"))

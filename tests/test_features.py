@@ -17,13 +17,19 @@ import pytest
 import torch
 from conftest import make_tokenizer
 
-from sae_nb import contexts, features
-from sae_nb.contexts import latent_contexts, text_activations
-from sae_nb.dictionary import JumpReLUSAE, ReLUSAE, TopKSAE
-from sae_nb.features import (FeatureStats, FeatureStatsError, feature_stats, logit_effects,
-                             stats_folder)
-from sae_nb.models import hf_model
-from sae_nb.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.activations.models import hf_model
+from sae_nb.activations.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.dictionaries.architectures import JumpReLUSAE, ReLUSAE, TopKSAE
+from sae_nb.latents import contexts
+from sae_nb.latents import stats as features
+from sae_nb.latents.contexts import latent_contexts, text_activations
+from sae_nb.latents.stats import (
+    FeatureStats,
+    FeatureStatsError,
+    feature_stats,
+    logit_effects,
+    stats_folder,
+)
 
 D, F, K = 8, 24, 4
 CTX = 16  # context length; 15 rows per context (BOS is not stored)

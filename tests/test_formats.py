@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from sae_nb import DictionaryFormatError, load_dictionary, load_sae_nb, save_dictionary
-from sae_nb.dictionary import TopKSAE
+from sae_nb.dictionaries.architectures import TopKSAE
 
 D, F, K = 16, 64, 4
 
@@ -371,7 +371,7 @@ def test_openai_raw_sites_read_the_documented_activations(tmp_path):
     mlp.hook_post (gelu(c_fc(ln_2(resid_mid)))): computed here by hand on a tiny GPT-2."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sae_nb.sites import resolve_site
+    from sae_nb.activations.sites import resolve_site
 
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, n_positions=32,
                                     vocab_size=50)).eval()
@@ -525,7 +525,7 @@ def test_unknown_architecture_and_format(tmp_path):
 def built(monkeypatch):
     """Every Dictionary constructed, as (d_in, d_sae); refuses (MemoryError) to construct a big
     one, so a loader that builds before checking fails here without allocating."""
-    from sae_nb.dictionary import Dictionary
+    from sae_nb.dictionaries.architectures import Dictionary
 
     calls, original = [], Dictionary.__init__
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import sae_nb
-from sae_nb.evaluate import ce_metrics
-from sae_nb.train import train_dictionary
+from sae_nb.training.evaluate import ce_metrics
+from sae_nb.training.trainer import train_dictionary
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -57,7 +57,7 @@ def test_spliced_loss_on_cuda(model_dirs):
 def test_two_ranks_on_one_gpu_train_the_dictionary_of_one_process(tmp_path):
     """torchrun with 2 ranks on the one GPU: the same dictionary as one CUDA process on the same
     global batches (fp32), both ranks identical; bf16 autocast trains too."""
-    from test_distributed import global_batches, load, make_store, data, settings, torchrun
+    from test_distributed import data, global_batches, load, make_store, settings, torchrun
 
     make_store(tmp_path / "store", data())
     done = torchrun("gpu", tmp_path, timeout=300)

@@ -1,21 +1,30 @@
-"""Splicing with the error term and latent edits (sae_nb.intervene), on the tiny models.
+"""Splicing with the error term and latent edits (sae_nb.interventions.splice), on the tiny models.
 
 Expected values come from elsewhere: the clean model run without any hook, a hand-written hook
-that adds ``alpha * W_dec[i]``, the nnsight splice of sae_nb.evaluate, causality (an edit from
+that adds ``alpha * W_dec[i]``, the nnsight splice of sae_nb.training.evaluate, causality (an edit from
 position p on leaves earlier logits alone)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import D_MODEL, identity_like
-from sae_nb.dictionary import NormalizedTopKSAE, ReLUSAE, TopKSAE
-from sae_nb.evaluate import splice_loss
-from sae_nb.intervene import (InterventionError, Splice, ablate, clamp, edited_logits,
-                              prompt_tokens, scale, steer_direction, steer_latent)
-from sae_nb.models import hf_model
-from sae_nb.sites import SiteError
+
+from sae_nb.activations.models import hf_model
+from sae_nb.activations.sites import SiteError
+from sae_nb.dictionaries.architectures import NormalizedTopKSAE, ReLUSAE, TopKSAE
+from sae_nb.interventions.splice import (
+    InterventionError,
+    Splice,
+    ablate,
+    clamp,
+    edited_logits,
+    prompt_tokens,
+    scale,
+    steer_direction,
+    steer_latent,
+)
+from sae_nb.training.evaluate import splice_loss
 
 SITE = "resid_out_layer1"
 PROMPT = "The nation must work for peace and law."
@@ -128,7 +137,7 @@ def test_per_row_coefficients_equal_separate_runs(llama):
 
 
 def test_without_error_term_matches_the_evaluation_splice(llama):
-    """error_term=False splices x_hat(f) as sae_nb.evaluate's nnsight splice does."""
+    """error_term=False splices x_hat(f) as sae_nb.training.evaluate's nnsight splice does."""
     ids = prompt_tokens(llama, PROMPT)
     sae = topk()
     bos = int(ids[0, 0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from sae_nb.io import atomic_open, folder_name, write_table
+from sae_nb.util.io import atomic_open, folder_name, write_table
 
 
 def test_write_table_makes_folders_and_leaves_no_temporary(tmp_path):
@@ -33,7 +33,7 @@ def test_folder_name_keeps_safe_characters_only():
 
 
 def test_atomic_folder_swaps_in_whole_or_leaves_the_old(tmp_path):
-    from sae_nb.io import atomic_folder
+    from sae_nb.util.io import atomic_folder
 
     path = tmp_path / "dictionary"
     with atomic_folder(path) as tmp:

@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from sae_nb.dictionary import BatchTopKSAE, build_dictionary
-from sae_nb.objectives import (batchtopk_step, default_matryoshka_widths,
-                               matryoshka_prefix_losses)
-from sae_nb.saving import load_sae_nb, save_dictionary
-from sae_nb.train import TrainConfig, TrainingError, train_dictionary
+from sae_nb.dictionaries.architectures import BatchTopKSAE, build_dictionary
+from sae_nb.dictionaries.saving import load_sae_nb, save_dictionary
+from sae_nb.training.objectives import (
+    batchtopk_step,
+    default_matryoshka_widths,
+    matryoshka_prefix_losses,
+)
+from sae_nb.training.trainer import TrainConfig, TrainingError, train_dictionary
 
 D, F, K = 16, 64, 4
 WIDTHS = (8, 16, 32, 64)

@@ -10,7 +10,7 @@ import torch
 
 import sae_nb
 from sae_nb import ExtractConfig, ModelLoadError
-from sae_nb.models import hf_model, model_name
+from sae_nb.activations.models import hf_model, model_name
 
 
 def test_local_folders_load_with_their_tokenizers(models, model_dirs, family):
@@ -96,7 +96,7 @@ def test_unreachable_hub_uses_only_the_local_cache(monkeypatch):
     """Without the hub, a hub name is looked up in the local cache only: no minute of retries."""
     import transformers
 
-    from sae_nb import models
+    from sae_nb.activations import models
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
@@ -113,7 +113,7 @@ def test_unreachable_hub_uses_only_the_local_cache(monkeypatch):
 
 
 def test_hub_counts_as_unreachable_when_offline_is_set(monkeypatch):
-    from sae_nb import models
+    from sae_nb.activations import models
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert models._hub_reachable() is False

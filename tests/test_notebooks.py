@@ -2,7 +2,7 @@
 
 The smoke runs execute the real notebooks in number order with papermill, sharing one run
 folder, with the notebooks folder as working directory: the same code users run, with smaller
-numbers (``sae_nb.pipeline.SMOKE_PARAMETERS``). Notebook 01 uses the real default model, so the
+numbers (``sae_nb.running.notebooks.SMOKE_PARAMETERS``). Notebook 01 uses the real default model, so the
 converted SmolLM2 must be in the cache (``python -m sae_nb setup`` once, or ``SAE_NB_CACHE``).
 The pipeline's own behaviour is tested on tiny throwaway notebooks that load no model.
 """
@@ -22,9 +22,17 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from sae_nb import TrainConfig, dictionary_name, dictionary_path, load_sae_nb, open_stores
-from sae_nb.pipeline import (
-    NOTEBOOK_RE, NOTEBOOKS_DIR, SMOKE_PARAMETERS, PipelineError, find_notebooks,
-    notebook_parameters, parse_parameter, run_notebook, run_pipeline, select_notebooks,
+from sae_nb.running.notebooks import (
+    NOTEBOOK_RE,
+    NOTEBOOKS_DIR,
+    SMOKE_PARAMETERS,
+    PipelineError,
+    find_notebooks,
+    notebook_parameters,
+    parse_parameter,
+    run_notebook,
+    run_pipeline,
+    select_notebooks,
 )
 
 NOTEBOOKS = find_notebooks()
@@ -142,8 +150,8 @@ def check_05_cluster(run_dir: Path, values: dict) -> None:
 def check_06_visualize(run_dir: Path, values: dict) -> None:
     from bs4 import BeautifulSoup
 
-    from sae_nb.explorer import top_latents
-    from sae_nb.features import FeatureStats, stats_folder
+    from sae_nb.latents.stats import FeatureStats, stats_folder
+    from sae_nb.views.explorer import top_latents
 
     store = open_stores(run_dir)["resid_out_layer6"]
     stats = FeatureStats.load(stats_folder(run_dir, "topk_4608_k32"))
@@ -199,8 +207,8 @@ def check_07_intervene(run_dir: Path, values: dict) -> None:
 def check_08_explain(run_dir: Path, values: dict) -> None:
     from bs4 import BeautifulSoup
 
-    from sae_nb.explanations import load_explanations, sample_latents
-    from sae_nb.features import FeatureStats, stats_folder
+    from sae_nb.explanations.tables import load_explanations, sample_latents
+    from sae_nb.latents.stats import FeatureStats, stats_folder
 
     stats = FeatureStats.load(stats_folder(run_dir, "topk_4608_k32"))
     folder = run_dir / "explanations" / "topk_4608_k32"
@@ -239,7 +247,7 @@ def check_09_compare(run_dir: Path, values: dict) -> None:
     import numpy as np
     import pandas as pd
 
-    from sae_nb.compare import summarize_runs
+    from sae_nb.comparison.grid import summarize_runs
 
     out = run_dir / "compare"
     n_arch, n_seeds = len(values["architectures"]), len(values["seeds"])
@@ -300,7 +308,7 @@ def test_every_notebook_is_numbered_and_smoke_tested():
     unnumbered = [n for n in names if not NOTEBOOK_RE.match(n)]
     assert not unnumbered, f"{unnumbered}: name notebooks NN_name.ipynb so the pipeline runs them"
     missing = [p.stem for p in NOTEBOOKS if p.stem not in SMOKE_PARAMETERS]
-    assert not missing, f"{missing} have no entry in sae_nb.pipeline.SMOKE_PARAMETERS"
+    assert not missing, f"{missing} have no entry in sae_nb.running.notebooks.SMOKE_PARAMETERS"
     stale = sorted(set(SMOKE_PARAMETERS) - {p.stem for p in NOTEBOOKS})
     assert not stale, f"SMOKE_PARAMETERS names notebooks that do not exist: {stale}"
 

@@ -8,8 +8,8 @@ import numpy as np
 import plotly.graph_objects as go
 import pytest
 
-from sae_nb import plotting
-from sae_nb.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.activations.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.views import plotting
 
 
 def toy_store(path: Path, site: str, acts: np.ndarray, shard_rows: int = 100) -> ActivationStore:

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from sae_nb import probing
-from sae_nb.corpora import CorpusError
-from sae_nb.dictionary import TopKSAE
-from sae_nb.plotting import layer_sweep_figure, probe_accuracy_figure
+from sae_nb.activations.corpora import CorpusError
+from sae_nb.dictionaries.architectures import TopKSAE
+from sae_nb.texts import probing
+from sae_nb.views.plotting import layer_sweep_figure, probe_accuracy_figure
 
 
 def planted(n=800, d=16, f=64, seed=0):
@@ -202,8 +202,9 @@ def test_features_on_the_tiny_model_are_cached(llama, tmp_path):
 def test_planted_labels_on_tiny_model_activations(llama):
     """Labels planted along a direction of real (tiny-model) pooled activations are recovered;
     shuffled they are not; a latent planted along that direction is the one a k=1 probe picks."""
-    from sae_nb.dictionary import ReLUSAE
     from conftest import WORDS
+
+    from sae_nb.dictionaries.architectures import ReLUSAE
 
     rng = np.random.default_rng(0)
     texts = [" ".join(rng.choice(WORDS, size=rng.integers(4, 12))) for _ in range(240)]
@@ -250,7 +251,7 @@ def direct_pooled(model, texts, layer, dictionary=None):
     """Mean over each text's non-BOS tokens of the layer's output (encoded first when a
     dictionary is given), one text per forward pass (no padding), read by a plain forward
     hook on the transformers module: independent of sae_nb's extraction."""
-    from sae_nb.models import hf_model
+    from sae_nb.activations.models import hf_model
 
     hf, tok = hf_model(model), model.tokenizer
     rows = []
@@ -274,10 +275,10 @@ def twin_llama(llama, seed=7):
     """A second tiny llama with the same name and config as ``llama`` but other weights."""
     import copy
 
-    import sae_nb
     from transformers import AutoModelForCausalLM
 
-    from sae_nb.models import hf_model
+    import sae_nb
+    from sae_nb.activations.models import hf_model
 
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(copy.deepcopy(hf_model(llama).config))
@@ -325,7 +326,7 @@ def test_sweep_cache_is_keyed_by_the_model(llama, tmp_path):
 
 
 def test_empty_texts_and_too_few_rows_or_classes_name_the_counts(llama):
-    from sae_nb.extract import pooled_activations
+    from sae_nb.activations.extract import pooled_activations
 
     with pytest.raises(CorpusError, match="no texts"):
         pooled_activations(llama, [], ["resid_out_layer1"])

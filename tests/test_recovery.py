@@ -10,13 +10,25 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from sae_nb.dictionary import TopKSAE
-from sae_nb.recovery import (absorption, correlation_matrix, cosine_matrix, detection,
-                             expected_max_cosine, hungarian, hungarian_cosine, latent_codes,
-                             matched_mean, mcc, mean_max_cosine, recovery_intervals,
-                             score_recovery, shrinkage)
-from sae_nb.synthetic import make_lab
-from sae_nb.train import train_dictionary
+from sae_nb.comparison.recovery import (
+    absorption,
+    correlation_matrix,
+    cosine_matrix,
+    detection,
+    expected_max_cosine,
+    hungarian,
+    hungarian_cosine,
+    latent_codes,
+    matched_mean,
+    mcc,
+    mean_max_cosine,
+    recovery_intervals,
+    score_recovery,
+    shrinkage,
+)
+from sae_nb.comparison.synthetic import make_lab
+from sae_nb.dictionaries.architectures import TopKSAE
+from sae_nb.training.trainer import train_dictionary
 
 
 def random_units(n, d, rng):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import sae_nb
-from sae_nb.store import StoreError, StoreWriter
+from sae_nb.activations.store import StoreError, StoreWriter
 
 SITES = ["resid_out_layer0", "mlp_out_layer1"]
 # 20 contexts of 16 in batches of 2: 30 kept rows per batch, so every batch closes a shard.
@@ -138,7 +138,7 @@ CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     import sae_nb
-    from sae_nb import store
+    from sae_nb.activations import store
 
     folder, run_dir, kill_at, options = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     real_save, saves = store.atomic_save_npy, []

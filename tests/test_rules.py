@@ -1,4 +1,4 @@
-"""Executable explanations (sae_nb.rules) on tiny synthetic stores, against planted truths and
+"""Executable explanations (sae_nb.explanations.rules) on tiny synthetic stores, against planted truths and
 a brute force.
 
 The planted store's activations are one-hot codes of each row's token and previous token plus
@@ -20,13 +20,19 @@ import torch
 from conftest import make_tokenizer
 from sklearn.metrics import roc_auc_score
 
-from sae_nb import rules
-from sae_nb.corpora import token_strings
-from sae_nb.dictionary import ReLUSAE, TopKSAE
-from sae_nb.rules import (RuleError, apply_rule, count_firings, fit_rules, previous_tokens,
-                          rule_explanations)
-from sae_nb.split import HeldoutSplit, heldout_split
-from sae_nb.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.activations.corpora import token_strings
+from sae_nb.activations.split import HeldoutSplit, heldout_split
+from sae_nb.activations.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.dictionaries.architectures import ReLUSAE, TopKSAE
+from sae_nb.explanations import rules
+from sae_nb.explanations.rules import (
+    RuleError,
+    apply_rule,
+    count_firings,
+    fit_rules,
+    previous_tokens,
+    rule_explanations,
+)
 
 CTX = 16  # 15 stored rows per context (BOS left out)
 BOS = 300

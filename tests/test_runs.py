@@ -8,9 +8,9 @@ import json
 import nbformat
 import pytest
 
-from sae_nb.pipeline import NOTEBOOKS_DIR, run_notebook
-from sae_nb.runs import choose_output_dir, choose_run_dir
-from sae_nb.store import MANIFEST, STORE_FORMAT, STORE_VERSION, StoreError
+from sae_nb.activations.store import MANIFEST, STORE_FORMAT, STORE_VERSION, StoreError
+from sae_nb.running.notebooks import NOTEBOOKS_DIR, run_notebook
+from sae_nb.running.run_dir import choose_output_dir, choose_run_dir
 
 
 def fake_store(run: str, root, site: str = "resid_out_layer6") -> None:
@@ -84,14 +84,13 @@ def test_notebooks_choose_their_run_folder_after_the_main_job(stem, tmp_path, mo
     code = [c.source for c in nb.cells if c.cell_type == "code" and c is not parameters]
     first = next(src for src in code[1:] if "run_dir" in src)  # code[0]: the imports
     chooser = "choose_run_dir" if stem in READERS else "choose_output_dir"
-    assert first.startswith(f"run_dir, note = {chooser}(run_dir)\nprint(note)"), first
+    assert first.startswith(f"run_dir, note = sae_nb.{chooser}(run_dir)\nprint(note)"), first
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
     monkeypatch.chdir(notebooks)
     fake_store("default", tmp_path)
     namespace = {}
-    exec("\n".join(code[0:1]) + "\nfrom sae_nb.runs import choose_run_dir, choose_output_dir",
-         namespace)
+    exec(code[0], namespace)  # the notebook's imports
     namespace["run_dir"] = ""
     exec(first.split("\n", 2)[0], namespace)
     assert namespace["run_dir"] == "../outputs/default"

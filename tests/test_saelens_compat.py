@@ -34,9 +34,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae_nb.dictionary import JumpReLUSAE, TopKSAE, build_dictionary
-from sae_nb.saving import save_dictionary
-from sae_nb.train import train_dictionary
+from sae_nb.dictionaries.architectures import JumpReLUSAE, TopKSAE, build_dictionary
+from sae_nb.dictionaries.saving import save_dictionary
+from sae_nb.training.trainer import train_dictionary
 
 pytestmark = pytest.mark.slow  # starts SAELens in a second interpreter (about 15 s)
 

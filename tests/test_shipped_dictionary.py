@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import sae_nb
-from sae_nb.dictionary import TopKSAE
+from sae_nb.dictionaries.architectures import TopKSAE
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from conftest import N_LAYERS
 
 import sae_nb
 from sae_nb import SiteError, resolve_site, valid_sites
-from sae_nb.models import hf_model
+from sae_nb.activations.models import hf_model
 
 # Hand-written layouts: (blocks, embedding module, attention, MLP) per family.
 LAYOUT = {
@@ -138,7 +138,7 @@ HOOK_PAIRS = [("embed", "blocks.0.hook_resid_pre"),
 
 @pytest.mark.parametrize("site,hook", HOOK_PAIRS)
 def test_site_and_hook_name_map_both_ways(site, hook):
-    from sae_nb.sites import canonical_site, hook_name, is_site_name
+    from sae_nb.activations.sites import canonical_site, hook_name, is_site_name
 
     assert hook_name(site) == hook
     assert canonical_site(hook) == site and canonical_site(site) == site
@@ -146,7 +146,7 @@ def test_site_and_hook_name_map_both_ways(site, hook):
 
 
 def test_sites_without_a_hook_twin():
-    from sae_nb.sites import canonical_site, hook_name, is_site_name
+    from sae_nb.activations.sites import canonical_site, hook_name, is_site_name
 
     assert canonical_site("blocks.4.hook_resid_pre") == "resid_out_layer3"
     assert hook_name("mlp_in_layer2") == "mlp_in_layer2" and is_site_name("mlp_in_layer2")

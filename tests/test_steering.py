@@ -1,4 +1,4 @@
-"""Steering sweeps (sae_nb.steering) on the tiny models, with a target computed by hand."""
+"""Steering sweeps (sae_nb.interventions.steering) on the tiny models, with a target computed by hand."""
 
 from __future__ import annotations
 
@@ -6,14 +6,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import D_MODEL
-from sae_nb.effects import generate, side_effects
-from sae_nb.intervene import InterventionError, prompt_tokens
-from sae_nb.steering import (direction_method, latent_method, probe_direction,
-                             random_direction_method, sentiment_methods, sentiment_setup,
-                             site_scale, steering_sweep, verdict)
 from test_intervene import PROMPT, topk
+
+from sae_nb.interventions.effects import generate, side_effects
+from sae_nb.interventions.splice import InterventionError, prompt_tokens
+from sae_nb.interventions.steering import (
+    direction_method,
+    latent_method,
+    probe_direction,
+    random_direction_method,
+    sentiment_methods,
+    sentiment_setup,
+    site_scale,
+    steering_sweep,
+    verdict,
+)
 
 
 def share_of_e(texts):
@@ -62,7 +70,7 @@ def test_latent_method_is_its_decoder_direction_at_equal_norm(llama):
 def test_site_scale_is_the_median_token_norm(llama):
     sae = topk()
     ids = prompt_tokens(llama, PROMPT)
-    from sae_nb.models import hf_model
+    from sae_nb.activations.models import hf_model
     seen = {}
     h = hf_model(llama).model.layers[1].register_forward_hook(lambda m, a, o: seen.setdefault("x", o))
     try:
@@ -75,7 +83,7 @@ def test_site_scale_is_the_median_token_norm(llama):
 
 
 def test_probe_direction_recovers_the_separating_direction():
-    from sae_nb.probing import fit_probe
+    from sae_nb.texts.probing import fit_probe
     rng = np.random.default_rng(0)
     w = rng.normal(size=8)
     X = rng.normal(size=(400, 8)) * np.arange(1, 9)  # unequal scales: the scaler matters
@@ -148,7 +156,7 @@ def test_random_direction_method_is_seeded_with_the_norm_of_the_others():
 
 
 def test_steering_figure_draws_a_curve_per_method():
-    from sae_nb.plotting import steering_figure
+    from sae_nb.views.plotting import steering_figure
     table = pd.DataFrame({"method": ["a", "a", "b", "b"], "coefficient": [2.0, 1.0, 1.0, 2.0],
                           "shift": [0.4, 0.1, 0.2, 0.3], "kl": [0.5, 0.2, 0.1, 0.3],
                           "ce_increase": [0.6, 0.3, 0.2, 0.4]})

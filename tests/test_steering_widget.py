@@ -7,17 +7,17 @@ import html
 import numpy as np
 import pandas as pd
 import pytest
+from test_intervene import PROMPT, SITE, topk
 
 import sae_nb
-from sae_nb import steering_widget
-from sae_nb.contexts import latent_contexts
-from sae_nb.dashboard import latent_captions
-from sae_nb.effects import generate
-from sae_nb.features import feature_stats
-from sae_nb.intervene import ablate
-from sae_nb.steering import latent_method
-from sae_nb.steering_widget import SteeringWidget
-from test_intervene import PROMPT, SITE, topk
+from sae_nb.interventions.effects import generate
+from sae_nb.interventions.splice import ablate
+from sae_nb.interventions.steering import latent_method
+from sae_nb.latents.contexts import latent_contexts
+from sae_nb.latents.stats import feature_stats
+from sae_nb.views import steering_widget
+from sae_nb.views.dashboard import latent_captions
+from sae_nb.views.steering_widget import SteeringWidget
 
 
 def test_generate_shows_clean_and_steered_text_and_tables(llama):

@@ -13,9 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from sae_nb.store import (INDEX_DTYPE, MANIFEST, ActivationStore, StoreError, StoreWriter,
-                          open_stores)
-from sae_nb.io import folder_name
+from sae_nb.activations.store import (
+    INDEX_DTYPE,
+    MANIFEST,
+    ActivationStore,
+    StoreError,
+    StoreWriter,
+    open_stores,
+)
+from sae_nb.util.io import folder_name
 
 SHARD_ROWS = [7, 1, 12, 5, 9]  # uneven on purpose; 34 rows in all
 N = sum(SHARD_ROWS)

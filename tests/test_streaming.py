@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import sae_nb.streaming as streaming
-import sae_nb.train as train
-from sae_nb.corpora import CorpusError
-from sae_nb.extract import extract_activations
-from sae_nb.sites import SiteError
-from sae_nb.streaming import ActivationStream, StreamError, train_sites
-from sae_nb.train import TrainingError, train_dictionary
+import sae_nb.training.streaming as streaming
+import sae_nb.training.trainer as train
+from sae_nb.activations.corpora import CorpusError
+from sae_nb.activations.extract import extract_activations
+from sae_nb.activations.sites import SiteError
+from sae_nb.training.streaming import ActivationStream, StreamError, train_sites
+from sae_nb.training.trainer import TrainingError, train_dictionary
 
 SITE, SITES = "resid_out_layer1", ["resid_out_layer0", "resid_out_layer2"]
 ROWS = 32  # rows per training batch

@@ -12,13 +12,23 @@ import os
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 
 from sae_nb.__main__ import main
-from sae_nb.pipeline import PipelineError
-from sae_nb.sweep import (MANIFEST, METRICS_TABLE, combination_name, combinations, failed_cell,
-                          job_threads, parse_grid, recorded_metrics, run_sweep)
+from sae_nb.running.notebooks import PipelineError
+from sae_nb.running.sweep import (
+    MANIFEST,
+    METRICS_TABLE,
+    combination_name,
+    combinations,
+    failed_cell,
+    job_threads,
+    parse_grid,
+    recorded_metrics,
+    sweep_pareto,
+)
 
 PARAMETERS = 'k = 1\nmode = "a"\nsleep = 0.0\ncounter = ""\nrun_dir = ""\n'
 BODY = [
@@ -128,8 +138,8 @@ def test_failed_cell_counts_cells_as_committed(tmp_path):
 
 
 def test_a_second_sweep_into_a_busy_folder_is_refused(tmp_path):
-    from sae_nb.io import hold_lock
-    from sae_nb.sweep import LOCK_NAME, Sweep
+    from sae_nb.running.sweep import LOCK_NAME, Sweep
+    from sae_nb.util.io import hold_lock
 
     notebook = write_notebook(tmp_path / "notebooks")
     (tmp_path / "grid").mkdir()
@@ -243,7 +253,7 @@ def test_sweep_of_notebook_02_over_a_base_run(tmp_path):
 
 @pytest.mark.slow  # starts a kernel that dies
 def test_a_dead_kernel_is_recorded_with_the_workers_message(tmp_path):
-    from sae_nb.sweep import Sweep
+    from sae_nb.running.sweep import Sweep
 
     notebook = write_notebook(tmp_path / "notebooks")
     nb = nbformat.read(notebook, as_version=4)
@@ -254,3 +264,16 @@ def test_a_dead_kernel_is_recorded_with_the_workers_message(tmp_path):
     assert entry["status"] == "failed" and entry["cell"] is None
     assert entry["error"].startswith("exit code 1") and "kernel died" in entry["error"]
     assert sweep.gather()["status"].tolist() == ["failed"]
+
+
+def test_sweep_pareto_draws_the_gathered_table(tmp_path):
+    table = pd.DataFrame({"combination": list("abcd"), "status": ["done", "done", "done", "failed"],
+                          "k": [8, 8, 16, 16], "seed": [0, 1, 0, 0],
+                          "l0": [8.0, 8.0, 16.0, np.nan], "fvu": [0.3, 0.32, 0.2, np.nan]})
+    s = sweep_pareto(table, tmp_path / "pareto.html").set_index("k")
+    assert list(s.index) == [8, 16] and (s["architecture"] == "dictionary").all()
+    assert s.loc[8, "fvu"] == pytest.approx(0.31) and s.loc[8, "n"] == 2  # the seeds pooled
+    assert s.loc[16, "n"] == 1 and np.isnan(s.loc[16, "fvu_low"])  # the failed run left out
+    assert (tmp_path / "pareto.html").stat().st_size > 0
+    assert sweep_pareto(table.drop(columns=["l0"]), tmp_path / "none.html") is None
+    assert not (tmp_path / "none.html").exists()

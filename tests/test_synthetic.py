@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from scipy.stats import multivariate_normal, norm
 
-from sae_nb.recovery import score_recovery
-from sae_nb.split import heldout_split
-from sae_nb.store import ActivationStore, StoreError
-from sae_nb.synthetic import LabConfig, LabError, load_lab, make_lab, write_lab_store
-from sae_nb.train import train_dictionary
+from sae_nb.activations.split import heldout_split
+from sae_nb.activations.store import ActivationStore, StoreError
+from sae_nb.comparison.recovery import score_recovery
+from sae_nb.comparison.synthetic import LabConfig, LabError, load_lab, make_lab, write_lab_store
+from sae_nb.training.trainer import train_dictionary
 
 
 def on(lab, feature) -> np.ndarray:

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from sae_nb import tasks
-from sae_nb.probing import DEFAULT_CACHE, VADER_SDIST, LabelError, split_labeled, top_latents
+from sae_nb.comparison import tasks
+from sae_nb.texts.probing import DEFAULT_CACHE, VADER_SDIST, LabelError, split_labeled, top_latents
 
 
 def planted_tokens(child_share, seed=0, n=4000, d=16, n_background=12):
@@ -192,7 +192,7 @@ def test_absorption_table_on_a_store_of_tokens():
 
 
 def test_sparse_probing_table_on_the_tiny_model(llama, tmp_path):
-    from sae_nb.dictionary import TopKSAE
+    from sae_nb.dictionaries.architectures import TopKSAE
 
     dictionary = TopKSAE(llama.config.hidden_size if hasattr(llama, "config") else 32, 64, k=4)
     torch.nn.init.normal_(dictionary.W_enc)

@@ -8,10 +8,16 @@ import re
 import pytest
 import torch
 
-from sae_nb.dictionary import BatchTopKSAE, JumpReLUSAE, ReLUSAE, TopKSAE, build_dictionary
-from sae_nb.saving import DictionaryFormatError, load_sae_nb, save_dictionary
-from sae_nb.sparse_ops import sparse_decode, topk_encode
-from sae_nb.train import TrainingError, geometric_median, train_dictionary
+from sae_nb.dictionaries.architectures import (
+    BatchTopKSAE,
+    JumpReLUSAE,
+    ReLUSAE,
+    TopKSAE,
+    build_dictionary,
+)
+from sae_nb.dictionaries.saving import DictionaryFormatError, load_sae_nb, save_dictionary
+from sae_nb.training.sparse_ops import sparse_decode, topk_encode
+from sae_nb.training.trainer import TrainingError, geometric_median, train_dictionary
 
 D, F, K = 16, 64, 4
 ARCHS = ["standard", "topk", "batchtopk", "jumprelu"]
@@ -221,14 +227,14 @@ def test_bad_inputs_have_clear_errors():
 
 def test_transcoder_from_two_stores_of_one_extraction(llama, corpus_dir, tmp_path):
     import sae_nb
-    from sae_nb.store import StoreError, paired_batches
+    from sae_nb.activations.store import StoreError, paired_batches
 
     stores = sae_nb.extract_activations(llama, tmp_path, sites=["mlp_in_layer1", "mlp_out_layer1"],
                                         corpus=str(corpus_dir), n_tokens=512, ctx_len=32,
                                         dtype="float32", progress=False)
     x_store, y_store = stores["mlp_in_layer1"], stores["mlp_out_layer1"]
     (x, y), = itertools.islice(paired_batches(x_store, y_store, 64, seed=3), 1)
-    mlp = sae_nb.models.hf_model(llama).model.layers[1].mlp
+    mlp = sae_nb.activations.models.hf_model(llama).model.layers[1].mlp
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), y, rtol=1e-4, atol=1e-4)  # y really is MLP(x)
     res = train_dictionary(paired_batches(x_store, y_store, 64, epochs=None), architecture="topk",
@@ -327,7 +333,7 @@ def test_jumprelu_straight_through_gradients_equal_the_closed_form():
     """Rajamanoharan et al. 2024, rectangle kernel K(u) = 1 if |u| < 1/2 else 0, bandwidth eps:
     d/dt [pre * H(pre - t)] = -(t / eps) K((pre - t) / eps), d/dt H(pre - t) = -(1/eps) K(...),
     d/dpre [pre * H(pre - t)] = H(pre - t). Checked on the whole jumprelu_step loss."""
-    from sae_nb.objectives import jumprelu_step
+    from sae_nb.training.objectives import jumprelu_step
 
     eps, l0_coef = 0.2, 0.3
     t = [0.5, 0.1]  # the window is |pre - t| < 0.1
@@ -369,7 +375,7 @@ def forced_dead_topk(monkeypatch, latents, auxk_alpha):
     so their pre-activations stay below the top k on rows where k live latents are positive
     (dense data: nearly all rows), yet are positive on some rows, as AuxK needs (it trains the
     dead latents' largest ReLU'd pre-activations)."""
-    import sae_nb.train as train_module
+    import sae_nb.training.trainer as train_module
 
     real_init = train_module._init
 
@@ -407,7 +413,7 @@ def test_dead_latent_window_counts_tokens_since_each_latent_fired(monkeypatch):
     least that many tokens. Identity weights and one-hot rows make latent j fire exactly on the
     rows e_j (TopK with k=1); batches of 4 and 6 rows alternate, and the window (10 tokens) is a
     multiple of neither, so counting steps instead of tokens would show."""
-    import sae_nb.train as train_module
+    import sae_nb.training.trainer as train_module
 
     real_init = train_module._init
 

@@ -8,10 +8,20 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from sae_nb.uncertainty import (Interval, UncertaintyError, bootstrap_interval, compare,
-                                compare_paired, fvu_of, paired_difference,
-                                per_row_reconstruction, reconstruction_intervals,
-                                resample_indices, seed_interval, summarize)
+from sae_nb.comparison.uncertainty import (
+    Interval,
+    UncertaintyError,
+    bootstrap_interval,
+    compare,
+    compare_paired,
+    fvu_of,
+    paired_difference,
+    per_row_reconstruction,
+    reconstruction_intervals,
+    resample_indices,
+    seed_interval,
+    summarize,
+)
 
 
 def ratio(e, v):
@@ -132,7 +142,7 @@ def test_interval_basics():
 def test_reconstruction_intervals_of_a_dictionary():
     import torch
 
-    from sae_nb.dictionary import TopKSAE
+    from sae_nb.dictionaries.architectures import TopKSAE
 
     torch.manual_seed(0)
     sae = TopKSAE(8, 32, k=3)

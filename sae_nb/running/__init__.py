@@ -1,0 +1,1 @@
+"""Run folders, the main job, command-line jobs and sweeps."""

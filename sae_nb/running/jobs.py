@@ -1,0 +1,281 @@
+"""The command line's jobs: extract and train with notebooks 01 and 02's parameters.
+
+``python -m sae_nb extract`` does what notebook 01 does and ``python -m sae_nb train`` what
+notebook 02 does (train, evaluate on the held-out rows, save), with the same parameter names
+and defaults, given as ``--options`` or in a JSON or YAML file (``--config``). Both run under
+``torchrun``: extraction writes one part of the store per process (:mod:`sae_nb.activations.shards`),
+training reads each process's slice of every batch (:mod:`sae_nb.training.distributed`), and rank 0
+evaluates and saves. :func:`train_on_split` is notebook 02's way to the same job on several
+processes: it launches ``torchrun`` as a subprocess, shows its output and loads its result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sae_nb.activations.extract import ExtractConfig, extract_activations
+from sae_nb.activations.shards import agree
+from sae_nb.running.notebooks import DEFAULT_RUN, OUTPUTS_DIR, REPO_ROOT
+from sae_nb.training.trainer import (
+    TrainConfig,
+    TrainResult,
+    checkpoint_dir,
+    dictionary_name,
+    train_dictionary,
+)
+
+DEFAULT_RUN_DIR = str(OUTPUTS_DIR / DEFAULT_RUN)  # the main job's run folder
+RESULT_FILE = "result.json"  # beside the dictionary a --train-only job saves: scale and config
+LOG_FILE = "log.csv"
+
+
+class JobError(ValueError):
+    """A job's parameters are unknown, malformed, or name something that does not exist."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One parameter of a job: its default and the kind of value it takes."""
+
+    default: Any
+    help: str
+    kind: str = "literal"  # "literal" (a Python literal, else text), "text", "list", "bool"
+
+
+# Notebook 01's parameters cell, then ExtractConfig's other fields.
+EXTRACT_OPTIONS: dict[str, Option] = {
+    "model": Option("smollm2-135m", "the embedded default; a hub name or a local folder", "text"),
+    "sites": Option(["resid_out_layer3", "resid_out_layer6"], "where to read; see "
+                    "sae_nb.valid_sites", "list"),
+    "corpus": Option("sotu", "sotu, a CSV, a .txt file or a folder of them", "text"),
+    "text_column": Option("sentence", "the text column when corpus is a CSV", "text"),
+    "n_tokens": Option(100_000, "tokens fed to the model"),
+    "ctx_len": Option(128, "tokens per context, the opening BOS included"),
+    "batch_size": Option(16, "contexts per forward pass"),
+    "dtype": Option("float16", "storage dtype: float16 or float32", "text"),
+    "run_dir": Option(DEFAULT_RUN_DIR, "run folder; stores go to RUN_DIR/activations", "text"),
+    "seed": Option(0, "shuffles the document order"),
+    "device": Option("auto", "cuda when available, else cpu", "text"),
+    "mode": Option("tokens", "tokens (a row per token) or sentences (a row per text)", "text"),
+    "pool": Option("mean", "sentence mode: mean or max", "text"),
+    "prepend_bos": Option(True, "every context starts with the document separator", "bool"),
+    "exclude_bos": Option(True, "leave BOS rows out of the store", "bool"),
+    "shard_mb": Option(64, "target shard size on disk"),
+    "shard_rows": Option(None, "rows per shard, overriding shard_mb"),
+    "overwrite": Option(False, "replace existing stores instead of resuming them", "bool"),
+}
+
+# Notebook 02's parameters cell; a config file may also set any other TrainConfig field.
+TRAIN_OPTIONS: dict[str, Option] = {
+    "model": Option("smollm2-135m", "the model the store holds; the cross-entropy runs it", "text"),
+    "site": Option("resid_out_layer6", "a store written by extract", "text"),
+    "architecture": Option("topk", "topk, batchtopk, standard (ReLU with L1) or jumprelu", "text"),
+    "expansion": Option(8, "latents per input dimension"),
+    "k": Option(32, "topk and batchtopk: active latents per token"),
+    "l1_coefficient": Option(0.1, "standard: L1 weight"),
+    "l0_coefficient": Option(1e-3, "jumprelu: L0 penalty weight"),
+    "lr": Option(None, "None for 2e-4 / sqrt(d_sae / 2**14)"),
+    "total_tokens": Option(400_000, "training budget in rows"),
+    "batch_size": Option(4096, "rows per step (over all processes)"),
+    "heldout_tokens": Option(8192, "the store's last rows (whole contexts), never trained on"),
+    "ce_contexts": Option(16, "held-out contexts for the spliced cross-entropy"),
+    "run_dir": Option(DEFAULT_RUN_DIR, "run folder holding activations/; checkpoints go here",
+                      "text"),
+    "save_dir": Option("", "empty for RUN_DIR/dictionaries", "text"),
+    "name": Option("", "empty for an automatic name such as topk_4608_k32", "text"),
+    "save_dtype": Option("float32", "float32 or float16", "text"),
+    "seed": Option(0, "initialisation and batch order"),
+    "device": Option("auto", "cuda when available, else cpu", "text"),
+    "checkpoint_every": Option(50, "steps between checkpoints; a rerun resumes"),
+    "train_only": Option(False, "train and write the result to result_dir; no evaluation",
+                         "bool"),
+    "result_dir": Option("", "with train_only: the folder the result goes to", "text"),
+}
+TRAIN_CONFIG_FIELDS = tuple(f.name for f in fields(TrainConfig))
+JOBS = {"extract": EXTRACT_OPTIONS, "train": TRAIN_OPTIONS}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A job's parameters from a JSON file, or YAML (``.yaml``/``.yml``, with PyYAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"Config file {str(path)!r} does not exist.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise JobError(f"{str(path)!r} is YAML but PyYAML is not installed; pip install "
+                           f"pyyaml, or write the config as JSON.") from None
+        parse = yaml.safe_load
+    else:
+        parse = json.loads
+    try:
+        values = parse(text)
+    except Exception as err:  # noqa: BLE001 - json's ValueError, yaml's YAMLError: same advice
+        raise JobError(f"Config file {str(path)!r} cannot be read ({err}); fix its syntax.") \
+            from None
+    if not isinstance(values, dict):
+        raise JobError(f"Config file {str(path)!r} must hold a mapping of parameter names to "
+                       f"values, not a {type(values).__name__}.")
+    return values
+
+
+def job_parameters(job: str, config: dict[str, Any] | None = None,
+                   options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The defaults of ``job``, then a config file's values, then command-line options.
+
+    Unknown names are refused, naming the valid ones; a train config may also set any
+    :class:`~sae_nb.training.trainer.TrainConfig` field (``warmup_steps``, ``dead_window_tokens``, ...).
+    """
+    table = JOBS[job]
+    config = {str(k).replace("-", "_"): v for k, v in (config or {}).items()}  # n-tokens too
+    known = set(table) | (set(TRAIN_CONFIG_FIELDS) - {"metadata"} if job == "train" else set())
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise JobError(f"Unknown {job} parameter(s) in the config file: {unknown}. Valid names: "
+                       f"{sorted(known)}.")
+    return {**{name: o.default for name, o in table.items()}, **config, **(options or {})}
+
+
+def extract_job(params: dict[str, Any], progress: bool = True):
+    """Notebook 01's extraction: ``{site: ActivationStore}`` (on every process)."""
+    from sae_nb.activations.models import load_model, resolve_device
+    from sae_nb.training.distributed import rank_device, setup
+
+    names = {f.name for f in fields(ExtractConfig)}
+    config = ExtractConfig(**{k: v for k, v in params.items() if k in names})  # checks first
+    group = setup()
+    agree(params, "extraction settings")  # before the model loads
+    device = rank_device(resolve_device(params["device"]), group)
+    lm = load_model(params["model"], device=str(device))
+    return extract_activations(lm, params["run_dir"], config, overwrite=params["overwrite"],
+                               progress=progress and group.main)
+
+
+def train_job(params: dict[str, Any], progress: bool = True) -> Path | None:
+    """Notebook 02: train on the store's training rows, evaluate on its held-out rows, save.
+
+    Returns the saved dictionary's folder on rank 0 (with ``train_only``, the result folder
+    :func:`load_train_result` reads), None on the other ranks."""
+    from sae_nb.activations.models import load_model, resolve_device
+    from sae_nb.activations.split import heldout_split
+    from sae_nb.activations.store import open_store
+    from sae_nb.dictionaries.saving import save_trained
+    from sae_nb.training.distributed import rank_batches, rank_device, setup
+    from sae_nb.training.evaluate import evaluate_dictionary
+
+    settings = {k: v for k, v in params.items() if k in TRAIN_CONFIG_FIELDS}
+    if "adam_betas" in settings:
+        settings["adam_betas"] = tuple(settings["adam_betas"])
+    config = TrainConfig(**{"log_every": 1, **settings})  # its checks before anything is read
+    group = setup()
+    agree({k: v for k, v in params.items() if k != "result_dir"}, "training settings")
+    store = open_store(params["run_dir"], params["site"], params["model"])
+    split = heldout_split(store, params["heldout_tokens"], params["ce_contexts"])
+    config.metadata = split.metadata(params["batch_size"])
+    name = params["name"] or dictionary_name(config, store.d)
+    if not config.checkpoint_dir:
+        config.checkpoint_dir = checkpoint_dir(params["run_dir"], name, config)
+    batches = rank_batches(store, params["batch_size"], params["seed"], rows=split.train_rows)
+    result = train_dictionary(batches, config, progress=progress and group.main)
+    if not group.main:
+        return None
+    if params["train_only"]:
+        return save_train_result(result, params["result_dir"] or
+                                 Path(config.checkpoint_dir) / "result", store)
+    device = rank_device(resolve_device(params["device"]), group)
+    lm = load_model(params["model"], device=str(device))
+    evaluation = evaluate_dictionary(result.dictionary, split.heldout_acts, lm, store.site,
+                                     split.ce_tokens, bos_token_id=split.bos_token_id)
+    return save_trained(result, params["save_dir"] or f"{params['run_dir']}/dictionaries", name,
+                        store, evaluation, dtype=params["save_dtype"])
+
+
+def save_train_result(result: TrainResult, folder: str | Path, store) -> Path:
+    """A :class:`TrainResult` as a folder: the dictionary (float32), its log, scale and config."""
+    from sae_nb.dictionaries.saving import save_dictionary
+    from sae_nb.util.io import atomic_write_json, write_table
+
+    folder = Path(folder)
+    m = store.manifest
+    save_dictionary(result.dictionary, folder, model=m["model"], site=m["site"],
+                    train_config=asdict(result.config), dtype="float32")
+    write_table(result.log, folder / LOG_FILE)
+    atomic_write_json(folder / RESULT_FILE, {"scale": list(result.scale),
+                                             "config": asdict(result.config)})
+    return folder
+
+
+def load_train_result(folder: str | Path) -> TrainResult:
+    """The :class:`TrainResult` :func:`save_train_result` wrote."""
+    from sae_nb.dictionaries.saving import load_sae_nb
+
+    folder = Path(folder)
+    saved = json.loads((folder / RESULT_FILE).read_text())
+    config = TrainConfig(**{**saved["config"], "adam_betas": tuple(saved["config"]["adam_betas"])})
+    dictionary = load_sae_nb(folder)
+    dictionary.metadata = dict(config.metadata)  # as train_dictionary leaves it
+    return TrainResult(dictionary, pd.read_csv(folder / LOG_FILE), config,
+                       tuple(saved["scale"]))
+
+
+def train_on_split(split, config: TrainConfig, batch_size: int, seed: int = 0,
+                   world_size: int = 1, progress: bool = True) -> TrainResult:
+    """Notebook 02's training: in this process when ``world_size`` is 1, else the same job on
+    ``world_size`` processes launched with ``torchrun`` (their output shown as it comes),
+    returning the same :class:`TrainResult`."""
+    from sae_nb.util.checks import whole_number
+    from sae_nb.util.io import atomic_write_json
+
+    world_size = whole_number("world_size", world_size, 1, JobError)
+    if world_size == 1:
+        return train_dictionary(split.train_batches(batch_size, seed), config, progress=progress)
+    if not config.checkpoint_dir:
+        raise JobError("train_on_split with world_size > 1 needs config.checkpoint_dir (set it "
+                       "with sae_nb.checkpoint_dir(run_dir, name, config)): the processes "
+                       "write their checkpoints and result there.")
+    store = split.store
+    folder = Path(config.checkpoint_dir).resolve()
+    job = {**{k: v for k, v in asdict(config).items() if k != "metadata"},
+           "checkpoint_dir": str(folder), "model": store.manifest["model"], "site": store.site,
+           "run_dir": str(store.path.parent.parent.resolve()), "batch_size": batch_size,
+           "seed": seed, "heldout_tokens": len(store) - split.boundary, "ce_contexts": 0,
+           "train_only": True, "result_dir": str(folder / "result")}
+    job_file = atomic_write_json(folder / "job.json", job)
+    command = torchrun_command(world_size, ["train", "--config", str(job_file)])
+    run_streaming(command)
+    return load_train_result(job["result_dir"])
+
+
+def torchrun_command(world_size: int, arguments: list[str]) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m sae_nb ...``."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={world_size}", "-m", "sae_nb", *arguments]
+
+
+def run_streaming(command: list[str], timeout_s: float | None = None) -> None:
+    """Run ``command``, copying its output (stdout and stderr) to this process's stdout as it
+    comes, progress bars included; raise :class:`JobError` with its last lines if it fails."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    tail = ""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          env=env) as child:
+        while chunk := os.read(child.stdout.fileno(), 4096):
+            text = chunk.decode(errors="replace")
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            tail = (tail + text)[-4000:]
+        code = child.wait(timeout=timeout_s)
+    if code != 0:
+        raise JobError(f"The command {' '.join(command[:8])} ... exited with code {code}; its "
+                       f"last output:\n{tail[-2000:]}")

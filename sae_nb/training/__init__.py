@@ -1,0 +1,1 @@
+"""Objectives, the trainer, distribution, streaming and evaluation (notebook 02)."""

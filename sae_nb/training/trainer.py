@@ -1,0 +1,597 @@
+"""Train a dictionary from any iterable of activation batches.
+
+``train_dictionary(batches, config)`` accepts tensors ``(B, D)`` (an SAE) or pairs
+``(x, y)`` (a transcoder: input at one site, target at another), e.g. the activation store's
+shuffled iterator. Adam with linear warm-up, a final linear decay and the gradient's norm
+clipped (which tames the first steps' large gradients); inputs scaled to unit
+mean squared norm while training and the scale folded into the weights at the end; dead
+latents tracked over a window of tokens (AuxK for TopK, resampling for ReLU); checkpoints every
+N steps that resume bit for bit on the CPU. :class:`Training` is one dictionary a step at a
+time (``sae_nb.training.streaming.train_sites`` drives several in lockstep); a batch source with
+``state_dict``/``load_state_dict`` (``sae_nb.training.streaming.ActivationStream``) is checkpointed
+with the dictionary instead of being replayed on resumption.
+
+Under ``torchrun`` (or in a process group the caller initialised) the same call trains data
+parallel: each rank takes its slice of every global batch (or reads only that slice, with
+``sae_nb.training.distributed.rank_batches``), gradients and batch-wide statistics are reduced (see
+``sae_nb.training.distributed``), every rank ends with the same dictionary, and rank 0 writes the
+checkpoints. The result equals a one-process run on the same global batches up to float
+rounding; a checkpoint resumes with any world size that divides the batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from sae_nb.activations.models import resolve_device
+from sae_nb.dictionaries.architectures import (
+    BatchTopKSAE,
+    Dictionary,
+    JumpReLUSAE,
+    ReLUSAE,
+    TopKSAE,
+    build_dictionary,
+)
+from sae_nb.training.distributed import (
+    ONE_PROCESS,
+    Group,
+    batch_metrics,
+    first_global_batch,
+    rank_device,
+    rank_slice,
+    setup,
+)
+from sae_nb.training.objectives import (
+    check_matryoshka_widths,
+    compute_step,
+    default_matryoshka_widths,
+)
+from sae_nb.training.sparse_ops import release_scratch
+from sae_nb.util.checks import real_number, whole_number
+from sae_nb.util.io import atomic_open, folder_name, jsonable
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+ARCHITECTURE_NAMES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard", "jumprelu")
+# Settings that may change between a run and its resumption without changing the result.
+RESUMABLE_CHANGES = ("checkpoint_dir", "checkpoint_every", "log_every", "device")
+
+
+class TrainingError(ValueError):
+    """Bad training input: the message names the batch or setting and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Defaults follow Gao et al. (TopK) and dictionary_learning (the rest).
+
+    As in dictionary_learning, decoder rows are kept at unit norm (the gradient along each row
+    projected out, rows renormalised after each step) for every architecture except the ReLU
+    with ``l1_weighted_by_decoder_norm``, Anthropic's April update, which leaves them free."""
+
+    architecture: Literal["topk", "batchtopk", "matryoshka_batchtopk", "standard",
+                          "jumprelu"] = "topk"
+    d_in: int | None = None  # input width; None takes it from the first batch
+    expansion: int = 8  # d_sae = expansion * d_in, unless d_sae is given
+    d_sae: int | None = None
+    k: int = 32  # TopK / BatchTopK: active latents per token
+    # Matryoshka BatchTopK: the nested prefix sizes, strictly increasing and ending at d_sae;
+    # None: (d_sae/8, d_sae/4, d_sae/2, d_sae). The loss sums each prefix's reconstruction error.
+    matryoshka_widths: tuple[int, ...] | None = None
+    total_tokens: int = 1_000_000  # training budget; steps = total_tokens // batch rows
+    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2**14), Gao et al.'s scaling law
+    warmup_steps: int | None = None  # None: 5% of the steps
+    decay_start: float = 0.8  # fraction of steps after which the lr decays linearly to 0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    # The whole gradient's norm is clipped to this (None: never). With inputs at unit mean
+    # squared norm the first steps' gradients are 30-1000x the later ones; unclipped they fill
+    # Adam's second moment (beta2 0.999 remembers ~1000 steps) and shrink every later step.
+    # Clipping them cut held-out FVU on 1M SmolLM2 tokens: TopK 0.092 -> 0.078, BatchTopK
+    # 0.126 -> 0.102, JumpReLU 0.176 -> 0.093 (benchmarks/bench_peers.py, README). The units
+    # are the normalised inputs'; with normalize_activations=False pick it for your scale.
+    grad_clip_norm: float | None = 0.05
+    # Sparsity for the ReLU ("standard") dictionary.
+    l1_coefficient: float = 0.1  # with inputs at unit mean squared norm: L0 ~25 at 8x on SmolLM2
+    sparsity_penalty: Literal["l1", "entropy"] = "l1"
+    l1_weighted_by_decoder_norm: bool = False  # Anthropic's April-2024 update
+    resample_every: int | None = None  # steps between dead-latent resamplings (ReLU)
+    # JumpReLU.
+    l0_coefficient: float = 1e-3
+    jumprelu_bandwidth: float = 0.001
+    # Dead latents: not fired within the last this-many tokens, counted in whole batches (dead
+    # once the batches since a latent last fired hold this many tokens). AuxK revives them for
+    # TopK; the log's dead_frac is their fraction.
+    dead_window_tokens: int = 250_000
+    auxk_alpha: float = 1 / 32
+    k_aux: int | None = None  # None: d_in // 2
+    # Initialisation and scaling.
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    normalize_activations: bool = True  # train on x scaled to unit mean squared norm
+    seed: int = 0
+    device: str = "auto"
+    autocast: bool = False  # bf16 autocast on CUDA
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0  # steps; 0 = only at the end (when checkpoint_dir is set)
+    log_every: int = 10
+    metadata: dict = field(default_factory=dict)  # model, sites, ... saved with the dictionary
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURE_NAMES:
+            raise TrainingError(f"Unknown architecture {self.architecture!r}; choose one of "
+                                f"{', '.join(map(repr, ARCHITECTURE_NAMES))}.")
+        if self.matryoshka_widths is not None:
+            if self.architecture != "matryoshka_batchtopk":
+                raise TrainingError(f"matryoshka_widths is set but architecture="
+                                    f"{self.architecture!r}; use architecture="
+                                    f"'matryoshka_batchtopk' or drop matryoshka_widths.")
+            self.matryoshka_widths = check_matryoshka_widths(
+                self.matryoshka_widths, self.d_sae, TrainingError)
+        for name, minimum in (("total_tokens", 1), ("expansion", 1), ("k", 1), ("seed", 0),
+                              ("dead_window_tokens", 1), ("checkpoint_every", 0),
+                              ("log_every", 1), ("d_sae", 1), ("d_in", 1), ("k_aux", 1),
+                              ("warmup_steps", 0), ("resample_every", 1)):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, whole_number(name, value, minimum, TrainingError))
+        for name in ("l1_coefficient", "l0_coefficient", "auxk_alpha"):
+            setattr(self, name, real_number(name, getattr(self, name), 0.0, error=TrainingError))
+        for name in ("lr", "jumprelu_bandwidth", "grad_clip_norm"):
+            if getattr(self, name) is not None:
+                setattr(self, name, real_number(name, getattr(self, name), 0.0, strict=True,
+                                                error=TrainingError))
+        if self.sparsity_penalty not in ("l1", "entropy"):
+            raise TrainingError(f"sparsity_penalty={self.sparsity_penalty!r}; use 'l1' or 'entropy'.")
+
+    def width(self, d_in: int) -> int:
+        return int(self.d_sae or self.expansion * d_in)
+
+    def matryoshka_widths_value(self, d_sae: int) -> tuple[int, ...]:
+        """The prefix sizes for a dictionary of ``d_sae`` latents (checked against it)."""
+        if self.matryoshka_widths is None:
+            return default_matryoshka_widths(d_sae)
+        return check_matryoshka_widths(self.matryoshka_widths, d_sae, TrainingError)
+
+    def k_aux_value(self, sae: Dictionary) -> int:
+        return int(self.k_aux or sae.d_in // 2)
+
+    def learning_rate(self, d_sae: int) -> float:
+        return float(self.lr or 2e-4 / math.sqrt(d_sae / 2**14))
+
+
+@dataclass
+class TrainResult:
+    dictionary: Dictionary
+    log: pd.DataFrame  # per logged step: step, tokens, loss, mse, l0, fvu, dead, lr, grad_norm
+    config: TrainConfig
+    scale: tuple[float, float]  # (input, target) scale used in training, now folded in
+
+
+def _split(batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(batch, (tuple, list)):
+        if len(batch) != 2:
+            raise TrainingError("A batch must be a tensor (B, D) or a pair (input, target).")
+        return batch[0], batch[1]
+    return batch, batch
+
+
+def _check_batch(i: int, x: torch.Tensor, y: torch.Tensor, d_in: int, d_out: int) -> None:
+    if x.ndim >= 1 and x.shape[0] == 0:
+        raise TrainingError(f"Batch {i} has no rows; every batch needs at least one activation "
+                            f"row. Check batch_size and the store's rows.")
+    if x.ndim != 2 or x.shape[1] != d_in or y.shape != (x.shape[0], d_out):
+        raise TrainingError(f"Batch {i} has shape {tuple(x.shape)} (target {tuple(y.shape)}); "
+                            f"this dictionary expects (B, {d_in}). Check the site and d_in.")
+    if not torch.isfinite(x).all() or not torch.isfinite(y).all():
+        bad = int((~torch.isfinite(x)).any(1).sum())
+        raise TrainingError(f"Batch {i} holds NaN or infinite activations ({bad} rows). "
+                            f"Re-extract the store (fp16 overflow?) or drop those rows.")
+
+
+def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-5) -> torch.Tensor:
+    """Weiszfeld's algorithm: the point minimising the sum of distances to ``points``."""
+    guess = points.mean(0)
+    for _ in range(iters):
+        dist = (points - guess).norm(dim=1).clamp_min(1e-8)
+        new = (points / dist[:, None]).sum(0) / (1 / dist).sum()
+        if (new - guess).norm() < tol * guess.norm().clamp_min(1e-8):
+            return new
+        guess = new
+    return guess
+
+
+def _init(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, device) -> tuple[Dictionary, float, float]:
+    torch.manual_seed(cfg.seed)
+    transcoder = not torch.equal(x, y) if x.shape == y.shape else True
+    if transcoder and x.shape[1] != y.shape[1]:
+        raise TrainingError("Transcoders with different input and output widths are not supported yet.")
+    d_in = x.shape[1]
+    if cfg.d_in is not None and cfg.d_in != d_in:
+        raise TrainingError(f"config.d_in={cfg.d_in} but the batches have width {d_in}: "
+                            f"wrong site or store. Set d_in=None to take it from the data.")
+    d_sae = cfg.width(d_in)
+    if cfg.architecture in ("topk", "batchtopk", "matryoshka_batchtopk") and not 0 < cfg.k <= d_sae:
+        raise TrainingError(f"k={cfg.k} must lie in 1..d_sae={d_sae}.")
+    if cfg.architecture == "matryoshka_batchtopk":
+        cfg.matryoshka_widths_value(d_sae)  # fail before training when they do not fit d_sae
+    # Matryoshka BatchTopK trains a BatchTopK dictionary with a nested loss.
+    arch = "batchtopk" if cfg.architecture == "matryoshka_batchtopk" else cfg.architecture
+    sae = build_dictionary(arch, d_in, d_sae, k=cfg.k,
+                           apply_b_dec_to_input=not transcoder).to(device)
+    x, y = x.to(device).float(), y.to(device).float()
+    s_in = float(1 / x.pow(2).sum(1).mean().sqrt()) if cfg.normalize_activations else 1.0
+    s_out = float(1 / y.pow(2).sum(1).mean().sqrt()) if cfg.normalize_activations else 1.0
+    with torch.no_grad():
+        target = y * s_out
+        if cfg.b_dec_init == "geometric_median":
+            sae.b_dec.copy_(geometric_median(target))
+        elif cfg.b_dec_init == "mean":
+            sae.b_dec.copy_(target.mean(0))
+    return sae, s_in, s_out
+
+
+def _lr_lambda(cfg: TrainConfig, steps: int):
+    warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
+    decay = int(cfg.decay_start * steps)
+
+    def factor(step: int) -> float:
+        w = min(1.0, (step + 1) / warm) if warm else 1.0
+        d = 1.0 if step < decay else max(0.0, (steps - step) / max(1, steps - decay))
+        return w * d
+
+    return factor
+
+
+@torch.no_grad()
+def _project_out_parallel_grad(sae: Dictionary) -> None:
+    """Keep decoder rows on the unit sphere: drop the gradient along each row."""
+    if sae.W_dec.grad is not None:
+        g, w = sae.W_dec.grad, sae.W_dec
+        g -= (g * w).sum(1, keepdim=True) * w
+
+
+def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progress: bool = True,
+                     resume: bool = True, **options) -> TrainResult:
+    """Train a dictionary on ``batches`` (tensors ``(B, D)`` or ``(x, y)`` pairs).
+
+    With ``config.checkpoint_dir`` set and a checkpoint there, training resumes from it
+    (skipping the batches already consumed) and ends bit-identical to an uninterrupted run.
+    A source with ``state_dict``/``load_state_dict`` (:class:`sae_nb.training.streaming.ActivationStream`)
+    is not replayed: its state goes in the checkpoint and is restored before the next batch.
+
+    Under ``torchrun`` every rank calls this with the same global batches (each keeps its
+    slice) or with ``sae_nb.training.distributed.rank_batches`` (each reads only its slice); every rank
+    returns the same dictionary, and rank 0 alone writes checkpoints.
+    """
+    cfg = TrainConfig(**{**(asdict(config) if config else {}), **options})
+    group = setup()  # one process, or the ranks of a torchrun job
+    device = rank_device(resolve_device(cfg.device), group)
+    local = bool(getattr(batches, "rank_local", False))  # yields this rank's slices already
+    stream = batches if callable(getattr(batches, "load_state_dict", None)) else None
+    ckpt = Path(cfg.checkpoint_dir) / CHECKPOINT if cfg.checkpoint_dir else None
+    saved = (read_checkpoint(ckpt, cfg) if resume and ckpt is not None
+             and _checkpoint_exists(ckpt, group) else None)
+    if saved is not None and stream is not None:
+        if "source" not in saved:
+            raise TrainingError(f"The checkpoint {str(ckpt)!r} was written by a run on other "
+                                f"batches (no stream position in it); delete it to train afresh.")
+        stream.load_state_dict(saved["source"])  # the next batch is the one after the checkpoint
+    it = iter(batches)
+    try:
+        first = next(it)
+    except StopIteration:
+        raise TrainingError("The batch iterator is empty: no activations to train on. "
+                            "Check that the store has rows.") from None
+    x0, y0 = _split(first)
+    _check_batch(0, x0, y0, x0.shape[-1] if x0.ndim == 2 else -1, y0.shape[-1] if y0.ndim == 2 else -1)
+    if group.world > 1:  # every rank initialises from the whole first global batch
+        x0, y0 = first_global_batch(group, jsonable(asdict(cfg)), batches, local, x0, y0)
+    run = Training(x0, y0, cfg, group, device, progress)
+    if saved is not None:
+        run.restore(saved, ckpt)
+        if stream is None:
+            for _ in range(run.state["step"] - 1):  # the first batch was already taken
+                next(it, None)
+            first = None
+    while not run.done:
+        batch = first if first is not None else next(it, None)
+        first = None
+        if batch is None:
+            log.warning("Batches ran out after %d of %d steps.", run.state["step"], run.steps)
+            break
+        run.step(batch, local)
+        if ckpt is not None and cfg.checkpoint_every and not run.state["step"] % cfg.checkpoint_every:
+            run.save(ckpt, source=stream)
+    if ckpt is not None:
+        run.save(ckpt, source=stream)
+    return run.finish()
+
+
+class Training:
+    """One dictionary in training, a step at a time. :func:`train_dictionary` drives one;
+    :func:`sae_nb.training.streaming.train_sites` drives several in lockstep on the same batches. Each
+    keeps its own torch RNG state (swapped in around its steps), so interleaved dictionaries
+    train exactly as each would alone."""
+
+    def __init__(self, x0: torch.Tensor, y0: torch.Tensor, cfg: TrainConfig,
+                 group: Group = ONE_PROCESS, device=None, progress: bool = True):
+        device = torch.device("cpu") if device is None else torch.device(device)
+        self.cfg, self.group, self.device, self.progress = cfg, group, device, progress
+        self.sae, s_in, s_out = _init(cfg, x0, y0, device)
+        self.scale = (s_in, s_out)
+        self.steps = max(1, cfg.total_tokens // len(x0))
+        # The fused Adam kernel is ~7x faster than the per-tensor one on a CPU.
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate(self.sae.d_sae),
+                                    betas=cfg.adam_betas, fused=device.type in ("cpu", "cuda"))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, self.steps))
+        # since_fired (F,): tokens in the batches after the last one in which each latent fired.
+        self.state = {"step": 0, "tokens": 0, "steps": self.steps, "log": [],
+                      "since_fired": torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)}
+        self.rng = _rng_state(device)
+        self.bar = None
+
+    @property
+    def done(self) -> bool:
+        return self.state["step"] >= self.steps
+
+    def step(self, batch, local: bool = False) -> None:
+        """One optimiser step on ``batch`` (a global batch unless ``local``)."""
+        if self.bar is None:
+            self.bar = tqdm(total=self.steps, initial=self.state["step"],
+                            disable=not self.progress or not self.group.main,
+                            desc=f"train {self.cfg.architecture}")
+        x, y = _split(batch)
+        if not local:
+            x, y = rank_slice(self.state["step"], x, y, self.group)
+        _check_batch(self.state["step"], x, y, self.sae.d_in, self.sae.d_in)
+        s_in, s_out = self.scale
+        _set_rng_state(self.rng, self.device)
+        _train_step(self.sae, self.opt, self.sched, self.cfg, self.state,
+                    x.to(self.device).float() * s_in, y.to(self.device).float() * s_out,
+                    self.bar, self.group)
+        self.rng = _rng_state(self.device)
+
+    def payload(self) -> dict:
+        """Everything a resumption needs (what the checkpoint file holds)."""
+        return {"model": self.sae.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "step": self.state["step"],
+                "tokens": self.state["tokens"], "tokens_since_fired": self.state["since_fired"],
+                "log": self.state["log"], "scale": list(self.scale), "world_size": self.group.world,
+                "config": jsonable(asdict(self.cfg)), "torch_rng": self.rng[0],
+                **({"cuda_rng": self.rng[1]} if self.rng[1] is not None else {})}
+
+    def save(self, path: Path, source=None) -> None:
+        """Write the checkpoint (rank 0, atomically), with ``source.state_dict()`` if given."""
+        _save_checkpoint(path, self, source, self.group)
+
+    def restore(self, payload: dict, path: Path) -> None:
+        """Continue from a checkpoint's ``payload`` (read by :func:`read_checkpoint`)."""
+        self.scale = _load_checkpoint(path, payload, self.sae, self.opt, self.sched, self.state,
+                                      self.group)
+        self.rng = (payload["torch_rng"], payload.get("cuda_rng"))
+
+    def finish(self) -> TrainResult:
+        """Fold the input scale into the weights and return the trained dictionary."""
+        if self.bar is not None:
+            self.bar.close()
+        release_scratch()
+        self.sae.fold_scale(*self.scale)
+        self.sae.metadata = dict(self.cfg.metadata)  # its training data (site, BOS handling)
+        return TrainResult(self.sae.eval(), pd.DataFrame(self.state["log"]), self.cfg,
+                           tuple(self.scale))
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _train_step(sae, opt, sched, cfg, state, x, y, bar, group: Group = ONE_PROCESS) -> None:
+    rows = len(x) * group.world  # the global batch
+    dead = state["since_fired"] >= cfg.dead_window_tokens  # (F,)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.autocast and x.is_cuda):
+        out = compute_step(sae, x, y, cfg, dead if isinstance(sae, TopKSAE | BatchTopKSAE) else None,
+                           past_warmup=state["step"] >= state["steps"] // 10, group=group)
+    opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    fired = out.fired
+    if group.world > 1:  # mean gradient over ranks; a latent fired if it fired on any rank
+        fired = group.average_gradients(list(sae.parameters()), out.fired.float()) > 0
+    # Unit-norm decoder rows (gradient projected, rows renormalised) for every architecture, as
+    # dictionary_learning trains them, except under the April update, whose L1 weights each
+    # latent by its decoder norm instead.
+    unit_norm = isinstance(sae, (TopKSAE, JumpReLUSAE)) or (
+        isinstance(sae, ReLUSAE) and not cfg.l1_weighted_by_decoder_norm)
+    if unit_norm:
+        _project_out_parallel_grad(sae)
+    grad_norm = None
+    if cfg.grad_clip_norm is not None:  # after the projection and the ranks' mean: all agree
+        grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm)
+    opt.step()
+    sched.step()
+    if type(sae) is JumpReLUSAE:
+        sae.project_threshold()
+    if unit_norm:
+        sae.normalize_decoder()
+    state["since_fired"] += rows
+    state["since_fired"][fired] = 0
+    state["step"] += 1
+    state["tokens"] += rows
+    if isinstance(sae, ReLUSAE) and cfg.resample_every and state["step"] % cfg.resample_every == 0:
+        # Dead here: not fired in the last resample_every steps (batches of this one's size).
+        dead_since = state["since_fired"] >= cfg.resample_every * rows
+        # Every rank draws the same rows of the whole batch (same RNG state): same dictionary.
+        _resample_dead(sae, opt, group.gather(x), group.gather(y), group.gather(out.x_hat),
+                       dead_since)
+    if state["step"] % cfg.log_every == 0 or state["step"] == 1:
+        row = {"step": state["step"], "tokens": state["tokens"],
+               **batch_metrics(out, y, group),
+               "dead_frac": float(dead.float().mean()), "lr": sched.get_last_lr()[0],
+               "grad_norm": float("nan") if grad_norm is None else float(grad_norm)}
+        state["log"].append(row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", l0=f"{row['l0']:.1f}", fvu=f"{row['fvu']:.3f}")
+    bar.update(1)
+
+
+@torch.no_grad()
+def _resample_dead(sae: ReLUSAE, opt, x, y, y_hat, dead: torch.Tensor) -> None:
+    """Re-initialise dead latents toward poorly reconstructed rows (Towards Monosemanticity).
+
+    Rows are picked with probability proportional to their squared loss ``|y - y_hat|^2``,
+    squared. A new decoder row points along what the reconstruction misses there, the target
+    residual ``y - y_hat`` (in the target's space: for a transcoder not ``x``'s); its encoder
+    column along the input as the encoder reads it (``x - b_dec``, or ``x`` for a transcoder),
+    scaled to 0.2 times the alive columns' mean norm."""
+    n = int(dead.sum())
+    if n == 0:
+        return
+    err = y - y_hat  # (B, D)
+    loss = err.pow(2).sum(1)
+    picks = torch.multinomial(loss.pow(2) / loss.pow(2).sum(), n, replacement=n > len(x))
+    unit = lambda v: v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)  # noqa: E731
+    inputs = x[picks] - sae.b_dec if sae.apply_b_dec_to_input else x[picks]  # (n, D)
+    alive_norm = sae.W_enc[:, ~dead].norm(dim=0).mean() if (~dead).any() else 1.0
+    sae.W_dec[dead] = unit(err[picks])
+    sae.W_enc[:, dead] = unit(inputs).T * alive_norm * 0.2
+    sae.b_enc[dead] = 0
+    for p, rows in ((sae.W_dec, dead), (sae.b_enc, dead)):
+        st = opt.state.get(p, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in st:
+                st[key][rows] = 0
+    st = opt.state.get(sae.W_enc, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in st:
+            st[key][:, dead] = 0
+    log.info("Resampled %d dead latents", n)
+
+
+def _save_checkpoint(path: Path, run: Training, source=None,
+                     group: Group = ONE_PROCESS) -> None:
+    """Rank 0 writes (atomically), after checking every rank holds the same weights; the others
+    wait for it at a barrier."""
+    if group.world > 1:
+        group.same_everywhere(f"the dictionary's weights at step {run.state['step']} (checksums)",
+                              group.checksum(run.sae), "The ranks diverged; report this as a bug.")
+    if group.main:
+        payload = run.payload()
+        if source is not None:
+            payload["source"] = source.state_dict()
+        with atomic_open(path) as f:
+            torch.save(payload, f)
+    group.barrier()
+
+
+def _checkpoint_exists(path: Path, group: Group) -> bool:
+    exists = path.exists()
+    group.same_everywhere(f"whether {str(path)!r} exists", exists,
+                          "Rank 0 writes the checkpoints: put checkpoint_dir on a filesystem "
+                          "every rank sees, or delete the stale checkpoint.")
+    return exists
+
+
+def check_resumable(path: Path, saved: dict, config: TrainConfig) -> None:
+    """Refuse to resume a checkpoint written with other settings: it would mix two runs."""
+    asked = jsonable(asdict(config))
+    differ = [f"{k}={saved.get(k)!r} (checkpoint) vs {asked[k]!r} (now)" for k in asked
+              if k not in RESUMABLE_CHANGES and saved.get(k) != asked[k]]
+    if differ:
+        # A setting added since the checkpoint was written reads as None there (grad_clip_norm:
+        # checkpoints from before clipping existed were trained unclipped).
+        raise TrainingError(f"The checkpoint {str(path)!r} was written with other settings: "
+                            f"{'; '.join(differ)}. Pass the checkpoint's values to resume it, "
+                            f"delete it to train afresh, or use another checkpoint folder "
+                            f"(another name) to train a separate dictionary.")
+
+
+def read_checkpoint(path: Path, config: TrainConfig) -> dict:
+    """A checkpoint's contents, refused when written with other settings than ``config``."""
+    try:
+        payload = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
+        raise TrainingError(f"Checkpoint {str(path)!r} cannot be read ({err}); delete it to "
+                            f"start over.") from None
+    check_resumable(path, payload["config"], config)
+    return payload
+
+
+def _load_checkpoint(path: Path, payload: dict, sae, opt, sched, state,
+                     group: Group = ONE_PROCESS) -> tuple[float, float]:
+    sae.load_state_dict(payload["model"])
+    opt.load_state_dict(payload["optimizer"])
+    sched.load_state_dict(payload["scheduler"])
+    state.update(step=payload["step"], tokens=payload["tokens"], log=payload["log"],
+                 since_fired=_tokens_since_fired(payload).to(sae.W_enc.device))
+    torch.set_rng_state(payload["torch_rng"])
+    written_by = int(payload.get("world_size", 1))
+    if written_by != group.world:
+        # Every rank holds the whole state and the global batches do not depend on the world
+        # size, so the run continues re-sharded: the same training, not the same rounding.
+        log.warning("Resuming %s, written by %d rank(s), with %d: re-sharded, each rank now "
+                    "takes 1/%d of every global batch. The result matches the uninterrupted run "
+                    "up to float rounding, not bit for bit.", path, written_by, group.world,
+                    group.world)
+    log.info("Resumed from %s at step %d", path, state["step"])
+    return tuple(payload["scale"])
+
+
+def _tokens_since_fired(payload: dict) -> torch.Tensor:
+    """Checkpoints before the window counted tokens held steps since firing: convert them with
+    the run's batch size (exact when every batch had the same size)."""
+    if "tokens_since_fired" in payload:
+        return payload["tokens_since_fired"]
+    return payload["since_fired"] * (payload["tokens"] // max(1, payload["step"]))
+
+
+def dictionary_name(config: TrainConfig, d_in: int) -> str:
+    """An automatic name from the architecture, width and sparsity: ``topk_4608_k32``."""
+    width = config.width(d_in)
+    sparsity = {"topk": f"k{config.k}", "batchtopk": f"k{config.k}",
+                "matryoshka_batchtopk": f"k{config.k}",
+                "standard": f"l1_{config.l1_coefficient:g}",
+                "jumprelu": f"l0_{config.l0_coefficient:g}"}[config.architecture]
+    return f"{config.architecture}_{width}_{sparsity}"
+
+
+def checkpoint_dir(run_dir: str | Path, name: str, config: TrainConfig) -> str:
+    """``run_dir/checkpoints/<name>``, where training resumes from an existing checkpoint.
+
+    Raises when a checkpoint there was written with other settings than ``config``: resuming
+    it would mix two runs. Delete the folder, or pick another name.
+    """
+    folder = Path(run_dir) / "checkpoints" / folder_name(name)
+    file = folder / CHECKPOINT
+    if file.exists():  # fail here, before training starts, rather than in train_dictionary
+        check_resumable(file, _checkpoint_config(file), config)
+    return str(folder)
+
+
+def _checkpoint_config(file: Path) -> dict:
+    """The training config saved in a checkpoint. ``weights_only`` unpickles tensors and plain
+    containers only, so a malicious file cannot run code; any unreadable file gets one error."""
+    try:
+        payload = torch.load(file, weights_only=True, map_location="cpu", mmap=True)
+        saved = payload["config"]
+        if not isinstance(saved, dict):
+            raise TypeError(f"its config is a {type(saved).__name__}, not a dict")
+    except Exception as err:  # noqa: BLE001 - truncated, random, foreign or malicious: same fix
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise TrainingError(f"Checkpoint {str(file)!r} cannot be read ({type(err).__name__}: "
+                            f"{reason}); it is damaged or not an sae_nb checkpoint. Delete the "
+                            f"folder {str(file.parent)!r} to train afresh, or pick another name."
+                            ) from None
+    return saved

@@ -1,0 +1,1 @@
+"""Files, checks and threads: knows nothing of models or dictionaries."""

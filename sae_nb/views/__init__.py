@@ -1,0 +1,1 @@
+"""Figures, dashboards and live widgets: pure figure functions, widgets that hold no maths."""
