@@ -37,6 +37,7 @@ from sae_nb.training.trainer import (
     dictionary_name,
     train_dictionary,
 )
+from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import write_table
 
 __version__ = "0.1.0"
@@ -51,7 +52,7 @@ LAZY = {
     "dashboard_path": "views.dashboard", "dictionary_label": "views.dashboard",
     "export_dashboards": "views.dashboard", "SteeringWidget": "views.steering_widget",
     "best_explanations": "explanations.tables", "explainer_backend": "explanations.tables",
-    "explanations_folder": "explanations.tables", "meaning_index": "explanations.tables",
+    "explanations_folder": "explanations.tables", "meaning_index": "explanations.meaning",
     "merge_explanations": "explanations.tables", "method_comparison": "explanations.tables",
     "method_verdict": "explanations.tables", "sample_latents": "explanations.tables",
     "score_summary": "explanations.tables", "with_explanations": "explanations.tables",
@@ -74,6 +75,7 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(LAZY))
 
 __all__ = [
+    "SaeNbError",
     "catalogue", "SentenceCodes", "pooled_token_codes", "sentence_codes", "dictionary_site",
     "EvaluationError", "fit_check", "save_trained", "write_table",
     "ActivationStore", "Corpus", "CorpusError", "DEFAULT_DICTIONARY", "DEFAULT_MODEL",

@@ -512,13 +512,13 @@ def test_local_backend_batches_match_single_prompts(llama):
 # -- real models (slow) -----------------------------------------------------------------------
 @pytest.mark.slow
 def test_minilm_ranks_date_contexts_above_others():
-    from sae_nb.explanations.scoring import load_embedder
+    from sae_nb.explanations.meaning import embedding_model
 
     dates = ["on the 4th of July, 1776, the", "signed on March 3, 1990 in", "every Monday "
              "morning at nine", "in December of last year we", "by the spring of 2024 the"]
     others = ["the people of this great nation", "taxes on imported steel and", "our army "
               "and navy stand ready", "the price of wheat and corn", "freedom of speech and of"]
-    embedder = load_embedder()
+    embedder = embedding_model()
     assert embedding_auroc(embedder, "dates", dates, others) == 1.0
     assert embedding_auroc(embedder, "taxes and trade", dates, others) < 0.5
 

@@ -174,7 +174,8 @@ def test_meaning_search_lists_latents_with_similarities(page, truth, main_job):
     similarities, best first, and shows the best, the one the meaning index ranks first. The
     index is rebuilt here (no cache) from what notebook 06 reads: the top contexts, and
     notebook 08's explanations when the main job ran it on this run folder."""
-    from sae_nb.explanations.tables import explanations_folder, meaning_index
+    from sae_nb.explanations.meaning import meaning_index
+    from sae_nb.explanations.tables import explanations_folder
 
     store, sae, codes, stats = truth
     tokenizer = sae_nb.load_model("smollm2-135m").tokenizer

@@ -13,19 +13,17 @@ import torch
 
 import sae_nb
 from sae_nb.dictionaries.architectures import TopKSAE
+from sae_nb.explanations.meaning import MeaningIndex, context_texts, meaning_index
 from sae_nb.explanations.tables import (
     ExplanationError,
-    MeaningIndex,
     best_explanations,
     cached_explanations,
     check_table,
-    context_texts,
     explain_cached,
     explanation_captions,
     explanation_identity,
     explanations_folder,
     load_explanations,
-    meaning_index,
     merge_explanations,
     save_explanations,
     score_summary,
@@ -154,7 +152,7 @@ def test_meaning_search_ranks_the_explained_latent_first(query, expected):
     assert found["latent"].iloc[0] == expected
     assert found["score"].is_monotonic_decreasing and len(found) == 3
     # the score is its two parts, recomputed from the stored vectors
-    from sae_nb.explanations.tables import embed_texts
+    from sae_nb.explanations.meaning import embed_texts
 
     q = embed_texts([query])[0]
     top = found.iloc[0]

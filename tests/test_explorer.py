@@ -548,7 +548,8 @@ def test_every_latent_shown_carries_its_best_explanation(setup, llama):
 def test_meaning_search_lists_latents_by_explanation(setup, llama, tmp_path):
     """Issue 14 point 4: a meaning query fills its menu with latents and similarities, the
     explained latent first, and shows it; the index is cached in the explanations folder."""
-    from sae_nb.explanations.tables import MeaningIndex, save_explanations
+    from sae_nb.explanations.meaning import MeaningIndex
+    from sae_nb.explanations.tables import save_explanations
 
     store, sae, stats = setup
     tax, days, table = hand_explanations(stats)

@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sae_nb.util.errors import SaeNbError
+
 log = logging.getLogger(__name__)
 
 
-class CorpusError(ValueError):
+class CorpusError(SaeNbError, ValueError):
     """A corpus could not be read; the message names the file, column or rows, and the fix."""
 
 

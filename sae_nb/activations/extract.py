@@ -35,12 +35,13 @@ from sae_nb.activations.models import hf_model, max_positions, model_name
 from sae_nb.activations.sites import Site, execution_order, resolve_site
 from sae_nb.activations.store import INDEX_DTYPE, ActivationStore, StoreError, StoreWriter
 from sae_nb.util.checks import whole_number
+from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import folder_name
 
 log = logging.getLogger(__name__)
 
 
-class ExtractionError(ValueError):
+class ExtractionError(SaeNbError, ValueError):
     """Extraction settings that cannot work: not a whole number, a context too long for the
     model."""
 

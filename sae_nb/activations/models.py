@@ -25,6 +25,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import atomic_folder
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ SMOLLM2_BOS = "<|endoftext|>"
 EMBEDDED_MODELS = (DEFAULT_MODEL,)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SaeNbError, RuntimeError):
     """A model could not be loaded; the message says why and what to use instead."""
 
 

@@ -15,8 +15,10 @@ from typing import Literal
 
 import torch
 
+from sae_nb.util.errors import SaeNbError
 
-class SiteError(ValueError):
+
+class SiteError(SaeNbError, ValueError):
     """An unknown site or an out-of-range layer; the message lists the valid ones."""
 
 

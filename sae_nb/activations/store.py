@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from sae_nb.activations.corpora import token_strings
+from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import (
     TMP_SUFFIX,
     LockHeld,
@@ -56,7 +57,7 @@ IDENTITY = ("model", "site", "module", "io", "d", "dtype", "tokenizer", "mode", 
             "ctx_len", "corpus", "text_column", "seed", "prepend_bos", "exclude_bos")
 
 
-class StoreError(RuntimeError):
+class StoreError(SaeNbError, RuntimeError):
     """A store is missing, damaged, or was written with other settings than asked for."""
 
 

@@ -36,6 +36,7 @@ from sae_nb.comparison.uncertainty import (
     seed_interval,
 )
 from sae_nb.training.trainer import TrainConfig, train_dictionary
+from sae_nb.util.errors import SaeNbError
 
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 RECOVERY = ("mcc", "mean_max_cos", "hungarian_cos", "f1", "absorption", "shrinkage")
@@ -50,7 +51,7 @@ SUPPORT = {"l0": (0.0, np.inf), "fvu": (0.0, np.inf), "shrinkage": (0.0, np.inf)
            "absorption": (0.0, 1.0), "dead_frac": (0.0, 1.0)}
 
 
-class CompareError(ValueError):
+class CompareError(SaeNbError, ValueError):
     """A grid that cannot be trained or summarized as asked."""
 
 

@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from scipy.stats import norm
 
 from sae_nb.activations.store import INDEX_DTYPE, MANIFEST, ActivationStore, StoreError, StoreWriter
+from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import atomic_save_npz
 
 TRUTH_FILE = "truth.npz"  # beside the store's shards: directions, codes, hierarchy
@@ -32,7 +33,7 @@ SITE = "synthetic"
 CHUNK_ROWS = 8192  # rows generated at once: (CHUNK_ROWS, n_features) normals in memory
 
 
-class LabError(ValueError):
+class LabError(SaeNbError, ValueError):
     """A lab setting that cannot be built; the message names it and the fix."""
 
 

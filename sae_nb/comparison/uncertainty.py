@@ -27,8 +27,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from sae_nb.util.errors import SaeNbError
 
-class UncertaintyError(ValueError):
+
+class UncertaintyError(SaeNbError, ValueError):
     """Too few samples or mismatched inputs; the message names them and the fix."""
 
 

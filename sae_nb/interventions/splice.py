@@ -41,11 +41,12 @@ from sae_nb.activations.models import hf_model
 from sae_nb.activations.sites import Site, resolve_site
 from sae_nb.dictionaries.architectures import dictionary_site
 from sae_nb.training.evaluate import bos_kept_clean
+from sae_nb.util.errors import SaeNbError
 
 Coefficient = float | Sequence[float]
 
 
-class InterventionError(ValueError):
+class InterventionError(SaeNbError, ValueError):
     """An edit, prompt or dictionary that cannot be spliced; the message says what to change."""
 
 

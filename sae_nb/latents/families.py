@@ -29,12 +29,13 @@ import torch
 
 from sae_nb.activations.corpora import token_strings
 from sae_nb.activations.store import ActivationStore
+from sae_nb.util.errors import SaeNbError
 
 logger = logging.getLogger(__name__)
 MAX_COUNT_BYTES = 4 * 2**30  # the (F, F) int32 pair counts: 85 MB at F = 4608, 4 GiB at 32768
 
 
-class FamilyError(ValueError):
+class FamilyError(SaeNbError, ValueError):
     """Inputs that cannot be grouped into families; the message names the bad value and fix."""
 
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from sae_nb.activations.store import IDENTITY, ActivationStore
 from sae_nb.dictionaries.architectures import Dictionary, TopKSAE, dictionary_hash  # noqa: F401 (public here too)
 from sae_nb.latents.logit_effects import LogitEffects, logit_effects  # noqa: F401  (public here too)
+from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import atomic_save_npz, atomic_write_json, folder_name
 from sae_nb.util.threads import one_thread
 
@@ -52,7 +53,7 @@ _ARRAYS = ("density", "mean_act", "max_act", "top_rows", "top_values", "quantile
            "quantile_values", "quantile_bounds", "hist_edges", "hist_counts")
 
 
-class FeatureStatsError(RuntimeError):
+class FeatureStatsError(SaeNbError, RuntimeError):
     """A saved statistics file is missing or damaged."""
 
 

@@ -31,13 +31,14 @@ from sae_nb.training.trainer import (
     dictionary_name,
     train_dictionary,
 )
+from sae_nb.util.errors import SaeNbError
 
 DEFAULT_RUN_DIR = str(OUTPUTS_DIR / DEFAULT_RUN)  # the main job's run folder
 RESULT_FILE = "result.json"  # beside the dictionary a --train-only job saves: scale and config
 LOG_FILE = "log.csv"
 
 
-class JobError(ValueError):
+class JobError(SaeNbError, ValueError):
     """A job's parameters are unknown, malformed, or name something that does not exist."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import nbformat
 
 from sae_nb.running.run_dir import finish_progress_bars
+from sae_nb.util.errors import SaeNbError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
 LITERAL_OPENERS, LITERAL_CLOSERS = "[({'\"", "])}'\""
 
 
-class PipelineError(RuntimeError):
+class PipelineError(SaeNbError, RuntimeError):
     """A notebook failed or the job was asked for something that does not exist."""
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from sae_nb.activations.corpora import read_text_table
+from sae_nb.util.errors import SaeNbError
 from sae_nb.util.threads import one_thread
 
 Scale = Literal["none", "standardize", "l2", "idf", "lsa_idf"]
@@ -30,7 +31,7 @@ LSA_COMPONENTS = 20
 PROJECTIONS = ("pca", "tsne")
 
 
-class ClusteringError(ValueError):
+class ClusteringError(SaeNbError, ValueError):
     """Inputs that cannot be clustered; the message names the bad value and the fix."""
 
 

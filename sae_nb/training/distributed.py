@@ -31,10 +31,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sae_nb.util.errors import SaeNbError
+
 log = logging.getLogger(__name__)
 
 
-class DistributedError(ValueError):
+class DistributedError(SaeNbError, ValueError):
     """The ranks of a job disagree (data, settings, files): the message names them and the fix."""
 
 

@@ -33,9 +33,10 @@ from sae_nb.activations.corpora import document_separator, load_corpus, pack_con
 from sae_nb.activations.extract import module_envoy, resolve_sites, run_sites
 from sae_nb.activations.models import hf_model, model_name
 from sae_nb.dictionaries.architectures import dictionary_site
+from sae_nb.util.errors import SaeNbError
 
 
-class EvaluationError(ValueError):
+class EvaluationError(SaeNbError, ValueError):
     """Activations or a site that do not fit the dictionary being evaluated."""
 
 

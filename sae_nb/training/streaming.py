@@ -37,13 +37,14 @@ from sae_nb.training.trainer import (
     check_resumable,
     read_checkpoint,
 )
+from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import atomic_open, jsonable
 
 log = logging.getLogger(__name__)
 SITES_CHECKPOINT = "sites_checkpoint.pt"  # train_sites: every site's state and the stream's
 
 
-class StreamError(ValueError):
+class StreamError(SaeNbError, ValueError):
     """Stream settings that cannot work; the message names the value and the fix."""
 
 

@@ -57,6 +57,7 @@ from sae_nb.training.objectives import (
 )
 from sae_nb.training.sparse_ops import release_scratch
 from sae_nb.util.checks import real_number, whole_number
+from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import atomic_open, folder_name, jsonable
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ ARCHITECTURE_NAMES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard", "
 RESUMABLE_CHANGES = ("checkpoint_dir", "checkpoint_every", "log_every", "device")
 
 
-class TrainingError(ValueError):
+class TrainingError(SaeNbError, ValueError):
     """Bad training input: the message names the batch or setting and the fix."""
 
 

@@ -31,6 +31,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from sae_nb.util.errors import SaeNbError
+
 try:
     import fcntl
 except ImportError:  # Windows: no flock; locks are no-ops there
@@ -153,7 +155,7 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-class LockHeld(OSError):
+class LockHeld(SaeNbError, OSError):
     """Another open file (in this process or another) holds the lock; ``holder`` names it."""
 
     def __init__(self, holder: str):

@@ -27,7 +27,7 @@ import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 
-from sae_nb.explanations.tables import MeaningIndex, meaning_index
+from sae_nb.explanations.meaning import MeaningIndex, meaning_index
 from sae_nb.latents.contexts import latent_contexts, text_activations
 from sae_nb.views import plotting
 from sae_nb.views.dashboard import (
@@ -85,7 +85,7 @@ class FeatureExplorer:
     shown, each ``before`` tokens before and ``after`` after the token it fires on.
     ``explanations`` (an explanation table, or its folder ``explanations.explanations_folder``,
     where the meaning index is then cached) put each latent's best explanation beside it;
-    ``meaning`` is a ready ``explanations.MeaningIndex`` (else built on the first query).
+    ``meaning`` is a ready ``meaning.MeaningIndex`` (else built on the first query).
     Display it as the last expression of a cell, or ``display(explorer.widget)``.
     """
 
@@ -410,7 +410,7 @@ class FeatureExplorer:
 
     def search_meaning(self, query: str, limit: int = 20) -> list[int]:
         """Latents whose best explanation and top contexts are closest in meaning to ``query``
-        (``explanations.MeaningIndex``), best first, with their similarity: they fill the
+        (``meaning.MeaningIndex``), best first, with their similarity: they fill the
         'by meaning' menu and the best one is shown."""
         if self._meaning is None and query.strip():
             self.meaning_status.value = ('<span class="muted">embedding the latents\' '
