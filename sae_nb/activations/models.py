@@ -20,13 +20,21 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
 
 from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import atomic_folder
+
+# The type of a loaded model: nnsight's TransformersModel, what load_model returns. nnsight is
+# heavy and load_model imports it on first use (import sae_nb stays light), so the real class is
+# bound for type checkers only; annotate parameters `model: Model`.
+if TYPE_CHECKING:
+    from nnsight import TransformersModel as Model
+else:
+    Model = Any
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +70,7 @@ def load_model(
     device: str | torch.device | None = "auto",
     dtype: torch.dtype | str = torch.float32,
     tokenizer: Any = None,
-):
+) -> Model:
     """Load ``name`` as an nnsight ``TransformersModel`` (nnsight's ``LanguageModel``).
 
     ``name`` is ``"smollm2-135m"`` (embedded, works offline), a local transformers folder, a
@@ -85,17 +93,17 @@ def load_model(
     return TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
 
 
-def model_name(model) -> str:
+def model_name(model: Model) -> str:
     """The name a model was loaded under (``smollm2-135m``, ``gpt2``, a folder)."""
     return str(model._module.config._name_or_path)
 
 
-def hf_model(model) -> torch.nn.Module:
+def hf_model(model: Model) -> torch.nn.Module:
     """The underlying ``transformers`` module of an nnsight model."""
     return model._module
 
 
-def max_positions(model) -> int | None:
+def max_positions(model: Model) -> int | None:
     """The longest input the model's position embeddings cover (its config's
     ``max_position_embeddings``, ``n_positions`` or ``n_ctx``); None when the config names none."""
     config = hf_model(model).config
@@ -106,7 +114,7 @@ def max_positions(model) -> int | None:
     return None
 
 
-def model_fingerprint(model) -> str:
+def model_fingerprint(model: Model) -> str:
     """The model's identity for caches: its name, then a hash of its config and of every
     weight tensor's first and last 64 values and sum. A model under the same name with other
     weights (a fine-tuned checkpoint, another random init) gets another fingerprint."""
