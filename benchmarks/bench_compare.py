@@ -2,11 +2,13 @@
 
 Both train on the identical list of batches (materialised in memory first, so reading is not
 timed), alternating which goes first over ``--repeats`` rounds; prints each one's tokens/s (the
-median over rounds), their ratio of medians and of best rounds (goal >= 0.8x), and each dictionary's held-out FVU and
-per-prefix FVU (the Matryoshka prefixes should reconstruct better than plain BatchTopK's).
+median over rounds), their ratio of medians and of best rounds (goal >= 0.8x), and each
+dictionary's held-out FVU and per-prefix FVU (the Matryoshka prefixes should reconstruct better
+than plain BatchTopK's).
 Then the wall time of notebook 09's default grid (its parameters cell's values: the lab grid,
 and the real grid on ``outputs/default``'s store with CE recovered when the main job wrote it)
-on ``--grid-threads`` torch threads (2: the README's machine); ``--no-grid`` skips it.
+on ``--grid-threads`` torch threads (default 2, the development machine's cores); ``--no-grid``
+skips it.
 
 Data: the ``resid_out_layer6`` store of the default model under ``outputs/bench/`` when
 present (``benchmarks/bench_train.py`` extracts it), else synthetic sparse activations.
@@ -29,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 D, F, K, BATCH = 576, 4608, 32, 4096
 
 
-def load_rows(n: int, heldout: int, site: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+def load_rows(n: int, heldout: int, site: str,
+              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
     """``(train rows, held-out rows, source)``: the bench store's rows (the last ``heldout``
     held out, training rows repeated in fresh shuffles up to ``n``), else synthetic ones."""
     g = torch.Generator().manual_seed(seed)
@@ -47,7 +50,8 @@ def load_rows(n: int, heldout: int, site: str, seed: int = 0) -> tuple[torch.Ten
     except Exception as err:  # noqa: BLE001 - any missing or partial store: synthetic instead
         print(f"(no usable store: {type(err).__name__}: {err}; synthetic activations)")
     dirs = torch.randn(8 * D, D, generator=g) / D ** 0.5
-    codes = torch.rand(n + heldout, 8 * D, generator=g) * (torch.rand(n + heldout, 8 * D, generator=g) < 0.01)
+    codes = (torch.rand(n + heldout, 8 * D, generator=g)
+             * (torch.rand(n + heldout, 8 * D, generator=g) < 0.01))
     rows = codes @ dirs + 0.1 * torch.randn(n + heldout, D, generator=g)
     return rows[:n], rows[n:], "synthetic"
 
@@ -71,7 +75,8 @@ def grid_wall_time(threads: int) -> None:
                                   batch_size=p["batch_size"], heldout=p["lab_heldout"],
                                   n_resamples=p["n_resamples"], device="cpu", lr=p["lab_lr"])
     lab_s = time.perf_counter() - start
-    print(f"notebook 09's lab grid ({len(lab_grid.table)} runs): {lab_s:.1f} s on {threads} threads")
+    print(f"notebook 09's lab grid ({len(lab_grid.table)} runs): {lab_s:.1f} s "
+          f"on {threads} threads")
     try:
         store = sae_nb.open_store(ROOT / "outputs" / "default", p["site"], p["model"])
     except Exception as err:  # noqa: BLE001 - no main job yet: the lab grid alone

@@ -1,13 +1,13 @@
 """Benchmark: explaining every latent of the shipped dictionary, against a naive per-latent scan.
 
-Times :func:`sae_nb.explanations.rules.rule_explanations`'s pieces (the one counting pass over the store, the
-fit of all 4,608 rules from the counts, the held-out scoring with its control) on the shipped
-dictionary (``resid_out_layer6`` of SmolLM2-135M, 576 -> 4608, k 32), with no cache, and prints
-latents per minute. The baseline is what a first script does per latent: scan the whole store,
-encoding each chunk (the same sparse TopK encoder as the one pass, so the ratio measures the
-pass, not the encoder) and keeping that latent's column, count its tokens, fit its token rule
-and score it on the held-out rows. It runs on ``--naive-latents`` latents; its rate is
-extrapolated per latent. Then the distribution of held-out F1 and AUROC over latents with a
+Times :func:`sae_nb.explanations.rules.rule_explanations`'s pieces (the one counting pass over
+the store, the fit of all 4,608 rules from the counts, the held-out scoring with its control) on
+the shipped dictionary (``resid_out_layer6`` of SmolLM2-135M, 576 -> 4608, k 32), with no cache,
+and prints latents per minute. The baseline is what a first script does per latent: scan the
+whole store, encoding each chunk (the same sparse TopK encoder as the one pass, so the ratio
+measures the pass, not the encoder) and keeping that latent's column, count its tokens, fit its
+token rule and score it on the held-out rows. It runs on ``--naive-latents`` latents; its rate
+is extrapolated per latent. Then the distribution of held-out F1 and AUROC over latents with a
 score, for the rules and their control.
 
     python benchmarks/bench_explain.py --run-dir outputs/default     # a run of notebook 01
@@ -71,10 +71,11 @@ def naive_latent(store, dictionary, latent: int, tokens: np.ndarray, boundary: i
 
 
 def time_llm_explanations(store, dictionary, table, model, n_latents: int = 20) -> None:
-    """Language-model explanations (the embedded model, :mod:`sae_nb.explanations.autointerp`) and their
-    detection and embedding scoring with controls (:mod:`sae_nb.explanations.scoring`) for ``n_latents``
-    latents drawn with seed 0 among those firing at least 40 times, no cache; latents per
-    minute (wall and CPU) beside the rules', and each scorer's AUROC against its control."""
+    """Language-model explanations (the embedded model, :mod:`sae_nb.explanations.autointerp`)
+    and their detection and embedding scoring with controls (:mod:`sae_nb.explanations.scoring`)
+    for ``n_latents`` latents drawn with seed 0 among those firing at least 40 times, no cache;
+    latents per minute (wall and CPU) beside the rules', and each scorer's AUROC against its
+    control."""
     from sae_nb.explanations.autointerp import llm_explanations
     from sae_nb.explanations.backends import LocalBackend
     from sae_nb.explanations.scoring import detection_scores, embedding_scores

@@ -5,10 +5,10 @@ TopK latents):
 
 1. Attribution of a logit difference (the clean model's top next token minus its second) to
    every latent at every position of a 64-token corpus context, one forward and one backward
-   pass (``sae_nb.interventions.attribution.attribute``), against the naive alternative: one ablation forward
-   pass per latent active anywhere in the prompt. The ratio of the two times is printed (goal
-   >= 50x), with the correlation between the attributions summed over positions and the
-   measured ablation effects.
+   pass (``sae_nb.interventions.attribution.attribute``), against the naive alternative: one
+   ablation forward pass per latent active anywhere in the prompt. The ratio of the two times is
+   printed (goal >= 50x), with the correlation between the attributions summed over positions
+   and the measured ablation effects.
 2. Time per generated token (greedy, KV cache) clean, steering one latent (``f_i += alpha``,
    no encoding needed) and ablating one (the dictionary encodes every step); goal < 1.3x.
 
@@ -51,8 +51,8 @@ def bench_attribution(lm, sae, ctx_len: int, sample: int) -> None:
     picked = active if sample <= 0 else active[:: max(1, len(active) // sample)][:sample]
     effects, t_abl = [], []
     for latent in picked:  # the naive way: one ablation forward pass per latent
-        effect, seconds = timed(lambda: ablation_effect(lm, sae, ids[None], fn, latent, None,
-                                                        att.target))
+        effect, seconds = timed(lambda latent=latent: ablation_effect(lm, sae, ids[None], fn,
+                                                                      latent, None, att.target))
         effects.append(effect)
         t_abl.append(seconds)
     t_att, t_one = float(np.median(t_att)), float(np.median(t_abl))

@@ -124,7 +124,8 @@ def main() -> None:
             results[config] = run(config, store.path, args.steps, Path(tmp))
         states = {c: torch.load(Path(tmp) / f"{c}.pt", weights_only=True) for c in results}
     # Largest difference over each tensor's largest magnitude, the worst tensor.
-    gaps = {c: max(float((states["1x2"][k] - states[c][k]).abs().max() / states["1x2"][k].abs().max())
+    gaps = {c: max(float((states["1x2"][k] - states[c][k]).abs().max()
+                         / states["1x2"][k].abs().max())
                    for k in states[c]) for c in ("2x1", "1x1")}
     buffer_mb = (2 * D * F + D + 2 * F) * 4 / 1e6
     print(f"torch {torch.__version__}; TopK d_in {D}, d_sae {F}, k {K}, global batch {BATCH}, "
@@ -141,8 +142,8 @@ def main() -> None:
         print(f"{names[config]:<32}{BATCH / step:>10,.0f}{step:>9.3f}{reduce:>19.4f}"
               f"{reduce / step:>7.1%}{r['fvu']:>10.4f}")
     bare = float(np.median(results["2x1"]["bare_reduce_s"]))
-    print(f"bare all-reduce of the {buffer_mb:.1f} MB gradient buffer, 2 ranks: {bare * 1e3:.1f} ms "
-          f"({buffer_mb / bare:,.0f} MB/s)")
+    print(f"bare all-reduce of the {buffer_mb:.1f} MB gradient buffer, 2 ranks: "
+          f"{bare * 1e3:.1f} ms ({buffer_mb / bare:,.0f} MB/s)")
     print(f"weights against the 1x2 run's (largest difference / largest weight, worst tensor): "
           f"2x1 {gaps['2x1']:.1e}, 1x1 {gaps['1x1']:.1e}. The ranks sum gradients in another "
           f"order, and the rounding grows over the steps (tests: 1e-5 over 40 small steps).")

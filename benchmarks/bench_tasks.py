@@ -1,10 +1,10 @@
 """Benchmark: task metrics beyond sentiment, and codes as bags, on the shipped dictionary.
 
 On SmolLM2-135M with the shipped dictionary (``resid_out_layer6``, 576 -> 4608, TopK k 32),
-prints four tables (issue 16, points 4 and 5):
+prints four tables:
 
-1. k-sparse probing (k = 1, 2, 5) on the shipped tasks of :mod:`sae_nb.comparison.tasks` (SOTU era and
-   party, VADER sentiment and source domain; balanced, split 75/25, seed 0), beside the
+1. k-sparse probing (k = 1, 2, 5) on the shipped tasks of :mod:`sae_nb.comparison.tasks` (SOTU
+   era and party, VADER sentiment and source domain; balanced, split 75/25, seed 0), beside the
    all-latent and raw probes and the majority baseline.
 2. Absorption on token properties the tokenizer decides (leading space, capital, digit), on
    tokens of the run's layer-6 store (:func:`sae_nb.comparison.tasks.absorption_table`).

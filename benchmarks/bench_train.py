@@ -1,8 +1,8 @@
 """Benchmark: TopK SAE training speed and quality on real activations of the default model.
 
-Settings of the issue (and of the established trainers we compare with): d_in 576 (SmolLM2-135M
-residual stream), 4608 latents, k = 32, batch 4096, fp32. Prints training tokens/s, how that
-compares with this machine's measured fp32 matmul rate, and the held-out FVU after the budget.
+Settings of the established trainers we compare with: d_in 576 (SmolLM2-135M residual stream),
+4608 latents, k = 32, batch 4096, fp32. Prints training tokens/s, how that compares with this
+machine's measured fp32 matmul rate, and the held-out FVU after the budget.
 
 Data: ``resid_out_layer6`` activations of the default model over the default corpus, extracted
 once into ``outputs/bench/`` (resumable; ~5 min on 2 cores) and reused afterwards.
@@ -68,12 +68,12 @@ def main() -> None:
         l0 = float((f > 0).sum(1).float().mean())
         fired = (f > 0).any(0).float().mean()
     tps = tokens / seconds
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; TopK d_in {D}, d_sae {F}, "
-          f"k {K}, batch {BATCH}, fp32, {args.site}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; TopK d_in {D}, "
+          f"d_sae {F}, k {K}, batch {BATCH}, fp32, {args.site}")
     print(f"measured fp32 matmul rate ({BATCH}x{D} @ {D}x{F}): {rate:.0f} GFLOP/s")
     print(f"training: {tokens} tokens in {seconds:.1f} s = {tps:,.0f} tokens/s")
-    for name, flops in (("encoder forward matmul only, 2*D*F", 2), ("sparse-decoder step, 4*D*F", 4),
-                        ("dense step, 10*D*F", 10)):
+    for name, flops in (("encoder forward matmul only, 2*D*F", 2),
+                        ("sparse-decoder step, 4*D*F", 4), ("dense step, 10*D*F", 10)):
         used = tps * flops * D * F / 1e9
         print(f"  as {name} FLOPs/token: {used:.0f} GFLOP/s = {used / rate:.0%} of the matmul rate "
               f"(bound {rate * 1e9 / (flops * D * F):,.0f} tokens/s)")

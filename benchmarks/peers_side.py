@@ -31,7 +31,8 @@ LIB = Path(__file__).resolve().parents[1] / ".ci-peers-lib"
 def _dictionary_learning_topk():
     """dictionary_learning.trainers.top_k, loaded without the package __init__ (nnsight)."""
     root = LIB / "dictionary_learning"
-    for name, path in (("dictionary_learning", root), ("dictionary_learning.trainers", root / "trainers")):
+    for name, path in (("dictionary_learning", root),
+                       ("dictionary_learning.trainers", root / "trainers")):
         module = types.ModuleType(name)
         module.__path__ = [str(path)]
         sys.modules[name] = module

@@ -45,10 +45,13 @@ __version__ = "0.1.0"
 # What notebooks 02-08 use from the heavier modules (widgets, plotting, explanations), on
 # ``sae_nb`` too but imported on first use, so ``import sae_nb`` stays light: name -> module.
 LAZY = {
-    "choose_output_dir": "running.run_dir", "choose_run_dir": "running.run_dir", "train_on_split": "running.jobs",
+    "choose_output_dir": "running.run_dir", "choose_run_dir": "running.run_dir",
+    "train_on_split": "running.jobs",
     "probe_features": "texts.probing",
-    "FeatureExplorer": "views.explorer", "latent_order": "views.explorer", "top_latents": "views.explorer",
-    "feature_stats": "latents.stats", "logit_effects": "latents.logit_effects", "stats_folder": "latents.stats",
+    "FeatureExplorer": "views.explorer", "latent_order": "views.explorer",
+    "top_latents": "views.explorer",
+    "feature_stats": "latents.stats", "logit_effects": "latents.logit_effects",
+    "stats_folder": "latents.stats",
     "dashboard_path": "views.dashboard", "dictionary_label": "views.dashboard",
     "export_dashboards": "views.dashboard", "SteeringWidget": "views.steering_widget",
     "best_explanations": "explanations.tables", "explainer_backend": "explanations.tables",
@@ -57,12 +60,14 @@ LAZY = {
     "method_verdict": "explanations.tables", "sample_latents": "explanations.tables",
     "score_summary": "explanations.tables", "with_explanations": "explanations.tables",
     "rule_explanations": "explanations.rules", "llm_explanations": "explanations.autointerp",
-    "ScoreSettings": "explanations.scoring", "detection_scores": "explanations.scoring", "embedding_scores": "explanations.scoring",
+    "ScoreSettings": "explanations.scoring", "detection_scores": "explanations.scoring",
+    "embedding_scores": "explanations.scoring",
 }
 
 
 def __getattr__(name: str):
     if name in LAZY:
+        # here, not at the top: there it would join the names dir(sae_nb) offers a notebook
         import importlib
 
         value = getattr(importlib.import_module(f"{__name__}.{LAZY[name]}"), name)
@@ -73,6 +78,7 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(LAZY))
+
 
 __all__ = [
     "SaeNbError",

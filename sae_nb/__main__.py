@@ -1,19 +1,45 @@
 """Command line: ``run`` (the main job), ``setup``, ``sweep`` (one notebook over a grid), and
 the ``extract`` and ``train`` jobs.
 
-``extract`` and ``train`` take notebooks 01 and 02's parameters as options (``--n_tokens`` or
-``--n-tokens``) or from a JSON/YAML file (``--config``); ``torchrun`` launches them on several
-processes (see :mod:`sae_nb.running.jobs`).
+``extract`` and ``train`` take notebooks 01 and 02's parameters as options (``--n-tokens`` or
+``--n_tokens``) or from a JSON/YAML file (``--config``); ``torchrun`` launches them on several
+processes (see :mod:`sae_nb.running.jobs`). Their options and ``sweep``'s are built from
+dataclasses (:class:`~sae_nb.running.jobs.ExtractJob`, :class:`~sae_nb.running.jobs.TrainJob`,
+:class:`~sae_nb.running.sweep.SweepOptions`), as sparsify's and simple_parsing's are: a field's
+type gives the option's kind, and its docstring (the string under the field, read by
+:func:`field_docs`) gives the help, so the help is written once, beside the field.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import inspect
 import logging
+import re
 import sys
+import textwrap
 import time
+import types
+import typing
 from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from sae_nb.activations.corpora import CorpusError
+from sae_nb.activations.extract import ExtractionError
+from sae_nb.activations.models import ModelLoadError, ensure_default_model
+from sae_nb.activations.shards import rank_and_world
+from sae_nb.activations.sites import SiteError
+from sae_nb.activations.store import StoreError
+from sae_nb.dictionaries.saving import DictionaryFormatError
+from sae_nb.running import jobs
+from sae_nb.running import notebooks as pipeline
+from sae_nb.running.sweep import METRICS_TABLE, SweepOptions, parse_grid, run_sweep
+from sae_nb.training.evaluate import EvaluationError
+from sae_nb.training.trainer import TrainingError
 
 USAGE_EXAMPLES = """examples:
   python -m sae_nb setup                       fetch and convert the default model once
@@ -30,11 +56,107 @@ USAGE_EXAMPLES = """examples:
 SWEEP_EXAMPLES = """examples:
   python -m sae_nb sweep --only 02 -p "k=[16,32,64]" -p "architecture=['topk','batchtopk']"
   python -m sae_nb sweep --only 02 --smoke --base-run smoke --run sweeps/k -p "k=[4,8]" --jobs 2
+  python -m sae_nb sweep --only 02 -p "k=[16,32]" -p "sites=[['resid_out_layer2']]"
+                                   (a list-valued parameter is fixed by wrapping it in a list)
 """
+SWEEP_HELP = ("run one notebook over a grid of parameters (papermill), one folder per "
+              "combination; a rerun skips the finished ones")
 JOB_HELP = {"extract": "notebook 01 as a job: activations into stores (torchrun: one part "
                        "per process)",
             "train": "notebook 02 as a job: train, evaluate and save a dictionary (torchrun: "
                      "data parallel)"}
+JOB_NOTE = ("Every option may also be spelled with underscores (--batch_size); a --config file "
+            "(JSON or YAML) may set any of them, and the options given override it.")
+JOB_USAGE = "%(prog)s [-h] [--config FILE] [--no-progress] [--OPTION VALUE ...]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A command-line option made from a dataclass field."""
+
+    name: str
+    default: Any  # dataclasses.MISSING when the option is required
+    help: str  # the first line of the field's docstring
+    kind: str  # "text", "literal" (a Python literal, else text), "bool" or "list"
+    item: str = "text"  # a list's items: "text" or "literal"
+    nargs: int | str = "+"  # a list's length: "+", or a fixed-length tuple's
+    choices: tuple = ()  # the values of a Literal type, shown as the option's metavar
+    nullable: bool = False  # a text option whose type allows None reads the word None as None
+    owner: type | None = None  # the class that declares (or redeclares) the field
+    flags: tuple[str, ...] = ()  # other spellings, from the field's metadata ("flags")
+    metavar: str | None = None  # from the field's metadata ("metavar"), else N for int, X for float
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring of each field of the dataclass ``cls``: the string literal right under the
+    field's annotation in the class body, read from the source with ``ast``. Inherited fields
+    keep their base class's docstring (the MRO is walked from the base down); a subclass that
+    documents a field again replaces it. A class without source gives no docstrings."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # defined in an interactive session: nothing to read
+            continue
+        body = ast.parse(source).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def type_kind(annotation: Any) -> dict[str, Any]:
+    """How an option of type ``annotation`` reads its value: the ``kind``, ``nullable`` and,
+    where they differ from :class:`Option`'s defaults, ``item``, ``nargs``, ``choices`` and
+    ``metavar``."""
+    found: dict[str, Any] = {"nullable": False}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
+        members = [a for a in typing.get_args(annotation) if a is not type(None)]
+        found["nullable"] = len(members) < len(typing.get_args(annotation))
+        annotation = members[0] if len(members) == 1 else Any
+    origin = typing.get_origin(annotation) or annotation
+    if annotation is bool:
+        return {**found, "kind": "bool"}
+    if origin in (list, tuple):  # list[str], tuple[str, ...], tuple[float, float]
+        members = typing.get_args(annotation)
+        inner = type_kind(members[0] if members else Any)
+        fixed = origin is tuple and members and Ellipsis not in members
+        return {**found, "kind": "list", "item": "text" if inner["kind"] == "text" else "literal",
+                "nargs": len(members) if fixed else "+", "choices": inner.get("choices", ()),
+                "metavar": inner.get("metavar")}
+    if origin is Literal:
+        values = typing.get_args(annotation)
+        text = all(isinstance(v, str) for v in values)
+        return {**found, "kind": "text" if text else "literal", "choices": values}
+    return {**found, "kind": "text" if annotation is str else "literal",
+            "metavar": {int: "N", float: "X"}.get(annotation)}
+
+
+def declared_in(cls: type, name: str) -> type:
+    """The class of ``cls``'s MRO whose body declares (or redeclares) the field ``name``."""
+    return next(k for k in cls.__mro__ if name in vars(k).get("__annotations__", {}))
+
+
+def dataclass_options(cls: type) -> list[Option]:
+    """An :class:`Option` for each field of the dataclass ``cls`` given at construction, in
+    field order: its default, its docstring's first line, and its kind from its type."""
+    docs, hints = field_docs(cls), typing.get_type_hints(cls)
+    options = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = f.default
+        if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        metadata = {k: f.metadata[k] for k in ("flags", "metavar") if k in f.metadata}
+        options.append(Option(f.name, default, docs.get(f.name, "").partition("\n")[0],
+                              owner=declared_in(cls, f.name),
+                              **{**type_kind(hints[f.name]), **metadata}))
+    return options
 
 
 def literal(text: str):
@@ -46,80 +168,126 @@ def literal(text: str):
 
 
 def boolean(text: str) -> bool:
+    """``true``/``false`` (or ``1``/``0``, ``yes``/``no``, any case) as a bool."""
     value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
     if text.lower() not in value:
         raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
     return value[text.lower()]
 
 
-def add_job_parser(commands, job: str) -> None:
-    """A subcommand whose options are the job's parameters, each under its notebook name and
-    with dashes; options not given are left out, so a --config file's values stand."""
-    from sae_nb.running.jobs import JOBS
+def text_or_none(text: str) -> str | None:
+    """The text, or None for the word ``None``."""
+    return None if text == "None" else text
 
-    parser = commands.add_parser(job, help=JOB_HELP[job], allow_abbrev=False,
+
+def description(summary: str, *more: str) -> str:
+    """A subcommand's help as its description: a sentence, wrapped by hand (the raw formatter
+    that keeps the examples' layout does not wrap)."""
+    text = " ".join([f"{summary[0].upper()}{summary[1:]}.", *more])
+    return textwrap.fill(text, width=96)
+
+
+def first_sentence(doc: str | None) -> str:
+    """A docstring's first sentence, on one line."""
+    return re.split(r"(?<=\.)\s", " ".join((doc or "").split()), maxsplit=1)[0]
+
+
+def option_help(option: Option) -> str:
+    """The field's docstring's first line and the default as one would type it (a list's items
+    apart, a text quoted), escaped for argparse's % format."""
+    value = option.default
+    if value is dataclasses.MISSING:
+        shown = "required"
+    elif isinstance(value, (list, tuple)):
+        shown = "default: " + (" ".join(map(str, value)) or "none")
+    else:
+        shown = f"default: {value!r}"
+    return f"{option.help} ({shown})".lstrip().replace("%", "%%")
+
+
+def argument_settings(option: Option) -> dict[str, Any]:
+    """``add_argument``'s type, nargs, action and metavar for ``option``'s kind."""
+    if option.kind == "bool":
+        return dict(type=boolean, nargs="?", const=True, metavar="true|false")
+    read = {"text": text_or_none if option.nullable else str, "literal": literal}
+    metavar = option.metavar or ("{" + ",".join(map(str, option.choices)) + "}"
+                                 if option.choices else None)
+    if option.kind == "list":  # --sites a b, or --sites a --sites b
+        return dict(type=read[option.item], nargs=option.nargs, action="extend",
+                    metavar=metavar)
+    return dict(type=read[option.kind], metavar=metavar)
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type,
+                underscores: bool = False) -> list[Option]:
+    """An option per field of the dataclass ``cls`` (see :func:`dataclass_options`), spelled
+    ``--name-with-dashes`` (and, with ``underscores``, ``--name_with_underscores``, not shown
+    in the help). When several classes of the MRO declare fields, each gets its own group in
+    the help, the most derived first, its fields in the order it declares them."""
+    options = dataclass_options(cls)
+    owners = sorted({o.owner for o in options}, key=cls.__mro__.index)
+    groups = {owner: parser.add_argument_group(
+        f"{first_sentence(owner.__doc__).rstrip('.')} ({owner.__name__})")
+        if len(owners) > 1 else parser for owner in owners}
+    def place(o: Option) -> tuple[int, int]:  # the owner's group, then its declaration order
+        return owners.index(o.owner), list(vars(o.owner)["__annotations__"]).index(o.name)
+
+    for option in sorted(options, key=place):
+        settings = argument_settings(option)
+        groups[option.owner].add_argument(
+            *option.flags, "--" + option.name.replace("_", "-"), dest=option.name,
+            help=option_help(option), required=option.default is dataclasses.MISSING,
+            **settings)
+        if underscores and "_" in option.name:
+            groups[option.owner].add_argument("--" + option.name, dest=option.name,
+                                              help=argparse.SUPPRESS, **settings)
+    return options
+
+
+def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The options of ``cls`` given on the command line (the others are left out)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
+            if f.init and hasattr(args, f.name)}
+
+
+def add_job_parser(commands, job: str) -> None:
+    """A subcommand whose options are the job's parameters, the fields of its dataclass
+    (:data:`sae_nb.running.jobs.JOBS`); options not given are left out, so a --config file's
+    values stand."""
+    parser = commands.add_parser(job, help=JOB_HELP[job],
+                                 description=description(JOB_HELP[job], JOB_NOTE),
+                                 usage=JOB_USAGE, allow_abbrev=False,
                                  argument_default=argparse.SUPPRESS, epilog=USAGE_EXAMPLES,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="FILE", help="parameters from a JSON or YAML file; "
                         "options given here override it")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    for name, option in JOBS[job].items():
-        flags = sorted({f"--{name}", f"--{name.replace('_', '-')}"})
-        kind = {"list": dict(nargs="+"),
-                "bool": dict(type=boolean, nargs="?", const=True, metavar="true|false"),
-                "text": dict(type=str), "literal": dict(type=literal)}[option.kind]
-        parser.add_argument(*flags, dest=name, help=f"{option.help} (default: {option.default!r})",
-                            **kind)
+    add_options(parser, jobs.JOBS[job], underscores=True)
 
 
 def add_sweep_parser(commands) -> None:
-    """``sweep``: one notebook over the cartesian product of list-valued -p options."""
-    from sae_nb.running import notebooks as pipeline
-
-    sweep = commands.add_parser(
-        "sweep", help="run one notebook over a grid of parameters (papermill), one folder per "
-                      "combination; a rerun skips the finished ones",
-        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sweep.add_argument("--only", required=True, metavar="NN",
-                       help="the notebook to sweep, by number (02) or stem (02_train)")
-    sweep.add_argument("-p", "--parameter", action="append", default=[], metavar="NAME=VALUE",
-                       help="a list value (k=[16,32]) is swept, anything else fixed; wrap a "
-                            "list-valued parameter to fix it: \"sites=[['a']]\" (repeatable)")
-    sweep.add_argument("--run", metavar="NAME", help="sweep folder: outputs/NAME or an absolute "
-                       "path (default: sweeps/<notebook stem>)")
-    sweep.add_argument("--base-run", metavar="NAME",
-                       help="run whose --link entries each combination's folder links to, e.g. "
-                            f"notebook 01's activations (default: {pipeline.DEFAULT_RUN}, when "
-                            f"that folder exists)")
-    sweep.add_argument("--link", nargs="+", default=["activations"], metavar="ENTRY",
-                       help="entries of the base run to link (default: activations)")
-    sweep.add_argument("--jobs", type=int, default=1, metavar="N",
-                       help="combinations at once; each gets cores // N threads (default: 1)")
-    sweep.add_argument("--smoke", action="store_true",
-                       help="start from the small CI parameters (sae_nb.running.notebooks.SMOKE_PARAMETERS)")
-    sweep.add_argument("--outputs", default=str(pipeline.OUTPUTS_DIR), metavar="DIR",
-                       help="root of the run folders (default: the repository's outputs/)")
-    sweep.add_argument("--notebooks", default=str(pipeline.NOTEBOOKS_DIR), metavar="DIR",
-                       help="folder of the numbered notebooks (default: the repository's)")
+    """``sweep``: one notebook over the cartesian product of list-valued -p options; its options
+    are :class:`~sae_nb.running.sweep.SweepOptions`'s fields."""
+    sweep = commands.add_parser("sweep", help=SWEEP_HELP, description=description(SWEEP_HELP),
+                                argument_default=argparse.SUPPRESS, epilog=SWEEP_EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_options(sweep, SweepOptions)
 
 
 def run_sweep_command(args: argparse.Namespace) -> int:
     """``sweep``: print each combination's status and the table's path; 1 if any failed."""
-    import pandas as pd
-
-    from sae_nb.running.notebooks import DEFAULT_RUN, PipelineError
-    from sae_nb.running.sweep import METRICS_TABLE, parse_grid, run_sweep
-
     start = time.perf_counter()
-    base_run = args.base_run
-    if base_run is None and (Path(args.outputs) / DEFAULT_RUN).is_dir():
-        base_run = DEFAULT_RUN
     try:
-        axes, fixed = parse_grid(args.parameter)
-        sweep, table = run_sweep(args.only, axes, fixed, run=args.run, jobs=args.jobs,
-                                 smoke=args.smoke, base_run=base_run, link=args.link,
-                                 outputs_root=args.outputs, notebooks_dir=args.notebooks)
-    except PipelineError as err:
+        options = SweepOptions(**given(args, SweepOptions))
+        base_run = options.base_run
+        if base_run is None and (Path(options.outputs) / pipeline.DEFAULT_RUN).is_dir():
+            base_run = pipeline.DEFAULT_RUN
+        axes, fixed = parse_grid(options.parameter)
+        sweep, table = run_sweep(options.only, axes, fixed, run=options.run, jobs=options.jobs,
+                                 smoke=options.smoke, base_run=base_run, link=options.link,
+                                 outputs_root=options.outputs,
+                                 notebooks_dir=options.notebooks)
+    except pipeline.PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     for row in table.to_dict("records"):
@@ -135,8 +303,7 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sae_nb.running import notebooks as pipeline
-
+    """The command line's parser: ``run``, ``setup``, ``sweep``, ``extract`` and ``train``."""
     parser = argparse.ArgumentParser(prog="python -m sae_nb", epilog=USAGE_EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -151,32 +318,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a notebook parameter; VALUE is read as a Python literal "
                           "when it is one (repeatable)")
     run.add_argument("--smoke", action="store_true",
-                     help="use the small CI parameters (sae_nb.running.notebooks.SMOKE_PARAMETERS)")
+                     help="use the small CI parameters "
+                          "(sae_nb.running.notebooks.SMOKE_PARAMETERS)")
     run.add_argument("--outputs", default=str(pipeline.OUTPUTS_DIR), metavar="DIR",
                      help="root of the run folders (default: the repository's outputs/)")
     commands.add_parser("setup", help="fetch and convert the default model once; print its folder")
     add_sweep_parser(commands)
-    for job in ("extract", "train"):
+    for job in jobs.JOBS:
         add_job_parser(commands, job)
     return parser
 
 
 def run_job(args: argparse.Namespace) -> int:
     """``extract`` or ``train``: print what was written, or the error and return 1."""
-    from sae_nb.activations.corpora import CorpusError
-    from sae_nb.activations.extract import ExtractionError
-    from sae_nb.activations.models import ModelLoadError
-    from sae_nb.activations.shards import rank_and_world
-    from sae_nb.activations.sites import SiteError
-    from sae_nb.activations.store import StoreError
-    from sae_nb.dictionaries.saving import DictionaryFormatError
-    from sae_nb.running import jobs
-    from sae_nb.training.evaluate import EvaluationError
-    from sae_nb.training.trainer import TrainingError
-
     errors = (jobs.JobError, StoreError, ExtractionError, TrainingError, SiteError, CorpusError,
               ModelLoadError, EvaluationError, DictionaryFormatError, ValueError)
-    options = {k: v for k, v in vars(args).items() if k in jobs.JOBS[args.command]}
+    options = given(args, jobs.JOBS[args.command])
     progress = not getattr(args, "no_progress", False)
     try:
         config = jobs.read_config_file(args.config) if getattr(args, "config", None) else {}
@@ -199,23 +356,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    if args.command in ("extract", "train"):
+    if args.command in jobs.JOBS:
         return run_job(args)
     if args.command == "sweep":
         return run_sweep_command(args)
     if args.command == "setup":
-        from sae_nb.activations.models import ensure_default_model
-
         print(ensure_default_model())
         return 0
-    from sae_nb.running.notebooks import PipelineError, parse_parameter, run_pipeline
-
     start = time.perf_counter()
     try:
-        overrides = dict(parse_parameter(p) for p in args.parameter)
-        outputs = run_pipeline(args.run, args.only, overrides, smoke=args.smoke,
-                               outputs_root=args.outputs)
-    except PipelineError as err:
+        overrides = dict(pipeline.parse_parameter(p) for p in args.parameter)
+        outputs = pipeline.run_pipeline(args.run, args.only, overrides, smoke=args.smoke,
+                                        outputs_root=args.outputs)
+    except pipeline.PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"Ran {len(outputs)} notebook(s) in {time.perf_counter() - start:.0f} s; executed "

@@ -30,7 +30,7 @@ import pytest
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
-VIEWPORT = {"width": 1400, "height": 1000}  # the size issue 12's layout checks are made at
+VIEWPORT = {"width": 1400, "height": 1000}  # the window size the layout checks are made at
 
 # JupyterLab settings for a quiet, reproducible page: no news or update toasts over the widget.
 LAB_SETTINGS = {

@@ -59,7 +59,7 @@ def test_attribution_is_the_first_order_change_of_a_finite_edit(llama, make):
         p, i = divmod(flat, scores.shape[1])
         eps = 1e-2
 
-        def measure(factor):
+        def measure(factor, i=i, p=p):
             out = edited_logits(llama, ids, Splice(llama, sae, [scale(i, factor, p, p + 1)]))
             return float(fn(out[0, -1].double()))
 

@@ -154,11 +154,13 @@ class Coin(Oracle):
 
 
 class Failing(Oracle):
-    """The oracle, but calls listed in ``fail`` raise ``error`` (counted from 1)."""
+    """The oracle, but calls listed in ``fail`` raise ``error`` (counted from 1; by default a
+    ``BackendError`` for an HTTP 500)."""
 
-    def __init__(self, fail=(), error=BackendError("HTTP 500 from the server")):
+    def __init__(self, fail=(), error=None):
         super().__init__()
-        self.fail, self.error = set(fail), error
+        self.fail = set(fail)
+        self.error = BackendError("HTTP 500 from the server") if error is None else error
 
     def complete(self, prompt, max_tokens=32, stop=("\n",)):
         if self.calls + 1 in self.fail:

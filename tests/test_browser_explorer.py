@@ -93,7 +93,7 @@ def brute_histogram(codes, stats, latent: int) -> list[int]:
 
 
 def test_notebook_06_runs_after_the_main_job(page, main_job):
-    """Point 1: as shipped, Run All after the main job reads outputs/default and says so."""
+    """As shipped, Run All after the main job reads outputs/default and says so."""
     assert page.error_outputs() == []
     code_cells = [c for c in nbformat.read(main_job / NOTEBOOK, as_version=4).cells
                   if c.cell_type == "code"]
@@ -121,7 +121,7 @@ def wait_for_latent(page, latent: int) -> None:
 
 
 def test_first_latent_shown_is_not_a_max_activation_outlier(page, truth):
-    """Point 2: the default order opens on an ordinary latent, not on the ~30 outliers of max
+    """The default order opens on an ordinary latent, not on the ~30 outliers of max
     activation (brute force: the largest activations of every latent over the store)."""
     _, _, codes, _ = truth
     max_act, density = codes.max(0), (codes > 0).mean(0)
@@ -137,8 +137,8 @@ def select_text(locator) -> str:
 
 
 def test_search_shows_the_first_match_and_clears_when_leaving(page, truth):
-    """Point 4: Enter in the search box moves the panel to the best match, counts the matches,
-    shows the first one in the menu; moving elsewhere clears the stale choice."""
+    """Enter in the search box moves the panel to the best match, counts the matches, shows
+    the first one in the menu; moving elsewhere clears the stale choice."""
     store, sae, codes, stats = truth
     tokenizer = sae_nb.load_model("smollm2-135m").tokenizer
     for latent in np.argsort(-(codes > 0).sum(0))[40:]:  # a word from an ordinary latent's top
@@ -170,10 +170,10 @@ def test_search_shows_the_first_match_and_clears_when_leaving(page, truth):
 
 
 def test_meaning_search_lists_latents_with_similarities(page, truth, main_job):
-    """Issue 14 point 4: a query in the meaning box fills its menu with latents and
-    similarities, best first, and shows the best, the one the meaning index ranks first. The
-    index is rebuilt here (no cache) from what notebook 06 reads: the top contexts, and
-    notebook 08's explanations when the main job ran it on this run folder."""
+    """A query in the meaning box fills its menu with latents and similarities, best first,
+    and shows the best, the one the meaning index ranks first. The index is rebuilt here (no
+    cache) from what notebook 06 reads: the top contexts, and notebook 08's explanations when
+    the main job ran it on this run folder."""
     from sae_nb.explanations.meaning import meaning_index
     from sae_nb.explanations.tables import explanations_folder
 
@@ -202,7 +202,7 @@ def test_meaning_search_lists_latents_with_similarities(page, truth, main_job):
 
 
 def test_text_box_busy_result_and_empty_text(page):
-    """Point 5: Run shows a busy state, then the shaded text; an empty box gets a message."""
+    """Run shows a busy state, then the shaded text; an empty box gets a message."""
     text = "The state of the union is strong, and taxes will fall in 2027."
     area = explorer(page).locator(".sae-nb-text textarea")
     run = explorer(page).locator(".sae-nb-run-button")
@@ -276,8 +276,8 @@ OVERFLOW_JS = """root => {
 
 
 def test_no_element_of_the_widget_overflows_its_box(page):
-    """Point 3: at 1,400 x 1,000 with the file browser open, nothing is clipped; the logit
-    table says what its numbers are."""
+    """At 1,400 x 1,000 with the file browser open, nothing is clipped; the logit table says
+    what its numbers are."""
     assert page.sidebar_open()
     assert page.page.viewport_size == {"width": 1400, "height": 1000}
     root = explorer(page)
@@ -293,7 +293,7 @@ def test_no_element_of_the_widget_overflows_its_box(page):
 
 
 def test_prev_and_next_buttons_step_one_rank(page):
-    """Point 7: one click moves one rank; the slider alone moved about 40 ranks per pixel."""
+    """One click moves one rank (the slider alone moves about 40 ranks per pixel)."""
     rank = lambda: int(explorer(page).locator(".sae-nb-slider .widget-readout")  # noqa: E731
                        .first.text_content())
     start, latent = rank(), shown_latent(page)
@@ -307,8 +307,8 @@ def test_prev_and_next_buttons_step_one_rank(page):
 
 
 def test_number_box_and_reload_keep_the_histogram_on_the_latent(page, truth):
-    """Point 8: after a reload the histogram is the latent's, not the first latent's. Last: the
-    reload re-creates every widget view."""
+    """After a reload the histogram is the latent's, not the first latent's. Last: the reload
+    re-creates every widget view."""
     _, _, codes, stats = truth
     first = shown_latent(page)
     counts = (codes > 0).sum(0)
@@ -335,8 +335,8 @@ def test_number_box_and_reload_keep_the_histogram_on_the_latent(page, truth):
 
 
 def test_executed_notebook_06_shows_the_explorer_without_running_it(page, main_job):
-    """Point 9: the main job's executed copy of notebook 06, opened later and not run, shows
-    a snapshot of the explorer (its summary, shaded contexts and first latents), not the
+    """The main job's executed copy of notebook 06, opened later and not run, shows a
+    snapshot of the explorer (its summary, shaded contexts and first latents), not the
     widget's repr text: JupyterLab draws widgets only for a trusted notebook with the kernel
     that made them."""
     output = main_job / "outputs" / "default" / "06_visualize.ipynb"

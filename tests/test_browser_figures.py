@@ -1,7 +1,7 @@
-"""Notebooks 04 and 05's figures drawn by plotly.js in chromium, measured as a person sees them
-(issue 12 point 10): the cluster map's title clear of its colour buttons, the sparse-probe
-plot's log axis labelled at the k values probed, the layer sweep's sites as unrotated layer
-numbers. Screenshots go to the test's temporary folder."""
+"""Notebooks 04 and 05's figures drawn by plotly.js in chromium, measured as a person sees them:
+the cluster map's title clear of its colour buttons, the sparse-probe plot's log axis labelled
+at the k values probed, the layer sweep's sites as unrotated layer numbers. Screenshots go to
+the test's temporary folder."""
 
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ import torch
 
 import sae_nb
 from sae_nb.__main__ import main
-from sae_nb.running.notebooks import PipelineError, parse_parameter
+from sae_nb.running.jobs import job_defaults, train_on_split
+from sae_nb.running.notebooks import NOTEBOOKS_DIR, PipelineError, parse_parameter
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -57,7 +58,7 @@ def test_cli_reports_a_malformed_literal_before_running_anything(tmp_path, capsy
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
-# --- the extract and train jobs (issue 15): the notebooks' parameters as options ----------------
+# --- the extract and train jobs: the notebooks' parameters as options --------------------------
 
 EXTRACT = dict(sites=["resid_out_layer0", "mlp_out_layer1"], n_tokens=320, ctx_len=16,
                batch_size=2, dtype="float32", shard_rows=40)
@@ -171,28 +172,29 @@ def test_unknown_options_and_config_keys_are_refused(tmp_path, capsys):
     assert "bad.json' cannot be read" in capsys.readouterr().err
 
 
-def test_every_notebook_parameter_is_a_job_option_with_its_default():
+def test_every_notebook_parameter_is_a_job_option_with_its_default(capsys):
     """The jobs take notebooks 01 and 02's parameters under the same names and defaults
     (run_dir aside: the notebooks' is relative to notebooks/, the jobs' the main job's)."""
-    from sae_nb.running.jobs import EXTRACT_OPTIONS, TRAIN_OPTIONS
-    from sae_nb.running.notebooks import NOTEBOOKS_DIR
-
-    for notebook, table in (("01_extract", EXTRACT_OPTIONS), ("02_train", TRAIN_OPTIONS)):
+    for job, notebook in (("extract", "01_extract"), ("train", "02_train")):
+        with pytest.raises(SystemExit):
+            main([job, "--help"])
+        shown = capsys.readouterr().out
+        defaults = job_defaults(job)
         nb = json.loads((NOTEBOOKS_DIR / f"{notebook}.ipynb").read_text())
         cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
         for node in ast.parse("".join(cell["source"])).body:
             name = node.targets[0].id
             if name in ("run_dir", "world_size"):  # world_size: torchrun's, not an option
                 continue
-            assert name in table, f"{notebook}'s {name} is not an option of the job"
-            assert table[name].default == ast.literal_eval(node.value), name
+            assert f"--{name.replace('_', '-')} " in shown, f"{notebook}'s {name}: no option"
+            value, default = ast.literal_eval(node.value), defaults[name]
+            assert default == value or (isinstance(default, tuple) and list(default) == value), \
+                f"{notebook}'s {name}: {value!r}, the job's default {default!r}"
 
 
 @pytest.mark.slow  # torchrun and two interpreters
 def test_notebook_02_with_world_size_2_trains_under_torchrun_and_loads_the_result(
         llama, corpus_dir, tmp_path, capfd):
-    from sae_nb.running.jobs import train_on_split
-
     sae_nb.extract_activations(llama, tmp_path, corpus=str(corpus_dir), progress=False,
                                **EXTRACT)
     store = sae_nb.open_store(tmp_path, "resid_out_layer0")

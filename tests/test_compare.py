@@ -127,8 +127,10 @@ def test_agreement_is_spearman_by_brute_force():
     runs = pd.DataFrame({"mcc": rng.random(9), "fvu": rng.random(9), "f1": rng.random(9)})
     t = compare.agreement(runs, "mcc", ["fvu", "f1"]).set_index("metric")
     # fvu is lower-is-better: its ranks are flipped before correlating.
-    assert t.loc["fvu", "spearman"] == pytest.approx(brute_spearman(-runs["fvu"].to_numpy(), runs["mcc"].to_numpy()))
-    assert t.loc["f1", "spearman"] == pytest.approx(brute_spearman(runs["f1"].to_numpy(), runs["mcc"].to_numpy()))
+    assert t.loc["fvu", "spearman"] == pytest.approx(
+        brute_spearman(-runs["fvu"].to_numpy(), runs["mcc"].to_numpy()))
+    assert t.loc["f1", "spearman"] == pytest.approx(
+        brute_spearman(runs["f1"].to_numpy(), runs["mcc"].to_numpy()))
     runs["f1"] = runs["mcc"] * 2 + 1
     assert compare.agreement(runs, "mcc", ["f1"])["spearman"].iloc[0] == pytest.approx(1.0)
     with pytest.raises(compare.CompareError, match="at least 3 runs"):

@@ -1,4 +1,5 @@
-"""One contract for every dictionary class (``sae_nb.dictionaries.architectures.DICTIONARY_CLASSES``).
+"""One contract for every dictionary class
+(``sae_nb.dictionaries.architectures.DICTIONARY_CLASSES``).
 
 ``reconstruct(x) == forward(x)`` is the reconstruction; ``encode(x)`` the codes. Each consumer
 is checked against those two, computed here by hand: the reconstruction metrics, the spliced

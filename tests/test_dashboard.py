@@ -143,7 +143,7 @@ def test_export_writes_one_self_contained_file(exported):
         expected = [r[r >= 0].tolist() for r in stats.quantile_rows[latent][::-1] if (r >= 0).any()]
         shown = [[int(tr["data-row"]) for tr in t.find_all("tr")] for t in intervals]
         assert [sorted(rows) for rows in shown] == [sorted(rows) for rows in expected]
-        for table in intervals:  # point 10: strongest first within each interval
+        for table in intervals:  # strongest first within each interval
             values = [float(td.get_text()) for td in table.find_all("td", class_="value")]
             assert values == sorted(values, reverse=True), values
         labels = [h.get_text() for h in section.find_all("h4")]
@@ -154,7 +154,7 @@ def test_export_writes_one_self_contained_file(exported):
 
 
 def test_dashboard_index_and_sections_caption_each_latent(exported):
-    """Point 6: the index lists each latent with its top tokens, not as a bare number."""
+    """The index lists each latent with its top tokens, not as a bare number."""
     path, store, sae, stats, latents, tokenizer = exported
     soup = BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
     items = soup.find("ul").find_all("li")
@@ -243,8 +243,8 @@ def test_dashboard_sections_list_nearest_latents_linking_those_exported(exported
 
 
 def test_dashboard_shows_each_latents_best_explanation(exported, tmp_path):
-    """Issue 14 point 5: with explanation tables, each section's heading and explanation line,
-    and the index, carry the best explanation and its score (never a control's)."""
+    """With explanation tables, each section's heading and explanation line, and the index,
+    carry the best explanation and its score (never a control's)."""
     import pandas as pd
 
     path, store, sae, stats, latents, tokenizer = exported

@@ -38,8 +38,8 @@ KILL_AT = 25
 
 
 def settings(architecture: str, **extra) -> dict:
-    return {"architecture": architecture, "d_sae": F, "k": K, "total_tokens": BATCH * STEPS, "lr": 3e-3,
-            "l1_coefficient": 0.05, "dead_window_tokens": BATCH * 3, "log_every": 5,
+    return {"architecture": architecture, "d_sae": F, "k": K, "total_tokens": BATCH * STEPS,
+            "lr": 3e-3, "l1_coefficient": 0.05, "dead_window_tokens": BATCH * 3, "log_every": 5,
             "progress": False, **extra}
 
 
@@ -55,7 +55,8 @@ def data(n: int = 2000, seed: int = 0, directions: int = 48, density: float = 0.
     """Sparse combinations of a few hidden directions plus an offset: SAE-shaped data."""
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(directions, D, generator=g)
-    codes = torch.rand(n, directions, generator=g) * (torch.rand(n, directions, generator=g) < density)
+    codes = (torch.rand(n, directions, generator=g)
+             * (torch.rand(n, directions, generator=g) < density))
     return (codes @ dirs + 3.0).numpy()
 
 
@@ -120,12 +121,15 @@ def worker(scenario: str, out: Path) -> None:
     if scenario == "equal":
         for name in CASES:
             data_store, options = case(name, out)
-            save(train_dictionary(global_batches(data_store), **options), f"{name}_global", out, rank)
-            save(train_dictionary(rank_batches(data_store, BATCH), **options), f"{name}_local", out, rank)
+            save(train_dictionary(global_batches(data_store), **options),
+                 f"{name}_global", out, rank)
+            save(train_dictionary(rank_batches(data_store, BATCH), **options),
+                 f"{name}_local", out, rank)
         for name in CHECKPOINTED:  # the uninterrupted runs of the kill test
             data_store, options = case(name, out, checkpoint_dir=str(out / f"full_{name}"),
                                        checkpoint_every=10)
-            save(train_dictionary(rank_batches(data_store, BATCH), **options), f"{name}_full", out, rank)
+            save(train_dictionary(rank_batches(data_store, BATCH), **options),
+                 f"{name}_full", out, rank)
     elif scenario in ("kill", "resume"):
         for name in CHECKPOINTED:
             data_store, options = case(name, out, checkpoint_dir=str(out / f"cut_{name}"),
@@ -164,12 +168,15 @@ def worker(scenario: str, out: Path) -> None:
                 Group.average_gradients = average
 
         attempts = {
-            "uneven_global": lambda: train_dictionary(global_batches(store, batch=127), **settings("topk")),
+            "uneven_global": lambda: train_dictionary(global_batches(store, batch=127),
+                                                      **settings("topk")),
             "uneven_local": lambda: rank_batches(store, 127),
             "stores": lambda: train_dictionary(rank_batches(store if rank == 0 else other, BATCH),
                                                **settings("topk")),
-            "batches": lambda: train_dictionary(global_batches(store, seed=rank), **settings("topk")),
-            "settings": lambda: train_dictionary(global_batches(store), **settings("topk", seed=rank)),
+            "batches": lambda: train_dictionary(global_batches(store, seed=rank),
+                                                **settings("topk")),
+            "settings": lambda: train_dictionary(global_batches(store),
+                                                 **settings("topk", seed=rank)),
             "diverged": diverging,
         }
         errors = {}
@@ -185,7 +192,8 @@ def worker(scenario: str, out: Path) -> None:
 # -------------------------------------------------------------------------- the test side
 
 
-def torchrun(scenario: str, out: Path, ranks: int = 2, timeout: float = 150) -> subprocess.CompletedProcess:
+def torchrun(scenario: str, out: Path, ranks: int = 2,
+             timeout: float = 150) -> subprocess.CompletedProcess:
     """Run this file's worker under torchrun; kill the whole process group on a timeout."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",

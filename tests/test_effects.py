@@ -1,6 +1,6 @@
-"""Effects of an edit (sae_nb.interventions.effects) on the tiny models: checked against transformers'
-own generate, generation without a KV cache, the nnsight splice of sae_nb.training.evaluate and the
-KL formula written out."""
+"""Effects of an edit (sae_nb.interventions.effects) on the tiny models: checked against
+transformers' own generate, generation without a KV cache, the nnsight splice of
+sae_nb.training.evaluate and the KL formula written out."""
 
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def test_side_effects_against_the_evaluation_splice_and_the_kl_formula(llama):
     none = side_effects(llama, sae, [], tokens)
     ce, _ = splice_loss(llama, SITE, tokens, None)  # the clean CE through nnsight
     assert none["ce_clean"] == pytest.approx(float(ce.mean()), rel=1e-5)
-    assert none["kl"] == pytest.approx(0.0, abs=1e-7) and none["ce_increase"] == pytest.approx(0, abs=1e-6)
+    assert none["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert none["ce_increase"] == pytest.approx(0, abs=1e-6)
     edits = [steer_latent(9, 3.0)]
     got = side_effects(llama, sae, edits, tokens)
     p = torch.softmax(edited_logits(llama, tokens), -1).double()
@@ -99,8 +100,10 @@ def test_logit_changes_rank_the_change_in_probability(llama):
     promoted = table[table.effect == "promoted"]
     assert promoted.token_id.tolist() == gain.topk(5).indices.tolist()
     top = gain.topk(5).indices
-    assert promoted.logprob_change.tolist() == pytest.approx((lp_edit - lp_clean)[top].tolist(), abs=1e-5)
-    assert (promoted.p_edited - promoted.p_clean).tolist() == pytest.approx(gain[top].tolist(), abs=1e-6)
+    assert promoted.logprob_change.tolist() == pytest.approx((lp_edit - lp_clean)[top].tolist(),
+                                                             abs=1e-5)
+    assert (promoted.p_edited - promoted.p_clean).tolist() == pytest.approx(gain[top].tolist(),
+                                                                            abs=1e-6)
     suppressed = table[table.effect == "suppressed"]
     assert suppressed.token_id.tolist() == (-gain).topk(5).indices.tolist()
     assert suppressed.logprob_change.max() < 0 < promoted.logprob_change.min()

@@ -86,7 +86,8 @@ def test_fvu_of_openai_and_skip_topk_follows_the_papers_maths():
     assert row["fvu"] == pytest.approx(fvu(x_hat), rel=1e-4)
 
 
-@pytest.mark.parametrize("site", ["resid_out_layer1", "mlp_out_layer1", "attn_out_layer0", "mlp_in_layer2"])
+@pytest.mark.parametrize("site", ["resid_out_layer1", "mlp_out_layer1", "attn_out_layer0",
+                                  "mlp_in_layer2"])
 def test_identity_splice_gives_the_clean_loss(llama, site):
     tokens = tokens_for(llama)
     clean, _ = splice_loss(llama, site, tokens, None)
@@ -173,7 +174,8 @@ def test_splice_keeps_bos_clean_exactly_when_training_excluded_it(llama, corpus_
         return ev.metrics["ce_spliced"].item()
 
     acts = split.heldout_acts
-    # The README's call (no BOS argument) and notebook 02's call follow the training store.
+    # A call without a BOS argument and notebook 02's call (the split's BOS id) follow the
+    # training store.
     assert spliced(sae_nb.evaluate_dictionary(sae, acts, llama, SITE, tokens)) == \
         pytest.approx(expected, rel=1e-5)
     assert spliced(sae_nb.evaluate_dictionary(sae, acts, llama, SITE, tokens,

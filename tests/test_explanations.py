@@ -234,7 +234,8 @@ def test_scores_of_one_explanation_by_several_scorers_are_kept_and_loaded(tmp_pa
     assert zero[("llm", "detection_auroc")] == 0.74 and len(zero) == 4
     assert best_explanations(merged).loc[0, "score"] == 0.81
     on_f1 = best_explanations(merged, score_names=["f1"])
-    assert on_f1.loc[0, "explanation"] == "tokens ' tax', ' taxes'" and on_f1.loc[0, "score"] == 0.62
+    assert on_f1.loc[0, "explanation"] == "tokens ' tax', ' taxes'"
+    assert on_f1.loc[0, "score"] == 0.62
     only_detection = best_explanations(merged, score_names=["detection_auroc"])
     assert only_detection["latent"].tolist() == [0]
 

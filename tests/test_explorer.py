@@ -223,7 +223,7 @@ def test_styles_stay_inside_the_widget(explorer):
             assert selector.strip().startswith(".sae-nb-explorer "), selector
 
 
-# -- issue 12 ---------------------------------------------------------------------------------
+# -- what a person sees and does in the browser -----------------------------------------------
 
 def second_alive(stats, other: int) -> int:
     """An alive latent whose histogram differs from ``other``'s."""
@@ -233,7 +233,7 @@ def second_alive(stats, other: int) -> int:
 
 def test_reloaded_page_gets_the_shown_latents_histogram(explorer, setup):
     """A reloaded page rebuilds the figure from the widget's synced state, not from the
-    messages that updated it: that state must hold the latent shown (point 8)."""
+    messages that updated it: that state must hold the latent shown."""
     _, _, stats = setup
     latent = second_alive(stats, explorer.latent)
     explorer.number.value = latent
@@ -302,8 +302,8 @@ def test_empty_text_says_what_to_do_and_clears_the_last_result(explorer):
 
 
 def test_default_order_puts_dense_and_outlier_latents_last(setup, llama):
-    """The first latents shown are not the dense ones nor the max-activation outliers (point 2);
-    a switch shows them in plain sort order."""
+    """The first latents shown are not the dense ones nor the max-activation outliers; a
+    switch shows them in plain sort order."""
     store, sae, stats = setup
     planted = dataclasses.replace(stats, max_act=stats.max_act.copy(),
                                   density=stats.density.copy())
@@ -343,7 +343,7 @@ def test_prev_and_next_step_one_rank(explorer, setup):
 
 
 def test_logit_table_says_what_its_values_are(explorer):
-    """Point 3: the logit values (about +-100 to 220) come with their scale."""
+    """The logit values (about +-100 to 220) come with their scale."""
     def texts(widget):
         if isinstance(widget, ipywidgets.HTML) and not widget.value.startswith("<style>"):
             yield widget.value
@@ -365,8 +365,8 @@ def brute_caption(stats, store, tokenizer, latent: int, n: int = 2) -> str:
 
 def test_text_box_lists_latents_with_captions_tokens_and_unclipped_fractions(explorer, setup,
                                                                              llama):
-    """Point 6: each listed latent has its top tokens and the token of the text it fires on
-    most; "of its max" is peak / store max unclipped (several rows read 100% before), by it."""
+    """Each listed latent has its top tokens and the token of the text it fires on most;
+    "of its max" is peak / store max unclipped (several rows read 100% before), by it."""
     store, sae, stats = setup
     codes = direct_codes(llama, sae, TEXT).numpy()  # (T, F)
     tokens = [llama.tokenizer.decode([t]) for t in llama.tokenizer(TEXT, add_special_tokens=False)
@@ -399,7 +399,7 @@ def test_text_box_lists_latents_with_captions_tokens_and_unclipped_fractions(exp
 
 
 def test_summary_and_search_menu_show_captions(explorer, setup, llama):
-    """Point 6: the summary and the search matches name each latent's top tokens."""
+    """The summary and the search matches name each latent's top tokens."""
     store, sae, stats = setup
     latent = int(np.argmax(stats.max_act))
     caption = brute_caption(stats, store, llama.tokenizer, latent)
@@ -414,8 +414,8 @@ def test_summary_and_search_menu_show_captions(explorer, setup, llama):
 
 
 def test_display_bundle_carries_a_static_snapshot(explorer, setup, llama):
-    """Point 9: an executed notebook opened without the widget's kernel shows the richest
-    non-widget output: a snapshot of the latent shown (no script), not the VBox repr."""
+    """An executed notebook opened without the widget's kernel shows the richest non-widget
+    output: a snapshot of the latent shown (no script), not the VBox repr."""
     store, sae, stats = setup
     latent = int(np.argmax(stats.max_act))
     explorer.number.value = latent
@@ -517,8 +517,8 @@ def hand_explanations(stats) -> tuple[int, int, object]:
 
 
 def test_every_latent_shown_carries_its_best_explanation(setup, llama):
-    """Issue 14 point 5: the summary, the menus, the links and the text table show the best
-    explanation and its score; a control or failed row never does."""
+    """The summary, the menus, the links and the text table show the best explanation and
+    its score; a control or failed row never does."""
     store, sae, stats = setup
     tax, days, table = hand_explanations(stats)
     ex = FeatureExplorer(stats, store, sae, model=llama, n_contexts=4, skip_unusual=False,
@@ -546,8 +546,8 @@ def test_every_latent_shown_carries_its_best_explanation(setup, llama):
 
 
 def test_meaning_search_lists_latents_by_explanation(setup, llama, tmp_path):
-    """Issue 14 point 4: a meaning query fills its menu with latents and similarities, the
-    explained latent first, and shows it; the index is cached in the explanations folder."""
+    """A meaning query fills its menu with latents and similarities, the explained latent
+    first, and shows it; the index is cached in the explanations folder."""
     from sae_nb.explanations.meaning import MeaningIndex
     from sae_nb.explanations.tables import save_explanations
 

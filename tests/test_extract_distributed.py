@@ -1,4 +1,4 @@
-"""Sharded extraction (issue 15): N processes over gloo write one store that reads exactly like a
+"""Sharded extraction: N processes over gloo write one store that reads exactly like a
 single-process store; a killed multi-process run resumes to the identical store.
 
 The processes are real: ``python -m sae_nb extract`` started twice with torchrun's environment
@@ -188,7 +188,7 @@ def test_a_killed_two_rank_extraction_resumes_to_the_identical_store(two_rank_ru
         sae_nb.open_stores(run_dir)
     with pytest.warns(UserWarning, match=r"on 2 processes stopped with \d+ rows in the parts"):
         killed = sae_nb.open_stores(run_dir, allow_partial=True)
-    for site, store in killed.items():
+    for store in killed.values():
         assert not store.manifest["complete"] and store.manifest["pending"]["world_size"] == 2
     part = run_dir / "activations" / SITES[1] / PARTS / "part_000000010_000000020"
     assert list(part.glob("*.tmp")), "the kill should leave a half-written temporary file"

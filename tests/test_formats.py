@@ -53,7 +53,8 @@ def check(sae, x, ref_encode, ref_decode, ref_forward=None):
 def dl_state(dict_class):
     enc_w, enc_b, dec_w = r(F, D), r(F) * 0.1, r(D, F)
     if dict_class == "AutoEncoder":
-        return {"bias": r(D), "encoder.weight": enc_w, "encoder.bias": enc_b, "decoder.weight": dec_w}
+        return {"bias": r(D), "encoder.weight": enc_w, "encoder.bias": enc_b,
+                "decoder.weight": dec_w}
     if dict_class == "AutoEncoderNew":
         return {"encoder.weight": enc_w, "encoder.bias": enc_b, "decoder.weight": dec_w,
                 "decoder.bias": r(D)}
@@ -178,7 +179,8 @@ def saelens_reference(arch, w, apply_b_dec=True):
     if arch == "gated":
         def encode(x):
             p = pre(x)
-            return (p + w["b_gate"] > 0).float() * torch.relu(p * torch.exp(w["r_mag"]) + w["b_mag"])
+            return ((p + w["b_gate"] > 0).float()
+                    * torch.relu(p * torch.exp(w["r_mag"]) + w["b_mag"]))
         return encode, dec
     if arch == "standard":
         return lambda x: torch.relu(pre(x) + w["b_enc"]), dec
@@ -222,7 +224,8 @@ def test_saelens(tmp_path, arch, generation):
     sae = load_dictionary(tmp_path)
     check(sae, x_batch(), *saelens_reference(arch, w, apply_b_dec))
     assert sae.metadata["format"] == "saelens" and sae.metadata["model"] == "gpt2"
-    assert sae.metadata["hook"] == "blocks.4.hook_mlp_out" and sae.metadata["site"] == "mlp_out_layer4"
+    assert sae.metadata["hook"] == "blocks.4.hook_mlp_out"
+    assert sae.metadata["site"] == "mlp_out_layer4"
 
 
 def test_saelens_scaling_factor_not_ones_refused(tmp_path):
@@ -337,10 +340,11 @@ def test_openai_topk_normalised(tmp_path):
     assert sae.metadata["hook"] == "blocks.8.hook_resid_post"
 
 
-# The layouts OpenAI published for GPT-2 small (sparse_autoencoder/paths.py: v1, v4, v5_32k,
-# v5_128k under az://openaipublic/sparse-autoencoder/gpt2-small/): relative path -> our site
-# and the TransformerLens hook of the README's table. resid_post_attn (hook_resid_mid) and
-# mlp_post_act (mlp.hook_post) have no named site: they map to GPT-2 module paths.
+# The layouts OpenAI published for GPT-2 small (the ``paths`` module of openai/sparse_autoencoder:
+# v1, v4, v5_32k, v5_128k under az://openaipublic/sparse-autoencoder/gpt2-small/): relative path
+# -> our site and its TransformerLens hook (sae_nb.activations.sites.hook_name). resid_post_attn
+# (hook_resid_mid) and mlp_post_act (mlp.hook_post) have no named site: they map to GPT-2 module
+# paths.
 OPENAI_LAYOUTS = [
     ("resid_post_mlp_v5_32k/autoencoders/6.pt", "resid_out_layer6", "blocks.6.hook_resid_post"),
     ("resid_post_mlp_v5_128k/autoencoders/8.pt", "resid_out_layer8", "blocks.8.hook_resid_post"),

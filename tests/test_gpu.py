@@ -37,7 +37,8 @@ def test_extraction_on_gpu_matches_cpu(model_dirs, corpus_dir, tmp_path):
 @pytest.mark.parametrize("autocast", [False, True])
 def test_training_runs_on_cuda(arch, autocast):
     g = torch.Generator().manual_seed(0)
-    x = (torch.rand(4096, 48, generator=g) * (torch.rand(4096, 48, generator=g) < 0.1)) @ torch.randn(48, 32, generator=g)
+    x = ((torch.rand(4096, 48, generator=g) * (torch.rand(4096, 48, generator=g) < 0.1))
+         @ torch.randn(48, 32, generator=g))
     batches = (b for _ in range(20) for b in x.split(256))
     res = train_dictionary(batches, architecture=arch, d_sae=128, k=8, total_tokens=256 * 150,
                            lr=3e-3, l1_coefficient=0.05, device="cuda", autocast=autocast,

@@ -1,8 +1,8 @@
 """Splicing with the error term and latent edits (sae_nb.interventions.splice), on the tiny models.
 
 Expected values come from elsewhere: the clean model run without any hook, a hand-written hook
-that adds ``alpha * W_dec[i]``, the nnsight splice of sae_nb.training.evaluate, causality (an edit from
-position p on leaves earlier logits alone)."""
+that adds ``alpha * W_dec[i]``, the nnsight splice of sae_nb.training.evaluate, causality (an
+edit from position p on leaves earlier logits alone)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def clean_logits(model, ids):
 def codes_at_site(model, sae, ids):
     acts = {}
     block = hf_model(model).get_submodule(Splice(model, sae).site.module)
-    h = block.register_forward_hook(lambda m, a, o: acts.setdefault("x", o[0] if isinstance(o, tuple) else o))
+    h = block.register_forward_hook(
+        lambda m, a, o: acts.setdefault("x", o[0] if isinstance(o, tuple) else o))
     try:
         clean_logits(model, ids)
     finally:
@@ -112,7 +113,8 @@ def test_steer_latent_adds_alpha_times_its_decoder_row(llama):
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
     # the same as steering along the raw direction W_dec[i] by alpha * |W_dec[i]|
     norm = float(sae.W_dec[i].detach().norm())
-    raw = edited_logits(llama, ids, Splice(llama, sae, [steer_direction(sae.W_dec[i], alpha * norm)]))
+    raw = edited_logits(llama, ids,
+                        Splice(llama, sae, [steer_direction(sae.W_dec[i], alpha * norm)]))
     assert torch.allclose(raw, expected, atol=1e-5, rtol=0)
 
 

@@ -1,4 +1,4 @@
-"""Atomic writers and file names (sae_nb/io.py)."""
+"""Atomic writers and file names (sae_nb.util.io)."""
 
 from __future__ import annotations
 

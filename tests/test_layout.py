@@ -12,12 +12,15 @@ is a function of a package folder, run on the real package and on planted packag
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+import sae_nb
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sae_nb"
@@ -102,8 +105,8 @@ def layout_problems(root: Path) -> list[str]:
     for name in mods:
         top = name.split(".")[0]
         if "." not in name and name not in FACE and name not in FOLDERS:
-            problems.append(f"{name}: a module at the top or an unplaced folder (put it in a folder "
-                            f"of FOLDERS, or place its folder there)")
+            problems.append(f"{name}: a module at the top or an unplaced folder (put it in a "
+                            f"folder of FOLDERS, or place its folder there)")
         elif top not in FACE and top not in FOLDERS:
             problems.append(f"{name}: folder {top!r} is not in FOLDERS")
     edges: dict[str, set[str]] = {}
@@ -153,7 +156,6 @@ def test_the_real_package_keeps_its_layout():
     assert top == FACE, f"only the face sits at the top of sae_nb/: {top}"
 
 
-@pytest.mark.xfail(strict=True, reason="the comments land in the next commit")
 def test_every_function_level_import_says_why():
     missing = lazy_imports_without_reason(PACKAGE)
     assert not missing, ("a function-level import needs a comment saying why it is not at the "
@@ -273,24 +275,19 @@ def test_import_sae_nb_stays_light_and_offers_every_name():
     """``import sae_nb`` loads no widget, figure, notebook-runner or embedding library; the names
     of ``sae_nb.LAZY`` resolve on first use to the very objects of their modules."""
     heavy = ["plotly", "ipywidgets", "papermill", "sentence_transformers", "sklearn", "nnsight"]
-    probe = ("import sys, sae_nb; print(','.join(m for m in %r if m in sys.modules))" % heavy)
+    probe = f"import sys, sae_nb; print(','.join(m for m in {heavy!r} if m in sys.modules))"
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             check=True, cwd=ROOT).stdout.strip()
     assert loaded == "", f"import sae_nb loaded {loaded}"
-    import importlib
-
-    import sae_nb
-
     assert sae_nb.__all__ and all(hasattr(sae_nb, n) for n in sae_nb.__all__)
     wrong = [f"{m}.{n}" for n, m in sae_nb.LAZY.items()
              if getattr(sae_nb, n) is not getattr(importlib.import_module(f"sae_nb.{m}"), n)]
     assert not wrong, wrong
     assert set(sae_nb.LAZY) <= set(dir(sae_nb))
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        sae_nb.no_such_name
+        _ = sae_nb.no_such_name
 
 
-@pytest.mark.xfail(strict=True, reason="the cleanup lands in the next commit")
 def test_ruff_is_clean():
     """The linter configured in pyproject.toml finds nothing in the package, the tests, the
     benchmarks or the notebooks."""

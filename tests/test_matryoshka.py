@@ -30,7 +30,8 @@ def data(n=2048, d=D, seed=0, density=0.08) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(48, d, generator=g)
     freq = torch.linspace(0.25, 0.01, 48)  # a few frequent features, many rare ones
-    codes = torch.rand(n, 48, generator=g) * (torch.rand(n, 48, generator=g) < freq * density / 0.08)
+    codes = (torch.rand(n, 48, generator=g)
+             * (torch.rand(n, 48, generator=g) < freq * density / 0.08))
     return codes @ dirs + 0.5
 
 
@@ -78,7 +79,8 @@ def test_loss_equals_brute_force_sum_over_prefixes():
     for widths, sparse in itertools.product((WIDTHS, (5, 64), (64,)), (False, True)):
         step = batchtopk_step(sae, x, x, None, 8, 1 / 32, update_threshold=False,
                               matryoshka_widths=widths, sparse=sparse)
-        assert float(step.loss.detach()) == pytest.approx(brute_force_loss(sae, x, widths), rel=1e-5)
+        assert float(step.loss.detach()) == pytest.approx(brute_force_loss(sae, x, widths),
+                                                          rel=1e-5)
         assert float(step.mse) == pytest.approx(brute_force_loss(sae, x, (F,)), rel=1e-5)
     # The per-prefix figures sum to the loss, the smallest prefix reconstructs worst here.
     parts = matryoshka_prefix_losses(sae, x, WIDTHS)

@@ -2,8 +2,9 @@
 
 The smoke runs execute the real notebooks in number order with papermill, sharing one run
 folder, with the notebooks folder as working directory: the same code users run, with smaller
-numbers (``sae_nb.running.notebooks.SMOKE_PARAMETERS``). Notebook 01 uses the real default model, so the
-converted SmolLM2 must be in the cache (``python -m sae_nb setup`` once, or ``SAE_NB_CACHE``).
+numbers (``sae_nb.running.notebooks.SMOKE_PARAMETERS``). Notebook 01 uses the real default model,
+so the converted SmolLM2 must be in the cache (``python -m sae_nb setup`` once, or
+``SAE_NB_CACHE``).
 The pipeline's own behaviour is tested on tiny throwaway notebooks that load no model.
 """
 
@@ -186,7 +187,8 @@ def check_07_intervene(run_dir: Path, values: dict) -> None:
     methods = sweep["method"].unique().tolist()
     assert len(methods) == 4 and methods[0].startswith("latent ")
     assert methods[1:] == ["probe direction", "difference of means", "random direction"]
-    assert sweep.groupby("method")["coefficient"].apply(list).tolist() == [values["coefficients"]] * 4
+    coefficients = sweep.groupby("method")["coefficient"].apply(list).tolist()
+    assert coefficients == [values["coefficients"]] * 4
     assert (sweep["shift_se"] >= 0).all()
     assert (sweep["kl"] >= 0).all() and sweep["score"].between(0, 1).all()
     generations = pd.read_csv(out / "steering_generations.csv")
@@ -238,7 +240,8 @@ def check_08_explain(run_dir: Path, values: dict) -> None:
     assert len(figures) == 1  # the score distributions per method and control
     printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
     assert "Best: " in printed and "detection_auroc" in printed  # the verdict, with numbers
-    (explorer,) = [c for c in executed.cells if c.source.startswith("effects = logit_effects")]
+    (explorer,) = [c for c in executed.cells
+                   if c.source.startswith("effects = sae_nb.logit_effects")]
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
                for o in explorer.outputs)
 
@@ -267,7 +270,8 @@ def check_09_compare(run_dir: Path, values: dict) -> None:
     assert agree["spearman"].between(-1, 1).all()
     assert (out / "pareto.html").exists() and (out / "real_comparison.csv").exists()
     absorbed = pd.read_csv(out / "task_absorption.csv")  # one row per architecture x property
-    assert len(absorbed) == n_arch * 3 and absorbed["absorption_fraction"].dropna().between(0, 1).all()
+    assert len(absorbed) == n_arch * 3
+    assert absorbed["absorption_fraction"].dropna().between(0, 1).all()
     executed = nbformat.read(run_dir / "09_compare.ipynb", as_version=4)
     figures = [o for c in executed.cells for o in c.get("outputs", [])
                if "application/vnd.plotly.v1+json" in o.get("data", {})]
@@ -376,7 +380,8 @@ def tiny_notebooks(tmp_path: Path) -> Path:
                    "import os\nassert os.path.exists(os.path.join(run_dir, 'first.json'))",
                    "NAME = 'second'\n" + RECORD)
     write_notebook(folder, "10_fails.ipynb", 'run_dir = "."  # output folder', "x = 1", "1 / 0")
-    write_notebook(folder, "20_dies.ipynb", 'run_dir = "."  # output folder', "import os; os._exit(1)")
+    write_notebook(folder, "20_dies.ipynb", 'run_dir = "."  # output folder',
+                   "import os; os._exit(1)")
     return folder
 
 

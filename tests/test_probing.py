@@ -259,7 +259,7 @@ def direct_pooled(model, texts, layer, dictionary=None):
         ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
         got = []
         hook = hf.model.layers[layer].register_forward_hook(
-            lambda m, i, o: got.append(o[0] if isinstance(o, tuple) else o))
+            lambda m, i, o, got=got: got.append(o[0] if isinstance(o, tuple) else o))
         with torch.no_grad():
             hf(torch.tensor([ids]))
         hook.remove()

@@ -62,7 +62,7 @@ def assert_same_stores(run_dir: Path, reference: Path) -> None:
         assert got[site][0] == want[site][0], f"{site}: activations differ"
         assert got[site][1] == want[site][1], f"{site}: index differs"
         assert got[site][2] == want[site][2], f"{site}: shard layout differs"
-    for site, store in sae_nb.open_stores(run_dir).items():
+    for store in sae_nb.open_stores(run_dir).values():
         assert store.manifest["complete"]
         assert not list(store.path.glob("*.tmp"))
 
@@ -188,7 +188,8 @@ def test_sigkill_mid_shard_then_resume_is_byte_identical(llama, model_dirs, corp
         child.stderr.close()
     second = run_dir / "activations" / SITES[1]
     assert list(second.glob("*.tmp")), "the kill should leave a half-written temporary file"
-    killed = {site: s.manifest for site, s in sae_nb.open_stores(run_dir, allow_partial=True).items()}
+    killed = {site: s.manifest
+              for site, s in sae_nb.open_stores(run_dir, allow_partial=True).items()}
     assert [len(killed[s]["shards"]) for s in SITES] == [4, 3]
     assert not any(m["complete"] for m in killed.values())
 

@@ -1,5 +1,5 @@
-"""Executable explanations (sae_nb.explanations.rules) on tiny synthetic stores, against planted truths and
-a brute force.
+"""Executable explanations (sae_nb.explanations.rules) on tiny synthetic stores, against planted
+truths and a brute force.
 
 The planted store's activations are one-hot codes of each row's token and previous token plus
 small integer noise, and a ReLU dictionary reads them exactly: latent 0 fires on one token,

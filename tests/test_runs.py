@@ -1,5 +1,5 @@
 """choose_run_dir: an empty run_dir reads the interactive run folder when notebook 01 wrote
-there, else the main job's (issue 12, point 1: Run All right after the main job)."""
+there, else the main job's (so Run All right after the main job reads its outputs)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_empty_run_dir_reads_the_main_jobs_run_after_the_main_job(tmp_path, monk
 
 @pytest.mark.slow  # runs a notebook in a kernel
 def test_executed_notebook_saves_progress_bars_as_they_ended(tmp_path):
-    """Point 10: a tqdm bar saved in an executed notebook read ``0% 0/272`` (its text when it
+    """A tqdm bar saved in an executed notebook read ``0% 0/272`` (its text when it
     appeared); the main job's run_notebook rewrites it from the widget state it ended in."""
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell('run_dir = ""', metadata={"tags": ["parameters"]}),
@@ -57,8 +57,8 @@ def test_executed_notebook_saves_progress_bars_as_they_ended(tmp_path):
 
 
 def test_write_only_notebooks_write_beside_the_run_they_would_read(tmp_path, monkeypatch):
-    """Point 4 (03 and 04 only write): an empty run_dir follows the run folder notebooks 02, 05
-    and 06 read, and is the interactive folder on a fresh clone."""
+    """Notebooks 03 and 04 only write: an empty run_dir follows the run folder notebooks 02,
+    05 and 06 read, and is the interactive folder on a fresh clone."""
     notebooks = tmp_path / "notebooks"
     notebooks.mkdir()
     monkeypatch.chdir(notebooks)
@@ -75,7 +75,7 @@ WRITERS = ["03_load_pretrained", "04_probe"]
 
 @pytest.mark.parametrize("stem", READERS + WRITERS)
 def test_notebooks_choose_their_run_folder_after_the_main_job(stem, tmp_path, monkeypatch):
-    """Point 4: Run All after the main job. Each notebook's run_dir defaults to empty and its
+    """Run All after the main job. Each notebook's run_dir defaults to empty and its
     first cell that uses run_dir chooses the folder (and prints why); the chosen folder after
     the main job is the main job's."""
     nb = nbformat.read(NOTEBOOKS_DIR / f"{stem}.ipynb", as_version=4)

@@ -1,4 +1,5 @@
-"""Steering sweeps (sae_nb.interventions.steering) on the tiny models, with a target computed by hand."""
+"""Steering sweeps (sae_nb.interventions.steering) on the tiny models, with a target computed by
+hand."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def test_sweep_rows_match_separate_runs(llama):
             alone = [generate(llama, p, sae, m.edits(c), max_new_tokens=6)[0] for p in prompts]
             clean = [generate(llama, p, max_new_tokens=6)[0] for p in prompts]
             assert row.score == pytest.approx(share_of_e(alone).mean())
-            assert row["shift"] == pytest.approx(share_of_e(alone).mean() - share_of_e(clean).mean())
+            assert row["shift"] == pytest.approx(share_of_e(alone).mean()
+                                                 - share_of_e(clean).mean())
             paired = share_of_e(alone) - share_of_e(clean)  # the same prompt steered and clean
             assert row.shift_se == pytest.approx(paired.std(ddof=1) / np.sqrt(len(prompts)))
             fx = side_effects(llama, sae, m.edits(c), neutral)
@@ -72,14 +74,16 @@ def test_site_scale_is_the_median_token_norm(llama):
     ids = prompt_tokens(llama, PROMPT)
     from sae_nb.activations.models import hf_model
     seen = {}
-    h = hf_model(llama).model.layers[1].register_forward_hook(lambda m, a, o: seen.setdefault("x", o))
+    h = hf_model(llama).model.layers[1].register_forward_hook(
+        lambda m, a, o: seen.setdefault("x", o))
     try:
         with torch.no_grad():
             hf_model(llama)(input_ids=ids)
     finally:
         h.remove()
     x = seen["x"][0] if isinstance(seen["x"], tuple) else seen["x"]
-    assert site_scale(llama, sae, ids) == pytest.approx(float(x[0, 1:].norm(dim=-1).median()), rel=1e-5)
+    assert site_scale(llama, sae, ids) == pytest.approx(float(x[0, 1:].norm(dim=-1).median()),
+                                                        rel=1e-5)
 
 
 def test_probe_direction_recovers_the_separating_direction():

@@ -118,7 +118,8 @@ def test_the_latent_picker_shows_each_latents_best_explanation(llama, searchable
     other = int(np.argsort(stats.max_act)[-2])
     table = pd.DataFrame({"latent": [latent, latent, latent, other],
                           "method": ["rule", "llm", "rule:control", "rule"],
-                          "explanation": ["tokens ' z'", "the letter zed", "control text", "digits"],
+                          "explanation": ["tokens ' z'", "the letter zed", "control text",
+                                          "digits"],
                           "score": [0.9, 0.4, 0.95, 0.7], "score_name": ["f1", "f1", "f1", "f1"],
                           "error": ["", "", "", ""]})
     w = SteeringWidget(llama, sae, prompt=PROMPT, latent=latent, scale=5.0, stats=stats,

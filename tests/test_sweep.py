@@ -16,11 +16,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sae_nb.__main__ import main
+from sae_nb.__main__ import build_parser, given, main
 from sae_nb.running.notebooks import PipelineError
 from sae_nb.running.sweep import (
+    LOCK_NAME,
     MANIFEST,
     METRICS_TABLE,
+    Sweep,
+    SweepOptions,
     combination_name,
     combinations,
     failed_cell,
@@ -29,6 +32,7 @@ from sae_nb.running.sweep import (
     recorded_metrics,
     sweep_pareto,
 )
+from sae_nb.util.io import hold_lock
 
 PARAMETERS = 'k = 1\nmode = "a"\nsleep = 0.0\ncounter = ""\nrun_dir = ""\n'
 BODY = [
@@ -100,6 +104,24 @@ def test_bad_parameter_from_the_command_line_names_the_value(capsys):
     assert "k=[16,32" in err and "not a valid Python literal" in err
 
 
+def test_the_command_lines_options_are_sweep_options_fields(capsys):
+    """-p repeated or given several values at once, the defaults SweepOptions' own; a bad
+    --jobs is refused by name before anything runs; --only is required."""
+    parser = build_parser()
+    repeated = parser.parse_args(["sweep", "--only", "02", "-p", "k=[1,2]", "-p", "lr=0.1"])
+    together = parser.parse_args(["sweep", "--only", "02", "-p", "k=[1,2]", "lr=0.1"])
+    assert SweepOptions(**given(repeated, SweepOptions)) == \
+        SweepOptions(**given(together, SweepOptions)) == SweepOptions("02", ["k=[1,2]", "lr=0.1"])
+    assert SweepOptions("02").link == ("activations",) and SweepOptions("02").jobs == 1
+    assert main(["sweep", "--only", "02", "--jobs", "0"]) == 1
+    assert "jobs=0 must be at least 1" in capsys.readouterr().err
+    assert main(["sweep", "--only", "02", "--jobs", "two"]) == 1
+    assert "jobs='two' is not a whole number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", "-p", "k=[1,2]"])
+    assert "--only" in capsys.readouterr().err
+
+
 def test_repeated_name_is_an_error():
     with pytest.raises(PipelineError, match="given twice"):
         parse_grid(["k=[1]", "k=2"])
@@ -138,9 +160,6 @@ def test_failed_cell_counts_cells_as_committed(tmp_path):
 
 
 def test_a_second_sweep_into_a_busy_folder_is_refused(tmp_path):
-    from sae_nb.running.sweep import LOCK_NAME, Sweep
-    from sae_nb.util.io import hold_lock
-
     notebook = write_notebook(tmp_path / "notebooks")
     (tmp_path / "grid").mkdir()
     lock = hold_lock(tmp_path / "grid" / LOCK_NAME)
@@ -253,8 +272,6 @@ def test_sweep_of_notebook_02_over_a_base_run(tmp_path):
 
 @pytest.mark.slow  # starts a kernel that dies
 def test_a_dead_kernel_is_recorded_with_the_workers_message(tmp_path):
-    from sae_nb.running.sweep import Sweep
-
     notebook = write_notebook(tmp_path / "notebooks")
     nb = nbformat.read(notebook, as_version=4)
     nb.cells.insert(2, nbformat.v4.new_code_cell("import os\nif k == 9:\n    os._exit(3)"))

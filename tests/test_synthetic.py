@@ -89,7 +89,8 @@ def test_magnitudes_have_their_planted_mean():
     codes = lab.codes.tocsc()
     for f in range(5):
         values = codes[:, f].data
-        assert values.mean() == pytest.approx(lab.magnitudes[f], rel=4 * 0.3 / np.sqrt(len(values)) + 0.01)
+        assert values.mean() == pytest.approx(lab.magnitudes[f],
+                                              rel=4 * 0.3 / np.sqrt(len(values)) + 0.01)
     assert lab.magnitudes.std() > 0.3  # the per-feature spread
 
 

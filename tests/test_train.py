@@ -510,12 +510,14 @@ def test_settings_from_notebook_parameters_are_checked_by_name():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_gradient_norm_reaching_adam_is_clipped_and_the_log_keeps_the_norm_before(arch, monkeypatch):
+def test_gradient_norm_reaching_adam_is_clipped_and_the_log_keeps_the_norm_before(
+        arch, monkeypatch):
     seen = []  # the global gradient norm each Adam step receives
     step = torch.optim.Adam.step
 
     def spy(self, *a, **kw):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for group in self.param_groups for p in group["params"]
+                 if p.grad is not None]
         seen.append(float(torch.cat([g.flatten() for g in grads]).norm()))
         return step(self, *a, **kw)
 

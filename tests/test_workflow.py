@@ -226,7 +226,8 @@ def test_checkpoint_dir_resumes_the_same_run_and_refuses_another(tmp_path: Path,
     assert checkpoint_dir(tmp_path, "another", changed).endswith("another")
 
 
-def test_a_checkpoint_from_before_clipping_is_refused_by_name_and_resumes_unclipped(tmp_path, store):
+def test_a_checkpoint_from_before_clipping_is_refused_by_name_and_resumes_unclipped(
+        tmp_path, store):
     split = heldout_split(store, 20, 0)
     old = TrainConfig(expansion=2, k=2, total_tokens=64, checkpoint_every=2, device="cpu",
                       metadata=split.metadata(16), grad_clip_norm=None)

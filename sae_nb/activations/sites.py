@@ -34,7 +34,8 @@ class Family:
 
 FAMILIES = {
     "llama": Family(layers="model.layers", embed="model.embed_tokens", attn="self_attn", mlp="mlp"),
-    "gpt_neox": Family(layers="gpt_neox.layers", embed="gpt_neox.embed_in", attn="attention", mlp="mlp"),
+    "gpt_neox": Family(layers="gpt_neox.layers", embed="gpt_neox.embed_in", attn="attention",
+                       mlp="mlp"),
     # GPT-2 adds position embeddings to token embeddings; `drop` sees the sum (hook_resid_pre.0).
     "gpt2": Family(layers="transformer.h", embed="transformer.drop", attn="attn", mlp="mlp"),
 }

@@ -46,7 +46,7 @@ STORE_FORMAT = "sae_nb.activation_store"
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
 LOCK_FILE = "writer.lock"  # held (flock) by the one writer of a store; names it
-PARTS = "parts"  # sub-folder of the parts a multi-process extraction writes (sae_nb/shards.py)
+PARTS = "parts"  # sub-folder of a multi-process extraction's parts (sae_nb.activations.shards)
 # Per row: the token id (-1 in sentence mode), its document and position in the document's
 # tokens, and the context (token mode) or sentence (sentence mode) it belongs to, with its
 # offset inside that context (-1 in sentence mode).
@@ -355,7 +355,8 @@ class ActivationStore:
 
     def __repr__(self) -> str:
         m = self.manifest
-        return f"ActivationStore({m['model']!r}, {m['site']!r}, rows={len(self)}, d={self.d}, dtype={m['dtype']})"
+        return (f"ActivationStore({m['model']!r}, {m['site']!r}, rows={len(self)}, d={self.d}, "
+                f"dtype={m['dtype']})")
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest
@@ -387,7 +388,8 @@ class ActivationStore:
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"Rows must lie in 0..{len(self) - 1}.")
         shard_of = np.searchsorted(self._starts, rows, side="right") - 1
-        out = np.empty((len(rows),) + arrays[0].shape[1:], dtype=arrays[0].dtype) if arrays else None
+        out = (np.empty((len(rows),) + arrays[0].shape[1:], dtype=arrays[0].dtype) if arrays
+               else None)
         for shard in np.unique(shard_of):
             pick = np.nonzero(shard_of == shard)[0]
             local = rows[pick] - self._starts[shard]
@@ -417,7 +419,8 @@ class ActivationStore:
             stop = len(order) - (len(order) % batch_size if drop_last else 0)
             for start in range(0, stop, batch_size):
                 pick = order[start : start + batch_size]
-                yield torch.from_numpy(self._gather(pick, self._acts)).to(device=device, dtype=dtype)
+                batch = torch.from_numpy(self._gather(pick, self._acts))  # (B, d)
+                yield batch.to(device=device, dtype=dtype)
 
     def chunks(self, rows_per_chunk: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         """Sequential ``(first_row, array)`` chunks, for streaming passes over the store."""

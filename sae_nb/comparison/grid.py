@@ -1,20 +1,21 @@
 """Which dictionary is better? A small grid of architectures x k x seeds, trained and scored
-with its noise (issue 16 points 3 and 8; notebook 09).
+with its noise (notebook 09).
 
 :func:`train_grid` trains every (architecture, k, seed) on a synthetic lab
-(:class:`sae_nb.comparison.synthetic.Lab`) or on a real store's :class:`sae_nb.activations.split.HeldoutSplit`, and
-returns a :class:`Grid`: the dictionaries and a tidy table, one row per run, of
+(:class:`sae_nb.comparison.synthetic.Lab`) or on a real store's
+:class:`sae_nb.activations.split.HeldoutSplit`, and returns a :class:`Grid`: the dictionaries
+and a tidy table, one row per run, of
 
 - on both: ``fvu`` and ``l0`` on the held-out rows, with each run's held-out bootstrap interval
   (``fvu_boot_low`` ...; resamples of whole contexts on a store);
 - on a store, given the model: ``ce_loss_recovered`` on the held-out CE contexts, its bootstrap
   over those contexts (the clean and zero-ablated losses are computed once for the grid);
-- on a lab: the recovery scores of :func:`sae_nb.comparison.recovery.score_recovery` on the held-out rows
-  (``mcc``, ``mean_max_cos``, ``f1``, ``absorption``, ``shrinkage`` ...).
+- on a lab: the recovery scores of :func:`sae_nb.comparison.recovery.score_recovery` on the
+  held-out rows (``mcc``, ``mean_max_cos``, ``f1``, ``absorption``, ``shrinkage`` ...).
 
 :func:`summarize_runs` turns it into one row per (architecture, k) with seed intervals (and the
-mean of the runs' bootstrap bounds); :func:`sae_nb.comparison.uncertainty.compare` marks differences
-within the noise; :func:`agreement` gives, across the grid's runs, the Spearman rank
+mean of the runs' bootstrap bounds); :func:`sae_nb.comparison.uncertainty.compare` marks
+differences within the noise; :func:`agreement` gives, across the grid's runs, the Spearman rank
 correlation of each proxy metric with MCC on the lab.
 """
 
@@ -27,6 +28,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
+from sae_nb.activations.models import Model
 from sae_nb.comparison.recovery import score_recovery
 from sae_nb.comparison.synthetic import Lab
 from sae_nb.comparison.uncertainty import (
@@ -35,6 +37,7 @@ from sae_nb.comparison.uncertainty import (
     row_intervals,
     seed_interval,
 )
+from sae_nb.training.evaluate import splice_loss
 from sae_nb.training.trainer import TrainConfig, train_dictionary
 from sae_nb.util.errors import SaeNbError
 
@@ -85,12 +88,10 @@ def _boot(per_row: dict, groups, n_resamples: int, seed: int) -> dict:
     return out
 
 
-def ce_pieces(model, site: str, tokens: torch.Tensor, replace=None, bos_token_id=None,
+def ce_pieces(model: Model, site: str, tokens: torch.Tensor, replace=None, bos_token_id=None,
               batch_size: int = 8) -> np.ndarray:
     """Per CE context, the summed next-token cross-entropy with the site replaced by
     ``replace`` (None: clean; ``torch.zeros_like``: zero ablation)."""
-    from sae_nb.training.evaluate import splice_loss
-
     sums = []
     for lo in range(0, len(tokens), batch_size):
         ce, _ = splice_loss(model, site, tokens[lo:lo + batch_size], replace,
@@ -100,19 +101,22 @@ def ce_pieces(model, site: str, tokens: torch.Tensor, replace=None, bos_token_id
 
 
 def loss_recovered(zero, spliced, clean) -> float:
-    """(zero - spliced) / (zero - clean) of summed losses: evaluate.ce_metrics's ratio."""
+    """(zero - spliced) / (zero - clean) of summed losses: the ratio of
+    :func:`sae_nb.training.evaluate.ce_metrics`."""
     z, s, c = float(np.sum(zero)), float(np.sum(spliced)), float(np.sum(clean))
     return (z - s) / (z - c) if z != c else float("nan")
 
 
 def train_grid(data, architectures=ARCHITECTURES, ks=(8, 16), seeds=(0, 1), d_sae: int = 1024,
                total_tokens: int = 65536, batch_size: int = 1024, heldout: int = 4096,
-               model=None, n_resamples: int = 200, device: str = "cpu", **config) -> Grid:
+               model: Model | None = None, n_resamples: int = 200, device: str = "cpu",
+               **config) -> Grid:
     """Train every (architecture, k, seed) on ``data`` and score each run (module docstring).
 
-    ``data``: a :class:`~sae_nb.comparison.synthetic.Lab` (its last ``heldout`` rows held out) or a
-    :class:`~sae_nb.activations.split.HeldoutSplit` of a real store (its own held-out rows; ``model``
-    given: CE loss recovered on its CE contexts). ``config``: further TrainConfig fields."""
+    ``data``: a :class:`~sae_nb.comparison.synthetic.Lab` (its last ``heldout`` rows held out)
+    or a :class:`~sae_nb.activations.split.HeldoutSplit` of a real store (its own held-out rows;
+    ``model`` given: CE loss recovered on its CE contexts). ``config``: further TrainConfig
+    fields."""
     if not architectures or not ks or not seeds:
         raise CompareError("train_grid needs at least one architecture, one k and one seed; "
                            f"got {architectures!r}, {ks!r}, {seeds!r}.")
@@ -212,7 +216,8 @@ def readable(summary: pd.DataFrame, metrics, by=("architecture", "k"), digits: i
 
 
 def labelled(summary: pd.DataFrame, by=("architecture", "k")) -> pd.DataFrame:
-    """``summary`` indexed by one readable name per row (``topk k=8``), for uncertainty.compare."""
+    """``summary`` indexed by one readable name per row (``topk k=8``), for
+    :func:`sae_nb.comparison.uncertainty.compare`."""
     names = summary[list(by)].astype(str).agg(lambda r: " ".join(
         f"{c}={v}" if c != "architecture" else v for c, v in zip(by, r)), axis=1)
     return summary.drop(columns=list(by)).set_axis(names.to_numpy(), axis=0)

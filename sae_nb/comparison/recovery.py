@@ -119,7 +119,8 @@ def expected_max_cosine(d: int, n: int) -> float:
 
 
 @torch.no_grad()
-def latent_codes(dictionary: Dictionary, acts, batch_size: int = 4096) -> tuple[sp.csr_matrix, np.ndarray]:
+def latent_codes(dictionary: Dictionary, acts,
+                 batch_size: int = 4096) -> tuple[sp.csr_matrix, np.ndarray]:
     """``(latents (N, F) sparse, x_hat (N, D))``: the dictionary's codes and reconstructions of
     ``acts`` in batches (the codes kept sparse: a wide dictionary over many rows would not fit
     dense)."""
@@ -245,12 +246,14 @@ def score_recovery(dictionary: Dictionary, lab: Lab, rows=None, threshold: float
                           "parent": lab.parent, "latent": latent_of,
                           "cosine": np.where(latent_of >= 0, cos[latent_of, np.arange(n)], 0.0),
                           "max_cosine": cos.max(0), "latent_by_corr": by_corr,
-                          "correlation": np.where(by_corr >= 0, e["corr"][by_corr, np.arange(n)], 0.0)})
+                          "correlation": np.where(by_corr >= 0,
+                                                  e["corr"][by_corr, np.arange(n)], 0.0)})
     feats = pd.concat([feats, det], axis=1)
     absorbed = absorption(e["contrib"], codes, lab.parent, latent_of, e["threshold"])
     x = acts.astype(np.float64)
     err = ((x - recon) ** 2).sum()
-    summary = {"mcc": float(feats["correlation"].sum() / n), "mean_max_cos": float(cos.max(0).mean()),
+    summary = {"mcc": float(feats["correlation"].sum() / n),
+               "mean_max_cos": float(cos.max(0).mean()),
                "hungarian_cos": float(feats["cosine"].sum() / n),
                "precision": float(det["precision"].mean()), "recall": float(det["recall"].mean()),
                "f1": float(det["f1"].mean()), "shrinkage": shrinkage(acts, recon, lab.bias),
@@ -279,7 +282,8 @@ def recovery_intervals(dictionary: Dictionary, lab: Lab, rows=None, n_resamples:
     rows). One row per metric: estimate, low, high."""
     e = _evaluate(dictionary, lab, rows, threshold, batch_size)
     n_rows, n = e["acts"].shape[0], lab.directions.shape[0]
-    a, t = _matched(e["latents"], e["by_corr"]).astype(np.float64), _as_sparse(e["codes"]).astype(np.float64)
+    a = _matched(e["latents"], e["by_corr"]).astype(np.float64)
+    t = _as_sparse(e["codes"]).astype(np.float64)
     parts = {"a": a, "t": t, "aa": a.multiply(a).tocsc(), "tt": t.multiply(t).tocsc(),
              "at": a.multiply(t).tocsc()}
     fire = (_matched(e["contrib"], e["latent_of"]) > e["threshold"]).astype(np.float64)
@@ -314,5 +318,6 @@ def recovery_intervals(dictionary: Dictionary, lab: Lab, rows=None, n_resamples:
     estimate = scores(np.ones(n_rows))
     lo, hi = draws.quantile((1 - level) / 2), draws.quantile((1 + level) / 2)
     return pd.DataFrame({"metric": list(estimate), "estimate": list(estimate.values()),
-                         "low": lo[list(estimate)].to_numpy(), "high": hi[list(estimate)].to_numpy(),
+                         "low": lo[list(estimate)].to_numpy(),
+                         "high": hi[list(estimate)].to_numpy(),
                          "level": level, "resamples": n_resamples})

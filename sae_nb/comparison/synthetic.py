@@ -9,8 +9,9 @@ parent fires, at most one child per parent at a time), and additive Gaussian noi
     x = sum_i c_i * direction_i + bias + noise        c_i = 0 unless feature i fires
 
 :func:`make_lab` returns the activations with the true codes ``c`` (sparse) and directions;
-:func:`write_lab_store` writes the activations as an :class:`~sae_nb.activations.store.ActivationStore` (with
-the truth beside them, :func:`load_lab` reads both back), so every trainer and architecture
+:func:`write_lab_store` writes the activations as an
+:class:`~sae_nb.activations.store.ActivationStore` (with the truth beside them,
+:func:`load_lab` reads both back), so every trainer and architecture
 trains on a lab unchanged, and :mod:`sae_nb.comparison.recovery` scores what they learned.
 """
 
@@ -148,7 +149,8 @@ def zipf_probabilities(n: int, mean_l0: float, exponent: float, cap: float) -> n
     scale_lo, scale_hi = 0.0, mean_l0 / p.min()  # bisect the scale so that sum(min(cap, s p)) = l0
     for _ in range(100):
         mid = (scale_lo + scale_hi) / 2
-        scale_lo, scale_hi = (mid, scale_hi) if np.minimum(cap, mid * p).sum() < mean_l0 else (scale_lo, mid)
+        scale_lo, scale_hi = ((mid, scale_hi) if np.minimum(cap, mid * p).sum() < mean_l0
+                              else (scale_lo, mid))
     return np.minimum(cap, scale_hi * p)
 
 
@@ -177,14 +179,16 @@ def plan(config: LabConfig) -> dict[str, np.ndarray]:
             "parent": parent, "group": group, "bias": bias.astype(np.float32)}
 
 
-def sample_codes(config: LabConfig, truth: dict, rows: int, rng: np.random.Generator) -> sp.csr_matrix:
+def sample_codes(config: LabConfig, truth: dict, rows: int,
+                 rng: np.random.Generator) -> sp.csr_matrix:
     """``(rows, F)`` sparse true codes: who fires (copula, then hierarchy) and how strongly."""
     c, p, parent, group = config, truth["probabilities"], truth["parent"], truth["group"]
     z = rng.standard_normal((rows, c.n_features), dtype=np.float32)  # (R, F)
     if c.n_groups:
         shared = rng.standard_normal((rows, c.n_groups), dtype=np.float32)  # (R, G)
         g = group >= 0
-        z[:, g] = np.sqrt(c.correlation) * shared[:, group[g]] + np.sqrt(1 - c.correlation) * z[:, g]
+        z[:, g] = (np.sqrt(c.correlation) * shared[:, group[g]]
+                   + np.sqrt(1 - c.correlation) * z[:, g])
     fire = z > norm.isf(np.clip(p, 1e-12, 1 - 1e-12)).astype(np.float32)  # P = p_i
     kids = np.nonzero(parent >= 0)[0]
     if len(kids):
@@ -256,7 +260,8 @@ def load_lab(path: str | Path) -> Lab:
     store = ActivationStore(path)
     if "synthetic" not in store.manifest or not (Path(path) / TRUTH_FILE).is_file():
         raise StoreError(f"The store at {str(path)!r} is not a synthetic lab (no {TRUTH_FILE} "
-                         f"or lab config); write one with sae_nb.comparison.synthetic.write_lab_store.")
+                         "or lab config); write one with "
+                         "sae_nb.comparison.synthetic.write_lab_store.")
     config = LabConfig(**store.manifest["synthetic"])
     with np.load(Path(path) / TRUTH_FILE) as t:
         codes = sp.csr_matrix((t["codes_data"], t["codes_indices"], t["codes_indptr"]),

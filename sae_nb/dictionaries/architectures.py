@@ -177,7 +177,7 @@ def dictionary_hash(dictionary: Dictionary) -> str:
     return _hash_memo[dictionary][1]
 
 
-def dictionary_site(dictionary, site: str | None = None) -> str:
+def dictionary_site(dictionary: Dictionary, site: str | None = None) -> str:
     """The site a dictionary reads: ``site`` if given, else what its metadata says."""
     site = site or (getattr(dictionary, "metadata", {}) or {}).get("site")
     if not site:
@@ -219,7 +219,8 @@ class JumpReLUSAE(Dictionary):
 
     def __init__(self, d_in: int, d_sae: int, threshold: float = 0.001, **kw):
         super().__init__(d_in, d_sae, **kw)
-        self.threshold = nn.Parameter(torch.full((d_sae,), float(threshold), dtype=self.W_enc.dtype))
+        self.threshold = nn.Parameter(torch.full((d_sae,), float(threshold),
+                                                 dtype=self.W_enc.dtype))  # (F,)
 
     # Training keeps every threshold at least this (in pre-activation units): an Adam step may
     # overshoot below 0, where the JumpReLU would let negative pre-activations through.
@@ -278,7 +279,8 @@ class GatedSAE(Dictionary):
 
 
 class SkipTopKSAE(TopKSAE):
-    """sparsify's TopK with a skip connection: ``reconstruct(x) = decode(encode(x)) + x @ W_skip.T``.
+    """sparsify's TopK with a skip connection:
+    ``reconstruct(x) = decode(encode(x)) + x @ W_skip.T``.
 
     ``decode(f)`` is the dictionary part only; the skip term needs ``x``, so here
     ``reconstruct(x) != decode(encode(x))``."""

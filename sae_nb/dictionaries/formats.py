@@ -1,10 +1,11 @@
-"""Load dictionaries saved by other libraries into our :class:`~sae_nb.dictionaries.architectures.Dictionary`.
+"""Load dictionaries saved by other libraries into our
+:class:`~sae_nb.dictionaries.architectures.Dictionary`.
 
 ``load_dictionary(path)`` detects the format from the files (``format=`` overrides) and returns
 a dictionary whose ``encode``/``decode``/``forward`` reproduce the original library's maths,
 with ``dictionary.metadata = {"format", "model", "site", "hook", "path"}``: ``hook`` is the
 original hook or submodule name, ``site`` our site name where it can be derived, else None.
-The layouts (as recorded in the project's shared notes, FORMATS.md):
+The layouts, as each library writes them:
 
 - ``dictionary_learning`` (saprmarks): ``ae.pt`` + ``config.json``, every ``dict_class``, also a
   ``{"ae": state_dict}`` backup. ``AutoEncoder`` weights are loaded as stored: we do NOT copy its
@@ -16,8 +17,9 @@ The layouts (as recorded in the project's shared notes, FORMATS.md):
   mapping: ``layers.L`` is the output of block L (``resid_out_layerL``), ``layers.L.mlp`` the MLP
   output (``mlp_out_layerL``), ``layers.L.self_attn``/``.attention``/``.attn`` ``attn_out_layerL``.
 - ``openai``: one ``.pt`` per layer (GPT-2 small); TopK ones normalise their input
-  (:class:`~sae_nb.dictionaries.architectures.NormalizedTopKSAE`). The site comes from the published layout
-  ``<location>[_v4|_v5_32k|_v5_128k]/autoencoders/<layer>.pt``; elsewhere pass ``site=``.
+  (:class:`~sae_nb.dictionaries.architectures.NormalizedTopKSAE`). The site comes from the
+  published layout ``<location>[_v4|_v5_32k|_v5_128k]/autoencoders/<layer>.pt``; elsewhere pass
+  ``site=``.
 - ``gemma_scope``: ``params.npz`` (JumpReLU).
 
 JumpReLU thresholds are clamped at 0: every library computes ``relu(pre) * (pre > threshold)``,
@@ -57,8 +59,9 @@ from sae_nb.dictionaries.saving import (
 )
 
 FORMATS = ("dictionary_learning", "saelens", "sae_nb", "sparsify", "openai", "gemma_scope")
-# OpenAI's published GPT-2 small locations (sparse_autoencoder/paths.py), as our site at layer
-# L and the TransformerLens hook of its README. resid_post_attn (hook_resid_mid) and
+# OpenAI's published GPT-2 small locations (``sparse_autoencoder/paths.py`` in the
+# openai/sparse_autoencoder repository), as our site at layer L and the TransformerLens hook
+# that repository's README names. resid_post_attn (hook_resid_mid) and
 # mlp_post_act (mlp.hook_post) have no named site: they are GPT-2 module paths, the inputs of
 # ln_2 and of the MLP's c_proj.
 _OPENAI_LOCATIONS = {
@@ -102,7 +105,8 @@ def detect_format(path: Path) -> str:
             return "gemma_scope"
         if path.suffix == ".pt":
             obj = _safe_torch_load(path)
-            return "openai" if isinstance(obj, dict) and "pre_bias" in obj else "dictionary_learning"
+            openai = isinstance(obj, dict) and "pre_bias" in obj
+            return "openai" if openai else "dictionary_learning"
         if path.suffix not in (".json", ".safetensors"):
             raise DictionaryFormatError(_unknown(path))
     names = {p.name for p in folder.iterdir()}
@@ -120,14 +124,15 @@ def detect_format(path: Path) -> str:
     if hookpoints:
         raise DictionaryFormatError(
             f"{str(folder)!r} is a sparsify run folder with one dictionary per hookpoint: pick "
-            f"one, e.g. load_dictionary({str(folder / hookpoints[0])!r}). Hookpoints: {hookpoints}.")
+            f"one, e.g. load_dictionary({str(folder / hookpoints[0])!r}). Hookpoints: "
+            f"{hookpoints}.")
     raise DictionaryFormatError(_unknown(path))
 
 
 def _unknown(path: Path) -> str:
     return (f"Cannot tell the dictionary format of {str(path)!r}. Supported formats: "
-            f"{list(FORMATS)} (pass format=... to choose one); see the sae_nb.dictionaries.formats docstring "
-            f"for the files each one needs.")
+            f"{list(FORMATS)} (pass format=... to choose one); see the sae_nb.dictionaries.formats "
+            f"docstring for the files each one needs.")
 
 
 # -- reading files safely -------------------------------------------------------------------
@@ -173,7 +178,7 @@ def _check_k(k: Any, F: int, file: Path) -> int:
     return k
 
 
-def _meta(fmt: str, model: Any, site: str | None, hook: Any) -> dict:
+def _meta(fmt: str, model: str | None, site: str | None, hook: Any) -> dict:
     return {"format": fmt, "model": model, "site": site, "hook": hook}
 
 
@@ -186,7 +191,8 @@ def _site_in_path(path: Path) -> str | None:
 def _load_dictionary_learning(path: Path) -> Dictionary:
     file = path / "ae.pt" if path.is_dir() else path
     if not file.exists():
-        raise DictionaryFormatError(f"{str(path)!r} has no ae.pt; not a dictionary_learning folder.")
+        raise DictionaryFormatError(f"{str(path)!r} has no ae.pt; not a dictionary_learning "
+                                    f"folder.")
     sd = _safe_torch_load(file)
     if isinstance(sd, dict) and isinstance(sd.get("ae"), dict):
         sd = sd["ae"]  # a mid-training backup
@@ -413,8 +419,8 @@ def _load_openai(path: Path, site: str | None = None) -> Dictionary:
     sd = _safe_torch_load(path)
     if not isinstance(sd, dict) or not isinstance(sd.get("encoder.weight"), torch.Tensor) \
             or sd["encoder.weight"].ndim != 2:
-        raise DictionaryFormatError(f"{str(path)!r} is not an OpenAI autoencoder dict "
-                                    f"(needs pre_bias, encoder.weight, latent_bias, decoder.weight).")
+        raise DictionaryFormatError(f"{str(path)!r} is not an OpenAI autoencoder dict (needs "
+                                    f"pre_bias, encoder.weight, latent_bias, decoder.weight).")
     F, D = tuple(sd["encoder.weight"].shape)
     what = f"encoder.weight (d_in={D}, d_sae={F})"
 

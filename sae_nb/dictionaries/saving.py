@@ -80,8 +80,8 @@ def save_dictionary(dictionary: Dictionary, path: str | Path, *, model: str, sit
         (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
         save_file(weights, tmp / WEIGHTS_FILE)
         if density is not None:
-            log10 = torch.from_numpy(np.log10(np.asarray(density, dtype=np.float64) + 1e-10)).float()
-            save_file({"sparsity": log10}, tmp / SPARSITY_FILE)
+            log10 = np.log10(np.asarray(density, dtype=np.float64) + 1e-10)  # (F,)
+            save_file({"sparsity": torch.from_numpy(log10).float()}, tmp / SPARSITY_FILE)
         meta["checksums"] = _checksums(tmp)  # for verify_dictionary; loads never read them
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
     return path
@@ -238,7 +238,9 @@ def load_sae_nb(path: str | Path) -> Dictionary:
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
     check_shapes({k: tuple(v.shape) for k, v in weights.items()}, expected, weights_file, what)
     sae.load_state_dict({k: weights[k].float() for k in expected})
-    sae.metadata = {"format": "sae_nb", "path": str(path), **{k: meta.get(k) for k in ("model", "site", "target_site", "metrics", "train_config")}}
+    sae.metadata = {"format": "sae_nb", "path": str(path),
+                    **{k: meta.get(k) for k in ("model", "site", "target_site", "metrics",
+                                                "train_config")}}
     return sae.eval()
 
 
@@ -261,8 +263,8 @@ def save_trained(result, root: str | Path, name: str, store, evaluation=None,
                  dtype: str = "float32") -> Path:
     """Save a :class:`~sae_nb.training.trainer.TrainResult` as notebook 02 does, at
     ``root/<model>/<site>/<name>``: the store it was trained on names the model, site, context
-    size and corpus; ``evaluation`` (an :class:`~sae_nb.training.evaluate.Evaluation`) adds its metrics
-    and the firing densities."""
+    size and corpus; ``evaluation`` (an :class:`~sae_nb.training.evaluate.Evaluation`) adds its
+    metrics and the firing densities."""
     m = store.manifest
     metrics = density = None
     if evaluation is not None:

@@ -1,1 +1,2 @@
-"""Executable rules, language-model explanations, their scores, tables and search by meaning (notebook 08)."""
+"""Executable rules, language-model explanations, their scores, tables and search by meaning
+(notebook 08)."""

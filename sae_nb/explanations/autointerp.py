@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from sae_nb.activations.store import IDENTITY, ActivationStore
 from sae_nb.dictionaries.architectures import Dictionary, dictionary_hash
@@ -207,8 +208,6 @@ def run_cached(items: Sequence[Any], key: Callable[[Any], str], work: Callable[[
                desc: str) -> list[dict]:
     """``work(item)`` for each item not already finished in ``log_`` (or failed, when
     ``retry_failed``), each record appended as it finishes; records in the order of ``items``."""
-    from tqdm.auto import tqdm
-
     out = []
     for item in tqdm(items, desc=desc, disable=not progress):
         k = key(item)

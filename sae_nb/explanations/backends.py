@@ -7,14 +7,14 @@ choices)`` returns, for each prompt, the log-probability of each candidate next 
 (``supports_logprobs = False``) is asked for a yes/no answer in text instead.
 
 - :class:`LocalBackend`: a local transformers causal LM, by default the embedded
-  SmolLM2-135M-Instruct (loaded by :func:`sae_nb.activations.models.load_model`, nothing downloaded), or
-  any local model folder or already loaded model.
+  SmolLM2-135M-Instruct (loaded by :func:`sae_nb.activations.models.load_model`, nothing
+  downloaded), or any local model folder or already loaded model.
 - :class:`OpenAIBackend`: an OpenAI-compatible HTTP endpoint (vLLM, llama.cpp's server, ...)
   spoken to with ``urllib`` from the standard library.
 
 Every failure of a backend (HTTP error, timeout, a reply that is empty or not JSON) is a
-:class:`BackendError`; the callers in :mod:`sae_nb.explanations.autointerp` and :mod:`sae_nb.explanations.scoring` record
-it per latent and go on.
+:class:`BackendError`; the callers in :mod:`sae_nb.explanations.autointerp` and
+:mod:`sae_nb.explanations.scoring` record it per latent and go on.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import torch
 
 from sae_nb.activations.models import (
     DEFAULT_MODEL,
+    Model,
     hf_model,
     load_model,
     model_fingerprint,
@@ -87,8 +88,8 @@ class LocalBackend(Backend):
     supports_logprobs = True
     prefix_cache = True  # run the prompts' shared prefix once (False: every prompt in full)
 
-    def __init__(self, model: Any = DEFAULT_MODEL, device: str = "cpu", chat: bool = False,
-                 batch_size: int = 8):
+    def __init__(self, model: Model | str | Path = DEFAULT_MODEL, device: str = "cpu",
+                 chat: bool = False, batch_size: int = 8):
         if isinstance(model, (str, Path)):
             model = load_model(str(model), device=device)
         self.model = model

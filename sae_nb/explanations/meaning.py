@@ -78,6 +78,7 @@ def embedding_model_folder() -> Path:
 @lru_cache(maxsize=2)
 def embedding_model(device: str = "cpu"):
     """all-MiniLM-L6-v2 as a ``SentenceTransformer`` (loaded once per process)."""
+    # sentence_transformers takes seconds to import: loaded only when something is embedded
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(embedding_model_folder()), device=device)
@@ -194,8 +195,9 @@ def meaning_index(stats, store, tokenizer, explanations=None, cache: str | Path 
     """The :class:`MeaningIndex` of every latent of ``stats``: its best explanation (from the
     table or folder ``explanations``; none without) and its ``n_contexts`` top contexts.
 
-    With ``cache`` (a folder, e.g. :func:`explanations_folder`) an index saved there for the
-    same statistics, explanations and settings is reused; otherwise it is built and saved."""
+    With ``cache`` (a folder, e.g. :func:`~sae_nb.explanations.tables.explanations_folder`) an
+    index saved there for the same statistics, explanations and settings is reused; otherwise it
+    is built and saved."""
     table = as_explanations(explanations)
     best = best_explanations(table) if table is not None else best_explanations(empty_table())
     texts = [""] * stats.d_sae

@@ -417,7 +417,7 @@ def describe_rule(rule: dict, tokenizer=None) -> str:
 # -- the explanation table ------------------------------------------------------------------
 def explanation_table(counts: RuleCounts, rules: Rules, seed: int = 0,
                       tokenizer=None) -> pd.DataFrame:
-    """The explanation table of issue 14 (``notes/EXPLAIN.md``): per latent a ``rule`` row
+    """The explanation table (:mod:`sae_nb.explanations.tables`): per latent a ``rule`` row
     (score = held-out F1) and a ``rule:control`` row (the rule of latent ``rule_latent``,
     :func:`control_latents`, scored against this latent's firing). Extra columns: precision,
     recall, auroc, n_fired_heldout, rule_kind, rule (JSON, :meth:`Rules.rule`), train_f1..."""

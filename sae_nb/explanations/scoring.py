@@ -68,7 +68,8 @@ class ScoreSettings:
 
 @dataclass
 class Examples:
-    """One latent's scoring contexts (windows of :func:`~sae_nb.latents.contexts.latent_contexts`)."""
+    """One latent's scoring contexts (windows of
+    :func:`~sae_nb.latents.contexts.latent_contexts`)."""
 
     latent: int
     positives: list[dict]
@@ -352,8 +353,9 @@ def embedding_scores(store: ActivationStore, dictionary: Dictionary, stats,
                      settings: ScoreSettings | None = None, control: bool = True,
                      retry_failed: bool = False, progress: bool = False) -> pd.DataFrame:
     """Embedding AUROC of every explanation and its control: cosine(explanation, context)
-    under ``embedder`` (anything with ``encode(list[str])``; default :func:`sae_nb.explanations.meaning.embedding_model`)
-    separating firing from non-firing contexts. score_name ``"embedding_auroc"``."""
+    under ``embedder`` (anything with ``encode(list[str])``; default
+    :func:`sae_nb.explanations.meaning.embedding_model`) separating firing from non-firing
+    contexts. score_name ``"embedding_auroc"``."""
     name = "all-MiniLM-L6-v2" if embedder is None else getattr(embedder, "name",
                                                               type(embedder).__name__)
     embedder = embedder if embedder is not None else embedding_model()

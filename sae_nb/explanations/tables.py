@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from sae_nb.activations.models import Model
+from sae_nb.explanations.backends import Backend, LocalBackend, OpenAIBackend
 from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import atomic_write_json, folder_name, write_table
 
@@ -195,13 +197,12 @@ def method_verdict(comparison: pd.DataFrame) -> str:
     return "\n".join(lines) if lines else "No scored explanations to compare."
 
 
-def explainer_backend(explainer: str = "", model=None, endpoint_model: str = ""):
+def explainer_backend(explainer: str = "", model: Model | None = None,
+                      endpoint_model: str = "") -> Backend:
     """The language model that writes and scores explanations: ``""`` for ``model`` (an already
     loaded model, e.g. the notebook's; else the embedded SmolLM2-135M), a local model folder, or
     an OpenAI-compatible endpoint URL (``http://127.0.0.1:8000/v1``) serving ``endpoint_model``
     (see ``sae_nb.explanations.backends``)."""
-    from sae_nb.explanations.backends import LocalBackend, OpenAIBackend
-
     explainer = str(explainer or "")
     if explainer.startswith(("http://", "https://")):
         if not endpoint_model:
@@ -278,8 +279,8 @@ def explain_cached(folder: str | Path, method: str, identity: dict,
 
 
 def read_records(path: str | Path) -> pd.DataFrame:
-    """A JSON-lines file of explanation rows (``autointerp.ResultLog``: one record per line,
-    appended as each finishes; a torn last line is skipped) as a table."""
+    """A JSON-lines file of explanation rows (:class:`sae_nb.explanations.autointerp.ResultLog`:
+    one record per line, appended as each finishes; a torn last line is skipped) as a table."""
     records = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:

@@ -3,9 +3,9 @@
 Attribution patching (Nanda, 2023; Syed et al., 2023, "Attribution patching outperforms
 automated circuit discovery"; the latent form of Marks et al., 2024, "Sparse feature
 circuits"): with the dictionary spliced in at its site and its error term kept
-(:mod:`sae_nb.interventions.splice`), the target ``m`` (a token's logit, or the difference of two tokens'
-logits, at one position) is a function of the codes ``f``. One forward and one backward pass
-give ``dm/df`` for every latent at every position, and
+(:mod:`sae_nb.interventions.splice`), the target ``m`` (a token's logit, or the difference of
+two tokens' logits, at one position) is a function of the codes ``f``. One forward and one
+backward pass give ``dm/df`` for every latent at every position, and
 
     attribution[p, i] = f[p, i] * dm/df[p, i]
 
@@ -28,7 +28,8 @@ import pandas as pd
 import torch
 
 from sae_nb.activations.corpora import token_strings
-from sae_nb.activations.models import hf_model
+from sae_nb.activations.models import Model, hf_model
+from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.interventions.splice import (
     InterventionError,
     Splice,
@@ -69,7 +70,8 @@ class Attribution:
                              "attribution": scores[pos, lat].numpy()})
 
 
-def target_function(model, target: Target) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+def target_function(model: Model,
+                    target: Target) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
     """``(fn, name)``: ``fn(logits (V,)) -> scalar``. ``target`` is a token (id or text: its
     logit), a pair ``(a, b)`` (the logit difference ``a - b``) or any such function."""
     if callable(target):
@@ -84,7 +86,7 @@ def target_function(model, target: Target) -> tuple[Callable[[torch.Tensor], tor
     return (lambda logits: logits[t]), f"logit[{name!r}]"
 
 
-def _token_id(model, token) -> tuple[int, str]:
+def _token_id(model: Model, token) -> tuple[int, str]:
     vocab = len(model.tokenizer)
     if isinstance(token, (int, np.integer)):
         if not 0 <= int(token) < vocab:
@@ -97,7 +99,7 @@ def _token_id(model, token) -> tuple[int, str]:
     return ids[0], str(token)
 
 
-def attribute(model, dictionary, prompt: str | torch.Tensor, target: Target,
+def attribute(model: Model, dictionary: Dictionary, prompt: str | torch.Tensor, target: Target,
               position: int = -1, site: str | None = None) -> Attribution:
     """Activation x gradient of every latent at every position of ``prompt`` (text, or token
     ids ``(T,)``) for ``target`` at ``position``: one forward and one backward pass."""
@@ -119,7 +121,7 @@ def attribute(model, dictionary, prompt: str | torch.Tensor, target: Target,
     return Attribution(ids[0].cpu(), codes[0].cpu(), grads[0].cpu(), float(value.detach()), name)
 
 
-def as_ids(model, prompt: str | torch.Tensor) -> torch.Tensor:
+def as_ids(model: Model, prompt: str | torch.Tensor) -> torch.Tensor:
     """``(1, T)`` token ids of a prompt given as text (BOS prepended) or as ids."""
     if isinstance(prompt, str):
         return prompt_tokens(model, prompt)
@@ -129,8 +131,9 @@ def as_ids(model, prompt: str | torch.Tensor) -> torch.Tensor:
     return ids
 
 
-def ablation_effect(model, dictionary, ids: torch.Tensor, fn, latent: int, position: int | None,
-                    clean: float, at: int = -1, site: str | None = None) -> float:
+def ablation_effect(model: Model, dictionary: Dictionary, ids: torch.Tensor, fn, latent: int,
+                    position: int | None, clean: float, at: int = -1,
+                    site: str | None = None) -> float:
     """``clean - m(latent ablated)`` measured with one forward pass: the latent ablated at
     ``position`` only, or at every position when ``position`` is None."""
     edit = ablate(latent) if position is None else ablate(latent, position, position + 1)
@@ -138,8 +141,9 @@ def ablation_effect(model, dictionary, ids: torch.Tensor, fn, latent: int, posit
     return clean - float(edited)
 
 
-def ablation_check(model, dictionary, prompt: str | torch.Tensor, target: Target, n: int = 20,
-                   position: int = -1, site: str | None = None) -> pd.DataFrame:
+def ablation_check(model: Model, dictionary: Dictionary, prompt: str | torch.Tensor,
+                   target: Target, n: int = 20, position: int = -1,
+                   site: str | None = None) -> pd.DataFrame:
     """The ``n`` top-attributed (position, latent) pairs with their attribution and their true
     ablation effect (one forward pass each)."""
     att = attribute(model, dictionary, prompt, target, position, site)
@@ -157,11 +161,12 @@ def agreement(table: pd.DataFrame) -> dict:
     a, b = table["attribution"].to_numpy(), table["ablation_effect"].to_numpy()
     corr = float(np.corrcoef(a, b)[0, 1]) if len(a) > 1 and a.std() > 0 and b.std() > 0 \
         else float("nan")
-    return {"pairs": len(a), "pearson_r": corr, "same_sign": float(np.mean(np.sign(a) == np.sign(b)))}
+    return {"pairs": len(a), "pearson_r": corr,
+            "same_sign": float(np.mean(np.sign(a) == np.sign(b)))}
 
 
-def per_latent_ablations(model, dictionary, prompt: str | torch.Tensor, target: Target,
-                         latents: Sequence[int], position: int = -1,
+def per_latent_ablations(model: Model, dictionary: Dictionary, prompt: str | torch.Tensor,
+                         target: Target, latents: Sequence[int], position: int = -1,
                          site: str | None = None) -> np.ndarray:
     """The naive alternative to :func:`attribute`: one ablation forward pass per latent (at
     every position), ``m(clean) - m(ablated)`` for each."""

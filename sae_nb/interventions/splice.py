@@ -19,12 +19,12 @@ Edits are small frozen dataclasses made by :func:`ablate`, :func:`clamp`, :func:
 :func:`steer_direction` (``alpha * v / |v|`` added, for a probe direction or a difference of
 class means). Each applies at positions ``start <= p < stop`` (all by default); positions
 holding BOS keep their clean activation when the dictionary was trained without BOS rows
-(:func:`sae_nb.training.evaluate.bos_kept_clean`). A coefficient may be one number or one per batch row,
-so a sweep over coefficients runs as one batch.
+(:func:`sae_nb.training.evaluate.bos_kept_clean`). A coefficient may be one number or one per
+batch row, so a sweep over coefficients runs as one batch.
 
 The splice is a pair of plain PyTorch hooks on the transformers module (not an nnsight trace),
-so it works in a forward pass, a backward pass (:mod:`sae_nb.interventions.attribution`) and generation with
-a KV cache (:mod:`sae_nb.interventions.effects`) alike.
+so it works in a forward pass, a backward pass (:mod:`sae_nb.interventions.attribution`) and
+generation with a KV cache (:mod:`sae_nb.interventions.effects`) alike.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from typing import Literal
 import torch
 
 from sae_nb.activations.corpora import document_separator
-from sae_nb.activations.models import hf_model
+from sae_nb.activations.models import Model, hf_model
 from sae_nb.activations.sites import Site, resolve_site
-from sae_nb.dictionaries.architectures import dictionary_site
+from sae_nb.dictionaries.architectures import Dictionary, dictionary_site
 from sae_nb.training.evaluate import bos_kept_clean
 from sae_nb.util.errors import SaeNbError
 
@@ -125,7 +125,7 @@ def _value(value: Coefficient) -> Coefficient:
     return values
 
 
-def prompt_tokens(model, prompt: str, prepend_bos: bool = True) -> torch.Tensor:
+def prompt_tokens(model: Model, prompt: str, prepend_bos: bool = True) -> torch.Tensor:
     """``(1, T)`` token ids of ``prompt``, after BOS (the document separator) by default."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise InterventionError(f"The prompt {prompt!r} is empty; type some text.")
@@ -140,12 +140,14 @@ class Splice:
 
     ``with Splice(lm, sae, [ablate(12)]): hf_model(lm)(input_ids=ids)`` runs the edited model;
     outside the block the model is clean again. ``record=True`` keeps the last forward pass's
-    codes (``self.codes``, ``(B, T, F)``) and site inputs (``self.inputs``) and adds a zero leaf tensor ``self.leaf`` (``(B, T, D)``,
-    requires grad) to the site's output, whose gradient is the gradient at the site.
+    codes (``self.codes``, ``(B, T, F)``) and site inputs (``self.inputs``) and adds a zero
+    leaf tensor ``self.leaf`` (``(B, T, D)``, requires grad) to the site's output, whose
+    gradient is the gradient at the site.
     """
 
-    def __init__(self, model, dictionary, edits: Sequence[Edit] = (), site: str | None = None,
-                 error_term: bool = True, splice_bos: bool | None = None, record: bool = False):
+    def __init__(self, model: Model, dictionary: Dictionary, edits: Sequence[Edit] = (),
+                 site: str | None = None, error_term: bool = True,
+                 splice_bos: bool | None = None, record: bool = False):
         self.model, self.dictionary = model, dictionary
         self.edits = list(edits) if isinstance(edits, (list, tuple)) else [edits]
         self.error_term, self.record = error_term, record
@@ -304,7 +306,7 @@ class Splice:
         return decoder_output(self.dictionary, src, dcode, idx)
 
 
-def site_width(model, site: Site) -> int | None:
+def site_width(model: Model, site: Site) -> int | None:
     """The width of a site from its module's weights, without running the model: a block's or
     a norm's hidden size for outputs, a linear layer's ``in_features`` for inputs; None when
     it cannot be read off (the splice then checks the width on the first forward pass)."""
@@ -329,7 +331,7 @@ def _rows(value: Coefficient, x: torch.Tensor) -> torch.Tensor:
     return v
 
 
-def decoder_output(dictionary, x: torch.Tensor, dcode: torch.Tensor,
+def decoder_output(dictionary: Dictionary, x: torch.Tensor, dcode: torch.Tensor,
                    latents: torch.Tensor | None = None) -> torch.Tensor:
     """What a change of codes ``dcode`` ``(B, T, L)`` of ``latents`` (all when None) adds to the
     reconstruction of ``x`` ``(B, T, D)``: ``dcode @ W_dec[latents]``, times the input's
@@ -341,7 +343,7 @@ def decoder_output(dictionary, x: torch.Tensor, dcode: torch.Tensor,
     return out
 
 
-def edited_logits(model, tokens: torch.Tensor, splice: Splice | None = None) -> torch.Tensor:
+def edited_logits(model: Model, tokens: torch.Tensor, splice: Splice | None = None) -> torch.Tensor:
     """``(B, T, V)`` float logits of ``tokens`` ``(B, T)``, clean or with ``splice`` on."""
     hf = hf_model(model)
     device = next(hf.parameters()).device

@@ -25,7 +25,8 @@ import pandas as pd
 import torch
 
 from sae_nb.activations.extract import pooled_activations, resolve_sites, run_sites
-from sae_nb.dictionaries.architectures import dictionary_site
+from sae_nb.activations.models import Model
+from sae_nb.dictionaries.architectures import Dictionary, dictionary_site
 from sae_nb.interventions.effects import clean_log_probs, generate, side_effects
 from sae_nb.interventions.splice import Edit, InterventionError, steer_direction, steer_latent
 from sae_nb.texts.probing import (
@@ -53,7 +54,7 @@ def _scaled(c, factor: float):
     return tuple(v * factor for v in c) if isinstance(c, tuple) else c * factor
 
 
-def latent_method(dictionary, latent: int, scale: float = 1.0,
+def latent_method(dictionary: Dictionary, latent: int, scale: float = 1.0,
                   name: str | None = None) -> SteeringMethod:
     """Steer latent ``latent``: ``f_i += c * scale / |W_dec[i]|``, i.e. a vector of norm
     ``c * scale`` along its decoder row."""
@@ -79,7 +80,8 @@ def random_direction_method(d: int, scale: float = 1.0, seed: int = 0,
     return direction_method(torch.randn(int(d), generator=g).numpy(), name, scale)
 
 
-def site_scale(model, dictionary, tokens: torch.Tensor, site: str | None = None) -> float:
+def site_scale(model: Model, dictionary: Dictionary, tokens: torch.Tensor,
+               site: str | None = None) -> float:
     """The median norm of the site's token activations on ``tokens`` (BOS left out)."""
     (s,) = resolve_sites(model, [dictionary_site(dictionary, site)])
     x = run_sites(model, [s], tokens, torch.ones_like(tokens))[0][:, 1:]
@@ -93,7 +95,7 @@ class SweepResult:
     clean: pd.DataFrame = field(default_factory=pd.DataFrame)  # the clean continuations
 
 
-def steering_sweep(model, dictionary, methods: Sequence[SteeringMethod],
+def steering_sweep(model: Model, dictionary: Dictionary, methods: Sequence[SteeringMethod],
                    coefficients: Sequence[float], prompts: Sequence[str], neutral: torch.Tensor,
                    score: Callable[[list[str]], np.ndarray], max_new_tokens: int = 24,
                    temperature: float = 0.0, seed: int = 0) -> SweepResult:
@@ -199,9 +201,10 @@ def probe_direction(probe, positive: str) -> np.ndarray:
     return w if str(clf.classes_[1]) == positive else -w
 
 
-def sentiment_setup(model, dictionary, labeled: str = "movie_reviews", n_sentences: int = 2000,
-                    positive: str = "positive", sweep_sites="resid_out", explain_k: int = 20,
-                    seed: int = 0, batch_size: int = 32, run_dir=None) -> SentimentSetup:
+def sentiment_setup(model: Model, dictionary: Dictionary, labeled: str = "movie_reviews",
+                    n_sentences: int = 2000, positive: str = "positive",
+                    sweep_sites="resid_out", explain_k: int = 20, seed: int = 0,
+                    batch_size: int = 32, run_dir=None) -> SentimentSetup:
     """Notebook 04's probes on ``labeled`` (its features and sweep cached in
     ``run_dir/probing``): the positive latent, the raw probe's direction and the difference of
     class means at the dictionary's site, and a raw-probe scorer at the best swept site."""
@@ -237,7 +240,8 @@ def sentiment_setup(model, dictionary, labeled: str = "movie_reviews", n_sentenc
     return SentimentSetup(int(mine.iloc[0]["latent"]), directions, best, score, latents, sweep)
 
 
-def sentiment_methods(dictionary, setup: SentimentSetup, scale: float) -> list[SteeringMethod]:
+def sentiment_methods(dictionary: Dictionary, setup: SentimentSetup,
+                      scale: float) -> list[SteeringMethod]:
     """The methods the notebook compares: the positive latent, the probe direction and the
     difference of class means, and a random direction as the control, each adding a vector of
     norm ``coefficient * scale``."""

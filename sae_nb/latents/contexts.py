@@ -18,6 +18,7 @@ import torch
 
 from sae_nb.activations.corpora import sentence_batches, token_strings
 from sae_nb.activations.extract import resolve_sites, run_sites
+from sae_nb.activations.models import Model
 from sae_nb.activations.store import IDENTITY, ActivationStore
 from sae_nb.dictionaries.architectures import (
     Dictionary,
@@ -37,8 +38,6 @@ if TYPE_CHECKING:
 # differ by at most ~6e-8 of that on the default dictionary; 1e-6 leaves a wide margin. A row
 # whose k-th and (k+1)-th pre-activations lie within 4 margins is encoded in full (~1% of rows).
 BOUNDARY_TOL = 1e-6
-
-
 
 
 def latent_contexts(store: ActivationStore, dictionary: Dictionary, latent: int, rows,
@@ -163,7 +162,7 @@ def _full_encode(dictionary: Dictionary, x: torch.Tensor, latent: int) -> np.nda
 
 
 @torch.no_grad()
-def text_activations(model, dictionary: Dictionary, text: str, site: str | None = None,
+def text_activations(model: Model, dictionary: Dictionary, text: str, site: str | None = None,
                      max_len: int = 1024) -> tuple[list[str], torch.Tensor]:
     """The tokens of ``text`` (BOS excluded) and their codes ``(T, F)`` at the dictionary's site:
     what the explorer's text box shows."""

@@ -26,9 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+from scipy import sparse
+from scipy.cluster.hierarchy import fcluster, leaves_list, linkage
+from scipy.spatial.distance import squareform
 
 from sae_nb.activations.corpora import token_strings
 from sae_nb.activations.store import ActivationStore
+from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.util.errors import SaeNbError
 
 logger = logging.getLogger(__name__)
@@ -39,7 +43,7 @@ class FamilyError(SaeNbError, ValueError):
     """Inputs that cannot be grouped into families; the message names the bad value and fix."""
 
 
-def check_width(dictionary, store: ActivationStore) -> None:
+def check_width(dictionary: Dictionary, store: ActivationStore) -> None:
     """Refuse a dictionary whose input width is not the store's row width."""
     if dictionary.d_in != store.d:
         site = (getattr(dictionary, "metadata", None) or {}).get("site", "its own site")
@@ -68,10 +72,8 @@ class CoFiring:
         return self.rows / max(self.seconds, 1e-9)
 
 
-def _pair_counts(fired: torch.Tensor, n_latents: int) -> scipy.sparse.coo_matrix:
+def _pair_counts(fired: torch.Tensor, n_latents: int) -> sparse.coo_matrix:
     """``B^T B`` of a boolean ``(n, F)`` chunk as a sparse matrix of unique (i, j) counts."""
-    from scipy import sparse
-
     n = fired.shape[0]
     r, c = (t.cpu().numpy() for t in fired.nonzero(as_tuple=True))  # row-major: r ascending
     indptr = np.zeros(n + 1, dtype=np.int64)
@@ -93,7 +95,7 @@ def _merge_top(top_vals: torch.Tensor, top_rows: torch.Tensor, codes: torch.Tens
 
 
 @torch.no_grad()
-def co_firing(dictionary, store: ActivationStore, chunk_rows: int = 8192,
+def co_firing(dictionary: Dictionary, store: ActivationStore, chunk_rows: int = 8192,
               max_rows: int | None = None, n_top: int = 5) -> CoFiring:
     """Stream the first ``max_rows`` rows of ``store`` (all when None or 0) through the
     dictionary, ``chunk_rows`` at a time: pair counts, firing counts and top rows per latent."""
@@ -107,8 +109,9 @@ def co_firing(dictionary, store: ActivationStore, chunk_rows: int = 8192,
     if F * F * 4 > MAX_COUNT_BYTES:
         need, allowed = F * F * 4 / 2**30, MAX_COUNT_BYTES / 2**30
         raise FamilyError(f"d_sae={F}: the ({F}, {F}) pair counts would take {need:.1f} GiB, "
-                          f"more than the {allowed:.0f} GiB allowed (families.MAX_COUNT_BYTES); "
-                          f"raise it if the memory is there.")
+                          f"more than the {allowed:.0f} GiB allowed "
+                          f"(sae_nb.latents.families.MAX_COUNT_BYTES); raise it if the memory "
+                          f"is there.")
     counts = np.zeros((F, F), dtype=np.int32)
     top_vals = torch.full((F, n_top), -torch.inf)
     top_rows = torch.full((F, n_top), -1, dtype=torch.int64)
@@ -145,7 +148,7 @@ def select_latents(cofiring: CoFiring, min_fires: int = 10, max_latents: int = 1
 # ---------------------------------------------------------------- similarities
 
 
-def decoder_similarity(dictionary, latents) -> np.ndarray:
+def decoder_similarity(dictionary: Dictionary, latents) -> np.ndarray:
     """``(M, M)`` cosine similarity of the chosen latents' decoder directions."""
     W = dictionary.W_dec.detach().float().cpu()[torch.as_tensor(np.asarray(latents))]  # (M, D)
     W = W / W.norm(dim=1, keepdim=True).clamp_min(1e-12)
@@ -187,9 +190,6 @@ def find_families(similarity: np.ndarray, latents, name: str = "similarity",
     """Average-linkage clustering on ``1 - similarity``, cut where merges pass ``threshold``
     (a distance: 0.7 joins latents whose mean similarity exceeds 0.3), or into ``n_families``
     families when that is positive."""
-    from scipy.cluster.hierarchy import fcluster, leaves_list, linkage
-    from scipy.spatial.distance import squareform
-
     latents, S = np.asarray(latents), np.asarray(similarity, dtype=np.float64)
     if S.shape != (len(latents), len(latents)) or len(latents) < 2:
         raise FamilyError(f"Need a square similarity of 2 or more latents matching "

@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 
 from sae_nb.activations.corpora import token_labels
-from sae_nb.activations.models import hf_model
+from sae_nb.activations.models import Model, hf_model
+from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.util.io import atomic_save_npz
 
 LOGITS_FILE = "logit_effects.npz"
@@ -65,7 +66,7 @@ class LogitEffects:
             return None
 
 
-def final_norm(model) -> torch.nn.Module:
+def final_norm(model: Model) -> torch.nn.Module:
     """The norm applied before the unembedding, found by its usual attribute path."""
     module = hf_model(model)
     for path in FINAL_NORMS:
@@ -89,7 +90,7 @@ def norm_directions(norm: torch.nn.Module, directions: torch.Tensor) -> torch.Te
 
 
 @torch.no_grad()
-def logit_effects(model, dictionary, k: int = 10, batch: int = 512,
+def logit_effects(model: Model, dictionary: Dictionary, k: int = 10, batch: int = 512,
                   cache: str | Path | None = None) -> LogitEffects:
     """The ``k`` most promoted and most suppressed tokens of every latent.
 
@@ -123,7 +124,7 @@ def _extremes(logits: torch.Tensor, k: int) -> tuple[np.ndarray, ...]:
             bottom.indices.cpu().numpy(), bottom.values.cpu().numpy())
 
 
-def _key(hf: torch.nn.Module, dictionary, k: int) -> str:
+def _key(hf: torch.nn.Module, dictionary: Dictionary, k: int) -> str:
     """What a cached result depends on: the model, the decoder weights and ``k``."""
     w = dictionary.W_dec.detach().float().cpu().contiguous().numpy()
     return json.dumps({"model": str(hf.config._name_or_path), "k": k,

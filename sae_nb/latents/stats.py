@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_nb.activations.store import IDENTITY, ActivationStore
-from sae_nb.dictionaries.architectures import Dictionary, TopKSAE, dictionary_hash  # noqa: F401 (public here too)
+from sae_nb.dictionaries.architectures import Dictionary, TopKSAE, dictionary_hash
 from sae_nb.latents.logit_effects import LogitEffects, logit_effects  # noqa: F401  (public here too)
 from sae_nb.util.errors import SaeNbError
 from sae_nb.util.io import atomic_save_npz, atomic_write_json, folder_name
@@ -105,7 +105,8 @@ class FeatureStats:
         path = Path(folder) / STATS_FILE
         if not path.exists():
             raise FeatureStatsError(f"No feature statistics at {str(path)!r}; compute them with "
-                                    f"sae_nb.latents.stats.feature_stats(store, dictionary, cache=...).")
+                                    f"sae_nb.latents.stats.feature_stats(store, dictionary, "
+                                    f"cache=...).")
         try:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))

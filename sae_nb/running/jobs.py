@@ -2,11 +2,17 @@
 
 ``python -m sae_nb extract`` does what notebook 01 does and ``python -m sae_nb train`` what
 notebook 02 does (train, evaluate on the held-out rows, save), with the same parameter names
-and defaults, given as ``--options`` or in a JSON or YAML file (``--config``). Both run under
-``torchrun``: extraction writes one part of the store per process (:mod:`sae_nb.activations.shards`),
-training reads each process's slice of every batch (:mod:`sae_nb.training.distributed`), and rank 0
-evaluates and saves. :func:`train_on_split` is notebook 02's way to the same job on several
-processes: it launches ``torchrun`` as a subprocess, shows its output and loads its result.
+and defaults, given as ``--options`` or in a JSON or YAML file (``--config``). A job's parameters
+are the fields of a dataclass that extends the configuration it runs (:class:`ExtractJob`
+extends :class:`~sae_nb.activations.extract.ExtractConfig`, :class:`TrainJob`
+:class:`~sae_nb.training.trainer.TrainConfig`) with the command line's own fields; the field
+docstrings are the options' help.
+
+Both run under ``torchrun``: extraction writes one part of the store per process
+(:mod:`sae_nb.activations.shards`), training reads each process's slice of every batch
+(:mod:`sae_nb.training.distributed`), and rank 0 evaluates and saves. :func:`train_on_split` is
+notebook 02's way to the same job on several processes: it launches ``torchrun`` as a
+subprocess, shows its output and loads its result.
 """
 
 from __future__ import annotations
@@ -15,15 +21,21 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 
 from sae_nb.activations.extract import ExtractConfig, extract_activations
+from sae_nb.activations.models import load_model, resolve_device
 from sae_nb.activations.shards import agree
+from sae_nb.activations.split import HeldoutSplit, heldout_split
+from sae_nb.activations.store import ActivationStore, open_store
+from sae_nb.dictionaries.saving import load_sae_nb, save_dictionary, save_trained
 from sae_nb.running.notebooks import DEFAULT_RUN, OUTPUTS_DIR, REPO_ROOT
+from sae_nb.training.distributed import rank_batches, rank_device, setup
+from sae_nb.training.evaluate import evaluate_dictionary
 from sae_nb.training.trainer import (
     TrainConfig,
     TrainResult,
@@ -31,7 +43,9 @@ from sae_nb.training.trainer import (
     dictionary_name,
     train_dictionary,
 )
+from sae_nb.util.checks import whole_number
 from sae_nb.util.errors import SaeNbError
+from sae_nb.util.io import atomic_write_json, write_table
 
 DEFAULT_RUN_DIR = str(OUTPUTS_DIR / DEFAULT_RUN)  # the main job's run folder
 RESULT_FILE = "result.json"  # beside the dictionary a --train-only job saves: scale and config
@@ -42,66 +56,71 @@ class JobError(SaeNbError, ValueError):
     """A job's parameters are unknown, malformed, or name something that does not exist."""
 
 
-@dataclass(frozen=True)
-class Option:
-    """One parameter of a job: its default and the kind of value it takes."""
+@dataclass
+class ExtractJob(ExtractConfig):
+    """Notebook 01 as a job. Its own fields (the model, the run folder) extend ExtractConfig's
+    (what to extract); its defaults are those of notebook 01's parameters."""
 
-    default: Any
-    help: str
-    kind: str = "literal"  # "literal" (a Python literal, else text), "text", "list", "bool"
+    model: str = "smollm2-135m"
+    """The model: the embedded default, a hub name or a local folder."""
+    sites: tuple[str, ...] = ("resid_out_layer3", "resid_out_layer6")  # notebook 01's default
+    run_dir: str = DEFAULT_RUN_DIR
+    """The run folder; the stores go to RUN_DIR/activations."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    overwrite: bool = False
+    """Replace existing stores instead of resuming them."""
 
 
-# Notebook 01's parameters cell, then ExtractConfig's other fields.
-EXTRACT_OPTIONS: dict[str, Option] = {
-    "model": Option("smollm2-135m", "the embedded default; a hub name or a local folder", "text"),
-    "sites": Option(["resid_out_layer3", "resid_out_layer6"], "where to read; see "
-                    "sae_nb.valid_sites", "list"),
-    "corpus": Option("sotu", "sotu, a CSV, a .txt file or a folder of them", "text"),
-    "text_column": Option("sentence", "the text column when corpus is a CSV", "text"),
-    "n_tokens": Option(100_000, "tokens fed to the model"),
-    "ctx_len": Option(128, "tokens per context, the opening BOS included"),
-    "batch_size": Option(16, "contexts per forward pass"),
-    "dtype": Option("float16", "storage dtype: float16 or float32", "text"),
-    "run_dir": Option(DEFAULT_RUN_DIR, "run folder; stores go to RUN_DIR/activations", "text"),
-    "seed": Option(0, "shuffles the document order"),
-    "device": Option("auto", "cuda when available, else cpu", "text"),
-    "mode": Option("tokens", "tokens (a row per token) or sentences (a row per text)", "text"),
-    "pool": Option("mean", "sentence mode: mean or max", "text"),
-    "prepend_bos": Option(True, "every context starts with the document separator", "bool"),
-    "exclude_bos": Option(True, "leave BOS rows out of the store", "bool"),
-    "shard_mb": Option(64, "target shard size on disk"),
-    "shard_rows": Option(None, "rows per shard, overriding shard_mb"),
-    "overwrite": Option(False, "replace existing stores instead of resuming them", "bool"),
-}
+@dataclass
+class TrainJob(TrainConfig):
+    """Notebook 02 as a job. Its own fields (the store, the held-out rows, where the dictionary
+    goes) extend TrainConfig's (how to train); its defaults are those of notebook 02's
+    parameters."""
 
-# Notebook 02's parameters cell; a config file may also set any other TrainConfig field.
-TRAIN_OPTIONS: dict[str, Option] = {
-    "model": Option("smollm2-135m", "the model the store holds; the cross-entropy runs it", "text"),
-    "site": Option("resid_out_layer6", "a store written by extract", "text"),
-    "architecture": Option("topk", "topk, batchtopk, standard (ReLU with L1) or jumprelu", "text"),
-    "expansion": Option(8, "latents per input dimension"),
-    "k": Option(32, "topk and batchtopk: active latents per token"),
-    "l1_coefficient": Option(0.1, "standard: L1 weight"),
-    "l0_coefficient": Option(1e-3, "jumprelu: L0 penalty weight"),
-    "lr": Option(None, "None for 2e-4 / sqrt(d_sae / 2**14)"),
-    "total_tokens": Option(400_000, "training budget in rows"),
-    "batch_size": Option(4096, "rows per step (over all processes)"),
-    "heldout_tokens": Option(8192, "the store's last rows (whole contexts), never trained on"),
-    "ce_contexts": Option(16, "held-out contexts for the spliced cross-entropy"),
-    "run_dir": Option(DEFAULT_RUN_DIR, "run folder holding activations/; checkpoints go here",
-                      "text"),
-    "save_dir": Option("", "empty for RUN_DIR/dictionaries", "text"),
-    "name": Option("", "empty for an automatic name such as topk_4608_k32", "text"),
-    "save_dtype": Option("float32", "float32 or float16", "text"),
-    "seed": Option(0, "initialisation and batch order"),
-    "device": Option("auto", "cuda when available, else cpu", "text"),
-    "checkpoint_every": Option(50, "steps between checkpoints; a rerun resumes"),
-    "train_only": Option(False, "train and write the result to result_dir; no evaluation",
-                         "bool"),
-    "result_dir": Option("", "with train_only: the folder the result goes to", "text"),
-}
-TRAIN_CONFIG_FIELDS = tuple(f.name for f in fields(TrainConfig))
-JOBS = {"extract": EXTRACT_OPTIONS, "train": TRAIN_OPTIONS}
+    model: str = "smollm2-135m"
+    """The model the store holds; the spliced cross-entropy runs it."""
+    site: str = "resid_out_layer6"
+    """The store to train on, one that extract (or notebook 01) wrote."""
+    total_tokens: int = 400_000
+    """Training budget in rows: four epochs of notebook 01's 100k-token store."""
+    batch_size: int = 4096
+    """Rows per step, over all processes."""
+    heldout_tokens: int = 8192
+    """The store's last rows (whole contexts), never trained on."""
+    ce_contexts: int = 16
+    """Held-out contexts for the spliced cross-entropy; each costs 3 forward passes."""
+    run_dir: str = DEFAULT_RUN_DIR
+    """The run folder holding activations/; checkpoints/ and dictionaries/ go here too."""
+    save_dir: str = ""
+    """The folder the dictionary is saved under; empty for RUN_DIR/dictionaries."""
+    name: str = ""
+    """The dictionary's name; empty for an automatic one such as topk_4608_k32."""
+    save_dtype: Literal["float32", "float16"] = "float32"
+    """The saved weights' dtype; float16 halves the files."""
+    seed: int = 0
+    """Seeds the initialisation and the batch order."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (0: only at the end); a rerun resumes from the last one."""
+    log_every: int = 1  # every step: the saved log is the whole run's
+    metadata: dict = field(default_factory=dict, init=False)
+    """Set by the job from the store (site, BOS handling), not an option."""
+    train_only: bool = False
+    """Train and write the result to result_dir, without evaluating or saving a dictionary.
+
+    Notebook 02 runs its training this way under torchrun when world_size > 1."""
+    result_dir: str = ""
+    """With train_only: the folder the result goes to; empty for CHECKPOINT_DIR/result."""
+
+
+JOBS: dict[str, type] = {"extract": ExtractJob, "train": TrainJob}
+
+
+def job_defaults(job: str) -> dict[str, Any]:
+    """The parameters of ``job`` (its dataclass's fields given at construction) with their
+    defaults."""
+    defaults = JOBS[job]()
+    return {f.name: getattr(defaults, f.name) for f in fields(defaults) if f.init}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -112,7 +131,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
-            import yaml
+            import yaml  # PyYAML is optional: only a YAML config file needs it
         except ImportError:
             raise JobError(f"{str(path)!r} is YAML but PyYAML is not installed; pip install "
                            f"pyyaml, or write the config as JSON.") from None
@@ -134,26 +153,30 @@ def job_parameters(job: str, config: dict[str, Any] | None = None,
                    options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The defaults of ``job``, then a config file's values, then command-line options.
 
-    Unknown names are refused, naming the valid ones; a train config may also set any
-    :class:`~sae_nb.training.trainer.TrainConfig` field (``warmup_steps``, ``dead_window_tokens``, ...).
+    Unknown names are refused, naming the valid ones: the fields of :class:`ExtractJob` or
+    :class:`TrainJob` (for train, every :class:`~sae_nb.training.trainer.TrainConfig` field:
+    ``warmup_steps``, ``dead_window_tokens``, ...).
     """
-    table = JOBS[job]
+    defaults = job_defaults(job)
     config = {str(k).replace("-", "_"): v for k, v in (config or {}).items()}  # n-tokens too
-    known = set(table) | (set(TRAIN_CONFIG_FIELDS) - {"metadata"} if job == "train" else set())
-    unknown = sorted(set(config) - known)
+    unknown = sorted(set(config) - set(defaults))
     if unknown:
         raise JobError(f"Unknown {job} parameter(s) in the config file: {unknown}. Valid names: "
-                       f"{sorted(known)}.")
-    return {**{name: o.default for name, o in table.items()}, **config, **(options or {})}
+                       f"{sorted(defaults)}.")
+    return {**defaults, **config, **(options or {})}
 
 
-def extract_job(params: dict[str, Any], progress: bool = True):
+def config_settings(params: dict[str, Any], config_class: type) -> dict[str, Any]:
+    """The values of ``params`` that are fields of ``config_class``, lists as tuples (a JSON
+    or YAML file, or a list option, gives lists; the configs hold tuples)."""
+    names = {f.name for f in fields(config_class) if f.init}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k in names}
+
+
+def extract_job(params: dict[str, Any],
+                progress: bool = True) -> dict[str, ActivationStore]:
     """Notebook 01's extraction: ``{site: ActivationStore}`` (on every process)."""
-    from sae_nb.activations.models import load_model, resolve_device
-    from sae_nb.training.distributed import rank_device, setup
-
-    names = {f.name for f in fields(ExtractConfig)}
-    config = ExtractConfig(**{k: v for k, v in params.items() if k in names})  # checks first
+    config = ExtractConfig(**config_settings(params, ExtractConfig))  # checks first
     group = setup()
     agree(params, "extraction settings")  # before the model loads
     device = rank_device(resolve_device(params["device"]), group)
@@ -167,17 +190,7 @@ def train_job(params: dict[str, Any], progress: bool = True) -> Path | None:
 
     Returns the saved dictionary's folder on rank 0 (with ``train_only``, the result folder
     :func:`load_train_result` reads), None on the other ranks."""
-    from sae_nb.activations.models import load_model, resolve_device
-    from sae_nb.activations.split import heldout_split
-    from sae_nb.activations.store import open_store
-    from sae_nb.dictionaries.saving import save_trained
-    from sae_nb.training.distributed import rank_batches, rank_device, setup
-    from sae_nb.training.evaluate import evaluate_dictionary
-
-    settings = {k: v for k, v in params.items() if k in TRAIN_CONFIG_FIELDS}
-    if "adam_betas" in settings:
-        settings["adam_betas"] = tuple(settings["adam_betas"])
-    config = TrainConfig(**{"log_every": 1, **settings})  # its checks before anything is read
+    config = TrainConfig(**config_settings(params, TrainConfig))  # checks before any read
     group = setup()
     agree({k: v for k, v in params.items() if k != "result_dir"}, "training settings")
     store = open_store(params["run_dir"], params["site"], params["model"])
@@ -201,11 +214,8 @@ def train_job(params: dict[str, Any], progress: bool = True) -> Path | None:
                         store, evaluation, dtype=params["save_dtype"])
 
 
-def save_train_result(result: TrainResult, folder: str | Path, store) -> Path:
+def save_train_result(result: TrainResult, folder: str | Path, store: ActivationStore) -> Path:
     """A :class:`TrainResult` as a folder: the dictionary (float32), its log, scale and config."""
-    from sae_nb.dictionaries.saving import save_dictionary
-    from sae_nb.util.io import atomic_write_json, write_table
-
     folder = Path(folder)
     m = store.manifest
     save_dictionary(result.dictionary, folder, model=m["model"], site=m["site"],
@@ -218,8 +228,6 @@ def save_train_result(result: TrainResult, folder: str | Path, store) -> Path:
 
 def load_train_result(folder: str | Path) -> TrainResult:
     """The :class:`TrainResult` :func:`save_train_result` wrote."""
-    from sae_nb.dictionaries.saving import load_sae_nb
-
     folder = Path(folder)
     saved = json.loads((folder / RESULT_FILE).read_text())
     config = TrainConfig(**{**saved["config"], "adam_betas": tuple(saved["config"]["adam_betas"])})
@@ -229,14 +237,11 @@ def load_train_result(folder: str | Path) -> TrainResult:
                        tuple(saved["scale"]))
 
 
-def train_on_split(split, config: TrainConfig, batch_size: int, seed: int = 0,
+def train_on_split(split: HeldoutSplit, config: TrainConfig, batch_size: int, seed: int = 0,
                    world_size: int = 1, progress: bool = True) -> TrainResult:
     """Notebook 02's training: in this process when ``world_size`` is 1, else the same job on
     ``world_size`` processes launched with ``torchrun`` (their output shown as it comes),
     returning the same :class:`TrainResult`."""
-    from sae_nb.util.checks import whole_number
-    from sae_nb.util.io import atomic_write_json
-
     world_size = whole_number("world_size", world_size, 1, JobError)
     if world_size == 1:
         return train_dictionary(split.train_batches(batch_size, seed), config, progress=progress)

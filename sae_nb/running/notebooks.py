@@ -17,8 +17,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import nbformat
-
 from sae_nb.running.run_dir import finish_progress_bars
 from sae_nb.util.errors import SaeNbError
 
@@ -118,6 +116,7 @@ def parse_parameter(text: str) -> tuple[str, Any]:
 
 def notebook_parameters(path: str | Path) -> dict[str, Any]:
     """The names a notebook declares in its ``parameters`` cell, with papermill's details."""
+    # papermill takes seconds to import: loaded when a notebook is read, not for the constants
     import papermill
 
     papermill_log = logging.getLogger("papermill")
@@ -139,6 +138,7 @@ def run_notebook(path: str | Path, run_dir: str | Path, parameters: Mapping[str,
     Parameters the notebook does not declare are left out. Returns the executed notebook's path;
     raises :class:`PipelineError` naming the notebook and the failing cell.
     """
+    # papermill takes seconds to import: loaded when a notebook runs, not for the constants
     import papermill
 
     path, run_dir = Path(path).resolve(), Path(run_dir).resolve()
@@ -195,7 +195,8 @@ def run_pipeline(run: str | Path = DEFAULT_RUN, only: Iterable[str] | None = Non
         missing = [p.stem for p in notebooks if p.stem not in SMOKE_PARAMETERS]
         if missing:
             raise PipelineError(f"--smoke: {missing} have no entry in "
-                                f"sae_nb.running.notebooks.SMOKE_PARAMETERS; add one (it may be {{}}).")
+                                f"sae_nb.running.notebooks.SMOKE_PARAMETERS; add one (it may be "
+                                f"{{}}).")
     run_dir = (Path(outputs_root) / run).resolve()
     outputs = []
     for path in notebooks:
@@ -222,6 +223,10 @@ def failed_cell(executed: str | Path) -> dict[str, Any] | None:
     """Where an executed notebook failed: ``{"cell", "source", "error"}`` with the cell's
     position in the notebook as committed (1-based, papermill's own cells not counted) and
     ``"ename: evalue"``; None when no cell holds an error (or the notebook cannot be read)."""
+    # nbformat takes seconds to import (jsonschema's format checkers), and sae_nb.running.jobs
+    # reads this module's constants in every notebook that trains: loaded to read a failure
+    import nbformat
+
     try:
         nb = nbformat.read(str(executed), as_version=4)
     except Exception:  # never written, or cut short

@@ -2,9 +2,9 @@
 
 A notebook opened by hand reads ``../outputs/interactive`` (where notebook 01 run by hand writes)
 when that folder holds activation stores, and otherwise the main job's ``../outputs/default``
-(``python -m sae_nb run``), so Run All works right after the README's main job. The main job
-itself always passes its own ``run_dir``. The note returned says which folder was chosen and how
-to choose another, for the notebook to print.
+(``python -m sae_nb run``), so Run All works right after the main job. The main job itself
+always passes its own ``run_dir``. The note returned says which folder was chosen and how to
+choose another, for the notebook to print.
 
 :func:`finish_progress_bars` makes the progress bars saved in an executed notebook read their
 final state.
@@ -70,6 +70,8 @@ def finish_progress_bars(path: str | Path) -> int:
     JupyterLab shows the plain text wherever it cannot draw the widget (an executed notebook
     opened later is untrusted), so that text is rewritten from the saved state
     (``Loading weights: 100%|##########| 272/272 [...]``). Returns the number of bars rewritten."""
+    # nbformat takes seconds to import (jsonschema's format checkers): every notebook reads
+    # choose_run_dir from this module, and only the pipeline rewrites bars
     import nbformat
 
     path = Path(path)

@@ -3,9 +3,9 @@
 Each ``-p name=[a, b]`` is an axis of the grid (a scalar ``-p`` is fixed for every run; to fix a
 list-valued parameter, wrap it: ``-p "sites=[['resid_out_layer2']]"``). Every combination runs
 in its own folder under the sweep folder, named by its swept values (``k=16,architecture=topk``),
-as a separate process (``python -m sae_nb.running.sweep``) whose kernel gets ``OMP_NUM_THREADS`` and its
-peers set to ``cores // jobs`` (at least 1), so ``jobs`` runs at once do not oversubscribe the
-cores.
+as a separate process (``python -m sae_nb.running.sweep``) whose kernel gets
+``OMP_NUM_THREADS`` and its peers set to ``cores // jobs`` (at least 1), so ``jobs`` runs at
+once do not oversubscribe the cores.
 
 Sharing inputs: a combination's folder is its notebook's ``run_dir``; the entries named in
 ``link`` (by default ``activations``, notebook 01's stores) of a prepared base run are linked
@@ -17,6 +17,9 @@ or ``failed`` with the cell number and error), written atomically after every ch
 skips combinations already done and retries the others. ``sweep_metrics.csv`` gathers one row
 per combination: its status, its parameters and the metrics its run recorded (the ``metrics``
 of every saved dictionary's ``sae_nb.json``, and any flat ``metrics.json``).
+
+:class:`SweepOptions` holds ``python -m sae_nb sweep``'s options; its field docstrings are their
+help.
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from sae_nb.comparison.grid import summarize_runs
 from sae_nb.running.notebooks import (
     NOTEBOOKS_DIR,
     OUTPUTS_DIR,
@@ -51,8 +54,8 @@ from sae_nb.running.notebooks import (
     run_notebook,
     select_notebooks,
 )
+from sae_nb.util.checks import whole_number
 from sae_nb.util.io import LockHeld, atomic_write_json, atomic_write_text, hold_lock, write_table
-from sae_nb.views.plotting import pareto_figure
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,39 @@ SAFE_NAME = re.compile(r"[^A-Za-z0-9_.,=+-]")
 class SweepError(PipelineError):
     """A sweep was asked for something it cannot do (bad grid, unknown parameter, clashing
     folder); raised before any combination runs."""
+
+
+@dataclass
+class SweepOptions:
+    """What ``python -m sae_nb sweep`` runs: one notebook, over a grid, into a sweep folder."""
+
+    only: str = field(metadata={"metavar": "NN"})
+    """The notebook to sweep, by number (02) or stem (02_train)."""
+    parameter: list[str] = field(default_factory=list,
+                                 metadata={"flags": ("-p",), "metavar": "NAME=VALUE"})
+    """A notebook parameter: a list value (k=[16,32]) is an axis, anything else is fixed.
+
+    Repeatable. To fix a list-valued parameter, wrap it: -p "sites=[['resid_out_layer2']]"."""
+    run: str | None = None
+    """The sweep folder: outputs/RUN or an absolute path; None for sweeps/<notebook stem>."""
+    base_run: str | None = None
+    """The run to link entries from (see link); None: the main job's run, if it exists.
+
+    A run name under outputs or a path, usually one notebook 01 wrote its activations into; None
+    takes the main job's run (outputs/default) when that folder exists, else links nothing."""
+    link: tuple[str, ...] = DEFAULT_LINKS
+    """The entries of the base run to link into each combination's folder."""
+    jobs: int = 1
+    """Combinations run at once; each kernel gets cores // N threads."""
+    smoke: bool = False
+    """Start from the small CI parameters (sae_nb.running.notebooks.SMOKE_PARAMETERS)."""
+    outputs: str = str(OUTPUTS_DIR)
+    """The root of the run folders."""
+    notebooks: str = str(NOTEBOOKS_DIR)
+    """The folder of the numbered notebooks."""
+
+    def __post_init__(self):
+        self.jobs = whole_number("jobs", self.jobs, 1, SweepError)
 
 
 def parse_grid(texts: Iterable[str]) -> tuple[dict[str, list], dict[str, Any]]:
@@ -331,20 +367,15 @@ def run_sweep(only: str, axes: Mapping[str, list], fixed: Mapping[str, Any] | No
 
 
 def worker(argv: list[str]) -> int:
-    """``python -m sae_nb.running.sweep NOTEBOOK RUN_DIR PARAMETERS``: run one combination (parameters
-    as a Python dict literal); exit 1 with the failure's message."""
+    """``python -m sae_nb.running.sweep NOTEBOOK RUN_DIR PARAMETERS``: run one combination
+    (parameters as a Python dict literal); exit 1 with the failure's message."""
     notebook, run_dir, params = argv
     try:
         run_notebook(notebook, run_dir, ast.literal_eval(params), progress=False)
     except PipelineError as err:
-        print(err, file=sys.stderr)
+        print(err, file=sys.stderr)  # noqa: T201 - the worker's message, read into sweep.log
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    sys.exit(worker(sys.argv[1:]))
 
 
 def sweep_pareto(table: pd.DataFrame, path) -> pd.DataFrame | None:
@@ -352,6 +383,10 @@ def sweep_pareto(table: pd.DataFrame, path) -> pd.DataFrame | None:
     (HTML): one trace per architecture (when swept or fixed), a point per k, seed intervals
     over the other swept values. Returns the summarized table drawn; None, writing nothing,
     when no finished run recorded ``l0`` and ``fvu``."""
+    # Imported here: they take seconds to import and only a finished sweep's figure needs them.
+    from sae_nb.comparison.grid import summarize_runs  # scipy
+    from sae_nb.views.plotting import pareto_figure  # plotly
+
     done = table[table["status"] == "done"] if "status" in table.columns else table
     if not {"l0", "fvu"} <= set(done.columns) or done[["l0", "fvu"]].dropna().empty:
         return None
@@ -364,3 +399,8 @@ def sweep_pareto(table: pd.DataFrame, path) -> pd.DataFrame | None:
     summary = summarize_runs(done, metrics)
     atomic_write_text(path, pareto_figure(summary).to_html(include_plotlyjs=True))
     return summary
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    sys.exit(worker(sys.argv[1:]))

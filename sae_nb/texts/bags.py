@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import adjusted_rand_score
 
 from sae_nb.texts.clustering import (
     ClusteringError,
@@ -58,12 +59,12 @@ class BagTransform:
     ``none`` the codes as they are (what :mod:`sae_nb.texts.probing` probes); ``l2`` unit rows;
     ``tfidf`` codes times the idf (:func:`sae_nb.texts.clustering.inverse_document_frequency`) of
     the fitted rows, then unit rows; ``binary`` 1 where a latent fired, then unit rows; ``idf``
-    binary firing times the idf, unit rows (``clustering.scale_rows(X, "idf")`` when fitted on
-    the same rows); ``lsa`` the TF-IDF rows projected on the top ``n_components`` right
-    singular vectors of the fitted TF-IDF matrix, then unit rows; ``lsa_idf`` the same of the
-    ``idf`` rows; ``drop_dense`` the codes without the latents whose density (``density``
-    when given, e.g. over a store's tokens, else over the fitted rows) is above
-    ``threshold``, then unit rows."""
+    binary firing times the idf, unit rows (``sae_nb.texts.clustering.scale_rows(X, "idf")``
+    when fitted on the same rows); ``lsa`` the TF-IDF rows projected on the top
+    ``n_components`` right singular vectors of the fitted TF-IDF matrix, then unit rows;
+    ``lsa_idf`` the same of the ``idf`` rows; ``drop_dense`` the codes without the latents
+    whose density (``density`` when given, e.g. over a store's tokens, else over the fitted
+    rows) is above ``threshold``, then unit rows."""
 
     treatment: str = "l2"
     threshold: float = 0.5
@@ -155,8 +156,6 @@ def treatment_table(raw, codes, labels, train, test, treatments=TREATMENTS,
     notebook 05 does) and as unit rows; their "top k" are raw dimensions. ARI is the mean over
     ``n_seeds`` KMeans seeds (``ari_sd`` their standard deviation): on a few dozen texts one
     seed's ARI moves by 0.1. One row each, with the majority-class baseline."""
-    from sklearn.metrics import adjusted_rand_score
-
     raw, codes, y = np.asarray(raw, np.float64), np.asarray(codes, np.float64), np.asarray(labels)
     n_clusters = n_clusters or len(np.unique(y))
     options = dict(threshold=threshold, n_components=n_components, density=density, seed=seed)
@@ -178,7 +177,7 @@ def treatment_table(raw, codes, labels, train, test, treatments=TREATMENTS,
         row = {"representation": "codes", "treatment": t,
                **_probe_row(X, y, train, test, k_values, seed)}
         treated = treat(codes, t, **options)
-        row.update(ari(lambda s: spherical_kmeans(treated, n_clusters, s)))
+        row.update(ari(lambda s, X=treated: spherical_kmeans(X, n_clusters, s)))
         row["columns"] = X.shape[1]
         rows.append(row)
     rows[0]["columns"] = raw.shape[1]

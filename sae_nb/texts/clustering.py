@@ -1,12 +1,13 @@
 """Groups of texts in latent space: KMeans over sentence-level codes (and raw activations).
 
 A first map of what a dictionary sees: which texts land together. Each text is one vector,
-usually its per-token codes pooled over the text (:func:`sae_nb.texts.codes.pooled_token_codes`); the
-pooled raw activations are clustered the same way for comparison. KMeans (Lloyd, 1982; scikit-
-learn's ``k-means++`` start, ten restarts) groups them; a silhouette sweep (Rousseeuw, 1987)
-suggests a number of clusters; the adjusted Rand index (Hubert & Arabie, 1985) says how well
-the clusters agree with labels when the texts have them. Latent families (groups of latents
-rather than of texts) live in :mod:`sae_nb.latents.families`.
+usually its per-token codes pooled over the text
+(:func:`sae_nb.texts.codes.pooled_token_codes`); the pooled raw activations are clustered the
+same way for comparison. KMeans (Lloyd, 1982; scikit-learn's ``k-means++`` start, ten
+restarts) groups them; a silhouette sweep (Rousseeuw, 1987) suggests a number of clusters;
+the adjusted Rand index (Hubert & Arabie, 1985) says how well the clusters agree with labels
+when the texts have them. Latent families (groups of latents rather than of texts) live in
+:mod:`sae_nb.latents.families`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA, TruncatedSVD
+from sklearn.manifold import TSNE
+from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 from sae_nb.activations.corpora import read_text_table
 from sae_nb.util.errors import SaeNbError
@@ -41,7 +46,8 @@ class ClusteringError(SaeNbError, ValueError):
 def load_texts(path: str | Path, text_column: str = "sentence",
                label_column: str | None = None, encoding: str = "utf-8") -> pd.DataFrame:
     """Columns ``text`` and ``label`` (None everywhere when ``label_column`` is empty) of a
-    CSV, read by :func:`sae_nb.activations.corpora.read_text_table` (which names bad rows by file line)."""
+    CSV, read by :func:`sae_nb.activations.corpora.read_text_table` (which names bad rows by
+    file line)."""
     table = read_text_table(path, text_column, label_column or None, encoding)
     out = table[["text"]].copy()
     out["label"] = table["label"] if label_column else None
@@ -111,8 +117,6 @@ def inverse_document_frequency(X) -> np.ndarray:
 def fit_lsa(weighted, n_components: int = LSA_COMPONENTS):
     """Latent semantic analysis: a truncated SVD (``sklearn``'s, ARPACK, seeded) fitted on the
     weighted rows, keeping ``n_components`` (fewer when the matrix is smaller)."""
-    from sklearn.decomposition import TruncatedSVD
-
     weighted = np.asarray(weighted)
     n = min(n_components, weighted.shape[0] - 1, weighted.shape[1] - 1)
     if n < 1:
@@ -123,7 +127,6 @@ def fit_lsa(weighted, n_components: int = LSA_COMPONENTS):
 
 
 # ---------------------------------------------------------------- KMeans
-
 
 
 @dataclass
@@ -141,8 +144,6 @@ class Clusters:
 
 def kmeans(X, n_clusters: int, seed: int = 0, scale: Scale = "l2") -> Clusters:
     """KMeans with ten ``k-means++`` restarts on the scaled rows of ``X``."""
-    from sklearn.cluster import KMeans
-
     X = scale_rows(check_rows(X, n_clusters), scale)
     with one_thread():
         fit = KMeans(n_clusters=n_clusters, n_init=10, random_state=seed).fit(X)
@@ -161,8 +162,6 @@ def silhouette_sweep(X, k_values=range(2, 13), seed: int = 0,
         raise ClusteringError(f"No k in {list(k_values)} lies in 2..{len(X) - 1} (N={len(X)} "
                               f"rows); the silhouette needs 2 <= k < N. Widen the range or "
                               f"add rows.")
-    from sklearn.metrics import silhouette_score
-
     rows = []
     for k in ks:
         fit = kmeans(X, k, seed=seed, scale="none")
@@ -224,8 +223,6 @@ def distinguishing_latents(codes, labels, top: int = 5) -> pd.DataFrame:
 def agreement(true_labels, assignments: Mapping[str, np.ndarray]) -> pd.DataFrame:
     """Adjusted Rand index of each named clustering against the labels (1 is perfect, about 0
     is chance), plus the ARI between each pair of clusterings."""
-    from sklearn.metrics import adjusted_rand_score
-
     rows = [{"clustering": name, "against": "labels", "ari": adjusted_rand_score(true_labels, a)}
             for name, a in assignments.items() if true_labels is not None]
     names = list(assignments)
@@ -248,12 +245,8 @@ def project_2d(X, method: Projection = "pca", seed: int = 0, perplexity: float =
     if len(X) < 3:
         raise ClusteringError(f"A 2-D map needs at least 3 rows; got {len(X)}.")
     if method == "pca":
-        from sklearn.decomposition import PCA
-
         xy = PCA(n_components=min(2, X.shape[1]), random_state=seed).fit_transform(X)
         return np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))  # a 1-D input gets y = 0
-    from sklearn.manifold import TSNE
-
     perplexity = float(min(perplexity, max(1.0, (len(X) - 1) / 3)))
     with one_thread():
         return TSNE(n_components=2, perplexity=perplexity, init="pca",

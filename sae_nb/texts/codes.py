@@ -22,8 +22,8 @@ from sae_nb.activations.extract import (
     run_sites,
     site_widths,
 )
-from sae_nb.activations.models import model_name
-from sae_nb.dictionaries.architectures import dictionary_site
+from sae_nb.activations.models import Model, model_name
+from sae_nb.dictionaries.architectures import Dictionary, dictionary_site
 
 
 @dataclass
@@ -51,8 +51,9 @@ class SentenceCodes:
 
 
 @torch.no_grad()
-def sentence_codes(model, dictionary, texts: list[str], site: str | None = None,
-                   pool: str = "mean", batch_size: int = 32) -> SentenceCodes:
+def sentence_codes(model: Model, dictionary: Dictionary, texts: list[str],
+                   site: str | None = None, pool: str = "mean",
+                   batch_size: int = 32) -> SentenceCodes:
     """Pool each text's activations at the dictionary's site and encode them."""
     site = dictionary_site(dictionary, site)
     _check_width(dictionary, model, site)
@@ -63,8 +64,8 @@ def sentence_codes(model, dictionary, texts: list[str], site: str | None = None,
 
 
 @torch.no_grad()
-def pooled_token_codes(model, dictionary, texts: list[str], site: str | None = None,
-                       pool: str = "mean", batch_size: int = 32,
+def pooled_token_codes(model: Model, dictionary: Dictionary, texts: list[str],
+                       site: str | None = None, pool: str = "mean", batch_size: int = 32,
                        max_len: int = 128) -> SentenceCodes:
     """Encode every token, then pool the codes over each text's tokens (BOS and padding left
     out), as sparse-probing studies pool SAE latents; the activations are pooled alike.
@@ -88,7 +89,7 @@ def pooled_token_codes(model, dictionary, texts: list[str], site: str | None = N
     return SentenceCodes(list(texts), acts_out, codes_out)
 
 
-def _check_width(dictionary, model, site: str) -> None:
+def _check_width(dictionary: Dictionary, model: Model, site: str) -> None:
     (width,) = site_widths(model, resolve_sites(model, [site])).values()  # site may be an alias
     if width != dictionary.d_in:
         raise ValueError(f"The dictionary reads {dictionary.d_in}-wide activations, but site "

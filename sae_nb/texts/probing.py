@@ -22,12 +22,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.metrics import accuracy_score, roc_auc_score
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from sae_nb.activations.corpora import CorpusError, read_text_table
 from sae_nb.activations.extract import pooled_activations
-from sae_nb.activations.models import hf_model, model_fingerprint
+from sae_nb.activations.models import Model, hf_model, model_fingerprint
 from sae_nb.activations.sites import n_layers
-from sae_nb.dictionaries.architectures import dictionary_hash, dictionary_site
+from sae_nb.dictionaries.architectures import Dictionary, dictionary_hash, dictionary_site
 from sae_nb.texts.codes import pooled_token_codes
 from sae_nb.util.io import atomic_save_npz, write_table
 from sae_nb.util.threads import one_thread
@@ -129,7 +135,6 @@ def subsample(df: pd.DataFrame, n: int | None, seed: int = 0) -> pd.DataFrame:
     """At most ``n`` rows, stratified by label (all rows when ``n`` is None or large)."""
     if n is None or n >= len(df):
         return df.reset_index(drop=True)
-    from sklearn.model_selection import train_test_split
     try:
         keep, _ = train_test_split(df, train_size=n, stratify=df["label"], random_state=seed)
     except ValueError as err:  # n below the number of classes, or a class of one row
@@ -147,7 +152,6 @@ def _counts(labels) -> dict[str, int]:
 def split_labeled(labels, test_size: float = 0.25, seed: int = 0,
                   min_per_class: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Stratified train and test row indices. Every class needs ``min_per_class`` rows."""
-    from sklearn.model_selection import train_test_split
     labels = np.asarray(labels)
     classes, counts = np.unique(labels, return_counts=True)
     if len(classes) < 2:
@@ -165,8 +169,8 @@ def split_labeled(labels, test_size: float = 0.25, seed: int = 0,
 # ---------------------------------------------------------------- features
 
 
-def probe_features(model, dictionary, texts: list[str], site: str | None = None,
-                   pool: str = "mean", cache: str | Path | None = None,
+def probe_features(model: Model, dictionary: Dictionary, texts: list[str],
+                   site: str | None = None, pool: str = "mean", cache: str | Path | None = None,
                    batch_size: int = 32, max_len: int = 128,
                    run_dir: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pooled activations ``(N, D)`` at the site and pooled per-token codes ``(N, F)``: every
@@ -175,10 +179,9 @@ def probe_features(model, dictionary, texts: list[str], site: str | None = None,
     With ``run_dir`` they are cached under ``run_dir/probing/`` (one file per configuration,
     so switching back and forth between dictionaries reads each from disk); with ``cache`` at
     that ``.npz`` path. A cache is used only when everything the arrays depend on is the
-    same: the model (:func:`sae_nb.activations.models.model_fingerprint`), the dictionary's weights
-    (:func:`sae_nb.dictionaries.architectures.dictionary_hash`), site, pooling, truncation and the texts."""
-    import torch
-
+    same: the model (:func:`sae_nb.activations.models.model_fingerprint`), the dictionary's
+    weights (:func:`sae_nb.dictionaries.architectures.dictionary_hash`), site, pooling,
+    truncation and the texts."""
     site = dictionary_site(dictionary, site)
     texts = _check_texts(texts)
     key = {"model": model_fingerprint(model), "dictionary": dictionary_hash(dictionary),
@@ -262,11 +265,6 @@ class ProbeResult:
 def fit_probe(X_train: np.ndarray, y_train, X_test: np.ndarray, y_test, name: str = "probe",
               columns: np.ndarray | None = None, seed: int = 0) -> ProbeResult:
     """StandardScaler + LogisticRegressionCV on the train split, scored on the test split."""
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.metrics import accuracy_score, roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if columns is not None:
         X_train, X_test = X_train[:, columns], X_test[:, columns]
     train_counts = _counts(y_train)
@@ -385,7 +383,7 @@ def class_latents(probe: ProbeResult, codes_train: np.ndarray, y_train, codes_te
     return pd.DataFrame(rows)
 
 
-def sweep_sites(model, sites: str | list[str]) -> list[str]:
+def sweep_sites(model: Model, sites: str | list[str]) -> list[str]:
     """Site names for a layer sweep: a list as given, or a site kind (``"resid_out"``,
     ``"mlp_out"``, ...) for that site at every layer of the model."""
     if not isinstance(sites, str):
@@ -397,7 +395,7 @@ def sweep_sites(model, sites: str | list[str]) -> list[str]:
     return [f"{sites}_layer{i}" for i in range(n_layers(hf_model(model)))]
 
 
-def layer_sweep(model, texts: list[str], labels, train: np.ndarray, test: np.ndarray,
+def layer_sweep(model: Model, texts: list[str], labels, train: np.ndarray, test: np.ndarray,
                 sites: str | list[str], pool: str = "mean", seed: int = 0,
                 batch_size: int = 32, cache: str | Path | None = None,
                 run_dir: str | Path | None = None) -> pd.DataFrame:
@@ -418,7 +416,7 @@ def layer_sweep(model, texts: list[str], labels, train: np.ndarray, test: np.nda
     return pd.DataFrame(rows)
 
 
-def sweep_activations(model, texts: list[str], sites: list[str], pool: str = "mean",
+def sweep_activations(model: Model, texts: list[str], sites: list[str], pool: str = "mean",
                       batch_size: int = 32, max_len: int = 128,
                       cache: str | Path | None = None,
                       run_dir: str | Path | None = None) -> dict[str, np.ndarray]:

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 from sae_nb.activations.corpora import document_separator, load_corpus, pack_contexts
 from sae_nb.activations.extract import module_envoy, resolve_sites, run_sites
-from sae_nb.activations.models import hf_model, model_name
-from sae_nb.dictionaries.architectures import dictionary_site
+from sae_nb.activations.models import Model, hf_model, model_name
+from sae_nb.dictionaries.architectures import Dictionary, dictionary_site
 from sae_nb.util.errors import SaeNbError
 
 
@@ -40,7 +40,8 @@ class EvaluationError(SaeNbError, ValueError):
     """Activations or a site that do not fit the dictionary being evaluated."""
 
 
-def check_widths(dictionary, acts: torch.Tensor, targets: torch.Tensor | None = None) -> None:
+def check_widths(dictionary: Dictionary, acts: torch.Tensor,
+                 targets: torch.Tensor | None = None) -> None:
     """``acts`` must be ``(N, d_in)`` and ``targets`` ``(N, D_out)`` for ``dictionary``."""
     if acts.ndim != 2 or acts.shape[1] != dictionary.d_in:
         raise EvaluationError(
@@ -54,7 +55,7 @@ def check_widths(dictionary, acts: torch.Tensor, targets: torch.Tensor | None = 
                               f"pass the same rows of both sites.")
 
 
-def dictionary_site_hint(dictionary) -> str:
+def dictionary_site_hint(dictionary: Dictionary) -> str:
     site = (getattr(dictionary, "metadata", None) or {}).get("site")
     return repr(site) if site else "no site"
 
@@ -69,7 +70,8 @@ class Evaluation:
 
 
 @torch.no_grad()
-def reconstruction_metrics(dictionary, acts: torch.Tensor, targets: torch.Tensor | None = None,
+def reconstruction_metrics(dictionary: Dictionary, acts: torch.Tensor,
+                           targets: torch.Tensor | None = None,
                            batch_size: int = 4096) -> tuple[dict, np.ndarray]:
     """MSE, FVU, L0, L1 and firing densities of ``dictionary`` on ``acts`` ``(N, D)``, with the
     reconstruction ``dictionary.reconstruct`` returns (the same one the splice uses)."""
@@ -83,7 +85,8 @@ def reconstruction_metrics(dictionary, acts: torch.Tensor, targets: torch.Tensor
     for lo in range(0, n, batch_size):
         x = acts[lo : lo + batch_size].to(device).float()
         y = targets[lo : lo + batch_size].to(device).float()
-        f, y_hat = dictionary.encode_and_reconstruct(x)  # never decode(f): see dictionary.py
+        # The reconstruction, never decode(f): the contract of sae_nb.dictionaries.architectures.
+        f, y_hat = dictionary.encode_and_reconstruct(x)
         sq_err += float((y - y_hat).pow(2).sum())
         active = f != 0
         l0 += float(active.sum())
@@ -96,7 +99,7 @@ def reconstruction_metrics(dictionary, acts: torch.Tensor, targets: torch.Tensor
     return row, density
 
 
-def splice_loss(model, site: str, tokens: torch.Tensor,
+def splice_loss(model: Model, site: str, tokens: torch.Tensor,
                 replace: Callable[[torch.Tensor], torch.Tensor] | None, keep_bos: bool = True,
                 bos_token_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token next-token CE ``(B, T-1)`` and log-probs, with the site's activation replaced.
@@ -131,7 +134,8 @@ def splice_loss(model, site: str, tokens: torch.Tensor,
 
 
 @torch.no_grad()
-def ce_metrics(dictionary, model, site: str, tokens: torch.Tensor, batch_size: int = 8,
+def ce_metrics(dictionary: Dictionary | torch.nn.Module, model: Model, site: str,
+               tokens: torch.Tensor, batch_size: int = 8,
                bos_token_id: int | None = None) -> dict:
     """Clean, spliced and zero-ablated CE, % loss recovered and KL(clean || spliced).
 
@@ -157,11 +161,12 @@ def ce_metrics(dictionary, model, site: str, tokens: torch.Tensor, batch_size: i
         count += ce_clean.numel()
     clean, spliced, zero = (sums[k] / count for k in ("clean", "spliced", "zero"))
     return {"ce_clean": clean, "ce_spliced": spliced, "ce_zero_ablation": zero,
-            "ce_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
+            "ce_loss_recovered": ((zero - spliced) / (zero - clean) if zero != clean
+                                  else float("nan")),
             "kl_div": sums["kl"] / count}
 
 
-def _training_data(dictionary) -> dict:
+def _training_data(dictionary: Dictionary) -> dict:
     """The training-data metadata a dictionary carries: ``exclude_bos``, ``bos_token_id``, ...
     (``train_dictionary`` attaches it; ``load_sae_nb`` reads it from the saved train config)."""
     meta = getattr(dictionary, "metadata", None) or {}
@@ -170,7 +175,8 @@ def _training_data(dictionary) -> dict:
     return ((meta.get("train_config") or {}).get("metadata") or {})
 
 
-def bos_kept_clean(dictionary, model=None, store=None, splice_bos: bool | None = None,
+def bos_kept_clean(dictionary: Dictionary, model: Model | None = None, store=None,
+                   splice_bos: bool | None = None,
                    bos_token_id: int | None = None) -> int | None:
     """The token id whose positions keep their clean activation in the splice, or ``None`` when
     every position gets the reconstruction.
@@ -203,8 +209,9 @@ def bos_kept_clean(dictionary, model=None, store=None, splice_bos: bool | None =
     return document_separator(model.tokenizer)
 
 
-def evaluate_dictionary(dictionary, acts: torch.Tensor, model=None, site: str | None = None,
-                        tokens: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+def evaluate_dictionary(dictionary: Dictionary, acts: torch.Tensor, model: Model | None = None,
+                        site: str | None = None, tokens: torch.Tensor | None = None,
+                        targets: torch.Tensor | None = None,
                         bos_token_id: int | None = None, store=None,
                         splice_bos: bool | None = None) -> Evaluation:
     """All metrics as one DataFrame row (plus firing densities). The CE metrics need ``model``,
@@ -221,7 +228,7 @@ def evaluate_dictionary(dictionary, acts: torch.Tensor, model=None, site: str | 
 
 
 @torch.no_grad()
-def fit_check(dictionary, model, site: str | None = None, corpus: str = "sotu",
+def fit_check(dictionary: Dictionary, model: Model, site: str | None = None, corpus: str = "sotu",
               n_tokens: int = 4096, ctx_len: int = 128, batch_size: int = 8,
               seed: int = 1) -> pd.DataFrame:
     """Run ``dictionary`` on fresh token activations at ``site``: d_in match, FVU, L0 and the

@@ -60,9 +60,10 @@ def topk_step(sae: TopKSAE, x, y, dead: torch.Tensor | None, k_aux: int, auxk_al
     """TopK (Gao et al. 2024) with the AuxK loss: the dead latents' top ``k_aux`` codes are asked
     to reconstruct the residual error, which gives dead latents a gradient again."""
     use_aux = dead is not None and bool(dead.any())
+    b_dec_in = sae.b_dec if sae.apply_b_dec_to_input else torch.zeros_like(sae.b_dec)
     vals, idx, aux_vals, aux_idx = topk_encode(
-        x, sae.W_enc, sae.b_enc, sae.b_dec if sae.apply_b_dec_to_input else torch.zeros_like(sae.b_dec),
-        sae.k, dead if use_aux else None, min(k_aux, int(dead.sum())) if use_aux else 0)
+        x, sae.W_enc, sae.b_enc, b_dec_in, sae.k, dead if use_aux else None,
+        min(k_aux, int(dead.sum())) if use_aux else 0)
     x_hat = sparse_decode(vals, idx, sae.W_dec, sae.b_dec)
     err = y - x_hat
     err_sq = err.pow(2).sum()
@@ -97,9 +98,10 @@ class _BatchTopKEncode(torch.autograd.Function):
     """BatchTopK codes as a ragged sparse list: ``(values (N,), rows (N,), cols (N,))`` of the
     kept activations, sorted by row, plus the AuxK codes ``(B, k_aux)`` over dead latents.
 
-    The sparse TopK training of ``sae_nb.training.sparse_ops`` for a batch-wide selection: one dense
-    matmul (the pre-activations, ``b_dec`` folded into the bias), the encoder's weight gradient
-    a CSR matmul over the kept (row, latent) pairs, no ``(B, F) @ (F, D)`` product anywhere.
+    The sparse TopK training of ``sae_nb.training.sparse_ops`` for a batch-wide selection: one
+    dense matmul (the pre-activations, ``b_dec`` folded into the bias), the encoder's weight
+    gradient a CSR matmul over the kept (row, latent) pairs, no ``(B, F) @ (F, D)`` product
+    anywhere.
     ``group`` (data parallelism): keep the positive activations >= the cut of the global batch
     (as ``_global_batch_topk``); None: the ``k * B`` largest of this batch, as
     :meth:`BatchTopKSAE.batch_activation`."""
@@ -116,7 +118,8 @@ class _BatchTopKEncode(torch.autograd.Function):
         else:
             n = k * B * group.world
             local = acts.flatten()
-            candidates = group.gather(local.float().topk(min(n, local.numel()), sorted=False).values)
+            own = local.float().topk(min(n, local.numel()), sorted=False).values  # this rank's
+            candidates = group.gather(own)
             cut = candidates.topk(n, sorted=False).values.min().to(acts.dtype)
             flat = ((local >= cut) & (local > 0)).nonzero().squeeze(1)  # sorted; zeros add nothing
             vals = local[flat]
@@ -267,7 +270,8 @@ def batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux: int, auxk_alpha: float,
         residual = err.detach()
         aux_hat = sparse_decode(torch.relu(aux_v), aux_i, sae.W_dec)
         denom = _residual_variance(residual, group).clamp_min(1e-8)
-        loss = loss + auxk_alpha * torch.nan_to_num((residual - aux_hat).pow(2).sum(-1).mean() / denom)
+        aux_mse = (residual - aux_hat).pow(2).sum(-1).mean()
+        loss = loss + auxk_alpha * torch.nan_to_num(aux_mse / denom)
     with torch.no_grad():
         active = f > 0
         kept_min = f[active].min() if active.any() else None
@@ -277,12 +281,14 @@ def batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux: int, auxk_alpha: float,
             kept_min = kept_min if torch.isfinite(kept_min) else None
         if kept_min is not None and update_threshold:
             t = sae.threshold
-            t.copy_(torch.where(t == 0, kept_min, threshold_beta * t + (1 - threshold_beta) * kept_min))
+            t.copy_(torch.where(t == 0, kept_min,
+                                threshold_beta * t + (1 - threshold_beta) * kept_min))
     return Step(loss, mse.detach(), float(active.sum()) / len(x), active.any(0),
                 _fvu(y, err_sq.detach()), x_hat.detach())
 
 
-def _update_threshold(sae, kept_min, update: bool, beta: float, group) -> None:
+def _update_threshold(sae: BatchTopKSAE, kept_min: torch.Tensor | None, update: bool, beta: float,
+                      group: Group | None) -> None:
     with torch.no_grad():
         if group is not None and update:  # the smallest kept activation over all ranks
             local = kept_min if kept_min is not None else sae.threshold.new_tensor(float("inf"))
@@ -323,7 +329,8 @@ def _sparse_batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux, auxk_alpha, upd
         residual = err.detach()
         aux_hat = sparse_decode(aux_vals, aux_idx, sae.W_dec)
         denom = _residual_variance(residual, group).clamp_min(1e-8)
-        loss = loss + auxk_alpha * torch.nan_to_num((residual - aux_hat).pow(2).sum(-1).mean() / denom)
+        aux_mse = (residual - aux_hat).pow(2).sum(-1).mean()
+        loss = loss + auxk_alpha * torch.nan_to_num(aux_mse / denom)
     active = vals > 0
     _update_threshold(sae, vals[active].detach().min() if active.any() else None,
                       update_threshold, threshold_beta, group)
@@ -415,4 +422,5 @@ def compute_step(sae: Dictionary, x, y, cfg, dead, past_warmup: bool = True,
         return topk_step(sae, x, y, dead, cfg.k_aux_value(sae), cfg.auxk_alpha, group)
     if isinstance(sae, JumpReLUSAE):
         return jumprelu_step(sae, x, y, cfg.l0_coefficient, cfg.jumprelu_bandwidth)
-    return relu_step(sae, x, y, cfg.l1_coefficient, cfg.sparsity_penalty, cfg.l1_weighted_by_decoder_norm)
+    return relu_step(sae, x, y, cfg.l1_coefficient, cfg.sparsity_penalty,
+                     cfg.l1_weighted_by_decoder_norm)

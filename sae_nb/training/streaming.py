@@ -1,8 +1,8 @@
 """Training without a store: activations streamed from the model through a shuffle buffer.
 
 :class:`ActivationStream` packs the corpus into contexts exactly as token-mode extraction does
-(same :class:`sae_nb.activations.extract.ExtractConfig`, same documents, contexts and BOS handling), runs
-the model over them a few contexts at a time, and keeps the rows in a buffer as
+(same :class:`sae_nb.activations.extract.ExtractConfig`, same documents, contexts and BOS
+handling), runs the model over them a few contexts at a time, and keeps the rows in a buffer as
 dictionary_learning's ``ActivationBuffer`` does: refilled when half empty, batches drawn from it
 at random without replacement (seeded). Iterating it yields training batches, so
 ``train_dictionary(stream, config)`` trains with no store on disk. The stream's position (the
@@ -27,7 +27,7 @@ import torch
 
 from sae_nb.activations.corpora import load_corpus, pack_contexts
 from sae_nb.activations.extract import ExtractConfig, check_ctx_len, resolve_sites, run_sites
-from sae_nb.activations.models import hf_model, model_name, resolve_device
+from sae_nb.activations.models import Model, hf_model, model_name, resolve_device
 from sae_nb.training.distributed import setup
 from sae_nb.training.trainer import (
     TrainConfig,
@@ -61,7 +61,7 @@ class ActivationStream:
     are dropped.
     """
 
-    def __init__(self, model, config: ExtractConfig | None = None, batch_rows: int = 4096,
+    def __init__(self, model: Model, config: ExtractConfig | None = None, batch_rows: int = 4096,
                  buffer_rows: int = 65536, shuffle: bool = True, buffer_seed: int = 0,
                  **options):
         self.config = ExtractConfig(**{**(asdict(config) if config else {}), **options})

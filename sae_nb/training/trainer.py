@@ -81,49 +81,83 @@ class TrainConfig:
 
     architecture: Literal["topk", "batchtopk", "matryoshka_batchtopk", "standard",
                           "jumprelu"] = "topk"
-    d_in: int | None = None  # input width; None takes it from the first batch
-    expansion: int = 8  # d_sae = expansion * d_in, unless d_sae is given
+    """topk, batchtopk, matryoshka_batchtopk, standard (ReLU with L1) or jumprelu."""
+    d_in: int | None = None
+    """Input width; None takes it from the first batch."""
+    expansion: int = 8
+    """Latents per input dimension: d_sae is expansion * d_in, unless d_sae is given."""
     d_sae: int | None = None
-    k: int = 32  # TopK / BatchTopK: active latents per token
-    # Matryoshka BatchTopK: the nested prefix sizes, strictly increasing and ending at d_sae;
-    # None: (d_sae/8, d_sae/4, d_sae/2, d_sae). The loss sums each prefix's reconstruction error.
+    """Latents in the dictionary; None for expansion * d_in."""
+    k: int = 32
+    """Active latents per token (TopK, BatchTopK, Matryoshka BatchTopK)."""
     matryoshka_widths: tuple[int, ...] | None = None
-    total_tokens: int = 1_000_000  # training budget; steps = total_tokens // batch rows
-    lr: float | None = None  # None: 2e-4 / sqrt(d_sae / 2**14), Gao et al.'s scaling law
-    warmup_steps: int | None = None  # None: 5% of the steps
-    decay_start: float = 0.8  # fraction of steps after which the lr decays linearly to 0
+    """Matryoshka BatchTopK: the nested prefix sizes, strictly increasing, ending at d_sae.
+
+    None: (d_sae/8, d_sae/4, d_sae/2, d_sae). The loss sums each prefix's reconstruction error."""
+    total_tokens: int = 1_000_000
+    """Training budget in rows; steps = total_tokens // rows per batch."""
+    lr: float | None = None
+    """Learning rate; None for 2e-4 / sqrt(d_sae / 2**14), Gao et al.'s scaling law."""
+    warmup_steps: int | None = None
+    """Steps of linear learning-rate warm-up; None for 5% of the steps."""
+    decay_start: float = 0.8
+    """Fraction of the steps after which the learning rate decays linearly to 0."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    # The whole gradient's norm is clipped to this (None: never). With inputs at unit mean
-    # squared norm the first steps' gradients are 30-1000x the later ones; unclipped they fill
-    # Adam's second moment (beta2 0.999 remembers ~1000 steps) and shrink every later step.
-    # Clipping them cut held-out FVU on 1M SmolLM2 tokens: TopK 0.092 -> 0.078, BatchTopK
-    # 0.126 -> 0.102, JumpReLU 0.176 -> 0.093 (benchmarks/bench_peers.py, README). The units
-    # are the normalised inputs'; with normalize_activations=False pick it for your scale.
+    """Adam's two betas: the decay rates of its gradient and squared-gradient averages."""
     grad_clip_norm: float | None = 0.05
-    # Sparsity for the ReLU ("standard") dictionary.
-    l1_coefficient: float = 0.1  # with inputs at unit mean squared norm: L0 ~25 at 8x on SmolLM2
+    """The whole gradient's norm is clipped to this (None: never).
+
+    With inputs at unit mean squared norm the first steps' gradients are 30-1000x the later ones
+    (the log's grad_norm column shows them); unclipped they fill Adam's second moment (beta2
+    0.999 remembers ~1000 steps) and shrink every later step. Clipping them cut held-out FVU
+    after 1M tokens of SmolLM2 activations (benchmarks/bench_peers.py's data, 4608 latents):
+    TopK 0.092 -> 0.078, BatchTopK 0.126 -> 0.102, JumpReLU 0.176 -> 0.093. The units are the
+    normalised inputs'; with normalize_activations=False pick it for your scale."""
+    l1_coefficient: float = 0.1
+    """Standard (ReLU): the sparsity penalty's weight; higher is sparser.
+
+    With inputs at unit mean squared norm, 0.1 gives L0 24.7 at 8x after 1M tokens of
+    benchmarks/bench_peers.py's SmolLM2 activations."""
     sparsity_penalty: Literal["l1", "entropy"] = "l1"
-    l1_weighted_by_decoder_norm: bool = False  # Anthropic's April-2024 update
-    resample_every: int | None = None  # steps between dead-latent resamplings (ReLU)
-    # JumpReLU.
+    """Standard: the penalty, l1 (sum of activations) or entropy (of each row's normalised ones)."""
+    l1_weighted_by_decoder_norm: bool = False
+    """Standard: weigh each latent's L1 by its decoder row's norm (Anthropic's April-2024 update).
+
+    Decoder rows are then left free instead of kept at unit norm."""
+    resample_every: int | None = None
+    """Standard: steps between resamplings of dead latents; None: never."""
     l0_coefficient: float = 1e-3
+    """JumpReLU: the L0 penalty's weight; higher is sparser."""
     jumprelu_bandwidth: float = 0.001
-    # Dead latents: not fired within the last this-many tokens, counted in whole batches (dead
-    # once the batches since a latent last fired hold this many tokens). AuxK revives them for
-    # TopK; the log's dead_frac is their fraction.
+    """JumpReLU: width of the kernel of the threshold's straight-through gradient."""
     dead_window_tokens: int = 250_000
+    """A latent not fired within the last this-many tokens is dead.
+
+    Counted in whole batches (dead once the batches since a latent last fired hold this many
+    tokens). AuxK revives dead latents for TopK and BatchTopK; the log's dead_frac is their
+    fraction."""
     auxk_alpha: float = 1 / 32
-    k_aux: int | None = None  # None: d_in // 2
-    # Initialisation and scaling.
+    """TopK and BatchTopK: the weight of the AuxK loss that revives dead latents."""
+    k_aux: int | None = None
+    """TopK and BatchTopK: dead latents the AuxK loss reconstructs with; None for d_in // 2."""
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
-    normalize_activations: bool = True  # train on x scaled to unit mean squared norm
+    """The decoder bias's start: the first batch's geometric median or mean, or zeros."""
+    normalize_activations: bool = True
+    """Train on inputs scaled to unit mean squared norm; the scale is folded in at the end."""
     seed: int = 0
+    """Seeds the initialisation."""
     device: str = "auto"
-    autocast: bool = False  # bf16 autocast on CUDA
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    autocast: bool = False
+    """bf16 autocast on CUDA."""
     checkpoint_dir: str | None = None
-    checkpoint_every: int = 0  # steps; 0 = only at the end (when checkpoint_dir is set)
+    """Folder of the checkpoint that training writes and resumes from; None: no checkpoints."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints; 0: only at the end (when checkpoint_dir is set)."""
     log_every: int = 10
-    metadata: dict = field(default_factory=dict)  # model, sites, ... saved with the dictionary
+    """Steps between rows of the training log."""
+    metadata: dict = field(default_factory=dict)
+    """Saved with the dictionary: its training data (model, sites, BOS handling)."""
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURE_NAMES:
@@ -150,7 +184,8 @@ class TrainConfig:
                 setattr(self, name, real_number(name, getattr(self, name), 0.0, strict=True,
                                                 error=TrainingError))
         if self.sparsity_penalty not in ("l1", "entropy"):
-            raise TrainingError(f"sparsity_penalty={self.sparsity_penalty!r}; use 'l1' or 'entropy'.")
+            raise TrainingError(f"sparsity_penalty={self.sparsity_penalty!r}; use 'l1' or "
+                                f"'entropy'.")
 
     def width(self, d_in: int) -> int:
         return int(self.d_sae or self.expansion * d_in)
@@ -209,11 +244,13 @@ def geometric_median(points: torch.Tensor, iters: int = 100, tol: float = 1e-5) 
     return guess
 
 
-def _init(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor, device) -> tuple[Dictionary, float, float]:
+def _init(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
+          device) -> tuple[Dictionary, float, float]:
     torch.manual_seed(cfg.seed)
     transcoder = not torch.equal(x, y) if x.shape == y.shape else True
     if transcoder and x.shape[1] != y.shape[1]:
-        raise TrainingError("Transcoders with different input and output widths are not supported yet.")
+        raise TrainingError("Transcoders with different input and output widths are not "
+                            "supported yet.")
     d_in = x.shape[1]
     if cfg.d_in is not None and cfg.d_in != d_in:
         raise TrainingError(f"config.d_in={cfg.d_in} but the batches have width {d_in}: "
@@ -265,12 +302,13 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
 
     With ``config.checkpoint_dir`` set and a checkpoint there, training resumes from it
     (skipping the batches already consumed) and ends bit-identical to an uninterrupted run.
-    A source with ``state_dict``/``load_state_dict`` (:class:`sae_nb.training.streaming.ActivationStream`)
-    is not replayed: its state goes in the checkpoint and is restored before the next batch.
+    A source with ``state_dict``/``load_state_dict``
+    (:class:`sae_nb.training.streaming.ActivationStream`) is not replayed: its state goes in the
+    checkpoint and is restored before the next batch.
 
     Under ``torchrun`` every rank calls this with the same global batches (each keeps its
-    slice) or with ``sae_nb.training.distributed.rank_batches`` (each reads only its slice); every rank
-    returns the same dictionary, and rank 0 alone writes checkpoints.
+    slice) or with ``sae_nb.training.distributed.rank_batches`` (each reads only its slice);
+    every rank returns the same dictionary, and rank 0 alone writes checkpoints.
     """
     cfg = TrainConfig(**{**(asdict(config) if config else {}), **options})
     group = setup()  # one process, or the ranks of a torchrun job
@@ -292,7 +330,8 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
         raise TrainingError("The batch iterator is empty: no activations to train on. "
                             "Check that the store has rows.") from None
     x0, y0 = _split(first)
-    _check_batch(0, x0, y0, x0.shape[-1] if x0.ndim == 2 else -1, y0.shape[-1] if y0.ndim == 2 else -1)
+    _check_batch(0, x0, y0, x0.shape[-1] if x0.ndim == 2 else -1,
+                 y0.shape[-1] if y0.ndim == 2 else -1)
     if group.world > 1:  # every rank initialises from the whole first global batch
         x0, y0 = first_global_batch(group, jsonable(asdict(cfg)), batches, local, x0, y0)
     run = Training(x0, y0, cfg, group, device, progress)
@@ -309,7 +348,8 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
             log.warning("Batches ran out after %d of %d steps.", run.state["step"], run.steps)
             break
         run.step(batch, local)
-        if ckpt is not None and cfg.checkpoint_every and not run.state["step"] % cfg.checkpoint_every:
+        if ckpt is not None and cfg.checkpoint_every and \
+                not run.state["step"] % cfg.checkpoint_every:
             run.save(ckpt, source=stream)
     if ckpt is not None:
         run.save(ckpt, source=stream)
@@ -318,9 +358,9 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
 
 class Training:
     """One dictionary in training, a step at a time. :func:`train_dictionary` drives one;
-    :func:`sae_nb.training.streaming.train_sites` drives several in lockstep on the same batches. Each
-    keeps its own torch RNG state (swapped in around its steps), so interleaved dictionaries
-    train exactly as each would alone."""
+    :func:`sae_nb.training.streaming.train_sites` drives several in lockstep on the same
+    batches. Each keeps its own torch RNG state (swapped in around its steps), so interleaved
+    dictionaries train exactly as each would alone."""
 
     def __init__(self, x0: torch.Tensor, y0: torch.Tensor, cfg: TrainConfig,
                  group: Group = ONE_PROCESS, device=None, progress: bool = True):
@@ -329,7 +369,7 @@ class Training:
         self.sae, s_in, s_out = _init(cfg, x0, y0, device)
         self.scale = (s_in, s_out)
         self.steps = max(1, cfg.total_tokens // len(x0))
-        # The fused Adam kernel is ~7x faster than the per-tensor one on a CPU.
+        # The fused Adam kernel updates every tensor in one pass, not one kernel per tensor.
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate(self.sae.d_sae),
                                     betas=cfg.adam_betas, fused=device.type in ("cpu", "cuda"))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, self.steps))
@@ -401,11 +441,13 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _train_step(sae, opt, sched, cfg, state, x, y, bar, group: Group = ONE_PROCESS) -> None:
+def _train_step(sae: Dictionary, opt, sched, cfg, state, x, y, bar,
+                group: Group = ONE_PROCESS) -> None:
     rows = len(x) * group.world  # the global batch
     dead = state["since_fired"] >= cfg.dead_window_tokens  # (F,)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.autocast and x.is_cuda):
-        out = compute_step(sae, x, y, cfg, dead if isinstance(sae, TopKSAE | BatchTopKSAE) else None,
+        auxk_dead = dead if isinstance(sae, TopKSAE | BatchTopKSAE) else None
+        out = compute_step(sae, x, y, cfg, auxk_dead,
                            past_warmup=state["step"] >= state["steps"] // 10, group=group)
     opt.zero_grad(set_to_none=True)
     out.loss.backward()
@@ -530,7 +572,7 @@ def read_checkpoint(path: Path, config: TrainConfig) -> dict:
     return payload
 
 
-def _load_checkpoint(path: Path, payload: dict, sae, opt, sched, state,
+def _load_checkpoint(path: Path, payload: dict, sae: Dictionary, opt, sched, state,
                      group: Group = ONE_PROCESS) -> tuple[float, float]:
     sae.load_state_dict(payload["model"])
     opt.load_state_dict(payload["optimizer"])

@@ -12,14 +12,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from threadpoolctl import threadpool_limits
 
 
 @contextmanager
 def one_thread() -> Iterator[None]:
     """Run torch's intra-op work and the BLAS/OpenMP pools (numpy, scipy, scikit-learn) on one
     thread, restoring the previous settings afterwards."""
-    from threadpoolctl import threadpool_limits
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -25,6 +25,7 @@ import pandas as pd
 from plotly.offline import get_plotlyjs
 
 from sae_nb.activations.corpora import token_strings
+from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.latents.contexts import latent_contexts
 from sae_nb.util.io import atomic_write_text
 from sae_nb.views import plotting
@@ -108,8 +109,8 @@ def shaded_tokens_html(tokens: Sequence[str], acts: Sequence[float], scale: floa
 
 
 def contexts_html(contexts: Iterable[dict], scale: float) -> str:
-    """A table of contexts (``contexts.latent_contexts``'s dicts), one per line: the activation
-    at the centre token, then the shaded tokens."""
+    """A table of contexts (the dicts of :func:`sae_nb.latents.contexts.latent_contexts`), one
+    per line: the activation at the centre token, then the shaded tokens."""
     rows = [f'<tr data-row="{c["row"]}"><td class="value">{c["value"]:.3g}</td><td>'
             f'{shaded_tokens_html(c["tokens"], c["acts"], scale, c["center"])}</td></tr>'
             for c in contexts]
@@ -134,8 +135,9 @@ def summary_html(stats, latent: int, tags: Sequence[str] = (), caption: str = ""
 
 
 def explanation_html(best: pd.DataFrame | None, latent: int) -> str:
-    """The latent's best explanation (a row of ``explanations.best_explanations``) with its
-    method and score, or "" when it has none."""
+    """The latent's best explanation (a row of
+    :func:`sae_nb.explanations.tables.best_explanations`) with its method and score, or ""
+    when it has none."""
     if best is None or int(latent) not in best.index:
         return ""
     r = best.loc[int(latent)]
@@ -237,13 +239,13 @@ def latents_table_html(latents: Sequence[int], values: Sequence[float],
 
 # -- the static export ------------------------------------------------------------------------
 
-def dictionary_label(dictionary) -> str:
+def dictionary_label(dictionary: Dictionary) -> str:
     """A short name for a dictionary: its folder's name, else its class name."""
     path = (getattr(dictionary, "metadata", None) or {}).get("path")
     return Path(path).name if path else type(dictionary).__name__
 
 
-def dashboard_path(run_dir: str | Path, dictionary) -> Path:
+def dashboard_path(run_dir: str | Path, dictionary: Dictionary) -> Path:
     """``run_dir/dashboards/<dictionary name>.html``, where the notebook exports dashboards."""
     return Path(run_dir) / "dashboards" / f"{dictionary_label(dictionary)}.html"
 
@@ -308,13 +310,14 @@ def related_html(latent: int, nearest: Sequence[tuple[int, float]], family: Sequ
 def page_html(title: str, header: str, sections: Sequence[str], plotlyjs: str) -> str:
     """A whole self-contained page: styles and plotly.js inline, then the sections."""
     return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><title>{html.escape(title)}'
-            f'</title><style>{PAGE_CSS}{CSS}</style><script type="text/javascript">{plotlyjs}</script>'
+            f'</title><style>{PAGE_CSS}{CSS}</style>'
+            f'<script type="text/javascript">{plotlyjs}</script>'
             f'</head><body><h1>{html.escape(title)}</h1>{header}{"".join(sections)}'
             f'</body></html>')
 
 
-def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: str | Path,
-                      logit_effects=None, tokenizer=None, n_contexts: int = 10,
+def export_dashboards(stats, store, dictionary: Dictionary, latents: Sequence[int],
+                      path: str | Path, logit_effects=None, tokenizer=None, n_contexts: int = 10,
                       before: int = 16, after: int = 4, n_nearest: int = 5,
                       families=None, explanations=None) -> Path:
     """Write one self-contained HTML dashboard file for ``latents`` to ``path``; returns it.
@@ -324,8 +327,9 @@ def export_dashboards(stats, store, dictionary, latents: Sequence[int], path: st
     ``n_contexts`` contexts and examples from each activation interval, every token shaded,
     its ``n_nearest`` latents by decoder cosine and its family (``families``: notebook 05's
     ``clustering/latents.csv`` or a dict, optional); latents in the file are links. With
-    ``explanations`` (an explanation table or its folder, ``explanations.explanations_folder``)
-    each latent's best explanation and score head its section and follow it in every list.
+    ``explanations`` (an explanation table or its folder,
+    :func:`sae_nb.explanations.tables.explanations_folder`) each latent's best explanation and
+    score head its section and follow it in every list.
     The file is written to a temporary name and renamed, so it is complete or absent.
     """
     latents = [int(i) for i in latents]

@@ -9,11 +9,11 @@ over its tokens, beside the latents that fire most on it. Given explanation tabl
 meaning search ("taxes", "negation") lists the latents whose explanations and top contexts are
 closest to a query.
 
-Switching latents encodes only that latent's context rows (``contexts.latent_contexts``), and
-recent latents are cached, so a switch stays well under 100 ms (``benchmarks/bench_explorer.py``).
-Every callback is a method (``show_latent``, ``run_text``, ``search``, ``search_meaning``), so
-tests and scripts
-drive the explorer without a browser.
+Switching latents encodes only that latent's context rows
+(:func:`sae_nb.latents.contexts.latent_contexts`), and recent latents are cached, so a switch
+stays well under 100 ms (``benchmarks/bench_explorer.py``). Every callback is a method
+(``show_latent``, ``run_text``, ``search``, ``search_meaning``), so tests and scripts drive the
+explorer without a browser.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import ipywidgets as widgets
 import numpy as np
 import plotly.graph_objects as go
 
+from sae_nb.activations.models import Model
+from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.explanations.meaning import MeaningIndex, meaning_index
 from sae_nb.latents.contexts import latent_contexts, text_activations
 from sae_nb.views import plotting
@@ -78,21 +80,23 @@ JUMP_JS = ("const b = this.closest('.sae-nb-explorer')?.querySelector('.sae-nb-n
 class FeatureExplorer:
     """An ipywidgets explorer of a dictionary's latents over an activation store.
 
-    ``stats`` are ``features.feature_stats`` of ``dictionary`` on ``store``; ``model`` (for the
-    text box) and ``logit_effects`` are optional. ``tokenizer`` defaults to the model's.
-    ``sort`` orders the slider (see :func:`latent_order`), dense and outlier latents last unless
-    ``skip_unusual`` is False (a checkbox switches it); ``n_contexts`` top contexts are
-    shown, each ``before`` tokens before and ``after`` after the token it fires on.
-    ``explanations`` (an explanation table, or its folder ``explanations.explanations_folder``,
-    where the meaning index is then cached) put each latent's best explanation beside it;
-    ``meaning`` is a ready ``meaning.MeaningIndex`` (else built on the first query).
+    ``stats`` are :func:`sae_nb.latents.stats.feature_stats` of ``dictionary`` on ``store``;
+    ``model`` (for the text box) and ``logit_effects`` are optional. ``tokenizer`` defaults to
+    the model's. ``sort`` orders the slider (see :func:`latent_order`), dense and outlier
+    latents last unless ``skip_unusual`` is False (a checkbox switches it); ``n_contexts`` top
+    contexts are shown, each ``before`` tokens before and ``after`` after the token it fires on.
+    ``explanations`` (an explanation table, or its folder
+    :func:`sae_nb.explanations.tables.explanations_folder`, where the meaning index is then
+    cached) put each latent's best explanation beside it; ``meaning`` is a ready
+    :class:`sae_nb.explanations.meaning.MeaningIndex` (else built on the first query).
     Display it as the last expression of a cell, or ``display(explorer.widget)``.
     """
 
-    def __init__(self, stats, store, dictionary, model=None, logit_effects=None, tokenizer=None,
-                 sort: str = "index", n_contexts: int = 10, before: int = 16, after: int = 4,
-                 cache_size: int = 64, skip_unusual: bool = True, families=None,
-                 n_nearest: int = 5, explanations=None, meaning: MeaningIndex | None = None):
+    def __init__(self, stats, store, dictionary: Dictionary, model: Model | None = None,
+                 logit_effects=None, tokenizer=None, sort: str = "index", n_contexts: int = 10,
+                 before: int = 16, after: int = 4, cache_size: int = 64,
+                 skip_unusual: bool = True, families=None, n_nearest: int = 5,
+                 explanations=None, meaning: MeaningIndex | None = None):
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         if self.tokenizer is None:
             raise ValueError("FeatureExplorer needs a tokenizer to show tokens: pass model=... "
@@ -259,7 +263,8 @@ class FeatureExplorer:
             self.number.value = latent
             self.slider.value = int(np.nonzero(self.order == latent)[0][0])
             for menu, status in ((self.matches, self.search_status),  # now stale
-                                 (self.meaning_matches, self.meaning_status), (self.text_jump, None)):
+                                 (self.meaning_matches, self.meaning_status),
+                                 (self.text_jump, None)):
                 if menu.value is not None and menu.value != latent:
                     menu.value = None
                     if status is not None:  # the count stays; 'showing the best' no longer holds
@@ -410,8 +415,8 @@ class FeatureExplorer:
 
     def search_meaning(self, query: str, limit: int = 20) -> list[int]:
         """Latents whose best explanation and top contexts are closest in meaning to ``query``
-        (``meaning.MeaningIndex``), best first, with their similarity: they fill the
-        'by meaning' menu and the best one is shown."""
+        (:class:`sae_nb.explanations.meaning.MeaningIndex`), best first, with their
+        similarity: they fill the 'by meaning' menu and the best one is shown."""
         if self._meaning is None and query.strip():
             self.meaning_status.value = ('<span class="muted">embedding the latents\' '
                                          'explanations and contexts (once)...</span>')

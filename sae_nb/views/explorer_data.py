@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from sae_nb.activations.corpora import token_strings
+from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.explanations.tables import (
     as_explanations,
     best_explanations,
@@ -130,7 +131,7 @@ class LatentSearch:
         return [(int(i), int(scores[i])) for i in best]
 
 
-def unit_decoder_rows(dictionary) -> np.ndarray:
+def unit_decoder_rows(dictionary: Dictionary) -> np.ndarray:
     """``(F, D)`` float32: the dictionary's decoder rows scaled to unit norm (0 rows stay 0)."""
     w = dictionary.W_dec.detach().float().cpu().numpy()  # (F, D)
     norms = np.linalg.norm(w, axis=1, keepdims=True)
@@ -168,8 +169,8 @@ def load_families(path: str | Path, column: str = "cofiring_family") -> dict[int
 
 
 def best_of(explanations) -> pd.DataFrame | None:
-    """Each latent's best explanation (``explanations.best_explanations``) of a table or a
-    folder of cached tables; None for None."""
+    """Each latent's best explanation (:func:`sae_nb.explanations.tables.best_explanations`)
+    of a table or a folder of cached tables; None for None."""
     table = as_explanations(explanations)
     return None if table is None else best_explanations(table)
 

@@ -8,6 +8,7 @@ a training log or an evaluation's firing densities.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -127,7 +128,7 @@ def training_curves_figure(log: pd.DataFrame) -> go.Figure:
                          f"TrainResult.log from sae_nb.train_dictionary.")
     fig = make_subplots(rows=2, cols=2, subplot_titles=[p[1] for p in TRAINING_PANELS],
                         horizontal_spacing=0.1, vertical_spacing=0.15)
-    for i, (column, title, log_y) in enumerate(TRAINING_PANELS):
+    for i, (column, _, log_y) in enumerate(TRAINING_PANELS):
         row, col = i // 2 + 1, i % 2 + 1
         fig.add_trace(go.Scatter(
             x=log["tokens"], y=log[column], mode="lines", name=column,
@@ -191,7 +192,8 @@ def probe_accuracy_figure(table: pd.DataFrame) -> go.Figure:
     """Held-out accuracy of the top-k sparse probes against k, with the raw-activation and
     all-latent probes and the majority baseline as horizontal reference lines.
 
-    ``table`` is ``probing.run_probes``'s table: columns probe, k, accuracy, majority_baseline."""
+    ``table`` is the table of :func:`sae_nb.texts.probing.run_probes`: columns probe, k,
+    accuracy, majority_baseline."""
     sparse = table[table["k"].notna()].sort_values("k")
     fig = go.Figure(go.Scatter(x=sparse["k"], y=sparse["accuracy"], mode="lines+markers",
                                name="top-k latents"))
@@ -213,8 +215,8 @@ def layer_sweep_figure(sweep: pd.DataFrame) -> go.Figure:
     """Held-out accuracy and ROC AUC of the raw probe at each swept site, in sweep order, with
     the majority baseline: where along the model the property is linearly readable.
 
-    ``sweep`` is ``probing.layer_sweep``'s table: columns site, accuracy, roc_auc,
-    majority_baseline."""
+    ``sweep`` is the table of :func:`sae_nb.texts.probing.layer_sweep`: columns site,
+    accuracy, roc_auc, majority_baseline."""
     # Sites of one kind (resid_out_layer0..29) are drawn at their layer number: 30 site names
     # on the axis would be rotated and unreadable.
     parts = sweep["site"].astype(str).str.extract(r"^(\w+?)_layer(\d+)$")
@@ -238,14 +240,13 @@ def layer_sweep_figure(sweep: pd.DataFrame) -> go.Figure:
 
 def _wrap(text: str, width: int = 60) -> str:
     """Hover text broken into lines of about ``width`` characters."""
-    import textwrap
-
     return "<br>".join(textwrap.wrap(str(text), width)) or " "
 
 
 def silhouette_figure(table: pd.DataFrame, suggested: int | None = None) -> go.Figure:
-    """Mean silhouette against the number of clusters (``clustering.silhouette_sweep``), with
-    the suggested k marked. Higher is better separated; near 0 means no clear groups."""
+    """Mean silhouette against the number of clusters
+    (:func:`sae_nb.texts.clustering.silhouette_sweep`), with the suggested k marked. Higher is
+    better separated; near 0 means no clear groups."""
     fig = go.Figure(go.Scatter(x=table["k"], y=table["silhouette"], mode="lines+markers",
                                name="silhouette",
                                hovertemplate="k %{x}<br>silhouette %{y:.3f}<extra></extra>"))
@@ -257,9 +258,9 @@ def silhouette_figure(table: pd.DataFrame, suggested: int | None = None) -> go.F
 
 
 def cluster_map_figure(table: pd.DataFrame, title: str = "Texts in latent space") -> go.Figure:
-    """A 2-D map of texts (``clustering.text_cluster_table``: text, label, cluster, x, y), one
-    trace per cluster, the text on hover. When the texts have labels, a second set of traces
-    (one per label) is one button away: colour by cluster or by label."""
+    """A 2-D map of texts (:func:`sae_nb.texts.clustering.text_cluster_table`: text, label,
+    cluster, x, y), one trace per cluster, the text on hover. When the texts have labels, a
+    second set of traces (one per label) is one button away: colour by cluster or by label."""
     fig = go.Figure()
     groups = [("cluster", sorted(table["cluster"].unique()))]
     has_labels = "label" in table and table["label"].notna().all()
@@ -291,10 +292,10 @@ def cluster_map_figure(table: pd.DataFrame, title: str = "Texts in latent space"
 
 def family_heatmap_figure(families, tokens: Mapping[int, list[str]] | None = None,
                           show: list[int] | None = None, max_latents: int = 60) -> go.Figure:
-    """The similarity between the members of some families (``families.Families``), latents
-    ordered by family and, within one, by the dendrogram, so families show as bright blocks on
-    the diagonal. ``show`` lists family ids; by default the largest ones that fit
-    ``max_latents``."""
+    """The similarity between the members of some families
+    (:class:`sae_nb.latents.families.Families`), latents ordered by family and, within one, by
+    the dendrogram, so families show as bright blocks on the diagonal. ``show`` lists family
+    ids; by default the largest ones that fit ``max_latents``."""
     if show is None:
         show, total = [], 0
         for f in range(int(families.family.max()) + 1):
@@ -365,7 +366,8 @@ def density_max_figure(density: np.ndarray, max_act: np.ndarray,
         fig.add_trace(go.Scattergl(
             x=density[latents], y=max_act[latents], mode="markers", customdata=latents,
             name="chosen", marker={"size": 8, "color": "crimson"},
-            hovertemplate="latent %{customdata}<br>density %{x:.2e}<br>max %{y:.3g}<extra></extra>"))
+            hovertemplate="latent %{customdata}<br>density %{x:.2e}<br>max %{y:.3g}"
+                          "<extra></extra>"))
     fig.update_layout(title=f"Firing frequency and largest activation ({len(alive)} alive latents)",
                       xaxis_title="firing frequency (log scale)", yaxis_title="max activation",
                       template="plotly_white", showlegend=False)
@@ -374,10 +376,10 @@ def density_max_figure(density: np.ndarray, max_act: np.ndarray,
 
 
 def steering_figure(table: pd.DataFrame, target: str = "sentiment shift") -> go.Figure:
-    """A steering sweep (:func:`sae_nb.interventions.steering.steering_sweep`): the target's shift against
-    the KL to the clean model on neutral text (left) and against the CE increase (right), one
-    curve per method, points labelled by coefficient, with bars of two standard errors of the
-    shift when the table has ``shift_se``. Up and to the left is better."""
+    """A steering sweep (:func:`sae_nb.interventions.steering.steering_sweep`): the target's
+    shift against the KL to the clean model on neutral text (left) and against the CE increase
+    (right), one curve per method, points labelled by coefficient, with bars of two standard
+    errors of the shift when the table has ``shift_se``. Up and to the left is better."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("against KL(clean || steered)",
                                                         "against the CE increase"))
     colors = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
@@ -401,7 +403,8 @@ def steering_figure(table: pd.DataFrame, target: str = "sentiment shift") -> go.
 
 def attribution_scatter_figure(table: pd.DataFrame) -> go.Figure:
     """Attribution (activation x gradient) against the measured ablation effect of the same
-    (position, latent) pairs (:func:`sae_nb.interventions.attribution.ablation_check`), with the diagonal."""
+    (position, latent) pairs (:func:`sae_nb.interventions.attribution.ablation_check`), with the
+    diagonal."""
     a, b = table["attribution"].to_numpy(float), table["ablation_effect"].to_numpy(float)
     lo, hi = float(min(a.min(), b.min(), 0)), float(max(a.max(), b.max(), 0))
     fig = go.Figure([
@@ -437,9 +440,9 @@ def pareto_figure(summary: pd.DataFrame, x: str = "l0",
                   ys: tuple[str, ...] = ("fvu", "ce_loss_recovered"),
                   by: str = "architecture", point: str = "k") -> go.Figure:
     """L0 against each of ``ys`` (one panel each), one trace per ``by`` value with a point per
-    ``point`` value (``compare.summarize_runs``'s table). Thick error bars: the seed interval
-    (``m_low``, ``m_high``); thin grey ones on a second, dotted trace: the mean held-out
-    bootstrap interval of the runs (``m_boot_low``, ``m_boot_high``)."""
+    ``point`` value (the table of :func:`sae_nb.comparison.grid.summarize_runs`). Thick error
+    bars: the seed interval (``m_low``, ``m_high``); thin grey ones on a second, dotted trace:
+    the mean held-out bootstrap interval of the runs (``m_boot_low``, ``m_boot_high``)."""
     ys = [y for y in ys if y in summary.columns]
     if x not in summary.columns or not ys:
         raise ValueError(f"pareto_figure needs {x!r} and one of the y metrics in the table; it "

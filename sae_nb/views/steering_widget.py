@@ -2,11 +2,11 @@
 
 Type a prompt, pick a latent by number or (given notebook 06's statistics and store) by the
 explorer's token search, slide the coefficient (in units of the median token norm at the site,
-as in :mod:`sae_nb.interventions.steering`), press Generate: the clean and steered continuations side by side,
-the next tokens the edit promotes and suppresses, and the prompt's top attributed latents
-(activation x gradient of the clean model's top next token against its second), each with a
-button that ablates it at its position and shows what changes. While it works the button says
-so; everything it shows is replaced at once when it is done.
+as in :mod:`sae_nb.interventions.steering`), press Generate: the clean and steered
+continuations side by side, the next tokens the edit promotes and suppresses, and the prompt's
+top attributed latents (activation x gradient of the clean model's top next token against its
+second), each with a button that ablates it at its position and shows what changes. While it
+works the button says so; everything it shows is replaced at once when it is done.
 
 Every callback is a method (``generate``, ``ablate``), so tests drive the widget in a plain
 Python process: set a widget's ``.value``, call ``Button.click()``, read the HTML.
@@ -19,6 +19,8 @@ import html
 import ipywidgets as widgets
 import pandas as pd
 
+from sae_nb.activations.models import Model
+from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.interventions.attribution import attribute
 from sae_nb.interventions.effects import generate, logit_changes, neutral_tokens
 from sae_nb.interventions.splice import InterventionError, ablate, edited_logits, prompt_tokens
@@ -43,13 +45,14 @@ def _text_html(title: str, text: str) -> str:
 class SteeringWidget(widgets.VBox):
     """Steer and ablate latents of ``dictionary`` in ``model`` from a notebook."""
 
-    def __init__(self, model, dictionary, prompt: str = "The film was", latent: int = 0,
-                 coefficient: float = 0.25, scale: float | None = None, max_new_tokens: int = 20,
-                 n_attributed: int = 8, stats=None, store=None, explanations=None):
-        """``stats`` and ``store`` (notebook 06's :class:`~sae_nb.latents.stats.FeatureStats` and the
-        store they were computed on) add the token search and each latent's caption (top
-        tokens); ``explanations`` (notebook 08's table or its folder) puts each latent's best
-        explanation and score in front of it."""
+    def __init__(self, model: Model, dictionary: Dictionary, prompt: str = "The film was",
+                 latent: int = 0, coefficient: float = 0.25, scale: float | None = None,
+                 max_new_tokens: int = 20, n_attributed: int = 8, stats=None, store=None,
+                 explanations=None):
+        """``stats`` and ``store`` (notebook 06's :class:`~sae_nb.latents.stats.FeatureStats`
+        and the store they were computed on) add the token search and each latent's caption
+        (top tokens); ``explanations`` (notebook 08's table or its folder) puts each latent's
+        best explanation and score in front of it."""
         self.model, self.dictionary, self.n_attributed = model, dictionary, n_attributed
         self.stats, self.store = stats, store
         self.explanations = best_of(explanations)  # one row per explained latent, or None
