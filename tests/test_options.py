@@ -17,9 +17,10 @@ from typing import Literal
 
 import pytest
 
-from sae_nb.__main__ import add_options, build_parser, dataclass_options, field_docs, given
+from sae_nb.__main__ import build_parser
 from sae_nb.activations.extract import ExtractConfig
 from sae_nb.running.jobs import ExtractJob, TrainJob, job_parameters
+from sae_nb.running.options import add_options, dataclass_options, field_docs, given
 from sae_nb.running.sweep import SweepOptions
 from sae_nb.training.trainer import TrainConfig
 

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sae_nb.__main__ import build_parser, given, main
+from sae_nb.__main__ import build_parser, main
 from sae_nb.running.notebooks import PipelineError
+from sae_nb.running.options import given
 from sae_nb.running.sweep import (
     LOCK_NAME,
     MANIFEST,
