@@ -109,11 +109,15 @@ def run_sweep_command(args: argparse.Namespace) -> int:
         if row["status"] == "failed":
             where = ("" if pd.isna(row["cell"]) else f" in cell {row['cell']}") + \
                 f": {row['error']}"
+        elif not pd.isna(row["error"]):  # done, but a file of its metrics is damaged
+            where = f", but {row['error']}"
         print(f"{row['combination']}: {row['status']}{where}")
     failed = int((table["status"] != "done").sum())
-    print(f"{len(table) - failed} of {len(table)} combination(s) done in "
+    damaged = int(((table["status"] == "done") & table["error"].notna()).sum())
+    print(f"{len(table) - failed} of {len(table)} combination(s) done"
+          f"{f' ({damaged} with unreadable metrics)' if damaged else ''} in "
           f"{time.perf_counter() - start:.0f} s; table in {sweep.sweep_dir / METRICS_TABLE}")
-    return 1 if failed else 0
+    return 1 if failed or damaged else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,8 +154,10 @@ def run_job(args: argparse.Namespace) -> int:
     options = given(args, jobs.JOBS[args.command])
     progress = not getattr(args, "no_progress", False)
     try:
-        config = jobs.read_config_file(args.config) if getattr(args, "config", None) else {}
-        params = jobs.job_parameters(args.command, config, options)
+        config_file = getattr(args, "config", None)
+        config = jobs.read_config_file(config_file) if config_file else {}
+        params = jobs.job_parameters(args.command, config, options, config_file)
+        jobs.check_folders(args.command, params)
         if args.command == "extract":
             stores = jobs.extract_job(params, progress)
             for site, store in stores.items() if rank_and_world()[0] == 0 else ():

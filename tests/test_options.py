@@ -20,7 +20,14 @@ import pytest
 from sae_nb.__main__ import build_parser
 from sae_nb.activations.extract import ExtractConfig
 from sae_nb.running.jobs import ExtractJob, TrainJob, job_parameters
-from sae_nb.running.options import add_options, dataclass_options, field_docs, given
+from sae_nb.running.options import (
+    add_options,
+    dataclass_options,
+    expected_value,
+    field_docs,
+    given,
+    value_fits,
+)
 from sae_nb.running.sweep import SweepOptions
 from sae_nb.training.trainer import TrainConfig
 
@@ -173,3 +180,24 @@ def test_every_train_config_field_is_a_train_option_reaching_the_job():
     assert "metadata" not in params  # set by the job, not a parameter
     with pytest.raises(SystemExit):
         subcommand("train").parse_args(["--adam-betas", "0.8"])  # two numbers
+
+
+@pytest.mark.parametrize("annotation, fitting, not_fitting, words", [
+    (bool, [True, False], ["no", "false", 1, 0, None], "true or false"),
+    (int, [3, 0, 1e6], ["3", "1e6", 2.5, True, [3], None], "a whole number"),
+    (float | None, [0.5, 2, None], ["0.5", False, [0.5]], "a number or null"),
+    (str, ["x", ""], [["a", "b"], 5, None, True], "a text"),
+    (str | None, ["x", None], [5], "a text or null"),
+    (tuple[str, ...], [["a"], ("a", "b"), "a"], [5, [1], None, {"a": 1}], "a list of texts"),
+    (tuple[int, ...] | None, [[8, 16], None], ["8,16", [8.5], [True]],
+     "a list of whole numbers or null"),
+    (tuple[float, float], [[0.9, 0.99], (1, 2)], [[0.9], [0.9, 0.9, 0.9], [0.9, "x"], 0.9],
+     "a list of 2 numbers"),
+    # a Literal's type only: its values are the configuration's to check, with their meaning
+    (Literal["p", "q"], ["p", "r"], [1, None, ["p"]], "one of 'p', 'q'"),
+    (dict, [{}, {"a": 1}], [], "a value"),
+])
+def test_value_fits_a_fields_type_and_says_it_in_words(annotation, fitting, not_fitting, words):
+    assert [v for v in fitting if not value_fits(v, annotation)] == []
+    assert [v for v in not_fitting if value_fits(v, annotation)] == []
+    assert expected_value(annotation) == words

@@ -172,6 +172,66 @@ def test_a_second_sweep_into_a_busy_folder_is_refused(tmp_path):
     assert not (tmp_path / "grid" / MANIFEST).exists()  # nothing ran
 
 
+DAMAGED_MANIFESTS = {
+    "truncated": b'{"notebook": "01_tiny.ipynb", "combinations": {"k=1": {"status": "do',
+    "not JSON": b"\x00\xffgarbage",
+    "a list": b"[1, 2]",
+    "combinations as a list": b'{"notebook": "01_tiny.ipynb", "combinations": [{"k": 1}]}',
+    "an entry not a record": b'{"notebook": "01_tiny.ipynb", "combinations": {"k=1": "done"}}',
+    "a notebook not a name": b'{"notebook": 5, "combinations": {}}',
+}
+
+
+@pytest.mark.parametrize("kind", DAMAGED_MANIFESTS)
+def test_a_damaged_sweep_json_is_an_error_naming_the_file_and_the_fix(tmp_path, capsys, kind):
+    notebook = write_notebook(tmp_path / "notebooks")
+    (tmp_path / "grid").mkdir()
+    path = tmp_path / "grid" / MANIFEST
+    path.write_bytes(DAMAGED_MANIFESTS[kind])
+    with pytest.raises(PipelineError) as err:
+        Sweep(notebook, tmp_path / "grid", {"k": [1, 2]})
+    assert str(path) in str(err.value) and "remove it" in str(err.value)
+    assert main(["sweep", "--only", "01", "--notebooks", str(notebook.parent), "--outputs",
+                 str(tmp_path), "--run", "grid", "-p", "k=[1,2]"]) == 1
+    shown = capsys.readouterr().err
+    assert str(path) in shown and "Traceback" not in shown
+    assert path.read_bytes() == DAMAGED_MANIFESTS[kind]  # left as it was, for the user to see
+
+
+def test_a_garbage_sae_nb_json_in_a_finished_combination_is_recorded_in_its_row(tmp_path,
+                                                                                capsys):
+    """The table is still written; the damaged combination's row names the file and the fix,
+    the others keep their metrics; the command line says so and exits 1."""
+    notebook = write_notebook(tmp_path / "notebooks")
+    grid = tmp_path / "grid"
+    saved = grid / "k=1" / "dictionaries" / "topk_8"
+    saved.mkdir(parents=True)
+    (saved / "sae_nb.json").write_bytes(b"\x89PNG garbage")
+    (grid / "k=2").mkdir()
+    (grid / "k=2" / "metrics.json").write_text(json.dumps({"score": 21}))
+    (grid / "k=3").mkdir()
+    (grid / "k=3" / "metrics.json").write_text(json.dumps([1, 2]))  # JSON, not an object
+    (grid / MANIFEST).write_text(json.dumps({"notebook": notebook.name, "combinations": {
+        f"k={k}": {"status": "done", "cell": None, "error": None, "parameters": {"k": str(k)}}
+        for k in (1, 2, 3)}}))
+    table = Sweep(notebook, grid, {"k": [1, 2, 3]}).gather()
+    written = pd.read_csv(grid / METRICS_TABLE)
+    assert list(written["combination"]) == list(table["combination"]) == ["k=1", "k=2", "k=3"]
+    errors = dict(zip(written["combination"], written["error"]))
+    assert str(saved / "sae_nb.json") in errors["k=1"] and "rerun" in errors["k=1"]
+    assert str(grid / "k=3" / "metrics.json") in errors["k=3"]
+    assert pd.isna(errors["k=2"]) and list(written["score"])[1] == 21
+    assert list(written["status"]) == ["done"] * 3
+    # the command line: every combination done before, so nothing runs; the table is gathered
+    (grid / METRICS_TABLE).unlink()
+    assert main(["sweep", "--only", "01", "--notebooks", str(notebook.parent), "--outputs",
+                 str(tmp_path), "--run", "grid", "-p", "k=[1,2,3]"]) == 1
+    shown = capsys.readouterr().out.splitlines()
+    assert shown[0].startswith("k=1: done, but ") and str(saved / "sae_nb.json") in shown[0]
+    assert shown[1] == "k=2: done" and "3 of 3 combination(s) done (2 with unreadable" in shown[3]
+    assert (grid / METRICS_TABLE).exists()
+
+
 # --- slow: real papermill runs of the tiny notebook --------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -34,6 +35,8 @@ from sae_nb.activations.split import HeldoutSplit, heldout_split
 from sae_nb.activations.store import ActivationStore, open_store
 from sae_nb.dictionaries.saving import load_sae_nb, save_dictionary, save_trained
 from sae_nb.running.notebooks import DEFAULT_RUN, OUTPUTS_DIR, REPO_ROOT
+from sae_nb.running.options import expected_value, value_fits
+from sae_nb.running.run_dir import writable_folder
 from sae_nb.training.distributed import rank_batches, rank_device, setup
 from sae_nb.training.evaluate import evaluate_dictionary
 from sae_nb.training.trainer import (
@@ -50,6 +53,7 @@ from sae_nb.util.io import atomic_write_json, write_table
 DEFAULT_RUN_DIR = str(OUTPUTS_DIR / DEFAULT_RUN)  # the main job's run folder
 RESULT_FILE = "result.json"  # beside the dictionary a --train-only job saves: scale and config
 LOG_FILE = "log.csv"
+MAX_CONFIG_BYTES = 1 << 20  # a job's config is a few hundred bytes; this bounds what one builds
 
 
 class JobError(SaeNbError, ValueError):
@@ -124,22 +128,32 @@ def job_defaults(job: str) -> dict[str, Any]:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A job's parameters from a JSON file, or YAML (``.yaml``/``.yml``, with PyYAML)."""
+    """A job's parameters from a JSON file, or YAML (``.yaml``/``.yml``, with PyYAML).
+
+    What a file can make the job build is bounded by its size: a file over
+    :data:`MAX_CONFIG_BYTES` is refused, and so is a YAML alias (``*name``), which repeats its
+    anchor's value by reference, so that ten lines can stand for billions of items (PyYAML
+    builds them as shared references at once; whatever later walks the value, a message or
+    the processes' agreement check, would expand them). Counting nodes while composing would
+    not see that expansion; a job's dozen flat parameters never need an alias."""
     path = Path(path)
     if not path.is_file():
         raise JobError(f"Config file {str(path)!r} does not exist.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml  # PyYAML is optional: only a YAML config file needs it
-        except ImportError:
-            raise JobError(f"{str(path)!r} is YAML but PyYAML is not installed; pip install "
-                           f"pyyaml, or write the config as JSON.") from None
-        parse = yaml.safe_load
-    else:
-        parse = json.loads
+    with path.open("rb") as file:
+        data = file.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise JobError(f"Config file {str(path)!r} is over {MAX_CONFIG_BYTES >> 20} MiB; a job's "
+                       f"config is a few lines of parameters: check that it is the right file.")
     try:
-        values = parse(text)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise JobError(f"Config file {str(path)!r} is not UTF-8 text (byte {err.start}); save "
+                       f"it as UTF-8, or check that it is the right file.") from None
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        values = load_yaml(text, path) if is_yaml else json.loads(text)
+    except JobError:
+        raise
     except Exception as err:  # noqa: BLE001 - json's ValueError, yaml's YAMLError: same advice
         raise JobError(f"Config file {str(path)!r} cannot be read ({err}); fix its syntax.") \
             from None
@@ -149,13 +163,37 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def load_yaml(text: str, path: Path) -> Any:
+    """``yaml.safe_load(text)``, refusing aliases (see :func:`read_config_file`)."""
+    try:
+        import yaml  # PyYAML is optional: only a YAML config file needs it
+    except ImportError:
+        raise JobError(f"{str(path)!r} is YAML but PyYAML is not installed; pip install "
+                       f"pyyaml, or write the config as JSON.") from None
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise JobError(f"Config file {str(path)!r} uses the YAML alias *{event.anchor} "
+                               f"(line {event.start_mark.line + 1}); an alias repeats a value "
+                               f"by reference, so a few lines can expand without bound, and "
+                               f"job configs may not use them: write the value out in full.")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliases)  # SafeLoader: plain values only
+
+
 def job_parameters(job: str, config: dict[str, Any] | None = None,
-                   options: dict[str, Any] | None = None) -> dict[str, Any]:
+                   options: dict[str, Any] | None = None,
+                   config_file: str | Path | None = None) -> dict[str, Any]:
     """The defaults of ``job``, then a config file's values, then command-line options.
 
     Unknown names are refused, naming the valid ones: the fields of :class:`ExtractJob` or
     :class:`TrainJob` (for train, every :class:`~sae_nb.training.trainer.TrainConfig` field:
-    ``warmup_steps``, ``dead_window_tokens``, ...).
+    ``warmup_steps``, ``dead_window_tokens``, ...). So is a value of another type than its
+    field's (``prepend_bos: 'no'``, ``sites: 5``, ``corpus: [a, b]``), naming the key, the
+    type it takes and ``config_file``; see :func:`~sae_nb.running.options.value_fits`.
     """
     defaults = job_defaults(job)
     config = {str(k).replace("-", "_"): v for k, v in (config or {}).items()}  # n-tokens too
@@ -163,7 +201,63 @@ def job_parameters(job: str, config: dict[str, Any] | None = None,
     if unknown:
         raise JobError(f"Unknown {job} parameter(s) in the config file: {unknown}. Valid names: "
                        f"{sorted(defaults)}.")
+    hints = typing.get_type_hints(JOBS[job])
+    for values, option in ((config, False), (options or {}, True)):
+        for key, value in values.items():
+            if not value_fits(value, hints[key]):
+                raise type_error(key, value, hints[key], defaults[key],
+                                 None if option else str(config_file or ""))
     return {**defaults, **config, **(options or {})}
+
+
+def type_error(key: str, value: Any, annotation: Any, default: Any,
+               config_file: str | None) -> JobError:
+    """The error for ``key=value`` whose type is not ``annotation``, given in ``config_file``
+    ('' when unknown) or, when None, as an option: the key, the value (cut short), the type it
+    takes, and how to write one, ``default`` as the example."""
+    expected = expected_value(annotation)
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    flag = "--" + key.replace("_", "-")
+    if config_file is None:
+        source = f"(option {flag})"
+        example = " ".join(map(str, default)) if isinstance(default, tuple) else default
+        fix = f"e.g. {flag} {example}"
+    else:
+        source = f"in config file {config_file!r}" if config_file else "in the config file"
+        example = json.dumps(list(default) if isinstance(default, tuple) else default)
+        fix = f"e.g. {key}: {example}"
+    if isinstance(value, str) and expected.startswith("true or false"):
+        fix = ("write true or false without quotes (a quoted 'no' is text, and Python reads "
+               "any text but '' as true)")
+    elif isinstance(value, str) and "number" in expected and _is_number(value):
+        fix = "write the number without quotes (YAML reads 1e6 as text: write 1.0e+6 or 1000000)"
+    return JobError(f"{key}={shown} {source} is not {expected}; {fix}.")
+
+
+def check_folders(job: str, params: dict[str, Any]) -> None:
+    """Refuse, naming the option, a folder the job writes that cannot be created or written
+    (``--run-dir /proc/x``), before a model loads or a step trains: extract's run folder;
+    train's checkpoint folder and the folder it saves to (the run folder's ``checkpoints/`` and
+    ``dictionaries/`` unless given; with ``train_only``, the result folder)."""
+    folders = {"run_dir": params["run_dir"]}
+    if job == "train":
+        folders = {} if params["checkpoint_dir"] else folders
+        saves = "result_dir" if params["train_only"] else "save_dir"  # result: in checkpoints
+        for option in ("checkpoint_dir", saves):
+            if params[option]:
+                folders[option] = params[option]
+            elif option == "save_dir":
+                folders["run_dir"] = params["run_dir"]
+    for option, folder in folders.items():
+        writable_folder(folder, "--" + option.replace("_", "-"), JobError)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def config_settings(params: dict[str, Any], config_class: type) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sae_nb.running.run_dir import finish_progress_bars
+from sae_nb.running.run_dir import finish_progress_bars, writable_folder
 from sae_nb.util.errors import SaeNbError
 
 log = logging.getLogger(__name__)
@@ -142,6 +142,8 @@ def run_notebook(path: str | Path, run_dir: str | Path, parameters: Mapping[str,
     import papermill
 
     path, run_dir = Path(path).resolve(), Path(run_dir).resolve()
+    writable_folder(run_dir, "The run folder", PipelineError,
+                    fix="choose another (python -m sae_nb run --run NAME, or an absolute path)")
     run_dir.mkdir(parents=True, exist_ok=True)
     declared = notebook_parameters(path)
     given = {**(parameters or {}), "run_dir": str(run_dir)}

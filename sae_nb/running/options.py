@@ -2,7 +2,9 @@
 type gives the option's kind (text, a Python literal, a boolean, a list, a choice) and its
 docstring, the string literal under the field (read by :func:`field_docs`), gives the help, so
 the help is written once, beside the field. ``python -m sae_nb`` builds the options of its
-``extract``, ``train`` and ``sweep`` commands with :func:`add_options`.
+``extract``, ``train`` and ``sweep`` commands with :func:`add_options`. The same reading of a
+field's type checks the values a config file gives (:func:`value_fits`) and says in words what
+a field takes (:func:`expected_value`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import numbers
 import re
 import textwrap
 import types
@@ -82,6 +85,69 @@ def type_kind(annotation: Any) -> dict[str, Any]:
         return {**found, "kind": "text" if text else "literal", "choices": values}
     return {**found, "kind": "text" if annotation is str else "literal",
             "metavar": {int: "N", float: "X"}.get(annotation)}
+
+
+SCALAR_WORDS = {"bool": ("true or false", "booleans"), "text": ("a text", "texts"),
+                "N": ("a whole number", "whole numbers"), "X": ("a number", "numbers")}
+
+
+def expected_value(annotation: Any) -> str:
+    """What a value of type ``annotation`` must be, in a config file author's words: ``true or
+    false``, ``a whole number``, ``a list of 2 numbers``, ``one of 'topk', 'batchtopk'``; with
+    ``or null`` when the type allows None."""
+    found = type_kind(annotation)
+    if found.get("choices"):
+        words = "one of " + ", ".join(map(repr, found["choices"]))
+    else:
+        key = found["kind"] if found["kind"] in ("bool", "text") else found.get("metavar")
+        words = SCALAR_WORDS.get(key, ("a value", "values"))[0]
+    if found["kind"] == "list":
+        item = SCALAR_WORDS.get("text" if found["item"] == "text" else found.get("metavar"),
+                                ("a value", "values"))[1]
+        if found.get("choices"):
+            item = "values among " + ", ".join(map(repr, found["choices"]))
+        count = f"{found['nargs']} " if isinstance(found["nargs"], int) else ""
+        words = f"a list of {count}{item}"
+    return words + (" or null" if found["nullable"] else "")
+
+
+def value_fits(value: Any, annotation: Any) -> bool:
+    """Whether ``value``, as a JSON or YAML file or an option gives it, has the type
+    ``annotation``: a bool for a bool (never the text 'no', which Python reads as true), an int
+    or an integral float for an int, a list (or tuple) of fitting items of the right length for
+    a list or tuple, a text (or one text for a list of texts), None only where allowed. A
+    Literal's values are checked for their type only; the configurations check the value and
+    say what each choice means."""
+    found = type_kind(annotation)
+    if value is None:
+        return found["nullable"]
+    if found["kind"] != "list":
+        return _scalar_fits(value, found["kind"], found.get("metavar"), found.get("choices", ()))
+    if isinstance(value, str) and found["item"] == "text" and found["nargs"] == "+":
+        return True  # one text for a list of texts, as the configurations accept
+    if not isinstance(value, (list, tuple)):
+        return False
+    if isinstance(found["nargs"], int) and len(value) != found["nargs"]:
+        return False
+    return all(_scalar_fits(v, found["item"], found.get("metavar"), found.get("choices", ()))
+               for v in value)
+
+
+def _scalar_fits(value: Any, kind: str, metavar: str | None, choices: tuple) -> bool:
+    if kind == "bool":
+        return isinstance(value, bool)
+    if choices:
+        return any(type(value) is type(choice) for choice in choices)
+    if kind == "text":
+        return isinstance(value, str)
+    if metavar in ("N", "X") and isinstance(value, bool):
+        return False
+    if metavar == "N":
+        return isinstance(value, numbers.Integral) or (isinstance(value, float)
+                                                       and value.is_integer())
+    if metavar == "X":
+        return isinstance(value, numbers.Real)
+    return True  # a type the options read as any Python literal (a dict, a union)
 
 
 def declared_in(cls: type, name: str) -> type:

@@ -4,7 +4,8 @@ A notebook opened by hand reads ``../outputs/interactive`` (where notebook 01 ru
 when that folder holds activation stores, and otherwise the main job's ``../outputs/default``
 (``python -m sae_nb run``), so Run All works right after the main job. The main job itself
 always passes its own ``run_dir``. The note returned says which folder was chosen and how to
-choose another, for the notebook to print.
+choose another, for the notebook to print. :func:`writable_folder` refuses, by name, a run
+folder that cannot be created or written, before a job starts.
 
 :func:`finish_progress_bars` makes the progress bars saved in an executed notebook read their
 final state.
@@ -13,6 +14,7 @@ final state.
 from __future__ import annotations
 
 import html
+import tempfile
 from pathlib import Path
 
 from sae_nb.activations.store import StoreError, store_folders
@@ -49,6 +51,29 @@ def choose_output_dir(run_dir: str = "") -> tuple[str, str]:
     except StoreError:
         return INTERACTIVE_RUN, (f"Run folder: {INTERACTIVE_RUN} (no run has activations yet). "
                                  f"To write elsewhere, set run_dir in the parameters cell.")
+
+
+def writable_folder(folder: str | Path, what: str, error: type[Exception],
+                    fix: str = "choose a folder you can write to") -> Path:
+    """``folder`` when a job can write there: it is a folder a file can be made in, or it does
+    not exist yet and its nearest existing parent is such a folder. Otherwise raises ``error``
+    naming ``what`` (an option, e.g. ``--run-dir``), the folder, why, and ``fix``.
+
+    Nothing is left behind: the file system is asked by opening an unnamed temporary file (as
+    root, permission bits would say yes where ``/proc`` still refuses)."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == Path("."))
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{str(existing)!r} is a file, not a folder")
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        reason = str(err) if not err.strerror else f"no file can be made in {str(existing)!r}: " \
+            f"{err.strerror}"
+        raise error(f"{what} {str(folder)!r} cannot be created or written to ({reason}); "
+                    f"{fix}.") from None
+    return folder
 
 
 def _has_store(run_dir: str) -> bool:

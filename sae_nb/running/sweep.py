@@ -54,6 +54,7 @@ from sae_nb.running.notebooks import (
     run_notebook,
     select_notebooks,
 )
+from sae_nb.running.run_dir import writable_folder
 from sae_nb.util.checks import whole_number
 from sae_nb.util.io import LockHeld, atomic_write_json, atomic_write_text, hold_lock, write_table
 
@@ -190,8 +191,38 @@ def link_base(folder: Path, base: Path | None, names: Iterable[str]) -> list[str
 
 
 def read_manifest(sweep_dir: str | Path) -> dict[str, Any]:
+    """The sweep's record, ``sweep.json``; {} when there is none yet. A file that is not one
+    (cut short, not JSON, its combinations a list) is a :class:`SweepError` naming it: guessing
+    would rerun, or skip, the wrong combinations."""
     path = Path(sweep_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    fix = ("restore it, or remove it to run every combination again (each into its folder, "
+           "where the earlier run's files stay)")
+    try:
+        manifest = json.loads(path.read_bytes())  # bytes: a decoding error is a ValueError too
+    except (OSError, ValueError) as err:
+        raise SweepError(f"The sweep record {path} cannot be read ({err}); {fix}.") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise SweepError(f"The sweep record {path} is damaged: {problem}; {fix}.")
+    return manifest
+
+
+def manifest_problem(manifest: Any) -> str | None:
+    """What makes ``manifest`` not a sweep record, in words; None when it is one."""
+    if not isinstance(manifest, dict):
+        return f"it holds a {type(manifest).__name__}, not an object"
+    if not isinstance(manifest.get("notebook", ""), str):
+        return f"its notebook is {manifest['notebook']!r}, not a notebook's file name"
+    entries = manifest.get("combinations", {})
+    if not isinstance(entries, dict):
+        return (f"its combinations are a {type(entries).__name__}, not an object of records "
+                f"keyed by combination name")
+    bad = next((name for name, entry in entries.items() if not isinstance(entry, dict)), None)
+    if bad is not None:
+        return f"the entry of combination {bad!r} is {entries[bad]!r}, not a record"
+    return None
 
 
 class Sweep:
@@ -253,6 +284,8 @@ class Sweep:
         if jobs < 1:
             raise SweepError(f"--jobs {jobs}: give at least 1.")
         threads = threads or job_threads(jobs)
+        writable_folder(self.sweep_dir, "The sweep folder", SweepError,
+                        fix="choose another with --run (a name under --outputs, or a path)")
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         try:
             lock = hold_lock(self.sweep_dir / LOCK_NAME)
@@ -311,7 +344,13 @@ class Sweep:
                    "cell": entry.get("cell"), "error": entry.get("error"),
                    **{k: value_text(v) if isinstance(v, (list, tuple, dict)) else v
                       for k, v in {**self.fixed, **combo}.items()}}
-            row.update(recorded_metrics(self.sweep_dir / name))
+            try:
+                row.update(recorded_metrics(self.sweep_dir / name))
+            except SweepError as err:  # one damaged file: its row says so, the table is written
+                problem = (f"{err}; restore it, or rerun the combination: remove "
+                           f"{self.sweep_dir / name} and its entry in {MANIFEST}")
+                row["error"] = f"{row['error']}; {problem}" if row["error"] else problem
+                log.warning("%s: %s", name, problem)
             rows.append(row)
         table = pd.DataFrame(rows)
         table["cell"] = table["cell"].astype("Int64")  # 5, not 5.0, beside the empty ones
@@ -325,15 +364,16 @@ def recorded_metrics(folder: str | Path) -> dict[str, Any]:
     """The metrics a run recorded under ``folder`` (links not followed, so a base run's files
     are not counted): each saved dictionary's ``sae_nb.json`` ``metrics`` and each
     ``metrics.json`` object's scalar values. With several dictionaries, names are prefixed by
-    the dictionary's folder name."""
+    the dictionary's folder name. A file that is not a JSON object (its ``metrics`` one) is a
+    :class:`SweepError` naming it."""
     found: list[tuple[str, dict]] = []
     for root, _dirs, files in os.walk(folder):  # os.walk does not follow symlinks
         for file in sorted(files):
             path = Path(root) / file
             if file == "sae_nb.json":
-                found.append((path.parent.name, json.loads(path.read_text()).get("metrics") or {}))
+                found.append((path.parent.name, json_object(path, "metrics")))
             elif file == "metrics.json":
-                found.append((path.parent.name, json.loads(path.read_text())))
+                found.append((path.parent.name, json_object(path)))
     found.sort()
     metrics: dict[str, Any] = {}
     for source, values in found:
@@ -341,6 +381,22 @@ def recorded_metrics(folder: str | Path) -> dict[str, Any]:
             if isinstance(value, (int, float, str, bool)) or value is None:
                 metrics[key if len(found) == 1 else f"{source}/{key}"] = value
     return metrics
+
+
+def json_object(path: Path, key: str | None = None) -> dict[str, Any]:
+    """The JSON object in ``path`` (with ``key``, its value at ``key``: {} when absent or null);
+    anything else is a :class:`SweepError` naming the file."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise SweepError(f"{path} cannot be read ({err})") from None
+    if key is not None and isinstance(value, dict):
+        value = value.get(key) or {}
+        if not isinstance(value, dict):
+            raise SweepError(f"{path}'s {key} are a {type(value).__name__}, not an object")
+    elif not isinstance(value, dict):
+        raise SweepError(f"{path} holds a {type(value).__name__}, not an object")
+    return value
 
 
 def run_sweep(only: str, axes: Mapping[str, list], fixed: Mapping[str, Any] | None = None,
