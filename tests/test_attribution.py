@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import D_MODEL
-from test_intervene import PROMPT, SITE, topk
+from test_intervene import PROMPT, SITE, codes_at_site, topk
 
 from sae_nb.dictionaries.architectures import NormalizedTopKSAE, ReLUSAE
 from sae_nb.interventions.attribution import (
@@ -54,7 +54,7 @@ def test_attribution_is_the_first_order_change_of_a_finite_edit(llama, make):
     att = attribute(llama, sae, PROMPT, target)
     assert att.target == pytest.approx(float(fn(edited_logits(llama, ids)[0, -1])), rel=1e-5)
     scores = att.scores
-    checked = 0
+    checked = 0  # pairs where a latent fired and its finite edit moved the target
     for flat in scores.abs().flatten().topk(6).indices.tolist():
         p, i = divmod(flat, scores.shape[1])
         eps = 1e-2
@@ -66,16 +66,26 @@ def test_attribution_is_the_first_order_change_of_a_finite_edit(llama, make):
         # scaling f by (1 +- eps) moves the target by +- eps * f * dm/df to first order
         slope = (measure(1 + eps) - measure(1 - eps)) / (2 * eps)
         assert float(scores[p, i]) == pytest.approx(slope, rel=0.05), (p, i)
-        checked += 1
-    assert checked == 6
+        checked += int(float(att.codes[p, i]) != 0 and abs(slope) > 1e-4)
+    assert checked == 6  # six real attributions checked, none a zero padding the top 6
 
 
 def test_bos_and_silent_latents_get_no_attribution(llama):
+    """Against the codes read by a hook of our own: BOS, which has codes the splice keeps
+    out, and the latents the dictionary leaves silent get no attribution, though the gradient
+    there is not zero; every latent that fires gets one."""
     sae = topk()
+    ids = prompt_tokens(llama, PROMPT)
     att = attribute(llama, sae, PROMPT, "e")
-    assert (att.scores[0] == 0).all()  # BOS kept clean
-    assert ((att.codes == 0) <= (att.scores == 0)).all()
-    assert att.codes.shape == (prompt_tokens(llama, PROMPT).shape[1], sae.d_sae)
+    _, f = codes_at_site(llama, sae, ids)
+    f = f.detach()
+    assert att.codes.shape == f.shape == (ids.shape[1], sae.d_sae)
+    assert (f[0] != 0).any() and (att.scores[0] == 0).all()  # BOS kept clean
+    assert torch.allclose(att.codes[1:], f[1:], atol=1e-5)
+    silent = f[1:] == 0
+    assert (att.grads[1:][silent] != 0).all()  # a gradient there, yet...
+    assert (att.scores[1:][silent] == 0).all()  # ...no attribution to a silent latent
+    assert (att.scores[1:][~silent] != 0).all()
 
 
 def test_ablation_check_and_per_latent_ablations(llama):

@@ -81,12 +81,37 @@ def test_side_effects_against_the_evaluation_splice_and_the_kl_formula(llama):
     got = side_effects(llama, sae, edits, tokens)
     p = torch.softmax(edited_logits(llama, tokens), -1).double()
     q = torch.softmax(edited_logits(llama, tokens, Splice(llama, sae, edits)), -1).double()
-    kl = float((p * (p.log() - q.log())).sum(-1).mean())  # KL(clean || edited)
+    # KL(clean || edited) over the predictions CE scores: positions 0..T-2
+    kl = float((p * (p.log() - q.log())).sum(-1)[:, :-1].mean())
     assert got["kl"] == pytest.approx(kl, rel=1e-4)
-    reverse = float((q * (q.log() - p.log())).sum(-1).mean())
+    reverse = float((q * (q.log() - p.log())).sum(-1)[:, :-1].mean())
     assert abs(kl - reverse) > 1e-4 * kl  # the two orders differ here, so the order is tested
     ce_edit = -q[:, :-1].log().gather(-1, tokens[:, 1:, None]).mean()
     assert got["ce_edited"] == pytest.approx(float(ce_edit), rel=1e-5)
+
+
+def test_kl_and_ce_average_over_the_same_predictions(llama):
+    """CE scores the next-token predictions made at positions 0..T-2; KL must average over the
+    same ones. An edit at the last position only changes a prediction CE never scores, so both
+    are zero; an edit from position 5 on gives the per-position KL summed over 0..T-2 divided
+    by their count (positions before 5, BOS among them, count as 0 in both)."""
+    tokens = torch.stack([prompt_tokens(llama, PROMPT)[0],
+                          prompt_tokens(llama, PROMPT[::-1])[0]])
+    sae, T = topk(), tokens.shape[1]
+    last = side_effects(llama, sae, [steer_direction(torch.randn(D_MODEL), 8.0, start=T - 1)],
+                        tokens)
+    assert last["ce_increase"] == pytest.approx(0, abs=1e-6)
+    assert last["kl"] == pytest.approx(0, abs=1e-7)
+    edits = [steer_direction(torch.randn(D_MODEL), 8.0, start=5)]
+    got = side_effects(llama, sae, edits, tokens)
+    p = torch.log_softmax(edited_logits(llama, tokens), -1).double()
+    q = torch.log_softmax(edited_logits(llama, tokens, Splice(llama, sae, edits)), -1).double()
+    per_position = (p.exp() * (p - q)).sum(-1)  # (N, T)
+    assert per_position[:, :5].abs().max() < 1e-6 and per_position[:, -1].min() > 1e-4
+    assert got["kl"] == pytest.approx(float(per_position[:, :-1].sum()) / (2 * (T - 1)),
+                                      rel=1e-4)
+    ce = -(q - p)[:, :-1].gather(-1, tokens[:, 1:, None]).sum() / (2 * (T - 1))
+    assert got["ce_increase"] == pytest.approx(float(ce), rel=1e-4)
 
 
 def test_logit_changes_rank_the_change_in_probability(llama):

@@ -48,6 +48,17 @@ def test_an_empty_prompt_is_reported_in_the_widget(llama):
     assert "empty" in w.status.value and w.texts.value == ""
 
 
+def test_a_prompt_longer_than_the_models_positions_is_reported_in_the_widget(llama):
+    """The interventions layer refuses it by name; the widget shows that, not a traceback."""
+    w = SteeringWidget(llama, topk(), prompt="a" * 300, scale=1.0, max_new_tokens=4)
+    w.generate_button.click()
+    assert "301 tokens" in w.status.value and "256 positions" in w.status.value
+    assert w.texts.value == "" and not w.generate_button.disabled
+    w.prompt.value, w.tokens.value = "a" * 250, 20  # fits, but not with 20 new tokens
+    w.generate_button.click()
+    assert "max_new_tokens=20" in w.status.value and w.texts.value == ""
+
+
 @pytest.fixture(scope="module")
 def searchable(llama, corpus_dir, tmp_path_factory):
     """A store of the tiny model at the dictionary's site and the dictionary's statistics."""

@@ -34,6 +34,7 @@ from sae_nb.interventions.splice import (
     InterventionError,
     Splice,
     ablate,
+    check_length,
     edited_logits,
     prompt_tokens,
 )
@@ -104,6 +105,7 @@ def attribute(model: Model, dictionary: Dictionary, prompt: str | torch.Tensor, 
     """Activation x gradient of every latent at every position of ``prompt`` (text, or token
     ids ``(T,)``) for ``target`` at ``position``: one forward and one backward pass."""
     ids = as_ids(model, prompt)
+    position = check_position(position, ids.shape[1])
     fn, name = target_function(model, target)
     hf = hf_model(model)
     splice = Splice(model, dictionary, [], site, record=True)
@@ -128,7 +130,19 @@ def as_ids(model: Model, prompt: str | torch.Tensor) -> torch.Tensor:
     ids = torch.as_tensor(prompt).reshape(1, -1).long()
     if ids.shape[1] == 0:
         raise InterventionError("The prompt holds no tokens; give some text.")
+    check_length(model, ids.shape[1])
     return ids
+
+
+def check_position(position: int, n_tokens: int) -> int:
+    """``position`` as an int if it indexes a prompt of ``n_tokens`` (``-n..n-1``), else an
+    error naming it and the range."""
+    ok = isinstance(position, (int, np.integer)) and not isinstance(position, bool)
+    if not ok or not -n_tokens <= position < n_tokens:
+        raise InterventionError(f"position={position} is outside the prompt's {n_tokens} tokens; "
+                                f"give a whole number in -{n_tokens}..{n_tokens - 1} (-1, the "
+                                f"last token, is the default).")
+    return int(position)
 
 
 def ablation_effect(model: Model, dictionary: Dictionary, ids: torch.Tensor, fn, latent: int,
@@ -146,6 +160,9 @@ def ablation_check(model: Model, dictionary: Dictionary, prompt: str | torch.Ten
                    site: str | None = None) -> pd.DataFrame:
     """The ``n`` top-attributed (position, latent) pairs with their attribution and their true
     ablation effect (one forward pass each)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise InterventionError(f"n={n}: give a positive whole number of (position, latent) "
+                                f"pairs to check, e.g. n=20.")
     att = attribute(model, dictionary, prompt, target, position, site)
     fn, _ = target_function(model, target)
     table = att.top(model.tokenizer, n)
@@ -171,6 +188,7 @@ def per_latent_ablations(model: Model, dictionary: Dictionary, prompt: str | tor
     """The naive alternative to :func:`attribute`: one ablation forward pass per latent (at
     every position), ``m(clean) - m(ablated)`` for each."""
     ids = as_ids(model, prompt)
+    position = check_position(position, ids.shape[1])
     fn, _ = target_function(model, target)
     clean = float(fn(edited_logits(model, ids)[0, position]))
     return np.array([ablation_effect(model, dictionary, ids, fn, int(i), None, clean, position,

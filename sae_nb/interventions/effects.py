@@ -7,16 +7,19 @@ error term):
   prompt (change in log-probability, and in the raw logit).
 - :func:`side_effects`: on neutral text (held-out corpus contexts, :func:`neutral_tokens`),
   the cross-entropy of the clean and edited model and the mean KL divergence
-  ``KL(clean || edited)`` per token, SAELens's order (the edited model judged by how much
-  probability it moves away from the clean one).
-- :func:`generate` and :func:`compare_generations`: continuations, greedy or sampled with a
-  seed, with the edit applied at every step (a manual loop over the KV cache; the edit's
-  positions are absolute, so ``start=`` counts prompt and generated tokens alike).
+  ``KL(clean || edited)``, SAELens's order (the edited model judged by how much probability it
+  moves away from the clean one). Both average over the same next-token predictions, those
+  at positions ``0..T-2`` (as :func:`sae_nb.training.evaluate.ce_metrics` does).
+- :func:`generate` and :func:`compare_generations`: continuations, greedy (temperature 0) or
+  sampled with a seed (a positive, finite temperature), with the edit applied at every step (a
+  manual loop over the KV cache; the edit's positions are absolute, so ``start=`` counts prompt
+  and generated tokens alike). Prompt and continuation must fit the model's positions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Sequence
 
@@ -26,12 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from sae_nb.activations.corpora import load_corpus, pack_contexts, token_strings
-from sae_nb.activations.models import Model, hf_model
+from sae_nb.activations.models import Model, hf_model, max_positions, model_name
 from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.interventions.splice import (
     Edit,
     InterventionError,
     Splice,
+    check_length,
     edited_logits,
     prompt_tokens,
 )
@@ -79,11 +83,14 @@ def side_effects(model: Model, dictionary: Dictionary, edits: Sequence[Edit], to
                  clean: torch.Tensor | None = None, batch_size: int = 8,
                  site: str | None = None) -> dict:
     """Mean next-token CE of the clean and the edited model on ``tokens`` ``(N, T)``, the
-    increase, and the mean ``KL(clean || edited)`` per position (nats). ``clean``: the clean
-    log-probabilities from :func:`clean_log_probs`, when several edits share the text."""
+    increase, and the mean ``KL(clean || edited)`` (nats), both over the same ``N * (T - 1)``
+    next-token predictions (positions ``0..T-2``; a position kept clean before any edited one,
+    such as the first BOS, counts as 0 in both). ``clean``: the clean log-probabilities from
+    :func:`clean_log_probs`, when several edits share the text."""
     if len(tokens) == 0 or tokens.shape[1] < 2:
         raise InterventionError(f"Neutral text of shape {tuple(tokens.shape)}; give at least one "
                                 f"context of two or more tokens.")
+    check_length(model, tokens.shape[1], "Each context of the neutral text")
     splice = Splice(model, dictionary, edits, site)
     sums = {"ce_clean": 0.0, "ce_edited": 0.0, "kl": 0.0}
     for lo in range(0, len(tokens), batch_size):
@@ -94,11 +101,13 @@ def side_effects(model: Model, dictionary: Dictionary, edits: Sequence[Edit], to
         target = t[:, 1:, None]
         sums["ce_clean"] -= float(lp_clean[:, :-1].gather(-1, target).sum())
         sums["ce_edited"] -= float(lp_edit[:, :-1].gather(-1, target).sum())
-        # kl_div(log q, log p) = sum_v p (log p - log q) = KL(clean || edited)
-        sums["kl"] += float(F.kl_div(lp_edit, lp_clean, log_target=True, reduction="sum"))
-    n_next, n_pos = tokens.shape[0] * (tokens.shape[1] - 1), tokens.numel()
+        # kl_div(log q, log p) = sum_v p (log p - log q) = KL(clean || edited), at the
+        # positions whose next token CE scores (the last position predicts none)
+        sums["kl"] += float(F.kl_div(lp_edit[:, :-1], lp_clean[:, :-1], log_target=True,
+                                     reduction="sum"))
+    n_next = tokens.shape[0] * (tokens.shape[1] - 1)
     out = {"ce_clean": sums["ce_clean"] / n_next, "ce_edited": sums["ce_edited"] / n_next,
-           "kl": sums["kl"] / n_pos}
+           "kl": sums["kl"] / n_next}
     out["ce_increase"] = out["ce_edited"] - out["ce_clean"]
     return out
 
@@ -123,6 +132,14 @@ def sample_tokens(model: Model, ids: torch.Tensor, max_new_tokens: int,
     text)."""
     if max_new_tokens < 1:
         raise InterventionError(f"max_new_tokens={max_new_tokens}; generate at least 1 token.")
+    check_temperature(temperature)
+    check_length(model, ids.shape[1])
+    limit, need = max_positions(model), ids.shape[1] + max_new_tokens - 1  # the last is not fed
+    if limit is not None and need > limit:
+        raise InterventionError(f"The prompt's {ids.shape[1]} tokens and max_new_tokens="
+                                f"{max_new_tokens} need {need} positions but model "
+                                f"{model_name(model)!r} has {limit}; give max_new_tokens="
+                                f"{limit - ids.shape[1] + 1} or fewer, or shorten the prompt.")
     hf = hf_model(model)
     device = next(hf.parameters()).device
     generators = [torch.Generator(device=device).manual_seed(int(seed)) for _ in range(len(ids))]
@@ -143,11 +160,22 @@ def sample_tokens(model: Model, ids: torch.Tensor, max_new_tokens: int,
     return torch.cat(new, 1).cpu()
 
 
+def check_temperature(temperature: float) -> None:
+    """0 decodes greedily, a positive finite number samples; anything else is refused (a NaN
+    or a negative temperature would decode greedily without a word)."""
+    ok = (isinstance(temperature, (int, float, np.floating)) and not isinstance(temperature, bool)
+          and math.isfinite(temperature) and temperature >= 0)
+    if not ok:
+        raise InterventionError(f"temperature={temperature}; give 0 to decode greedily or a "
+                                f"positive finite number (e.g. 0.7) to sample.")
+
+
 def generate(model: Model, prompt: str, dictionary: Dictionary | None = None,
              edits: Sequence[Edit] = (), max_new_tokens: int = 20, temperature: float = 0.0,
              seed: int = 0, site: str | None = None, rows: int | None = None) -> list[str]:
     """Continuations of ``prompt``, one per batch row (one per coefficient when an edit gives
     one per row), clean without ``dictionary`` or with its edits applied at every step."""
+    check_temperature(temperature)
     ids = prompt_tokens(model, prompt)
     rows = rows or batch_rows(edits)
     splice = Splice(model, dictionary, edits, site) if dictionary is not None else None

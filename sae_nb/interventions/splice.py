@@ -12,15 +12,20 @@ computed in the equivalent form ``x + (x_hat(f') - x_hat(f))``, exact when nothi
 ``error_term=False`` splices ``x_hat(f')`` alone (what the spliced cross-entropy measures).
 A transcoder (``metadata["target_site"]`` differs from its site) is spliced the same way at the
 site it writes, with codes of the site it reads in the same forward pass: the MLP's output
-becomes ``y_hat(f') + (y - y_hat(f))`` with ``f`` the codes of the MLP's input.
+becomes ``y_hat(f') + (y - y_hat(f))`` with ``f`` the codes of the MLP's input. An explicit
+``site=`` names the site a dictionary reads, for a transcoder too: its edits still land where
+it writes (:func:`splice_sites`), and a site other than the one it was trained on is refused.
 
 Edits are small frozen dataclasses made by :func:`ablate`, :func:`clamp`, :func:`scale`,
-:func:`steer_latent` (``f_i += alpha``, i.e. ``alpha * W_dec[i]`` added to the site) and
-:func:`steer_direction` (``alpha * v / |v|`` added, for a probe direction or a difference of
-class means). Each applies at positions ``start <= p < stop`` (all by default); positions
-holding BOS keep their clean activation when the dictionary was trained without BOS rows
+:func:`steer_latent` (``f_i += alpha``, i.e. ``alpha * W_dec[i]`` added to the site, times the
+input's ``sigma`` for OpenAI's normalised TopK) and :func:`steer_direction` (``alpha * v / |v|``
+added, for a probe direction, a difference of class means or a decoder row at a set norm).
+Each applies at positions ``start <= p < stop`` (all by default); positions holding BOS keep
+their clean activation when the dictionary was trained without BOS rows
 (:func:`sae_nb.training.evaluate.bos_kept_clean`). A coefficient may be one number or one per
-batch row, so a sweep over coefficients runs as one batch.
+batch row, so a sweep over coefficients runs as one batch; it must be finite. Latents are
+integers (Python, numpy or torch), never text or floats. A prompt may not be longer than the
+positions the model has embeddings for (:func:`check_length`), as extraction refuses.
 
 The splice is a pair of plain PyTorch hooks on the transformers module (not an nnsight trace),
 so it works in a forward pass, a backward pass (:mod:`sae_nb.interventions.attribution`) and
@@ -29,15 +34,17 @@ generation with a KV cache (:mod:`sae_nb.interventions.effects`) alike.
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from sae_nb.activations.corpora import document_separator
-from sae_nb.activations.models import Model, hf_model
+from sae_nb.activations.models import Model, hf_model, max_positions, model_name
 from sae_nb.activations.sites import Site, resolve_site
 from sae_nb.dictionaries.architectures import Dictionary, dictionary_site
 from sae_nb.training.evaluate import bos_kept_clean
@@ -78,30 +85,63 @@ class DirectionEdit:
 Edit = LatentEdit | DirectionEdit
 
 
-def _latents(latents) -> tuple[int, ...]:
-    return (int(latents),) if isinstance(latents, (int, torch.Tensor)) and \
-        torch.as_tensor(latents).ndim == 0 else tuple(int(i) for i in latents)
+def _is_index(i) -> bool:
+    """Whether ``i`` is one integer: Python's, numpy's or a 0-d torch/numpy integer array (not a
+    bool, a float or text, which ``int()`` would read as digits or truncate)."""
+    if isinstance(i, torch.Tensor):
+        return i.ndim == 0 and not (i.dtype.is_floating_point or i.dtype.is_complex
+                                    or i.dtype == torch.bool)
+    if isinstance(i, np.ndarray):
+        return i.ndim == 0 and i.dtype.kind in "iu"
+    return isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+
+
+def latent_index(latent) -> int:
+    """One latent index as an ``int``; anything but one integer is refused by name."""
+    if not _is_index(latent):
+        raise InterventionError(f"Latent {latent!r} is not an integer; give a latent's index as "
+                                f"a whole number, e.g. 1850.")
+    return int(latent)
+
+
+def latent_indices(latents) -> tuple[int, ...]:
+    """``latents`` (one index, or a list, tuple, range, array or tensor of them) as ints."""
+    if _is_index(latents):
+        return (int(latents),)
+    if isinstance(latents, (str, bytes)) or not isinstance(latents, Iterable) or \
+            getattr(latents, "ndim", 1) == 0:  # a 0-d float or bool tensor
+        raise InterventionError(f"Latents {latents!r}: give a latent's index (a whole number, "
+                                f"e.g. 1850) or a list of them, e.g. [12, 40].")
+    items = list(latents)
+    bad = [i for i in items if not _is_index(i)]
+    if bad or not items:
+        raise InterventionError(f"Latents {latents!r} hold {bad[0]!r}, not an integer; give "
+                                f"whole numbers, e.g. [12, 40]." if bad else
+                                "No latents given; give a latent's index or a list, e.g. [12, 40].")
+    return tuple(int(i) for i in items)
 
 
 def ablate(latents, start: int = 0, stop: int | None = None) -> LatentEdit:
     """Zero the codes of ``latents`` (an index or a list)."""
-    return LatentEdit("ablate", _latents(latents), 0.0, start, stop)
+    return LatentEdit("ablate", latent_indices(latents), 0.0, start, stop)
 
 
 def clamp(latents, value: Coefficient, start: int = 0, stop: int | None = None) -> LatentEdit:
     """Set the codes of ``latents`` to ``value``."""
-    return LatentEdit("clamp", _latents(latents), _value(value), start, stop)
+    return LatentEdit("clamp", latent_indices(latents), _value(value), start, stop)
 
 
 def scale(latents, factor: Coefficient, start: int = 0, stop: int | None = None) -> LatentEdit:
     """Multiply the codes of ``latents`` by ``factor``."""
-    return LatentEdit("scale", _latents(latents), _value(factor), start, stop)
+    return LatentEdit("scale", latent_indices(latents), _value(factor), start, stop)
 
 
 def steer_latent(latents, alpha: Coefficient, start: int = 0,
                  stop: int | None = None) -> LatentEdit:
-    """Add ``alpha`` to the codes of ``latents``: ``alpha * W_dec[i]`` added to the site."""
-    return LatentEdit("add", _latents(latents), _value(alpha), start, stop)
+    """Add ``alpha`` to the codes of ``latents``: ``alpha * W_dec[i]`` added to the site (times
+    the input's ``sigma`` for OpenAI's normalised TopK, whose decoder is in normalised units;
+    :func:`sae_nb.interventions.steering.latent_method` steers by a set norm instead)."""
+    return LatentEdit("add", latent_indices(latents), _value(alpha), start, stop)
 
 
 def steer_direction(direction, alpha: Coefficient, start: int = 0, stop: int | None = None,
@@ -116,13 +156,40 @@ def steer_direction(direction, alpha: Coefficient, start: int = 0, stop: int | N
 
 
 def _value(value: Coefficient) -> Coefficient:
-    if isinstance(value, (int, float)):
-        return float(value)
-    values = tuple(float(v) for v in torch.as_tensor(value).reshape(-1).tolist())
-    if not values:
-        raise InterventionError("The coefficients are empty; give one number, or one per row "
-                                "(e.g. [0, 2, 4]).")
-    return values
+    """A coefficient as a float, or a tuple of floats (one per batch row); finite only."""
+    scalar = isinstance(value, (int, float, np.number)) or getattr(value, "ndim", None) == 0
+    if scalar:
+        values: tuple[float, ...] = (float(value),)
+    else:
+        try:
+            values = tuple(float(v) for v in torch.as_tensor(value).reshape(-1).tolist())
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise InterventionError(f"The coefficient {value!r} is not a number or a list of "
+                                    f"numbers; give e.g. 2.0 or [0, 2, 4].") from err
+        if not values:
+            raise InterventionError("The coefficients are empty; give one number, or one per "
+                                    "row (e.g. [0, 2, 4]).")
+    _check_finite(value, values)
+    return values[0] if scalar else values
+
+
+def _check_finite(value, values: Sequence[float]) -> None:
+    bad = [v for v in values if not math.isfinite(v)]
+    if bad:
+        given = "" if len(values) == 1 else f" (in {value!r})"
+        raise InterventionError(f"The coefficient {bad[0]}{given} is not a finite number; give "
+                                f"finite numbers, e.g. 2.0 or [0, 2, 4].")
+
+
+def check_length(model: Model, n_tokens: int, what: str = "The prompt") -> None:
+    """Refuse ``n_tokens`` beyond the positions the model has embeddings for (as extraction's
+    ``ctx_len`` check does): GPT-2 would fail with an index error, rotary models would run on
+    positions they never saw."""
+    limit = max_positions(model)
+    if limit is not None and n_tokens > limit:
+        raise InterventionError(f"{what} is {n_tokens} tokens long (BOS included) but model "
+                                f"{model_name(model)!r} has {limit} positions; shorten it to "
+                                f"{limit} tokens or fewer.")
 
 
 def prompt_tokens(model: Model, prompt: str, prepend_bos: bool = True) -> torch.Tensor:
@@ -132,6 +199,7 @@ def prompt_tokens(model: Model, prompt: str, prepend_bos: bool = True) -> torch.
     ids = model.tokenizer(prompt, add_special_tokens=False)["input_ids"]
     if prepend_bos:
         ids = [document_separator(model.tokenizer)] + ids
+    check_length(model, len(ids))
     return torch.tensor([ids], dtype=torch.long)
 
 
@@ -151,12 +219,20 @@ class Splice:
         self.model, self.dictionary = model, dictionary
         self.edits = list(edits) if isinstance(edits, (list, tuple)) else [edits]
         self.error_term, self.record = error_term, record
-        name = dictionary_site(dictionary, site)
-        target = (getattr(dictionary, "metadata", None) or {}).get("target_site")
-        self.site = resolve_site(hf_model(model), name)  # SiteError when the model lacks it
+        name, target = splice_sites(dictionary, site)
+        hf = hf_model(model)
+        self.site = resolve_site(hf, name)  # SiteError when the model lacks it
         # a transcoder reads one site and writes another: codes from there, edits here
-        self.target = (resolve_site(hf_model(model), target)
-                       if target and target != name and site is None else None)
+        self.target = resolve_site(hf, target) if target is not None else None
+        trained = (getattr(dictionary, "metadata", None) or {}).get("site")
+        if self.target is not None and site is not None and trained:
+            own = resolve_site(hf, trained)
+            if (own.module, own.io) != (self.site.module, self.site.io):
+                raise InterventionError(f"This transcoder reads {trained!r} and writes "
+                                        f"{target!r}, but site={site!r} names another site to "
+                                        f"read: leave site= out, or pass site={trained!r} (site= "
+                                        f"is the site a dictionary reads; a transcoder's edits "
+                                        f"land where it writes).")
         self.d_out = int(dictionary.W_dec.shape[1])
         for where, wide, reads in ((self.site, dictionary.d_in, "reads"),
                                    (self.target, self.d_out, "writes")):
@@ -179,7 +255,14 @@ class Splice:
         self._handles: list = []
 
     def _check(self, edit) -> None:
+        if isinstance(edit, (LatentEdit, DirectionEdit)):  # also edits made by hand
+            values = edit.value if isinstance(edit.value, tuple) else (edit.value,)
+            if not all(isinstance(v, (int, float, np.number)) for v in values):
+                raise InterventionError(f"The coefficient {edit.value!r} is not a number or a "
+                                        f"tuple of numbers; give e.g. 2.0 or (0.0, 2.0).")
+            _check_finite(edit.value, [float(v) for v in values])
         if isinstance(edit, LatentEdit):
+            latent_indices(edit.latents)  # integers only
             bad = [i for i in edit.latents if not 0 <= i < self.dictionary.d_sae]
             if bad or not edit.latents:
                 raise InterventionError(f"Latent(s) {bad or '[]'} out of range: this dictionary "
@@ -343,8 +426,20 @@ def decoder_output(dictionary: Dictionary, x: torch.Tensor, dcode: torch.Tensor,
     return out
 
 
+def splice_sites(dictionary: Dictionary, site: str | None = None) -> tuple[str, str | None]:
+    """``(reads, writes)``: the site a dictionary reads (``site`` if given, else its metadata's)
+    and, for a transcoder (``metadata["target_site"]`` differs from its site), the site it writes
+    and its edits land on; ``None`` for a dictionary that writes where it reads."""
+    meta = getattr(dictionary, "metadata", None) or {}
+    reads, target = dictionary_site(dictionary, site), meta.get("target_site")
+    if not target or target == (meta.get("site") or reads):
+        return reads, None
+    return reads, target
+
+
 def edited_logits(model: Model, tokens: torch.Tensor, splice: Splice | None = None) -> torch.Tensor:
     """``(B, T, V)`` float logits of ``tokens`` ``(B, T)``, clean or with ``splice`` on."""
+    check_length(model, tokens.shape[-1], "Each row of the text")
     hf = hf_model(model)
     device = next(hf.parameters()).device
     with torch.no_grad():

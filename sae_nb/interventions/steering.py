@@ -1,22 +1,25 @@
 """Steering sweeps: a target measure against its side effects, per method and coefficient.
 
 A *method* turns a coefficient into edits (:mod:`sae_nb.interventions.splice`): steering a latent
-(``alpha * W_dec[i]`` added at the site), or a raw direction (a probe's weights, a difference of
+(along its decoder row ``W_dec[i]``), or a raw direction (a probe's weights, a difference of
 class means). Every method adds a vector of norm ``coefficient * scale`` at every position
 but BOS, with ``scale`` the median token norm at the site (:func:`site_scale`), so coefficients
-mean the same for every method and every model. :func:`steering_sweep` generates from neutral
-prompts at each coefficient (all coefficients of a prompt in one batch), scores the
-continuations with a target function, and measures the KL to the clean model and the CE
-increase on neutral corpus text (:func:`sae_nb.interventions.effects.side_effects`).
+mean the same for every method and every model. The site is the one the edits land on: the
+dictionary's, or for a transcoder the site it writes, where its raw directions are read too.
+:func:`steering_sweep` generates from neutral prompts at each coefficient (all coefficients of
+a prompt in one batch), scores the continuations with a target function, and measures the KL
+to the clean model and the CE increase on neutral corpus text
+(:func:`sae_nb.interventions.effects.side_effects`).
 
 The default experiment (notebook 07) steers sentiment: the latent notebook 04's sparse probe
 names for the positive class, the raw probe's direction and the difference of class means at
-the dictionary's site, scored by a raw probe at the layer where sentiment reads best
+the site the edits land on, scored by a raw probe at the layer where sentiment reads best
 (:func:`sentiment_setup`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,9 +29,15 @@ import torch
 
 from sae_nb.activations.extract import pooled_activations, resolve_sites, run_sites
 from sae_nb.activations.models import Model
-from sae_nb.dictionaries.architectures import Dictionary, dictionary_site
+from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.interventions.effects import clean_log_probs, generate, side_effects
-from sae_nb.interventions.splice import Edit, InterventionError, steer_direction, steer_latent
+from sae_nb.interventions.splice import (
+    Edit,
+    InterventionError,
+    latent_index,
+    splice_sites,
+    steer_direction,
+)
 from sae_nb.texts.probing import (
     class_latents,
     fit_probe,
@@ -54,19 +63,39 @@ def _scaled(c, factor: float):
     return tuple(v * factor for v in c) if isinstance(c, tuple) else c * factor
 
 
+def _check_scale(scale: float) -> None:
+    ok = isinstance(scale, (int, float, np.floating)) and not isinstance(scale, bool)
+    if not ok or not math.isfinite(scale) or scale <= 0:
+        raise InterventionError(f"scale={scale}; give a positive finite number, e.g. the site's "
+                                f"median token norm (site_scale) or 1.0.")
+
+
 def latent_method(dictionary: Dictionary, latent: int, scale: float = 1.0,
                   name: str | None = None) -> SteeringMethod:
-    """Steer latent ``latent``: ``f_i += c * scale / |W_dec[i]|``, i.e. a vector of norm
-    ``c * scale`` along its decoder row."""
-    if not 0 <= int(latent) < dictionary.d_sae:
-        raise InterventionError(f"Latent {latent} out of range 0..{dictionary.d_sae - 1}.")
-    norm = float(dictionary.W_dec[int(latent)].detach().norm())
-    return SteeringMethod(name or f"latent {int(latent)}",
-                          lambda c: [steer_latent(int(latent), _scaled(c, scale / norm))])
+    """Steer latent ``latent`` by a vector of norm ``c * scale`` along its decoder row.
+
+    Where the reconstruction is ``f @ W_dec + b_dec`` (plus terms of ``x`` alone) that is
+    ``f_i += c * scale / |W_dec[i]|``. OpenAI's normalised TopK reconstructs
+    ``(f @ W_dec + b_dec) * sigma(x) + mu(x)``, so a code change ``d`` moves the site by
+    ``d * sigma(x) * W_dec[i]`` and the same vector needs ``d = c * scale / (|W_dec[i]|
+    sigma(x))``, one per position. Either way the site gets ``c * scale * W_dec[i] /
+    |W_dec[i]|``, which is what the method adds (a direction edit along the row)."""
+    i = latent_index(latent)
+    if not 0 <= i < dictionary.d_sae:
+        raise InterventionError(f"Latent {i} out of range: this dictionary has latents "
+                                f"0..{dictionary.d_sae - 1}.")
+    _check_scale(scale)
+    row = dictionary.W_dec[i].detach().float().cpu()  # (D,) in the site's units, up to sigma
+    if not float(row.norm()) > 0:
+        raise InterventionError(f"Latent {i}'s decoder row is zero (a dead latent): it has no "
+                                f"direction to steer along; pick another latent.")
+    label = name or f"latent {i}"
+    return SteeringMethod(label, lambda c: [steer_direction(row, _scaled(c, scale), name=label)])
 
 
 def direction_method(direction, name: str, scale: float = 1.0) -> SteeringMethod:
     """Steer along a raw direction ``(D,)``: a vector of norm ``c * scale``."""
+    _check_scale(scale)
     steer_direction(direction, 1.0, name=name)  # checks it now: nonzero, finite
     return SteeringMethod(name, lambda c: [steer_direction(direction, _scaled(c, scale),
                                                            name=name)])
@@ -82,8 +111,10 @@ def random_direction_method(d: int, scale: float = 1.0, seed: int = 0,
 
 def site_scale(model: Model, dictionary: Dictionary, tokens: torch.Tensor,
                site: str | None = None) -> float:
-    """The median norm of the site's token activations on ``tokens`` (BOS left out)."""
-    (s,) = resolve_sites(model, [dictionary_site(dictionary, site)])
+    """The median norm of the token activations on ``tokens`` (BOS left out) at the site the
+    edits land on: the dictionary's, or the site a transcoder writes."""
+    reads, writes = splice_sites(dictionary, site)
+    (s,) = resolve_sites(model, [writes or reads])
     x = run_sites(model, [s], tokens, torch.ones_like(tokens))[0][:, 1:]
     return float(x.float().norm(dim=-1).median())
 
@@ -186,7 +217,7 @@ class SentimentSetup:
     """What the sentiment experiment steers with and scores by."""
 
     latent: int  # the positive class's top latent of the sparse probe
-    directions: dict[str, np.ndarray]  # raw directions at the dictionary's site
+    directions: dict[str, np.ndarray]  # raw directions where the edits land (a transcoder's target)
     score_site: str  # where the raw probe scores continuations (the sweep's best)
     score: Callable[[list[str]], np.ndarray]  # P(positive) of each text
     latents: pd.DataFrame  # notebook 04's class_latents table
@@ -207,7 +238,8 @@ def sentiment_setup(model: Model, dictionary: Dictionary, labeled: str = "movie_
                     batch_size: int = 32, run_dir=None) -> SentimentSetup:
     """Notebook 04's probes on ``labeled`` (its features and sweep cached in
     ``run_dir/probing``): the positive latent, the raw probe's direction and the difference of
-    class means at the dictionary's site, and a raw-probe scorer at the best swept site."""
+    class means at the site the edits land on (the dictionary's; for a transcoder the site it
+    writes, not the one it reads), and a raw-probe scorer at the best swept site."""
     data = subsample(load_labeled(labeled), n_sentences, seed=seed)
     texts, y = data["text"].tolist(), data["label"].to_numpy().astype(str)
     if positive not in set(y):
@@ -223,6 +255,11 @@ def sentiment_setup(model: Model, dictionary: Dictionary, labeled: str = "movie_
         raise InterventionError(f"The sparse probe names no latent for {positive!r}; raise "
                                 f"n_sentences or explain_k.")
     pos = y[train] == positive
+    _, writes = splice_sites(dictionary)
+    if writes is not None:  # a transcoder: its edits land where it writes, so read there
+        raw = sweep_activations(model, texts, [writes], batch_size=batch_size,
+                                run_dir=run_dir)[writes]
+        probes["raw"] = fit_probe(raw[train], y[train], raw[test], y[test], writes, seed=seed)
     directions = {"probe direction": probe_direction(probes["raw"], positive),
                   "difference of means": raw[train][pos].mean(0) - raw[train][~pos].mean(0)}
     sweep = layer_sweep(model, texts, y, train, test, sweep_sites, seed=seed,
@@ -245,7 +282,7 @@ def sentiment_methods(dictionary: Dictionary, setup: SentimentSetup,
     """The methods the notebook compares: the positive latent, the probe direction and the
     difference of class means, and a random direction as the control, each adding a vector of
     norm ``coefficient * scale``."""
-    d = dictionary.d_in
+    d = int(dictionary.W_dec.shape[1])  # the width of the site the edits land on
     return [latent_method(dictionary, setup.latent, scale),
             *(direction_method(v, name, scale) for name, v in setup.directions.items()),
             random_direction_method(d, scale)]
