@@ -23,6 +23,7 @@ import atexit
 import hashlib
 import json
 import logging
+import numbers
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -37,7 +38,8 @@ log = logging.getLogger(__name__)
 
 
 class DistributedError(SaeNbError, ValueError):
-    """The ranks of a job disagree (data, settings, files): the message names them and the fix."""
+    """The ranks of a job disagree (data, settings, files), or its batches cannot be shared out:
+    the message names them and the fix."""
 
 
 def torchrun_environment() -> bool:
@@ -247,12 +249,28 @@ def first_global_batch(group: Group, settings: dict, batches, local: bool, x, y)
                               "batch size and seed); point all ranks at one run folder.")
         group.same_everywhere("the rows per rank", len(x), "Every rank needs equal slices.")
         return group.gather(x), group.gather(y)
-    digest = hashlib.sha256(x.detach().float().cpu().numpy().tobytes()
-                            + y.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
-    group.same_everywhere("the first global batch (shape, SHA-256)", [list(x.shape), digest],
+    group.same_everywhere("the first global batch (shape, SHA-256)", [list(x.shape),
+                                                                      batch_digest(x, y)],
                           "Every rank must iterate over the same global batches (same store, "
                           "seed and batch size); each takes its own slice of each.")
     return x, y
+
+
+def batch_digest(x: torch.Tensor, y: torch.Tensor) -> str:
+    """The first 16 hex digits of the SHA-256 of a batch's float32 bytes, input then target."""
+    return hashlib.sha256(x.detach().float().cpu().numpy().tobytes()
+                          + y.detach().float().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def check_batch_size(batch_size) -> int:
+    """``batch_size`` as an int of at least one row, else :class:`DistributedError` naming it
+    (0 once surfaced as a ZeroDivisionError, a negative one as an endless empty epoch)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Real) or \
+            not float(batch_size).is_integer() or batch_size < 1:
+        raise DistributedError(f"batch_size={batch_size!r}: the rows per step must be a whole "
+                               f"number, at least 1; pass e.g. --batch-size 4096 (batch_size="
+                               f"4096 in Python).")
+    return int(batch_size)
 
 
 class RankBatches:
@@ -266,6 +284,7 @@ class RankBatches:
     def __init__(self, store, batch_size: int, seed: int = 0, rows=None, epochs: int | None = None,
                  group: Group | None = None):
         self.group = group or setup()
+        batch_size = check_batch_size(batch_size)
         if batch_size % self.group.world:
             raise DistributedError(f"batch_size={batch_size} cannot be split over "
                                    f"{self.group.world} ranks; use a multiple of "

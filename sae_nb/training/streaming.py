@@ -35,6 +35,9 @@ from sae_nb.training.trainer import (
     TrainingError,
     TrainResult,
     check_resumable,
+    check_same_data,
+    data_identity,
+    lock_checkpoint_dir,
     read_checkpoint,
 )
 from sae_nb.util.errors import SaeNbError
@@ -185,12 +188,25 @@ def train_sites(batches: Iterable, config: TrainConfig | None = None, progress: 
     :class:`ActivationStream` over several sites): each site's result equals
     ``train_dictionary`` on that site's rows alone. Every site gets ``config`` (its metadata
     gains ``site``); with ``checkpoint_dir`` one checkpoint holds every site and the stream's
-    position, and training resumes from it. One process only for now (not under torchrun).
+    position, and training resumes from it, refusing other data (as ``train_dictionary``
+    does); the run holds the checkpoint folder's lock. One process only for now (not under
+    torchrun).
     """
     cfg = TrainConfig(**{**(asdict(config) if config else {}), **options})
     if setup().world > 1:
         raise TrainingError("train_sites runs in one process; under torchrun train one site "
                             "per job with train_dictionary.")
+    lock = lock_checkpoint_dir(cfg.checkpoint_dir)
+    try:
+        return _train_sites(batches, cfg, progress, resume)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train_sites(batches: Iterable, cfg: TrainConfig, progress: bool,
+                 resume: bool) -> dict[str, TrainResult]:
+    """:func:`train_sites` once the checkpoint folder is held."""
     device = resolve_device(cfg.device)
     stream = batches if callable(getattr(batches, "load_state_dict", None)) else None
     ckpt = Path(cfg.checkpoint_dir) / SITES_CHECKPOINT if cfg.checkpoint_dir else None
@@ -205,6 +221,8 @@ def train_sites(batches: Iterable, config: TrainConfig | None = None, progress: 
                             "use train_dictionary.")
     runs = {name: Training(x, x, replace(cfg, metadata={**cfg.metadata, "site": name}),
                            device=device, progress=progress) for name, x in first.items()}
+    for name, run in runs.items():  # each site's rows, by content
+        run.data = data_identity(batches, first[name], first[name], replayed=stream is None)
     if saved is not None:
         _restore(runs, saved, ckpt)
         if stream is None:
@@ -245,4 +263,6 @@ def _restore(runs: dict[str, Training], saved: dict, path: Path) -> None:
                             f"the batches {sorted(runs)}; delete it to train afresh.")
     for name, run in runs.items():
         check_resumable(path, saved["sites"][name]["config"], run.cfg)
+        check_same_data(path.parent, saved["sites"][name].get("data"), run.data,
+                        f"site {name!r}'s batches")
         run.restore(saved["sites"][name], path)

@@ -6,7 +6,8 @@ shuffled iterator. Adam with linear warm-up, a final linear decay and the gradie
 clipped (which tames the first steps' large gradients); inputs scaled to unit
 mean squared norm while training and the scale folded into the weights at the end; dead
 latents tracked over a window of tokens (AuxK for TopK, resampling for ReLU); checkpoints every
-N steps that resume bit for bit on the CPU. :class:`Training` is one dictionary a step at a
+N steps that resume bit for bit on the CPU, naming their data by content (a rerun on other data
+is refused) in a folder one run holds at a time. :class:`Training` is one dictionary a step at a
 time (``sae_nb.training.streaming.train_sites`` drives several in lockstep); a batch source with
 ``state_dict``/``load_state_dict`` (``sae_nb.training.streaming.ActivationStream``) is checkpointed
 with the dictionary instead of being replayed on resumption.
@@ -26,7 +27,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import IO, Any, Literal
 
 import pandas as pd
 import torch
@@ -44,6 +45,7 @@ from sae_nb.dictionaries.architectures import (
 from sae_nb.training.distributed import (
     ONE_PROCESS,
     Group,
+    batch_digest,
     batch_metrics,
     first_global_batch,
     rank_device,
@@ -58,10 +60,11 @@ from sae_nb.training.objectives import (
 from sae_nb.training.sparse_ops import release_scratch
 from sae_nb.util.checks import real_number, whole_number
 from sae_nb.util.errors import SaeNbError
-from sae_nb.util.io import atomic_open, folder_name, jsonable
+from sae_nb.util.io import LockHeld, atomic_open, folder_name, hold_lock, jsonable
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+TRAIN_LOCK = "train.lock"  # held (flock) in the checkpoint folder by the one training using it
 ARCHITECTURE_NAMES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard", "jumprelu")
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = ("checkpoint_dir", "checkpoint_every", "log_every", "device")
@@ -309,9 +312,24 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
     Under ``torchrun`` every rank calls this with the same global batches (each keeps its
     slice) or with ``sae_nb.training.distributed.rank_batches`` (each reads only its slice);
     every rank returns the same dictionary, and rank 0 alone writes checkpoints.
+
+    The checkpoint names its data by content (:func:`data_identity`): a rerun on other data
+    (a store extracted again, another iterator) is refused rather than resumed. The run holds
+    the checkpoint folder's lock from start to end: a second training into it is refused.
     """
     cfg = TrainConfig(**{**(asdict(config) if config else {}), **options})
     group = setup()  # one process, or the ranks of a torchrun job
+    lock = lock_checkpoint_dir(cfg.checkpoint_dir, group)
+    try:
+        return _train(batches, cfg, group, progress, resume)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(batches: Iterable, cfg: TrainConfig, group: Group, progress: bool,
+           resume: bool) -> TrainResult:
+    """:func:`train_dictionary` once the checkpoint folder is held."""
     device = rank_device(resolve_device(cfg.device), group)
     local = bool(getattr(batches, "rank_local", False))  # yields this rank's slices already
     stream = batches if callable(getattr(batches, "load_state_dict", None)) else None
@@ -334,7 +352,11 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
                  y0.shape[-1] if y0.ndim == 2 else -1)
     if group.world > 1:  # every rank initialises from the whole first global batch
         x0, y0 = first_global_batch(group, jsonable(asdict(cfg)), batches, local, x0, y0)
+    data = data_identity(batches, x0, y0, replayed=stream is None)
+    if saved is not None:
+        check_same_data(ckpt.parent, saved.get("data"), data)
     run = Training(x0, y0, cfg, group, device, progress)
+    run.data = data
     if saved is not None:
         run.restore(saved, ckpt)
         if stream is None:
@@ -378,6 +400,7 @@ class Training:
                       "since_fired": torch.zeros(self.sae.d_sae, dtype=torch.long, device=device)}
         self.rng = _rng_state(device)
         self.bar = None
+        self.data: dict[str, Any] | None = None  # what it trains on (data_identity), if known
 
     @property
     def done(self) -> bool:
@@ -406,7 +429,8 @@ class Training:
                 "scheduler": self.sched.state_dict(), "step": self.state["step"],
                 "tokens": self.state["tokens"], "tokens_since_fired": self.state["since_fired"],
                 "log": self.state["log"], "scale": list(self.scale), "world_size": self.group.world,
-                "config": jsonable(asdict(self.cfg)), "torch_rng": self.rng[0],
+                "config": jsonable(asdict(self.cfg)), "data": self.data,
+                "torch_rng": self.rng[0],
                 **({"cuda_rng": self.rng[1]} if self.rng[1] is not None else {})}
 
     def save(self, path: Path, source=None) -> None:
@@ -545,6 +569,74 @@ def _checkpoint_exists(path: Path, group: Group) -> bool:
                           "Rank 0 writes the checkpoints: put checkpoint_dir on a filesystem "
                           "every rank sees, or delete the stale checkpoint.")
     return exists
+
+
+def lock_checkpoint_dir(folder: str | Path | None, group: Group = ONE_PROCESS) -> IO | None:
+    """Hold ``folder``'s :data:`TRAIN_LOCK` (rank 0, creating the folder) until the returned
+    file is closed or the process ends, as an extraction holds its store: two trainings into one
+    folder would replace each other's checkpoints. One another training holds is refused on
+    every rank, naming the folder and the holder."""
+    if not folder:
+        return None
+    lock, problem = None, None  # rank 0's, told to every rank: all raise, none waits
+    if group.main:
+        try:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            lock = hold_lock(Path(folder) / TRAIN_LOCK)
+        except LockHeld as held:
+            problem = (f"The checkpoint folder {str(folder)!r} is in use by another training "
+                       f"({held.holder}). Two runs into one folder would overwrite each "
+                       f"other's checkpoints: wait for that one to finish (or stop it), or "
+                       f"train under another name (--name, or another checkpoint_dir).")
+        except OSError as err:
+            problem = (f"The checkpoint folder {str(folder)!r} cannot be written "
+                       f"({type(err).__name__}: {err.strerror or err}); pass a checkpoint_dir "
+                       f"(or --run-dir) in a folder you can write to.")
+    problem = group.gather_objects(problem)[0]
+    if problem is not None:
+        raise TrainingError(problem)
+    return lock
+
+
+def data_identity(batches, x: torch.Tensor, y: torch.Tensor, replayed: bool) -> dict[str, Any]:
+    """What a run trains on, by content, saved in its checkpoint and compared on resumption:
+    the source's ``identity`` when it has one (a store's shard checksums, the rows used, batch
+    size and seed: :class:`sae_nb.training.distributed.RankBatches`) and the SHA-256 of the
+    first global batch. A source that restores its position (a stream) is not replayed, so its
+    first batch after resumption is not the run's first: it gets no digest (its own
+    ``load_state_dict`` refuses other settings)."""
+    source = getattr(batches, "identity", None)
+    return {"source": jsonable(source) if isinstance(source, dict) else None,
+            "first_batch": batch_digest(x, y) if replayed else None}
+
+
+def check_same_data(folder: Path, saved: dict[str, Any] | None, now: dict[str, Any],
+                    batches: str = "these batches") -> None:
+    """Refuse to resume the checkpoint in ``folder`` on other data than it was trained on.
+
+    The first batches' digests must agree (a stream's absent one included). The sources'
+    identities are compared where both have one: a store's ``rank_batches`` and its plain
+    ``batches`` are the same global batches, so a run may resume on either (another world
+    size)."""
+    if saved is None:
+        log.warning("The checkpoint in %s was written before checkpoints named their data; it "
+                    "cannot be checked against %s. Delete the folder if the data changed "
+                    "since.", folder, batches)
+        return
+    differ = []
+    if saved.get("first_batch") != now.get("first_batch"):
+        differ.append(f"first batch (SHA-256)={saved.get('first_batch')!r} (checkpoint) vs "
+                      f"{now.get('first_batch')!r} (now)")
+    old, new = saved.get("source"), now.get("source")
+    if isinstance(old, dict) and isinstance(new, dict):
+        differ += [f"{k}={old.get(k)!r} (checkpoint) vs {new.get(k)!r} (now)"
+                   for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+    if differ:
+        raise TrainingError(f"The checkpoint in {str(folder)!r} was trained on other data than "
+                            f"{batches}: {'; '.join(differ)}. Resuming it would continue a "
+                            f"dictionary trained on rows that are not these. Train under another "
+                            f"name (--name, or another checkpoint_dir) to keep it, or delete the "
+                            f"folder {str(folder)!r} to train afresh on {batches}.")
 
 
 def check_resumable(path: Path, saved: dict, config: TrainConfig) -> None:
