@@ -394,12 +394,15 @@ def test_a_rerun_resumes_where_it_stopped(store, dictionary, stats, tokenizer, t
     llm_explanations(store, dictionary, stats, latents, tokenizer, backend=again,
                      cache=tmp_path, retry_failed=True)
     assert again.calls == 2
-    # a torn last line (a run killed mid-write) is ignored; other settings start afresh
-    with open(tmp_path / "llm.jsonl", "a") as f:
+    # a torn last line (a run killed mid-write) is ignored, and cut so that the next record
+    # starts on a line of its own; other settings start afresh
+    [records] = tmp_path.glob("llm.*.jsonl")
+    whole = records.read_text()
+    with open(records, "a") as f:
         f.write('{"key": "0", "lat')
     fresh = Oracle()
     llm_explanations(store, dictionary, stats, latents, tokenizer, backend=fresh, cache=tmp_path)
-    assert fresh.calls == 0
+    assert fresh.calls == 0 and records.read_text() == whole
     llm_explanations(store, dictionary, stats, latents, tokenizer, backend=fresh, cache=tmp_path,
                      settings=ExplainSettings(n_top=4))
     assert fresh.calls == 4
@@ -487,26 +490,31 @@ def test_endpoint_explains_and_detects_per_latent(store, dictionary, stats, toke
 def test_local_backend_batches_match_single_prompts(llama):
     backend = LocalBackend(llama)
     assert backend.supports_logprobs and backend.name.startswith("local:")
+    # first tokens that differ under the byte tokenizer (" Yes" and " No" both start with " ")
+    choices = ["Yes", " No"]
     prompts = ["Matches:", "a much longer prompt than the first. Matches:", "xy"]
-    batched = backend.choice_logprobs(prompts, [" Yes", " No"])
-    single = np.concatenate([backend.choice_logprobs([p], [" Yes", " No"]) for p in prompts])
-    assert batched.shape == (3, 2) and np.all(batched < 0)
+    batched = backend.choice_logprobs(prompts, choices)
+    single = np.concatenate([backend.choice_logprobs([p], choices) for p in prompts])
+    assert batched.shape == (3, 2)
     np.testing.assert_allclose(batched, single, atol=1e-4)
     shots = ["Description: taxes\nText: " + t + "\nMatches:" for t in ("a tax", "the war on",
                                                                        "x", "tax tax tax")]
-    cached = backend.choice_logprobs(shots, [" Yes", " No"])  # a long shared prefix
+    cached = backend.choice_logprobs(shots, choices)  # a long shared prefix
     backend.prefix_cache = False
-    np.testing.assert_allclose(cached, backend.choice_logprobs(shots, [" Yes", " No"]),
-                               atol=1e-4)
+    np.testing.assert_allclose(cached, backend.choice_logprobs(shots, choices), atol=1e-4)
     backend.prefix_cache = True
     assert LocalBackend._shared_prefix([[1, 2, 3], [1, 2, 4, 5], [1, 2]]) == 1
     assert LocalBackend._shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    # each is the log-probability of its choice's first token after the prompt: a direct
+    # forward pass of every prompt, unbatched, in float64
     tok = backend.tokenizer
-    with torch.no_grad():  # against a direct forward pass
-        ids = torch.tensor([[tok.bos_token_id] + tok.encode(prompts[1], add_special_tokens=False)])
-        logp = torch.log_softmax(backend.hf(input_ids=ids).logits[0, -1], -1)
-    expected = [logp[tok.encode(c, add_special_tokens=False)[0]].item() for c in (" Yes", " No")]
-    np.testing.assert_allclose(batched[1], expected, atol=1e-4)
+    first = [tok.encode(c, add_special_tokens=False)[0] for c in choices]
+    assert first[0] != first[1]
+    for prompt, got in zip(prompts + shots, np.concatenate([batched, cached])):
+        ids = torch.tensor([[tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)])
+        with torch.no_grad():
+            logp = torch.log_softmax(backend.hf(input_ids=ids).logits[0, -1].double(), -1)
+        np.testing.assert_allclose(got, logp[first].numpy(), atol=1e-4, err_msg=prompt)
     text = backend.complete("the state of", max_tokens=5, stop=())
     assert isinstance(text, str) and len(tok.encode(text, add_special_tokens=False)) <= 5 * 4
 
@@ -533,6 +541,14 @@ def test_the_embedded_model_names_a_war_latent():
     reply = backend.complete(completion_prompt([], ["war", "army", "battle", "troops"]),
                              max_tokens=8)
     assert "war" in parse_explanation(reply).lower()
-    logp = backend.choice_logprobs(["Description: taxes\nText: we cut the tax on wages\n"
-                                    "Matches:"], [" Yes", " No"])
-    assert logp.shape == (1, 2) and np.isfinite(logp).all() and (logp < 0).all()
+    prompt = "Description: taxes\nText: we cut the tax on wages\nMatches:"
+    logp = backend.choice_logprobs([prompt], [" Yes", " No"])
+    # the log-probabilities of the one-token answers " Yes" and " No" after the prompt, as a
+    # direct forward pass of the embedded model gives them
+    tok = backend.tokenizer
+    yes, no = (tok.encode(c, add_special_tokens=False) for c in (" Yes", " No"))
+    assert len(yes) == len(no) == 1 and yes != no
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode(prompt, add_special_tokens=False)])
+    with torch.no_grad():
+        direct = torch.log_softmax(backend.hf(input_ids=ids).logits[0, -1].double(), -1)
+    np.testing.assert_allclose(logp[0], direct[[yes[0], no[0]]].numpy(), atol=1e-4)

@@ -213,6 +213,25 @@ def test_meaning_index_is_cached_by_identity(tiny, tmp_path, monkeypatch):
     assert builds == [1]
 
 
+@pytest.mark.parametrize("damage", ["truncate", "random", "empty"])
+def test_a_damaged_meaning_index_is_rebuilt_with_a_warning(tiny, tmp_path, caplog, damage):
+    store, sae, stats, tokenizer = tiny
+    hand = table([(int(np.argmax(stats.max_act)), "rule", "tax words", 0.9, "f1", "")])
+    first = meaning_index(stats, store, tokenizer, hand, cache=tmp_path, n_contexts=2)
+    path = tmp_path / "meaning_index.npz"
+    data = path.read_bytes()
+    damaged = {"truncate": data[: len(data) // 2],
+               "random": np.random.default_rng(0).bytes(len(data)), "empty": b""}[damage]
+    path.write_bytes(damaged)
+    with caplog.at_level("WARNING"):
+        again = meaning_index(stats, store, tokenizer, hand, cache=tmp_path, n_contexts=2)
+    assert np.array_equal(again.explanation_vectors, first.explanation_vectors)
+    assert any("meaning_index.npz" in r.getMessage() and "Rebuilding" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+    back = MeaningIndex.load(tmp_path)  # the rebuilt index was saved again
+    assert np.array_equal(back.context_means, first.context_means)
+
+
 def test_scores_of_one_explanation_by_several_scorers_are_kept_and_loaded(tmp_path):
     """The scorers write one row per (latent, method, score_name) as JSON lines; loading the
     folder keeps each, and best_explanations can compare methods on one score only."""

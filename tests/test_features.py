@@ -361,6 +361,25 @@ def check_logit_effects(model, norm, unembed, tmp_path) -> None:
     assert not np.array_equal(again.top_ids, top)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "random", "empty"])
+def test_a_damaged_logit_effects_cache_is_recomputed_with_a_warning(llama, tmp_path, caplog,
+                                                                    damage):
+    dictionary = TopKSAE(32, 40, k=4)
+    first = logit_effects(llama, dictionary, k=5, cache=tmp_path)
+    path = tmp_path / "logit_effects.npz"
+    data = path.read_bytes()
+    damaged = {"truncate": data[: len(data) // 2],
+               "random": np.random.default_rng(0).bytes(len(data)), "empty": b""}[damage]
+    path.write_bytes(damaged)
+    with caplog.at_level("WARNING"):
+        again = logit_effects(llama, dictionary, k=5, cache=tmp_path)
+    np.testing.assert_array_equal(again.top_ids, first.top_ids)
+    np.testing.assert_array_equal(again.bottom_values, first.bottom_values)
+    assert any("logit_effects.npz" in r.getMessage() and "recomput" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+    assert path.read_bytes() != damaged  # saved again
+
+
 def test_logit_effects_width_mismatch(llama):
     with pytest.raises(ValueError, match=r"d_in=16.*d_model=32"):
         logit_effects(llama, TopKSAE(16, 40, k=4))

@@ -239,7 +239,10 @@ def test_control_scores_near_chance_and_below_the_rules(random_case):
     scored = ctrl.index[np.isfinite(ctrl.score)]
     assert len(scored) > 15
     assert (ctrl.rule_latent[scored] != scored).all()
-    assert (ctrl.rule_latent[scored] >= 0).all()
+    # each control scores its donor's own rule, under the donor's description
+    donors = ctrl.rule_latent[scored].to_numpy()
+    assert (ctrl.rule[scored].to_numpy() == own.rule[donors].to_numpy()).all()
+    assert (ctrl.explanation[scored].to_numpy() == own.explanation[donors].to_numpy()).all()
     assert abs(ctrl.auroc[scored].median() - 0.5) < 0.1
     assert own.auroc[scored].median() > 0.7
     assert own.score[scored].median() > ctrl.score[scored].median() + 0.1

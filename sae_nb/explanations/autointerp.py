@@ -11,18 +11,18 @@ Large Language Models").
 
 Results are rows of the explanation table (``latent, method, explanation, score, score_name,
 error``; method ``"llm"``), written per latent as they finish to a JSON-lines file under the
-cache folder (``run_dir/explanations/<dictionary>/``), keyed by the dictionary, the store, the
-backend and the settings: a rerun skips finished latents and retries failed ones when asked.
-The explanations are scored by :mod:`sae_nb.explanations.scoring`.
+cache folder (``run_dir/explanations/<dictionary>/``), one file per identity (the dictionary,
+the store, the backend and the settings; :mod:`sae_nb.explanations.results`), so another
+explainer's labels are kept beside these: a rerun skips finished latents and retries failed
+ones when asked. Each row records the store rows its explainer was shown (``shown_rows``),
+which the scorers of :mod:`sae_nb.explanations.scoring` leave out.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -36,12 +36,9 @@ from tqdm.auto import tqdm
 from sae_nb.activations.store import IDENTITY, ActivationStore
 from sae_nb.dictionaries.architectures import Dictionary, dictionary_hash
 from sae_nb.explanations.backends import Backend, BackendError, LocalBackend
+from sae_nb.explanations.results import COLUMNS, ExplanationError, ResultLog
 from sae_nb.latents.contexts import latent_contexts
-from sae_nb.util.io import atomic_write_json
 
-log = logging.getLogger(__name__)
-
-COLUMNS = ["latent", "method", "explanation", "score", "score_name", "error"]
 MARK_OPEN, MARK_CLOSE = "<<", ">>"
 
 
@@ -105,6 +102,48 @@ def explanation_rows(stats, latent: int, settings: ExplainSettings) -> np.ndarra
     return rows[rows >= 0]
 
 
+def shown_rows(explanations: pd.DataFrame, stats,
+               explain: ExplainSettings | None = None) -> dict[int, np.ndarray]:
+    """Per latent of ``explanations``, the store rows its explainers were shown (which the
+    scorers leave out): the union of the ``shown_rows`` its rows record (those of
+    :func:`llm_explanations`), else the rows that ``explain`` (default
+    :class:`ExplainSettings`) shows, :func:`explanation_rows`."""
+    recorded: dict[int, set[int]] = {}
+    if "shown_rows" in explanations.columns:
+        for latent, cell in zip(explanations["latent"], explanations["shown_rows"]):
+            rows = _row_list(cell)
+            if rows is not None:
+                recorded.setdefault(int(latent), set()).update(rows)
+    out = {}
+    for latent in sorted({int(f) for f in explanations["latent"]}):
+        out[latent] = (np.array(sorted(recorded[latent]), dtype=np.int64) if latent in recorded
+                       else explanation_rows(stats, latent, explain or ExplainSettings()))
+    return out
+
+
+def _row_list(cell) -> list[int] | None:
+    """A ``shown_rows`` cell as a list of store rows: a list, an array or its JSON text (a
+    table read back from CSV); None where nothing was recorded (NaN, None, "")."""
+    value = cell
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else None
+        except ValueError:
+            value = cell
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    try:
+        rows = [int(r) for r in value]
+        whole = not isinstance(value, str) and all(float(r) == int(r) for r in value)
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
+        raise ExplanationError(f"shown_rows={cell!r} is not a list of store rows: pass the "
+                               f"table llm_explanations returned, or drop its shown_rows "
+                               f"column and pass explain= with the explainer's settings.")
+    return rows
+
+
 def explanation_windows(store: ActivationStore, dictionary: Dictionary, stats, latent: int,
                         tokenizer, settings: ExplainSettings) -> list[dict]:
     rows = explanation_rows(stats, latent, settings)
@@ -154,45 +193,7 @@ def parse_explanation(reply: str) -> str:
     return line
 
 
-# -- the cache --------------------------------------------------------------------------------
-class ResultLog:
-    """Finished records of one kind (``"llm"``, ``"detection"`` ...) in a folder, one JSON line
-    each, appended and flushed as each finishes; ``<kind>.identity.json`` holds the key. A
-    folder holding another identity is started afresh. A torn last line (a killed run) is
-    ignored. The last record of a key wins (a retried failure replaces the failure)."""
-
-    def __init__(self, folder: str | Path, kind: str, identity: dict):
-        self.path = Path(folder) / f"{kind}.jsonl"
-        self.identity_path = Path(folder) / f"{kind}.identity.json"
-        self.records: dict[str, dict] = {}
-        identity = json.loads(json.dumps(identity))
-        same = (self.identity_path.exists()
-                and json.loads(self.identity_path.read_text()) == identity)
-        if same and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue  # a line a killed run left half written
-                self.records[record["key"]] = record
-        elif not same:
-            if self.path.exists():
-                log.info("%s holds results for other settings; starting afresh.", self.path)
-                self.path.unlink()
-            atomic_write_json(self.identity_path, identity)
-
-    def get(self, key: str) -> dict | None:
-        return self.records.get(key)
-
-    def append(self, record: dict) -> None:
-        line = json.dumps(record, allow_nan=True) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        self.records[record["key"]] = record
-
-
+# -- the cache (sae_nb.explanations.results) --------------------------------------------------
 def store_identity(store: ActivationStore) -> dict:
     """The store's rows as a cache key: its identity fields and row count, not its path."""
     return {"store_manifest": {k: store.manifest.get(k) for k in IDENTITY}, "rows": len(store)}
@@ -227,7 +228,7 @@ def table(records: Sequence[dict]) -> pd.DataFrame:
         return pd.DataFrame({c: pd.Series(dtype=t) for c, t in
                              zip(COLUMNS, [int, str, str, float, str, str])})
     df["score"] = df["score"].astype(float)
-    return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]].reset_index(drop=True)
+    return df[[*COLUMNS, *(c for c in df.columns if c not in COLUMNS)]].reset_index(drop=True)
 
 
 def resolve_tokenizer(tokenizer, backend: Backend, store: ActivationStore):
@@ -256,8 +257,10 @@ def llm_explanations(store: ActivationStore, dictionary: Dictionary, stats,
     ``error`` and an empty explanation; the run goes on. With ``cache`` (a folder, see
     :func:`sae_nb.explanations.tables.explanations_folder`) every latent's row is saved as it
     finishes and a rerun with the same dictionary, store, backend and settings skips it;
-    failed ones are retried only with ``retry_failed``. ``seed`` orders the interval-sampled
-    snippets. Extra columns: ``backend``, ``reply`` (the raw reply), ``n_examples``.
+    failed ones are retried only with ``retry_failed``; another backend or other settings
+    write a file of their own and leave these rows in place. ``seed`` orders the
+    interval-sampled snippets. Extra columns: ``backend``, ``reply`` (the raw reply),
+    ``n_examples``, ``shown_rows`` (the store rows shown, which the scorers leave out).
     """
     backend = backend if backend is not None else LocalBackend()
     tokenizer = resolve_tokenizer(tokenizer, backend, store)
@@ -282,7 +285,7 @@ def explain_latent(store: ActivationStore, dictionary: Dictionary, stats, latent
     windows = explanation_windows(store, dictionary, stats, latent, tokenizer, settings)
     row = {"latent": latent, "method": "llm", "explanation": "", "score": math.nan,
            "score_name": "", "error": "", "backend": backend.name, "reply": "",
-           "n_examples": len(windows)}
+           "n_examples": len(windows), "shown_rows": sorted(w["row"] for w in windows)}
     if not windows:
         row["error"] = "the latent never fires in this store"
         return row

@@ -182,11 +182,12 @@ class MeaningIndex:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 expl, means = data["explanation_vectors"], data["context_means"]
-        except (OSError, ValueError, KeyError) as err:
-            raise ExplanationError(f"Cannot read the meaning index {str(path)!r} ({err}); delete "
-                                   f"it and build it again with meaning_index(...).") from None
-        return cls(expl, means, meta["explanations"], meta["identity"],
-                   meta["explanation_weight"])
+            return cls(expl, means, meta["explanations"], meta["identity"],
+                       meta["explanation_weight"])
+        except Exception as err:  # BadZipFile, EOFError, ValueError...: damaged in any way
+            raise ExplanationError(
+                f"Cannot read the meaning index {str(path)!r} ({type(err).__name__}: {err}); "
+                f"delete it and build it again with meaning_index(...).") from None
 
 
 def meaning_index(stats, store, tokenizer, explanations=None, cache: str | Path | None = None,

@@ -34,18 +34,19 @@ from sae_nb.activations.store import ActivationStore
 from sae_nb.dictionaries.architectures import Dictionary, dictionary_hash
 from sae_nb.explanations.autointerp import (
     ExplainSettings,
-    ResultLog,
     explanation_rows,
     marked_text,
     plain_text,
     resolve_tokenizer,
     run_cached,
+    shown_rows,
     store_identity,
     table,
     text_key,
 )
 from sae_nb.explanations.backends import Backend, BackendError, LocalBackend
 from sae_nb.explanations.meaning import embedding_model
+from sae_nb.explanations.results import ExplanationError, ResultLog
 from sae_nb.latents.contexts import latent_contexts
 
 CHOICES = (" Yes", " No")
@@ -102,12 +103,18 @@ def balanced_accuracy(positive: Sequence[float], negative: Sequence[float],
 
 def scoring_examples(store: ActivationStore, dictionary: Dictionary, stats, latent: int,
                      tokenizer, settings: ScoreSettings, seed: int = 0,
-                     explain: ExplainSettings | None = None) -> Examples:
+                     explain: ExplainSettings | None = None,
+                     shown: Sequence[int] | None = None) -> Examples:
     """Firing contexts the explainer was not shown (the explainer's rows only when no others
     exist) and random contexts where the latent fires nowhere in the window (where it fires
-    on a few tokens of every window, contexts where at least the centre is silent)."""
+    on a few tokens of every window, contexts where at least the centre is silent).
+
+    ``shown``: the store rows the explainer was shown; by default those that ``explain``
+    (default :class:`ExplainSettings`) shows (:func:`explanation_rows`)."""
     rng = np.random.default_rng([seed, latent])
-    shown = explanation_rows(stats, latent, explain or ExplainSettings())
+    if shown is None:
+        shown = explanation_rows(stats, latent, explain or ExplainSettings())
+    shown = np.asarray(shown, dtype=np.int64)
     pool = np.concatenate([stats.quantile_rows[latent].reshape(-1), stats.top_rows[latent]])
     pool = np.unique(pool[pool >= 0])
     unseen = pool[~np.isin(pool, shown)]
@@ -258,16 +265,18 @@ def scored_table(kind: str, scorer: Callable[[str, Examples, np.random.Generator
                  scorer_settings: dict, store: ActivationStore, dictionary: Dictionary, stats,
                  explanations: pd.DataFrame, tokenizer, cache, seed: int,
                  settings: ScoreSettings | None, control: bool, retry_failed: bool,
-                 progress: bool) -> pd.DataFrame:
+                 progress: bool, explain: ExplainSettings | None = None) -> pd.DataFrame:
     """Score every (latent, method) explanation of ``explanations`` and, with ``control``,
-    each latent's control; rows with score_name ``"<kind>_auroc"``, cached per row."""
+    each latent's control, on contexts its explainer was not shown (:func:`shown_rows`); rows
+    with score_name ``"<kind>_auroc"``, cached per row."""
     settings = settings or ScoreSettings()
     need = {"latent", "method", "explanation"}
     missing = sorted(need - set(explanations.columns))
     if missing:
-        raise ValueError(f"explanations lacks the columns {missing}: pass an explanation table "
-                         f"(llm_explanations, rules ...).")
+        raise ExplanationError(f"explanations lacks the columns {missing}: pass an explanation "
+                               f"table (llm_explanations, rules ...).")
     given = explanations[~explanations["method"].str.endswith(":control")].copy()
+    shown = shown_rows(given, stats, explain)
     given["error"] = given["error"].fillna("") if "error" in given else ""
     given["explanation"] = given["explanation"].fillna("")
     given = given.drop_duplicates(["latent", "method"]).sort_values(["latent", "method"])
@@ -283,7 +292,7 @@ def scored_table(kind: str, scorer: Callable[[str, Examples, np.random.Generator
                          "" if d is not None else "no other explained latent to borrow from"))
     identity = {"dictionary": dictionary_hash(dictionary), **store_identity(store),
                 "scorer": scorer_settings, "settings": asdict(settings), "seed": seed,
-                "explain": asdict(ExplainSettings())}
+                "explain": asdict(explain or ExplainSettings())}
     results = ResultLog(cache, kind, identity) if cache is not None else None
     memo: dict[int, Examples] = {}
 
@@ -297,7 +306,7 @@ def scored_table(kind: str, scorer: Callable[[str, Examples, np.random.Generator
         if latent not in memo:
             memo.clear()  # jobs come grouped by latent: keep one latent's contexts
             memo[latent] = scoring_examples(store, dictionary, stats, latent, tokenizer,
-                                            settings, seed)
+                                            settings, seed, shown=shown[latent])
         if not memo[latent].positives or not memo[latent].negatives:
             row["error"] = ("no contexts where the latent fires" if not memo[latent].positives
                             else "no contexts where the latent is silent")
@@ -308,8 +317,10 @@ def scored_table(kind: str, scorer: Callable[[str, Examples, np.random.Generator
             row["error"] = str(err)
         return row
 
-    records = run_cached(jobs, lambda j: text_key(kind, j[0], j[1], j[2]), work, results,
-                         retry_failed, progress, f"{kind} scoring")
+    def key(job) -> str:  # the same explanation scored on other contexts is another record
+        return text_key(kind, job[0], job[1], job[2], shown[job[0]].tolist())
+
+    records = run_cached(jobs, key, work, results, retry_failed, progress, f"{kind} scoring")
     return table(records)
 
 
@@ -318,44 +329,52 @@ def detection_scores(store: ActivationStore, dictionary: Dictionary, stats,
                      backend: Backend | None = None, cache: str | Path | None = None,
                      seed: int = 0, settings: ScoreSettings | None = None,
                      control: bool = True, retry_failed: bool = False,
-                     progress: bool = False) -> pd.DataFrame:
+                     progress: bool = False,
+                     explain: ExplainSettings | None = None) -> pd.DataFrame:
     """Detection AUROC of every explanation in ``explanations`` (any method's table) and of
     its control, scored by ``backend`` (default: the embedded model). Rows: score_name
     ``"detection_auroc"``, extra columns ``balanced_accuracy, n_positive, n_negative,
     n_failed, explanation_of`` (whose explanation it is: the control's donor). ``cache``,
-    ``retry_failed``: as :func:`~sae_nb.explanations.autointerp.llm_explanations`."""
+    ``retry_failed``: as :func:`~sae_nb.explanations.autointerp.llm_explanations`.
+
+    The contexts the explainer was shown are left out: those the table's ``shown_rows``
+    record, else those the explainer's settings ``explain`` show
+    (:func:`~sae_nb.explanations.autointerp.shown_rows`)."""
     backend = backend if backend is not None else LocalBackend()
     tokenizer = resolve_tokenizer(tokenizer, backend, store)
     calibrate = (settings or ScoreSettings()).calibrate
     return scored_table("detection",
                         lambda t, ex, rng: detection_score(backend, t, ex, rng, calibrate),
                         backend.settings(), store, dictionary, stats, explanations, tokenizer,
-                        cache, seed, settings, control, retry_failed, progress)
+                        cache, seed, settings, control, retry_failed, progress, explain)
 
 
 def fuzzing_scores(store: ActivationStore, dictionary: Dictionary, stats,
                    explanations: pd.DataFrame, tokenizer=None, backend: Backend | None = None,
                    cache: str | Path | None = None, seed: int = 0,
                    settings: ScoreSettings | None = None, control: bool = True,
-                   retry_failed: bool = False, progress: bool = False) -> pd.DataFrame:
+                   retry_failed: bool = False, progress: bool = False,
+                   explain: ExplainSettings | None = None) -> pd.DataFrame:
     """Fuzzing AUROC (correctly against wrongly marked firing contexts) of every explanation
     and its control; as :func:`detection_scores`, score_name ``"fuzzing_auroc"``."""
     backend = backend if backend is not None else LocalBackend()
     tokenizer = resolve_tokenizer(tokenizer, backend, store)
     return scored_table("fuzzing", lambda t, ex, rng: fuzzing_score(backend, t, ex, rng),
                         backend.settings(), store, dictionary, stats, explanations, tokenizer,
-                        cache, seed, settings, control, retry_failed, progress)
+                        cache, seed, settings, control, retry_failed, progress, explain)
 
 
 def embedding_scores(store: ActivationStore, dictionary: Dictionary, stats,
                      explanations: pd.DataFrame, tokenizer, embedder: Any = None,
                      cache: str | Path | None = None, seed: int = 0,
                      settings: ScoreSettings | None = None, control: bool = True,
-                     retry_failed: bool = False, progress: bool = False) -> pd.DataFrame:
+                     retry_failed: bool = False, progress: bool = False,
+                     explain: ExplainSettings | None = None) -> pd.DataFrame:
     """Embedding AUROC of every explanation and its control: cosine(explanation, context)
     under ``embedder`` (anything with ``encode(list[str])``; default
     :func:`sae_nb.explanations.meaning.embedding_model`) separating firing from non-firing
-    contexts. score_name ``"embedding_auroc"``."""
+    contexts, the explainer's own left out as in :func:`detection_scores`. score_name
+    ``"embedding_auroc"``."""
     name = "all-MiniLM-L6-v2" if embedder is None else getattr(embedder, "name",
                                                               type(embedder).__name__)
     embedder = embedder if embedder is not None else embedding_model()
@@ -368,4 +387,4 @@ def embedding_scores(store: ActivationStore, dictionary: Dictionary, stats,
 
     return scored_table("embedding", scorer, {"embedder": name}, store, dictionary, stats,
                         explanations, tokenizer, cache, seed, settings, control, retry_failed,
-                        progress)
+                        progress, explain)

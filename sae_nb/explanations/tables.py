@@ -9,9 +9,11 @@ explanation of another random latent scored on this one, has ``"<method>:control
 
 A run caches one file per method under ``run_dir/explanations/<dictionary>/``: ``<method>.csv``
 and ``<method>.identity.json`` (the dictionary, the store and the settings); the same identity
-reuses the table. :func:`best_explanations` keeps each latent's highest-scoring explanation, the
-one the explorer, the dashboards and the feature table show beside the latent.
-The search by meaning over these tables lives in :mod:`sae_nb.explanations.meaning`.
+reuses the table. The language model's labels and the scores are JSON-lines records, one file
+per explainer or scorer identity (:mod:`sae_nb.explanations.results`).
+:func:`best_explanations` keeps each latent's highest-scoring explanation, the one the
+explorer, the dashboards and the feature table show beside the latent. The search by meaning
+over these tables lives in :mod:`sae_nb.explanations.meaning`.
 """
 
 from __future__ import annotations
@@ -26,18 +28,18 @@ import pandas as pd
 
 from sae_nb.activations.models import Model
 from sae_nb.explanations.backends import Backend, LocalBackend, OpenAIBackend
-from sae_nb.util.errors import SaeNbError
+from sae_nb.explanations.results import (
+    COLUMNS,
+    ExplanationError,
+    current_results,
+    read_result_lines,
+)
 from sae_nb.util.io import atomic_write_json, folder_name, write_table
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("latent", "method", "explanation", "score", "score_name", "error")
 CONTROL = ":control"  # suffix of a control row's method
 EXPLANATIONS_DIR = "explanations"
-
-
-class ExplanationError(SaeNbError, ValueError):
-    """A table that breaks the explanation-table contract, or a missing embedding model."""
 
 
 # -- the table --------------------------------------------------------------------------------
@@ -279,28 +281,25 @@ def explain_cached(folder: str | Path, method: str, identity: dict,
 
 
 def read_records(path: str | Path) -> pd.DataFrame:
-    """A JSON-lines file of explanation rows (:class:`sae_nb.explanations.autointerp.ResultLog`:
-    one record per line, appended as each finishes; a torn last line is skipped) as a table."""
-    records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line a killed run left half written
+    """A JSON-lines file of explanation rows (:mod:`sae_nb.explanations.results`: one record
+    per line, appended as each finishes) as a table; a line that is not a record is skipped,
+    with a warning naming the file and the line."""
+    records = read_result_lines(path, key=False)
     table = pd.DataFrame([{k: v for k, v in r.items() if k != "key"} for r in records])
     return table if len(table) else empty_table()
 
 
 def load_explanations(folder: str | Path) -> pd.DataFrame:
     """Every explanation table cached in ``folder`` merged into one: the ``*.csv`` tables
-    (``rule.csv``...) and the ``*.jsonl`` records of the language-model explainer and scorers
-    (``llm.jsonl``, ``detection.jsonl``...). Files without the table's columns are skipped;
-    empty when there is none."""
+    (``rule.csv``...) and the JSON-lines records of the language-model explainer and scorers,
+    for each kind (``llm``, ``detection``...) those of the explainer or scorer run last
+    (:func:`~sae_nb.explanations.results.current_results`). Files without the table's
+    columns are skipped; empty when there is none."""
     folder = Path(folder)
     if not folder.is_dir():
         return empty_table()
     tables = []
-    for path in sorted(folder.glob("*.csv")) + sorted(folder.glob("*.jsonl")):
+    for path in sorted(folder.glob("*.csv")) + current_results(folder):
         table = (pd.read_csv(path, keep_default_na=False, na_values=[""])
                  if path.suffix == ".csv" else read_records(path))
         if set(COLUMNS) <= set(table.columns):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from sae_nb.activations.corpora import token_labels
 from sae_nb.activations.models import Model, hf_model
 from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.util.io import atomic_save_npz
+
+log = logging.getLogger(__name__)
 
 LOGITS_FILE = "logit_effects.npz"
 # Attribute paths of the final norm in the families sae_nb loads.
@@ -54,15 +57,20 @@ class LogitEffects:
 
     @classmethod
     def load(cls, folder: str | Path, key: str | None = None) -> LogitEffects | None:
-        """What :meth:`save` wrote, or None when absent, damaged or saved under another key."""
+        """What :meth:`save` wrote, or None when absent, saved under another key or damaged
+        (with a warning naming the file: the caller computes the effects again)."""
         path = Path(folder) / LOGITS_FILE
+        if not path.exists():
+            return None
         try:
             with np.load(path, allow_pickle=False) as data:
                 if key is not None and str(data["key"]) != key:
                     return None
                 return cls(**{k: data[k] for k in ("top_ids", "top_values", "bottom_ids",
                                                    "bottom_values")})
-        except (OSError, ValueError, KeyError, EOFError):
+        except Exception as err:  # BadZipFile, EOFError, ValueError...: damaged in any way
+            log.warning("Cannot read the cached logit effects %s (%s: %s); recomputing them.",
+                        path, type(err).__name__, err)
             return None
 
 
