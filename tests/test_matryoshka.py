@@ -4,6 +4,7 @@ bad widths refused."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 from dataclasses import asdict
@@ -19,7 +20,7 @@ from sae_nb.training.objectives import (
     default_matryoshka_widths,
     matryoshka_prefix_losses,
 )
-from sae_nb.training.trainer import TrainConfig, TrainingError, train_dictionary
+from sae_nb.training.trainer import TrainConfig, Training, TrainingError, train_dictionary
 
 D, F, K = 16, 64, 4
 WIDTHS = (8, 16, 32, 64)
@@ -115,7 +116,26 @@ def test_one_prefix_is_plain_batchtopk_bit_for_bit():
     nested = train_dictionary(batches(x), architecture="matryoshka_batchtopk",
                               matryoshka_widths=WIDTHS, **kw)
     assert not torch.equal(nested.dictionary.W_dec, plain.dictionary.W_dec)
-    assert (nested.log["loss"] > nested.log["mse"]).all()  # the sum holds the inner prefixes
+
+
+def test_the_logged_loss_is_the_sum_over_prefixes():
+    """Each logged step's loss is the brute-force sum over prefixes of the dictionary as it was
+    before that step, on that step's (scaled) batch: a mean over prefixes would be a quarter of
+    it here, and the logged MSE is the full-width term alone."""
+    x = data()
+    cfg = TrainConfig(architecture="matryoshka_batchtopk", matryoshka_widths=WIDTHS, d_sae=F,
+                      k=K, total_tokens=20 * 128, log_every=1)
+    steps = list(itertools.islice(batches(x), 3))
+    run = Training(steps[0], steps[0], cfg, progress=False)  # as train_dictionary starts one
+    for batch in steps:
+        before = copy.deepcopy(run.sae)
+        scaled = batch * run.scale[0]
+        run.step(batch)
+        logged = run.state["log"][-1]
+        total = brute_force_loss(before, scaled, WIDTHS)
+        assert logged["loss"] == pytest.approx(total, rel=1e-5)
+        assert logged["loss"] != pytest.approx(total / len(WIDTHS), rel=0.1)
+        assert logged["mse"] == pytest.approx(brute_force_loss(before, scaled, (F,)), rel=1e-5)
 
 
 @pytest.fixture(scope="module")

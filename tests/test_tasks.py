@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sae_nb.comparison import tasks
+from sae_nb.dictionaries.architectures import ReLUSAE
 from sae_nb.texts.probing import DEFAULT_CACHE, VADER_SDIST, LabelError, split_labeled, top_latents
 
 
@@ -152,16 +153,15 @@ class ArrayStore:
         return {"token": self.tokens[rows]}
 
 
-class ReluDictionary(torch.nn.Module):
+def relu_dictionary(W_dec) -> ReLUSAE:
     """Codes relu(x @ W_dec.T) for orthonormal decoder rows: each latent reads one direction."""
-
-    def __init__(self, W_dec):
-        super().__init__()
-        self.W_dec = torch.nn.Parameter(torch.as_tensor(W_dec, dtype=torch.float32))
-        self.b_dec = torch.nn.Parameter(torch.zeros(self.W_dec.shape[1]))
-
-    def encode(self, x):
-        return torch.relu(x @ self.W_dec.T)
+    sae = ReLUSAE(W_dec.shape[1], W_dec.shape[0])
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.as_tensor(W_dec))
+        sae.W_enc.copy_(torch.as_tensor(W_dec).T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
 
 
 def test_absorption_table_on_a_store_of_tokens():
@@ -181,7 +181,7 @@ def test_absorption_table_on_a_store_of_tokens():
     acts[digit, 1] += rng.uniform(1, 2, digit.sum())  # latent 1: a digit
     store = ArrayStore(acts, np.array([ids[c] for c in chars]))
     props = {"capitalised": tasks.PROPERTIES["capitalised"], "digit": tasks.PROPERTIES["digit"]}
-    table = tasks.absorption_table(store, ReluDictionary(np.eye(d)), tok, props,
+    table = tasks.absorption_table(store, relu_dictionary(np.eye(d)), tok, props,
                                    n_tokens=2000).set_index("property")
     assert table.loc["capitalised", "main_latents"] == "0"
     assert table.loc["digit", "main_latents"] == "1"
@@ -191,19 +191,52 @@ def test_absorption_table_on_a_store_of_tokens():
     assert (table["full_absorption"] == 0).all() and (table["absorption_fraction"] == 0).all()
 
 
-def test_sparse_probing_table_on_the_tiny_model(llama, tmp_path):
-    from sae_nb.dictionaries.architectures import TopKSAE
+def pooled_site_acts(llama, text: str) -> torch.Tensor:
+    """``(D,)`` the mean over a text's tokens (BOS left out) of layer 1's output, by a hook."""
+    tok = llama.tokenizer
+    ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
+    acts = []
+    handle = llama._module.model.layers[1].register_forward_hook(
+        lambda m, a, out: acts.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            llama._module(input_ids=ids)
+    finally:
+        handle.remove()
+    return acts[0][0, 1:].mean(0)
 
-    dictionary = TopKSAE(llama.config.hidden_size if hasattr(llama, "config") else 32, 64, k=4)
-    torch.nn.init.normal_(dictionary.W_enc)
-    dictionary.metadata = {"site": "resid_out_layer1"}
+
+def test_sparse_probing_table_on_the_tiny_model(llama, tmp_path):
+    # The label is the text's first word. A ReLU dictionary with one live latent (17) that
+    # reads, always above 0 and so linearly, the direction between the two classes' pooled
+    # activations (found here by a plain hook): its pooled code is that projection, which
+    # separates the classes with a wide margin (checked below), so the top-1 probe, which must
+    # pick latent 17 (every other latent is silent), scores 1, as does the raw probe.
     df = pd.DataFrame({"text": [f"{w} number {i}" for i in range(12) for w in ("aaaa", "zzzz")],
                        "label": ["a", "z"] * 12})
+    pooled = torch.stack([pooled_site_acts(llama, t) for t in df["text"]])  # (24, D)
+    is_a = torch.from_numpy(df["label"].to_numpy() == "a")
+    u = pooled[is_a].mean(0) - pooled[~is_a].mean(0)
+    u = u / u.norm()
+    proj = pooled @ u
+    gap = proj[is_a].min() - proj[~is_a].max()
+    assert gap > 0.5 * (proj.max() - proj.min())  # a margin: any sane 1-D probe gets it right
+    dictionary = ReLUSAE(pooled.shape[1], 64)
+    with torch.no_grad():
+        dictionary.W_enc.zero_()
+        dictionary.W_enc[:, 17] = u
+        dictionary.b_enc.fill_(-1e3)  # silent
+        dictionary.b_enc[17] = 1e2  # always positive: the code is the projection plus 100
+        dictionary.b_dec.zero_()
+    dictionary.metadata = {"site": "resid_out_layer1"}
     table = tasks.sparse_probing_table(llama, dictionary, tasks=(), data={"toy": df},
                                        k_values=(1, 2), run_dir=tmp_path)
     assert table["probe"].tolist() == ["raw", "all latents", "top 1 latents", "top 2 latents"]
     assert (table["task"] == "toy").all() and (table["rows"] == 24).all()
-    assert (table["classes"] == 2).all() and table["accuracy"].between(0, 1).all()
+    assert (table["classes"] == 2).all()
+    # A stratified quarter of 12 + 12 rows: 3 of each class held out, so the majority is 0.5.
+    assert (table["majority_baseline"] == 0.5).all()
+    assert (table["accuracy"] == 1.0).all() and (table["roc_auc"] == 1.0).all(), table
     assert len(list((tmp_path / "probing").glob("features_*.npz"))) == 1
     wide = tasks.sparse_probing_wide(table)
     assert list(wide.columns) == ["raw", "all latents", "top 1 latents", "top 2 latents",

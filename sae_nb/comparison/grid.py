@@ -21,6 +21,7 @@ correlation of each proxy metric with MCC on the lab.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,18 +34,26 @@ from sae_nb.comparison.recovery import score_recovery
 from sae_nb.comparison.synthetic import Lab
 from sae_nb.comparison.uncertainty import (
     bootstrap_interval,
+    distance_interval,
+    n_seeds,
     per_row_reconstruction,
     row_intervals,
     seed_interval,
+    seed_values,
 )
 from sae_nb.training.evaluate import splice_loss
 from sae_nb.training.trainer import TrainConfig, train_dictionary
 from sae_nb.util.errors import SaeNbError
 
+log = logging.getLogger(__name__)
+
 ARCHITECTURES = ("topk", "batchtopk", "matryoshka_batchtopk")
 RECOVERY = ("mcc", "mean_max_cos", "hungarian_cos", "f1", "absorption", "shrinkage")
 # Higher is better for every metric except these (compare's verdict wording).
 LOWER_IS_BETTER = ("fvu", "absorption", "dead_frac")
+# Metrics whose best value is neither the highest nor the lowest: the closer, the better
+# (shrinkage 1.30 overshoots by more than 0.99 undershoots).
+IDEAL = {"shrinkage": 1.0}
 # The values a metric can take: a seed interval is clipped to them (the true mean lies inside,
 # so clipping keeps the interval's coverage; two seeds' t interval, 12.7 standard errors wide
 # each side, otherwise reaches an L0 below 0).
@@ -66,8 +75,9 @@ class Grid:
 
 def higher_is_better(metrics) -> dict[str, bool]:
     """compare's orientation: L0 is a choice, not a quality, so it is left out (its pairs
-    read "a higher")."""
-    return {m: m not in LOWER_IS_BETTER for m in metrics if m != "l0"}
+    read "a higher"), as are the metrics of :data:`IDEAL`, which compare takes by their
+    distance to the ideal value (``compare(..., ideal=IDEAL)``)."""
+    return {m: m not in LOWER_IS_BETTER for m in metrics if m != "l0" and m not in IDEAL}
 
 
 def _lab_batches(acts: np.ndarray, batch_size: int, seed: int):
@@ -116,10 +126,16 @@ def train_grid(data, architectures=ARCHITECTURES, ks=(8, 16), seeds=(0, 1), d_sa
     ``data``: a :class:`~sae_nb.comparison.synthetic.Lab` (its last ``heldout`` rows held out)
     or a :class:`~sae_nb.activations.split.HeldoutSplit` of a real store (its own held-out rows;
     ``model`` given: CE loss recovered on its CE contexts). ``config``: further TrainConfig
-    fields."""
+    fields. A seed given twice is trained once: the same seed is the same run, not a second
+    sample of the training noise (seed intervals need 2 distinct seeds)."""
     if not architectures or not ks or not seeds:
         raise CompareError("train_grid needs at least one architecture, one k and one seed; "
                            f"got {architectures!r}, {ks!r}, {seeds!r}.")
+    distinct = list(dict.fromkeys(seeds))
+    if len(distinct) < len(seeds):
+        log.warning("seeds=%r repeat a seed; training the distinct seeds %r once each.",
+                    list(seeds), distinct)
+    seeds = distinct
     is_lab = isinstance(data, Lab)
     if is_lab:
         n = len(data.acts)
@@ -164,10 +180,12 @@ def train_grid(data, architectures=ARCHITECTURES, ks=(8, 16), seeds=(0, 1), d_sa
 
 def summarize_runs(runs: pd.DataFrame, metrics, by=("architecture", "k"),
                    level: float = 0.95) -> pd.DataFrame:
-    """One row per ``by`` group: each metric's mean over the runs (seeds) with its seed
-    interval ``m_low``, ``m_high`` (NaN for a group of one run; clipped to the metric's
-    :data:`SUPPORT`), and where the runs carry
-    bootstrap bounds, their means ``m_boot_low``, ``m_boot_high``; ``n`` runs."""
+    """One row per ``by`` group: each metric's mean over the distinct seeds (rows of one seed,
+    the same run repeated, averaged first) with its seed interval ``m_low``, ``m_high`` (NaN
+    with fewer than 2 distinct seeds, so that compare gives no verdict; clipped to the
+    metric's :data:`SUPPORT`), and where the runs carry bootstrap bounds, their means
+    ``m_boot_low``, ``m_boot_high``; ``n`` distinct seeds (rows where ``runs`` has no
+    ``seed`` column)."""
     by = list(by)
     missing = [c for c in by + list(metrics) if c not in runs.columns]
     if missing:
@@ -176,19 +194,19 @@ def summarize_runs(runs: pd.DataFrame, metrics, by=("architecture", "k"),
     for key, part in runs.groupby(by, sort=False):
         row = dict(zip(by, key if isinstance(key, tuple) else (key,)))
         for m in metrics:
-            values = part[m].to_numpy(dtype=float)
-            if np.isfinite(values).sum() >= 2:
+            values = seed_values(part, m)
+            if len(values) >= 2:
                 iv = seed_interval(values, level)
                 lo, hi = SUPPORT.get(m, (-np.inf, np.inf))
                 row.update({m: iv.estimate, f"{m}_low": max(iv.low, lo),
                             f"{m}_high": min(iv.high, hi)})
             else:
-                row.update({m: float(np.nanmean(values)) if np.isfinite(values).any() else np.nan,
+                row.update({m: float(values.mean()) if len(values) else np.nan,
                             f"{m}_low": np.nan, f"{m}_high": np.nan})
             for b in ("boot_low", "boot_high"):
                 if f"{m}_{b}" in part.columns:
                     row[f"{m}_{b}"] = float(part[f"{m}_{b}"].mean())
-        row["n"] = len(part)
+        row["n"] = n_seeds(part)
         out.append(row)
     return pd.DataFrame(out)
 
@@ -196,9 +214,9 @@ def summarize_runs(runs: pd.DataFrame, metrics, by=("architecture", "k"),
 def readable(summary: pd.DataFrame, metrics, by=("architecture", "k"), digits: int = 3,
              bootstrap: bool = True) -> pd.DataFrame:
     """``summary`` as a person reads it: one column per metric, ``mean [low, high]`` (the seed
-    interval; the mean alone for a group of one run), then ``m bootstrap`` ``[low, high]`` for
-    the metrics whose runs carry held-out bootstrap bounds (unless ``bootstrap`` is False), and
-    ``n`` runs."""
+    interval; the mean alone for a group of one distinct seed), then ``m bootstrap``
+    ``[low, high]`` for the metrics whose runs carry held-out bootstrap bounds (unless
+    ``bootstrap`` is False), and ``n`` distinct seeds."""
     def interval(lo, hi) -> str:
         return f"[{lo:.{digits}f}, {hi:.{digits}f}]"
 
@@ -225,8 +243,9 @@ def labelled(summary: pd.DataFrame, by=("architecture", "k")) -> pd.DataFrame:
 
 def agreement(runs: pd.DataFrame, target: str = "mcc", proxies=None) -> pd.DataFrame:
     """Across the grid's runs, the Spearman rank correlation of each proxy metric with
-    ``target`` (higher is better for both after flipping the lower-is-better ones): one row per
-    proxy, ``spearman`` and its p-value, and ``agrees`` (positive and p < 0.05)."""
+    ``target`` (higher is better for both after flipping the lower-is-better ones, and taking
+    the metrics of :data:`IDEAL` by minus their distance to the ideal): one row per proxy,
+    ``spearman`` and its p-value, and ``agrees`` (positive and p < 0.05)."""
     proxies = list(proxies or [c for c in ("fvu", "f1", "mean_max_cos", "hungarian_cos",
                                            "absorption", "shrinkage") if c in runs.columns])
     if target not in runs.columns:
@@ -235,9 +254,15 @@ def agreement(runs: pd.DataFrame, target: str = "mcc", proxies=None) -> pd.DataF
         raise CompareError(f"A rank correlation needs at least 3 runs; the grid has {len(runs)}.")
     out = []
     for p in proxies:
-        sign = -1.0 if p in LOWER_IS_BETTER else 1.0
-        rho, pval = stats.spearmanr(sign * runs[p].to_numpy(float), runs[target].to_numpy(float))
-        out.append({"metric": p, "oriented": "lower is better" if sign < 0 else "higher is better",
+        values = runs[p].to_numpy(float)
+        if p in IDEAL:
+            values, oriented = -np.abs(values - IDEAL[p]), f"closer to {IDEAL[p]:g} is better"
+        elif p in LOWER_IS_BETTER:
+            values, oriented = -values, "lower is better"
+        else:
+            oriented = "higher is better"
+        rho, pval = stats.spearmanr(values, runs[target].to_numpy(float))
+        out.append({"metric": p, "oriented": oriented,
                     "spearman": float(rho), "p_value": float(pval),
                     "agrees": bool(rho > 0 and pval < 0.05)})
     return pd.DataFrame(out)
@@ -246,8 +271,16 @@ def agreement(runs: pd.DataFrame, target: str = "mcc", proxies=None) -> pd.DataF
 def best_by(summary: pd.DataFrame, metric: str, higher: bool = True,
             by=("architecture", "k")) -> tuple[str, bool]:
     """The best row of ``summary`` on ``metric`` by name, and whether its seed interval clears
-    every other row's (False: the lead is within the noise)."""
+    every other row's (False: the lead is within the noise). A metric of :data:`IDEAL` is
+    ranked by its distance to the ideal value, whatever ``higher`` says."""
     s = labelled(summary, by)
+    if metric in IDEAL:
+        target = IDEAL[metric]
+        order = (s[metric] - target).abs().sort_values()
+        best, rest = order.index[0], order.index[1:]
+        far = {r: distance_interval(s.loc[r, f"{metric}_low"], s.loc[r, f"{metric}_high"],
+                                    target) for r in s.index}
+        return best, bool(all(far[best][1] < far[r][0] for r in rest))
     order = s[metric].sort_values(ascending=not higher)
     best, rest = order.index[0], order.index[1:]
     if higher:

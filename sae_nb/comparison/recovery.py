@@ -11,11 +11,14 @@ feature is no detector of it):
 - **MCC**: the mean Pearson correlation, over true features, between each true feature's code
   and the activation of the latent matched to it one-to-one so as to maximise the total
   correlation, as in the identifiability literature (Khemakhem et al. 2020, and SAE papers that
-  follow it); unmatched features count 0.
+  follow it); unmatched features count 0. Activations are taken in the lab's own units
+  (:func:`input_unit_codes`: a normalised TopK's codes times each row's sigma), as the true
+  codes are.
 - **precision / recall / F1** of the latent matched to a feature by decoder direction (the
   Hungarian cosine's matching), as a detector of it: precision P(feature on | latent fires),
   recall P(latent fires | feature on). In :func:`score_recovery` a latent fires on a row when
-  its contribution to the reconstruction, activation x decoder norm, exceeds ``threshold``
+  its contribution to the reconstruction, activation (in the lab's units) x decoder norm,
+  exceeds ``threshold``
   (default 1% of the lab's mean magnitude): a TopK must pick k latents per row, and those
   beyond the row's true features come out tiny (1e-7 from float rounding even for the true
   dictionary), which a threshold of 0 would count as false alarms.
@@ -42,7 +45,7 @@ from scipy.stats import beta
 
 from sae_nb.comparison.synthetic import Lab
 from sae_nb.comparison.uncertainty import resample_weights
-from sae_nb.dictionaries.architectures import Dictionary
+from sae_nb.dictionaries.architectures import Dictionary, NormalizedTopKSAE
 
 
 def unit_rows(matrix) -> np.ndarray:
@@ -118,6 +121,30 @@ def expected_max_cosine(d: int, n: int) -> float:
     return float(1 - total)
 
 
+def output_scale(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
+    """``(B, 1)``: what one unit of code is worth in ``x``'s own units, per row, so that
+    latent ``j`` adds ``output_scale * f[:, j] * W_dec[j]`` to ``reconstruct(x)``. A
+    :class:`~sae_nb.dictionaries.architectures.NormalizedTopKSAE` decodes in normalised units
+    and maps back as ``x_hat * sigma + mu``: its scale is the row's ``sigma``; every other
+    class decodes in the input's units: 1."""
+    if isinstance(dictionary, NormalizedTopKSAE):
+        return NormalizedTopKSAE.input_stats(x)[1]
+    return torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+
+
+@torch.no_grad()
+def input_unit_codes(dictionary: Dictionary,
+                     x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(f, codes, base)`` of ``x`` ``(B, D)``: the codes ``f`` ``(B, F)``, the codes in
+    ``x``'s units ``f * output_scale`` and what the reconstruction holds with every latent
+    silent ``(B, D)`` (the decoder bias; for a normalised dictionary ``b_dec * sigma + mu``,
+    with a skip connection plus the skip term), so that
+    ``reconstruct(x) == base + codes @ W_dec``."""
+    f, x_hat = dictionary.encode_and_reconstruct(x)
+    codes = f * output_scale(dictionary, x)
+    return f, codes, x_hat - codes @ dictionary.W_dec
+
+
 @torch.no_grad()
 def latent_codes(dictionary: Dictionary, acts,
                  batch_size: int = 4096) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -125,10 +152,10 @@ def latent_codes(dictionary: Dictionary, acts,
     ``acts`` in batches (the codes kept sparse: a wide dictionary over many rows would not fit
     dense)."""
     x_all = torch.as_tensor(np.asarray(acts, dtype=np.float32))
-    device = next(dictionary.parameters()).device
+    device, dtype = dictionary.W_dec.device, dictionary.W_dec.dtype
     codes, recon = [], []
     for x in x_all.split(batch_size):
-        f, x_hat = dictionary.encode_and_reconstruct(x.to(device))
+        f, x_hat = dictionary.encode_and_reconstruct(x.to(device, dtype))
         codes.append(sp.csr_matrix(f.float().cpu().numpy()))
         recon.append(x_hat.float().cpu().numpy())
     return sp.vstack(codes, format="csr"), np.concatenate(recon)
@@ -216,8 +243,12 @@ def _evaluate(dictionary: Dictionary, lab: Lab, rows, threshold: float | None,
     pick = np.arange(len(lab.acts))[rows] if rows is not None else np.arange(len(lab.acts))
     acts, codes = lab.acts[pick], lab.codes[pick]
     latents, recon = latent_codes(dictionary, acts, batch_size)
+    # The codes in the activations' units (a normalised TopK's times each row's sigma), which
+    # the true codes are in: what correlates with them and what fires above the threshold.
+    scale = output_scale(dictionary, torch.as_tensor(acts, dtype=torch.float64))  # (N, 1)
+    scaled = (sp.diags(scale.numpy().ravel()) @ latents).tocsr()  # (N, m)
     cos = cosine_matrix(dictionary.W_dec, lab.directions)  # (m, n)
-    corr = correlation_matrix(latents, codes)  # (m, n)
+    corr = correlation_matrix(scaled, codes)  # (m, n)
     n = lab.directions.shape[0]
     latent_of, by_corr = np.full(n, -1), np.full(n, -1)  # by decoder, by correlation
     r, c = hungarian(cos)
@@ -227,8 +258,9 @@ def _evaluate(dictionary: Dictionary, lab: Lab, rows, threshold: float | None,
     if threshold is None:
         threshold = 0.01 * lab.config.magnitude_mean
     norms = dictionary.W_dec.detach().cpu().double().norm(dim=1).numpy()  # (m,)
-    contrib = (latents @ sp.diags(norms)).tocsr()  # (N, m) each latent's reconstruction norm
-    return {"acts": acts, "codes": codes, "latents": latents, "recon": recon, "cos": cos,
+    contrib = (scaled @ sp.diags(norms)).tocsr()  # (N, m) each latent's reconstruction norm
+    return {"acts": acts, "codes": codes, "latents": latents, "scaled": scaled, "recon": recon,
+            "cos": cos,
             "corr": corr, "latent_of": latent_of, "by_corr": by_corr, "contrib": contrib,
             "threshold": threshold}
 
@@ -282,7 +314,7 @@ def recovery_intervals(dictionary: Dictionary, lab: Lab, rows=None, n_resamples:
     rows). One row per metric: estimate, low, high."""
     e = _evaluate(dictionary, lab, rows, threshold, batch_size)
     n_rows, n = e["acts"].shape[0], lab.directions.shape[0]
-    a = _matched(e["latents"], e["by_corr"]).astype(np.float64)
+    a = _matched(e["scaled"], e["by_corr"]).astype(np.float64)
     t = _as_sparse(e["codes"]).astype(np.float64)
     parts = {"a": a, "t": t, "aa": a.multiply(a).tocsc(), "tt": t.multiply(t).tocsc(),
              "at": a.multiply(t).tocsc()}

@@ -26,6 +26,7 @@ import torch
 from sae_nb.activations.corpora import token_strings
 from sae_nb.activations.models import Model
 from sae_nb.activations.store import ActivationStore
+from sae_nb.comparison.recovery import input_unit_codes
 from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.texts.probing import (
     DEFAULT_CACHE,
@@ -249,13 +250,16 @@ def absorption_scores(acts, codes, W_dec, b_dec, has, train, test, main_k: int =
                       seed: int = 0, split_tau: float | None = None) -> dict:
     """Absorption of one binary property, scored as SAEBench scores first-letter absorption.
 
-    ``acts`` (N, D) inputs, ``codes`` (N, F) their codes, ``W_dec`` (F, D), ``b_dec`` (D,),
-    ``has`` (N,) the property. A logistic probe on ``acts`` (train split) gives the property's
-    direction ``w`` (unit); the ``main_k`` latents of :func:`detector_latents` (train split)
-    are the main latents (with ``split_tau``, as many as :func:`split_latents` keeps:
-    SAEBench's feature splitting). On the test tokens that have the property and that the probe
-    calls right, a latent's projection is ``code * (W_dec[j] . w)`` and the total is
-    ``(x - b_dec) . w`` (what the latents must account for). A token is fully absorbed when
+    ``acts`` (N, D) inputs, ``codes`` (N, F) their codes in the inputs' units (latent ``j``
+    adds ``codes[:, j] * W_dec[j]`` to the reconstruction), ``W_dec`` (F, D), ``b_dec`` (D,)
+    or (N, D) what the reconstruction holds with every latent silent, ``has`` (N,) the
+    property (:func:`absorption_table` builds them for any dictionary). A logistic probe on
+    ``acts`` (train split) gives the property's direction ``w`` (unit); the ``main_k`` latents
+    of :func:`detector_latents` (train split) are the main latents (with ``split_tau``, as
+    many as :func:`split_latents` keeps: SAEBench's feature splitting). On the test tokens
+    that have the property and that the probe calls right, a latent's projection is
+    ``code * (W_dec[j] . w)`` and the total is ``(x - b_dec) . w`` (what the latents must
+    account for). A token is fully absorbed when
     every main latent is silent, the latent of largest projection has cosine >= ``full_cos``
     with ``w`` and carries >= ``proportion`` of the total. Its absorption fraction is the
     share of the probe projection that up to ``max_absorbers`` other latents (cosine >=
@@ -267,6 +271,9 @@ def absorption_scores(acts, codes, W_dec, b_dec, has, train, test, main_k: int =
     rate and the mean absorption fraction over them."""
     acts, codes = np.asarray(acts, np.float64), np.asarray(codes, np.float64)
     W_dec, b_dec = np.asarray(W_dec, np.float64), np.asarray(b_dec, np.float64)
+    if b_dec.shape not in ((acts.shape[1],), acts.shape):
+        raise LabelError(f"b_dec has shape {b_dec.shape}; give one ({acts.shape[1]},) vector or "
+                         f"one row per input {acts.shape}.")
     has = np.asarray(has).astype(bool)
     y = np.where(has, "yes", "no")
     probe = fit_probe(acts[train], y[train], acts[test], y[test], "property", seed=seed)
@@ -286,7 +293,7 @@ def absorption_scores(acts, codes, W_dec, b_dec, has, train, test, main_k: int =
     predicted = probe.pipeline.predict(acts[test]) == "yes"
     tp = test[t_has & predicted]
     proj = codes[tp] * along  # (n, F)
-    total = (acts[tp] - b_dec) @ w
+    total = (acts[tp] - (b_dec[tp] if b_dec.ndim == 2 else b_dec)) @ w
     main_proj = proj[:, main].sum(1)
     main_silent = ~(codes[tp][:, main] > 0).any(1)
     others = proj.copy()
@@ -327,20 +334,26 @@ def absorption_table(store: ActivationStore, dictionary: Dictionary, tokenizer, 
     """Absorption of each token property (:data:`PROPERTIES`) on ``n_tokens`` tokens of a
     token-mode activation store encoded by ``dictionary``: one row per property with its
     share of tokens and :func:`absorption_scores`' figures (``split_tau``: main latents grown
-    by feature splitting, else the ``main_k`` best detectors)."""
+    by feature splitting, else the ``main_k`` best detectors). Codes and totals are taken in
+    the activations' own units (:func:`sae_nb.comparison.recovery.input_unit_codes`): a
+    normalised TopK's codes times each row's sigma, the total measured from what the
+    reconstruction holds with every latent silent (its ``b_dec * sigma + mu``)."""
     acts, ids = store_sample(store, n_tokens, seed)
     props = token_properties(tokenizer, ids, properties)
-    with torch.no_grad():
-        codes = torch.cat([dictionary.encode(torch.from_numpy(acts[i:i + batch_size]).to(
-            dictionary.W_dec.device, dictionary.W_dec.dtype)).float().cpu()
-            for i in range(0, len(acts), batch_size)]).numpy()
-    W_dec = dictionary.W_dec.detach().float().cpu().numpy()
-    b_dec = dictionary.b_dec.detach().float().cpu().numpy()
+    codes, base = [], []  # in the input's units (a normalised dictionary's codes times sigma)
+    for i in range(0, len(acts), batch_size):
+        x = torch.from_numpy(acts[i:i + batch_size]).to(dictionary.W_dec.device,
+                                                        dictionary.W_dec.dtype)
+        _, c, b = input_unit_codes(dictionary, x)
+        codes.append(c.double().cpu().numpy())
+        base.append(b.double().cpu().numpy())
+    codes, base = np.concatenate(codes), np.concatenate(base)
+    W_dec = dictionary.W_dec.detach().double().cpu().numpy()
     rows = []
     for name in (properties or PROPERTIES):
         has = props[name].to_numpy()
         train, test = split_labeled(has, test_size, seed)
-        scores = absorption_scores(acts, codes, W_dec, b_dec, has, train, test, main_k,
+        scores = absorption_scores(acts, codes, W_dec, base, has, train, test, main_k,
                                    seed=seed, split_tau=split_tau)
         main = scores["main_latents"]
         rows.append({"property": name, "share": float(has.mean()), **scores,

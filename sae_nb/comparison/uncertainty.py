@@ -12,7 +12,8 @@ Two sources of noise, kept apart:
   over seeds; :func:`summarize` gives it per configuration for a table of runs.
 
 :func:`compare` reads a table of estimates with intervals (``m``, ``m_low``, ``m_high`` per
-metric) and marks each pairwise difference "within noise" when the two intervals overlap;
+metric) and marks each pairwise difference "within noise" when the two intervals overlap, and
+"no verdict" when a row has no interval (fewer than two distinct seeds);
 :func:`compare_paired` does the same from per-row quantities of dictionaries scored on the same
 rows, "within noise" when the paired interval of the difference contains 0.
 """
@@ -142,10 +143,29 @@ def seed_interval(values, level: float = 0.95) -> Interval:
     return Interval(mean, mean - half, mean + half, level, "seeds (t)", len(v))
 
 
-def summarize(runs: pd.DataFrame, by, metrics: list[str], level: float = 0.95) -> pd.DataFrame:
+def seed_values(part: pd.DataFrame, metric: str, seed: str | None = "seed") -> np.ndarray:
+    """The finite values of ``metric`` in ``part``, one per distinct training seed: where
+    ``part`` has a ``seed`` column, the rows of one seed (the same run repeated) are averaged
+    first, so ``seeds=[0, 0]`` counts as one seed, not as two runs that agree."""
+    values = part[metric].astype(float)
+    if seed is not None and seed in part.columns:
+        values = values.groupby(part[seed].to_numpy()).mean()  # NaN rows skipped
+    v = values.to_numpy(dtype=float)
+    return v[np.isfinite(v)]
+
+
+def n_seeds(part: pd.DataFrame, seed: str | None = "seed") -> int:
+    """How many distinct seeds ``part`` holds (its rows where it has no ``seed`` column)."""
+    return int(part[seed].nunique()) if seed is not None and seed in part.columns else len(part)
+
+
+def summarize(runs: pd.DataFrame, by, metrics: list[str], level: float = 0.95,
+              seed: str | None = "seed") -> pd.DataFrame:
     """One row per configuration (``by``: a column or columns of ``runs``, one run a row, e.g.
-    one per seed): each metric's mean over the runs and its seed interval as ``m``, ``m_low``,
-    ``m_high``, and ``n`` runs."""
+    one per seed): each metric's mean over the distinct seeds (:func:`seed_values`) and its
+    seed interval as ``m``, ``m_low``, ``m_high`` (NaN bounds with fewer than 2 distinct
+    seeds: :func:`compare` then gives no verdict), and ``n`` distinct seeds (rows where
+    ``runs`` has no ``seed`` column)."""
     missing = [c for c in ([by] if isinstance(by, str) else list(by)) + list(metrics)
                if c not in runs.columns]
     if missing:
@@ -155,9 +175,14 @@ def summarize(runs: pd.DataFrame, by, metrics: list[str], level: float = 0.95) -
         row = dict(zip([by] if isinstance(by, str) else by,
                        key if isinstance(key, tuple) else (key,)))
         for m in metrics:
-            iv = seed_interval(part[m], level)
-            row.update({m: iv.estimate, f"{m}_low": iv.low, f"{m}_high": iv.high})
-        row["n"] = len(part)
+            v = seed_values(part, m, seed)
+            if len(v) >= 2:
+                iv = seed_interval(v, level)
+                row.update({m: iv.estimate, f"{m}_low": iv.low, f"{m}_high": iv.high})
+            else:
+                row.update({m: float(v.mean()) if len(v) else np.nan, f"{m}_low": np.nan,
+                            f"{m}_high": np.nan})
+        row["n"] = n_seeds(part, seed)
         rows.append(row)
     return pd.DataFrame(rows).set_index(by)
 
@@ -169,26 +194,61 @@ def interval_columns(table: pd.DataFrame) -> list[str]:
 
 
 def compare(table: pd.DataFrame, metrics: list[str] | None = None,
-            higher_is_better: dict[str, bool] | None = None) -> pd.DataFrame:
+            higher_is_better: dict[str, bool] | None = None,
+            ideal: dict[str, float] | None = None) -> pd.DataFrame:
     """Every pair of ``table``'s rows (dictionaries, configurations) on every metric with an
     interval: the difference ``a - b`` and a verdict, "within noise" when the two intervals
     overlap, else which is better (by ``higher_is_better[metric]``, default True; a metric
-    missing from it is named "a higher" / "b higher")."""
+    missing from it is named "a higher" / "b higher").
+
+    A metric in ``ideal`` (metric -> its ideal value, e.g. shrinkage 1) is compared by its
+    distance to that value: both intervals become intervals of ``|m - ideal|`` and the closer
+    row is the better. A pair in which a row has no interval (NaN bounds) or, in a table with
+    an ``n`` column (:func:`summarize`), fewer than 2 distinct seeds reads "no verdict: " and
+    the reason."""
     metrics = metrics or interval_columns(table)
     if not metrics:
         raise UncertaintyError("table has no metric with an interval (columns m, m_low, m_high);"
                                " build it with summarize() or add the interval columns.")
-    better = higher_is_better or {}
+    better, ideal = higher_is_better or {}, ideal or {}
     rows = []
     for m in metrics:
         for a, b in combinations(table.index, 2):
             ra, rb = table.loc[a], table.loc[b]
-            overlap = ra[f"{m}_low"] <= rb[f"{m}_high"] and rb[f"{m}_low"] <= ra[f"{m}_high"]
             diff = float(ra[m] - rb[m])
-            verdict = _verdict(a, b, diff, bool(overlap), better.get(m))
+            missing = [r for r in (_no_interval(a, ra, m), _no_interval(b, rb, m)) if r]
+            if missing:
+                verdict = "no verdict: " + "; ".join(missing)
+            elif m in ideal:
+                (la, ha), (lb, hb) = (distance_interval(r[f"{m}_low"], r[f"{m}_high"], ideal[m])
+                                      for r in (ra, rb))
+                closer = abs(ra[m] - ideal[m]) - abs(rb[m] - ideal[m])
+                verdict = _verdict(a, b, closer, la <= hb and lb <= ha, False)
+            else:
+                overlap = ra[f"{m}_low"] <= rb[f"{m}_high"] and rb[f"{m}_low"] <= ra[f"{m}_high"]
+                verdict = _verdict(a, b, diff, bool(overlap), better.get(m))
             rows.append({"metric": m, "a": a, "b": b, "a_value": float(ra[m]),
                          "b_value": float(rb[m]), "difference": diff, "verdict": verdict})
     return pd.DataFrame(rows)
+
+
+def _no_interval(name, row: pd.Series, metric: str) -> str | None:
+    """Why ``row`` can take no part in a verdict on ``metric``; None when it can."""
+    if "n" in row.index and np.isfinite(row["n"]) and row["n"] < 2:
+        n = int(row["n"])
+        return (f"{name} has {n} distinct seed{'' if n == 1 else 's'} (at least 2 are needed "
+                f"for an interval; train more seeds)")
+    if not (np.isfinite(row[f"{metric}_low"]) and np.isfinite(row[f"{metric}_high"])):
+        return (f"{name} has no interval for {metric} (fewer than 2 distinct seeds or finite "
+                f"values; at least 2 are needed)")
+    return None
+
+
+def distance_interval(low: float, high: float, target: float) -> tuple[float, float]:
+    """The interval of ``|m - target|`` over ``m`` in ``[low, high]`` (from 0 when it holds
+    ``target``)."""
+    near, far = sorted((abs(low - target), abs(high - target)))
+    return (0.0 if low <= target <= high else near), far
 
 
 def _verdict(a: str, b: str, diff: float, noise: bool, higher_is_better: bool | None) -> str:
@@ -221,12 +281,12 @@ def per_row_reconstruction(dictionary: Dictionary, acts,
     ``dev`` the squared deviation from the rows' mean and ``l0`` the active latents, the
     pieces :func:`reconstruction_intervals` (and :func:`paired_difference`) resample."""
     x_all = torch.as_tensor(np.asarray(acts, dtype=np.float32))
-    device = next(dictionary.parameters()).device
+    device, dtype = dictionary.W_dec.device, dictionary.W_dec.dtype
     mean = x_all.double().mean(0)
     out = {"err": [], "dev": [], "l0": []}
     with torch.no_grad():
         for x in x_all.split(batch_size):
-            f, x_hat = dictionary.encode_and_reconstruct(x.to(device))
+            f, x_hat = dictionary.encode_and_reconstruct(x.to(device, dtype))
             out["err"].append((x.double() - x_hat.double().cpu()).pow(2).sum(1).numpy())
             out["dev"].append((x.double() - mean).pow(2).sum(1).numpy())
             out["l0"].append((f != 0).sum(1).cpu().numpy().astype(np.float64))
