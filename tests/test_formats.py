@@ -652,7 +652,8 @@ def test_verify_dictionary_catches_changed_bytes(tmp_path):
     middle = (start + len(data)) // 2
     data[middle:middle + 16] = np.random.bytes(16)
     weights.write_bytes(bytes(data))
-    load_dictionary(folder)  # loads silently: a load does not read for integrity
+    with pytest.raises(DictionaryFormatError, match=r"sae_weights\.safetensors has changed"):
+        load_dictionary(folder)  # its size or mtime changed: the load hashes it
     with pytest.raises(DictionaryFormatError, match=r"sae_weights\.safetensors has changed"):
         verify_dictionary(folder)
 

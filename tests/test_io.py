@@ -48,3 +48,38 @@ def test_atomic_folder_swaps_in_whole_or_leaves_the_old(tmp_path):
         (tmp / "b.txt").write_text("third")
     assert sorted(p.name for p in path.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dictionary"]
+
+
+def test_changed_file_reads_a_file_only_when_its_stamp_says_it_may_have_changed(tmp_path,
+                                                                               monkeypatch):
+    import hashlib
+    import os
+
+    from sae_nb.util import io
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"abcdefgh")
+    digest = hashlib.sha256(b"abcdefgh").hexdigest()
+    stamp = io.file_stamp(path)
+    assert stamp == {"size": 8, "mtime_ns": os.stat(path).st_mtime_ns}
+    hashed = []
+    real = io.file_sha256
+    monkeypatch.setattr(io, "file_sha256", lambda p: hashed.append(p) or real(p))
+    later = stamp["mtime_ns"] + 1
+    assert io.changed_file(path, digest, stamp, later) == (None, None) and hashed == []
+    assert io.changed_file(path, digest, stamp, stamp["mtime_ns"]) == (None, None)  # same tick
+    assert len(hashed) == 1
+    os.utime(path, ns=(0, stamp["mtime_ns"] + 5))  # a copy: new mtime, same bytes
+    moved = {"size": 8, "mtime_ns": stamp["mtime_ns"] + 5}
+    assert io.changed_file(path, digest, stamp, later) == (None, moved) and len(hashed) == 2
+    path.write_bytes(b"abcdefgX")
+    problem, _ = io.changed_file(path, digest, stamp, later)
+    assert problem.startswith("has changed") and "checksum" in problem and len(hashed) == 3
+    path.write_bytes(b"abc")
+    problem, _ = io.changed_file(path, digest, stamp, later)
+    assert "holds 3 bytes, 8 were written" in problem and len(hashed) == 3  # no read needed
+    other = {**io.file_stamp(path), "sha256": "0" * 64}  # a stamp of other bytes vouches nothing
+    problem, _ = io.changed_file(path, digest, other, later + 10**12)
+    assert problem.startswith("has changed") and len(hashed) == 4
+    path.unlink()
+    assert io.changed_file(path, digest, stamp, later) == ("is missing", None)

@@ -38,6 +38,27 @@ def test_shipped_files_match_their_recorded_checksums():
         assert hashlib.sha256((sae_nb.DEFAULT_DICTIONARY / name).read_bytes()).hexdigest() == digest
 
 
+def test_a_copy_with_any_mtimes_loads_and_changed_weights_do_not(shipped, tmp_path):
+    """A checkout sets arbitrary mtimes, and the shipped sae_nb.json records checksums only: a
+    load then hashes, and loads when the bytes match. Changed weights are refused."""
+    import os
+    import shutil
+
+    copy = tmp_path / "shipped"
+    shutil.copytree(sae_nb.DEFAULT_DICTIONARY, copy)
+    for i, file in enumerate(sorted(copy.iterdir())):
+        os.utime(file, ns=(0, (1_000_000_000 + 7_777 * i) * 10**9))
+    loaded = sae_nb.load_dictionary(copy)
+    for key, value in shipped.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    weights = copy / "sae_weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(64)  # the last weights, zeroed
+    weights.write_bytes(bytes(data))
+    with pytest.raises(sae_nb.DictionaryFormatError, match=r"sae_weights\.safetensors has changed"):
+        sae_nb.load_dictionary(copy)
+
+
 @pytest.mark.slow  # the real embedded model
 def test_recorded_fvu_and_l0_reproduce_on_fresh_speech_activations(tmp_path):
     """The FVU and L0 recorded in sae_nb.json, recomputed in plain float64 torch from the raw

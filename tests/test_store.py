@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 from sae_nb.activations.store import (
     INDEX_DTYPE,
     MANIFEST,
+    STAMPS,
     ActivationStore,
     StoreError,
     StoreWriter,
@@ -248,12 +250,18 @@ def test_manifest_records_each_shard_files_sha256(store):
 
 @pytest.mark.parametrize("name", ["shard_00002.npy", "shard_00001.index.npy"])
 def test_verify_names_a_shard_with_bytes_changed_inside(tmp_path, name):
+    """Bytes changed with the file's mtime put back: an open (which trusts a size and mtime
+    older than their record) still opens, verify() (which reads every byte) does not."""
     store = write_store(tmp_path / "s")
     file = store.path / name
+    before = file.stat()
     data = bytearray(file.read_bytes())
     data[-3:] = np.random.default_rng(0).bytes(3)  # inside the rows, after the .npy header
     file.write_bytes(bytes(data))
-    opened = ActivationStore(store.path)  # opening does not read every byte: it still opens
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    stamps = store.path / STAMPS
+    os.utime(stamps, ns=(before.st_atime_ns, stamps.stat().st_mtime_ns + 10**9))
+    opened = ActivationStore(store.path)
     assert len(opened) == N
     with pytest.raises(StoreError) as err:
         opened.verify()
@@ -273,8 +281,16 @@ def test_zero_byte_shard_is_a_store_error_naming_it(tmp_path):
 @pytest.mark.parametrize("width, dtype", [(D + 1, np.float32), (D - 1, np.float32),
                                           (D, np.float64)])
 def test_shard_of_another_width_or_dtype_is_a_store_error_naming_it(tmp_path, width, dtype):
+    """Its recorded size and checksum refuse it first; in a store written before checksums
+    (none recorded), the shard's own header does."""
     store = write_store(tmp_path / "s")
     np.save(store.path / "shard_00003.npy", np.ones((SHARD_ROWS[3], width), dtype))
+    with pytest.raises(StoreError, match=r"shard_00003\.npy has changed since it was written"):
+        ActivationStore(store.path)
+    manifest = json.loads((store.path / MANIFEST).read_text())
+    for shard in manifest["shards"]:
+        del shard["sha256"]
+    (store.path / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(StoreError) as err:
         ActivationStore(store.path)[:]
     message = str(err.value)

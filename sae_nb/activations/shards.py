@@ -12,8 +12,9 @@ of processes and the block bounds) before any part is written. After every part 
 rank 0 rewrites the manifest once, atomically, listing the parts' shards in unit order. The
 merged store reads exactly like a single-process one: the same rows in the same order, the same
 index, the same manifest except ``shards`` (their names, ``parts/<part>/shard_*``, sizes and
-checksums). A killed run resumes with the same number of processes: each part resumes as a
-single-process store does. Another number of processes is refused, naming the one to use.
+checksums); its ``stamps.json`` holds the parts' stamps under those names. A killed run
+resumes with the same number of processes: each part resumes as a single-process store does.
+Another number of processes is refused, naming the one to use.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from sae_nb.activations.store import PARTS, StoreError, StoreWriter, read_manifest
+from sae_nb.activations.store import PARTS, StoreError, StoreWriter, read_manifest, read_stamps
 
 
 class ShardError(StoreError):
@@ -151,6 +152,7 @@ def merge(writer: StoreWriter, bounds: list[int], done: int) -> None:
             shards.append({**shard, "name": prefix + shard["name"],
                            "sha256": {prefix + f: h for f, h in shard.get("sha256", {}).items()}})
             rows += int(shard["rows"])
+        writer.stamps.update({prefix + f: s for f, s in read_stamps(folder).items()})
         units = hi
     writer.manifest.update(shards=shards, rows=rows, units=units)
     writer.manifest.pop("pending", None)

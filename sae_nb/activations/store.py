@@ -5,6 +5,7 @@ One store per site, a folder::
     manifest.json              what the rows are (model, site, width, dtype, corpus, ...)
     shard_00000.npy            (rows, d) activations, float16 or float32
     shard_00000.index.npy      (rows,) per-row token id, document, position, context, offset
+    stamps.json                each shard file's size and mtime (ns) when its SHA-256 was taken
     writer.lock                held by the one extraction writing the store; names it
     parts/part_<lo>_<hi>/      a multi-process extraction's part (units lo..hi), itself a store;
                                the merged manifest lists its shards as ``parts/<part>/shard_*``
@@ -12,14 +13,23 @@ One store per site, a folder::
 A shard is written to a temporary name and renamed into place; the manifest is rewritten the
 same way after each shard. Readers trust only the manifest, so a killed extraction leaves
 complete shards or nothing, and a rerun resumes after the last shard the manifest lists. A
-writer holds an OS lock on ``writer.lock`` while it writes; a second writer is refused. The
-manifest records each shard file's SHA-256: a resumed extraction checks them, and
-:meth:`ActivationStore.verify` checks them on demand (a full read, so not on every open).
+writer holds an OS lock on ``writer.lock`` while it writes; a second writer is refused.
+
+A shard's name must be one of this store's (``shard_<n>``, ``parts/part_<lo>_<hi>/shard_<n>``):
+a manifest naming a file elsewhere is refused, and :func:`shard_files` is the one list of files
+the reader opens and every check reads. The manifest records each shard file's SHA-256, and
+``stamps.json`` its size and modification time. Every open (a reader, a resumed or rerun
+extraction) compares those with one ``stat`` per file and hashes only a file whose stamp
+changed (a copy, a restore, changed bytes) or was taken in the same clock tick as the record;
+a reader that hashes a file and finds it intact records its new stamp, so a copied store is
+hashed once. :meth:`ActivationStore.verify` hashes every file (a full read), which also finds
+bytes changed by a writer that put the mtime back.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import warnings
 from collections.abc import Iterator
@@ -37,7 +47,9 @@ from sae_nb.util.io import (
     LockHeld,
     atomic_save_npy,
     atomic_write_bytes,
+    changed_file,
     file_sha256,
+    file_stamp,
     hold_lock,
     lock_holder,
 )
@@ -45,8 +57,11 @@ from sae_nb.util.io import (
 STORE_FORMAT = "sae_nb.activation_store"
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
+STAMPS = "stamps.json"  # {file: {size, mtime_ns, sha256}}: a cache; deleting it costs one hash
 LOCK_FILE = "writer.lock"  # held (flock) by the one writer of a store; names it
 PARTS = "parts"  # sub-folder of a multi-process extraction's parts (sae_nb.activations.shards)
+# Every name a shard of a store may have: never a path out of the store's folder.
+SHARD_NAME = re.compile(rf"(?:{PARTS}/part_[0-9]+_[0-9]+/)?shard_[0-9]+")
 # Per row: the token id (-1 in sentence mode), its document and position in the document's
 # tokens, and the context (token mode) or sentence (sentence mode) it belongs to, with its
 # offset inside that context (-1 in sentence mode).
@@ -106,11 +121,14 @@ class StoreWriter:
             self.manifest = read_manifest(self.path)
             _check_identity(self.path, self.manifest, header)
             _check_world_size(self.path, self.manifest, world_size)
-            if not self.manifest["complete"]:  # a resume: appending would hide damaged shards
-                damaged = damaged_files(self.path, self.manifest)
-                if damaged:
-                    raise StoreError(f"The interrupted store at {str(self.path)!r} cannot be "
-                                     f"resumed: {'; '.join(damaged)}. {REEXTRACT}")
+            # A resume would append to damaged shards, a rerun of a finished store would
+            # return them as done: check them first (a stat per file, a hash where one changed).
+            damaged, _ = check_shards(self.path, self.manifest)
+            if damaged:
+                what = "resumed" if not self.manifest["complete"] else "used or extended"
+                raise StoreError(f"The store at {str(self.path)!r} is damaged and cannot be "
+                                 f"{what}: {'; '.join(damaged)}. {REEXTRACT}")
+            self.stamps = read_stamps(self.path)
             self.manifest["complete"] = False
         else:
             for shard in self.path.glob("shard_*.npy"):
@@ -119,6 +137,7 @@ class StoreWriter:
             self.manifest = {"format": STORE_FORMAT, "version": STORE_VERSION, **header,
                              "rows": 0, "units": int(first_unit), "complete": False,
                              "shards": []}
+            self.stamps = {}
             self._write_manifest()
 
     def close(self) -> None:
@@ -145,8 +164,11 @@ class StoreWriter:
         name = f"shard_{len(self.manifest['shards']):05d}"
         atomic_save_npy(self.path / f"{name}.npy", acts.astype(self.manifest["dtype"], copy=False))
         atomic_save_npy(self.path / f"{name}.index.npy", index.astype(INDEX_DTYPE, copy=False))
-        # Hash what landed on disk (from the page cache: no second disk read), for verify().
+        # Hash what landed on disk (from the page cache: no second disk read), for verify(),
+        # and stamp it, so that an open compares sizes and mtimes instead of hashing.
         sha256 = {f: file_sha256(self.path / f) for f in (f"{name}.npy", f"{name}.index.npy")}
+        self.stamps.update({f: {**file_stamp(self.path / f), "sha256": digest}
+                            for f, digest in sha256.items()})
         self.manifest["shards"].append({"name": name, "rows": int(len(acts)),
                                         "units": [self.done, int(units_end)], "sha256": sha256})
         self.manifest["rows"] += int(len(acts))
@@ -175,8 +197,11 @@ class StoreWriter:
         self.close()
 
     def _write_manifest(self) -> None:
+        """The manifest, then the stamps (written after it: a shard the manifest lists but no
+        stamp does is hashed on its next open, never trusted)."""
         data = json.dumps(self.manifest, indent=1).encode()
         atomic_write_bytes(self.path / MANIFEST, data)
+        atomic_write_bytes(self.path / STAMPS, json.dumps(self.stamps, indent=1).encode())
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -226,20 +251,82 @@ REEXTRACT = ("Extract it again: rerun notebook 01 (sae_nb.extract_activations) w
              "overwrite=True, or delete the store's folder first.")
 
 
-def damaged_files(path: Path, manifest: dict) -> list[str]:
-    """The manifest's shard files that are missing, or whose bytes no longer hash to the
-    SHA-256 recorded when they were written (a full read of the store)."""
-    damaged = []
-    for shard in manifest["shards"]:
-        recorded = shard.get("sha256", {})  # absent in stores written before checksums
-        for name in (f"{shard['name']}.npy", f"{shard['name']}.index.npy"):
-            file = path / name
-            if not file.is_file():
-                damaged.append(f"{name} is missing")
-            elif name in recorded and file_sha256(file) != recorded[name]:
-                damaged.append(f"{name} no longer matches the checksum recorded when it was "
-                               f"written")
-    return damaged
+def shard_files(path: Path, manifest: dict) -> list[tuple[str, str]]:
+    """The ``(activations, index)`` file names of every shard the manifest lists, relative to
+    the store: the one list the reader opens and every check reads. A name that is not one of
+    a store's shard names (``../..``, an absolute path) raises :class:`StoreError` naming it."""
+    files = []
+    for i, shard in enumerate(manifest["shards"]):
+        name = shard.get("name") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+            raise StoreError(f"{str(path / MANIFEST)!r}: shard {i} is named {name!r}, a file "
+                             f"outside the store's shards (shard_<n>, or {PARTS}/part_<lo>_<hi>/"
+                             f"shard_<n>); a manifest naming files elsewhere is refused. "
+                             f"{REEXTRACT}")
+        files.append((f"{name}.npy", f"{name}.index.npy"))
+    return files
+
+
+def read_stamps(path: Path) -> dict[str, dict]:
+    """The store's recorded file stamps; none when the file is absent or unreadable (a store
+    written before stamps, a damaged cache): those files are then hashed on open."""
+    try:
+        stamps = json.loads((path / STAMPS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
+def check_shards(path: Path, manifest: dict,
+                 full: bool = False) -> tuple[list[str], dict[str, dict]]:
+    """``(damaged, confirmed)``: what is wrong with each shard file the manifest lists (missing,
+    changed since it was written, or without a recorded checksum), and the fresh stamps of the
+    files a hash found intact although their stamps had changed.
+
+    Without ``full``, a file whose size and mtime match its stamp is not read (see
+    :func:`sae_nb.util.io.changed_file`); with ``full``, every file is hashed. A store written
+    before checksums is checked for missing files only."""
+    files = shard_files(path, manifest)
+    stamps, stamped_ns = {}, None
+    if not full:
+        stamps = read_stamps(path)
+        try:
+            stamped_ns = (path / STAMPS).stat().st_mtime_ns
+        except OSError:
+            stamps = {}
+    damaged, confirmed = [], {}
+    for shard, names in zip(manifest["shards"], files):
+        recorded = shard.get("sha256")
+        for name in names:
+            if recorded is None:  # written before checksums: only its presence can be checked
+                if not (path / name).is_file():
+                    damaged.append(f"{name} is missing")
+                continue
+            digest = recorded.get(name) if isinstance(recorded, dict) else None
+            if not isinstance(digest, str):
+                damaged.append(f"{name} (shard {shard['name']!r}) has no checksum recorded in "
+                               f"the manifest, so what it holds cannot be checked")
+                continue
+            problem, fresh = changed_file(path / name, digest, stamps.get(name), stamped_ns)
+            if problem:
+                damaged.append(f"{name} {problem}")
+            elif fresh is not None:
+                confirmed[name] = {**fresh, "sha256": digest}
+    return damaged, confirmed
+
+
+def _refresh_stamps(path: Path, confirmed: dict[str, dict]) -> None:
+    """Record the stamps of files a hash just found intact (a copied or restored store), so
+    that the next open reads none of them. Best effort: a store that cannot be written (a
+    read-only disk) is simply hashed again next time. Stamps are bound to the checksum they
+    were confirmed against, so one written beside another writer's never vouches for other
+    bytes; a lost update costs a hash, never trust."""
+    stamps = read_stamps(path)
+    stamps.update(confirmed)
+    try:
+        atomic_write_bytes(path / STAMPS, json.dumps(stamps, indent=1).encode())
+    except OSError:
+        pass
 
 
 def _incomplete_message(path: Path, manifest: dict) -> tuple[str, str]:
@@ -282,7 +369,9 @@ class ActivationStore:
     """Read one site's store: random access and shuffled batches, all memory-mapped.
 
     An incomplete store (an extraction that was interrupted, or is still running) is refused
-    unless ``allow_partial=True``, which opens the rows it has with a warning.
+    unless ``allow_partial=True``, which opens the rows it has with a warning. A shard file
+    changed since it was written is refused (a ``stat`` per file; a hash only where one changed,
+    see the module docstring).
     """
 
     def __init__(self, path: str | Path, allow_partial: bool = False):
@@ -294,19 +383,25 @@ class ActivationStore:
                 raise StoreError(f"{state} {advice}")
             warnings.warn(f"{state} Using the rows it has (allow_partial=True).", UserWarning,
                           stacklevel=2)
+        damaged, confirmed = check_shards(self.path, self.manifest)
+        if damaged:
+            raise StoreError(f"The store at {str(self.path)!r} is damaged: {'; '.join(damaged)}."
+                             f" {REEXTRACT}")
+        if confirmed:
+            _refresh_stamps(self.path, confirmed)
         self._acts, self._index, sizes = [], [], []
         dtype = np.dtype(self.manifest["dtype"])
-        for shard in self.manifest["shards"]:
-            acts = self._open(f"{shard['name']}.npy", shard["rows"], dtype, self.manifest["d"])
-            index = self._open(f"{shard['name']}.index.npy", shard["rows"], INDEX_DTYPE)
+        for shard, (acts_file, index_file) in zip(self.manifest["shards"],
+                                                  shard_files(self.path, self.manifest)):
+            acts = self._open(acts_file, shard["rows"], dtype, self.manifest["d"])
+            index = self._open(index_file, shard["rows"], INDEX_DTYPE)
             self._acts.append(acts)
             self._index.append(index)
             sizes.append(shard["rows"])
         self._starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
     def _open(self, name: str, rows: int, dtype: np.dtype, width: int | None = None) -> np.ndarray:
-        """Memory-map one shard file, checking its rows, width and dtype against the manifest
-        (its bytes are checked only by :meth:`verify`)."""
+        """Memory-map one shard file, checking its rows, width and dtype against the manifest."""
         file = self.path / name
         try:
             if file.is_file() and file.stat().st_size == 0:
@@ -331,15 +426,16 @@ class ActivationStore:
     def verify(self) -> int:
         """Read every shard file and compare it with the SHA-256 recorded when it was written.
 
-        A full read of the store, so not done on every open: call it when in doubt (after a
-        copy, a disk error). Returns the number of files checked against a checksum; raises
-        :class:`StoreError` naming every damaged file.
+        A full read of the store, so not done on every open (an open trusts a file whose size
+        and mtime are those recorded): call it when in doubt (a disk error, a file that may have
+        been changed with its mtime put back). Returns the number of files checked against a
+        checksum; raises :class:`StoreError` naming every damaged file.
         """
-        damaged = damaged_files(self.path, self.manifest)
+        damaged, _ = check_shards(self.path, self.manifest, full=True)
         if damaged:
             raise StoreError(f"The store at {str(self.path)!r} is damaged: {'; '.join(damaged)}. "
                              f"{REEXTRACT}")
-        return sum(len(shard.get("sha256", {})) for shard in self.manifest["shards"])
+        return sum(2 for shard in self.manifest["shards"] if shard.get("sha256") is not None)
 
     # -- what is stored --------------------------------------------------------------------
     @property
@@ -360,7 +456,7 @@ class ActivationStore:
 
     def summary(self) -> dict[str, Any]:
         m = self.manifest
-        size = sum((self.path / f"{s['name']}.npy").stat().st_size for s in m["shards"])
+        size = sum((self.path / acts).stat().st_size for acts, _ in shard_files(self.path, m))
         return {"site": m["site"], "model": m["model"], "rows": len(self), "d": self.d,
                 "dtype": m["dtype"], "mode": m["mode"], "ctx_len": m["ctx_len"],
                 "corpus": m["corpus"], "shards": len(m["shards"]), "MB": round(size / 2**20, 1),

@@ -5,9 +5,18 @@ A dictionary is a folder ``dictionaries/<model>/<site>/<name>/``::
     cfg.json                  SAELens (v6) config: architecture, d_in, d_sae, metadata, ...
     sae_weights.safetensors   W_enc (D, F), b_enc (F,), W_dec (F, D), b_dec (D,) [, threshold]
     sparsity.safetensors      "sparsity": log10 firing frequency (F,), when known
-    sae_nb.json               our training config, evaluation metrics and provenance
+    sae_nb.json               our training config, evaluation metrics and provenance, and each
+                              file's SHA-256, size and modification time (ns) when it was saved
 
 so ``sae_lens.SAE.load_from_disk(folder)`` reads it unchanged, and so do we.
+
+Weights are saved in a float dtype only (:data:`SAVE_DTYPES`). A save holds a lock on its folder
+(``.<name>.lock`` beside it) while it writes and swaps the folder in, so a second save into the
+same folder at the same time is refused, naming the first. A load checks cfg.json and the
+weights against their recorded checksums: a ``stat`` each, and a hash only when the size or
+mtime differs from the record (a copy, a checkout, changed bytes) or there is none (a
+dictionary saved before they were recorded, the shipped one); :func:`verify_dictionary` hashes
+every file.
 """
 
 from __future__ import annotations
@@ -32,7 +41,15 @@ from sae_nb.dictionaries.architectures import (
     TopKSAE,
 )
 from sae_nb.util.errors import SaeNbError
-from sae_nb.util.io import atomic_folder, file_sha256, folder_name
+from sae_nb.util.io import (
+    LockHeld,
+    atomic_folder,
+    changed_file,
+    file_sha256,
+    file_stamp,
+    folder_name,
+    hold_lock,
+)
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -43,22 +60,31 @@ META_FILE = "sae_nb.json"
 # keys and drops ours (model_name, hook_name, ...). This marks the v6 layout we write; weights and
 # numerics are unaffected. Checked against sae-lens 6.54.12 (tests/test_saelens_compat.py).
 SAELENS_FORMAT_VERSION = "6.0.0"
+# The dtypes weights may be saved in: float32 keeps them exactly; float16 and bfloat16 halve the
+# files, rounding each weight once to their grid (about 3 and 2 significant digits), and read
+# back (as float32) as exactly that rounding. An integer or bool dtype would round weights to
+# whole numbers, float8 to one digit; float64 holds nothing float32 weights do not.
+SAVE_DTYPES = ("float32", "float16", "bfloat16")
 # The dictionary this repository ships for the default model; later notebooks default to it.
 DEFAULT_DICTIONARY = (Path(__file__).resolve().parents[2] / "dictionaries" / "smollm2-135m"
                       / "resid_out_layer6" / "topk_4608_k32")
 
 
 class DictionaryFormatError(SaeNbError, ValueError):
-    """A dictionary folder is missing files or holds tensors that contradict its config."""
+    """A dictionary folder is missing files, holds tensors that contradict its config, or files
+    changed since they were saved; or a dictionary cannot be saved as asked."""
 
 
 def save_dictionary(dictionary: Dictionary, path: str | Path, *, model: str, site: str,
                     target_site: str | None = None, context_size: int | None = None,
                     dataset: str | None = None, density: np.ndarray | None = None,
                     train_config: dict | None = None, metrics: dict | None = None,
-                    dtype: str = "float32") -> Path:
-    """Write ``dictionary`` to ``path`` atomically (a temporary folder renamed into place)."""
+                    dtype: str | torch.dtype = "float32") -> Path:
+    """Write ``dictionary`` to ``path`` atomically (a temporary folder renamed into place),
+    its weights in ``dtype`` (one of :data:`SAVE_DTYPES`), holding the folder's save lock."""
     path = Path(path)
+    dtype = _save_dtype(dtype)
+    weights = {k: _cast(k, v, dtype) for k, v in dictionary.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = {**dictionary.config(), "dtype": dtype, "device": "cpu",
            "normalize_activations": "none", "reshape_activations": "none",
@@ -70,21 +96,64 @@ def save_dictionary(dictionary: Dictionary, path: str | Path, *, model: str, sit
                         "sae_nb_site": site, "sae_nb_target_site": target_site or site}}
     if isinstance(dictionary, TopKSAE):
         cfg["rescale_acts_by_decoder_norm"] = False
-    weights = {k: v.detach().to("cpu", getattr(torch, dtype)).contiguous()
-               for k, v in dictionary.state_dict().items()}
     meta = {"architecture": getattr(dictionary, "kind", dictionary.architecture),
             "k": getattr(dictionary, "k", None), "model": model, "site": site,
             "target_site": target_site or site, "train_config": train_config or {},
             "metrics": metrics or {}}
-    with atomic_folder(path) as tmp:
-        (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
-        save_file(weights, tmp / WEIGHTS_FILE)
-        if density is not None:
-            log10 = np.log10(np.asarray(density, dtype=np.float64) + 1e-10)  # (F,)
-            save_file({"sparsity": torch.from_numpy(log10).float()}, tmp / SPARSITY_FILE)
-        meta["checksums"] = _checksums(tmp)  # for verify_dictionary; loads never read them
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+    lock = _lock_folder(path)
+    try:
+        with atomic_folder(path) as tmp:
+            (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+            save_file(weights, tmp / WEIGHTS_FILE)
+            if density is not None:
+                log10 = np.log10(np.asarray(density, dtype=np.float64) + 1e-10)  # (F,)
+                save_file({"sparsity": torch.from_numpy(log10).float()}, tmp / SPARSITY_FILE)
+            meta["checksums"] = _checksums(tmp)
+            # Size and mtime, taken after the hash: a load compares them, hashing none.
+            meta["stat"] = {name: file_stamp(tmp / name) for name in meta["checksums"]}
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, default=_json_default))
+    finally:
+        if lock is not None:
+            lock.close()
     return path
+
+
+def _save_dtype(dtype: str | torch.dtype) -> str:
+    """The name of a dtype weights may be saved in, or an error naming the one asked for."""
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+    if name not in SAVE_DTYPES:
+        raise DictionaryFormatError(
+            f"dtype={dtype!r} cannot hold a dictionary's weights: only a float dtype keeps "
+            f"them (an integer or bool one rounds every weight to a whole number). Save with "
+            f"dtype='float32' (exact), or 'float16' or 'bfloat16' (half the file, weights rounded "
+            f"to about 3 or 2 significant digits).")
+    return name
+
+
+def _cast(key: str, value: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``value`` in ``dtype`` on the CPU, refusing a finite weight that would become infinite
+    (float16 holds magnitudes up to 65504)."""
+    cast = value.detach().to("cpu", getattr(torch, dtype)).contiguous()
+    overflow = ~torch.isfinite(cast) & torch.isfinite(value.detach().cpu())
+    if overflow.any():
+        biggest = float(value.detach()[overflow.to(value.device)].abs().max())
+        raise DictionaryFormatError(
+            f"{key} holds a weight of magnitude {biggest:.4g}, beyond the largest finite "
+            f"{dtype} ({torch.finfo(getattr(torch, dtype)).max:g}): saved as {dtype} it would "
+            f"become infinite. Save with dtype='float32' or 'bfloat16'.")
+    return cast
+
+
+def _lock_folder(path: Path):
+    """Hold the save lock of dictionary folder ``path`` (a file beside it: the folder itself is
+    swapped out by the save) until the returned file is closed."""
+    try:
+        return hold_lock(path.parent / f".{path.name}.lock")
+    except LockHeld as held:
+        raise DictionaryFormatError(
+            f"The dictionary folder {str(path)!r} is being saved by another save ({held.holder});"
+            f" two saves into one folder would replace each other. Wait for that one to finish "
+            f"and save again, or save under another name.") from None
 
 
 def _checksums(folder: Path) -> dict[str, str]:
@@ -93,10 +162,34 @@ def _checksums(folder: Path) -> dict[str, str]:
             if (folder / name).exists()}
 
 
+def changed_files(path: Path, meta: dict, names, full: bool = False) -> list[str]:
+    """What is wrong with each of the files ``names`` of the dictionary at ``path`` against the
+    checksums its ``sae_nb.json`` (``meta``) recorded: missing or changed. A file is hashed
+    when ``full``, or when its size or mtime differs from the one recorded beside the checksum
+    (or none was); a file without a recorded checksum is not checked."""
+    recorded, stamps = meta.get("checksums"), meta.get("stat")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    stamps = stamps if isinstance(stamps, dict) and not full else {}
+    saved_ns = (path / META_FILE).stat().st_mtime_ns if stamps else None
+    problems = []
+    for name in names:
+        digest = recorded.get(name)
+        if name not in recorded:
+            continue
+        if not isinstance(digest, str):
+            problems.append(f"{name} has no valid checksum recorded ({digest!r})")
+            continue
+        problem, _ = changed_file(path / name, digest, stamps.get(name), saved_ns)
+        if problem:
+            problems.append(f"{name} {problem.replace('written', 'saved')}")
+    return problems
+
+
 def verify_dictionary(path: str | Path) -> dict[str, str]:
     """Check a saved dictionary's files against the SHA-256 sums ``save_dictionary`` recorded in
-    ``sae_nb.json``. Reads every byte, so loading does not do it; call it after copying a
-    dictionary or before publishing figures made with it.
+    ``sae_nb.json``, reading every byte of every file (sparsity.safetensors too). A load
+    checks only the files it reads, and trusts a file whose size and mtime are the recorded
+    ones; call this before publishing figures made with a dictionary, or after a disk error.
 
     Returns ``{file name: sha256}`` when every file matches; raises
     :class:`DictionaryFormatError` listing each file that changed or is missing.
@@ -111,13 +204,7 @@ def verify_dictionary(path: str | Path) -> dict[str, str]:
         raise DictionaryFormatError(
             f"{str(meta_file)!r} records no checksums (saved before sae_nb recorded them): load "
             f"the dictionary and write it again with save_dictionary to add them.")
-    problems = []
-    for name, digest in recorded.items():
-        if not (path / name).is_file():
-            problems.append(f"{name} is missing")
-        elif (actual := file_sha256(path / name)) != digest:
-            problems.append(f"{name} has changed since it was saved (sha256 {actual[:16]}..., "
-                            f"recorded {str(digest)[:16]}...)")
+    problems = changed_files(path, {"checksums": recorded}, list(recorded), full=True)
     if problems:
         raise DictionaryFormatError(
             f"{str(path)!r} failed verification: {'; '.join(problems)}. Its numbers cannot be "
@@ -210,7 +297,9 @@ _OUR_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLU
 def load_sae_nb(path: str | Path) -> Dictionary:
     """Load a dictionary saved by :func:`save_dictionary` (or any SAELens v6 standard, topk or
     jumprelu folder). The sizes in cfg.json are checked against the weights file's header before
-    anything is allocated; every fault raises :class:`DictionaryFormatError`."""
+    anything is allocated, then cfg.json and the weights against the checksums in sae_nb.json
+    (hashing only a file whose size or mtime is not the recorded one); every fault raises
+    :class:`DictionaryFormatError`."""
     path = Path(path)
     for name in (CFG_FILE, WEIGHTS_FILE):
         if not (path / name).exists():
@@ -233,6 +322,11 @@ def load_sae_nb(path: str | Path) -> Dictionary:
     check_shapes(safetensors_shapes(weights_file), {"W_enc": (d_in, d_sae), "b_enc": (d_sae,),
                                                     "W_dec": (d_sae, d_in), "b_dec": (d_in,)},
                  weights_file, what)
+    changed = changed_files(path, meta, (CFG_FILE, WEIGHTS_FILE))
+    if changed:
+        raise DictionaryFormatError(
+            f"{str(path)!r}: {'; '.join(changed)}. Its numbers cannot be trusted: restore the "
+            f"folder from a good copy, or train and save it again.")
     weights = read_safetensors(weights_file)
     sae: Dictionary = _OUR_CLASSES[arch](d_in, d_sae, **kw)
     expected = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
@@ -260,7 +354,7 @@ def dictionary_path(root: str | Path, model: str, site: str, name: str) -> Path:
 
 
 def save_trained(result, root: str | Path, name: str, store, evaluation=None,
-                 dtype: str = "float32") -> Path:
+                 dtype: str | torch.dtype = "float32") -> Path:
     """Save a :class:`~sae_nb.training.trainer.TrainResult` as notebook 02 does, at
     ``root/<model>/<site>/<name>``: the store it was trained on names the model, site, context
     size and corpus; ``evaluation`` (an :class:`~sae_nb.training.evaluate.Evaluation`) adds its

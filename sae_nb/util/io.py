@@ -11,6 +11,10 @@ A reader opening the target sees the old file or the new one. A killed writer le
 :func:`hold_lock` is the one-writer-at-a-time lock of a folder (an OS ``flock``, released
 however the holder ends), and :func:`lock_holder` asks who holds it. :func:`atomic_folder`
 does for a folder (a saved dictionary) what :func:`atomic_open` does for a file.
+
+:func:`changed_file` tells whether a file still holds the bytes whose SHA-256 was recorded
+when it was written, reading it only when its size or modification time (:func:`file_stamp`,
+recorded with the hash) says it may have changed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from stat import S_ISREG
 from typing import IO, Any
 
 import numpy as np
@@ -153,6 +158,54 @@ def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
         while chunk := f.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_stamp(path: str | Path) -> dict[str, int]:
+    """A file's size in bytes and modification time in ns, from one ``stat``: what rewriting
+    its bytes changes. Recorded beside a file's SHA-256 when it is written."""
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def changed_file(path: str | Path, sha256: str, stamp: dict | None = None,
+                 record_mtime_ns: int | None = None) -> tuple[str | None, dict | None]:
+    """Whether file ``path`` still holds the bytes whose SHA-256 ``sha256`` was recorded, read
+    only when it must be: ``(problem, confirmed)``.
+
+    ``stamp`` is the file's :func:`file_stamp` taken when ``sha256`` was recorded (a stamp that
+    carries a ``sha256`` of other bytes is ignored). While size and mtime still match it, the
+    file is trusted without a read, unless the stamp is not older than ``record_mtime_ns``, the
+    mtime of the file holding the record: a change in the same clock tick as the record keeps
+    the mtime (the "racy" case of git's index), so such a file is hashed. Any other case (no
+    stamp, another mtime: a copy, a checkout, a changed file) is hashed; another size needs no
+    hash. ``problem`` is None when the bytes match, else what is wrong ("is missing", "has
+    changed ..."); ``confirmed`` is the file's stamp when a hash confirmed its bytes although
+    its stamp did not match (a record worth refreshing), else None.
+
+    Bytes changed by a writer that then puts the mtime back are not seen: a full hash
+    (``stamp=None``) sees them.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:
+        stat = None
+    if stat is None or not S_ISREG(stat.st_mode):
+        return "is missing", None
+    now = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if not isinstance(stamp, dict) or stamp.get("sha256", sha256) != sha256:
+        stamp = None  # no record (an older writer), or a record of other bytes
+    same = stamp is not None and all(stamp.get(key) == now[key] for key in now)
+    racy = same and record_mtime_ns is not None and now["mtime_ns"] >= record_mtime_ns
+    if same and not racy:
+        return None, None
+    if stamp is not None and stamp.get("size") != now["size"]:
+        return (f"has changed since it was written: it holds {now['size']:,} bytes, "
+                f"{stamp.get('size')!r} were written"), None
+    actual = file_sha256(path)
+    if actual != sha256:
+        return (f"has changed since it was written: its sha256 is {actual[:16]}..., the "
+                f"checksum recorded then {str(sha256)[:16]}..."), None
+    return None, (None if same else now)
 
 
 class LockHeld(SaeNbError, OSError):
