@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -23,6 +24,7 @@ from sae_nb.running.sweep import (
     LOCK_NAME,
     MANIFEST,
     METRICS_TABLE,
+    START_ATTEMPTS,
     Sweep,
     SweepOptions,
     combination_name,
@@ -170,6 +172,36 @@ def test_a_second_sweep_into_a_busy_folder_is_refused(tmp_path):
     finally:
         lock.close()
     assert not (tmp_path / "grid" / MANIFEST).exists()  # nothing ran
+
+
+def test_a_kernel_that_fails_to_start_is_started_again_and_a_failing_cell_is_not(
+        tmp_path, monkeypatch):
+    """Kernels started at once can take the same TCP port and die before replying; the
+    combination is run again (up to START_ATTEMPTS), while a notebook's own failure is not."""
+    import sae_nb.running.sweep as sweep_module
+
+    notebook = write_notebook(tmp_path / "notebooks")
+    calls = []
+    outcomes = {  # per combination: what each start writes to the log, and its exit code
+        "k=1": [("zmq.error.ZMQError: Address already in use (addr='tcp://127.0.0.1:40403')\n"
+                 "RuntimeError: Kernel died before replying to kernel_info", 1), ("", 0)],
+        "k=2": [("ValueError: k two is refused", 1), ("", 0)],
+        "k=3": [("Kernel died before replying to kernel_info", 1)] * 4,
+    }
+
+    def fake_run(command, stdout, stderr, env):
+        name = Path(command[4]).name
+        text, code = outcomes[name][sum(c == name for c in calls)]
+        calls.append(name)
+        stdout.write(text)
+        return subprocess.CompletedProcess(command, code)
+
+    monkeypatch.setattr(sweep_module.subprocess, "run", fake_run)
+    entries = Sweep(notebook, tmp_path / "grid", {"k": [1, 2, 3]}).run()
+    assert calls.count("k=1") == 2 and entries["k=1"]["status"] == "done"
+    assert calls.count("k=2") == 1 and entries["k=2"]["status"] == "failed"
+    assert calls.count("k=3") == START_ATTEMPTS == 3 and entries["k=3"]["status"] == "failed"
+    assert "before replying to kernel_info" in entries["k=3"]["error"]
 
 
 DAMAGED_MANIFESTS = {

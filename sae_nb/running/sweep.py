@@ -65,6 +65,10 @@ METRICS_TABLE = "sweep_metrics.csv"
 PARETO_FIGURE = "pareto.html"  # L0 against FVU and CE recovered, when k or architecture is swept
 LOCK_NAME = "sweep.lock"  # held while a sweep runs into the folder: one writer of sweep.json
 LOG_NAME = "sweep.log"  # each combination's worker output, in its folder
+# A kernel that died before replying (a port taken by a kernel started at the same moment) is
+# started again, this many times in all.
+START_ATTEMPTS = 3
+KERNEL_START_SIGNS = ("Kernel died before replying to kernel_info", "Address already in use")
 DEFAULT_LINKS = ("activations",)
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                     "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
@@ -315,9 +319,14 @@ class Sweep:
         command = [sys.executable, "-m", "sae_nb.running.sweep", str(self.notebook), str(folder),
                    repr(params)]
         log.info("%s: running on %d thread(s)", name, threads)
-        with open(folder / LOG_NAME, "w") as out:
-            code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
-                                  env=thread_environment(threads)).returncode
+        for attempt in range(1, START_ATTEMPTS + 1):
+            with open(folder / LOG_NAME, "w") as out:
+                code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
+                                      env=thread_environment(threads)).returncode
+            if code == 0 or not kernel_start_failed(folder / LOG_NAME):
+                break
+            log.warning("%s: its kernel failed to start (attempt %d of %d); starting it again",
+                        name, attempt, START_ATTEMPTS)
         ended = {"finished": time.time(), "status": "done" if code == 0 else "failed"}
         if code != 0:
             where = failed_cell(folder / self.notebook.name)
@@ -381,6 +390,14 @@ def recorded_metrics(folder: str | Path) -> dict[str, Any]:
             if isinstance(value, (int, float, str, bool)) or value is None:
                 metrics[key if len(found) == 1 else f"{source}/{key}"] = value
     return metrics
+
+
+def kernel_start_failed(log_file: Path) -> bool:
+    """Whether a combination's log shows its kernel dying before it ran a cell. Kernels started
+    at once by ``--jobs N`` can pick the same free TCP port (ZMQError: Address already in use);
+    such a start is tried again rather than failing the combination."""
+    text = log_file.read_text(errors="replace") if log_file.exists() else ""
+    return any(sign in text for sign in KERNEL_START_SIGNS)
 
 
 def json_object(path: Path, key: str | None = None) -> dict[str, Any]:
