@@ -1,6 +1,7 @@
 # Two commands from a fresh clone; each sets up what it needs on first use.
 #   make run    the main job: every notebook headless on the embedded default model
-#   make test   the whole test suite (make test-fast: the under-a-minute loop, no notebooks)
+#   make test   the whole test suite (make test-fast: the under-a-minute loop, no notebooks, on
+#               every core with pytest-xdist)
 # The virtual environment (.venv) is built on first use and rebuilt only when
 # requirements.txt or pyproject.toml change. Extra arguments: make run ARGS="--smoke --run /tmp/s"
 PYTHON ?= python3
@@ -16,7 +17,7 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(ARGS)
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow" $(ARGS)
+	$(VENV)/bin/python -m pytest -m "not slow" -n auto $(ARGS)
 
 setup: $(STAMP)
 	$(VENV)/bin/python -m sae_nb setup
