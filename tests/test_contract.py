@@ -180,18 +180,11 @@ def test_feature_statistics_and_latent_contexts_match_brute_force(dictionary, st
 @torch.no_grad()
 def test_text_activations_are_the_codes_of_the_sites_activations(dictionary, llama):
     text = "the state of the union"
-    tok = llama.tokenizer
-    ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
-    acts = []
-    handle = llama._module.model.layers[1].register_forward_hook(
-        lambda m, a, out: acts.append(out[0] if isinstance(out, tuple) else out))
-    try:
-        llama._module(input_ids=ids)
-    finally:
-        handle.remove()
+    acts = site_acts(llama, text)  # (T, D) after BOS
     names, codes = text_activations(llama, dictionary, text, site=SITE)
-    assert len(names) == ids.shape[1] - 1
-    torch.testing.assert_close(codes, dictionary.encode(acts[0][0, 1:]), rtol=1e-5, atol=1e-6)
+    assert len(names) == len(acts) == len(llama.tokenizer(text, add_special_tokens=False)[
+        "input_ids"])
+    torch.testing.assert_close(codes, dictionary.encode(acts), rtol=1e-5, atol=1e-6)
 
 
 @torch.no_grad()
