@@ -45,7 +45,7 @@ from scipy.stats import beta
 
 from sae_nb.comparison.synthetic import Lab
 from sae_nb.comparison.uncertainty import resample_weights
-from sae_nb.dictionaries.architectures import Dictionary, NormalizedTopKSAE
+from sae_nb.dictionaries.architectures import Dictionary
 
 
 def unit_rows(matrix) -> np.ndarray:
@@ -121,27 +121,16 @@ def expected_max_cosine(d: int, n: int) -> float:
     return float(1 - total)
 
 
-def output_scale(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
-    """``(B, 1)``: what one unit of code is worth in ``x``'s own units, per row, so that
-    latent ``j`` adds ``output_scale * f[:, j] * W_dec[j]`` to ``reconstruct(x)``. A
-    :class:`~sae_nb.dictionaries.architectures.NormalizedTopKSAE` decodes in normalised units
-    and maps back as ``x_hat * sigma + mu``: its scale is the row's ``sigma``; every other
-    class decodes in the input's units: 1."""
-    if isinstance(dictionary, NormalizedTopKSAE):
-        return NormalizedTopKSAE.input_stats(x)[1]
-    return torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-
-
 @torch.no_grad()
 def input_unit_codes(dictionary: Dictionary,
                      x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(f, codes, base)`` of ``x`` ``(B, D)``: the codes ``f`` ``(B, F)``, the codes in
-    ``x``'s units ``f * output_scale`` and what the reconstruction holds with every latent
-    silent ``(B, D)`` (the decoder bias; for a normalised dictionary ``b_dec * sigma + mu``,
-    with a skip connection plus the skip term), so that
+    ``x``'s units ``f * dictionary.output_scale(x)`` and what the reconstruction holds with
+    every latent silent ``(B, D)`` (the decoder bias; for a normalised dictionary
+    ``b_dec * sigma + mu``, with a skip connection plus the skip term), so that
     ``reconstruct(x) == base + codes @ W_dec``."""
     f, x_hat = dictionary.encode_and_reconstruct(x)
-    codes = f * output_scale(dictionary, x)
+    codes = f * dictionary.output_scale(x)
     return f, codes, x_hat - codes @ dictionary.W_dec
 
 
@@ -245,7 +234,7 @@ def _evaluate(dictionary: Dictionary, lab: Lab, rows, threshold: float | None,
     latents, recon = latent_codes(dictionary, acts, batch_size)
     # The codes in the activations' units (a normalised TopK's times each row's sigma), which
     # the true codes are in: what correlates with them and what fires above the threshold.
-    scale = output_scale(dictionary, torch.as_tensor(acts, dtype=torch.float64))  # (N, 1)
+    scale = dictionary.output_scale(torch.as_tensor(acts, dtype=torch.float64))  # (N, 1)
     scaled = (sp.diags(scale.numpy().ravel()) @ latents).tocsr()  # (N, m)
     cos = cosine_matrix(dictionary.W_dec, lab.directions)  # (m, n)
     corr = correlation_matrix(scaled, codes)  # (m, n)

@@ -114,6 +114,12 @@ class Dictionary(nn.Module):
         f = self.encode(x)
         return f, self.decode(f)
 
+    def output_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., 1)``: what one unit of code is worth in ``x``'s own units, per row, so that
+        latent ``j`` adds ``output_scale(x) * f[..., j] * W_dec[j]`` to ``reconstruct(x)``: 1,
+        except where a subclass decodes in other units."""
+        return torch.ones(*x.shape[:-1], 1, dtype=x.dtype, device=x.device)
+
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, D) -> (B, D)``: the reconstruction of ``x`` in its own units."""
         return self.encode_and_reconstruct(x)[1]
@@ -323,6 +329,10 @@ class NormalizedTopKSAE(TopKSAE):
         mu, sigma = self.input_stats(x)
         f = self.encode(x)
         return f, self.decode(f, mu, sigma)
+
+    def output_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """Each row's ``sigma``: the decoder's units are the normalised ones."""
+        return self.input_stats(x)[1]
 
 
 # Every dictionary class, trainable and load-only: the contract test runs over all of them.

@@ -38,6 +38,7 @@ from sae_nb.interventions.splice import (
     edited_logits,
     prompt_tokens,
 )
+from sae_nb.util.checks import whole_number
 
 Target = int | str | tuple | Callable[[torch.Tensor], torch.Tensor]
 
@@ -115,8 +116,7 @@ def attribute(model: Model, dictionary: Dictionary, prompt: str | torch.Tensor, 
         (g,) = torch.autograd.grad(value, splice.leaf)  # (1, T, D): d target / d site
     x = splice.codes  # (1, T, F)
     with torch.no_grad():
-        if hasattr(dictionary, "input_stats"):  # normalised TopK: d out / d f carries sigma
-            g = g * dictionary.input_stats(splice.inputs)[1]
+        g = g * dictionary.output_scale(splice.inputs)  # normalised TopK: d out / d f has sigma
         grads = g @ dictionary.W_dec.float().T  # (1, T, F)
         spliced = splice.positions(0, None, 1, ids.shape[1], x.device)  # (1, T, 1)
         codes = x * spliced
@@ -160,9 +160,7 @@ def ablation_check(model: Model, dictionary: Dictionary, prompt: str | torch.Ten
                    site: str | None = None) -> pd.DataFrame:
     """The ``n`` top-attributed (position, latent) pairs with their attribution and their true
     ablation effect (one forward pass each)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise InterventionError(f"n={n}: give a positive whole number of (position, latent) "
-                                f"pairs to check, e.g. n=20.")
+    n = whole_number("n", n, 1, InterventionError, example="n=20 (position, latent) pairs")
     att = attribute(model, dictionary, prompt, target, position, site)
     fn, _ = target_function(model, target)
     table = att.top(model.tokenizer, n)

@@ -19,7 +19,6 @@ error term):
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Sequence
 
@@ -39,6 +38,7 @@ from sae_nb.interventions.splice import (
     edited_logits,
     prompt_tokens,
 )
+from sae_nb.util.checks import real_number
 
 
 def logit_changes(model: Model, dictionary: Dictionary, prompt: str, edits: Sequence[Edit],
@@ -163,11 +163,8 @@ def sample_tokens(model: Model, ids: torch.Tensor, max_new_tokens: int,
 def check_temperature(temperature: float) -> None:
     """0 decodes greedily, a positive finite number samples; anything else is refused (a NaN
     or a negative temperature would decode greedily without a word)."""
-    ok = (isinstance(temperature, (int, float, np.floating)) and not isinstance(temperature, bool)
-          and math.isfinite(temperature) and temperature >= 0)
-    if not ok:
-        raise InterventionError(f"temperature={temperature}; give 0 to decode greedily or a "
-                                f"positive finite number (e.g. 0.7) to sample.")
+    real_number("temperature", temperature, 0.0, error=InterventionError,
+                example="temperature=0 to decode greedily, or 0.7 to sample")
 
 
 def generate(model: Model, prompt: str, dictionary: Dictionary | None = None,

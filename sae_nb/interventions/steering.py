@@ -19,7 +19,6 @@ the site the edits land on, scored by a raw probe at the layer where sentiment r
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -49,6 +48,7 @@ from sae_nb.texts.probing import (
     subsample,
     sweep_activations,
 )
+from sae_nb.util.checks import real_number
 
 
 @dataclass
@@ -64,10 +64,8 @@ def _scaled(c, factor: float):
 
 
 def _check_scale(scale: float) -> None:
-    ok = isinstance(scale, (int, float, np.floating)) and not isinstance(scale, bool)
-    if not ok or not math.isfinite(scale) or scale <= 0:
-        raise InterventionError(f"scale={scale}; give a positive finite number, e.g. the site's "
-                                f"median token norm (site_scale) or 1.0.")
+    real_number("scale", scale, 0.0, strict=True, error=InterventionError,
+                example="the site's median token norm (site_scale) or scale=1.0")
 
 
 def latent_method(dictionary: Dictionary, latent: int, scale: float = 1.0,

@@ -23,7 +23,6 @@ import atexit
 import hashlib
 import json
 import logging
-import numbers
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from sae_nb.util.checks import whole_number
 from sae_nb.util.errors import SaeNbError
 
 log = logging.getLogger(__name__)
@@ -265,12 +265,8 @@ def batch_digest(x: torch.Tensor, y: torch.Tensor) -> str:
 def check_batch_size(batch_size) -> int:
     """``batch_size`` as an int of at least one row, else :class:`DistributedError` naming it
     (0 once surfaced as a ZeroDivisionError, a negative one as an endless empty epoch)."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Real) or \
-            not float(batch_size).is_integer() or batch_size < 1:
-        raise DistributedError(f"batch_size={batch_size!r}: the rows per step must be a whole "
-                               f"number, at least 1; pass e.g. --batch-size 4096 (batch_size="
-                               f"4096 in Python).")
-    return int(batch_size)
+    return whole_number("batch_size", batch_size, 1, DistributedError,
+                        example="--batch-size 4096 (batch_size=4096 in Python)")
 
 
 class RankBatches:
