@@ -51,6 +51,24 @@ def seed_everything():
     yield
 
 
+class ArrayStore:
+    """A token-mode store's reading surface over arrays: rows (as ``dtype`` when given, as a
+    store reads float16 rows into float32), and their token ids."""
+
+    def __init__(self, acts, tokens, dtype=None):
+        self.acts, self.tokens, self.dtype = acts, tokens, dtype
+
+    def __len__(self):
+        return len(self.acts)
+
+    def __getitem__(self, rows):
+        rows = self.acts[rows]
+        return rows if self.dtype is None else rows.astype(self.dtype)
+
+    def index(self, rows):
+        return {"token": self.tokens[rows]}
+
+
 def make_tokenizer(with_bos: bool = True):
     """A byte-level tokenizer with no merges; ``with_bos=False`` is GPT-2 style (EOS only)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

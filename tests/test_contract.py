@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import ArrayStore, make_tokenizer
 
 from sae_nb.activations.store import INDEX_DTYPE, ActivationStore, StoreWriter
 from sae_nb.comparison import tasks
@@ -273,25 +274,7 @@ def planted(cls: type[Dictionary], seed: int = 0):
     return d.double().eval(), acts, has, child
 
 
-class ArrayStore:
-    """A token-mode store's reading surface over arrays: rows, and their token ids."""
-
-    def __init__(self, acts, tokens):
-        self.acts, self.tokens = acts, tokens
-
-    def __len__(self):
-        return len(self.acts)
-
-    def __getitem__(self, rows):
-        return self.acts[rows]
-
-    def index(self, rows):
-        return {"token": self.tokens[rows]}
-
-
 def test_absorption_table_reads_a_planted_absorption(dictionary_class):
-    from conftest import make_tokenizer
-
     d, acts, has, child = planted(dictionary_class)
     if dictionary_class is NormalizedTopKSAE:
         sigma = (acts - acts.mean(1, keepdims=True)).std(1, ddof=1)

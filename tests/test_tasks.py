@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import ArrayStore, make_tokenizer
 
 from sae_nb.comparison import tasks
 from sae_nb.dictionaries.architectures import ReLUSAE
@@ -137,22 +138,6 @@ def test_token_properties_follow_the_decoded_text():
     assert props["digit"].tolist() == [False, False, True, True, False, False, False]
 
 
-class ArrayStore:
-    """A token-mode store's reading surface over arrays: rows, and their token ids."""
-
-    def __init__(self, acts, tokens):
-        self.acts, self.tokens = acts, tokens
-
-    def __len__(self):
-        return len(self.acts)
-
-    def __getitem__(self, rows):
-        return self.acts[rows].astype(np.float32)
-
-    def index(self, rows):
-        return {"token": self.tokens[rows]}
-
-
 def relu_dictionary(W_dec) -> ReLUSAE:
     """Codes relu(x @ W_dec.T) for orthonormal decoder rows: each latent reads one direction."""
     sae = ReLUSAE(W_dec.shape[1], W_dec.shape[0])
@@ -165,8 +150,6 @@ def relu_dictionary(W_dec) -> ReLUSAE:
 
 
 def test_absorption_table_on_a_store_of_tokens():
-    from conftest import make_tokenizer
-
     tok = make_tokenizer()
     ids = {c: tok.convert_tokens_to_ids(c) for c in "ABCxyz789"}
     rng = np.random.default_rng(0)
@@ -179,7 +162,7 @@ def test_absorption_table_on_a_store_of_tokens():
     digit = np.array([c.isdigit() for c in chars])
     acts[capital, 0] += rng.uniform(1, 2, capital.sum())  # latent 0: a capital
     acts[digit, 1] += rng.uniform(1, 2, digit.sum())  # latent 1: a digit
-    store = ArrayStore(acts, np.array([ids[c] for c in chars]))
+    store = ArrayStore(acts, np.array([ids[c] for c in chars]), np.float32)
     props = {"capitalised": tasks.PROPERTIES["capitalised"], "digit": tasks.PROPERTIES["digit"]}
     table = tasks.absorption_table(store, relu_dictionary(np.eye(d)), tok, props,
                                    n_tokens=2000).set_index("property")
