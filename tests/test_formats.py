@@ -248,6 +248,23 @@ def test_our_format(tmp_path):
     assert back.metadata["model"] == "smollm2-135m"
 
 
+def test_our_format_names_no_folder_of_the_training_machine(tmp_path):
+    """A saved folder travels (the shipped one lives in the repository): its files keep the
+    training settings but not the checkpoint folder of the machine that trained it."""
+    from dataclasses import asdict
+
+    from sae_nb.training.trainer import TrainConfig
+
+    config = TrainConfig(architecture="topk", k=K, checkpoint_dir=str(tmp_path / "ckpt" / "x"))
+    folder = save_dictionary(TopKSAE(D, F, k=K), tmp_path / "d", model="smollm2-135m",
+                             site="resid_out_layer6", train_config=asdict(config))
+    for file in folder.iterdir():
+        if file.suffix == ".json":
+            assert str(tmp_path) not in file.read_text(), file.name
+    saved = json.loads((folder / "sae_nb.json").read_text())["train_config"]
+    assert saved["k"] == K and saved["architecture"] == "topk" and "checkpoint_dir" not in saved
+
+
 # -- sparsify -------------------------------------------------------------------------------
 def sparsify_hookpoint(folder, skip=False, transcode=False, num_latents=F):
     folder.mkdir(parents=True)

@@ -29,6 +29,16 @@ def test_shipped_dictionary_is_small_topk_for_the_default_model(shipped):
     assert cfg["dtype"] == "float16" and cfg["metadata"]["hook_name"] == "blocks.6.hook_resid_post"
 
 
+def test_shipped_files_name_no_folder_of_the_machine_that_trained_them():
+    """Every text file of the shipped folder is free of absolute paths (a home, /work, /tmp)."""
+    import re
+
+    for file in sae_nb.DEFAULT_DICTIONARY.iterdir():
+        if file.suffix == ".json":
+            found = re.findall(r'"(/[^"]*)"', file.read_text())
+            assert not found, (file.name, found)
+
+
 def test_shipped_files_match_their_recorded_checksums():
     import hashlib
 

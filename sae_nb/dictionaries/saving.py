@@ -75,6 +75,11 @@ class DictionaryFormatError(SaeNbError, ValueError):
     changed since they were saved; or a dictionary cannot be saved as asked."""
 
 
+# Training settings that name the machine a dictionary was trained on, not the dictionary: a
+# saved folder travels (the shipped one is in the repository), so they are left out.
+MACHINE_SETTINGS = ("checkpoint_dir",)
+
+
 def save_dictionary(dictionary: Dictionary, path: str | Path, *, model: str, site: str,
                     target_site: str | None = None, context_size: int | None = None,
                     dataset: str | None = None, density: np.ndarray | None = None,
@@ -98,7 +103,9 @@ def save_dictionary(dictionary: Dictionary, path: str | Path, *, model: str, sit
         cfg["rescale_acts_by_decoder_norm"] = False
     meta = {"architecture": getattr(dictionary, "kind", dictionary.architecture),
             "k": getattr(dictionary, "k", None), "model": model, "site": site,
-            "target_site": target_site or site, "train_config": train_config or {},
+            "target_site": target_site or site,
+            "train_config": {k: v for k, v in (train_config or {}).items()
+                             if k not in MACHINE_SETTINGS},
             "metrics": metrics or {}}
     lock = _lock_folder(path)
     try:
