@@ -44,7 +44,7 @@ from sae_nb.latents.stats import feature_stats
 from sae_nb.texts.codes import pooled_token_codes, sentence_codes
 from sae_nb.texts.probing import split_labeled
 from sae_nb.training.evaluate import ce_metrics, fit_check, reconstruction_metrics
-from sae_nb.training.sparse_ops import topk_encode
+from sae_nb.training.sparse_ops import topk_sae_forward
 
 D, F, K = 32, 64, 4  # D: the tiny llama's d_model
 SITE = "resid_out_layer1"
@@ -202,8 +202,9 @@ def test_sparse_and_folded_encode_paths_equal_encode(dictionary):
         torch.testing.assert_close(x @ w7 + b7, dictionary.pre_acts(x)[:, 7], rtol=1e-5,
                                    atol=1e-5)
     if type(dictionary) is TopKSAE:  # the training op
-        values, indices, _, _ = topk_encode(x, dictionary.W_enc, dictionary.b_enc,
-                                            dictionary.b_dec, K)
+        _, _, values, indices = topk_sae_forward(x, dictionary.W_enc, dictionary.b_enc,
+                                                 dictionary.b_dec, dictionary.W_dec,
+                                                 dictionary.b_dec, K)
         dense = torch.zeros_like(f).scatter_(1, indices, values)
         torch.testing.assert_close(dense, f, rtol=1e-5, atol=1e-6)
 

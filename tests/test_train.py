@@ -16,7 +16,7 @@ from sae_nb.dictionaries.architectures import (
     build_dictionary,
 )
 from sae_nb.dictionaries.saving import DictionaryFormatError, load_sae_nb, save_dictionary
-from sae_nb.training.sparse_ops import sparse_decode, topk_encode
+from sae_nb.training.sparse_ops import topk_sae_forward
 from sae_nb.training.trainer import TrainingError, geometric_median, train_dictionary
 
 D, F, K = 16, 64, 4
@@ -56,9 +56,15 @@ def test_topk_has_exactly_k_actives():
     assert code.values.shape == (7, K)
 
 
-def test_sparse_ops_match_dense_autograd():
+@pytest.mark.parametrize("transcoder", [False, True])
+@pytest.mark.parametrize("n_dead", [0, 3])
+def test_sparse_ops_match_dense_autograd(transcoder, n_dead):
+    """The fused training forward (one sort in its backward) against plain dense autograd:
+    the loss and every parameter's gradient, with and without AuxK, for an SAE (b_dec taken
+    off the input) and a transcoder (another target, input taken as it is)."""
     torch.manual_seed(1)
     x = torch.randn(24, D, dtype=torch.double)
+    y = torch.randn(24, D, dtype=torch.double) if transcoder else x
     params = [torch.randn(D, F, dtype=torch.double, requires_grad=True),
               torch.randn(F, dtype=torch.double, requires_grad=True),
               torch.randn(F, D, dtype=torch.double, requires_grad=True),
@@ -66,25 +72,34 @@ def test_sparse_ops_match_dense_autograd():
     dead = torch.zeros(F, dtype=torch.bool)
     dead[::3] = True
 
+    def b_in(b_dec):
+        return torch.zeros_like(b_dec) if transcoder else b_dec
+
     def fast(W_enc, b_enc, W_dec, b_dec):
-        v, i, av, ai = topk_encode(x, W_enc, b_enc, b_dec, K, dead, 3)
-        err = x - sparse_decode(v, i, W_dec, b_dec)
-        return err.pow(2).sum() + (sparse_decode(av, ai, W_dec) - err.detach()).pow(2).sum()
+        x_hat, aux_hat, _, _ = topk_sae_forward(x, W_enc, b_enc, b_in(b_dec), W_dec, b_dec, K,
+                                                dead if n_dead else None, n_dead)
+        err = y - x_hat
+        loss = err.pow(2).sum()
+        return loss + (aux_hat - err.detach()).pow(2).sum() if n_dead else loss
 
     def dense(W_enc, b_enc, W_dec, b_dec):
-        pre = (x - b_dec) @ W_enc + b_enc
+        pre = (x - b_in(b_dec)) @ W_enc + b_enc
         v, i = pre.topk(K, -1)
         f = torch.zeros_like(pre).scatter(-1, i, torch.relu(v))
-        err = x - (f @ W_dec + b_dec)
-        av, ai = pre.masked_fill(~dead, float("-inf")).topk(3, -1)
+        err = y - (f @ W_dec + b_dec)
+        if not n_dead:
+            return err.pow(2).sum()
+        av, ai = pre.masked_fill(~dead, float("-inf")).topk(n_dead, -1)
         aux = torch.zeros_like(pre).scatter(-1, ai, torch.relu(av)) @ W_dec
         return err.pow(2).sum() + (aux - err.detach()).pow(2).sum()
 
     fast_loss, dense_loss = fast(*params), dense(*params)
     torch.testing.assert_close(fast_loss, dense_loss)
-    for g_fast, g_dense in zip(torch.autograd.grad(fast_loss, params),
-                               torch.autograd.grad(dense_loss, params)):
-        torch.testing.assert_close(g_fast, g_dense)
+    for name, g_fast, g_dense in zip(("W_enc", "b_enc", "W_dec", "b_dec"),
+                                     torch.autograd.grad(fast_loss, params),
+                                     torch.autograd.grad(dense_loss, params)):
+        assert g_dense.abs().max() > 0, name  # every gradient is exercised
+        torch.testing.assert_close(g_fast, g_dense, msg=name)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

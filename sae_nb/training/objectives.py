@@ -29,7 +29,7 @@ from sae_nb.dictionaries.architectures import (
     folded_bias,
 )
 from sae_nb.training.distributed import Group
-from sae_nb.training.sparse_ops import sparse_decode, topk_encode
+from sae_nb.training.sparse_ops import sparse_decode, topk_sae_forward
 
 
 @dataclass
@@ -61,24 +61,23 @@ def topk_step(sae: TopKSAE, x, y, dead: torch.Tensor | None, k_aux: int, auxk_al
     to reconstruct the residual error, which gives dead latents a gradient again."""
     use_aux = dead is not None and bool(dead.any())
     b_dec_in = sae.b_dec if sae.apply_b_dec_to_input else torch.zeros_like(sae.b_dec)
-    vals, idx, aux_vals, aux_idx = topk_encode(
-        x, sae.W_enc, sae.b_enc, b_dec_in, sae.k, dead if use_aux else None,
-        min(k_aux, int(dead.sum())) if use_aux else 0)
-    x_hat = sparse_decode(vals, idx, sae.W_dec, sae.b_dec)
+    x_hat, aux_hat, vals, idx = topk_sae_forward(
+        x, sae.W_enc, sae.b_enc, b_dec_in, sae.W_dec, sae.b_dec, sae.k,
+        dead if use_aux else None, min(k_aux, int(dead.sum())) if use_aux else 0)
     err = y - x_hat
     err_sq = err.pow(2).sum()
     mse = err_sq / len(x)
     loss = mse
     if use_aux:
         residual = err.detach()
-        aux_hat = sparse_decode(aux_vals, aux_idx, sae.W_dec)
         aux_mse = (residual - aux_hat).pow(2).sum(-1).mean()
         # Normalised by the residual's variance, as in Gao et al.; guarded against NaN early.
         denom = _residual_variance(residual, group).clamp_min(1e-8)
         loss = loss + auxk_alpha * torch.nan_to_num(aux_mse / denom)
-    fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
-    fired[idx[vals > 0]] = True
-    return Step(loss, mse.detach(), float((vals > 0).sum()) / len(x), fired,
+    # Latents with a positive code anywhere in the batch (zero codes go to a spare slot).
+    fired = torch.zeros(sae.d_sae + 1, dtype=torch.bool, device=x.device)
+    fired[torch.where(vals > 0, idx, sae.d_sae).flatten()] = True
+    return Step(loss, mse.detach(), float((vals > 0).sum()) / len(x), fired[:-1],
                 _fvu(y, err_sq.detach()), x_hat.detach())
 
 

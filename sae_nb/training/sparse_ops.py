@@ -4,7 +4,8 @@ A dense TopK step spends ~10 * D * F FLOPs per token: the encoder matmul, its tw
 matmuls (weights and input) and a dense decoder. Only k of F latents are active, so:
 
 - the decoder is a weighted gather of k rows of ``W_dec`` (``embedding_bag``), forward and back;
-- the encoder's weight gradient touches only the active (row, latent) pairs: a sparse matmul;
+- the encoder's and decoder's weight gradients touch only the active (row, latent) pairs: two
+  sparse (CSR) matmuls over one pattern, sorted by latent once per step;
 - ``b_dec`` enters the encoder as ``b_enc - b_dec @ W_enc``, a vector, so its gradient is a
   vector-matrix product and no ``(B, F) @ (F, D)`` input gradient is ever formed.
 
@@ -38,60 +39,99 @@ def release_scratch() -> None:
     _scratch.clear()
 
 
-class _TopKEncode(torch.autograd.Function):
-    """``acts, idx = relu(topk((x - b_dec) @ W_enc + b_enc, k))``, with an optional AuxK
-    branch: the ``k_aux`` largest pre-activations among the latents marked dead."""
+def _by_latent(flat: torch.Tensor, F: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR row pointers ``(F + 1,)`` and the order that groups ``flat``'s entries by latent.
+
+    A stable sort: on the CPU torch's default (unstable) sort of 131k longs is several times
+    slower than its stable radix sort."""
+    order = torch.sort(flat, stable=True).indices
+    crow = torch.zeros(F + 1, dtype=torch.long, device=flat.device)
+    crow[1:] = torch.bincount(flat, minlength=F).cumsum(0)
+    return crow, order
+
+
+def _csr(crow, cols, values, shape) -> torch.Tensor:
+    with warnings.catch_warnings():  # "CSR support is in beta": it is what we rely on
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
+def _gather_dot(W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``out[b, j] = W[idx[b, j]] . g[b]``, ``(B, n)``, without forming the ``(B, n, D)`` gather:
+    torch's own kernel for embedding_bag's per-sample-weight gradient (bags of equal size)."""
+    B, n = idx.shape
+    bags = torch.arange(B, device=idx.device)
+    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        g, W, idx.flatten(), bags * n, bags.repeat_interleave(n), 0)
+    return out.view(B, n)
+
+
+class _TopKSAEForward(torch.autograd.Function):
+    """A TopK SAE's training forward in one function, ``x -> (x_hat, aux_hat, values, idx)``:
+    the pre-activations (one dense matmul, ``b_dec`` folded into the bias), the top k and, given
+    dead latents, the AuxK top ``k_aux`` among them, and both sparse decodes (``aux_hat``: the
+    AuxK codes' reconstruction, no bias). The backward sorts the active (row, latent) pairs by
+    latent once and forms all four weight gradients from that one order: ``W_enc``'s and
+    ``W_dec``'s as two CSR matmuls over the same pattern (main and AuxK entries together)."""
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, b_dec, k: int, dead: torch.Tensor | None, k_aux: int):
-        # (x - b_dec) @ W + b_enc == x @ W + (b_enc - b_dec @ W): one matmul, a vector bias
-        # (the same folding as Dictionary.folded_encoder; here on raw tensors, for autograd).
-        bias = folded_bias(W_enc, b_enc, b_dec)  # (F,)
-        pre = torch.addmm(bias, x, W_enc, out=_buffer((x.shape[0], W_enc.shape[1]), x))  # (B, F)
+    def forward(ctx, x, W_enc, b_enc, b_dec_in, W_dec, b_dec, k: int, dead, k_aux: int):
+        pre = torch.addmm(folded_bias(W_enc, b_enc, b_dec_in), x,
+                          W_enc, out=_buffer((x.shape[0], W_enc.shape[1]), x))  # (B, F)
         vals, idx = pre.topk(k, dim=-1, sorted=False)  # (B, k)
-        aux_vals = aux_idx = None
+        acts = torch.relu(vals)
+        x_hat = F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum") + b_dec
+        aux_hat = aux_idx = aux_acts = None
         if dead is not None and k_aux > 0:
             pre.masked_fill_(~dead, float("-inf"))  # the buffer is scratch: no copy
             aux_vals, aux_idx = pre.topk(k_aux, dim=-1, sorted=False)
-            aux_vals = torch.relu(aux_vals)
-        acts = torch.relu(vals)
-        ctx.save_for_backward(x, W_enc, b_dec, idx, acts > 0, aux_idx,
-                              None if aux_vals is None else aux_vals > 0)
-        ctx.mark_non_differentiable(idx)
-        if aux_idx is not None:
-            ctx.mark_non_differentiable(aux_idx)
-        return acts, idx, aux_vals, aux_idx
+            aux_acts = torch.relu(aux_vals)
+            aux_hat = F.embedding_bag(aux_idx, W_dec, per_sample_weights=aux_acts, mode="sum")
+        ctx.save_for_backward(x, W_enc, b_dec_in, W_dec, idx, acts, aux_idx, aux_acts)
+        ctx.mark_non_differentiable(acts, idx)
+        return x_hat, aux_hat, acts, idx
 
     @staticmethod
-    def backward(ctx, g_acts, _g_idx, g_aux, _g_aux_idx):
-        x, W_enc, b_dec, idx, alive, aux_idx, aux_alive = ctx.saved_tensors
-        g, cols = g_acts * alive, idx  # (B, n): gradient at each active latent
-        if aux_idx is not None and g_aux is not None:
-            g = torch.cat([g, g_aux * aux_alive], dim=1)
-            cols = torch.cat([idx, aux_idx], dim=1)
-        B, n = g.shape
-        F = W_enc.shape[1]
-        # The pre-activation gradient is sparse: as a CSR (F, B) matrix sorted by latent, its
-        # product with the centred input is the W_enc gradient, (F, D), in one sparse matmul.
+    def backward(ctx, g_hat, g_aux_hat, _g_acts, _g_idx):
+        x, W_enc, b_dec_in, W_dec, idx, acts, aux_idx, aux_acts = ctx.saved_tensors
+        B, F_ = x.shape[0], W_enc.shape[1]
+        g_hat = torch.zeros_like(x) if g_hat is None else g_hat.contiguous()
+        # Gradient at each kept pre-activation: the decoder row's dot with the output gradient,
+        # through the ReLU.
+        g_pre, cols, weights, rows = _gather_dot(W_dec, idx, g_hat) * (acts > 0), idx, acts, None
+        sources = g_hat
+        if aux_idx is not None and g_aux_hat is not None:
+            g_aux_hat = g_aux_hat.contiguous()
+            g_pre = torch.cat([g_pre, _gather_dot(W_dec, aux_idx, g_aux_hat) * (aux_acts > 0)], 1)
+            cols, weights = torch.cat([idx, aux_idx], 1), torch.cat([acts, aux_acts], 1)
+            # Entry (b, j) reads row b of the input for W_enc and, for W_dec, row b of g_hat
+            # (main entries) or of g_aux_hat (AuxK entries, rows B..2B of the stacked sources).
+            k = idx.shape[1]
+            rows = torch.arange(B, device=x.device)[:, None].expand(B, cols.shape[1]).clone()
+            rows[:, k:] += B
+            sources = torch.cat([g_hat, g_aux_hat])
+        n = cols.shape[1]
         flat = cols.flatten()
-        order = torch.argsort(flat)
-        crow = torch.zeros(F + 1, dtype=torch.long, device=x.device)
-        crow[1:] = torch.bincount(flat, minlength=F).cumsum(0)
-        with warnings.catch_warnings():  # "CSR support is in beta": it is what we rely on
-            warnings.simplefilter("ignore", UserWarning)
-            g_pre_T = torch.sparse_csr_tensor(crow, order // n, g.flatten()[order], (F, B),
-                                              check_invariants=False)
-        g_W = (g_pre_T @ (x - b_dec)).T  # (D, F)
-        g_b_enc = torch.zeros(F, dtype=g.dtype, device=g.device).index_add_(0, flat, g.flatten())
-        g_b_dec = -(W_enc @ g_b_enc)  # b_dec's path through the encoder input
-        return None, g_W, g_b_enc, g_b_dec, None, None, None
+        crow, order = _by_latent(flat, F_)
+        in_rows = order // n  # the input row of each sorted entry
+        g_W_enc = (_csr(crow, in_rows, g_pre.flatten()[order], (F_, B)) @ (x - b_dec_in)).T
+        dec_rows = in_rows if rows is None else rows.flatten()[order]
+        g_W_dec = _csr(crow, dec_rows, weights.flatten()[order], (F_, len(sources))) @ sources
+        g_b_enc = torch.zeros(F_, dtype=x.dtype, device=x.device).index_add_(0, flat,
+                                                                             g_pre.flatten())
+        g_b_dec_in = -(W_enc @ g_b_enc)  # b_dec's path through the encoder's input
+        g_b_dec = g_hat.sum(0)
+        return None, g_W_enc, g_b_enc, g_b_dec_in, g_W_dec, g_b_dec, None, None, None
 
 
-def topk_encode(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor,
-                k: int, dead: torch.Tensor | None = None, k_aux: int = 0):
-    """Sparse TopK codes of ``x``: ``(values, indices)`` and, when ``dead`` is given, the AuxK
-    codes over dead latents. ``b_dec`` is subtracted from the input as in SAELens."""
-    return _TopKEncode.apply(x, W_enc, b_enc, b_dec, k, dead, k_aux)
+def topk_sae_forward(x: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,
+                     b_dec_in: torch.Tensor, W_dec: torch.Tensor, b_dec: torch.Tensor, k: int,
+                     dead: torch.Tensor | None = None, k_aux: int = 0):
+    """A TopK SAE's reconstruction for training, ``(x_hat, aux_hat, values, indices)``: what
+    :func:`topk_encode` then :func:`sparse_decode` give (and the AuxK reconstruction, None
+    without dead latents), with one sort in the backward instead of three. ``b_dec_in`` is
+    subtracted from the input (zeros for a transcoder), ``b_dec`` added to the output."""
+    return _TopKSAEForward.apply(x, W_enc, b_enc, b_dec_in, W_dec, b_dec, k, dead, k_aux)
 
 
 def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tensor,

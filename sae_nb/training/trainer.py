@@ -229,7 +229,7 @@ def _check_batch(i: int, x: torch.Tensor, y: torch.Tensor, d_in: int, d_out: int
     if x.ndim != 2 or x.shape[1] != d_in or y.shape != (x.shape[0], d_out):
         raise TrainingError(f"Batch {i} has shape {tuple(x.shape)} (target {tuple(y.shape)}); "
                             f"this dictionary expects (B, {d_in}). Check the site and d_in.")
-    if not torch.isfinite(x).all() or not torch.isfinite(y).all():
+    if not torch.isfinite(x).all() or (y is not x and not torch.isfinite(y).all()):
         bad = int((~torch.isfinite(x)).any(1).sum())
         raise TrainingError(f"Batch {i} holds NaN or infinite activations ({bad} rows). "
                             f"Re-extract the store (fp16 overflow?) or drop those rows.")
@@ -418,8 +418,9 @@ class Training:
         _check_batch(self.state["step"], x, y, self.sae.d_in, self.sae.d_in)
         s_in, s_out = self.scale
         _set_rng_state(self.rng, self.device)
-        _train_step(self.sae, self.opt, self.sched, self.cfg, self.state,
-                    x.to(self.device).float() * s_in, y.to(self.device).float() * s_out,
+        x_in = x.to(self.device).float() * s_in
+        y_in = x_in if y is x and s_in == s_out else y.to(self.device).float() * s_out
+        _train_step(self.sae, self.opt, self.sched, self.cfg, self.state, x_in, y_in,
                     self.bar, self.group)
         self.rng = _rng_state(self.device)
 
