@@ -161,6 +161,25 @@ def test_many_sites_in_one_pass_equal_separate_runs(llama, corpus_dir, monkeypat
     assert diff.max() > 0.01  # two different dictionaries, not one trained twice
 
 
+def test_transcoders_and_saes_in_one_pass_equal_separate_runs(llama, corpus_dir):
+    """A transcoder (one site in, another out) and an SAE trained together on one stream: each
+    equals its own run on the same rows (the pairs fed to train_dictionary by hand)."""
+    pairs = {"tc": (SITES[0], SITES[1]), "sae": SITES[1]}
+    together = train_sites(stream(llama, corpus_dir, SITES), progress=False,
+                           dictionaries=pairs, **TRAIN)
+    pair_rows = ((b[SITES[0]], b[SITES[1]]) for b in stream(llama, corpus_dir, SITES))
+    alone = train_dictionary(pair_rows, progress=False, **TRAIN)
+    same_dictionary(together["tc"].dictionary, alone.dictionary)
+    assert not together["tc"].dictionary.apply_b_dec_to_input  # read as a transcoder
+    meta = together["tc"].dictionary.metadata
+    assert (meta["site"], meta["target_site"]) == (SITES[0], SITES[1])
+    sae = train_dictionary(stream(llama, corpus_dir, [SITES[1]]), progress=False, **TRAIN)
+    same_dictionary(together["sae"].dictionary, sae.dictionary)
+    with pytest.raises(TrainingError, match="reads site 'mlp_out_layer0', which the batches"):
+        train_sites(stream(llama, corpus_dir, SITES), progress=False,
+                    dictionaries={"tc": (SITES[0], "mlp_out_layer0")}, **TRAIN)
+
+
 def test_many_sites_resume_after_a_crash(llama, corpus_dir, tmp_path, monkeypatch):
     whole = train_sites(stream(llama, corpus_dir, SITES), progress=False, **TRAIN)
     kw = dict(TRAIN, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=4)

@@ -183,11 +183,15 @@ def _positive(name: str, value) -> int:
 
 
 def train_sites(batches: Iterable, config: TrainConfig | None = None, progress: bool = True,
-                resume: bool = True, **options) -> dict[str, TrainResult]:
-    """One dictionary per site, trained in lockstep on ``{site: (B, d)}`` batches (an
-    :class:`ActivationStream` over several sites): each site's result equals
-    ``train_dictionary`` on that site's rows alone. Every site gets ``config`` (its metadata
-    gains ``site``); with ``checkpoint_dir`` one checkpoint holds every site and the stream's
+                resume: bool = True, dictionaries: dict[str, str | tuple[str, str]] | None = None,
+                **options) -> dict[str, TrainResult]:
+    """Several dictionaries trained in lockstep on ``{site: (B, d)}`` batches (an
+    :class:`ActivationStream` over several sites): each result equals ``train_dictionary`` on
+    its rows alone. ``dictionaries`` names what to train, ``{name: site}`` (an SAE) or
+    ``{name: (input_site, target_site)}`` (a transcoder, e.g. ``("mlp_in_layer3",
+    "mlp_out_layer3")``); None: an SAE at every site of the batches, named by its site.
+    Every dictionary gets ``config`` (its metadata gains ``site`` and, for a transcoder,
+    ``target_site``); with ``checkpoint_dir`` one checkpoint holds them all and the stream's
     position, and training resumes from it, refusing other data (as ``train_dictionary``
     does); the run holds the checkpoint folder's lock. One process only for now (not under
     torchrun).
@@ -198,14 +202,41 @@ def train_sites(batches: Iterable, config: TrainConfig | None = None, progress: 
                             "per job with train_dictionary.")
     lock = lock_checkpoint_dir(cfg.checkpoint_dir)
     try:
-        return _train_sites(batches, cfg, progress, resume)
+        return _train_sites(batches, cfg, progress, resume, dictionaries)
     finally:
         if lock is not None:
             lock.close()
 
 
-def _train_sites(batches: Iterable, cfg: TrainConfig, progress: bool,
-                 resume: bool) -> dict[str, TrainResult]:
+def _pairs(dictionaries: dict | None, sites: list[str]) -> dict[str, tuple[str, str]]:
+    """``{name: (input_site, target_site)}``, each site checked against the batches'."""
+    if dictionaries is None:
+        return {site: (site, site) for site in sites}
+    if not isinstance(dictionaries, dict) or not dictionaries:
+        raise TrainingError(f"dictionaries={dictionaries!r}; give a dict {{name: site}} or "
+                            f"{{name: (input_site, target_site)}}, e.g. {{'tc3': "
+                            f"('mlp_in_layer3', 'mlp_out_layer3')}}.")
+    pairs = {}
+    for name, what in dictionaries.items():
+        pair = (what, what) if isinstance(what, str) else tuple(what)
+        if len(pair) != 2 or not all(isinstance(p, str) for p in pair):
+            raise TrainingError(f"dictionaries[{name!r}]={what!r}; give a site or a pair "
+                                f"(input_site, target_site).")
+        missing = [p for p in pair if p not in sites]
+        if missing:
+            raise TrainingError(f"dictionaries[{name!r}] reads site {missing[0]!r}, which the "
+                                f"batches do not hold (they hold {', '.join(sites)}); add it "
+                                f"to the stream's sites.")
+        pairs[name] = pair
+    return pairs
+
+
+def _site_batch(batch: dict, pair: tuple[str, str]):
+    return batch[pair[0]] if pair[0] == pair[1] else (batch[pair[0]], batch[pair[1]])
+
+
+def _train_sites(batches: Iterable, cfg: TrainConfig, progress: bool, resume: bool,
+                 dictionaries: dict | None = None) -> dict[str, TrainResult]:
     """:func:`train_sites` once the checkpoint folder is held."""
     device = resolve_device(cfg.device)
     stream = batches if callable(getattr(batches, "load_state_dict", None)) else None
@@ -219,10 +250,16 @@ def _train_sites(batches: Iterable, cfg: TrainConfig, progress: bool,
         raise TrainingError("train_sites needs batches {site: (B, d)} (an ActivationStream "
                             f"over several sites); got {type(first).__name__}. For one site "
                             "use train_dictionary.")
-    runs = {name: Training(x, x, replace(cfg, metadata={**cfg.metadata, "site": name}),
-                           device=device, progress=progress) for name, x in first.items()}
-    for name, run in runs.items():  # each site's rows, by content
-        run.data = data_identity(batches, first[name], first[name], replayed=stream is None)
+    pairs = _pairs(dictionaries, list(first))
+    runs = {}
+    for name, (site, target) in pairs.items():
+        meta = {**cfg.metadata, "site": site, **({"target_site": target} if target != site
+                                                  else {})}
+        x, y = first[site], first[target]
+        runs[name] = Training(x, y, replace(cfg, metadata=meta), device=device,
+                              progress=progress)
+        # each dictionary's rows, by content
+        runs[name].data = data_identity(batches, x, y, replayed=stream is None)
     if saved is not None:
         _restore(runs, saved, ckpt)
         if stream is None:
@@ -237,7 +274,7 @@ def _train_sites(batches: Iterable, cfg: TrainConfig, progress: bool,
             log.warning("Batches ran out after %d of %d steps.", lead.state["step"], lead.steps)
             break
         for name, run in runs.items():
-            run.step(batch[name])
+            run.step(_site_batch(batch, pairs[name]))
         every = cfg.checkpoint_every
         if ckpt is not None and every and not lead.state["step"] % every:
             _save(ckpt, cfg, runs, stream)
