@@ -9,8 +9,8 @@ choices)`` returns, for each prompt, the log-probability of each candidate next 
 - :class:`LocalBackend`: a local transformers causal LM, by default the embedded
   SmolLM2-135M-Instruct (loaded by :func:`sae_nb.activations.models.load_model`, nothing
   downloaded), or any local model folder or already loaded model.
-- :class:`OpenAIBackend`: an OpenAI-compatible HTTP endpoint (vLLM, llama.cpp's server, ...)
-  spoken to with ``urllib`` from the standard library.
+- :class:`OpenAIBackend`: an OpenAI-compatible HTTP endpoint (vLLM, llama.cpp's server,
+  ``transformers serve``, ...) spoken to with ``urllib`` from the standard library.
 
 Every failure of a backend (HTTP error, timeout, a reply that is empty or not JSON) is a
 :class:`BackendError`; the callers in :mod:`sae_nb.explanations.autointerp` and
@@ -196,10 +196,15 @@ class OpenAIBackend(Backend):
     ``chat=True`` posts to ``/chat/completions`` (instruction prompts), ``chat=False`` to
     ``/completions`` (the few-shot prompts, for a base model behind the server). The API key,
     when one is given, is sent as a bearer token and never written to a cache.
+
+    ``prompt_prefix`` is put before every ``/completions`` prompt: the model's BOS token as
+    text (``"<|endoftext|>"`` for SmolLM2) where the server's tokenizer adds none, as
+    transformers' own server does not, so that the model reads the tokens
+    :class:`LocalBackend` gives it. Chat prompts get the server's chat template instead.
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None,
-                 timeout: float = 60.0, chat: bool = True):
+                 timeout: float = 60.0, chat: bool = True, prompt_prefix: str = ""):
         if not str(base_url).startswith(("http://", "https://")):
             raise ValueError(f"base_url={base_url!r} must start with http:// or https://, e.g. "
                              f"'http://127.0.0.1:8000/v1'.")
@@ -208,11 +213,15 @@ class OpenAIBackend(Backend):
         self.api_key = api_key
         self.timeout = float(timeout)
         self.chat = bool(chat)
+        self.prompt_prefix = str(prompt_prefix)
         self.name = f"openai:{model}"
 
     def settings(self) -> dict[str, Any]:
-        return {"name": self.name, "base_url": self.base_url, "model": self.model,
-                "chat": self.chat}
+        out = {"name": self.name, "base_url": self.base_url, "model": self.model,
+               "chat": self.chat}
+        if self.prompt_prefix:  # only when set: the caches of endpoints without one stay valid
+            out["prompt_prefix"] = self.prompt_prefix
+        return out
 
     def complete(self, prompt: str, max_tokens: int = 32, stop: Sequence[str] = ("\n",)) -> str:
         body: dict[str, Any] = {"model": self.model, "max_tokens": int(max_tokens),
@@ -220,7 +229,7 @@ class OpenAIBackend(Backend):
         if self.chat:
             body["messages"] = [{"role": "user", "content": prompt}]
         else:  # stop strings are applied here, after the reply's leading whitespace
-            body["prompt"] = prompt
+            body["prompt"] = self.prompt_prefix + prompt
         reply = self._post("/chat/completions" if self.chat else "/completions", body)
         try:
             choice = reply["choices"][0]
