@@ -57,6 +57,7 @@ from sae_nb.training.objectives import (
     compute_step,
     default_matryoshka_widths,
 )
+from sae_nb.training.optimizers import ScheduleFreeSignSGD
 from sae_nb.training.sparse_ops import release_scratch
 from sae_nb.util.checks import real_number, whole_number
 from sae_nb.util.errors import SaeNbError
@@ -68,6 +69,9 @@ TRAIN_LOCK = "train.lock"  # held (flock) in the checkpoint folder by the one tr
 ARCHITECTURE_NAMES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard", "jumprelu")
 # Settings that may change between a run and its resumption without changing the result.
 RESUMABLE_CHANGES = ("checkpoint_dir", "checkpoint_every", "log_every", "device")
+OPTIMIZERS = ("adam", "signsgd_schedulefree")
+# Settings added after checkpoints were first written, with the value every earlier run had.
+ADDED_SETTINGS = {"optimizer": "adam", "momentum": 0.95}
 
 
 class TrainingError(SaeNbError, ValueError):
@@ -105,8 +109,18 @@ class TrainConfig:
     """Steps of linear learning-rate warm-up; None for 5% of the steps."""
     decay_start: float = 0.8
     """Fraction of the steps after which the learning rate decays linearly to 0."""
+    optimizer: Literal["adam", "signsgd_schedulefree"] = "adam"
+    """adam (warm-up, final decay, clipping) or signsgd_schedulefree.
+
+    signsgd_schedulefree is sign descent under schedule-free averaging, sparsify's default step
+    (:class:`sae_nb.training.optimizers.ScheduleFreeSignSGD`): a constant learning rate (lr None
+    for 5e-3 / sqrt(d_sae / 2**14), sparsify's), warm-up only when warmup_steps is given, no
+    decay and no clipping (the sign of a gradient does not depend on its scale)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam's two betas: the decay rates of its gradient and squared-gradient averages."""
+    momentum: float = 0.95
+    """signsgd_schedulefree: where the gradient is taken, between the averaged weights (1) and
+    the descent sequence (0)."""
     grad_clip_norm: float | None = 0.05
     """The whole gradient's norm is clipped to this (None: never).
 
@@ -186,6 +200,13 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 setattr(self, name, real_number(name, getattr(self, name), 0.0, strict=True,
                                                 error=TrainingError))
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainingError(f"Unknown optimizer {self.optimizer!r}; choose one of "
+                                f"{', '.join(map(repr, OPTIMIZERS))}.")
+        self.momentum = real_number("momentum", self.momentum, 0.0, strict=True,
+                                    error=TrainingError)
+        if self.momentum >= 1:
+            raise TrainingError(f"momentum={self.momentum!r}; use a value in (0, 1), e.g. 0.95.")
         if self.sparsity_penalty not in ("l1", "entropy"):
             raise TrainingError(f"sparsity_penalty={self.sparsity_penalty!r}; use 'l1' or "
                                 f"'entropy'.")
@@ -203,7 +224,8 @@ class TrainConfig:
         return int(self.k_aux or sae.d_in // 2)
 
     def learning_rate(self, d_sae: int) -> float:
-        return float(self.lr or 2e-4 / math.sqrt(d_sae / 2**14))
+        base = 5e-3 if self.optimizer == "signsgd_schedulefree" else 2e-4
+        return float(self.lr or base / math.sqrt(d_sae / 2**14))
 
 
 @dataclass
@@ -280,12 +302,17 @@ def _init(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
 
 
 def _lr_lambda(cfg: TrainConfig, steps: int):
-    warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
-    decay = int(cfg.decay_start * steps)
+    if cfg.optimizer == "signsgd_schedulefree":  # its averaging replaces warm-up and decay
+        warm, decay = cfg.warmup_steps or 0, None
+    else:
+        warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, steps // 20)
+        decay = int(cfg.decay_start * steps)
 
     def factor(step: int) -> float:
         w = min(1.0, (step + 1) / warm) if warm else 1.0
-        d = 1.0 if step < decay else max(0.0, (steps - step) / max(1, steps - decay))
+        if decay is None or step < decay:
+            return w
+        d = max(0.0, (steps - step) / max(1, steps - decay))
         return w * d
 
     return factor
@@ -391,9 +418,12 @@ class Training:
         self.sae, s_in, s_out = _init(cfg, x0, y0, device)
         self.scale = (s_in, s_out)
         self.steps = max(1, cfg.total_tokens // len(x0))
-        # The fused Adam kernel updates every tensor in one pass, not one kernel per tensor.
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.learning_rate(self.sae.d_sae),
-                                    betas=cfg.adam_betas, fused=device.type in ("cpu", "cuda"))
+        lr = cfg.learning_rate(self.sae.d_sae)
+        if cfg.optimizer == "signsgd_schedulefree":
+            self.opt = ScheduleFreeSignSGD(self.sae.parameters(), lr=lr, momentum=cfg.momentum)
+        else:  # the fused kernel updates every tensor in one pass, not one kernel per tensor
+            self.opt = torch.optim.Adam(self.sae.parameters(), lr=lr, betas=cfg.adam_betas,
+                                        fused=device.type in ("cpu", "cuda"))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, self.steps))
         # since_fired (F,): tokens in the batches after the last one in which each latent fired.
         self.state = {"step": 0, "tokens": 0, "steps": self.steps, "log": [],
@@ -449,6 +479,8 @@ class Training:
         if self.bar is not None:
             self.bar.close()
         release_scratch()
+        if isinstance(self.opt, ScheduleFreeSignSGD):
+            self.opt.averaged()  # the averaged weights, not the point the gradients were taken at
         self.sae.fold_scale(*self.scale)
         self.sae.metadata = dict(self.cfg.metadata)  # its training data (site, BOS handling)
         return TrainResult(self.sae.eval(), pd.DataFrame(self.state["log"]), self.cfg,
@@ -487,7 +519,8 @@ def _train_step(sae: Dictionary, opt, sched, cfg, state, x, y, bar,
     if unit_norm:
         _project_out_parallel_grad(sae)
     grad_norm = None
-    if cfg.grad_clip_norm is not None:  # after the projection and the ranks' mean: all agree
+    # After the projection and the ranks' mean: all agree. A sign step ignores the scale.
+    if cfg.grad_clip_norm is not None and cfg.optimizer == "adam":
         grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm)
     opt.step()
     sched.step()
@@ -541,10 +574,14 @@ def _resample_dead(sae: ReLUSAE, opt, x, y, y_hat, dead: torch.Tensor) -> None:
         for key in ("exp_avg", "exp_avg_sq"):
             if key in st:
                 st[key][rows] = 0
+        if "z" in st:  # schedule-free: the new weights start every sequence afresh
+            st["z"][rows] = p[rows]
     st = opt.state.get(sae.W_enc, {})
     for key in ("exp_avg", "exp_avg_sq"):
         if key in st:
             st[key][:, dead] = 0
+    if "z" in st:
+        st["z"][:, dead] = sae.W_enc[:, dead]
     log.info("Resampled %d dead latents", n)
 
 
@@ -643,6 +680,7 @@ def check_same_data(folder: Path, saved: dict[str, Any] | None, now: dict[str, A
 def check_resumable(path: Path, saved: dict, config: TrainConfig) -> None:
     """Refuse to resume a checkpoint written with other settings: it would mix two runs."""
     asked = jsonable(asdict(config))
+    saved = {**ADDED_SETTINGS, **saved}
     differ = [f"{k}={saved.get(k)!r} (checkpoint) vs {asked[k]!r} (now)" for k in asked
               if k not in RESUMABLE_CHANGES and saved.get(k) != asked[k]]
     if differ:
