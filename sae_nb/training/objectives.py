@@ -15,7 +15,6 @@ gradients is the gradient of the whole batch.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +28,7 @@ from sae_nb.dictionaries.architectures import (
     folded_bias,
 )
 from sae_nb.training.distributed import Group
-from sae_nb.training.sparse_ops import sparse_decode, topk_sae_forward
+from sae_nb.training.sparse_ops import bag_sum, by_latent, sparse_decode, topk_sae_forward
 
 
 @dataclass
@@ -144,15 +143,9 @@ class _BatchTopKEncode(torch.autograd.Function):
             g = torch.cat([g, (g_aux * aux_alive).flatten().to(x.dtype)])
             rows = torch.cat([rows, torch.arange(B, device=x.device).repeat_interleave(n)])
             cols = torch.cat([cols, aux_idx.flatten()])
-        F, B = W_enc.shape[1], x.shape[0]
-        order = torch.argsort(cols)
-        crow = torch.zeros(F + 1, dtype=torch.long, device=x.device)
-        crow[1:] = torch.bincount(cols, minlength=F).cumsum(0)
-        with warnings.catch_warnings():  # "CSR support is in beta"
-            warnings.simplefilter("ignore", UserWarning)
-            g_pre_T = torch.sparse_csr_tensor(crow, rows[order], g[order], (F, B),
-                                              check_invariants=False)
-        g_W = (g_pre_T @ (x - b_dec)).T  # (D, F)
+        F = W_enc.shape[1]
+        offsets, order = by_latent(cols, F)
+        g_W = bag_sum(offsets, rows[order], g[order], x - b_dec).T  # (D, F)
         g_b_enc = torch.zeros(F, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
         return None, g_W, g_b_enc, -(W_enc @ g_b_enc), None, None, None, None
 
