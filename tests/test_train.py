@@ -57,8 +57,9 @@ def test_topk_has_exactly_k_actives():
 
 
 @pytest.mark.parametrize("transcoder", [False, True])
-@pytest.mark.parametrize("n_dead", [0, 3])
-def test_sparse_ops_match_dense_autograd(transcoder, n_dead):
+@pytest.mark.parametrize("n_dead,dead_every", [(0, 3), (3, 3), (3, 11)],
+                         ids=["no_auxk", "many_dead", "few_dead"])
+def test_sparse_ops_match_dense_autograd(transcoder, n_dead, dead_every):
     """The fused training forward (one sort in its backward) against plain dense autograd:
     the loss and every parameter's gradient, with and without AuxK, for an SAE (b_dec taken
     off the input) and a transcoder (another target, input taken as it is)."""
@@ -70,7 +71,7 @@ def test_sparse_ops_match_dense_autograd(transcoder, n_dead):
               torch.randn(F, D, dtype=torch.double, requires_grad=True),
               torch.randn(D, dtype=torch.double, requires_grad=True)]
     dead = torch.zeros(F, dtype=torch.bool)
-    dead[::3] = True
+    dead[::dead_every] = True  # a third of the latents (ranked in place) or a few (gathered)
 
     def b_in(b_dec):
         return torch.zeros_like(b_dec) if transcoder else b_dec

@@ -72,6 +72,18 @@ def _gather_dot(W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Te
     return out.view(B, n)
 
 
+def _top_among(pre: torch.Tensor, among: torch.Tensor, k: int):
+    """The ``k`` largest of each row of ``pre`` among the columns marked in ``among`` (F,):
+    ``(values, indices)``, ``(B, k)``. Few marked columns (dead latents, usually) are gathered
+    and ranked alone, at a cost proportional to their number; many are ranked in place (the
+    others set to -inf in ``pre``, which is scratch)."""
+    columns = among.nonzero().squeeze(1)
+    if 4 * len(columns) < pre.shape[1]:
+        values, j = pre.index_select(1, columns).topk(k, dim=-1, sorted=False)
+        return values, columns[j]
+    return pre.masked_fill_(~among, float("-inf")).topk(k, dim=-1, sorted=False)
+
+
 class _TopKSAEForward(torch.autograd.Function):
     """A TopK SAE's training forward in one function, ``x -> (x_hat, aux_hat, values, idx)``:
     the pre-activations (one dense matmul, ``b_dec`` folded into the bias), the top k and, given
@@ -89,8 +101,7 @@ class _TopKSAEForward(torch.autograd.Function):
         x_hat = F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum") + b_dec
         aux_hat = aux_idx = aux_acts = None
         if dead is not None and k_aux > 0:
-            pre.masked_fill_(~dead, float("-inf"))  # the buffer is scratch: no copy
-            aux_vals, aux_idx = pre.topk(k_aux, dim=-1, sorted=False)
+            aux_vals, aux_idx = _top_among(pre, dead, k_aux)
             aux_acts = torch.relu(aux_vals)
             aux_hat = F.embedding_bag(aux_idx, W_dec, per_sample_weights=aux_acts, mode="sum")
         ctx.save_for_backward(x, W_enc, b_dec_in, W_dec, idx, acts, aux_idx, aux_acts)
