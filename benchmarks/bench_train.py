@@ -9,6 +9,7 @@ once into ``outputs/bench/`` (resumable; ~5 min on 2 cores) and reused afterward
 
     python benchmarks/bench_train.py                      # 1M training tokens, 64k held out
     python benchmarks/bench_train.py --tokens 200000      # quicker look
+    python benchmarks/bench_train.py --profile            # where a step's time goes, by phase
 """
 
 from __future__ import annotations
@@ -33,13 +34,69 @@ def matmul_gflops(repeats: int = 10) -> float:
     return 2 * BATCH * D * F * repeats / (time.perf_counter() - start) / 1e9
 
 
-def activations(n_tokens: int, site: str):
-    import sae_nb
+# torch ops by phase of a TopK training step (the profiler's op names); anything else is "other".
+PHASES = {
+    "encoder matmul (dense)": ("aten::addmm", "aten::mm", "aten::mv"),
+    "top-k selection": ("aten::topk", "aten::index_select", "aten::masked_fill_", "aten::nonzero"),
+    "sparse decode and backward": ("aten::embedding_bag", "aten::_embedding_bag",
+                                   "aten::_embedding_bag_forward_only",
+                                   "aten::_embedding_bag_per_sample_weights_backward",
+                                   "aten::index_add_", "aten::bincount", "aten::index",
+                                   "aten::cumsum"),
+    "optimizer and decoder norm": ("aten::_fused_adam_", "aten::linalg_vector_norm",
+                                   "aten::_foreach_norm", "aten::_foreach_mul_", "aten::div_",
+                                   "aten::clamp", "aten::addcmul_", "aten::sign", "aten::lerp_"),
+}
 
-    run_dir = ROOT / "outputs" / "bench"
-    model = sae_nb.load_model()
-    return sae_nb.extract_activations(model, run_dir, sites=[site], n_tokens=n_tokens,
-                                      dtype="float32")[site]
+
+def profile_steps(store, n_train: int, steps: int = 20) -> None:
+    """Profile ``steps`` training steps after 5 warm-up ones; print the self time by phase."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from sae_nb.training.trainer import TrainConfig, Training
+
+    batches = iter(store.batches(BATCH, rows=slice(0, n_train), epochs=None, drop_last=True,
+                                 seed=0))
+    data = [next(batches) for _ in range(steps + 5)]
+    cfg = TrainConfig(architecture="topk", d_sae=F, k=K, total_tokens=BATCH * (steps + 5))
+    run = Training(data[0], data[0], cfg, progress=False)
+    for x in data[:5]:
+        run.step(x)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x in data[5:]:
+            run.step(x)
+    wall = (time.perf_counter() - start) / steps * 1e3
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        phase = next((p for p, ops in PHASES.items() if event.key in ops), "other")
+        totals[phase] = totals.get(phase, 0.0) + event.self_cpu_time_total / 1e3 / steps
+    whole = sum(totals.values())
+    print(f"profile over {steps} steps ({wall:.0f} ms per step under the profiler; self times, "
+          f"ms per step):")
+    for phase, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  {phase:<28} {ms:7.1f} ms  {ms / whole:5.1%}")
+    other = sorted((e for e in prof.key_averages()
+                    if not any(e.key in ops for ops in PHASES.values())),
+                   key=lambda e: -e.self_cpu_time_total)[:6]
+    print("  largest in other: " + ", ".join(
+        f"{e.key} {e.self_cpu_time_total / 1e3 / steps:.1f}" for e in other))
+
+
+def activations(n_tokens: int, site: str, run_dir: Path):
+    """The store at ``run_dir`` when it holds ``n_tokens`` rows of ``site`` (any dtype), else
+    extracted there (float32; resumable)."""
+    import sae_nb
+    from sae_nb.activations.store import open_store
+
+    try:
+        store = open_store(run_dir, site)
+        if len(store) >= n_tokens:
+            return store
+    except Exception:  # noqa: BLE001 - missing or partial: extract it (resumable)
+        pass
+    return sae_nb.extract_activations(sae_nb.load_model(), run_dir, sites=[site],
+                                      n_tokens=n_tokens, dtype="float32")[site]
 
 
 def main() -> None:
@@ -48,16 +105,23 @@ def main() -> None:
     parser.add_argument("--heldout", type=int, default=65_536)
     parser.add_argument("--site", default="resid_out_layer6")
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--profile", action="store_true", help="also profile 20 steps")
+    parser.add_argument("--optimizer", default="adam", help="TrainConfig.optimizer")
+    parser.add_argument("--run-dir", type=Path, default=ROOT / "outputs" / "bench",
+                        help="the run folder holding (or to hold) the store")
     args = parser.parse_args()
     from sae_nb.training.trainer import train_dictionary
 
-    store = activations(args.tokens + args.heldout + 4096, args.site)
+    store = activations(args.tokens + args.heldout + 4096, args.site, args.run_dir)
     n_train = len(store) - args.heldout
     rate = matmul_gflops()
+    if args.profile:
+        profile_steps(store, n_train)
     batches = store.batches(BATCH, rows=slice(0, n_train), epochs=None, drop_last=True, seed=0)
     start = time.perf_counter()
     result = train_dictionary(batches, architecture="topk", d_sae=F, k=K, lr=args.lr,
-                              total_tokens=args.tokens, seed=0, progress=False)
+                              optimizer=args.optimizer, total_tokens=args.tokens, seed=0,
+                              progress=False)
     seconds = time.perf_counter() - start
     tokens = (args.tokens // BATCH) * BATCH
     with torch.no_grad():
