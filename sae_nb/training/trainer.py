@@ -244,6 +244,13 @@ def _split(batch) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, batch
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Every value finite. A finite sum proves it (a NaN or inf term makes the sum NaN or inf):
+    one fast pass; the elementwise check only when the sum is not finite (overflow, or a bad
+    value)."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _check_batch(i: int, x: torch.Tensor, y: torch.Tensor, d_in: int, d_out: int) -> None:
     if x.ndim >= 1 and x.shape[0] == 0:
         raise TrainingError(f"Batch {i} has no rows; every batch needs at least one activation "
@@ -251,7 +258,7 @@ def _check_batch(i: int, x: torch.Tensor, y: torch.Tensor, d_in: int, d_out: int
     if x.ndim != 2 or x.shape[1] != d_in or y.shape != (x.shape[0], d_out):
         raise TrainingError(f"Batch {i} has shape {tuple(x.shape)} (target {tuple(y.shape)}); "
                             f"this dictionary expects (B, {d_in}). Check the site and d_in.")
-    if not torch.isfinite(x).all() or (y is not x and not torch.isfinite(y).all()):
+    if not _all_finite(x) or (y is not x and not _all_finite(y)):
         bad = int((~torch.isfinite(x)).any(1).sum())
         raise TrainingError(f"Batch {i} holds NaN or infinite activations ({bad} rows). "
                             f"Re-extract the store (fp16 overflow?) or drop those rows.")
