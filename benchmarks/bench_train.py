@@ -2,7 +2,11 @@
 
 Settings of the established trainers we compare with: d_in 576 (SmolLM2-135M residual stream),
 4608 latents, k = 32, batch 4096, fp32. Prints training tokens/s, how that compares with this
-machine's measured fp32 matmul rate, and the held-out FVU after the budget.
+machine's fp32 matmul rate measured before and after training, and the held-out FVU after the
+budget. Tokens/s count the training steps only: the time spent reading the store's batches
+(memory-mapped float16 shards gathered in shuffled order) is printed apart, as bench_peers
+leaves it out. ``--architecture`` and ``--optimizer`` train another kind (k is ignored where it
+does not apply).
 
 Data: ``resid_out_layer6`` activations of the default model over the default corpus, extracted
 once into ``outputs/bench/`` (resumable; ~5 min on 2 cores) and reused afterwards.
@@ -15,6 +19,7 @@ once into ``outputs/bench/`` (resumable; ~5 min on 2 cores) and reused afterward
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -107,6 +112,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--profile", action="store_true", help="also profile 20 steps")
     parser.add_argument("--optimizer", default="adam", help="TrainConfig.optimizer")
+    parser.add_argument("--architecture", default="topk", help="TrainConfig.architecture")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "outputs" / "bench",
                         help="the run folder holding (or to hold) the store")
     args = parser.parse_args()
@@ -114,15 +120,29 @@ def main() -> None:
 
     store = activations(args.tokens + args.heldout + 4096, args.site, args.run_dir)
     n_train = len(store) - args.heldout
-    rate = matmul_gflops()
+    before = matmul_gflops()
     if args.profile:
         profile_steps(store, n_train)
     batches = store.batches(BATCH, rows=slice(0, n_train), epochs=None, drop_last=True, seed=0)
+    reading = [0.0]
+
+    def timed():  # the store's batches, the time spent reading them (a loader would overlap it)
+        it = iter(batches)
+        while True:
+            start = time.perf_counter()
+            x = next(it, None)
+            reading[0] += time.perf_counter() - start
+            if x is None:
+                return
+            yield x
+
     start = time.perf_counter()
-    result = train_dictionary(batches, architecture="topk", d_sae=F, k=K, lr=args.lr,
+    result = train_dictionary(timed(), architecture=args.architecture, d_sae=F, k=K, lr=args.lr,
                               optimizer=args.optimizer, total_tokens=args.tokens, seed=0,
                               progress=False)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - reading[0]
+    after = matmul_gflops()
+    rate = (before + after) / 2
     tokens = (args.tokens // BATCH) * BATCH
     with torch.no_grad():
         x = torch.from_numpy(store[n_train:])
@@ -132,10 +152,13 @@ def main() -> None:
         l0 = float((f > 0).sum(1).float().mean())
         fired = (f > 0).any(0).float().mean()
     tps = tokens / seconds
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; TopK d_in {D}, "
-          f"d_sae {F}, k {K}, batch {BATCH}, fp32, {args.site}")
-    print(f"measured fp32 matmul rate ({BATCH}x{D} @ {D}x{F}): {rate:.0f} GFLOP/s")
-    print(f"training: {tokens} tokens in {seconds:.1f} s = {tps:,.0f} tokens/s")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.architecture} "
+          f"d_in {D}, d_sae {F}, k {K}, batch {BATCH}, fp32, {args.optimizer}, {args.site}; "
+          f"load {os.getloadavg()[0]:.2f}")
+    print(f"measured fp32 matmul rate ({BATCH}x{D} @ {D}x{F}): {before:.0f} GFLOP/s before "
+          f"training, {after:.0f} after; their mean {rate:.0f} is the rate below")
+    print(f"training: {tokens} tokens in {seconds:.1f} s of steps = {tps:,.0f} tokens/s "
+          f"(reading the store's batches took {reading[0]:.1f} s more, left out)")
     for name, flops in (("encoder forward matmul only, 2*D*F", 2),
                         ("sparse-decoder step, 4*D*F", 4), ("dense step, 10*D*F", 10)):
         used = tps * flops * D * F / 1e9
