@@ -423,6 +423,8 @@ class Training:
         device = torch.device("cpu") if device is None else torch.device(device)
         self.cfg, self.group, self.device, self.progress = cfg, group, device, progress
         self.sae, s_in, s_out = _init(cfg, x0, y0, device)
+        if isinstance(self.sae, TopKSAE | BatchTopKSAE):
+            _latent_major_encoder(self.sae)
         self.scale = (s_in, s_out)
         self.steps = max(1, cfg.total_tokens // len(x0))
         lr = cfg.learning_rate(self.sae.d_sae)
@@ -488,10 +490,21 @@ class Training:
         release_scratch()
         if isinstance(self.opt, ScheduleFreeSignSGD):
             self.opt.averaged()  # the averaged weights, not the point the gradients were taken at
+        with torch.no_grad():  # back to the usual (D, F) layout, contiguous
+            self.sae.W_enc = torch.nn.Parameter(self.sae.W_enc.detach().contiguous())
         self.sae.fold_scale(*self.scale)
         self.sae.metadata = dict(self.cfg.metadata)  # its training data (site, BOS handling)
         return TrainResult(self.sae.eval(), pd.DataFrame(self.state["log"]), self.cfg,
                            tuple(self.scale))
+
+
+@torch.no_grad()
+def _latent_major_encoder(sae: Dictionary) -> None:
+    """Store ``W_enc`` (D, F) latent-major, as the transpose of an (F, D) matrix: the sparse
+    backward forms its gradient as (F, D), which then lands in ``.grad`` without the transposing
+    copy autograd makes for a gradient laid out unlike its parameter (the matmul reads either
+    layout at the same speed). :meth:`Training.finish` makes it contiguous again."""
+    sae.W_enc = torch.nn.Parameter(sae.W_enc.detach().t().contiguous().t())
 
 
 def _rng_state(device: torch.device) -> tuple:
