@@ -43,7 +43,10 @@ from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
 D, F, K, BATCH = 576, 4608, 32, 4096
-TRAINERS = ("ours",) + PEERS
+# Ours at its defaults, and ours with sparsify's step (sign descent under schedule-free
+# averaging, no AuxK): the same optimiser in both trainers, the rest of each trainer its own.
+OURS = {"ours": {}, "ours_signsgd": {"optimizer": "signsgd_schedulefree", "auxk_alpha": 0.0}}
+TRAINERS = tuple(OURS) + PEERS
 SPLIT = 8192  # held-out rows encoded at a time
 
 
@@ -114,7 +117,8 @@ def dump_batches(run_dir: Path, site: str, tokens: int, heldout: int, out: Path)
     return steps
 
 
-def train_ours(out: Path, seed: int) -> tuple[float, np.ndarray, np.ndarray, dict]:
+def train_ours(out: Path, seed: int,
+               options: dict) -> tuple[float, np.ndarray, np.ndarray, dict]:
     """Our trainer on the dump: seconds, held-out reconstruction, nonzero latents per held-out
     token, and what to print beside them."""
     from sae_nb.training.trainer import train_dictionary
@@ -132,7 +136,7 @@ def train_ours(out: Path, seed: int) -> tuple[float, np.ndarray, np.ndarray, dic
 
     start = time.perf_counter()
     result = train_dictionary(batches(), architecture="topk", d_sae=F, k=K,
-                              total_tokens=steps * BATCH, seed=seed, progress=False)
+                              total_tokens=steps * BATCH, seed=seed, progress=False, **options)
     seconds = time.perf_counter() - start - reading[0]
     heldout = torch.from_numpy(np.load(out / "heldout.npy"))
     x_hats, nonzero = [], []
@@ -166,18 +170,17 @@ def summary(runs: dict[str, list[dict]]) -> None:
         print(f"{name:>20}: {np.median([r['rate'] for r in rows]):8,.0f} tokens/s, held-out FVU "
               f"{mean:.4f} [{mean - half:.4f}, {mean + half:.4f}], L0 "
               f"{np.mean([r['l0'] for r in rows]):.2f}")
-    if "ours" not in runs:
-        return
-    rate = np.median([r["rate"] for r in runs["ours"]])
-    ratios = ", ".join(f"{rate / np.median([r['rate'] for r in rows]):.2f}x {name}"
-                       for name, rows in runs.items() if name != "ours")
-    if ratios:
-        print(f"ours / peer, median tokens/s: {ratios}")
-    if "sparsify" in runs:
-        diff, half = difference([r["fvu"] for r in runs["ours"]],
-                                [r["fvu"] for r in runs["sparsify"]])
-        print(f"held-out FVU, ours - sparsify: {diff:+.4f} [{diff - half:+.4f}, {diff + half:+.4f}]"
-              f" (95% Welch t-interval)")
+    for ours in (name for name in OURS if name in runs):
+        rate = np.median([r["rate"] for r in runs[ours]])
+        ratios = ", ".join(f"{rate / np.median([r['rate'] for r in rows]):.2f}x {name}"
+                           for name, rows in runs.items() if name not in OURS)
+        if ratios:
+            print(f"{ours} / peer, median tokens/s: {ratios}")
+        if "sparsify" in runs:
+            diff, half = difference([r["fvu"] for r in runs[ours]],
+                                    [r["fvu"] for r in runs["sparsify"]])
+            print(f"held-out FVU, {ours} - sparsify: {diff:+.4f} [{diff - half:+.4f}, "
+                  f"{diff + half:+.4f}] (95% Welch t-interval)")
 
 
 def main() -> None:
@@ -207,7 +210,7 @@ def main() -> None:
     runs = {name: [] for name in args.only}
     for seed in range(args.seeds):
         for name in args.only:
-            seconds, x_hat, nonzero, info = (train_ours(out, seed) if name == "ours"
+            seconds, x_hat, nonzero, info = (train_ours(out, seed, OURS[name]) if name in OURS
                                              else train_peer(name, out, python, seed))
             runs[name].append({"rate": steps * BATCH / seconds, "fvu": fvu(heldout, x_hat),
                                "l0": l0(nonzero)})

@@ -569,3 +569,26 @@ def test_gradient_norm_reaching_adam_is_clipped_and_the_log_keeps_the_norm_befor
     assert free.log["grad_norm"].isna().all()
     with pytest.raises(TrainingError, match="grad_clip_norm"):
         train_dictionary(batches(x), grad_clip_norm=0.0, **run)
+
+
+def test_auxk_alpha_zero_skips_the_auxiliary_top_k(monkeypatch):
+    """With auxk_alpha=0 the AuxK term weighs nothing, so the step never ranks the dead latents:
+    the training forward is called without them, even once latents are dead."""
+    import sae_nb.training.objectives as objectives
+
+    seen = []
+    real = objectives.topk_sae_forward
+
+    def spy(*args):
+        seen.append(args[7] is not None)
+        return real(*args)
+
+    monkeypatch.setattr(objectives, "topk_sae_forward", spy)
+    x = data()
+    kw = dict(architecture="topk", d_sae=F, k=K, total_tokens=128 * 20, progress=False,
+              dead_window_tokens=128)
+    train_dictionary(batches(x), auxk_alpha=1 / 32, **kw)
+    assert any(seen), "no latent went dead: the test needs dead latents"
+    seen.clear()
+    train_dictionary(batches(x), auxk_alpha=0.0, **kw)
+    assert seen and not any(seen)

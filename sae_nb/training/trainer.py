@@ -523,7 +523,7 @@ def _train_step(sae: Dictionary, opt, sched, cfg, state, x, y, bar,
     rows = len(x) * group.world  # the global batch
     dead = state["since_fired"] >= cfg.dead_window_tokens  # (F,)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.autocast and x.is_cuda):
-        auxk_dead = dead if isinstance(sae, TopKSAE | BatchTopKSAE) else None
+        auxk_dead = dead if isinstance(sae, TopKSAE | BatchTopKSAE) and cfg.auxk_alpha > 0 else None
         out = compute_step(sae, x, y, cfg, auxk_dead,
                            past_warmup=state["step"] >= state["steps"] // 10, group=group)
     opt.zero_grad(set_to_none=True)
