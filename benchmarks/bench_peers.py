@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from peers_side import PEERS, nonzero_per_token  # benchmarks/, this script's folder, is on the path
+from bench_train import Timed  # benchmarks/, this script's folder, is on the path
+from peers_side import PEERS, nonzero_per_token
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,19 +126,13 @@ def train_ours(out: Path, seed: int,
 
     train = np.load(out / "train.npy", mmap_mode="r")
     steps = len(train) // BATCH
-    reading = [0.0]
-
-    def batches():  # the same rows in the same order as the peers; reading time excluded
-        for i in range(steps):
-            start = time.perf_counter()
-            x = torch.from_numpy(np.array(train[i * BATCH:(i + 1) * BATCH]))
-            reading[0] += time.perf_counter() - start
-            yield x
-
+    # The same rows in the same order as the peers; reading them is left out.
+    batches = Timed(torch.from_numpy(np.array(train[i * BATCH:(i + 1) * BATCH]))
+                    for i in range(steps))
     start = time.perf_counter()
-    result = train_dictionary(batches(), architecture="topk", d_sae=F, k=K,
+    result = train_dictionary(batches, architecture="topk", d_sae=F, k=K,
                               total_tokens=steps * BATCH, seed=seed, progress=False, **options)
-    seconds = time.perf_counter() - start - reading[0]
+    seconds = time.perf_counter() - start - batches.seconds
     heldout = torch.from_numpy(np.load(out / "heldout.npy"))
     x_hats, nonzero = [], []
     with torch.no_grad():  # the contract's codes and reconstruction

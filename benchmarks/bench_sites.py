@@ -20,27 +20,9 @@ import os
 import time
 
 import torch
+from bench_train import Timed  # benchmarks/, this script's folder, is on the path
 
 F, K, BATCH = 4608, 32, 4096
-
-
-class Timed:
-    """Iterates ``source`` and adds the seconds spent producing each item to ``seconds``."""
-
-    def __init__(self, source):
-        self.source, self.seconds = source, 0.0
-
-    def __iter__(self):
-        it = iter(self.source)
-        while True:
-            start = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                return
-            finally:
-                self.seconds += time.perf_counter() - start
-            yield item
 
 
 def run(model, pairs: dict, tokens: int, suite: bool) -> tuple[float, float, int]:

@@ -29,6 +29,25 @@ ROOT = Path(__file__).resolve().parents[1]
 D, F, K, BATCH = 576, 4608, 32, 4096
 
 
+class Timed:
+    """Iterates ``source`` and adds the seconds spent producing each item to ``seconds``."""
+
+    def __init__(self, source):
+        self.source, self.seconds = source, 0.0
+
+    def __iter__(self):
+        it = iter(self.source)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - start
+            yield item
+
+
 def matmul_gflops(repeats: int = 10) -> float:
     """Measured fp32 rate of the encoder's matmul shape, (4096, 576) @ (576, 4608)."""
     a, b = torch.randn(BATCH, D), torch.randn(D, F)
@@ -124,23 +143,12 @@ def main() -> None:
     if args.profile:
         profile_steps(store, n_train)
     batches = store.batches(BATCH, rows=slice(0, n_train), epochs=None, drop_last=True, seed=0)
-    reading = [0.0]
-
-    def timed():  # the store's batches, the time spent reading them (a loader would overlap it)
-        it = iter(batches)
-        while True:
-            start = time.perf_counter()
-            x = next(it, None)
-            reading[0] += time.perf_counter() - start
-            if x is None:
-                return
-            yield x
-
+    timed = Timed(batches)  # the store's batches; reading them is left out (a loader overlaps it)
     start = time.perf_counter()
-    result = train_dictionary(timed(), architecture=args.architecture, d_sae=F, k=K, lr=args.lr,
+    result = train_dictionary(timed, architecture=args.architecture, d_sae=F, k=K, lr=args.lr,
                               optimizer=args.optimizer, total_tokens=args.tokens, seed=0,
                               progress=False)
-    seconds = time.perf_counter() - start - reading[0]
+    seconds = time.perf_counter() - start - timed.seconds
     after = matmul_gflops()
     rate = (before + after) / 2
     tokens = (args.tokens // BATCH) * BATCH
@@ -158,7 +166,7 @@ def main() -> None:
     print(f"measured fp32 matmul rate ({BATCH}x{D} @ {D}x{F}): {before:.0f} GFLOP/s before "
           f"training, {after:.0f} after; their mean {rate:.0f} is the rate below")
     print(f"training: {tokens} tokens in {seconds:.1f} s of steps = {tps:,.0f} tokens/s "
-          f"(reading the store's batches took {reading[0]:.1f} s more, left out)")
+          f"(reading the store's batches took {timed.seconds:.1f} s more, left out)")
     for name, flops in (("encoder forward matmul only, 2*D*F", 2),
                         ("sparse-decoder step, 4*D*F", 4), ("dense step, 10*D*F", 10)):
         used = tps * flops * D * F / 1e9

@@ -31,32 +31,21 @@ from sae_nb.training.distributed import Group
 from sae_nb.training.sparse_ops import bag_sum, by_latent, sparse_decode, topk_sae_forward
 
 
-class _Fvu:
-    """A batch's fraction of variance unexplained, computed when first read (the trainer reads
-    it only on logged steps; the target's variance is a pass over the batch)."""
-
-    def __init__(self, y: torch.Tensor, err_sq: torch.Tensor):
-        self.y, self.err_sq, self.value = y, err_sq, None
-
-    def __float__(self) -> float:
-        if self.value is None:
-            spread = (self.y - self.y.mean(0)).pow(2).sum().clamp_min(1e-12)
-            self.value, self.y = float(self.err_sq / spread), None
-        return self.value
-
-
 @dataclass
 class Step:
     loss: torch.Tensor
     mse: torch.Tensor  # mean squared error summed over D, averaged over rows
     l0: float  # mean active latents per row
     fired: torch.Tensor  # (F,) bool: latents active anywhere in this batch
-    _fvu: _Fvu  # fraction of variance unexplained in this batch, when read
+    err_sq: torch.Tensor  # squared error summed over the batch (detached)
+    y: torch.Tensor  # (B, D) the target
     x_hat: torch.Tensor  # (B, D) reconstruction (detached)
 
     @property
     def fvu(self) -> float:
-        return float(self._fvu)
+        """The batch's fraction of variance unexplained, computed when read (the trainer reads
+        it only on logged steps: the target's variance is a pass over the batch)."""
+        return float(self.err_sq / (self.y - self.y.mean(0)).pow(2).sum().clamp_min(1e-12))
 
 
 def _residual_variance(residual: torch.Tensor, group: Group | None) -> torch.Tensor:
@@ -91,7 +80,7 @@ def topk_step(sae: TopKSAE, x, y, dead: torch.Tensor | None, k_aux: int, auxk_al
     fired = torch.zeros(sae.d_sae + 1, dtype=torch.bool, device=x.device)
     fired[torch.where(vals > 0, idx, sae.d_sae).flatten()] = True
     return Step(loss, mse.detach(), float((vals > 0).sum()) / len(x), fired[:-1],
-                _Fvu(y, err_sq.detach()), x_hat.detach())
+                err_sq.detach(), y, x_hat.detach())
 
 
 def _global_batch_topk(pre: torch.Tensor, k: int, group: Group) -> torch.Tensor:
@@ -290,7 +279,7 @@ def batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux: int, auxk_alpha: float,
             t.copy_(torch.where(t == 0, kept_min,
                                 threshold_beta * t + (1 - threshold_beta) * kept_min))
     return Step(loss, mse.detach(), float(active.sum()) / len(x), active.any(0),
-                _Fvu(y, err_sq.detach()), x_hat.detach())
+                err_sq.detach(), y, x_hat.detach())
 
 
 def _update_threshold(sae: BatchTopKSAE, kept_min: torch.Tensor | None, update: bool, beta: float,
@@ -342,7 +331,7 @@ def _sparse_batchtopk_step(sae: BatchTopKSAE, x, y, dead, k_aux, auxk_alpha, upd
                       update_threshold, threshold_beta, group)
     fired = torch.zeros(sae.d_sae, dtype=torch.bool, device=x.device)
     fired[cols[active]] = True
-    return Step(loss, mse.detach(), float(active.sum()) / B, fired, _Fvu(y, err_sq.detach()),
+    return Step(loss, mse.detach(), float(active.sum()) / B, fired, err_sq.detach(), y,
                 x_hat.detach())
 
 
@@ -362,7 +351,7 @@ def relu_step(sae: ReLUSAE, x, y, l1_coefficient: float, penalty: str,
         sparsity = scaled.sum(-1).mean()
     active = f > 0
     return Step(mse + l1_coefficient * sparsity, mse.detach(), float(active.sum()) / len(x),
-                active.any(0), _Fvu(y, err_sq.detach()), x_hat.detach())
+                active.any(0), err_sq.detach(), y, x_hat.detach())
 
 
 class _JumpReLU(torch.autograd.Function):
@@ -412,7 +401,7 @@ def jumprelu_step(sae: JumpReLUSAE, x, y, l0_coefficient: float, bandwidth: floa
     l0 = _Step.apply(pre, threshold, bandwidth).sum(-1).mean()
     active = f > 0
     return Step(mse + l0_coefficient * l0, mse.detach(), float(active.sum()) / len(x),
-                active.any(0), _Fvu(y, err_sq.detach()), x_hat.detach())
+                active.any(0), err_sq.detach(), y, x_hat.detach())
 
 
 def compute_step(sae: Dictionary, x, y, cfg, dead, past_warmup: bool = True,

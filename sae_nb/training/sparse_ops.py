@@ -5,7 +5,8 @@ matmuls (weights and input) and a dense decoder. Only k of F latents are active,
 
 - the decoder is a weighted gather of k rows of ``W_dec`` (``embedding_bag``), forward and back;
 - the encoder's and decoder's weight gradients touch only the active (row, latent) pairs: two
-  sparse (CSR) matmuls over one pattern, sorted by latent once per step;
+  sparse products over one pattern (embedding bags over the pairs sorted by latent once per
+  step);
 - ``b_dec`` enters the encoder as ``b_enc - b_dec @ W_enc``, a vector, so its gradient is a
   vector-matrix product and no ``(B, F) @ (F, D)`` input gradient is ever formed.
 
@@ -90,7 +91,7 @@ class _TopKSAEForward(torch.autograd.Function):
     dead latents, the AuxK top ``k_aux`` among them, and both sparse decodes (``aux_hat``: the
     AuxK codes' reconstruction, no bias). The backward sorts the active (row, latent) pairs by
     latent once and forms all four weight gradients from that one order: ``W_enc``'s and
-    ``W_dec``'s as two CSR matmuls over the same pattern (main and AuxK entries together)."""
+    ``W_dec``'s as two embedding bags over the same pattern (main and AuxK entries together)."""
 
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec_in, W_dec, b_dec, k: int, dead, k_aux: int):
@@ -115,24 +116,21 @@ class _TopKSAEForward(torch.autograd.Function):
         g_hat = torch.zeros_like(x) if g_hat is None else g_hat.contiguous()
         # Gradient at each kept pre-activation: the decoder row's dot with the output gradient,
         # through the ReLU.
-        g_pre, cols, weights, rows = _gather_dot(W_dec, idx, g_hat) * (acts > 0), idx, acts, None
-        sources = g_hat
-        if aux_idx is not None and g_aux_hat is not None:
+        g_pre, cols, weights = _gather_dot(W_dec, idx, g_hat) * (acts > 0), idx, acts
+        sources, aux = g_hat, aux_idx is not None and g_aux_hat is not None
+        if aux:
             g_aux_hat = g_aux_hat.contiguous()
             g_pre = torch.cat([g_pre, _gather_dot(W_dec, aux_idx, g_aux_hat) * (aux_acts > 0)], 1)
             cols, weights = torch.cat([idx, aux_idx], 1), torch.cat([acts, aux_acts], 1)
-            # Entry (b, j) reads row b of the input for W_enc and, for W_dec, row b of g_hat
-            # (main entries) or of g_aux_hat (AuxK entries, rows B..2B of the stacked sources).
-            k = idx.shape[1]
-            rows = torch.arange(B, device=x.device)[:, None].expand(B, cols.shape[1]).clone()
-            rows[:, k:] += B
             sources = torch.cat([g_hat, g_aux_hat])
         n = cols.shape[1]
         flat = cols.flatten()
         crow, order = by_latent(flat, F_)
         in_rows = order // n  # the input row of each sorted entry
         g_W_enc = bag_sum(crow, in_rows, g_pre.flatten()[order], x - b_dec_in).T
-        dec_rows = in_rows if rows is None else rows.flatten()[order]
+        # For W_dec an entry reads row b of g_hat, or for an AuxK entry (column k and on) row b
+        # of g_aux_hat: row B + b of the stacked sources.
+        dec_rows = in_rows + B * (order % n >= idx.shape[1]) if aux else in_rows
         g_W_dec = bag_sum(crow, dec_rows, weights.flatten()[order], sources)
         g_b_enc = torch.zeros(F_, dtype=x.dtype, device=x.device).index_add_(0, flat,
                                                                              g_pre.flatten())
