@@ -29,7 +29,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 # The package's folders, lowest first (docs/layout.md). A module imports only from its own folder
 # or lower ones; a new folder must be placed here, and the test fails until it is.
 FOLDERS = ["util", "activations", "dictionaries", "training", "latents", "texts",
-           "interventions", "explanations", "comparison", "views", "running"]
+           "interventions", "explanations", "comparison", "circuits", "views", "running"]
 # The only modules at the top: the package's face (names notebooks call) and the command line.
 FACE = ["__init__", "__main__"]
 

@@ -291,6 +291,8 @@ class SkipTopKSAE(TopKSAE):
     ``decode(f)`` is the dictionary part only; the skip term needs ``x``, so here
     ``reconstruct(x) != decode(encode(x))``."""
 
+    kind = "topk_skip"
+
     def __init__(self, d_in: int, d_sae: int, k: int, **kw):
         super().__init__(d_in, d_sae, k=k, **kw)
         self.W_skip = nn.Parameter(torch.zeros(d_in, d_in, dtype=self.W_enc.dtype))  # (D, D)
@@ -298,6 +300,14 @@ class SkipTopKSAE(TopKSAE):
     def encode_and_reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.encode(x)
         return f, self.decode(f) + x @ self.W_skip.T
+
+    @torch.no_grad()
+    def fold_scale(self, scale_in: float, scale_out: float | None = None) -> None:
+        """As :meth:`Dictionary.fold_scale`; the skip map from ``x * scale_in`` to
+        ``y * scale_out`` becomes one from ``x`` to ``y``."""
+        scale_out = scale_in if scale_out is None else scale_out
+        super().fold_scale(scale_in, scale_out)
+        self.W_skip *= scale_in / scale_out
 
 
 class NormalizedTopKSAE(TopKSAE):
@@ -341,7 +351,7 @@ DICTIONARY_CLASSES: tuple[type[Dictionary], ...] = (
 
 ARCHITECTURES: dict[str, type[Dictionary]] = {
     "standard": ReLUSAE, "relu": ReLUSAE, "topk": TopKSAE, "batchtopk": BatchTopKSAE,
-    "jumprelu": JumpReLUSAE,
+    "jumprelu": JumpReLUSAE, "topk_skip": SkipTopKSAE,
 }
 
 
@@ -352,7 +362,7 @@ def build_dictionary(architecture: str, d_in: int, d_sae: int, k: int | None = N
     if cls is None:
         raise ValueError(f"Unknown architecture {architecture!r}; choose one of "
                          f"{sorted(set(ARCHITECTURES) - {'relu'})}.")
-    if cls in (TopKSAE, BatchTopKSAE):
+    if issubclass(cls, TopKSAE | BatchTopKSAE):
         if k is None:
             raise ValueError(f"architecture={architecture!r} needs k (active latents per token).")
         if not 0 < k <= d_sae:

@@ -38,6 +38,7 @@ from sae_nb.dictionaries.architectures import (
     Dictionary,
     JumpReLUSAE,
     ReLUSAE,
+    SkipTopKSAE,
     TopKSAE,
 )
 from sae_nb.util.errors import SaeNbError
@@ -298,7 +299,7 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
 
 
 _OUR_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE,
-                "standard": ReLUSAE}
+                "standard": ReLUSAE, "topk_skip": SkipTopKSAE}
 
 
 def load_sae_nb(path: str | Path) -> Dictionary:
@@ -320,15 +321,16 @@ def load_sae_nb(path: str | Path) -> Dictionary:
         raise DictionaryFormatError(f"{str(path)!r}: unknown architecture {arch!r}; supported: "
                                     f"{list(_OUR_CLASSES)}.")
     kw: dict[str, Any] = {"apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
-    if arch in ("topk", "batchtopk"):  # SAELens has no batchtopk: its k lives in sae_nb.json
-        kw["k"] = config_int(cfg, "k", cfg_file) if arch == "topk" else \
-            config_int(meta, "k", path / META_FILE)
+    if arch in ("topk", "batchtopk", "topk_skip"):  # SAELens has no batchtopk: its k lives in
+        kw["k"] = config_int(cfg, "k", cfg_file) if arch != "batchtopk" else \
+            config_int(meta, "k", path / META_FILE)  # sae_nb.json
         if kw["k"] > d_sae:
             raise DictionaryFormatError(f"{str(path)!r}: k={kw['k']} exceeds d_sae={d_sae}.")
     what = f"cfg.json (d_in={d_in}, d_sae={d_sae})"
-    check_shapes(safetensors_shapes(weights_file), {"W_enc": (d_in, d_sae), "b_enc": (d_sae,),
-                                                    "W_dec": (d_sae, d_in), "b_dec": (d_in,)},
-                 weights_file, what)
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if arch == "topk_skip":
+        shapes["W_skip"] = (d_in, d_in)
+    check_shapes(safetensors_shapes(weights_file), shapes, weights_file, what)
     changed = changed_files(path, meta, (CFG_FILE, WEIGHTS_FILE))
     if changed:
         raise DictionaryFormatError(

@@ -24,6 +24,7 @@ from sae_nb.dictionaries.architectures import (
     Dictionary,
     JumpReLUSAE,
     ReLUSAE,
+    SkipTopKSAE,
     TopKSAE,
     folded_bias,
 )
@@ -66,6 +67,8 @@ def topk_step(sae: TopKSAE, x, y, dead: torch.Tensor | None, k_aux: int, auxk_al
     x_hat, aux_hat, vals, idx = topk_sae_forward(
         x, sae.W_enc, sae.b_enc, b_dec_in, sae.W_dec, sae.b_dec, sae.k,
         dead if use_aux else None, min(k_aux, int(dead.sum())) if use_aux else 0)
+    if isinstance(sae, SkipTopKSAE):  # the linear skip term, a dense (D, D) product
+        x_hat = torch.addmm(x_hat, x, sae.W_skip.T)
     err = y - x_hat
     err_sq = err.pow(2).sum()
     mse = err_sq / len(x)

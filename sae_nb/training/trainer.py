@@ -71,7 +71,7 @@ ARCHITECTURE_NAMES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard", "
 RESUMABLE_CHANGES = ("checkpoint_dir", "checkpoint_every", "log_every", "device")
 OPTIMIZERS = ("adam", "signsgd_schedulefree")
 # Settings added after checkpoints were first written, with the value every earlier run had.
-ADDED_SETTINGS = {"optimizer": "adam", "momentum": 0.95}
+ADDED_SETTINGS = {"optimizer": "adam", "momentum": 0.95, "skip_connection": False}
 
 
 class TrainingError(SaeNbError, ValueError):
@@ -153,6 +153,10 @@ class TrainConfig:
     Counted in whole batches (dead once the batches since a latent last fired hold this many
     tokens). AuxK revives dead latents for TopK and BatchTopK; the log's dead_frac is their
     fraction."""
+    skip_connection: bool = False
+    """TopK: add a linear skip term ``x @ W_skip.T`` to the reconstruction, trained with the rest
+    from zero (sparsify's skip transcoders, Paulo et al. 2025): a transcoder's latents then
+    explain what the MLP adds beyond a linear map of its input."""
     auxk_alpha: float = 1 / 32
     """TopK and BatchTopK: the weight of the AuxK loss that revives dead latents."""
     k_aux: int | None = None
@@ -207,6 +211,9 @@ class TrainConfig:
                                     error=TrainingError)
         if self.momentum >= 1:
             raise TrainingError(f"momentum={self.momentum!r}; use a value in (0, 1), e.g. 0.95.")
+        if self.skip_connection and self.architecture != "topk":
+            raise TrainingError(f"skip_connection=True needs architecture='topk' (got "
+                                f"{self.architecture!r}); drop skip_connection or train TopK.")
         if self.sparsity_penalty not in ("l1", "entropy"):
             raise TrainingError(f"sparsity_penalty={self.sparsity_penalty!r}; use 'l1' or "
                                 f"'entropy'.")
@@ -294,7 +301,7 @@ def _init(cfg: TrainConfig, x: torch.Tensor, y: torch.Tensor,
         cfg.matryoshka_widths_value(d_sae)  # fail before training when they do not fit d_sae
     # Matryoshka BatchTopK trains a BatchTopK dictionary with a nested loss.
     arch = "batchtopk" if cfg.architecture == "matryoshka_batchtopk" else cfg.architecture
-    sae = build_dictionary(arch, d_in, d_sae, k=cfg.k,
+    sae = build_dictionary("topk_skip" if cfg.skip_connection else arch, d_in, d_sae, k=cfg.k,
                            apply_b_dec_to_input=not transcoder).to(device)
     x, y = x.to(device).float(), y.to(device).float()
     s_in = float(1 / x.pow(2).sum(1).mean().sqrt()) if cfg.normalize_activations else 1.0
