@@ -100,6 +100,22 @@ class Graph:
         return dict(kind="logit", layer=self.n_layers, position=self.n_pos - 1, latent=None,
                     activation=None, name=self.logit_names[i])
 
+    def node_id(self, index: int) -> str:
+        """The node's id in the graph JSON: ``{layer}_{latent}_{pos}`` for a feature,
+        ``{layer}_-1_{pos}`` for an error node, ``E_{token}_{pos}`` for an embedding and
+        ``{n_layers + 1}_{token}_{pos}`` for a logit (``-1 - k`` for the k-th custom target):
+        distinct for every node."""
+        n = self.node(index)
+        if n["kind"] == "feature":
+            return f"{n['layer']}_{n['latent']}_{n['position']}"
+        if n["kind"] == "error":
+            return f"{n['layer']}_-1_{n['position']}"
+        if n["kind"] == "embedding":
+            return f"E_{int(self.tokens[n['position']])}_{n['position']}"
+        k = index - self.logit_start
+        vocab = self.logit_tokens[k] if self.logit_tokens[k] is not None else -1 - k
+        return f"{self.n_layers + 1}_{vocab}_{n['position']}"
+
     def nodes(self) -> pd.DataFrame:
         """A table of every node (:meth:`node`), with its influence on the logits."""
         table = pd.DataFrame([self.node(i) for i in range(self.n_nodes)])
@@ -149,23 +165,23 @@ def _json_node(graph: Graph, i: int, influence: float) -> dict:
                 reverse_ctx_idx=0, clerp="", influence=influence, activation=n["activation"])
     if n["kind"] == "feature":
         offset = 10 ** math.ceil(math.log10(graph.d_sae)) if graph.d_sae else 0
-        layer, latent, pos = n["layer"], n["latent"], n["position"]
-        return dict(base, node_id=f"{layer}_{latent}_{pos}", feature=latent + offset * layer,
+        layer, latent = n["layer"], n["latent"]
+        return dict(base, node_id=graph.node_id(i), feature=latent + offset * layer,
                     layer=str(layer), feature_type="cross layer transcoder",
                     jsNodeId=f"{layer}_{latent}-0")
-    if n["kind"] == "error":
-        return dict(base, node_id=f"0_{n['layer']}_{n['position']}", feature=-1,
+    if n["kind"] == "error":  # latent -1: never a feature's id
+        return dict(base, node_id=graph.node_id(i), feature=-1,
                     layer=str(n["layer"]), feature_type="mlp reconstruction error",
-                    jsNodeId=f"{n['layer']}_{n['position']}-0")
+                    jsNodeId=f"{n['layer']}_-1-{n['position']}")
     if n["kind"] == "embedding":
         tok = int(graph.tokens[n["position"]])
-        return dict(base, node_id=f"E_{tok}_{n['position']}", feature=n["position"], layer="E",
+        return dict(base, node_id=graph.node_id(i), feature=n["position"], layer="E",
                     feature_type="embedding", jsNodeId=f"E_{tok}-{n['position']}")
     k = i - graph.logit_start
     tok = graph.logit_tokens[k]
     vocab = tok if tok is not None else -1 - k  # a custom target has no token
     prob = float(graph.logit_weights[k])
-    return dict(base, node_id=f"{graph.n_layers + 1}_{vocab}_{n['position']}", feature=vocab,
+    return dict(base, node_id=graph.node_id(i), feature=vocab,
                 layer=str(graph.n_layers + 1), feature_type="logit", token_prob=prob,
                 is_target_logit=k == 0, jsNodeId=f"L_{vocab}-{n['position']}",
                 clerp=f'Output "{_clean(graph.logit_names[k])}" (p={prob:.3f})')

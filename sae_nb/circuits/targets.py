@@ -23,10 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 
 from sae_nb.activations.corpora import token_strings
+from sae_nb.activations.models import hf_model
 from sae_nb.circuits.transcoder_set import CircuitError
+from sae_nb.interventions.attribution import as_ids
 
 
 @dataclass
@@ -124,3 +127,19 @@ def token_id(tokenizer, token, vocab_size: int) -> tuple[int, str]:
                            f"to {ids}); give a single token, e.g. with its leading space "
                            f"(' Paris'), or its id.")
     return ids[0], token
+
+
+@torch.no_grad()
+def prompt_predictions(model, prompts: list[str]) -> pd.DataFrame:
+    """Each prompt's next token under the real model (BOS prepended, as graphs read it): its
+    top token, that token's probability and the prompt's length in tokens; a graph is worth
+    reading where the model is right and confident."""
+    rows = []
+    for prompt in prompts:
+        ids = as_ids(model, prompt)
+        probs = hf_model(model)(ids.to(next(hf_model(model).parameters()).device)).logits[0, -1]
+        p, token = probs.float().softmax(-1).max(0)
+        rows.append({"prompt": prompt,
+                     "top token": token_strings(model.tokenizer, [int(token)])[0],
+                     "probability": float(p), "tokens": ids.shape[1]})
+    return pd.DataFrame(rows)
