@@ -286,10 +286,64 @@ def test_no_element_of_the_widget_overflows_its_box(page):
     assert not overflowing, "\n".join(overflowing)
     table = root.locator(".sae-nb-logits table")
     assert table.count() == 1 and table.evaluate("t => t.getBoundingClientRect().width") > 200
-    caption = root.get_by_text("Direct effect of one unit").text_content()
-    assert "logit units" in caption and "unembedding" in caption
+    note = root.locator(".sae-nb-logits .logit-note").text_content()
+    assert "mean activation when firing" in note and "nats" in note and "unembedding" in note
     scroll_to(page, f"{EXPLORER} .sae-nb-summary")
     page.screenshot("histogram_and_logits")
+
+
+# Per control of the widget: the width its text needs (the shown option of a menu, the
+# placeholder of an empty box, a button's label), measured in its own font, and the width it has.
+TEXT_FIT_JS = """root => {
+    const ctx = document.createElement('canvas').getContext('2d'), out = [];
+    const need = (el, text) => { ctx.font = getComputedStyle(el).font;
+                                 return ctx.measureText(text).width; };
+    const inner = el => { const c = getComputedStyle(el);
+        return el.clientWidth - parseFloat(c.paddingLeft) - parseFloat(c.paddingRight); };
+    for (const s of root.querySelectorAll('select'))
+        for (const o of s.options)  // every option a menu can show, not only the current one
+            out.push({what: 'menu option ' + o.text, need: need(s, o.text) + 20,
+                      has: inner(s)});
+    for (const i of root.querySelectorAll('input[placeholder], textarea[placeholder]'))
+        if (i.placeholder) out.push({what: 'placeholder ' + i.placeholder,
+                                     need: need(i, i.placeholder), has: inner(i)});
+    for (const b of root.querySelectorAll('button'))
+        out.push({what: 'button ' + b.textContent, need: need(b, b.textContent.trim()),
+                  has: inner(b)});
+    return out;
+}"""
+
+
+def test_menus_placeholders_buttons_and_slider_show_their_whole_text(page, truth):
+    """Measured in the browser: every menu option (after a search fills the menu), every
+    placeholder and every button label fits its control; the slider's track is a usable
+    width; the histogram's plotly toolbar does not cover its title."""
+    root = explorer(page)
+    root.locator(".sae-nb-query input").fill(" the")
+    root.locator(".sae-nb-query input").press("Enter")
+    page.wait_for(lambda: root.locator(".sae-nb-matches select option").count() > 0, 60,
+                  "the search to fill its menu")
+    scroll_to(page, f"{EXPLORER} .sae-nb-query")
+    page.screenshot("menus_and_placeholders")
+    short = [f"{m['what']!r}: needs {m['need']:.0f} px, has {m['has']:.0f}"
+             for m in root.evaluate(TEXT_FIT_JS) if m["need"] > m["has"] + 1]
+    assert not short, "\n".join(short)
+    track = root.locator(".sae-nb-slider .slider-container").first.evaluate(
+        "e => e.getBoundingClientRect().width")
+    assert track >= 250, f"the slider's track is {track:.0f} px"
+    plot = root.locator(".js-plotly-plot").first
+    plot.hover()
+    page.page.wait_for_timeout(500)
+    boxes = plot.evaluate("""p => ['.modebar', '.gtitle'].map(s => {
+        const e = p.querySelector(s); if (!e) return null;
+        const r = e.getBoundingClientRect();
+        return {left: r.left, right: r.right, top: r.top, bottom: r.bottom}; })""")
+    scroll_to(page, f"{EXPLORER} .sae-nb-summary")
+    page.screenshot("histogram_hovered")
+    bar, title = boxes
+    assert title is not None
+    assert bar is None or not (bar["left"] < title["right"] and title["left"] < bar["right"]
+                               and bar["top"] < title["bottom"] and title["top"] < bar["bottom"])
 
 
 def test_prev_and_next_buttons_step_one_rank(page):

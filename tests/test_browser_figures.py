@@ -111,6 +111,7 @@ def test_pareto_figure_keeps_its_legend_and_axis_titles_inside_a_notebooks_width
     assert names == ["topk", "batchtopk", "matryoshka_batchtopk"]
     parts = [box(page, f"#fig .legendtext >> nth={i}") for i in range(3)]
     parts += [box(page, f"#fig .g-{axis}title") for axis in ("y", "y2", "x", "x2")]
+    parts.append(box(page, "#fig .gtitle"))  # the title, once longer than the 900 px
     for part in parts:
         assert figure["left"] <= part["left"] and part["right"] <= figure["right"], (part, figure)
         assert part["bottom"] <= figure["bottom"], (part, figure)

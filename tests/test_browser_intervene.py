@@ -1,10 +1,14 @@
 """Notebook 07's steering widget in a real JupyterLab and chromium, as a person uses it.
 
 A copy of notebook 07 with the smoke parameters (papermill's injected cell, as the main job
-writes it) is opened in JupyterLab and run from the Run menu; then the widget is used: Generate,
-the coefficient slider moved with the keyboard, Generate again, and an attributed latent's
-ablate button. Expected texts are generated here, in the test's own process, with the latent
-and coefficient the page shows. Screenshots go to the module's temporary folder.
+writes it) is opened in JupyterLab and run from the Run menu; its tables of texts are checked
+for full, left-aligned text and its long cells for a finished progress bar. Then the widget is
+used as a person would: a latent found by token search, a second latent added, a temperature,
+a seed and three samples set, Generate, a strength moved with the keyboard and Generate again
+(the time from the click to the new text is measured and printed, not asserted), an attributed
+latent ablated, and a latent number clicked to open it in the explorer. Expected texts are
+generated here, in the test's own process, with the latents and strengths the page shows.
+Screenshots go to the module's temporary folder.
 """
 
 from __future__ import annotations
@@ -55,42 +59,67 @@ def page(root, tmp_path_factory):
         yield page
 
 
-def texts(page) -> list[str]:
-    return page.page.locator(f"{WIDGET} pre").all_text_contents()
+def continuations(page, kind: str) -> list[str]:
+    return page.page.locator(f"{WIDGET} .sae-nb-steer-texts .continuation.{kind}"
+                             ).all_text_contents()
 
 
-def test_notebook_runs_without_errors(page):
+def status(widget) -> str:
+    return widget.locator(".sae-nb-steer-status").inner_text()
+
+
+def test_notebook_runs_without_errors(page, root):
+    import pandas as pd
+
     assert page.error_outputs() == []
     assert all(p.isdigit() for p in page.prompts()), page.prompts()
     assert page.page.locator(WIDGET).count() == 1
     page.screenshot("after_run_all", full_page=True)
+    # the generation table: every continuation in full, left-aligned, not cut by pandas
+    run_dir = Path((root / "run_dir").read_text())
+    table = pd.read_csv(run_dir / "intervene" / "generations.csv", keep_default_na=False)
+    for text in table["edited"].tolist() + table["clean"].tolist():
+        cell = page.page.locator(".jp-OutputArea-output td", has_text=text.strip()).first
+        assert cell.text_content() == text  # full, whitespace kept
+        assert cell.evaluate("e => getComputedStyle(e).textAlign") == "left"
+    # the sweep's and the generations' progress bars, as they ended (tqdm: "desc: 100%")
+    bars = [b.replace("\u2007", " ") for b in page.page.locator(
+        ".jp-OutputArea-output .widget-html-content").all_text_contents()]
+    for name in ("steering sweep", "generations"):
+        assert any(b.startswith(f"{name}: 100%") for b in bars), bars
 
 
-def test_generate_slide_generate_and_ablate(page, root):
+def test_steer_two_latents_sample_ablate_and_open_the_explorer(page, root):
+    import time
+
     import sae_nb
     from sae_nb.interventions.effects import generate, neutral_tokens
     from sae_nb.interventions.steering import latent_method, site_scale
 
     widget = page.page.locator(WIDGET)
-    number = widget.locator(".widget-inline-hbox input[type=number]").first
-    latent = search_for_a_latent(page, widget, number, root)
-    widget.locator("button", has_text="Generate").click()
-    page.wait_for(lambda: len(texts(page)) == 2, 300, "the first generation")
-    first_texts = texts(page)
-    first_logits = widget.locator("table").first.inner_html()
-    assert int(number.input_value()) == latent
-
-    readout = widget.locator(".widget-readout").first
-    coefficient = round(float(readout.inner_text()) + 8 * 0.05, 2)  # 8 steps of 0.05
-    handle = widget.locator(".noUi-handle").first
-    handle.focus()
-    for _ in range(8):
-        handle.press("ArrowRight")
-    page.wait_for(lambda: readout.inner_text().strip() == f"{coefficient:.2f}", 30,
-                  f"the slider's readout to show {coefficient:.2f}")
-    widget.locator("button", has_text="Generate").click()
-    page.wait_for(lambda: texts(page) != first_texts, 300, "the steered text to change")
-    page.screenshot("after_slider")
+    rows = widget.locator(".sae-nb-row")
+    first = search_for_a_latent(page, widget, rows.nth(0).locator("input[type=number]"), root)
+    widget.locator(".sae-nb-steer-add-button").click()
+    page.wait_for(lambda: rows.count() == 2, 30, "a second latent row")
+    second = 100 if first != 100 else 101
+    box = rows.nth(1).locator("input[type=number]")
+    box.fill(str(second))
+    box.press("Enter")
+    press(rows.nth(1).locator(".noUi-handle"), "ArrowLeft", 10)  # 0.25 -> -0.25
+    press(widget.locator(".sae-nb-steer-temperature .noUi-handle"), "ArrowRight", 16)  # 0 -> 0.8
+    for name, value in (("seed", "3"), ("samples", "3")):
+        field = widget.locator(f".sae-nb-steer-{name} input")
+        field.fill(value)
+        field.press("Enter")
+    readouts = lambda: [slider_value(r) for r in widget.locator(  # noqa: E731
+        ".sae-nb-row .widget-readout").all()]
+    page.wait_for(lambda: readouts()[1] == -0.25 and widget.locator(
+        ".sae-nb-steer-temperature .widget-readout").inner_text().strip() == "0.80", 30,
+        "the strength and the temperature")
+    widget.locator(".sae-nb-steer-generate-button").click()
+    page.wait_for(lambda: "seeds [3, 4, 5]" in status(widget), 300, "three samples")
+    widget.locator(".sae-nb-steer-texts").scroll_into_view_if_needed()
+    page.screenshot("after_generate_three_samples")
 
     lm, sae = sae_nb.load_model(), sae_nb.load_default_dictionary()
     values = SMOKE_PARAMETERS["07_intervene"]
@@ -99,17 +128,68 @@ def test_generate_slide_generate_and_ablate(page, root):
     nb = nbformat.read(NOTEBOOKS_DIR / "07_intervene.ipynb", as_version=4)
     prompt = next(line for line in nb.cells[1].source.splitlines()
                   if line.startswith("prompt ")).split('"')[1]
-    expected = generate(lm, prompt, sae, latent_method(sae, latent, scale).edits(coefficient),
-                        max_new_tokens=values["max_new_tokens"])[0]
-    clean, steered = texts(page)
-    assert clean == first_texts[0] and steered == expected != first_texts[1]
-    # shown together with the texts: the logit table is new by the time the texts are
-    assert widget.locator("table").first.inner_html() != first_logits
+
+    def expected(strengths):
+        edits = [e for i, c in strengths for e in latent_method(sae, i, scale).edits(c)]
+        n = values["max_new_tokens"]
+        return ([generate(lm, prompt, max_new_tokens=n, temperature=0.8, seed=s)[0]
+                 for s in (3, 4, 5)],
+                [generate(lm, prompt, sae, edits, max_new_tokens=n, temperature=0.8, seed=s)[0]
+                 for s in (3, 4, 5)])
+
+    strengths = list(zip((first, second), readouts()))
+    clean, steered = expected(strengths)
+    assert continuations(page, "clean") == clean and continuations(page, "steered") == steered
+    for text in widget.locator(".sae-nb-steer-texts .sae-nb-text").all():  # never cut
+        assert text.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), text.inner_text()
+        assert text.evaluate("e => getComputedStyle(e).textAlign") == "left"
+
+    press(rows.nth(0).locator(".noUi-handle"), "ArrowRight", 4)  # a new strength: clean cached
+    page.wait_for(lambda: readouts()[0] != strengths[0][1], 30, "the first strength to move")
+    start = time.monotonic()
+    widget.locator(".sae-nb-steer-generate-button").click()
+    page.wait_for(lambda: f"x {readouts()[0]:g}" in status(widget)
+                  and "answered" in status(widget), 300, "the second generation")
+    seconds = time.monotonic() - start
+    print(f"second Generate: {seconds:.2f} s from the click to the new text in the page; "
+          f"the kernel says: {status(widget)}")
+    (page.shots / "second_generate_seconds.txt").write_text(f"{seconds:.3f}\n{status(widget)}\n")
+    assert "clean run cached" in status(widget)
+    strengths = list(zip((first, second), readouts()))
+    clean, steered = expected(strengths)
+    assert continuations(page, "steered") == steered and continuations(page, "clean") == clean
+    widget.locator(".sae-nb-steer-logits").scroll_into_view_if_needed()
+    page.screenshot("after_second_generate")
 
     widget.locator("button", has_text="ablate").first.click()
-    page.wait_for(lambda: "ablated at position" in widget.inner_text(), 300, "the ablation")
+    page.wait_for(lambda: "ablated at position" in widget.locator(".sae-nb-steer-ablation")
+                  .inner_text(), 300, "the ablation")
+    shown = widget.locator(".sae-nb-steer-ablation").inner_text()
+    assert "without the steering edit" in shown and "predicted" in shown and "measured" in shown
+    assert widget.locator(".sae-nb-steer-ablation .continuation.clean").count() == 3  # beside clean
+    widget.locator(".sae-nb-steer-ablation").scroll_into_view_if_needed()
     page.screenshot("after_ablate")
+
+    link = widget.locator(".sae-nb-steer-ablation a.latent-link").first
+    target = int(link.get_attribute("data-latent"))
+    link.click()
+    number = widget.locator(".sae-nb-explorer .sae-nb-number input")
+    page.wait_for(lambda: number.is_visible() and number.input_value() == str(target), 60,
+                  f"the explorer to open latent {target}")
+    number.scroll_into_view_if_needed()
+    page.screenshot("after_open_in_explorer")
     assert page.errors == []
+
+
+def slider_value(readout) -> float:
+    """A slider's readout as a number (d3-format writes a minus sign, not a hyphen)."""
+    return float(readout.inner_text().strip().replace("\u2212", "-"))
+
+
+def press(locator, key: str, times: int) -> None:
+    locator.focus()
+    for _ in range(times):
+        locator.press(key)
 
 
 def search_for_a_latent(page, widget, number, root) -> int:
@@ -126,7 +206,7 @@ def search_for_a_latent(page, widget, number, root) -> int:
     stats = FeatureStats.load(stats_folder(run_dir, dictionary_label(sae)))
     query = " the"
     best = LatentSearch(stats, store, lm.tokenizer)(query)[0][0]
-    box = widget.locator("input[placeholder^='a token']")
+    box = widget.locator("input[placeholder='a token, e.g. great']")
     box.fill(query)
     box.press("Enter")
     page.wait_for(lambda: number.input_value() == str(best), 120,

@@ -63,7 +63,7 @@ def test_summary_and_pareto_figure_match_the_runs(lab_grid):
         assert row["fvu_high"] - row["fvu"] == pytest.approx(half, rel=1e-6, abs=1e-12)
         assert row["fvu_boot_low"] == pytest.approx(part["fvu_boot_low"].mean())
     fig = pareto_figure(s, ys=("fvu",))
-    main = [tr for tr in fig.data if tr.showlegend is not False]
+    main = [tr for tr in fig.data if tr.legendgroup in ("topk", "batchtopk")]
     assert [tr.name for tr in main] == ["topk", "batchtopk"]
     for tr in main:
         part = s[s["architecture"] == tr.name].sort_values("l0")
@@ -71,8 +71,9 @@ def test_summary_and_pareto_figure_match_the_runs(lab_grid):
         np.testing.assert_allclose(tr.y, part["fvu"])
         np.testing.assert_allclose(tr.error_y.array, part["fvu_high"] - part["fvu"], atol=1e-12)
         np.testing.assert_allclose(tr.error_y.arrayminus, part["fvu"] - part["fvu_low"], atol=1e-12)
-    boot = [tr for tr in fig.data if tr.name == "topk (held-out bootstrap)"][0]
+    boot = [tr for tr in fig.data if tr.legendgroup == "bootstrap"][0]  # topk's, drawn first
     part = s[s["architecture"] == "topk"].sort_values("l0")
+    np.testing.assert_allclose(boot.y, part["fvu"])
     np.testing.assert_allclose(boot.error_y.array, part["fvu_boot_high"] - part["fvu"], atol=1e-12)
 
 
@@ -96,7 +97,7 @@ def test_seed_intervals_stay_inside_what_the_metric_can_take():
     # A metric without a known range keeps the whole interval.
     assert row["loss_low"] == pytest.approx(-12.706204736)
     fig = pareto_figure(compare.summarize_runs(runs, ["l0", "f1"]).assign(fvu=0.3), ys=("fvu",))
-    assert fig.data[0].error_x.arrayminus[0] == pytest.approx(15.0)  # the bar stops at L0 0
+    assert fig.data[0].customdata[0] == "15.0 [0.0, 192.9]"  # the hover's L0 stops at 0
     assert fig.layout.xaxis.title.text == "L0 (active latents per token)"
     assert fig.layout.yaxis.title.text.startswith("FVU")
 

@@ -8,7 +8,6 @@ ran: the shaded token spans and the histogram's bars.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ from sae_nb.views.dashboard import (
     export_dashboards,
     shade_alpha,
     shaded_tokens_html,
+    token_label,
     token_span,
 )
 
@@ -107,7 +107,8 @@ def exported(llama, corpus_dir, tmp_path_factory):
 
 def check_sections(soup, stats, latents, store, sae, tokenizer):
     """Each latent's section shows its top rows, centre tokens shaded by the top values."""
-    sections = soup.find_all("section", class_="latent")
+    sections = [s for s in soup.find_all("section", class_="latent")
+                if "related-latent" not in s["class"]]
     assert [int(s["data-latent"]) for s in sections] == latents
     for section, latent in zip(sections, latents):
         top = stats.top_rows[latent, :4]
@@ -150,7 +151,16 @@ def test_export_writes_one_self_contained_file(exported):
         assert len(labels) == len(expected) and labels[0].startswith("interval 3 of 3")
     assert [a["href"] for a in soup.find("ul").find_all("a")] == [f"#latent-{i}" for i in latents]
     linked = {a["href"] for a in soup.find_all("a")}  # every link leads to a section here
-    assert linked <= {f"#latent-{i}" for i in latents}
+    assert linked <= {f"#{s['id']}" for s in soup.find_all("section", class_="latent")}
+    # every latent named beside an exported one is a link, to its own short section
+    for near in soup.find_all("span", class_="near"):
+        link = near.find("a", class_="latent-link")
+        assert link is not None and link["href"] == f"#latent-{near['data-latent']}"
+        target = soup.find("section", id=f"latent-{near['data-latent']}")
+        rows = stats.top_rows[int(near["data-latent"])]
+        assert target is not None
+        if "related-latent" in target["class"]:
+            assert len(target.find_all("tr")) == min(5, (rows >= 0).sum())
 
 
 def test_dashboard_index_and_sections_caption_each_latent(exported):
@@ -161,8 +171,8 @@ def test_dashboard_index_and_sections_caption_each_latent(exported):
     for item, section, latent in zip(items, soup.find_all("section", class_="latent"), latents):
         ids = [int(store.index(np.array([r]))["token"][0]) for r in stats.top_rows[latent]
                if r >= 0]
-        caption = ", ".join(json.dumps(tokenizer.decode([t]), ensure_ascii=False)
-                            for t, _ in Counter(ids).most_common(2))
+        caption = "top tokens: " + ", ".join(token_label(tokenizer.decode([t]))
+                                             for t, _ in Counter(ids).most_common(2))
         assert item.get_text().startswith(f"latent {latent} {caption} ")
         assert f"latent {latent} {caption}" in section.find("div", class_="summary").get_text()
 
@@ -239,7 +249,7 @@ def test_dashboard_sections_list_nearest_latents_linking_those_exported(exported
         for s, i in zip(near, expected):
             assert s.get_text().endswith(f"({cos[i]:.2f})")
         links = [int(a["data-latent"]) for a in section.find("p", class_="related").find_all("a")]
-        assert links == [i for i in expected if i in latents]
+        assert links == expected  # each a link: to its section, or its short one at the end
 
 
 def test_dashboard_shows_each_latents_best_explanation(exported, tmp_path):
@@ -249,10 +259,18 @@ def test_dashboard_shows_each_latents_best_explanation(exported, tmp_path):
 
     path, store, sae, stats, latents, tokenizer = exported
     a, b = latents[0], latents[1]
-    table = pd.DataFrame({"latent": [a, a, b], "method": ["rule", "llm:control", "llm"],
-                          "explanation": ["tokens ' tax'", "control words", "tax words"],
-                          "score": [0.61, 0.97, 0.88], "error": ["", "", ""],
-                          "score_name": ["f1", "detection_auroc", "detection_auroc"]})
+    nan = float("nan")
+    table = pd.DataFrame({"latent": [a, a, b, b],
+                          "method": ["rule", "rule:control", "llm", "llm:control"],
+                          "explanation": ["tokens ' tax'", "control words", "tax words",
+                                          "control words"],
+                          "score": [0.61, 0.0, 0.88, 0.3], "error": ["", "", "", ""],
+                          "score_name": ["f1", "f1", "detection_auroc", "detection_auroc"],
+                          # the counts each score's noise comes from
+                          "precision": [0.61, 0.0, nan, nan],
+                          "n_fired_heldout": [100, 100, nan, nan],
+                          "n_matched_heldout": [100, 20, nan, nan],
+                          "n_positive": [nan, nan, 20, 20], "n_negative": [nan, nan, 20, 20]})
     out = export_dashboards(stats, store, sae, latents, tmp_path / "d.html", tokenizer=tokenizer,
                             n_contexts=4, before=5, after=2, explanations=table)
     soup = BeautifulSoup(out.read_text(encoding="utf-8"), "html.parser")
@@ -264,8 +282,9 @@ def test_dashboard_shows_each_latents_best_explanation(exported, tmp_path):
     assert sections[latents[2]].find("div", class_="explanation") is None  # none given
     assert "control words" not in soup.get_text()
     index = [li.get_text() for li in soup.find("ul").find_all("li")]
-    assert index[0].startswith(f"latent {a} tokens ' tax' (f1 0.61) · ")
-    assert index[1].startswith(f"latent {b} tax words (detection_auroc 0.88) · ")
+    assert index[0].startswith(f"latent {a} rule: tokens ' tax' (F1 0.61, control 0.00) · ")
+    assert index[1].startswith(
+        f"latent {b} llm: tax words (detection AUROC 0.88, control 0.30) · ")
 
 
 def test_latents_table_shows_a_space_token_where_it_peaked():
@@ -274,4 +293,4 @@ def test_latents_table_shows_a_space_token_where_it_peaked():
     page = latents_table_html([3, 4, 5, 6], [1.0, 2.0, 3.0, 4.0],
                               at_tokens=[" ", "\n", " the", "<a>"])
     cells = re.findall(r'<span class="tokens">(.*?)</span>', page)
-    assert cells == ["␣", "↵", " the", "&lt;a&gt;"]
+    assert cells == ["·", "↵", "·the", "&lt;a&gt;"]

@@ -132,6 +132,17 @@ def test_logit_changes_rank_the_change_in_probability(llama):
     suppressed = table[table.effect == "suppressed"]
     assert suppressed.token_id.tolist() == (-gain).topk(5).indices.tolist()
     assert suppressed.logprob_change.max() < 0 < promoted.logprob_change.min()
+    # the ranking criterion is a column of the table: the change in probability
+    assert promoted.p_change.tolist() == pytest.approx(gain[top].tolist(), abs=1e-6)
+    assert suppressed.p_change.tolist() == pytest.approx(
+        gain[(-gain).topk(5).indices].tolist(), abs=1e-6)
+
+
+def test_compare_generations_shows_a_progress_bar(llama, capsys):
+    sae = topk()
+    compare_generations(llama, sae, [PROMPT, "Peace"], [steer_latent(9, 4.0)], max_new_tokens=2)
+    err = capsys.readouterr().err
+    assert "generations: 100%" in err and "2/2" in err
 
 
 def test_bad_generation_inputs(llama):

@@ -22,6 +22,7 @@ from sae_nb.explanations.tables import (
     explain_cached,
     explanation_captions,
     explanation_identity,
+    explanation_verdicts,
     explanations_folder,
     load_explanations,
     merge_explanations,
@@ -39,37 +40,61 @@ def table(rows) -> pd.DataFrame:
                                        "error"])
 
 
-HAND = table([
-    (0, "rule", "tokens ' tax', ' taxes'", 0.62, "f1", ""),
-    (0, "llm", "tax words", 0.91, "detection_auroc", ""),
-    (0, "llm:control", "the word not", 0.97, "detection_auroc", ""),  # a control: never best
-    (1, "rule", "tokens ' not', ' never'", 0.55, "f1", ""),
-    (1, "llm", "", math.nan, "detection_auroc", "timeout after 30 s"),  # failed: ignored
-    (2, "rule", "tokens ' Monday'", 0.40, "f1", ""),
-    (2, "llm", "days of the week", 0.95, "detection_auroc", "empty reply"),  # error: ignored
-    (3, "llm", "war and the army", 0.70, "detection_auroc", ""),
-    (4, "rule", "", math.nan, "f1", "never fired"),  # no usable row at all
-    (5, "rule", "tokens ' the'", 0.0, "f1", ""),  # F1 0 explains nothing: never best
+def rule_f1(latent, method, explanation, tp, fired, matched):
+    """A rule row scored by held-out F1 from its counts, as rules.explanation_table writes."""
+    return {"latent": latent, "method": method, "explanation": explanation,
+            "score": 2 * tp / (fired + matched), "score_name": "f1", "error": "",
+            "precision": tp / matched if matched else 0.0, "n_fired_heldout": fired,
+            "n_matched_heldout": matched}
+
+
+def detection(latent, method, explanation, score, error=""):
+    """A detection row scored on 10 firing and 10 silent contexts."""
+    return {"latent": latent, "method": method, "explanation": explanation, "score": score,
+            "score_name": "detection_auroc", "error": error, "n_positive": 10, "n_negative": 10}
+
+
+HAND = pd.DataFrame([
+    rule_f1(0, "rule", "tokens ' tax', ' taxes'", 30, 40, 45),  # F1 0.71
+    rule_f1(0, "rule:control", "tokens ' army'", 0, 40, 20),
+    detection(0, "llm", "tax words", 0.91),
+    detection(0, "llm:control", "the word not", 0.97),  # its control scores higher: no margin
+    rule_f1(1, "rule", "tokens ' not', ' never'", 20, 40, 40),  # F1 0.50
+    rule_f1(1, "rule:control", "tokens ' tax'", 0, 40, 30),
+    detection(1, "llm", "", math.nan, "timeout after 30 s"),  # failed: ignored
+    rule_f1(2, "rule", "tokens ' Monday'", 1, 40, 10),  # F1 0.04: within noise of 0
+    rule_f1(2, "rule:control", "tokens ' not'", 0, 40, 10),
+    detection(2, "llm", "days of the week", 0.95, "empty reply"),  # error: ignored
+    detection(3, "llm", "war and the army", 0.99),
+    detection(3, "llm:control", "tax words", 0.40),  # margin 0.59: beyond noise
+    {"latent": 4, "method": "rule", "explanation": "", "score": math.nan, "score_name": "f1",
+     "error": "never fired"},  # no usable row at all
+    rule_f1(5, "rule", "tokens ' the'", 0, 40, 5),  # F1 0 explains nothing: never a candidate
+    rule_f1(5, "rule:control", "tokens ' a'", 0, 40, 5),
+    detection(6, "llm", "sports", 0.80),  # no control: never beyond noise
 ])
+AUROC_NOISE = math.sqrt(2 * 21 / 1200)  # a margin of two AUROCs from 10 + 10 contexts
 
 
-def test_best_explanation_is_the_highest_usable_score_per_latent():
+def test_best_explanation_is_the_one_furthest_beyond_its_control_per_latent():
+    verdicts = explanation_verdicts(HAND)
+    assert verdicts["latent"].tolist() == [0, 1, 2, 3, 6]  # 4 and 5 have no candidate
+    assert verdicts.loc[[2, 6], "verdict"].tolist() == ["unexplained", "unexplained"]
     best = best_explanations(HAND)
-    assert best["latent"].tolist() == [0, 1, 2, 3]  # latent 4 has nothing usable
-    assert best.loc[0, "explanation"] == "tax words" and best.loc[0, "method"] == "llm"
-    assert best.loc[0, "score"] == 0.91  # the control's 0.97 does not count
-    assert best.loc[1, "explanation"] == "tokens ' not', ' never'"  # the failed llm row ignored
-    assert best.loc[2, "method"] == "rule" and best.loc[2, "score"] == 0.40
-    assert best.loc[3, "score_name"] == "detection_auroc"
-    assert best_explanations(HAND, min_score=-1).loc[5, "score"] == 0.0
-    # brute force: for every latent, the max over non-control, error-free, finite rows
-    for latent, group in HAND.groupby("latent"):
-        ok = group[~group["method"].str.endswith(":control") & (group["error"] == "")
-                   & (group["score"] > 0) & (group["explanation"] != "")]
-        if len(ok):
-            assert best.loc[latent, "score"] == ok["score"].max()
-        else:
-            assert latent not in best.index
+    assert best["latent"].tolist() == [0, 1, 3]
+    assert best.loc[0, "explanation"] == "tokens ' tax', ' taxes'"  # not the llm's 0.91
+    assert best.loc[1, "method"] == "rule" and best.loc[1, "score"] == 0.5
+    assert best.loc[3, "method"] == "llm" and best.loc[3, "control"] == 0.40
+    assert best.loc[3, "effect"] == pytest.approx(0.59 / AUROC_NOISE)
+    assert best_explanations(HAND, min_effect=3.5)["latent"].tolist() == [0, 1]
+    # brute force on the detection rows alone: margin over the control / the closed-form noise
+    only = best_explanations(HAND, score_names=["detection_auroc"])
+    for latent, group in HAND[HAND["score_name"] == "detection_auroc"].groupby("latent"):
+        own = group[(group["method"] == "llm") & (group["error"] == "")]
+        ctrl = group[group["method"] == "llm:control"]
+        beyond = (len(own) and len(ctrl)
+                  and (own["score"].iloc[0] - ctrl["score"].iloc[0]) / AUROC_NOISE >= 2)
+        assert (latent in only.index) == bool(beyond)
 
 
 def test_table_contract_is_checked():
@@ -87,25 +112,36 @@ def test_merge_keeps_the_later_table_per_latent_and_method():
 
 
 def test_feature_table_gains_explanation_columns():
-    features = pd.DataFrame({"latent": range(6), "density": np.linspace(0, 0.5, 6)})
-    joined = with_explanations(features, best_explanations(HAND))
-    assert joined["latent"].tolist() == list(range(6))  # every latent kept, in order
-    assert joined.loc[0, "explanation"] == "tax words"
-    assert joined.loc[0, "explanation_score"] == 0.91
+    features = pd.DataFrame({"latent": range(7), "density": np.linspace(0, 0.5, 7)})
+    joined = with_explanations(features, explanation_verdicts(HAND))
+    assert joined["latent"].tolist() == list(range(7))  # every latent kept, in order
+    assert joined.loc[0, "explanation"] == "tokens ' tax', ' taxes'"
+    assert joined.loc[0, "explanation_score"] == pytest.approx(60 / 85)
+    assert joined.loc[0, "explanation_control"] == 0.0
     assert joined.loc[3, "explanation_method"] == "llm"
+    assert joined["explanation_verdict"].tolist() == [
+        "explained", "explained", "unexplained", "explained", "not scored", "not scored",
+        "unexplained"]
+    assert joined.loc[2, "explanation"] == "" and np.isnan(joined.loc[2, "explanation_score"])
     assert joined.loc[5, "explanation"] == "" and np.isnan(joined.loc[5, "explanation_score"])
+    only_best = with_explanations(features, best_explanations(HAND))
+    assert only_best.loc[3, "explanation"] == "war and the army"
+    assert only_best.loc[2, "explanation_verdict"] == "not scored"  # best alone cannot tell
     captions = explanation_captions(best_explanations(HAND))
-    assert captions[0] == "tax words (llm, detection_auroc 0.91)"
+    assert captions[3] == "llm: war and the army (detection AUROC 0.99, control 0.40)"
+    assert captions[1] == "rule: tokens ' not', ' never' (F1 0.50, control 0.00)"
     from sae_nb.explanations.tables import explanation_caption
-    assert explanation_caption("a b c d e f", 0.5, "f1", max_chars=6) == "a b c… (f1 0.50)"
+    assert explanation_caption("a b c d e f", 0.5, "f1", max_chars=6) == "a b c… (F1 0.50)"
 
 
 def test_score_summary_counts_failures_and_reports_the_control():
     summary = score_summary(HAND).set_index("method")
-    assert summary.loc["llm", "latents"] == 4 and summary.loc["llm", "failed"] == 2
-    assert summary.loc["llm", "mean"] == pytest.approx((0.91 + 0.70) / 2)
-    assert summary.loc["llm:control", "mean"] == pytest.approx(0.97)
-    assert summary.loc["rule", "median"] == pytest.approx(np.median([0.62, 0.55, 0.40, 0.0]))
+    assert summary.loc["llm", "latents"] == 5 and summary.loc["llm", "failed"] == 2
+    assert summary.loc["llm", "scored"] == 3 and summary.loc["llm", "not_scored"] == 0
+    assert summary.loc["llm", "mean"] == pytest.approx((0.91 + 0.99 + 0.80) / 3)
+    assert summary.loc["llm:control", "mean"] == pytest.approx((0.97 + 0.40) / 2)
+    assert summary.loc["rule", "median"] == pytest.approx(np.median([60 / 85, 0.5, 0.04, 0.0]))
+    assert summary.loc["rule", "failed"] == 1  # latent 4 never fired
 
 
 class FakeStats:
@@ -199,9 +235,15 @@ def test_context_texts_are_the_windows_around_top_rows(tiny):
     assert all(texts[i] == [] for i in np.nonzero(stats.density == 0)[0])
 
 
+def explained_by_hand(latent: int) -> pd.DataFrame:
+    """One latent explained as "tax words", far beyond its control."""
+    return pd.DataFrame([rule_f1(latent, "rule", "tax words", 30, 40, 45),
+                         rule_f1(latent, "rule:control", "tokens ' a'", 0, 40, 45)])
+
+
 def test_meaning_index_is_cached_by_identity(tiny, tmp_path, monkeypatch):
     store, sae, stats, tokenizer = tiny
-    hand = table([(int(np.argmax(stats.max_act)), "rule", "tax words", 0.9, "f1", "")])
+    hand = explained_by_hand(int(np.argmax(stats.max_act)))
     first = meaning_index(stats, store, tokenizer, hand, cache=tmp_path, n_contexts=2)
     builds = []
     monkeypatch.setattr(MeaningIndex, "build", classmethod(
@@ -216,7 +258,7 @@ def test_meaning_index_is_cached_by_identity(tiny, tmp_path, monkeypatch):
 @pytest.mark.parametrize("damage", ["truncate", "random", "empty"])
 def test_a_damaged_meaning_index_is_rebuilt_with_a_warning(tiny, tmp_path, caplog, damage):
     store, sae, stats, tokenizer = tiny
-    hand = table([(int(np.argmax(stats.max_act)), "rule", "tax words", 0.9, "f1", "")])
+    hand = explained_by_hand(int(np.argmax(stats.max_act)))
     first = meaning_index(stats, store, tokenizer, hand, cache=tmp_path, n_contexts=2)
     path = tmp_path / "meaning_index.npz"
     data = path.read_bytes()
@@ -235,7 +277,7 @@ def test_a_damaged_meaning_index_is_rebuilt_with_a_warning(tiny, tmp_path, caplo
 def test_scores_of_one_explanation_by_several_scorers_are_kept_and_loaded(tmp_path):
     """The scorers write one row per (latent, method, score_name) as JSON lines; loading the
     folder keeps each, and best_explanations can compare methods on one score only."""
-    save_explanations(HAND[HAND["method"] == "rule"], tmp_path, "rule", {"k": 1})
+    save_explanations(HAND[HAND["method"].str.startswith("rule")], tmp_path, "rule", {"k": 1})
     records = [
         {"key": "a", "latent": 0, "method": "rule", "explanation": "tokens ' tax', ' taxes'",
          "score": 0.81, "score_name": "detection_auroc", "error": ""},
@@ -249,14 +291,16 @@ def test_scores_of_one_explanation_by_several_scorers_are_kept_and_loaded(tmp_pa
     (tmp_path / "notes.csv").write_text("a,b\n1,2\n")  # not an explanation table: skipped
     merged = load_explanations(tmp_path)
     zero = merged[merged["latent"] == 0].set_index(["method", "score_name"])["score"]
-    assert zero[("rule", "f1")] == 0.62 and zero[("rule", "detection_auroc")] == 0.81
-    assert zero[("llm", "detection_auroc")] == 0.74 and len(zero) == 4
-    assert best_explanations(merged).loc[0, "score"] == 0.81
-    on_f1 = best_explanations(merged, score_names=["f1"])
-    assert on_f1.loc[0, "explanation"] == "tokens ' tax', ' taxes'"
-    assert on_f1.loc[0, "score"] == 0.62
-    only_detection = best_explanations(merged, score_names=["detection_auroc"])
-    assert only_detection["latent"].tolist() == [0]
+    assert zero[("rule", "f1")] == pytest.approx(60 / 85)
+    assert zero[("rule", "detection_auroc")] == 0.81
+    assert zero[("llm", "detection_auroc")] == 0.74 and len(zero) == 5
+    best = best_explanations(merged)  # the rule's F1, far beyond its control's 0
+    assert best.loc[0, "score_name"] == "f1" and best.loc[0, "control"] == 0.0
+    on_detection = explanation_verdicts(merged, score_names=["detection_auroc"]).loc[0]
+    # the rule's 0.81 has no control; the label's 0.74 against 0.5, with no context counts and
+    # a single control, has no noise estimate: nothing beyond noise on detection
+    assert on_detection["method"] == "llm" and on_detection["verdict"] == "unexplained"
+    assert best_explanations(merged, score_names=["detection_auroc"]).empty
 
 
 def test_methods_are_compared_on_the_latents_both_have_with_their_controls():
@@ -276,10 +320,17 @@ def test_methods_are_compared_on_the_latents_both_have_with_their_controls():
                                                                              "llm")]
     assert rule["latents"] == 3 and rule["mean"] == pytest.approx(0.8)
     assert rule["margin"] == pytest.approx(0.3) and llm["margin"] == pytest.approx(0.15)
-    verdict = method_verdict(method_comparison(table(rows)))
-    assert "detection_auroc, over the 3 latents every method has" in verdict
-    assert "llm 0.600 (control 0.450, margin +0.150)" in verdict and "Best: rule." in verdict
-    assert "f1: only rule 0.300 (no control) over 3 latents." in verdict
+    # three latents whose margins are all positive: the bootstrap's means lie between them
+    assert 0.2 - 1e-9 <= rule["margin_low"] <= rule["margin_high"] <= 0.4 + 1e-9
+    assert rule["beyond_noise"]
+    assert llm["lead_over"] == "rule" and llm["lead"] == pytest.approx(-0.15)
+    assert rule["lead_low"] == pytest.approx(0.15) == rule["lead_high"]  # 0.15 on each latent
+    verdict = method_verdict(method_comparison(table(rows))).set_index("score_name")
+    assert verdict.loc["detection_auroc", "best"] == "rule"
+    assert verdict.loc["detection_auroc", "verdict"] == "rule ahead of llm beyond noise"
+    assert verdict.loc["detection_auroc", "latents"] == 3
+    assert verdict.loc["f1", "best"] == "none"  # no control: nothing to say beyond noise
+    assert "no control" in verdict.loc["f1", "verdict"]
 
 
 def test_sample_latents_is_seeded_and_skips_rare_latents():

@@ -4,7 +4,6 @@ click a button, then read the figure's data and the rendered HTML."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections import Counter
 
@@ -207,8 +206,10 @@ def test_logit_effects_panel_and_search_by_promoted_token(setup, llama):
     explorer.number.value = 7
     rows = BeautifulSoup(explorer.logits.value, "html.parser").find_all("tr")[1:]
     cells = [[td.get_text() for td in tr.find_all("td")] for tr in rows]
-    assert cells == [["a", "+21.000", "z", "-21.000"], ["Q", "+22.000", "z", "-22.000"],
-                     ["a", "+23.000", "z", "-23.000"]]
+    m = float(stats.mean_act[7])  # the values are at the latent's mean activation (scale 1)
+    assert cells == [["a", f"+{21 * m:.3f}", "z", f"-{21 * m:.3f}"],
+                     ["Q", f"+{22 * m:.3f}", "z", f"-{22 * m:.3f}"],
+                     ["a", f"+{23 * m:.3f}", "z", f"-{23 * m:.3f}"]]
     assert explorer.search("Q") == [7]
 
 
@@ -343,7 +344,7 @@ def test_prev_and_next_step_one_rank(explorer, setup):
 
 
 def test_logit_table_says_what_its_values_are(explorer):
-    """The logit values (about +-100 to 220) come with their scale."""
+    """The logit values come with their scale: at the latent's mean activation, in nats."""
     def texts(widget):
         if isinstance(widget, ipywidgets.HTML) and not widget.value.startswith("<style>"):
             yield widget.value
@@ -352,15 +353,21 @@ def test_logit_table_says_what_its_values_are(explorer):
 
     (caption,) = [BeautifulSoup(t, "html.parser").get_text() for t in texts(explorer.widget)
                   if "Logit effects" in t]
-    assert "Logit effects" in caption and "logit units" in caption
-    assert "unembedding" in caption and "decoder" in caption and "sub-word" in caption
+    assert "decoder direction promotes" in caption
+    note = BeautifulSoup(explorer.logits.value, "html.parser").find(class_="logit-note")
+    if explorer.logit_effects is not None:
+        text = note.get_text()
+        assert "mean activation when firing" in text and "nats" in text and "word pieces" in text
+        assert f"({float(explorer.stats.mean_act[explorer.latent]):.3g})" in text
 
 
 def brute_caption(stats, store, tokenizer, latent: int, n: int = 2) -> str:
-    """The commonest tokens at the latent's top rows (ties: the stronger row's first), quoted."""
+    """The commonest tokens at the latent's top rows (ties: the stronger row's first), labelled,
+    spaces as · and newlines as ↵."""
     ids = [int(store.index(np.array([r]))["token"][0]) for r in stats.top_rows[latent] if r >= 0]
-    return ", ".join(json.dumps(tokenizer.decode([t]), ensure_ascii=False)
-                     for t, _ in Counter(ids).most_common(n))
+    shown = [tokenizer.decode([t]).replace(" ", "·").replace("\n", "↵").replace("\t", "⇥")
+             for t, _ in Counter(ids).most_common(n)]
+    return "top tokens: " + ", ".join(shown) if shown else ""
 
 
 def test_text_box_lists_latents_with_captions_tokens_and_unclipped_fractions(explorer, setup,
@@ -387,7 +394,7 @@ def test_text_box_lists_latents_with_captions_tokens_and_unclipped_fractions(exp
         assert caption and cells[0] == f"{latent} {caption}"
         assert float(cells[1]) == pytest.approx(float(peak[latent]), rel=1e-3)
         at = tokens[int(codes[:, latent].argmax())]
-        at = at.replace(" ", "␣") if not at.strip() else at  # a space-only token shows
+        at = at.replace(" ", "·")  # a token alone shows its spaces
         assert cells[2] == at.replace("\n", "↵")
         assert cells[3] == f"{relative[latent]:.1%}"
     labels = [label for label, _ in explorer.text_jump.options]
@@ -502,18 +509,25 @@ def test_text_table_latents_are_links_to_them(explorer):
 
 
 def hand_explanations(stats) -> tuple[int, int, object]:
-    """Two alive latents explained by hand ("tax words", "the days of the week"), a control
-    row and a failed row that must never show."""
+    """Two alive latents explained by hand ("tax words" by a rule, "the days of the week" by a
+    label), each far beyond its control; the controls and a failed row must never show."""
     import pandas as pd
 
     alive = np.nonzero(stats.density > 0)[0]
     tax, days = int(alive[0]), int(alive[-1])
+    nan = float("nan")
     return tax, days, pd.DataFrame({
-        "latent": [tax, tax, days, days], "method": ["rule", "llm:control", "llm", "rule"],
-        "explanation": ["tax words", "a control text", "the days of the week", ""],
-        "score": [0.83, 0.99, 0.71, float("nan")],
-        "score_name": ["f1", "detection_auroc", "detection_auroc", "f1"],
-        "error": ["", "", "", "never fired"]})
+        "latent": [tax, tax, days, days, days],
+        "method": ["rule", "rule:control", "llm", "llm:control", "rule"],
+        "explanation": ["tax words", "a control text", "the days of the week", "a control text",
+                        ""],
+        "score": [0.83, 0.0, 0.71, 0.2, nan],
+        "score_name": ["f1", "f1", "detection_auroc", "detection_auroc", "f1"],
+        "error": ["", "", "", "", "never fired"],
+        # the counts each score's noise comes from (sae_nb.explanations.ranking)
+        "precision": [0.83, 0.0, nan, nan, nan], "n_fired_heldout": [100, 100, nan, nan, nan],
+        "n_matched_heldout": [100, 20, nan, nan, nan], "n_positive": [nan, nan, 20, 20, nan],
+        "n_negative": [nan, nan, 20, 20, nan]})
 
 
 def test_every_latent_shown_carries_its_best_explanation(setup, llama):
@@ -527,11 +541,12 @@ def test_every_latent_shown_carries_its_best_explanation(setup, llama):
     summary = BeautifulSoup(ex.summary.value, "html.parser")
     line = summary.find("div", class_="explanation").get_text()
     assert "tax words" in line and "rule, f1 0.83" in line and "control" not in line
-    assert ex.label(tax).startswith(f"{tax} tax words (f1 0.83) · ")
-    assert ex.label(days).startswith(f"{days} the days of the week (detection_auroc 0.71)")
+    assert ex.label(tax).startswith(f"{tax} rule: tax words (F1 0.83, control 0.00) · ")
+    assert ex.label(days).startswith(
+        f"{days} llm: the days of the week (detection AUROC 0.71, control 0.20)")
     other = next(i for i in range(stats.d_sae) if i not in (tax, days))
     assert ex.label(other) == f"{other} {ex.token_captions[other]}".rstrip()  # tokens only
-    assert "(f1" not in ex.label(other) and "auroc" not in ex.label(other)
+    assert "(F1" not in ex.label(other) and "AUROC" not in ex.label(other)
     ex.number.value = days
     assert "the days of the week" in ex.summary.value
     bundle = ex._repr_mimebundle_()
@@ -559,7 +574,8 @@ def test_meaning_search_lists_latents_by_explanation(setup, llama, tmp_path):
     ex.meaning.value = "taxes"
     assert ex.latent == tax and ex.meaning_matches.value == tax
     label, value = ex.meaning_matches.options[0]
-    assert value == tax and label.startswith(f"latent {tax} tax words (f1 0.83)")
+    assert value == tax
+    assert label.startswith(f"latent {tax} rule: tax words (F1 0.83, control 0.00)")
     assert re.search(r"\(similarity 0\.\d\d\)$", label)
     status = BeautifulSoup(ex.meaning_status.value, "html.parser").get_text()
     assert "closest in meaning to 'taxes'" in status

@@ -23,6 +23,7 @@ from sae_nb.dictionaries.architectures import JumpReLUSAE, ReLUSAE, TopKSAE
 from sae_nb.latents import contexts
 from sae_nb.latents import stats as features
 from sae_nb.latents.contexts import latent_contexts, text_activations
+from sae_nb.latents.logit_effects import residual_scale
 from sae_nb.latents.stats import (
     FeatureStats,
     FeatureStatsError,
@@ -342,9 +343,16 @@ def check_logit_effects(model, norm, unembed, tmp_path) -> None:
     close = dict(rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(effects.top_values, np.take_along_axis(full, top, 1), **close)
     np.testing.assert_allclose(effects.bottom_values, np.take_along_axis(full, bottom, 1), **close)
-    table = effects.tokens(model.tokenizer, 3)
-    assert list(table.columns) == ["promoted", "promoted_value", "suppressed", "suppressed_value"]
-    for label, i in zip(table["promoted"], top[3]):
+    table = effects.tokens(model.tokenizer, 3, activation=0.5)
+    assert list(table.columns) == ["promoted", "promoted_id", "promoted_value", "promoted_piece",
+                                   "suppressed", "suppressed_id", "suppressed_value",
+                                   "suppressed_piece"]
+    assert sorted(table["promoted_id"]) == sorted(top[3])  # the same tokens, words first
+    assert not np.diff(table["promoted_piece"].astype(int)).tolist().count(-1)
+    np.testing.assert_allclose(table["promoted_value"],
+                               full[3, table["promoted_id"]] * 0.5 / effects.scale, rtol=1e-4)
+    assert effects.scale == pytest.approx(residual_scale(model))
+    for label, i in zip(table["promoted"], table["promoted_id"]):
         text = model.tokenizer.decode([int(i)])
         if "\ufffd" in text:  # a byte of a longer character (byte tokens): shown as its byte
             assert re.fullmatch(r"\\x[89a-f][0-9a-f]", label), label

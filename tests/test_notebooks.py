@@ -161,7 +161,8 @@ def check_06_visualize(run_dir: Path, values: dict) -> None:
     assert 0.5 < (stats.density > 0).mean() and 16 < stats.density.sum() <= 32 + 1e-6  # L0, k 32
     page = run_dir / "dashboards" / "topk_4608_k32.html"
     soup = BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser")
-    sections = soup.find_all("section", class_="latent")
+    sections = [s for s in soup.find_all("section", class_="latent")
+                if "related-latent" not in s["class"]]
     latents = top_latents(stats, values["n_latents_dashboard"], values["sort"])
     assert [int(s["data-latent"]) for s in sections] == latents
     for section, latent in zip(sections, latents):
@@ -231,15 +232,19 @@ def check_08_explain(run_dir: Path, values: dict) -> None:
     assert (folder / "meaning_index.npz").exists()
     page = run_dir / "dashboards" / "topk_4608_k32_explained.html"
     soup = BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser")
-    sections = soup.find_all("section", class_="latent")
+    sections = [s for s in soup.find_all("section", class_="latent")
+                if "related-latent" not in s["class"]]
     assert len(sections) == values["n_latents_dashboard"]
     assert all(s.find("div", class_="explanation") for s in sections)
     executed = nbformat.read(run_dir / "08_explain.ipynb", as_version=4)
     figures = [o for c in executed.cells for o in c.get("outputs", [])
                if "application/vnd.plotly.v1+json" in o.get("data", {})]
     assert len(figures) == 1  # the score distributions per method and control
-    printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
-    assert "Best: " in printed and "detection_auroc" in printed  # the verdict, with numbers
+    (verdict,) = [o["data"]["text/plain"] for c in executed.cells
+                  if c.source.startswith("comparison = sae_nb.method_comparison")
+                  for o in c.outputs if o["output_type"] == "execute_result"]
+    # the verdict, a table with numbers
+    assert all(w in verdict for w in ("best", "verdict", "margin_low", "detection_auroc"))
     (explorer,) = [c for c in executed.cells
                    if c.source.startswith("effects = sae_nb.logit_effects")]
     assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
@@ -276,15 +281,42 @@ def check_09_compare(run_dir: Path, values: dict) -> None:
     figures = [o for c in executed.cells for o in c.get("outputs", [])
                if "application/vnd.plotly.v1+json" in o.get("data", {})]
     assert len(figures) == 1  # the Pareto figure
-    printed = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
-    assert "mcc: best " in printed and "Agree with MCC" in printed and "within noise" in printed
+    shown = "".join(str(o.get("data", {}).get("text/plain", "")) + o.get("text", "")
+                    for c in executed.cells for o in c.get("outputs", []))
+    assert "mean [seed interval]" in shown and "definition" in shown and "agrees" in shown
+    assert "within noise" in shown and "told apart" in shown
+
+
+def check_10_circuits(run_dir: Path, values: dict) -> None:
+    import json
+
+    import pandas as pd
+
+    manifest = json.loads((run_dir / "transcoders" / f"{values['d_sae']}_k{values['k']}" /
+                           "transcoder_set.json").read_text())
+    assert manifest["layers"] == 30 and len(manifest["per_layer"]) == 30
+    assert all(0 <= row["fvu"] < 10 and row["l0"] <= values["k"] for row in manifest["per_layer"])
+    graphs = pd.read_csv(run_dir / "circuits" / "graphs.csv")
+    assert len(graphs) >= 1 and graphs["active latents"].min() > 0
+    assert graphs[["replacement score", "completeness score"]].stack().between(0, 1).all()
+    graph = json.loads((run_dir / "circuits" / "graph_1.json").read_text())
+    kinds = {n["feature_type"] for n in graph["nodes"]}
+    assert {"embedding", "logit"} <= kinds and graph["links"]
+    checks = pd.read_csv(run_dir / "circuits" / "interventions.csv")
+    assert sorted(checks["attention"].unique()) == ["frozen", "live"]
+    assert checks[["predicted change", "measured change"]].notna().all().all()
+    executed = nbformat.read(run_dir / "10_circuits.ipynb", as_version=4)
+    (shown,) = [c for c in executed.cells if "CircuitGraphWidget(" in c.source]
+    data = {k for o in shown.outputs for k in o.get("data", {})}
+    # the live widget, and the static copy a headless run shows
+    assert "application/vnd.jupyter.widget-view+json" in data and "text/html" in data
 
 
 CHECKS = {"01_extract": check_01_extract, "02_train": check_02_train,
           "03_load_pretrained": check_03_load_pretrained, "04_probe": check_04_probe,
           "05_cluster": check_05_cluster, "06_visualize": check_06_visualize,
           "07_intervene": check_07_intervene, "08_explain": check_08_explain,
-          "09_compare": check_09_compare}
+          "09_compare": check_09_compare, "10_circuits": check_10_circuits}
 
 
 @pytest.fixture(scope="session")

@@ -171,3 +171,16 @@ def test_steering_figure_draws_a_curve_per_method():
     assert fig.data[0].error_y.array is None
     fig = steering_figure(table.assign(shift_se=[0.05, 0.01, 0.02, 0.03]))
     assert list(fig.data[0].error_y.array) == [0.02, 0.1]  # two standard errors, by coefficient
+
+
+def test_the_sweep_shows_a_progress_bar_with_an_estimate(llama, capsys):
+    sae = topk()
+    neutral = prompt_tokens(llama, PROMPT)
+    steering_sweep(llama, sae, [latent_method(sae, 7, scale=2.0)], [0.5, 1.0], ["The nation"],
+                   neutral, share_of_e, max_new_tokens=2)
+    err = capsys.readouterr().err
+    # 1 clean generation, then per method 1 steered generation and 2 side-effect passes
+    assert "steering sweep: 100%" in err and "4/4" in err and "<00:00" in err
+    steering_sweep(llama, sae, [latent_method(sae, 7, scale=2.0)], [0.5], ["The nation"],
+                   neutral, share_of_e, max_new_tokens=2, progress=False)
+    assert "steering sweep" not in capsys.readouterr().err

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy import stats
+from tqdm.auto import tqdm
 
 from sae_nb.activations.models import Model
 from sae_nb.comparison.recovery import score_recovery
@@ -60,7 +61,29 @@ IDEAL = {"shrinkage": 1.0}
 SUPPORT = {"l0": (0.0, np.inf), "fvu": (0.0, np.inf), "shrinkage": (0.0, np.inf),
            "mcc": (-1.0, 1.0), "mean_max_cos": (-1.0, 1.0), "hungarian_cos": (-1.0, 1.0),
            "f1": (0.0, 1.0), "precision": (0.0, 1.0), "recall": (0.0, 1.0),
-           "absorption": (0.0, 1.0), "dead_frac": (0.0, 1.0)}
+           "absorption": (0.0, 1.0), "dead_frac": (0.0, 1.0),
+           # 0: no better than zeroing the site; 1: as good as the clean model
+           "ce_loss_recovered": (0.0, 1.0)}
+# What each column of the grid's tables means: the notebook shows this table.
+METRICS = {
+    "mcc": "mean correlation of each true feature with its best-matched latent (Hungarian "
+           "matching of activations; 1 = every feature recovered exactly)",
+    "mean_max_cos": "mean over true features of the largest cosine between its direction and "
+                    "any decoder row",
+    "hungarian_cos": "mean cosine of true feature and decoder row under a one-to-one matching",
+    "f1": "F1 of each matched latent as a detector of its true feature firing, averaged",
+    "absorption": "share of rows where parent and child both fire but the parent's latent is "
+                  "silent (lower is better)",
+    "shrinkage": "matched latents' activation over the true feature's (1 is ideal)",
+    "fvu": "fraction of variance unexplained on held-out rows (lower is better)",
+    "l0": "active latents per token on held-out rows (a choice, not a quality)",
+    "ce_loss_recovered": "(CE zero-ablated - CE spliced) / (CE zero-ablated - CE clean) on "
+                         "held-out contexts (1 = as good as the clean model)",
+    "spearman": "rank correlation, across the grid's runs, of a metric with MCC",
+    "p_value": "chance of a correlation this strong with no relation (two-sided)",
+    "seed interval": "mean over seeds [95% t interval]; with 2 seeds the t quantile is 12.7",
+    "bootstrap": "mean over seeds of each run's 95% bootstrap interval over held-out rows",
+}
 
 
 class CompareError(SaeNbError, ValueError):
@@ -120,14 +143,15 @@ def loss_recovered(zero, spliced, clean) -> float:
 def train_grid(data, architectures=ARCHITECTURES, ks=(8, 16), seeds=(0, 1), d_sae: int = 1024,
                total_tokens: int = 65536, batch_size: int = 1024, heldout: int = 4096,
                model: Model | None = None, n_resamples: int = 200, device: str = "cpu",
-               **config) -> Grid:
+               progress: bool = True, **config) -> Grid:
     """Train every (architecture, k, seed) on ``data`` and score each run (module docstring).
 
     ``data``: a :class:`~sae_nb.comparison.synthetic.Lab` (its last ``heldout`` rows held out)
     or a :class:`~sae_nb.activations.split.HeldoutSplit` of a real store (its own held-out rows;
     ``model`` given: CE loss recovered on its CE contexts). ``config``: further TrainConfig
     fields. A seed given twice is trained once: the same seed is the same run, not a second
-    sample of the training noise (seed intervals need 2 distinct seeds)."""
+    sample of the training noise (seed intervals need 2 distinct seeds). ``progress``: a bar
+    over the runs, with the time left."""
     if not architectures or not ks or not seeds:
         raise CompareError("train_grid needs at least one architecture, one k and one seed; "
                            f"got {architectures!r}, {ks!r}, {seeds!r}.")
@@ -153,29 +177,60 @@ def train_grid(data, architectures=ARCHITECTURES, ks=(8, 16), seeds=(0, 1), d_sa
         ce = {"clean": ce_pieces(model, site, tokens, None, bos),
               "zero": ce_pieces(model, site, tokens, torch.zeros_like, bos)}
     rows, dictionaries = [], {}
-    for arch in architectures:
-        for k in ks:
-            for seed in seeds:
-                cfg = TrainConfig(architecture=arch, d_sae=d_sae, k=k, total_tokens=total_tokens,
-                                  seed=seed, device=device, log_every=10 ** 9, **config)
-                batches = (_lab_batches(train_rows, batch_size, seed) if is_lab
-                           else data.train_batches(batch_size, seed))
-                sae = train_dictionary(batches, cfg, progress=False).dictionary.eval()
-                dictionaries[(arch, k, seed)] = sae
-                row = {"architecture": arch, "k": k, "seed": seed}
-                row.update(_boot(per_row_reconstruction(sae, held_acts), groups, n_resamples, seed))
-                if ce is not None:
-                    spliced = ce_pieces(model, site, tokens,
-                                        lambda a, s=sae: s.reconstruct(a.float()).to(a.dtype), bos)
-                    iv = bootstrap_interval(loss_recovered, ce["zero"], spliced, ce["clean"],
-                                            n_resamples=n_resamples, seed=seed)
-                    row.update(ce_loss_recovered=iv.estimate, ce_loss_recovered_boot_low=iv.low,
-                               ce_loss_recovered_boot_high=iv.high)
-                if is_lab:
-                    s = score_recovery(sae, data, rows=held_rows).summary
-                    row.update({m: s[m] for m in (*RECOVERY, "precision", "recall", "dead_frac")})
-                rows.append(row)
+    runs = [(a, k, s) for a in architectures for k in ks for s in seeds]
+    bar = tqdm(runs, desc=f"{'lab' if is_lab else 'store'} grid runs", disable=not progress)
+    for arch, k, seed in bar:
+        bar.set_postfix_str(f"{arch} k={k} seed={seed}", refresh=False)
+        cfg = TrainConfig(architecture=arch, d_sae=d_sae, k=k, total_tokens=total_tokens,
+                          seed=seed, device=device, log_every=10 ** 9, **config)
+        batches = (_lab_batches(train_rows, batch_size, seed) if is_lab
+                   else data.train_batches(batch_size, seed))
+        sae = train_dictionary(batches, cfg, progress=False).dictionary.eval()
+        dictionaries[(arch, k, seed)] = sae
+        row = {"architecture": arch, "k": k, "seed": seed}
+        row.update(_score(sae, held_acts, groups, n_resamples, seed, model, data, ce))
+        if is_lab:
+            s = score_recovery(sae, data, rows=held_rows).summary
+            row.update({m: s[m] for m in (*RECOVERY, "precision", "recall", "dead_frac")})
+        rows.append(row)
     return Grid(pd.DataFrame(rows), dictionaries)
+
+
+def _score(sae, held_acts, groups, n_resamples: int, seed: int, model, data, ce) -> dict:
+    """A dictionary's held-out FVU and L0 with their bootstrap bounds, and with ``ce`` (the
+    clean and zero-ablated pieces) its CE loss recovered and bounds."""
+    row = _boot(per_row_reconstruction(sae, held_acts), groups, n_resamples, seed)
+    if ce is not None:
+        tokens, site, bos = data.ce_tokens, data.store.site, data.bos_token_id
+        spliced = ce_pieces(model, site, tokens,
+                            lambda a, s=sae: s.reconstruct(a.float()).to(a.dtype), bos)
+        iv = bootstrap_interval(loss_recovered, ce["zero"], spliced, ce["clean"],
+                                n_resamples=n_resamples, seed=seed)
+        row.update(ce_loss_recovered=iv.estimate, ce_loss_recovered_boot_low=iv.low,
+                   ce_loss_recovered_boot_high=iv.high)
+    return row
+
+
+def score_reference(dictionary, split, model: Model | None = None, n_resamples: int = 200,
+                    name: str = "reference") -> dict:
+    """One ready dictionary (e.g. the shipped default) scored as :func:`train_grid` scores its
+    runs on ``split`` (a :class:`~sae_nb.activations.split.HeldoutSplit`): ``fvu``, ``l0``
+    and, given ``model``, ``ce_loss_recovered``, with their bootstrap bounds, and ``name``;
+    a reference point for :func:`sae_nb.views.plotting.pareto_figure`."""
+    if dictionary.d_in != split.heldout_acts.shape[1]:
+        raise CompareError(f"The dictionary reads d_in={dictionary.d_in} but the store's rows "
+                           f"are {split.heldout_acts.shape[1]} wide; pass a dictionary of the "
+                           f"store's site.")
+    ce = None
+    if model is not None and split.ce_tokens is not None:
+        tokens, site, bos = split.ce_tokens, split.store.site, split.bos_token_id
+        ce = {"clean": ce_pieces(model, site, tokens, None, bos),
+              "zero": ce_pieces(model, site, tokens, torch.zeros_like, bos)}
+    groups = split.store.index(split.heldout_rows)["context"]
+    with torch.no_grad():
+        row = _score(dictionary.eval(), split.heldout_acts.numpy(), groups, n_resamples, 0,
+                     model, split, ce)
+    return {"name": name, **row}
 
 
 def summarize_runs(runs: pd.DataFrame, metrics, by=("architecture", "k"),
@@ -289,3 +344,78 @@ def best_by(summary: pd.DataFrame, metric: str, higher: bool = True,
         clear = all(s.loc[best, f"{metric}_high"] < s.loc[r, f"{metric}_low"] for r in rest)
     return best, bool(clear)
 
+
+
+def verdict_table(summary: pd.DataFrame, metrics, by=("architecture", "k")) -> pd.DataFrame:
+    """Per metric, one row a person reads: which way is better, the best configuration, its
+    ``mean [seed interval]``, and the verdict: ahead of every other beyond the seed noise, or
+    within it of the configurations named (:func:`best_by`)."""
+    s = labelled(summary, by)
+    out = []
+    for m in metrics:
+        higher = m not in LOWER_IS_BETTER
+        best, clear = best_by(summary, m, higher, by)
+        if m in IDEAL:
+            far = {r: distance_interval(s.loc[r, f"{m}_low"], s.loc[r, f"{m}_high"], IDEAL[m])
+                   for r in s.index}
+            close = [r for r in s.index if r != best and far[r][0] <= far[best][1]]
+        elif higher:
+            close = [r for r in s.index if r != best and s.loc[r, f"{m}_high"] >= s.loc[best,
+                                                                                       f"{m}_low"]]
+        else:
+            close = [r for r in s.index if r != best and s.loc[r, f"{m}_low"] <= s.loc[best,
+                                                                                      f"{m}_high"]]
+        r = s.loc[best]
+        out.append({"metric": m,
+                    "better": (f"closer to {IDEAL[m]:g}" if m in IDEAL
+                               else "higher" if higher else "lower"),
+                    "best": best,
+                    "mean [seed interval]": f"{r[m]:.3f} [{r[f'{m}_low']:.3f}, "
+                                            f"{r[f'{m}_high']:.3f}]",
+                    "verdict": ("ahead of every other beyond the seed noise" if clear else
+                                f"within the seed noise of {len(close)}: {', '.join(close)}")})
+    return pd.DataFrame(out)
+
+
+def pair_counts(pairs: pd.DataFrame) -> pd.DataFrame:
+    """Per metric of :func:`sae_nb.comparison.uncertainty.compare`'s pairs: how many pairs,
+    how many within noise, told apart, and without a verdict."""
+    v = pairs["verdict"]
+    table = pd.DataFrame({"metric": pairs["metric"], "within noise": v.str.startswith("within"),
+                          "no verdict": v.str.startswith("no verdict"),
+                          "pairs": 1})
+    table["told apart"] = ~table["within noise"] & ~table["no verdict"]
+    return (table.groupby("metric", sort=False)[["pairs", "within noise", "told apart",
+                                                 "no verdict"]].sum().reset_index())
+
+
+def with_l0(pairs: pd.DataFrame, summary: pd.DataFrame, by=("architecture", "k"),
+            x: str = "l0") -> pd.DataFrame:
+    """``pairs`` with each side's L0 and whether the two differ in it (their seed intervals
+    apart, or without an interval their means): a lower FVU at a higher L0 is not a better
+    dictionary, only a denser one. The verdict of such a pair says so."""
+    s = labelled(summary, by)
+    out = pairs.copy()
+    out["a_l0"] = [float(s.loc[a, x]) for a in pairs["a"]]
+    out["b_l0"] = [float(s.loc[b, x]) for b in pairs["b"]]
+
+    def apart(a, b) -> bool:
+        la, ha, lb, hb = (s.loc[a, f"{x}_low"], s.loc[a, f"{x}_high"], s.loc[b, f"{x}_low"],
+                          s.loc[b, f"{x}_high"])
+        if not np.isfinite([la, ha, lb, hb]).all():
+            return bool(s.loc[a, x] != s.loc[b, x])
+        return bool(ha < lb or hb < la)
+
+    out["differ_in_l0"] = [apart(a, b) and m != x for a, b, m in
+                           zip(pairs["a"], pairs["b"], pairs["metric"])]
+    out.loc[out["differ_in_l0"], "verdict"] = [
+        f"{v}; at different L0 ({la:.1f} vs {lb:.1f}): not like for like"
+        for v, la, lb in out.loc[out["differ_in_l0"], ["verdict", "a_l0", "b_l0"]].to_numpy()]
+    return out
+
+
+def metric_definitions(columns) -> pd.DataFrame:
+    """The definitions (:data:`METRICS`) of the metrics among ``columns`` (a table's columns,
+    or several tables' columns together), in the order given."""
+    seen = [c for c in dict.fromkeys(columns) if c in METRICS]
+    return pd.DataFrame({"metric": seen, "definition": [METRICS[c] for c in seen]})

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from sae_nb.activations.corpora import token_strings
 from sae_nb.explanations.tables import (
@@ -84,16 +85,22 @@ def embedding_model(device: str = "cpu"):
     return SentenceTransformer(str(embedding_model_folder()), device=device)
 
 
-def embed_texts(texts: Sequence[str], batch_size: int = 128) -> np.ndarray:
+def embed_texts(texts: Sequence[str], batch_size: int = 128, progress: bool = False,
+                desc: str = "embedding") -> np.ndarray:
     """``(N, 384)`` float32 unit vectors of ``texts`` by all-MiniLM-L6-v2 (zeros for ""),
-    each distinct text embedded once (latents share top contexts and rule texts)."""
+    each distinct text embedded once (latents share top contexts and rule texts); with
+    ``progress``, a bar named ``desc`` over blocks of texts, with its estimate."""
     texts = list(texts)
     out = np.zeros((len(texts), 384), dtype=np.float32)
     distinct = sorted({t for t in texts if t.strip()}, key=len)  # similar lengths batch well
     if distinct:
-        vecs = embedding_model().encode(distinct, batch_size=batch_size,
-                                        normalize_embeddings=True, convert_to_numpy=True,
-                                        show_progress_bar=False)
+        block = 2 * batch_size  # small enough blocks for a bar whose estimate settles early
+        starts = range(0, len(distinct), block)
+        vecs = np.concatenate([
+            embedding_model().encode(distinct[i:i + block], batch_size=batch_size,
+                                     normalize_embeddings=True, convert_to_numpy=True,
+                                     show_progress_bar=False)
+            for i in tqdm(starts, desc=desc, unit="block", disable=not progress)])
         row = {t: i for i, t in enumerate(distinct)}
         keep = [i for i, t in enumerate(texts) if t in row]
         out[keep] = vecs[[row[texts[i]] for i in keep]].astype(np.float32)
@@ -132,14 +139,16 @@ class MeaningIndex:
 
     @classmethod
     def build(cls, explanations: Sequence[str], contexts: Sequence[Sequence[str]],
-              identity: dict | None = None, explanation_weight: float = 0.7) -> MeaningIndex:
-        """Embed one explanation ("" for none) and a list of context texts per latent."""
+              identity: dict | None = None, explanation_weight: float = 0.7,
+              progress: bool = False) -> MeaningIndex:
+        """Embed one explanation ("" for none) and a list of context texts per latent (with
+        ``progress``, a bar for each with its estimate)."""
         if len(explanations) != len(contexts):
             raise ExplanationError(f"{len(explanations)} explanations but {len(contexts)} "
                                    f"context lists: pass one of each per latent.")
-        expl = embed_texts(explanations)
+        expl = embed_texts(explanations, progress=progress, desc="embedding explanations")
         flat = [t for c in contexts for t in c]
-        vecs = embed_texts(flat)
+        vecs = embed_texts(flat, progress=progress, desc="embedding top contexts")
         counts = np.array([len(c) for c in contexts])
         owner = np.repeat(np.arange(len(contexts)), counts)
         means = np.zeros_like(expl)
@@ -192,15 +201,17 @@ class MeaningIndex:
 
 def meaning_index(stats, store, tokenizer, explanations=None, cache: str | Path | None = None,
                   n_contexts: int = 5, before: int = 8, after: int = 2,
-                  explanation_weight: float = 0.7) -> MeaningIndex:
+                  explanation_weight: float = 0.7, progress: bool = False) -> MeaningIndex:
     """The :class:`MeaningIndex` of every latent of ``stats``: its best explanation (from the
-    table or folder ``explanations``; none without) and its ``n_contexts`` top contexts.
+    table or folder ``explanations``; none without: see
+    :func:`~sae_nb.explanations.tables.best_explanations`, only explanations beyond noise of
+    their control) and its ``n_contexts`` top contexts; ``progress`` shows the embedding's bars.
 
     With ``cache`` (a folder, e.g. :func:`~sae_nb.explanations.tables.explanations_folder`) an
     index saved there for the same statistics, explanations and settings is reused; otherwise it
     is built and saved."""
     table = as_explanations(explanations)
-    best = best_explanations(table) if table is not None else best_explanations(empty_table())
+    best = best_explanations(table if table is not None else empty_table())
     texts = [""] * stats.d_sae
     for r in best.itertuples():
         if 0 <= r.latent < stats.d_sae:
@@ -217,7 +228,7 @@ def meaning_index(stats, store, tokenizer, explanations=None, cache: str | Path 
         except ExplanationError as err:
             log.warning("%s Rebuilding.", err)
     contexts = context_texts(stats, store, tokenizer, n_contexts, before, after)
-    index = MeaningIndex.build(texts, contexts, identity, explanation_weight)
+    index = MeaningIndex.build(texts, contexts, identity, explanation_weight, progress=progress)
     if cache is not None:
         index.save(cache)
     return index

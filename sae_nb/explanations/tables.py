@@ -28,6 +28,14 @@ import pandas as pd
 
 from sae_nb.activations.models import Model
 from sae_nb.explanations.backends import Backend, LocalBackend, OpenAIBackend
+from sae_nb.explanations.ranking import (
+    CONTROL,
+    MIN_EFFECT,
+    bootstrap_interval,
+    is_control,
+    margins,
+    score_label,
+)
 from sae_nb.explanations.results import (
     COLUMNS,
     ExplanationError,
@@ -38,7 +46,6 @@ from sae_nb.util.io import atomic_write_json, folder_name, write_table
 
 log = logging.getLogger(__name__)
 
-CONTROL = ":control"  # suffix of a control row's method
 EXPLANATIONS_DIR = "explanations"
 
 
@@ -74,94 +81,144 @@ def merge_explanations(*tables: pd.DataFrame) -> pd.DataFrame:
     return merged.sort_values(["latent", "method"], kind="stable").reset_index(drop=True)
 
 
-def is_control(method) -> pd.Series | bool:
-    """Whether a method name (or a Series of them) is a control's."""
-    if isinstance(method, pd.Series):
-        return method.str.endswith(CONTROL)
-    return str(method).endswith(CONTROL)
+def explanation_verdicts(table: pd.DataFrame, score_names: Sequence[str] | None = None,
+                         min_score: float = 0.0, min_effect: float = MIN_EFFECT) -> pd.DataFrame:
+    """One row per latent with a usable explanation: the one furthest beyond its own control
+    (:mod:`sae_nb.explanations.ranking`: the largest ``effect``, margin over the control in
+    noise units), and its ``verdict``: ``"explained"`` when that effect reaches ``min_effect``,
+    else ``"unexplained"`` (no explanation of the latent beats its control beyond noise; the
+    row keeps the closest candidate, for the record).
 
-
-def best_explanations(table: pd.DataFrame, score_names: Sequence[str] | None = None,
-                      min_score: float = 0.0) -> pd.DataFrame:
-    """One row per latent with a usable explanation: the highest-scoring one (``latent``,
-    ``explanation``, ``method``, ``score``, ``score_name``), indexed by latent too.
-
-    Control rows, failed rows (an error, an empty explanation or a NaN score) and scores not
-    above ``min_score`` (an F1 of 0 explains nothing) are ignored.
-    Scores are compared as they are (each in [0, 1]); ``score_names`` (e.g.
-    ``["detection_auroc"]``) keeps only those scores, so that methods are compared on one
-    yardstick (an F1 and an AUROC, whose chance level is 0.5, are not the same). On a tie the
-    row listed first in the table wins."""
+    Columns ``latent``, ``explanation``, ``method``, ``score``, ``score_name``, ``control``,
+    ``margin``, ``noise``, ``effect``, ``verdict``; indexed by latent too. Control rows, failed
+    rows (an error, an empty explanation or a NaN score) and scores not above ``min_score`` are
+    never candidates; an explanation without a control is never beyond noise.
+    ``score_names`` (e.g. ``["detection_auroc"]``) keeps only those scores. On a tie the row
+    listed first in the table wins."""
     t = check_table(table)
-    usable = (~is_control(t["method"]) & (t["error"] == "") & (t["explanation"].str.strip() != "")
-              & np.isfinite(t["score"]) & (t["score"] > min_score))
+    m = margins(t, min_effect)
+    m = m[m["score"] > min_score]
     if score_names is not None:
-        usable &= t["score_name"].isin(list(score_names))
-    t = t[usable]
-    t = t.sort_values(["latent", "score"], ascending=[True, False], kind="stable")
-    best = t.drop_duplicates("latent", keep="first")
-    best = best[["latent", "explanation", "method", "score", "score_name"]]
+        m = m[m["score_name"].isin(list(score_names))]
+    m = m.assign(key=m["effect"].fillna(-np.inf))
+    m = m.sort_values(["latent", "key"], ascending=[True, False], kind="stable")
+    best = m.drop_duplicates("latent", keep="first")
+    best = best.assign(verdict=np.where(best["beyond_noise"], "explained", "unexplained"))
+    best = best.drop(columns=["key", "beyond_noise"])
     return best.set_index("latent", drop=False).rename_axis(None)
 
 
+def best_explanations(table: pd.DataFrame, score_names: Sequence[str] | None = None,
+                      min_score: float = 0.0, min_effect: float = MIN_EFFECT) -> pd.DataFrame:
+    """Each latent's best explanation, only where it beats its own control beyond noise: the
+    rows of :func:`explanation_verdicts` whose verdict is ``"explained"`` (``latent``,
+    ``explanation``, ``method``, ``score``, ``score_name``, ``control``, ``margin``, ``noise``,
+    ``effect``), indexed by latent. An unexplained latent has no row."""
+    verdicts = explanation_verdicts(table, score_names, min_score, min_effect)
+    return verdicts[verdicts["verdict"] == "explained"]
+
+
+def best_explained(best: pd.DataFrame, n: int | None = None) -> pd.DataFrame:
+    """The rows of :func:`best_explanations` strongest evidence first (by ``effect``, then
+    ``margin``; ties by latent), the first ``n`` when given: the order of the best-explained
+    table and of the latents a dashboard of the best-explained shows."""
+    ranked = best.sort_values(["effect", "margin", "latent"], ascending=[False, False, True],
+                              kind="stable")
+    return ranked if n is None else ranked.head(int(n))
+
+
 def explanation_caption(explanation: str, score: float, score_name: str, method: str = "",
-                        max_chars: int | None = None) -> str:
-    """``'tax words (llm, detection_auroc 0.91)'``: an explanation with its score, the
-    explanation cut to ``max_chars`` (with an ellipsis) when given."""
-    how = f"{method}, " if method else ""
+                        max_chars: int | None = None, control: float = np.nan) -> str:
+    """``'llm: tax words (detection AUROC 0.91, control 0.50)'``: the method that wrote the
+    explanation, the explanation (cut to ``max_chars`` with an ellipsis when given), its score
+    named for a reader and its control's score on the same latent."""
     if max_chars is not None and len(explanation) > max_chars:
         explanation = explanation[: max_chars - 1].rstrip() + "…"
-    return f"{explanation} ({how}{score_name} {float(score):.2f})"
+    how = f"{method}: " if method else ""
+    vs = f", control {float(control):.2f}" if np.isfinite(control) else ""
+    return f"{how}{explanation} ({score_label(score_name)} {float(score):.2f}{vs})"
 
 
-def explanation_captions(best: pd.DataFrame | None) -> dict[int, str]:
-    """Per latent in ``best`` (:func:`best_explanations`), its :func:`explanation_caption`."""
+def best_caption(row, max_chars: int | None = None) -> str:
+    """:func:`explanation_caption` of a row of :func:`best_explanations` (a namedtuple or a
+    Series)."""
+    get = row.get if hasattr(row, "get") else lambda k, d=None: getattr(row, k, d)
+    return explanation_caption(str(get("explanation")), get("score"), str(get("score_name")),
+                               str(get("method", "") or ""), max_chars,
+                               float(get("control", np.nan)))
+
+
+def explanation_captions(best: pd.DataFrame | None, max_chars: int | None = None
+                         ) -> dict[int, str]:
+    """Per latent in ``best`` (:func:`best_explanations`), its :func:`best_caption`."""
     if best is None or not len(best):
         return {}
-    return {int(r.latent): explanation_caption(r.explanation, r.score, r.score_name, r.method)
-            for r in best.itertuples()}
+    return {int(r.latent): best_caption(r, max_chars) for r in best.itertuples()}
 
 
 def with_explanations(features: pd.DataFrame, best: pd.DataFrame | None) -> pd.DataFrame:
     """A per-latent table (e.g. ``FeatureStats.table()``, with a ``latent`` column) joined with
-    each latent's best explanation: columns ``explanation``, ``explanation_method``,
-    ``explanation_score``, ``explanation_score_name`` ("" and NaN where a latent has none)."""
+    each latent's best explanation (:func:`best_explanations`, or :func:`explanation_verdicts`
+    to name the unexplained): columns ``explanation``, ``explanation_method``,
+    ``explanation_score``, ``explanation_score_name``, ``explanation_control``,
+    ``explanation_effect`` and ``explanation_verdict`` (``"explained"``, ``"unexplained"``: no
+    explanation beyond noise, its explanation left empty, or ``"not scored"``)."""
     if "latent" not in features.columns:
         raise ExplanationError(f"The table to join needs a 'latent' column; it has "
                                f"{list(features.columns)}.")
-    best = best if best is not None and len(best) else best_explanations(empty_table())
-    right = best.reset_index(drop=True).rename(columns={
-        "method": "explanation_method", "score": "explanation_score",
-        "score_name": "explanation_score_name"})
+    best = best if best is not None and len(best) else explanation_verdicts(empty_table())
+    right = best.reset_index(drop=True)
+    if "verdict" not in right.columns:
+        right = right.assign(verdict="explained")
+    for c in ("control", "effect"):
+        if c not in right.columns:
+            right = right.assign(**{c: np.nan})
+    shown = right["verdict"] == "explained"
+    right = right.assign(explanation=right["explanation"].where(shown, ""),
+                         method=right["method"].where(shown, ""),
+                         score_name=right["score_name"].where(shown, ""),
+                         score=right["score"].where(shown), control=right["control"].where(shown))
+    right = right[["latent", "explanation", "method", "score", "score_name", "control", "effect",
+                   "verdict"]].rename(columns={c: f"explanation_{c}" for c in (
+                       "method", "score", "score_name", "control", "effect", "verdict")})
     out = features.merge(right, on="latent", how="left")
     for c in ("explanation", "explanation_method", "explanation_score_name"):
         out[c] = out[c].fillna("")
+    out["explanation_verdict"] = out["explanation_verdict"].fillna("not scored")
     return out
 
 
 def score_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per method (controls included): latents scored, failed, and the score's mean, median,
-    quartiles and the fraction above 0.5 and 0.8, over the rows that did not fail."""
+    """Per method and score (controls included): latents, how many are ``scored``,
+    ``not_scored`` (no score and no error: e.g. the language model's labels, scored in their
+    own detection and embedding rows) and ``failed`` (an error), and the score's mean, median,
+    quartiles and the fraction above 0.5 and 0.8 over the scored rows."""
     t = check_table(table)
-    failed = (t["error"] != "") | ~np.isfinite(t["score"])
+    failed = t["error"] != ""
+    scored = ~failed & np.isfinite(t["score"])
     rows = []
     for (method, name), group in t.groupby(["method", "score_name"], sort=True):
-        ok = group.loc[~failed.loc[group.index], "score"]
+        ok = group.loc[scored.loc[group.index], "score"]
+        n_failed = int(failed.loc[group.index].sum())
         rows.append({"method": method, "score_name": name, "latents": len(group),
-                     "failed": int(failed.loc[group.index].sum()),
-                     "mean": ok.mean(), "median": ok.median(), "q25": ok.quantile(0.25),
-                     "q75": ok.quantile(0.75), "above_0.5": (ok > 0.5).mean(),
-                     "above_0.8": (ok > 0.8).mean()})
+                     "scored": len(ok), "not_scored": len(group) - len(ok) - n_failed,
+                     "failed": n_failed, "mean": ok.mean(), "median": ok.median(),
+                     "q25": ok.quantile(0.25), "q75": ok.quantile(0.75),
+                     "above_0.5": (ok > 0.5).mean() if len(ok) else np.nan,
+                     "above_0.8": (ok > 0.8).mean() if len(ok) else np.nan})
     return pd.DataFrame(rows)
 
 
-def method_comparison(table: pd.DataFrame) -> pd.DataFrame:
-    """Methods side by side on each score: per ``score_name`` and method, over the latents that
-    every method of that score has a usable score for, the mean score, the mean score of the
-    method's control on the same latents, and the margin between them."""
+def method_comparison(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """Methods side by side on each score, over the latents every method of that score has a
+    usable score for: per ``score_name`` and method the mean and median score, the mean of the
+    method's control on the same latents, the mean ``margin`` over it with its 95% bootstrap
+    interval over the latents (``margin_low``, ``margin_high``; seeded), ``beyond_noise`` (the
+    interval above 0), and its ``lead`` over the best other method (``lead_over``; the
+    difference of margins paired per latent, with its interval ``lead_low``, ``lead_high``)."""
     t = check_table(table)
     t = t[(t["error"] == "") & np.isfinite(t["score"])]
-    rows = []
+    rows, paired = [], {}
     for name, group in t.groupby("score_name", sort=True):
         own = group[~is_control(group["method"])]
         methods = sorted(own["method"].unique())
@@ -169,34 +226,69 @@ def method_comparison(table: pd.DataFrame) -> pd.DataFrame:
                                   ) if methods else set()
         for method in methods:
             mine = own[(own["method"] == method) & own["latent"].isin(common)]
+            mine = mine.drop_duplicates("latent", keep="last").set_index("latent")["score"]
             ctrl = group[(group["method"] == method + CONTROL) & group["latent"].isin(common)]
-            mean, control = mine["score"].mean(), ctrl["score"].mean() if len(ctrl) else np.nan
+            ctrl = ctrl.drop_duplicates("latent", keep="last").set_index("latent")["score"]
+            diff = (mine - ctrl).dropna()
+            paired[name, method] = diff
+            low, high = bootstrap_interval(diff.to_numpy(), seed=seed)
             rows.append({"score_name": name, "method": method, "latents": len(mine),
-                         "mean": mean, "median": mine["score"].median(),
-                         "control_mean": control, "margin": mean - control})
-    return pd.DataFrame(rows, columns=["score_name", "method", "latents", "mean", "median",
-                                       "control_mean", "margin"])
-
-
-def method_verdict(comparison: pd.DataFrame) -> str:
-    """Which method explains best, in words with the numbers of :func:`method_comparison`:
-    on each score that two or more methods share, the method with the largest margin over its
-    control (a method without a control is judged by its mean)."""
-    lines = []
-    for name, group in comparison.groupby("score_name", sort=True):
-        group = group[group["latents"] > 0]
-        parts = "; ".join(
-            f"{r.method} {r.mean:.3f}" + (f" (control {r.control_mean:.3f}, margin {r.margin:+.3f})"
-                                          if np.isfinite(r.control_mean) else " (no control)")
-            for r in group.itertuples())
-        if len(group) < 2:
-            lines.append(f"{name}: only {parts} over {int(group['latents'].sum())} latents.")
+                         "mean": mine.mean(), "median": mine.median(),
+                         "control_mean": ctrl.loc[diff.index].mean(),
+                         "margin": diff.mean() if len(diff) else np.nan, "margin_low": low,
+                         "margin_high": high, "beyond_noise": bool(low > 0)})
+    out = pd.DataFrame(rows, columns=["score_name", "method", "latents", "mean", "median",
+                                      "control_mean", "margin", "margin_low", "margin_high",
+                                      "beyond_noise"])
+    leads = []
+    for r in out.itertuples():
+        others = out[(out["score_name"] == r.score_name) & (out["method"] != r.method)]
+        others = others.dropna(subset=["margin"])
+        if not len(others) or not np.isfinite(r.margin):
+            leads.append(("", np.nan, np.nan, np.nan))
             continue
-        key = group["margin"].where(np.isfinite(group["margin"]), group["mean"])
-        best = group.loc[key.idxmax()]
-        lines.append(f"{name}, over the {int(best['latents'])} latents every method has: "
-                     f"{parts}. Best: {best['method']}.")
-    return "\n".join(lines) if lines else "No scored explanations to compare."
+        other = others.loc[others["margin"].idxmax(), "method"]
+        diff = (paired[r.score_name, r.method] - paired[r.score_name, other]).dropna()
+        leads.append((other, diff.mean(), *bootstrap_interval(diff.to_numpy(), seed=seed)))
+    lead = pd.DataFrame(leads, columns=["lead_over", "lead", "lead_low", "lead_high"])
+    return pd.concat([out, lead], axis=1)
+
+
+def method_verdict(comparison: pd.DataFrame) -> pd.DataFrame:
+    """Which method explains best, as a small table with one row per score: the ``top``
+    method (largest margin over its control), its ``margin`` and 95% interval, the ``best``
+    (a method; ``"tie"`` when two are beyond noise but within noise of each other; ``"none"``
+    when no method is beyond noise of its control) and the ``verdict`` in a few words (short,
+    so that a notebook shows it whole)."""
+    rows = []
+    for name, group in comparison.groupby("score_name", sort=True):
+        group = group[group["latents"] > 0].sort_values("margin", ascending=False,
+                                                        na_position="last")
+        if not len(group):
+            continue
+        beyond = group[group["beyond_noise"]]
+        shown = beyond.iloc[0] if len(beyond) else group.iloc[0]
+        rest = ", ".join(m for m in group["method"] if m != shown["method"])
+        if not np.isfinite(shown["margin"]):
+            best, verdict = "none", "no control: its noise is unknown"
+        elif not len(beyond):
+            best, verdict = "none", "no method beyond noise of its control"
+        elif len(beyond) == 1:
+            best = shown["method"]
+            verdict = (f"{best} beyond noise; {rest} within noise" if rest
+                       else f"{best} beyond noise (the only method)")
+        elif shown["lead_low"] > 0:
+            best, verdict = shown["method"], (f"{shown['method']} ahead of "
+                                              f"{shown['lead_over']} beyond noise")
+        else:
+            best = "tie"
+            verdict = f"{' and '.join(beyond['method'])} within noise of each other"
+        rows.append({"score_name": name, "latents": int(shown["latents"]),
+                     "top": shown["method"], "margin": shown["margin"],
+                     "margin_low": shown["margin_low"], "margin_high": shown["margin_high"],
+                     "best": best, "verdict": verdict})
+    return pd.DataFrame(rows, columns=["score_name", "latents", "top", "margin", "margin_low",
+                                       "margin_high", "best", "verdict"])
 
 
 def explainer_backend(explainer: str = "", model: Model | None = None,

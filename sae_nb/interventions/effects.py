@@ -4,7 +4,8 @@ For an edit made with :mod:`sae_nb.interventions.splice` (the dictionary spliced
 error term):
 
 - :func:`logit_changes`: the next-token tokens the edit promotes and suppresses most after a
-  prompt (change in log-probability, and in the raw logit).
+  prompt, ranked by the change in probability (with the change in log-probability, and in the
+  raw logit).
 - :func:`side_effects`: on neutral text (held-out corpus contexts, :func:`neutral_tokens`),
   the cross-entropy of the clean and edited model and the mean KL divergence
   ``KL(clean || edited)``, SAELens's order (the edited model judged by how much probability it
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from sae_nb.activations.corpora import load_corpus, pack_contexts, token_strings
 from sae_nb.activations.models import Model, hf_model, max_positions, model_name
@@ -44,20 +46,27 @@ from sae_nb.util.checks import real_number
 def logit_changes(model: Model, dictionary: Dictionary, prompt: str, edits: Sequence[Edit],
                   k: int = 10, site: str | None = None) -> pd.DataFrame:
     """The ``k`` next tokens the edit promotes most and the ``k`` it suppresses most after
-    ``prompt``, ranked by the probability they gain or lose (a change of log-probability
-    ranks tokens nobody would sample first): clean and edited probability, change in
-    log-probability and in logit."""
+    ``prompt``, ranked by the probability they gain or lose (``p_change``; a change of
+    log-probability ranks tokens nobody would sample first): clean and edited probability,
+    change in log-probability and in logit."""
     ids = prompt_tokens(model, prompt)
     clean = edited_logits(model, ids)[0, -1]  # (V,)
     edited = edited_logits(model, ids, Splice(model, dictionary, edits, site))[0, -1]
+    return change_table(model.tokenizer, clean, edited, k)
+
+
+def change_table(tokenizer, clean: torch.Tensor, edited: torch.Tensor, k: int = 10) -> pd.DataFrame:
+    """:func:`logit_changes`'s table from the clean and edited next-token logits ``(V,)``."""
+    clean, edited = clean.float(), edited.float()
     lp_clean, lp_edit = torch.log_softmax(clean, -1), torch.log_softmax(edited, -1)
     change = lp_edit.exp() - lp_clean.exp()
     rows = []
     for kind, order in (("promoted", change.argsort(descending=True)[:k]),
                         ("suppressed", change.argsort()[:k])):
-        names = token_strings(model.tokenizer, order.cpu().numpy())
+        names = token_strings(tokenizer, order.cpu().numpy())
         for rank, (t, name) in enumerate(zip(order.tolist(), names), 1):
             rows.append({"effect": kind, "rank": rank, "token": name, "token_id": t,
+                         "p_change": float(change[t]),
                          "p_clean": float(lp_clean[t].exp()), "p_edited": float(lp_edit[t].exp()),
                          "logprob_change": float(lp_edit[t] - lp_clean[t]),
                          "logit_change": float(edited[t] - clean[t])})
@@ -121,15 +130,25 @@ def batch_rows(edits: Sequence[Edit]) -> int:
     return sizes.pop() if sizes else 1
 
 
-@torch.no_grad()
 def sample_tokens(model: Model, ids: torch.Tensor, max_new_tokens: int,
-                  temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
+                  temperature: float = 0.0, seed: int = 0,
+                  seeds: Sequence[int] | None = None) -> torch.Tensor:
     """``(B, max_new_tokens)`` tokens after ``ids`` ``(B, T)``, one cached step per token:
     greedy for ``temperature`` 0, else sampled from ``softmax(logits / temperature)``. Each row
-    draws from its own generator seeded by ``seed`` (Gumbel-max), so a row's text depends on
-    the seed and its own logits only: the same seed gives the same text, and rows that differ
-    only in a steering coefficient share their random numbers (coefficient 0 is the clean
-    text)."""
+    draws from its own generator seeded by ``seed`` (or row ``b`` by ``seeds[b]``; Gumbel-max),
+    so a row's text depends on its seed and its own logits only: the same seed gives the same
+    text, and rows that differ only in a steering coefficient share their random numbers
+    (coefficient 0 is the clean text)."""
+    return sample_with_logits(model, ids, max_new_tokens, temperature, seed, seeds)[0]
+
+
+@torch.no_grad()
+def sample_with_logits(model: Model, ids: torch.Tensor, max_new_tokens: int,
+                       temperature: float = 0.0, seed: int = 0,
+                       seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_tokens`'s tokens and the first step's logits ``(B, V)``: the next-token
+    logits after the prompt, under whatever splice is on (so a steered run gives the edited
+    next-token distribution without another forward pass)."""
     if max_new_tokens < 1:
         raise InterventionError(f"max_new_tokens={max_new_tokens}; generate at least 1 token.")
     check_temperature(temperature)
@@ -140,10 +159,14 @@ def sample_tokens(model: Model, ids: torch.Tensor, max_new_tokens: int,
                                 f"{max_new_tokens} need {need} positions but model "
                                 f"{model_name(model)!r} has {limit}; give max_new_tokens="
                                 f"{limit - ids.shape[1] + 1} or fewer, or shorten the prompt.")
+    seeds = [int(seed)] * len(ids) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != len(ids):
+        raise InterventionError(f"{len(seeds)} seeds for {len(ids)} rows; give one seed per row.")
     hf = hf_model(model)
     device = next(hf.parameters()).device
-    generators = [torch.Generator(device=device).manual_seed(int(seed)) for _ in range(len(ids))]
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     out = hf(input_ids=ids.to(device), use_cache=True)
+    first = out.logits[:, -1].float().cpu()  # (B, V)
     new = []
     for step in range(max_new_tokens):
         logits = out.logits[:, -1].float()  # (B, V)
@@ -157,7 +180,7 @@ def sample_tokens(model: Model, ids: torch.Tensor, max_new_tokens: int,
         new.append(token)
         if step + 1 < max_new_tokens:
             out = hf(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-    return torch.cat(new, 1).cpu()
+    return torch.cat(new, 1).cpu(), first
 
 
 def check_temperature(temperature: float) -> None:
@@ -169,26 +192,30 @@ def check_temperature(temperature: float) -> None:
 
 def generate(model: Model, prompt: str, dictionary: Dictionary | None = None,
              edits: Sequence[Edit] = (), max_new_tokens: int = 20, temperature: float = 0.0,
-             seed: int = 0, site: str | None = None, rows: int | None = None) -> list[str]:
+             seed: int = 0, site: str | None = None, rows: int | None = None,
+             seeds: Sequence[int] | None = None) -> list[str]:
     """Continuations of ``prompt``, one per batch row (one per coefficient when an edit gives
-    one per row), clean without ``dictionary`` or with its edits applied at every step."""
+    one per row, one per seed with ``seeds``), clean without ``dictionary`` or with its edits
+    applied at every step."""
     check_temperature(temperature)
     ids = prompt_tokens(model, prompt)
-    rows = rows or batch_rows(edits)
+    rows = rows or (len(seeds) if seeds is not None else batch_rows(edits))
     splice = Splice(model, dictionary, edits, site) if dictionary is not None else None
     with splice if splice is not None else contextlib.nullcontext():
-        new = sample_tokens(model, ids.repeat(rows, 1), max_new_tokens, temperature, seed)
+        new = sample_tokens(model, ids.repeat(rows, 1), max_new_tokens, temperature, seed, seeds)
     return model.tokenizer.batch_decode(new)
 
 
 def compare_generations(model: Model, dictionary: Dictionary, prompts: Sequence[str],
                         edits: Sequence[Edit], max_new_tokens: int = 20,
-                        temperature: float = 0.0, seed: int = 0) -> pd.DataFrame:
-    """Clean and edited continuations side by side, one row per prompt."""
+                        temperature: float = 0.0, seed: int = 0,
+                        progress: bool = True) -> pd.DataFrame:
+    """Clean and edited continuations side by side, one row per prompt (a progress bar over the
+    prompts unless ``progress`` is False)."""
     if not prompts:
         raise InterventionError("No prompts; give at least one.")
     rows = []
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc="generations", unit="prompt", disable=not progress):
         clean = generate(model, prompt, None, (), max_new_tokens, temperature, seed)[0]
         edited = generate(model, prompt, dictionary, edits, max_new_tokens, temperature, seed,
                           rows=1)[0]

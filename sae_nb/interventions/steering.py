@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from sae_nb.activations.extract import pooled_activations, resolve_sites, run_sites
 from sae_nb.activations.models import Model
@@ -127,10 +128,11 @@ class SweepResult:
 def steering_sweep(model: Model, dictionary: Dictionary, methods: Sequence[SteeringMethod],
                    coefficients: Sequence[float], prompts: Sequence[str], neutral: torch.Tensor,
                    score: Callable[[list[str]], np.ndarray], max_new_tokens: int = 24,
-                   temperature: float = 0.0, seed: int = 0) -> SweepResult:
+                   temperature: float = 0.0, seed: int = 0, progress: bool = True) -> SweepResult:
     """For every method and coefficient: the mean target score of the continuations of
     ``prompts`` and its shift from the clean continuations, the KL to the clean model and the
-    CE increase on ``neutral`` token contexts."""
+    CE increase on ``neutral`` token contexts. A progress bar (with its estimate of the time
+    left) counts the generations and side-effect passes unless ``progress`` is False."""
     coefficients = [float(c) for c in coefficients]
     if not coefficients:
         raise InterventionError("The coefficient grid is empty; give some, e.g. [0.5, 1, 2].")
@@ -138,19 +140,28 @@ def steering_sweep(model: Model, dictionary: Dictionary, methods: Sequence[Steer
         raise InterventionError(f"{len(prompts)} prompts and {len(methods)} methods; give at "
                                 f"least one of each.")
     gen = dict(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    clean_texts = [generate(model, p, **gen)[0] for p in prompts]
+    steps = len(prompts) + len(methods) * (len(prompts) + len(coefficients))
+    with tqdm(total=steps, desc="steering sweep", unit="pass", disable=not progress) as bar:
+        clean_texts = []
+        for p in prompts:
+            clean_texts.append(generate(model, p, **gen)[0])
+            bar.update()
+        clean_lp = clean_log_probs(model, neutral)
+        rows, texts = [], []
+        for method in methods:
+            bar.set_postfix_str(method.name)
+            for prompt in prompts:
+                outs = generate(model, prompt, dictionary, method.edits(tuple(coefficients)),
+                                **gen)
+                texts += [{"method": method.name, "coefficient": c, "prompt": prompt,
+                           "continuation": t} for c, t in zip(coefficients, outs)]
+                bar.update()
+            for c in coefficients:
+                rows.append({"method": method.name, "coefficient": c, **side_effects(
+                    model, dictionary, method.edits(c), neutral, clean_lp)})
+                bar.update()
     clean_scores = np.asarray(score(clean_texts), dtype=float)
     baseline = float(clean_scores.mean())
-    clean_lp = clean_log_probs(model, neutral)
-    rows, texts = [], []
-    for method in methods:
-        for prompt in prompts:
-            outs = generate(model, prompt, dictionary, method.edits(tuple(coefficients)), **gen)
-            texts += [{"method": method.name, "coefficient": c, "prompt": prompt,
-                       "continuation": t} for c, t in zip(coefficients, outs)]
-        for c in coefficients:
-            rows.append({"method": method.name, "coefficient": c,
-                         **side_effects(model, dictionary, method.edits(c), neutral, clean_lp)})
     generations = pd.DataFrame(texts)
     generations["score"] = np.asarray(score(generations["continuation"].tolist()), dtype=float)
     # paired by prompt: each continuation against the same prompt's clean one

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import datetime
 import html
-import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -24,9 +24,10 @@ import numpy as np
 import pandas as pd
 from plotly.offline import get_plotlyjs
 
-from sae_nb.activations.corpora import token_strings
+from sae_nb.activations.corpora import token_labels
 from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.latents.contexts import latent_contexts
+from sae_nb.latents.logit_effects import store_words
 from sae_nb.util.io import atomic_write_text
 from sae_nb.views import plotting
 from sae_nb.views.explorer_data import (
@@ -38,7 +39,9 @@ from sae_nb.views.explorer_data import (
 )
 
 SHADE_RGB = (255, 140, 0)  # the activation colour (dark orange), alpha = act / scale
-VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "␍"}  # whitespace drawn so a reader can see it
+VISIBLE = {"\n": "↵", "\t": "⇥", "\r": "⇤"}  # whitespace drawn visibly (fonts lack ␍)
+TOP_TOKENS = "top tokens: "  # what a caption's token part is
+SPACE = "·"  # a space of a token read alone (" great" is "·great")
 # Styles of the shaded tokens and tables: the dashboards' and, scoped to the widget, the
 # explorer's (JupyterLab applies a widget's <style> to the whole page).
 CSS = """
@@ -57,6 +60,7 @@ table.logits td.num { font-family: ui-monospace, monospace; text-align: right; }
 .explanation { margin: 2px 0 4px 0; }
 a.latent-link { color: #1a62b8; text-decoration: underline; cursor: pointer; }
 .muted { color: #777; }
+.logit-note { font-size: 12px; max-width: 430px; line-height: 1.35; }
 """
 PAGE_CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }
@@ -75,10 +79,24 @@ def scoped_css(scope: str, css: str = CSS) -> str:
 
 # -- tokens -----------------------------------------------------------------------------------
 
-def display_token(token: str) -> str:
-    """A token as escaped HTML text, with newlines and tabs as visible symbols."""
+def token_label(token: str) -> str:
+    """A token read on its own, as plain text: its spaces as "·" (``" great"`` is ``"·great"``,
+    so a word start is told from a word piece), newlines, tabs and returns as ↵ ⇥ ⇤, the empty
+    token as ∅. Byte fragments come from :func:`sae_nb.activations.corpora.token_labels` as
+    escapes (``"\\xe2\\x80"``)."""
+    if token == "":
+        return "∅"
+    return "".join(VISIBLE.get(c, SPACE if c == " " else c) for c in token)
+
+
+def display_token(token: str, alone: bool = False) -> str:
+    """A token as escaped HTML text, with newlines and tabs as visible symbols; ``alone`` (a
+    token in a table or caption, not inside its text) also shows its spaces as "·"
+    (:func:`token_label`)."""
     if token == "":
         return '<span class="muted">∅</span>'
+    if alone:
+        return html.escape(token_label(token))
     return html.escape("".join(VISIBLE.get(c, c) for c in token))
 
 
@@ -147,43 +165,66 @@ def explanation_html(best: pd.DataFrame | None, latent: int) -> str:
             f'{float(r["score"]):.2f})</span></div>')
 
 
-def logit_table_html(table: pd.DataFrame | None) -> str:
-    """Promoted and suppressed output tokens (``LogitEffects.tokens``) as an HTML table."""
+# What the logit table's numbers are and how its rows are ranked, under the table.
+LOGIT_NOTE = ("<i>Δ logit</i>: the change of each output logit when this latent fires at its mean "
+              "activation when firing ({activation:.3g}), along the direct path: its decoder row "
+              "through the final norm (at the residual stream's typical RMS) and the "
+              "unembedding, in nats. Each side is ranked by it, words first; "
+              '<span class="muted">grey</span>: word pieces and tokens never seen whole in the '
+              "store, ranked after. Spaces show as ·.")
+
+
+def logit_table_html(table: pd.DataFrame | None, activation: float | None = None) -> str:
+    """Promoted and suppressed output tokens (``LogitEffects.tokens``) as an HTML table: each
+    token read alone (spaces as ·), its Δ logit, the column the rows are ranked by, and word
+    pieces (``*_piece``) greyed; with ``activation`` (the one the values are at), the note
+    saying what the numbers are."""
     if table is None:
         return '<p class="muted">No logit effects (pass logit_effects).</p>'
-    head = ("<tr><th>promoted</th><th></th><th>suppressed</th><th></th></tr>")
-    body = "".join(
-        f'<tr><td class="tokens">{display_token(str(r.promoted))}</td>'
-        f'<td class="num">{r.promoted_value:+.3f}</td>'
-        f'<td class="tokens">{display_token(str(r.suppressed))}</td>'
-        f'<td class="num">{r.suppressed_value:+.3f}</td></tr>'
-        for r in table.itertuples())
-    return f'<table class="logits">{head}{body}</table>'
+    ranked = '<th class="num" title="the rows are ranked by this column">Δ logit ▼</th>'
+    head = f"<tr><th>promoted</th>{ranked}<th>suppressed</th>{ranked.replace('▼', '▲')}</tr>"
+
+    def cells(token, value, piece) -> str:
+        grey = ' muted" title="a word piece, or a token never seen whole in the store' \
+            if piece else ""
+        return (f'<td class="tokens{grey}">{display_token(str(token), alone=True)}</td>'
+                f'<td class="num{grey}">{value:+.3f}</td>')
+
+    pieces = lambda side: table.get(f"{side}_piece", [False] * len(table))  # noqa: E731
+    body = "".join(f"<tr>{cells(p, pv, pp)}{cells(s, sv, sp)}</tr>" for p, pv, pp, s, sv, sp in
+                   zip(table["promoted"], table["promoted_value"], pieces("promoted"),
+                       table["suppressed"], table["suppressed_value"], pieces("suppressed")))
+    note = ("" if activation is None else
+            f'<div class="muted logit-note">{LOGIT_NOTE.format(activation=activation)}</div>')
+    return f'<table class="logits">{head}{body}</table>{note}'
 
 
 def latent_captions(stats, store, tokenizer, n_tokens: int = 2, latents=None) -> dict[int, str]:
     """A short caption per latent: its commonest tokens at its top store rows (the rows of
-    ``stats.top_rows``; ties by strength), quoted, e.g. ``'" depressions", " dem"'``; "" for a
-    latent that never fired or a store of sentence rows. ``latents`` defaults to all."""
+    ``stats.top_rows``; ties by strength), labelled and each read alone (:func:`token_label`),
+    e.g. ``"top tokens: ·depressions, ·dem"``; "" for a latent that never fired or a store of
+    sentence rows. ``latents`` defaults to all."""
     latents = np.arange(stats.d_sae) if latents is None else np.asarray(latents, dtype=np.int64)
     rows = np.asarray(stats.top_rows)[latents]  # (L, n_top)
     flat = rows[rows >= 0]
     ids = np.full(rows.shape, -1, dtype=np.int64)
     ids[rows >= 0] = store.index(flat)["token"] if flat.size else []
     uniq = np.unique(ids[ids >= 0])
-    names = dict(zip(uniq.tolist(), token_strings(tokenizer, uniq))) if uniq.size else {}
+    names = dict(zip(uniq.tolist(), token_labels(tokenizer, uniq))) if uniq.size else {}
     out = {}
     for latent, row_ids in zip(latents.tolist(), ids):
         counts: dict[int, int] = {}
         for t in row_ids[row_ids >= 0].tolist():  # strongest first: a tie keeps that order
             counts[t] = counts.get(t, 0) + 1
         best = sorted(counts, key=lambda t: -counts[t])[:n_tokens]
-        out[latent] = ", ".join(json.dumps(names[t], ensure_ascii=False) for t in best)
+        out[latent] = (TOP_TOKENS + ", ".join(token_label(names[t]) for t in best)
+                       if best else "")
     return out
 
 
 def latent_label(latent: int, caption: str = "") -> str:
-    """``'1258 " depressions", " dem"'``: a latent's number and caption, as plain text."""
+    """``'1258 top tokens: ·depressions, ·dem'``: a latent's number and caption, as plain
+    text."""
     return f"{int(latent)} {caption}".rstrip()
 
 
@@ -222,10 +263,9 @@ def latents_table_html(latents: Sequence[int], values: Sequence[float],
     pct = lambda x, fmt: "" if x is None else format(float(x), fmt)  # noqa: E731
     frac = lambda x: ("" if x is None  # noqa: E731
                       else "never fired in the store" if not np.isfinite(x) else f"{x:.1%}")
-    # A token alone in a cell: a space-only token shows its spaces (an empty cell read as none).
+    # A token alone in a cell: its spaces shown (a space-only token read as an empty cell).
     tok = lambda t: ("" if t is None  # noqa: E731
-                     else f'<span class="tokens">'
-                          f'{display_token(t.replace(" ", "␣") if not t.strip() else t)}</span>')
+                     else f'<span class="tokens">{display_token(t, alone=True)}</span>')
     rows = "".join(
         f'<tr data-latent="{int(i)}"><td>'
         f'{latent_link_html(i, c, script=link_script.format(latent=int(i)))}</td>'
@@ -285,7 +325,8 @@ def latent_section_html(stats, latent: int, top_contexts: list[dict],
             f'<h2>Latent {latent}{": " + html.escape(title) if title else ""}</h2>'
             f'{summary_html(stats, latent, caption=caption)}{explanation}{related}'
             f'<div class="panels"><div class="hist">{hist}</div>'
-            f'<div><h3>Logit effects</h3>{logit_table_html(logit_table)}</div></div>'
+            f'<div><h3>Logit effects</h3>'
+            f'{logit_table_html(logit_table, float(stats.mean_act[latent]))}</div></div>'
             f'<h3>Top activations</h3>{contexts_html(top_contexts, scale)}'
             f'<h3>Examples by activation interval</h3>{interval_html}</section>')
 
@@ -293,7 +334,8 @@ def latent_section_html(stats, latent: int, top_contexts: list[dict],
 def related_html(latent: int, nearest: Sequence[tuple[int, float]], family: Sequence[int],
                  captions: dict[int, str], linked: set[int]) -> str:
     """A latent's nearest latents (``(latent, cosine)``) and family members, each with its
-    caption; those in ``linked`` (sections of the page) are links to their section."""
+    caption; those in ``linked`` (sections of the page: all of them in an export) are links to
+    their section."""
     name = lambda i: (latent_link_html(i, captions.get(i, "")) if i in linked  # noqa: E731
                       else f'{i} <span class="muted caption">{html.escape(captions.get(i, ""))}'
                            f'</span>')
@@ -305,6 +347,30 @@ def related_html(latent: int, nearest: Sequence[tuple[int, float]], family: Sequ
         parts.append(f"co-firing family (notebook 05), {len(members) + 1} latents: "
                      + ", ".join(name(m) for m in members))
     return f'<p class="related">{"<br>".join(parts)}</p>'
+
+
+class FileLink:
+    """A written file as a notebook shows it: a link (relative to the notebook's folder, which
+    JupyterLab opens) and its path as plain text, not ``PosixPath('...')``."""
+
+    def __init__(self, path: str | Path, text: str = ""):
+        self.path, self.text = Path(path), text
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __repr__(self) -> str:
+        return f"{self.text}{self.path}"
+
+    def _repr_html_(self) -> str:
+        href = os.path.relpath(self.path.resolve(), Path.cwd())
+        return (f'{html.escape(self.text)}<a href="{html.escape(href)}" target="_blank">'
+                f"{html.escape(str(self.path))}</a>")
+
+
+def file_link(path: str | Path, text: str = "") -> FileLink:
+    """``path`` shown as a link after ``text`` (e.g. "Dashboards written to ")."""
+    return FileLink(path, text)
 
 
 def page_html(title: str, header: str, sections: Sequence[str], plotlyjs: str) -> str:
@@ -319,7 +385,7 @@ def page_html(title: str, header: str, sections: Sequence[str], plotlyjs: str) -
 def export_dashboards(stats, store, dictionary: Dictionary, latents: Sequence[int],
                       path: str | Path, logit_effects=None, tokenizer=None, n_contexts: int = 10,
                       before: int = 16, after: int = 4, n_nearest: int = 5,
-                      families=None, explanations=None) -> Path:
+                      families=None, explanations=None, n_related: int = 5) -> Path:
     """Write one self-contained HTML dashboard file for ``latents`` to ``path``; returns it.
 
     Per latent: density, mean and max activation, the histogram of its nonzero activations,
@@ -329,7 +395,9 @@ def export_dashboards(stats, store, dictionary: Dictionary, latents: Sequence[in
     ``clustering/latents.csv`` or a dict, optional); latents in the file are links. With
     ``explanations`` (an explanation table or its folder,
     :func:`sae_nb.explanations.tables.explanations_folder`) each latent's best explanation and
-    score head its section and follow it in every list.
+    score head its section and follow it in every list. Every latent named beside them (nearest,
+    family) gets a short section after them, its ``n_related`` strongest contexts, so that
+    every latent number on the page is a link.
     The file is written to a temporary name and renamed, so it is complete or absent.
     """
     latents = [int(i) for i in latents]
@@ -341,6 +409,7 @@ def export_dashboards(stats, store, dictionary: Dictionary, latents: Sequence[in
         raise ValueError("export_dashboards needs tokenizer=... (e.g. model.tokenizer) to show "
                          "the tokens of each context.")
     unit = unit_decoder_rows(dictionary)
+    words = store_words(store, tokenizer) if logit_effects is not None else None
     near = {i: nearest_latents(unit, i, n_nearest) for i in latents}
     families = (load_families(families) if isinstance(families, (str, Path))
                 else dict(families or {}))
@@ -358,17 +427,32 @@ def export_dashboards(stats, store, dictionary: Dictionary, latents: Sequence[in
         split = np.cumsum([len(r) for _, r in groups])[:-1]
         parts = np.split(np.arange(len(rows)), split)
         grouped = [[contexts[j] for j in part] for part in parts]
-        table = logit_effects.tokens(tokenizer, latent) if logit_effects is not None else None
+        table = (logit_effects.tokens(tokenizer, latent, float(stats.mean_act[latent]), 10, words)
+                 if logit_effects is not None else None)
         sections.append(latent_section_html(stats, latent, grouped[0],
                                             list(zip([g[0] for g in groups[1:]], grouped[1:])),
                                             table, tokens[latent],
                                             related_html(latent, near[latent],
                                                          families.get(latent, []), captions,
-                                                         set(latents)),
+                                                         named),
                                             explanation_html(best, latent),
                                             best.loc[latent, "explanation"]
                                             if best is not None and latent in best.index
                                             else ""))
+    others = sorted(named - set(latents))  # named beside a latent: a short section each
+    if others:
+        sections.append(f'<h2 id="related-latents">Related latents</h2><p class="muted">The '
+                        f"latents named beside those above, each with its {n_related} strongest "
+                        f"contexts.</p>")
+    for latent in others:
+        top = stats.top_rows[latent, :n_related]
+        contexts = latent_contexts(store, dictionary, latent, top[top >= 0], tokenizer, before,
+                                   after)
+        sections.append(f'<section class="latent related-latent" id="latent-{latent}" '
+                        f'data-latent="{latent}"><h3>Latent {latent}</h3>'
+                        f'{summary_html(stats, latent, caption=tokens[latent])}'
+                        f'{explanation_html(best, latent)}'
+                        f'{contexts_html(contexts, float(stats.max_act[latent]))}</section>')
     title = f"{dictionary_label(dictionary)} · {stats.model} · {stats.site}"
     page = page_html(title, index_html(stats, latents, captions), sections, get_plotlyjs())
     return atomic_write_text(Path(path), page)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import html
 from collections import OrderedDict
 from copy import deepcopy
+from functools import cached_property
 from pathlib import Path
 
 import ipywidgets as widgets
@@ -31,6 +32,7 @@ from sae_nb.activations.models import Model
 from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.explanations.meaning import MeaningIndex, meaning_index
 from sae_nb.latents.contexts import latent_contexts, text_activations
+from sae_nb.latents.logit_effects import store_words
 from sae_nb.views import plotting
 from sae_nb.views.dashboard import (
     contexts_html,
@@ -54,6 +56,8 @@ from sae_nb.views.explorer_data import (  # noqa: F401
     latent_order,
     load_families,
     nearest_latents,
+    opening_latent,
+    scores_of,
     strongest_on_text,
     top_latents,
     unit_decoder_rows,  # public here too
@@ -61,12 +65,9 @@ from sae_nb.views.explorer_data import (  # noqa: F401
 )
 
 HISTOGRAM_WIDTH = 440  # px; with the logit table (about 360 px) it fits one row of a notebook
-# What the logit table's numbers are, under its title.
-LOGIT_CAPTION = (
-    '<div class="muted" style="font-size: 12px; max-width: 420px">Direct effect of one unit of '
-    "this latent on the output logits: its decoder row through the final norm's weight, times "
-    "the unembedding (logit units; the residual stream's norm is left out, so compare tokens "
-    "within a latent). Tokens are the tokenizer's sub-word pieces.</div>")
+# Under the logit table's title (the table's own note says what its numbers are).
+LOGIT_CAPTION = ('<div class="muted" style="font-size: 12px; max-width: 420px">The output tokens '
+                 "its decoder direction promotes and suppresses.</div>")
 
 WIDGET_CLASS = "sae-nb-explorer"  # the explorer's styles apply inside this class only
 # A latent link's click: put its number in this explorer's number box, as if typed (the box's
@@ -75,6 +76,14 @@ WIDGET_CLASS = "sae-nb-explorer"  # the explorer's styles apply inside this clas
 JUMP_JS = ("const b = this.closest('.sae-nb-explorer')?.querySelector('.sae-nb-number input');"
            " if (b) {{ b.value = '{latent}';"
            " b.dispatchEvent(new Event('change', {{bubbles: true}})); }} return false;")
+
+
+def fit_menu(menu: widgets.Dropdown, options: list[tuple[str, int]]) -> None:
+    """Give ``menu`` its options and a width that shows the longest whole: about 6 px a
+    character of the widget font measured in chromium, 8 allowed, plus its description."""
+    menu.options = options
+    longest = max((len(label) for label, _ in options), default=0)
+    menu.layout.width = f"{max(460, 130 + 8 * longest)}px"
 
 
 class FeatureExplorer:
@@ -127,7 +136,7 @@ class FeatureExplorer:
         self.order = latent_order(stats, sort, skip_unusual)
         self.latent = -1
         self._build_widgets(sort, skip_unusual)
-        self.show_latent(int(self.order[0]))
+        self.show_latent(opening_latent(self.order, self.token_captions))
 
     # -- layout --------------------------------------------------------------------------------
     def _build_widgets(self, sort: str, skip_unusual: bool) -> None:
@@ -137,8 +146,8 @@ class FeatureExplorer:
                                      layout={"width": "250px"})
         self.show_unusual = widgets.Checkbox(not skip_unusual, indent=False, layout=fit,
                                              description="dense and outlier latents in order")
-        self.slider = widgets.IntSlider(0, min=0, max=F - 1, description="rank",
-                                        continuous_update=False, layout={"width": "320px"})
+        self.slider = widgets.IntSlider(0, min=0, max=F - 1, description="rank",  # a 290 px track
+                                        continuous_update=False, layout={"width": "460px"})
         self.prev_button = widgets.Button(description="◀", tooltip="previous rank",
                                           layout={"width": "36px"})
         self.next_button = widgets.Button(description="▶", tooltip="next rank",
@@ -147,13 +156,13 @@ class FeatureExplorer:
                                              layout={"width": "200px"})
         self.query = widgets.Text(placeholder="a token or phrase, then Enter",
                                   description="search", continuous_update=False,
-                                  layout={"width": "320px"})
-        menu = {"width": "460px"}  # labels carry captions: 'latent 1258 " dep", " dem" (score 4)'
+                                  layout={"width": "360px"})
+        menu = {"width": "460px", "max_width": "100%"}  # widened to its labels (fit_menu)
         self.matches = widgets.Dropdown(options=[], description="matches", layout=menu)
         self.search_status = widgets.HTML()
         self.meaning = widgets.Text(placeholder="a meaning, e.g. taxes, then Enter",
                                     description="meaning", continuous_update=False,
-                                    layout={"width": "320px"})
+                                    layout={"width": "360px"})
         self.meaning_matches = widgets.Dropdown(options=[], description="by meaning", layout=menu)
         self.meaning_status = widgets.HTML()
         self.summary = widgets.HTML()
@@ -163,7 +172,9 @@ class FeatureExplorer:
         self.figure = go.FigureWidget(plotting.latent_histogram_figure(
             self.stats.hist_edges[0], self.stats.hist_counts[0]))
         self.figure.layout.width = HISTOGRAM_WIDTH
-        self.figure.layout.margin.t = 60  # two title lines: the latent, then its density
+        # Two title lines (the latent, then its density) below plotly's toolbar, not under it.
+        self.figure.layout.margin.t = 86
+        self.figure.layout.title.update(y=1 - 52 / self.figure.layout.height, yanchor="top")
         self.logits = widgets.HTML()
         self.contexts = widgets.HTML()
         self.text = widgets.Textarea(placeholder="Type any text, then Run", rows=3,
@@ -305,14 +316,20 @@ class FeatureExplorer:
         rows = rows[rows >= 0]
         contexts = latent_contexts(self.store, self.dictionary, latent, rows, self.tokenizer,
                                    self.before, self.after) if len(rows) else []
-        table = (self.logit_effects.tokens(self.tokenizer, latent)
+        activation = float(self.stats.mean_act[latent])
+        table = (self.logit_effects.tokens(self.tokenizer, latent, activation, 10, self.words)
                  if self.logit_effects is not None else None)
         view = (contexts, contexts_html(contexts, float(self.stats.max_act[latent])),
-                logit_table_html(table))
+                logit_table_html(table, activation))
         self._cache[(latent, n)] = view
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return view
+
+    @cached_property
+    def words(self) -> frozenset[int]:
+        """The store's whole tokens (:func:`sae_nb.latents.logit_effects.store_words`)."""
+        return store_words(self.store, self.tokenizer)
 
     def show_more(self) -> list[dict]:
         """Show ``n_contexts`` more of the latent's top contexts (up to the statistics'
@@ -391,12 +408,14 @@ class FeatureExplorer:
         fill the matches menu, the best one is shown, and choosing another shows it."""
         if self._search is None and query.strip():
             self.search_status.value = '<span class="muted">searching...</span>'
-            self._search = LatentSearch(self.stats, self.store, self.tokenizer, self.logit_effects)
+            self._search = LatentSearch(self.stats, self.store, self.tokenizer,
+                                        self.logit_effects, explanation_scores=scores_of(
+                                            self.explanations, self.stats.d_sae))
         found = self._search(query) if self._search is not None else []
         self._busy = True
         try:
-            self.matches.options = [(f"latent {self.label(i)} (score {s})", i)
-                                    for i, s in found]
+            fit_menu(self.matches, [(f"latent {self.label(i)} (score {s})", i)
+                                    for i, s in found])
             self.matches.value = found[0][0] if found else None
         finally:
             self._busy = False
@@ -427,8 +446,8 @@ class FeatureExplorer:
         pairs = [] if found is None else list(zip(found["latent"].tolist(), found["score"]))
         self._busy = True
         try:
-            self.meaning_matches.options = [(f"latent {self.label(i)} (similarity {s:.2f})", i)
-                                            for i, s in pairs]
+            fit_menu(self.meaning_matches, [(f"latent {self.label(i)} (similarity {s:.2f})", i)
+                                            for i, s in pairs])
             self.meaning_matches.value = pairs[0][0] if pairs else None
         finally:
             self._busy = False
@@ -464,8 +483,8 @@ class FeatureExplorer:
             [self.captions[i] for i in strongest], [tokens[t] for t in at], JUMP_JS)
         self._busy = True
         try:
-            self.text_jump.options = [(f"latent {self.label(i)} ({relative[i]:.1%} of its max)", i)
-                                      for i in strongest]
+            fit_menu(self.text_jump, [(f"latent {self.label(i)} ({relative[i]:.1%} of its max)", i)
+                                      for i in strongest])
             self.text_jump.value = None
         finally:
             self._busy = False

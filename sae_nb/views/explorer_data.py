@@ -10,6 +10,7 @@ explanation and score in front (:func:`explained_captions`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +20,8 @@ from sae_nb.activations.corpora import token_strings
 from sae_nb.dictionaries.architectures import Dictionary
 from sae_nb.explanations.tables import (
     as_explanations,
+    best_caption,
     best_explanations,
-    explanation_caption,
 )
 
 SORTS = ("index", "density", "max activation")
@@ -87,14 +88,28 @@ def top_latents(stats, n: int, sort: str = "max activation", skip_unusual: bool 
     return [int(i) for i in latent_order(stats, sort, skip_unusual) if stats.density[i] > 0][:n]
 
 
+# A caption whose commonest token is a word: a space, then 3 letters or more ("top tokens: ·tax").
+WORD_CAPTION = re.compile(r"^top tokens: ·[A-Za-z]{3,}")
+
+
+def opening_latent(order, captions: dict[int, str]) -> int:
+    """The latent an explorer opens on: the first of ``order`` whose caption's commonest token
+    is a word (:data:`WORD_CAPTION`), not a space, a digit or a word piece; else the first."""
+    return next((int(i) for i in order if WORD_CAPTION.match(captions.get(int(i), ""))),
+                int(order[0]))
+
+
 class LatentSearch:
     """Finds latents by the text around their strongest activations.
 
     For each latent, the token at each top row scores 2 when it contains the query (case
     folded) and the ``window`` tokens before it plus that token score 1; a promoted output
-    token (with logit effects) scores 1. Built once, on the first query."""
+    token (with logit effects) scores 1. Ties go to the more selective latent: the larger share
+    of its top rows on exactly the query's token, then the better ``explanation_scores`` (per
+    latent, NaN for none), then the fewer tokens it fires on. Built once, on the first query."""
 
-    def __init__(self, stats, store, tokenizer, logit_effects=None, window: int = 4):
+    def __init__(self, stats, store, tokenizer, logit_effects=None, window: int = 4,
+                 explanation_scores=None):
         rows = np.asarray(stats.top_rows)  # (F, n_top)
         valid = rows >= 0
         flat = np.where(valid, rows, 0).reshape(-1)
@@ -111,10 +126,13 @@ class LatentSearch:
                         for f in range(F)]
         self.windows = [["".join(vocab[int(t)] for t in ids[f * n_top + j])
                          for j in range(n_top) if valid[f, j]] for f in range(F)]
+        self.density = np.asarray(stats.density, dtype=np.float64)
+        self.explanation_scores = (np.full(F, np.nan) if explanation_scores is None
+                                   else np.asarray(explanation_scores, dtype=np.float64))
         self.promoted = [[] for _ in range(F)]
         if logit_effects is not None:
             top_ids = np.asarray(logit_effects.top_ids)
-            self.promoted = [[s.lower() for s in token_strings(tokenizer, top_ids[f])]
+            self.promoted = [[s.lower() for s in token_strings(tokenizer, top_ids[f, :10])]
                              for f in range(F)]
 
     def __call__(self, query: str, limit: int = 20) -> list[tuple[int, int]]:
@@ -127,7 +145,10 @@ class LatentSearch:
         scores = np.asarray(scores)
         hits = np.nonzero(scores)[0]
         self.n_found = len(hits)  # all matches, before the limit
-        best = hits[np.argsort(-scores[hits], kind="stable")][:limit]
+        exact = np.array([sum(t == q for t in self.centers[i]) / max(len(self.centers[i]), 1)
+                          for i in hits])
+        explained = np.nan_to_num(self.explanation_scores[hits], nan=-np.inf)
+        best = hits[np.lexsort((self.density[hits], -explained, -exact, -scores[hits]))][:limit]
         return [(int(i), int(scores[i])) for i in best]
 
 
@@ -175,6 +196,14 @@ def best_of(explanations) -> pd.DataFrame | None:
     return None if table is None else best_explanations(table)
 
 
+def scores_of(best: pd.DataFrame | None, d_sae: int) -> np.ndarray:
+    """(F,) each latent's best explanation score (:func:`best_of`), NaN where it has none."""
+    scores = np.full(d_sae, np.nan)
+    if best is not None and len(best):
+        scores[best["latent"].to_numpy(int)] = best["score"].to_numpy(float)
+    return scores
+
+
 def explained_captions(captions: dict[int, str], best: pd.DataFrame | None,
                        max_chars: int = 60) -> dict[int, str]:
     """``captions`` (top tokens) with each latent's best explanation (cut to ``max_chars``,
@@ -186,6 +215,6 @@ def explained_captions(captions: dict[int, str], best: pd.DataFrame | None,
     for r in best.itertuples():
         if int(r.latent) in out:
             tokens = out[int(r.latent)]
-            text = explanation_caption(r.explanation, r.score, r.score_name, max_chars=max_chars)
+            text = best_caption(r, max_chars)
             out[int(r.latent)] = f"{text} · {tokens}" if tokens else text
     return out

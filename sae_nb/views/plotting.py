@@ -422,6 +422,35 @@ def attribution_scatter_figure(table: pd.DataFrame) -> go.Figure:
     return fig
 
 
+# Readable names of explanation scores, with the chance level a reader compares them to.
+SCORE_TITLES = {"f1": "rule F1 (chance about 0)", "detection_auroc": "detection AUROC (chance 0.5)",
+                "fuzzing_auroc": "fuzzing AUROC (chance 0.5)",
+                "embedding_auroc": "embedding AUROC (chance 0.5)"}
+
+
+def scores_box_figure(table: pd.DataFrame, methods=("rule", "rule:control", "llm",
+                                                    "llm:control")) -> go.Figure:
+    """Explanation scores (notebook 08's table: method, score, score_name) as a box per method
+    with its points, one panel per score titled by :data:`SCORE_TITLES` (not
+    ``score_name=detection_auroc``), each with its own y axis: an F1 and an AUROC differ."""
+    names = [n for n in dict.fromkeys(table["score_name"]) if isinstance(n, str)]
+    fig = make_subplots(rows=1, cols=max(len(names), 1), horizontal_spacing=0.08,
+                        subplot_titles=[SCORE_TITLES.get(n, n.replace("_", " ")) for n in names])
+    order = [m for m in methods if m in set(table["method"])] + sorted(
+        set(table["method"]) - set(methods))
+    for j, name in enumerate(names):
+        part = table[(table["score_name"] == name) & table["score"].notna()]
+        for i, method in enumerate(order):
+            rows = part[part["method"] == method]
+            if len(rows):
+                fig.add_trace(go.Box(y=rows["score"], name=method, boxpoints="all",
+                                     marker_color=PARETO_COLORS[i % len(PARETO_COLORS)],
+                                     showlegend=False), row=1, col=j + 1)
+    fig.update_layout(title="Explanation scores per method against their controls",
+                      template="plotly_white", height=450)
+    return fig
+
+
 AXIS_TITLES = {"l0": "L0 (active latents per token)", "fvu": "FVU",
                "ce_loss_recovered": "CE loss recovered"}
 PARETO_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
@@ -438,11 +467,16 @@ def _bar(row: pd.Series, m: str, low: str, high: str) -> tuple[float, float]:
 
 def pareto_figure(summary: pd.DataFrame, x: str = "l0",
                   ys: tuple[str, ...] = ("fvu", "ce_loss_recovered"),
-                  by: str = "architecture", point: str = "k") -> go.Figure:
+                  by: str = "architecture", point: str = "k",
+                  reference: Mapping | None = None) -> go.Figure:
     """L0 against each of ``ys`` (one panel each), one trace per ``by`` value with a point per
-    ``point`` value (the table of :func:`sae_nb.comparison.grid.summarize_runs`). Thick error
-    bars: the seed interval (``m_low``, ``m_high``); thin grey ones on a second, dotted trace:
-    the mean held-out bootstrap interval of the runs (``m_boot_low``, ``m_boot_high``)."""
+    ``point`` value, labelled (``k=16``), from the table of
+    :func:`sae_nb.comparison.grid.summarize_runs`. Thick coloured bars: the seed interval
+    (``m_low``, ``m_high``); thin grey bars just right of each point: the mean held-out
+    bootstrap interval of the runs (``m_boot_low``, ``m_boot_high``). L0's seed interval is in
+    the hover, not drawn: its bars would span the panel. ``reference`` (a dict of
+    :func:`sae_nb.comparison.grid.score_reference`, e.g. the shipped default dictionary) is a
+    black star."""
     ys = [y for y in ys if y in summary.columns]
     if x not in summary.columns or not ys:
         raise ValueError(f"pareto_figure needs {x!r} and one of the y metrics in the table; it "
@@ -451,35 +485,52 @@ def pareto_figure(summary: pd.DataFrame, x: str = "l0",
     titles = [f"{axis[x].split(' (')[0]} against {axis[y].split(' (')[0]}" for y in ys]
     fig = make_subplots(rows=1, cols=len(ys), subplot_titles=titles)
     groups = summary.groupby(by, sort=False) if by in summary.columns else [("all", summary)]
+    offset = 0.012 * float(summary[x].max() - summary[x].min() or 1.0)  # the grey bars' shift
     for i, (name, part) in enumerate(groups):
         part = part.sort_values(x)
         color = PARETO_COLORS[i % len(PARETO_COLORS)]
-        text = [f"{point}={v}" for v in part[point]] if point in part.columns else None
+        labels = ([f"{point}={v}" for v in part[point]] if point in part.columns
+                  else [""] * len(part))
+        l0 = [f"{r[x]:.1f}" + (f" [{r[f'{x}_low']:.1f}, {r[f'{x}_high']:.1f}]"
+                               if np.isfinite(r.get(f"{x}_low", np.nan)) else "")
+              for _, r in part.iterrows()]
         for j, y in enumerate(ys):
             seed_bars = [_bar(r, y, f"{y}_low", f"{y}_high") for _, r in part.iterrows()]
-            xbars = [_bar(r, x, f"{x}_low", f"{x}_high") for _, r in part.iterrows()]
             fig.add_trace(go.Scatter(
-                x=part[x], y=part[y], mode="lines+markers", name=str(name), legendgroup=str(name),
-                showlegend=j == 0, text=text, line={"color": color},
+                x=part[x], y=part[y], mode="lines+markers+text", name=str(name),
+                legendgroup=str(name), showlegend=j == 0, text=labels, customdata=l0,
+                textposition="top center", textfont={"size": 11, "color": color},
+                line={"color": color},
                 error_y={"type": "data", "symmetric": False, "array": [b[0] for b in seed_bars],
-                         "arrayminus": [b[1] for b in seed_bars], "thickness": 2},
-                error_x={"type": "data", "symmetric": False, "array": [b[0] for b in xbars],
-                         "arrayminus": [b[1] for b in xbars], "thickness": 1},
-                hovertemplate=f"%{{text}}<br>{x} %{{x:.1f}}<br>{y} %{{y:.4f}}<extra>{name}</extra>",
+                         "arrayminus": [b[1] for b in seed_bars], "thickness": 3, "width": 0},
+                hovertemplate=f"%{{text}}<br>{x} %{{customdata}}<br>{y} %{{y:.4f}}"
+                              f"<extra>{name}</extra>",
             ), row=1, col=j + 1)
             if f"{y}_boot_low" in part.columns:
                 boot = [_bar(r, y, f"{y}_boot_low", f"{y}_boot_high") for _, r in part.iterrows()]
                 fig.add_trace(go.Scatter(
-                    x=part[x], y=part[y], mode="markers", name=f"{name} (held-out bootstrap)",
-                    legendgroup=str(name), showlegend=False, marker={"color": color, "size": 1},
+                    x=part[x] + offset, y=part[y], mode="markers",
+                    name="held-out bootstrap (grey)", legendgroup="bootstrap",
+                    showlegend=i == 0 and j == 0, marker={"color": "grey", "size": 3},
                     error_y={"type": "data", "symmetric": False, "array": [b[0] for b in boot],
-                             "arrayminus": [b[1] for b in boot], "thickness": 1, "width": 8,
+                             "arrayminus": [b[1] for b in boot], "thickness": 1.2, "width": 5,
                              "color": "grey"},
                     hoverinfo="skip"), row=1, col=j + 1)
             fig.update_xaxes(title_text=axis[x], row=1, col=j + 1)
             fig.update_yaxes(title_text=axis[y], row=1, col=j + 1)
-    fig.update_layout(title="Sparsity against reconstruction: seed intervals (thick) and "
-                            "held-out bootstrap intervals (grey)", height=480,
+    if reference is not None:
+        for j, y in enumerate(ys):
+            if y in reference and x in reference:
+                fig.add_trace(go.Scatter(
+                    x=[reference[x]], y=[reference[y]], mode="markers+text",
+                    name=str(reference.get("name", "reference")), legendgroup="reference",
+                    showlegend=j == 0, text=[str(reference.get("name", "reference"))],
+                    textposition="middle left",
+                    marker={"symbol": "star", "size": 14, "color": "black"},
+                    hovertemplate=f"%{{text}}<br>{x} %{{x:.1f}}<br>{y} %{{y:.4f}}<extra></extra>"),
+                    row=1, col=j + 1)
+    fig.update_layout(title="Sparsity against reconstruction (thick: seed intervals; grey: "
+                            "held-out bootstrap)", height=500,
                       # No fixed width: the figure fills the notebook's output area, and the
                       # legend sits below the panels rather than past their right edge.
                       legend={"orientation": "h", "x": 0, "y": -0.22, "yanchor": "top"},

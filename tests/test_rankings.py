@@ -1,0 +1,241 @@
+"""Honest rankings of explanations: each explanation against its own control of the same score,
+shown as a latent's best only beyond noise; the score summary, the method verdict and the
+captions that say what each number is."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sae_nb.explanations import ranking
+from sae_nb.explanations.tables import (
+    best_explained,
+    best_explanations,
+    explanation_captions,
+    explanation_verdicts,
+    method_comparison,
+    method_verdict,
+    score_summary,
+    with_explanations,
+)
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "08_explain.ipynb"
+
+
+def f1_row(latent, method, explanation, tp, fired, matched):
+    """A rule row scored by held-out F1 from its counts, as rules.explanation_table writes."""
+    return {"latent": latent, "method": method, "explanation": explanation,
+            "score": 2 * tp / (fired + matched), "score_name": "f1", "error": "",
+            "precision": tp / matched if matched else 0.0, "n_fired_heldout": fired,
+            "n_matched_heldout": matched}
+
+
+def auroc_row(latent, method, explanation, score, name, n=10):
+    """A detection or embedding row, as scoring writes it: n firing and n silent contexts."""
+    return {"latent": latent, "method": method, "explanation": explanation, "score": score,
+            "score_name": name, "error": "", "n_positive": n, "n_negative": n}
+
+
+def latent_2579(rule_tp: int) -> list[dict]:
+    """The case of the issue: the language model's "months" scores an embedding AUROC of 0.59,
+    the highest raw number of the latent, while another latent's rule scores 0.70 on it. The
+    rule's own F1 comes from ``rule_tp`` true positives of 40 held-out firings."""
+    rule = "tokens ' April', ' June', ' July'"
+    return [
+        f1_row(2579, "rule", rule, rule_tp, 40, 31),
+        f1_row(2579, "rule:control", "tokens ' tax'", 0, 40, 25),
+        auroc_row(2579, "rule", rule, 0.55, "embedding_auroc"),
+        auroc_row(2579, "rule:control", "tokens ' tax'", 0.70, "embedding_auroc"),
+        auroc_row(2579, "llm", "months", 0.59, "embedding_auroc"),
+        auroc_row(2579, "llm:control", "sports teams", 0.55, "embedding_auroc"),
+        auroc_row(2579, "rule", rule, 0.50, "detection_auroc"),
+        auroc_row(2579, "rule:control", "tokens ' tax'", 0.45, "detection_auroc"),
+        auroc_row(2579, "llm", "months", 0.52, "detection_auroc"),
+        auroc_row(2579, "llm:control", "sports teams", 0.50, "detection_auroc"),
+    ]
+
+
+def test_the_best_explanation_beats_its_own_control_beyond_noise_not_the_raw_score():
+    """A rule with 8 of 40 held-out firings right (F1 0.23, control 0.00) is beyond noise; the
+    label "months" (AUROC 0.59 against its control's 0.55, from 10 + 10 contexts) is not, so it
+    is never shown as best, though its raw number is the latent's highest."""
+    table = pd.DataFrame(latent_2579(rule_tp=8))
+    best = best_explanations(table)
+    row = best.loc[2579]
+    assert row["method"] == "rule" and row["score_name"] == "f1"
+    assert row["score"] == pytest.approx(16 / 71) and row["control"] == 0.0
+    # the margin's noise: a Poisson bootstrap of the held-out counts (tp 8, fp 23, fn 32); for
+    # counts this size it is the delta method's sqrt(4 a (b + c) (a + b + c)) / (2a + b + c)^2
+    a, b, c = 8, 23, 32
+    delta = math.sqrt(4 * a * (b + c) * (a + b + c)) / (2 * a + b + c) ** 2
+    assert row["noise"] == pytest.approx(delta, rel=0.2)
+    assert row["effect"] == pytest.approx(row["margin"] / row["noise"]) and row["effect"] > 2
+
+
+def test_a_latent_no_explanation_of_which_beats_its_control_is_unexplained():
+    """With one true positive of 40 firings the rule's F1 (0.03) is within noise of its
+    control's 0: nothing is beyond noise, so the latent has no best explanation and its verdict
+    says it is unexplained (not "months", the highest raw score)."""
+    table = pd.DataFrame(latent_2579(rule_tp=1))
+    assert 2579 not in best_explanations(table).index
+    verdict = explanation_verdicts(table).loc[2579]
+    assert verdict["verdict"] == "unexplained"
+    assert verdict["effect"] < 2  # the closest candidate, for the record
+    joined = with_explanations(pd.DataFrame({"latent": [2579, 7]}), explanation_verdicts(table))
+    assert joined.loc[0, "explanation"] == "" and joined.loc[0, "explanation_verdict"] == (
+        "unexplained")
+    assert joined.loc[1, "explanation_verdict"] == "not scored"
+
+
+def test_an_explanation_without_a_control_is_never_shown_as_best():
+    table = pd.DataFrame([f1_row(0, "rule", "tokens ' tax'", 30, 40, 35)])
+    assert best_explanations(table).empty
+    assert explanation_verdicts(table).loc[0, "verdict"] == "unexplained"
+
+
+def test_auroc_noise_is_the_spread_of_a_chance_auroc():
+    """The closed form sqrt((n1 + n2 + 1) / (12 n1 n2)) against AUROCs of random scores,
+    computed by brute force over every pair."""
+    rng = np.random.default_rng(0)
+    for n1, n2 in [(3, 3), (10, 10), (10, 4)]:
+        draws = rng.normal(size=(20000, n1 + n2))
+        pos, neg = draws[:, :n1, None], draws[:, None, n1:]
+        aurocs = (pos > neg).mean((1, 2))
+        assert ranking.auroc_noise(n1, n2) == pytest.approx(aurocs.std(), rel=0.03)
+    assert np.isnan(ranking.auroc_noise(0, 10))
+
+
+def test_f1_noise_matches_a_bootstrap_over_the_heldout_tokens():
+    """A bootstrap that resamples the held-out tokens themselves (multinomial over the rows,
+    true negatives included) against the noise computed from the counts alone."""
+    rng = np.random.default_rng(1)
+    tp, fp, fn, tn = 12, 5, 20, 2000
+    cells = np.repeat([0, 1, 2, 3], [tp, fp, fn, tn])
+    f1s = []
+    for _ in range(3000):
+        k = np.bincount(rng.choice(cells, size=cells.size), minlength=4)
+        f1s.append(2 * k[0] / max(2 * k[0] + k[1] + k[2], 1))
+    noise = ranking.f1_noise(np.array([tp]), np.array([fp]), np.array([fn]))[0]
+    assert noise == pytest.approx(np.std(f1s), rel=0.12)
+    assert ranking.f1_noise(np.array([0]), np.array([0]), np.array([40]))[0] == 0.0
+
+
+def ranked_table() -> pd.DataFrame:
+    """Four latents: 0 a sure rule, 1 a sure but weaker rule scored on few tokens, 2 explained
+    only by a label far above its control, 3 a label that looks good but whose control is as
+    high."""
+    rows = [f1_row(0, "rule", "tokens ' tax'", 300, 400, 350),
+            f1_row(0, "rule:control", "c", 0, 400, 100),
+            f1_row(1, "rule", "tokens ' the'", 9, 12, 14),
+            f1_row(1, "rule:control", "c", 0, 12, 30),
+            f1_row(2, "rule", "tokens ' a'", 1, 40, 30),
+            f1_row(2, "rule:control", "c", 0, 40, 30),
+            auroc_row(2, "llm", "war words", 0.98, "detection_auroc"),
+            auroc_row(2, "llm:control", "c", 0.40, "detection_auroc"),
+            auroc_row(3, "llm", "good words", 0.95, "detection_auroc"),
+            auroc_row(3, "llm:control", "c", 0.90, "detection_auroc")]
+    return pd.DataFrame(rows)
+
+
+def test_the_best_explained_table_and_the_dashboard_pick_rank_by_the_same_effect():
+    table = ranked_table()
+    best = best_explanations(table)
+    assert sorted(best["latent"]) == [0, 1, 2]  # 3's label is not beyond its control
+    assert best.loc[2, "method"] == "llm"  # the rule's 1 of 40 is noise; the label is not
+    # by hand: effect = margin / noise, AUROC noise sqrt(2) * sqrt(21 / 1200)
+    assert best.loc[2, "effect"] == pytest.approx(0.58 / math.sqrt(2 * 21 / 1200))
+    order = best_explained(best)
+    effects = [best.loc[i, "effect"] for i in order["latent"]]
+    assert effects == sorted(effects, reverse=True)  # the strongest evidence first
+    assert best_explained(best, 2)["latent"].tolist() == order["latent"].tolist()[:2]
+    # the raw score would have put latent 3 (0.95) and 2 (0.98) first, F1 0.80 and 0.69 after
+    raw = table[~table["method"].str.endswith(":control")].sort_values("score", ascending=False)
+    assert raw["latent"].iloc[1] == 3 and 3 not in order["latent"].tolist()
+
+
+def test_score_summary_counts_unscored_rows_as_not_scored():
+    """The language model's labels are rows without a score of their own (their scores are the
+    detection and embedding rows): not scored, not failed."""
+    labels = pd.DataFrame({"latent": range(20), "method": "llm", "explanation": "a label",
+                           "score": math.nan, "score_name": "", "error": ""})
+    failed = pd.DataFrame({"latent": [20], "method": "llm", "explanation": "", "score": math.nan,
+                           "score_name": "", "error": "timeout after 30 s"})
+    summary = score_summary(pd.concat([labels, failed])).set_index("method")
+    assert summary.loc["llm", "latents"] == 21
+    assert summary.loc["llm", "failed"] == 1 and summary.loc["llm", "not_scored"] == 20
+    assert summary.loc["llm", "scored"] == 0
+
+
+def chance_table(margins: dict[str, float], n: int = 20, spread: float = 0.2) -> pd.DataFrame:
+    """``n`` latents; per method its detection AUROC scores 0.5 + margin + noise of +-spread
+    against its control at 0.5, the noise's signs a different pattern per method (alternating,
+    then in pairs), each half + and half -."""
+    rows = []
+    for latent in range(n):
+        for k, (method, margin) in enumerate(margins.items()):
+            wobble = spread if (latent >> k) & 1 else -spread
+            rows += [auroc_row(latent, method, "e", 0.5 + margin + wobble, "detection_auroc"),
+                     auroc_row(latent, method + ":control", "c", 0.5, "detection_auroc")]
+    return pd.DataFrame(rows)
+
+
+def test_the_verdict_says_when_no_method_is_beyond_noise():
+    """The issue's case: margins of +0.018 and -0.006 over 20 latents, everything at chance."""
+    comparison = method_comparison(chance_table({"rule": 0.018, "llm": -0.006}))
+    c = comparison.set_index("method")
+    # the interval against a normal approximation, mean +- 1.96 sd / sqrt(n)
+    half = 1.96 * 0.2 / math.sqrt(20)
+    assert c.loc["rule", "margin"] == pytest.approx(0.018)
+    assert c.loc["rule", "margin_low"] == pytest.approx(0.018 - half, abs=0.03)
+    assert c.loc["rule", "margin_high"] == pytest.approx(0.018 + half, abs=0.03)
+    assert not c["beyond_noise"].any()
+    verdict = method_verdict(comparison).set_index("score_name").loc["detection_auroc"]
+    assert verdict["best"] == "none" and verdict["top"] == "rule"
+    assert "no method beyond noise" in verdict["verdict"]
+    assert verdict["margin"] == pytest.approx(0.018) and verdict["latents"] == 20
+
+
+def test_the_verdict_names_a_method_only_when_it_leads_beyond_noise():
+    ahead = method_verdict(method_comparison(chance_table({"rule": 0.3, "llm": 0.05},
+                                                          spread=0.05)))
+    row = ahead.set_index("score_name").loc["detection_auroc"]
+    assert row["best"] == "rule" and "ahead of llm beyond noise" in row["verdict"]
+    tie = method_verdict(method_comparison(chance_table({"rule": 0.3, "llm": 0.28})))
+    row = tie.set_index("score_name").loc["detection_auroc"]
+    assert row["best"] == "tie" and "within noise of each other" in row["verdict"]
+
+
+def test_captions_say_what_each_part_and_number_is():
+    best = best_explanations(ranked_table())
+    captions = explanation_captions(best)
+    assert captions[0] == "rule: tokens ' tax' (F1 0.80, control 0.00)"
+    assert captions[2] == "llm: war words (detection AUROC 0.98, control 0.40)"
+    short = explanation_captions(best, max_chars=6)
+    assert short[2] == "llm: war w… (detection AUROC 0.98, control 0.40)"
+
+
+LONG_CALLS = {"rule_explanations", "llm_explanations", "detection_scores", "embedding_scores",
+              "meaning_index"}
+
+
+def test_notebook_08_shows_a_progress_bar_on_every_long_call():
+    """Every call of notebook 08 that runs longer than ~10 s on 2 cores (the rules' counting
+    pass, the labels, the scorers, the meaning index) asks for its progress bar."""
+    nb = json.loads(NOTEBOOK.read_text())
+    found = set()
+    for cell in nb["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        for node in ast.walk(ast.parse("".join(cell["source"]))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in LONG_CALLS:
+                found.add(node.func.attr)
+                progress = [k.value for k in node.keywords if k.arg == "progress"]
+                assert progress and isinstance(progress[0], ast.Constant) and progress[0].value, (
+                    f"{node.func.attr} runs without progress=True")
+    assert found == LONG_CALLS
