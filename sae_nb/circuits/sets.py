@@ -66,8 +66,8 @@ class _Bar:
         with tqdm(total=self.steps, initial=done, disable=not self.progress, unit="step",
                   desc="transcoder set") as bar:
             for batch in self.stream:
+                bar.update(1)  # counted when handed out: training may stop after the last
                 yield batch
-                bar.update(1)
 
 
 def set_settings(model: Model, layers: int, n_tokens: int, heldout_tokens: int, ctx_len: int,

@@ -61,6 +61,11 @@ SMOKE_PARAMETERS: dict[str, dict[str, Any]] = {
                    "d_sae": 256, "total_tokens": 2048, "batch_size": 256,
                    "heldout_tokens": 512, "ce_contexts": 2, "n_resamples": 20,
                    "task_tokens": 1000},
+    # 10 trains 30 transcoders of 256 latents on 2 steps of 4096 rows (the embedded model's
+    # 30 layers), then one graph capped at 200 features, contexts from 512 tokens.
+    "10_circuits": {"n_tokens": 8448, "d_sae": 256, "k": 8, "heldout_tokens": 512,
+                    "prompts": ["In 1776, the Declaration of"], "max_feature_nodes": 200,
+                    "n_supernode": 3, "context_tokens": 512, "steer_tokens": 4},
 }
 
 
