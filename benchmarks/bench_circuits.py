@@ -15,7 +15,7 @@ Three figures, as ratios where there is a baseline, in one run on the 2-core mac
    logits by token): the relative Frobenius error and the largest entry error.
 
     python benchmarks/bench_circuits.py                       # a set of 1536 latents, k 16
-    python benchmarks/bench_circuits.py --set outputs/default/transcoders/1536_k16
+    python benchmarks/bench_circuits.py --set outputs/default/transcoders/1536_k16  # notebook 10's
     python benchmarks/bench_circuits.py --no-tracer           # ours only
 """
 
@@ -38,7 +38,10 @@ PROMPT = "In 1776, the Declaration of Independence was signed in the city of"
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set so far (MiB)."""
+    """This process's peak resident set since the last :func:`reset_peak` (MiB)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -80,8 +83,8 @@ def graph_figures(lm, tset, ids: torch.Tensor, max_feature_nodes) -> tuple[dict,
     from sae_nb.circuits.graph import graph_scores
 
     attribute(lm, tset, ids[None], max_feature_nodes=max_feature_nodes)  # warm-up
-    base = peak_rss_mb()
     reset_peak()
+    base = peak_rss_mb()  # the resident set now: the model and the set loaded
     cpu = time.process_time()
     start = time.perf_counter()
     graph = attribute(lm, tset, ids[None], max_feature_nodes=max_feature_nodes)
@@ -115,7 +118,7 @@ def compare_with_tracer(lm, tset, ids: torch.Tensor, ours, ours_s: float, python
         env = {**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "2"}
         subprocess.run([python, str(ROOT / "benchmarks" / "circuit_tracer_side.py"),
                         "--model", str(ensure_default_model()), "--transcoders", str(folder),
-                        "--tokens", ",".join(map(str, ids.tolist())), "--out", str(out)],
+                        "--tokens", json.dumps(ids.tolist()), "--out", str(out)],
                        check=True, env=env)
         theirs = np.load(out / "graph.npz")
         info = json.loads((out / "graph.json").read_text())
@@ -143,8 +146,9 @@ def compare_with_tracer(lm, tset, ids: torch.Tensor, ours, ours_s: float, python
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", type=Path, default=None,
-                        help="a trained set's folder to read; else one is trained")
-    parser.add_argument("--tokens", type=int, default=24_000, help="training tokens of the set")
+                        help="a trained set's folder for the graphs; else the one trained here")
+    parser.add_argument("--tokens", type=int, default=24_000,
+                        help="training tokens of the set trained for the throughput (0: none)")
     parser.add_argument("--d-sae", type=int, default=1536)
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--max-feature-nodes", type=int, default=None)
@@ -155,11 +159,13 @@ def main() -> None:
     from sae_nb.circuits.sets import load_transcoder_set
 
     lm = sae_nb.load_model()
-    if args.set is None:
+    tset = None
+    if args.tokens > 0:
         folder = Path(tempfile.mkdtemp(prefix="bench_circuits_"))
         _, tset = training_figures(lm, args.tokens, args.d_sae, args.k, folder / "set")
-    else:
+    if args.set is not None:
         tset = load_transcoder_set(args.set)
+        print(f"graphs through the set in {args.set}")
     ids = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"][:15]
     ids = torch.tensor([lm.tokenizer.bos_token_id or 0] + ids)  # 16 tokens, BOS first
     figures, graph = graph_figures(lm, tset, ids, args.max_feature_nodes)

@@ -304,6 +304,7 @@ def check_10_circuits(run_dir: Path, values: dict) -> None:
     assert {"embedding", "logit"} <= kinds and graph["links"]
     checks = pd.read_csv(run_dir / "circuits" / "interventions.csv")
     assert sorted(checks["attention"].unique()) == ["frozen", "live"]
+    assert sorted(checks["edit"].unique()) == ["ablate", "small"]
     assert checks[["predicted change", "measured change"]].notna().all().all()
     executed = nbformat.read(run_dir / "10_circuits.ipynb", as_version=4)
     (shown,) = [c for c in executed.cells if "CircuitGraphWidget(" in c.source]
