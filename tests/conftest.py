@@ -193,3 +193,26 @@ def identity_like(d: int, site: str | None = "resid_out_layer1"):
         sae.b_dec.zero_()
     sae.metadata = {"site": site} if site else {}
     return sae
+
+
+def plain_model_io(lm, ids: torch.Tensor):
+    """The model run on token ids ``(B, T)`` with plain torch hooks on the Hugging Face modules
+    (not the nnsight sites the package reads): its logits ``(B, T, V)``, the final norm's input
+    ``(B, T, D)`` and each layer's MLP ``(input, output)``, ``(B, T, D)`` each."""
+    from sae_nb.activations.models import hf_model
+
+    hf = hf_model(lm)
+    seen = {}
+    handles = [hf.model.norm.register_forward_pre_hook(
+        lambda mod, args: seen.__setitem__("final", args[0].detach().clone()))]
+    handles += [block.mlp.register_forward_hook(
+        lambda mod, args, out, i=i: seen.__setitem__(i, (args[0].detach().clone(),
+                                                        out.detach().clone())))
+        for i, block in enumerate(hf.model.layers)]
+    try:
+        with torch.no_grad():
+            logits = hf(input_ids=ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, seen["final"], [seen[i] for i in range(len(hf.model.layers))]

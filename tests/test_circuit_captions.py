@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from conftest import plain_model_io
 
 from sae_nb.activations.corpora import load_corpus, pack_contexts
 from sae_nb.activations.models import hf_model
@@ -31,16 +32,7 @@ def test_top_contexts_hold_the_largest_activations_by_brute_force(llama, corpus_
                          n_top=3, window=4)
     packed = pack_contexts(load_corpus(str(corpus_dir)), llama.tokenizer, 32, 20, 1, True)
     ids = torch.from_numpy(packed.tokens.astype("int64"))
-    seen = {}
-    hooks = [layer.mlp.register_forward_hook(
-        lambda m, args, out, i=i: seen.__setitem__(i, args[0].detach()))
-        for i, layer in enumerate(hf_model(llama).model.layers)]
-    try:
-        with torch.no_grad():
-            hf_model(llama)(ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    seen = {i: x for i, (x, _) in enumerate(plain_model_io(llama, ids)[2])}
     for layer, latent in wanted:
         with torch.no_grad():
             acts = tset[layer].encode(seen[layer].reshape(-1, seen[layer].shape[-1]))[:, latent]

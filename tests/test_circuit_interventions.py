@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import plain_model_io
 
 from sae_nb.activations.models import hf_model
 from sae_nb.circuits.attribute import attribute
@@ -44,20 +45,8 @@ def linear_set(llama):
 def record(lm, ids):
     """The model's logits ``(T, V)``, the final norm's input ``(T, D)`` and each MLP's input,
     read with plain hooks."""
-    hf = hf_model(lm)
-    seen = {}
-    handles = [hf.model.norm.register_forward_pre_hook(
-        lambda mod, args: seen.__setitem__("final", args[0][0].clone()))]
-    handles += [block.mlp.register_forward_pre_hook(
-        lambda mod, args, i=i: seen.__setitem__(i, args[0][0].clone()))
-        for i, block in enumerate(hf.model.layers)]
-    try:
-        with torch.no_grad():
-            logits = hf(input_ids=ids[None]).logits[0]
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, seen["final"], [seen[i] for i in range(len(hf.model.layers))]
+    logits, final, mlps = plain_model_io(lm, ids[None])
+    return logits[0], final[0], [x[0] for x, _ in mlps]
 
 
 def demeaned(token: int, V: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import plain_model_io
 
 from sae_nb.activations.models import hf_model
 from sae_nb.circuits.attribute import attribute
@@ -22,18 +23,8 @@ SHORT = "The war and"  # 12 tokens with BOS: fewer than d_model, for exact trans
 
 def record_mlps(lm, ids):
     """Each layer's MLP input and output ``(T, D)``, read with plain hooks on the model."""
-    hf = hf_model(lm)
-    seen = {}
-    handles = [block.mlp.register_forward_hook(
-        lambda mod, args, out, i=i: seen.__setitem__(i, (args[0][0].clone(), out[0].clone())))
-        for i, block in enumerate(hf.model.layers)]
-    try:
-        with torch.no_grad():
-            logits = hf(input_ids=ids[None]).logits[0]
-    finally:
-        for h in handles:
-            h.remove()
-    return [seen[i] for i in range(len(seen))], logits
+    logits, _, mlps = plain_model_io(lm, ids[None])
+    return [(x[0], y[0]) for x, y in mlps], logits[0]
 
 
 def exact_set(lm, ids) -> TranscoderSet:

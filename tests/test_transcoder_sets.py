@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
+from conftest import plain_model_io
 
 import sae_nb.training.trainer as train
-from sae_nb.activations.models import hf_model
 from sae_nb.circuits import sets
 from sae_nb.circuits.sets import MANIFEST, layer_folder, load_transcoder_set, train_transcoder_set
 from sae_nb.circuits.transcoder_set import CircuitError
@@ -53,18 +53,7 @@ def test_the_set_trained_in_lockstep_equals_a_run_per_layer(llama, corpus_dir, t
 def mlp_pairs(llama, token_ids):
     """Each layer's MLP input and output, read by plain torch hooks on the Hugging Face
     modules (not the nnsight sites the set uses)."""
-    hf = hf_model(llama)
-    seen = {}
-    hooks = [layer.mlp.register_forward_hook(
-        lambda m, args, out, i=i: seen.__setitem__(i, (args[0].detach(), out.detach())))
-        for i, layer in enumerate(hf.model.layers)]
-    try:
-        with torch.no_grad():
-            hf(token_ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    return dict(enumerate(plain_model_io(llama, token_ids)[2]))
 
 
 def test_the_manifest_holds_each_layers_heldout_fvu(llama, corpus_dir, trained):
