@@ -50,6 +50,9 @@ built with ``max_feature_nodes`` lacks the paths through the features it left ou
 - ``"both"`` (the default): the two together.
 
 Attention is never frozen in generation.
+
+Past 500 lines: the edited forward, the graph's prediction and steered generation share the
+clean run and the resolution of edits; split, each would rebuild them.
 """
 
 from __future__ import annotations

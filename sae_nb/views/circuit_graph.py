@@ -14,6 +14,9 @@ callable, and export the graph JSON that circuit-tracer's and Neuronpedia's fron
 the pins and supernodes in its ``qParams``. Every callback is a method (``select``, ``pin``,
 ``group``, ``run_intervention``, ``export``), so tests drive it without a browser. An executed
 notebook keeps a static copy: the figure as an SVG image and the lists, no script needed.
+
+Past 500 lines: the figure, its static SVG copy and the widget share one node layout and one
+caption lookup; split, they would pass both between modules.
 """
 
 from __future__ import annotations

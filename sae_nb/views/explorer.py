@@ -14,6 +14,8 @@ Switching latents encodes only that latent's context rows
 stays well under 100 ms (``benchmarks/bench_explorer.py``). Every callback is a method
 (``show_latent``, ``run_text``, ``search``, ``search_meaning``), so tests and scripts drive the
 explorer without a browser.
+
+Past 500 lines: one widget whose controls all read and set the same shown latent.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ figures and never display.
 Store figures read a random sample of rows through the store, a chunk at a time, so a store of
 any size costs at most ``max_rows`` rows of work and a few MB of memory. Dictionary figures read
 a training log or an evaluation's firing densities.
+
+Past 500 lines: a shelf of independent figure functions, one per figure the notebooks show.
 """
 
 from __future__ import annotations
