@@ -86,21 +86,22 @@ def hover_text(graph: Graph, i: int, influence: float, captions=None) -> str:
     """A node's hover text (plotly's HTML subset): kind, layer, position and token, latent,
     activation, influence, and a feature's top tokens and explanation."""
     n = graph.node(i)
-    lines = [f"<b>{html.escape(node_label(graph, i))}</b>", f"kind: {n['kind']}"]
+    lines = [f"<b>{html.escape(node_label(graph, i), quote=False)}</b>", f"kind: {n['kind']}"]
     if n["layer"] is not None and n["kind"] != "logit":
         lines.append(f"layer: {n['layer']}")
     if n["kind"] == "logit":
         k = i - graph.logit_start
         lines.append(f"weight (probability): {float(graph.logit_weights[k]):.4g}")
     else:
-        token = html.escape(shown_token(graph.token_strings[n["position"]]))
+        token = html.escape(shown_token(graph.token_strings[n["position"]]), quote=False)
         lines.append(f"position: {n['position']} ({token})")
     if n["latent"] is not None:
         lines += [f"latent: {n['latent']}", f"activation: {n['activation']:.4g}"]
     lines.append(f"influence: {influence:.4g}")
     if n["kind"] == "feature":
         tokens, explanation = caption_of(captions, n["layer"], n["latent"])
-        lines += [html.escape(t) for t in (tokens, explanation and f"explanation: {explanation}")
+        lines += [html.escape(t, quote=False)
+                  for t in (tokens, explanation and f"explanation: {explanation}")
                   if t]
     return "<br>".join(lines)
 
@@ -174,7 +175,8 @@ def graph_figure(graph: Graph, pruned: PruneResult | None = None, captions=None,
         drawn = [xy[i] for i in members if i in xy and i in shown]
         if drawn:
             x, y = np.mean(drawn, 0)
-            fig.add_annotation(x=x, y=y, text=f"<b>{html.escape(label)}</b>", showarrow=True,
+            fig.add_annotation(x=x, y=y, text=f"<b>{html.escape(label, quote=False)}</b>",
+                               showarrow=True,
                                arrowcolor=colour, ax=0, ay=-34, font={"color": colour, "size": 13},
                                bgcolor="rgba(255,255,255,0.85)")
     top_inf = float(influence[: graph.token_start].max()) if graph.token_start else 1.0
@@ -206,7 +208,7 @@ def graph_figure(graph: Graph, pruned: PruneResult | None = None, captions=None,
 
 def _logit_text(graph: Graph, i: int) -> str:
     k = i - graph.logit_start
-    name = html.escape(shown_token(graph.logit_names[k]))
+    name = html.escape(shown_token(graph.logit_names[k]), quote=False)
     weight = float(graph.logit_weights[k])
     return name if graph.logit_tokens[k] is None else f"{name}<br>{weight:.2f}"
 
@@ -248,7 +250,7 @@ def _layout(fig: go.Figure, graph: Graph, xy: dict[int, tuple[float, float]]) ->
         margin={"l": 90, "r": 20, "t": 50, "b": 90},
         plot_bgcolor="white", hovermode="closest", dragmode="pan",
         hoverlabel={"align": "left", "bgcolor": "white", "font": {"size": 12}},
-        title={"text": f"Attribution graph: {html.escape(graph.prompt[-80:])!s}",
+        title={"text": f"Attribution graph: {html.escape(graph.prompt[-80:], quote=False)!s}",
                "y": 1, "yanchor": "top", "pad": {"t": 12}, "font": {"size": 15}},
         legend={"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom", "x": 1,
                 "xanchor": "right", "font": {"size": 11}},
