@@ -93,8 +93,9 @@ def test_steer_two_latents_sample_ablate_and_open_the_explorer(page, root):
     import time
 
     import sae_nb
-    from sae_nb.interventions.effects import generate, neutral_tokens
-    from sae_nb.interventions.steering import latent_method, site_scale
+    from sae_nb.interventions.effects import neutral_tokens
+    from sae_nb.interventions.session import Sampling, SteeringSession
+    from sae_nb.interventions.steering import site_scale
 
     widget = page.page.locator(WIDGET)
     rows = widget.locator(".sae-nb-row")
@@ -129,13 +130,15 @@ def test_steer_two_latents_sample_ablate_and_open_the_explorer(page, root):
     prompt = next(line for line in nb.cells[1].source.splitlines()
                   if line.startswith("prompt ")).split('"')[1]
 
+    # the widget decodes in bfloat16 (tests/test_steering_session.py checks that against
+    # hand-written bfloat16 decodes); here a session of its own in the same precision
+    session = SteeringSession(lm, sae, scale, precision="bfloat16")
+
     def expected(strengths):
-        edits = [e for i, c in strengths for e in latent_method(sae, i, scale).edits(c)]
-        n = values["max_new_tokens"]
-        return ([generate(lm, prompt, max_new_tokens=n, temperature=0.8, seed=s)[0]
-                 for s in (3, 4, 5)],
-                [generate(lm, prompt, sae, edits, max_new_tokens=n, temperature=0.8, seed=s)[0]
-                 for s in (3, 4, 5)])
+        sampling = Sampling(temperature=0.8, seed=3, samples=3,
+                            max_new_tokens=values["max_new_tokens"])
+        return (session.clean(prompt, sampling).texts,
+                session.steered(prompt, strengths, sampling).texts)
 
     strengths = list(zip((first, second), readouts()))
     clean, steered = expected(strengths)
@@ -155,6 +158,7 @@ def test_steer_two_latents_sample_ablate_and_open_the_explorer(page, root):
           f"the kernel says: {status(widget)}")
     (page.shots / "second_generate_seconds.txt").write_text(f"{seconds:.3f}\n{status(widget)}\n")
     assert "clean run cached" in status(widget)
+    assert "continuations decoded in bfloat16" in status(widget)
     strengths = list(zip((first, second), readouts()))
     clean, steered = expected(strengths)
     assert continuations(page, "steered") == steered and continuations(page, "clean") == clean

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from test_intervene import PROMPT, SITE, topk
+from test_steering_session import bf16_greedy, bf16_model
 
 import sae_nb
 from sae_nb.interventions.effects import generate, sample_tokens
@@ -32,7 +33,7 @@ def visible(markup: str) -> str:
 def test_generate_shows_clean_and_steered_text_and_tables(llama):
     sae = topk()
     w = SteeringWidget(llama, sae, prompt=PROMPT, latent=3, coefficient=0.0, scale=5.0,
-                       max_new_tokens=6, n_attributed=4)
+                       max_new_tokens=6, n_attributed=4, precision="float32")
     w.generate_button.click()
     assert w.clean_text == w.steered_text  # coefficient 0
     assert w.clean_text == generate(llama, PROMPT, max_new_tokens=6)[0]
@@ -51,6 +52,23 @@ def test_generate_shows_clean_and_steered_text_and_tables(llama):
     assert f"Latent {first.latent} ablated at position {first.position}" in shown
     assert PROMPT + text in shown and PROMPT + w.clean_text in shown  # beside the clean text
     assert "without the steering edit" in shown
+
+
+def test_the_default_decodes_in_bfloat16_and_says_so(llama):
+    sae = topk()
+    w = SteeringWidget(llama, sae, prompt=PROMPT, latent=3, coefficient=1.0, scale=5.0,
+                       max_new_tokens=6, n_attributed=2)
+    w.generate_button.click()
+    ref, ids = bf16_model(llama), prompt_tokens(llama, PROMPT)
+    bump = 5.0 * sae.W_dec[3].detach() / sae.W_dec[3].detach().norm()
+    tok = llama.tokenizer
+    assert w.clean_text == tok.decode(bf16_greedy(ref, ids, 6))
+    assert w.steered_text == tok.decode(bf16_greedy(ref, ids, 6, bump))
+    assert "continuations decoded in bfloat16" in visible(w.status.value)
+    plain = SteeringWidget(llama, sae, prompt=PROMPT, scale=5.0, max_new_tokens=2,
+                           n_attributed=1, precision="float32")
+    plain.generate_button.click()
+    assert "continuations decoded in float32" in visible(plain.status.value)
 
 
 def test_an_empty_prompt_is_reported_in_the_widget(llama):
@@ -164,7 +182,7 @@ def test_two_latents_three_samples_and_the_divergence_highlighted(llama):
     sae = topk()
     w = SteeringWidget(llama, sae, prompt=PROMPT, latent=[3, 11], coefficient=[0.8, -0.6],
                        scale=5.0, max_new_tokens=6, n_attributed=2, temperature=0.9, seed=7,
-                       samples=3)
+                       samples=3, precision="float32")
     w.generate_button.click()
     edits = (latent_method(sae, 3, 5.0).edits(0.8) + latent_method(sae, 11, 5.0).edits(-0.6))
     ids = prompt_tokens(llama, PROMPT)

@@ -145,10 +145,12 @@ def sample_tokens(model: Model, ids: torch.Tensor, max_new_tokens: int,
 @torch.no_grad()
 def sample_with_logits(model: Model, ids: torch.Tensor, max_new_tokens: int,
                        temperature: float = 0.0, seed: int = 0,
-                       seeds: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`sample_tokens`'s tokens and the first step's logits ``(B, V)``: the next-token
-    logits after the prompt, under whatever splice is on (so a steered run gives the edited
-    next-token distribution without another forward pass)."""
+                       seeds: Sequence[int] | None = None,
+                       hf: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_tokens`'s tokens and the first step's logits ``(B, V)``, as float32: the
+    next-token logits after the prompt, under whatever splice is on (so a steered run gives the
+    edited next-token distribution without another forward pass). ``hf``: the transformers
+    module that decodes, a copy of the model's (e.g. in bfloat16); the model's own by default."""
     if max_new_tokens < 1:
         raise InterventionError(f"max_new_tokens={max_new_tokens}; generate at least 1 token.")
     check_temperature(temperature)
@@ -162,7 +164,7 @@ def sample_with_logits(model: Model, ids: torch.Tensor, max_new_tokens: int,
     seeds = [int(seed)] * len(ids) if seeds is None else [int(s) for s in seeds]
     if len(seeds) != len(ids):
         raise InterventionError(f"{len(seeds)} seeds for {len(ids)} rows; give one seed per row.")
-    hf = hf_model(model)
+    hf = hf if hf is not None else hf_model(model)
     device = next(hf.parameters()).device
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     out = hf(input_ids=ids.to(device), use_cache=True)

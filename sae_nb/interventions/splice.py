@@ -210,13 +210,16 @@ class Splice:
     outside the block the model is clean again. ``record=True`` keeps the last forward pass's
     codes (``self.codes``, ``(B, T, F)``) and site inputs (``self.inputs``) and adds a zero
     leaf tensor ``self.leaf`` (``(B, T, D)``, requires grad) to the site's output, whose
-    gradient is the gradient at the site.
+    gradient is the gradient at the site. ``hf``: the transformers module to hook, a copy of the
+    model's (e.g. in bfloat16) with its module names; the model's own by default. The edit is
+    computed in float32 whatever the site's dtype, and cast back to it.
     """
 
     def __init__(self, model: Model, dictionary: Dictionary, edits: Sequence[Edit] = (),
                  site: str | None = None, error_term: bool = True,
-                 splice_bos: bool | None = None, record: bool = False):
-        self.model, self.dictionary = model, dictionary
+                 splice_bos: bool | None = None, record: bool = False,
+                 hf: torch.nn.Module | None = None):
+        self.model, self.dictionary, self.hf = model, dictionary, hf
         self.edits = list(edits) if isinstance(edits, (list, tuple)) else [edits]
         self.error_term, self.record = error_term, record
         name, target = splice_sites(dictionary, site)
@@ -282,7 +285,7 @@ class Splice:
 
     # -- hooks -------------------------------------------------------------------------------
     def __enter__(self) -> Splice:
-        hf = hf_model(self.model)
+        hf = self.hf if self.hf is not None else hf_model(self.model)
         self._handles.append(hf.register_forward_pre_hook(self._see_inputs, with_kwargs=True))
         if self.target is not None:  # a transcoder: note what it reads, edit what it writes
             self._hook(hf, self.site, lambda x: self._note_source(x))
