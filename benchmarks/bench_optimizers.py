@@ -44,6 +44,7 @@ VARIANTS = {
     "adam": {},
     "adam_lr2x": {"lr_times": 2.0},
     "adam_lr4x": {"lr_times": 4.0},
+    "adam_lr8x": {"lr_times": 8.0},
     "signsgd": {"optimizer": "signsgd_schedulefree"},
     "signsgd_noauxk": {"optimizer": "signsgd_schedulefree", "auxk_alpha": 0.0},
     "signsgd_lr_half": {"optimizer": "signsgd_schedulefree", "lr_times": 0.5},
