@@ -159,7 +159,8 @@ class FeatureExplorer:
         self.query = widgets.Text(placeholder="a token or phrase, then Enter",
                                   description="search", continuous_update=False,
                                   layout={"width": "360px"})
-        menu = {"width": "460px", "max_width": "100%"}  # widened to its labels (fit_menu)
+        # widened to its labels (fit_menu), never past its row (less the widget margins)
+        menu = {"width": "460px", "max_width": "calc(100% - 4px)"}
         self.matches = widgets.Dropdown(options=[], description="matches", layout=menu)
         self.search_status = widgets.HTML()
         self.meaning = widgets.Text(placeholder="a meaning, e.g. taxes, then Enter",
