@@ -351,7 +351,9 @@ def test_density_histogram_counts_alive_and_dead_latents_separately():
     assert sum(alive.y) == 33 and list(dead.y) == [7]
     assert max(dead.x) < min(alive.x)  # the dead bar sits left of every alive bin
     assert "7 dead" in fig.layout.title.text and "33 alive" in fig.layout.title.text
-    assert fig.layout.annotations[0].text.startswith("dead: 7")
+    assert fig.layout.annotations[0].text == "dead: 7 (17.5%)"  # 7 of 40
+    one = plotting.density_histogram_figure(np.log10(np.r_[0.0, np.full(4607, 0.01)] + 1e-10))
+    assert one.layout.annotations[0].text == "dead: 1 (0.022%)"  # not 0.0%: 1 / 4,608
 
 
 def test_density_histogram_with_no_dead_or_no_alive_latents():

@@ -168,7 +168,9 @@ def density_histogram_figure(log10_density: np.ndarray, bins: int = 50) -> go.Fi
     fig.add_trace(go.Bar(x=[dead_x], y=[n_dead], width=max(2 * width, 0.15), name="dead",
                          marker_color="crimson",
                          hovertemplate="never fired: %{y} latents<extra></extra>"))
-    fig.add_annotation(x=dead_x, y=n_dead, text=f"dead: {n_dead} ({n_dead / max(n, 1):.1%})",
+    share = 100 * n_dead / max(n, 1)  # two significant digits below 1%: 1 of 4,608 is 0.022%
+    shown = f"{share:.2g}%" if 0 < share < 1 else f"{share:.1f}%"
+    fig.add_annotation(x=dead_x, y=n_dead, text=f"dead: {n_dead} ({shown})",
                        showarrow=False, yshift=12)
     fig.update_layout(title=f"Latent firing frequency on held-out tokens ({n - n_dead} alive, "
                             f"{n_dead} dead of {n})",
