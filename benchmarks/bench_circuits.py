@@ -50,8 +50,8 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def training_figures(lm, n_tokens: int, d_sae: int, k: int, folder: Path) -> dict:
-    """The set's training tokens/s against the stream's forward passes alone."""
+def training_figures(lm, n_tokens: int, d_sae: int, k: int, folder: Path):
+    """Print the set's training tokens/s against the stream's forward passes alone; the set."""
     from sae_nb.circuits.sets import train_transcoder_set
     from sae_nb.circuits.transcoder_set import in_site, out_site
     from sae_nb.training.streaming import ActivationStream
@@ -75,10 +75,11 @@ def training_figures(lm, n_tokens: int, d_sae: int, k: int, folder: Path) -> dic
     fvu = [row["fvu"] for row in tset.metadata["per_layer"]]
     print(f"  held-out FVU of the MLP outputs: median {np.median(fvu):.3f}, "
           f"range {min(fvu):.3f}-{max(fvu):.3f}")
-    return {"set_tokens_per_s": trained, "forward_tokens_per_s": forward}, tset
+    return tset
 
 
-def graph_figures(lm, tset, ids: torch.Tensor, max_feature_nodes) -> tuple[dict, object]:
+def graph_figures(lm, tset, ids: torch.Tensor, max_feature_nodes) -> tuple[float, object]:
+    """Print one graph's time, peak memory and scores; its wall time and the graph."""
     from sae_nb.circuits.attribute import attribute
     from sae_nb.circuits.graph import graph_scores
 
@@ -96,7 +97,7 @@ def graph_figures(lm, tset, ids: torch.Tensor, max_feature_nodes) -> tuple[dict,
           f"nodes, {wall:.2f} s wall ({cpu:.2f} s CPU), peak resident set "
           f"{peak:,.0f} MiB ({peak - base:+,.0f} MiB over the loaded model before); "
           f"replacement {replacement:.3f}, completeness {completeness:.3f}")
-    return {"wall_s": wall, "cpu_s": cpu, "peak_mb": peak}, graph
+    return wall, graph
 
 
 def node_keys(n_layers: int, n_pos: int, features, logit_tokens) -> list:
@@ -162,17 +163,17 @@ def main() -> None:
     tset = None
     if args.tokens > 0:
         folder = Path(tempfile.mkdtemp(prefix="bench_circuits_"))
-        _, tset = training_figures(lm, args.tokens, args.d_sae, args.k, folder / "set")
+        tset = training_figures(lm, args.tokens, args.d_sae, args.k, folder / "set")
     if args.set is not None:
         tset = load_transcoder_set(args.set)
         print(f"graphs through the set in {args.set}")
     ids = lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"][:15]
     ids = torch.tensor([lm.tokenizer.bos_token_id or 0] + ids)  # 16 tokens, BOS first
-    figures, graph = graph_figures(lm, tset, ids, args.max_feature_nodes)
+    wall, graph = graph_figures(lm, tset, ids, args.max_feature_nodes)
     if not args.no_tracer:
         python = subprocess.run([str(ROOT / ".ci" / "circuit-tracer-env")], check=True,
                                 capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        compare_with_tracer(lm, tset, ids, graph, figures["wall_s"], python)
+        compare_with_tracer(lm, tset, ids, graph, wall, python)
 
 
 if __name__ == "__main__":

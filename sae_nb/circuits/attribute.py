@@ -100,7 +100,7 @@ def attribute(model: Model, transcoders: TranscoderSet, prompt: str | torch.Tens
         prompt=prompt if isinstance(prompt, str) else "".join(names), tokens=ids,
         token_strings=names, features=rm.features[order], activations=rm.activations[order],
         adjacency=adjacency, n_layers=rm.n_layers, logit_names=[t.name for t in tg],
-        logit_tokens=[t.token for t in tg], logit_weights=torch.tensor([t.weight for t in tg]),
+        logit_tokens=[t.token for t in tg], logit_weights=weights,
         model_name=rm.model_name, d_sae=rm.transcoders[0].d_sae,
         info=dict(n_active=n_f, replacement_s=built - start, edges_s=edges - built,
                   batch_size=batch_size))

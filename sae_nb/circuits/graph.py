@@ -23,7 +23,6 @@ Influence: with ``A`` the adjacency with each row's absolute values normalised t
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ import pandas as pd
 import torch
 
 from sae_nb.circuits.transcoder_set import CircuitError
-from sae_nb.util.io import atomic_write_text
+from sae_nb.util.io import atomic_write_json
 
 
 @dataclass
@@ -150,7 +149,7 @@ class Graph:
                            "clickedId": "", "sg_pos": ""},
                "nodes": kept, "links": links}
         if path is not None:
-            atomic_write_text(path, json.dumps(out, indent=1))
+            atomic_write_json(path, out, indent=1)
         return out
 
 

@@ -463,10 +463,11 @@ class GraphIntervener:
     at the last position: for a token its logit minus the mean logit)."""
 
     def __init__(self, model: Model, transcoders: TranscoderSet, graph: Graph, *,
-                 frozen_attention: bool = False, targets=None):
+                 frozen_attention: bool = False, targets=None, clean: CleanRun | None = None):
         self.model, self.transcoders, self.graph = model, transcoders, graph
         self.frozen_attention = frozen_attention
-        self.clean = clean_run(model, transcoders, graph.tokens)
+        # the graph's clean run, given when another intervener of this graph already made it
+        self.clean = clean if clean is not None else clean_run(model, transcoders, graph.tokens)
         self.vocab = logit_vectors(graph, self.clean.logits, model.tokenizer, targets)
         self.last: InterventionResult | None = None
 

@@ -116,15 +116,6 @@ class ReplacementModel:
             out[here] = self.encoders[layer][0][:, feats[here, 2]].T
         return out
 
-    def encoder_biases(self) -> torch.Tensor:
-        """``(n,)``: each feature's pre-activation bias (``b_enc``, with ``b_dec`` folded in
-        where the transcoder subtracts it from its input)."""
-        out = self.embeds.new_empty(self.n_features)
-        for layer in self.features[:, 0].unique().tolist():
-            here = self.features[:, 0] == layer
-            out[here] = self.encoders[layer][1][self.features[here, 2]]
-        return out
-
     def to(self, dtype: torch.dtype) -> ReplacementModel:
         """A copy whose floating tensors are ``dtype`` (float64 for exact checks)."""
         def cast(value):

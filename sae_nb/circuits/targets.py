@@ -134,10 +134,11 @@ def prompt_predictions(model, prompts: list[str]) -> pd.DataFrame:
     """Each prompt's next token under the real model (BOS prepended, as graphs read it): its
     top token, that token's probability and the prompt's length in tokens; a graph is worth
     reading where the model is right and confident."""
-    rows = []
+    hf, rows = hf_model(model), []
+    device = next(hf.parameters()).device
     for prompt in prompts:
         ids = as_ids(model, prompt)
-        probs = hf_model(model)(ids.to(next(hf_model(model).parameters()).device)).logits[0, -1]
+        probs = hf(ids.to(device)).logits[0, -1]
         p, token = probs.float().softmax(-1).max(0)
         rows.append({"prompt": prompt,
                      "top token": token_strings(model.tokenizer, [int(token)])[0],

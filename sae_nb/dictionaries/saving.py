@@ -34,11 +34,9 @@ from safetensors.torch import load_file, save_file
 
 from sae_nb.activations.sites import hook_name
 from sae_nb.dictionaries.architectures import (
+    ARCHITECTURES,
     BatchTopKSAE,
     Dictionary,
-    JumpReLUSAE,
-    ReLUSAE,
-    SkipTopKSAE,
     TopKSAE,
 )
 from sae_nb.util.errors import SaeNbError
@@ -298,8 +296,8 @@ def check_shapes(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[i
                 f"tensors).")
 
 
-_OUR_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "jumprelu": JumpReLUSAE,
-                "standard": ReLUSAE, "topk_skip": SkipTopKSAE}
+# What our format loads: the trainable architectures by their saved names ("relu" is an alias).
+_OUR_CLASSES = {name: cls for name, cls in ARCHITECTURES.items() if name != "relu"}
 
 
 def load_sae_nb(path: str | Path) -> Dictionary:
@@ -321,9 +319,9 @@ def load_sae_nb(path: str | Path) -> Dictionary:
         raise DictionaryFormatError(f"{str(path)!r}: unknown architecture {arch!r}; supported: "
                                     f"{list(_OUR_CLASSES)}.")
     kw: dict[str, Any] = {"apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
-    if arch in ("topk", "batchtopk", "topk_skip"):  # SAELens has no batchtopk: its k lives in
+    if issubclass(_OUR_CLASSES[arch], TopKSAE | BatchTopKSAE):  # SAELens has no batchtopk:
         kw["k"] = config_int(cfg, "k", cfg_file) if arch != "batchtopk" else \
-            config_int(meta, "k", path / META_FILE)  # sae_nb.json
+            config_int(meta, "k", path / META_FILE)  # its k lives in sae_nb.json
         if kw["k"] > d_sae:
             raise DictionaryFormatError(f"{str(path)!r}: k={kw['k']} exceeds d_sae={d_sae}.")
     what = f"cfg.json (d_in={d_in}, d_sae={d_sae})"
