@@ -255,6 +255,34 @@ def test_meaning_index_is_cached_by_identity(tiny, tmp_path, monkeypatch):
     assert builds == [1]
 
 
+def test_a_meaning_index_for_new_explanations_embeds_only_what_changed(tiny, tmp_path,
+                                                                         monkeypatch):
+    """A second explained latent (a new score, a new rule): the cached index is updated by
+    embedding that one explanation, its top contexts are not embedded again, and the result
+    equals an index built from scratch."""
+    from sae_nb.explanations import meaning
+
+    store, sae, stats, tokenizer = tiny
+    first_latent, second_latent = np.argsort(-stats.max_act)[:2].tolist()
+    hand = explained_by_hand(first_latent)
+    meaning_index(stats, store, tokenizer, hand, cache=tmp_path, n_contexts=2)
+    more = pd.concat([hand, pd.DataFrame([
+        rule_f1(second_latent, "rule", "war words", 30, 40, 45),
+        rule_f1(second_latent, "rule:control", "tokens ' a'", 0, 40, 45)])], ignore_index=True)
+    embedded = []
+    real = meaning.embed_texts
+    monkeypatch.setattr(meaning, "embed_texts",
+                        lambda texts, **k: embedded.extend(texts) or real(texts, **k))
+    updated = meaning_index(stats, store, tokenizer, more, cache=tmp_path, n_contexts=2)
+    assert embedded == ["war words"]
+    fresh = meaning_index(stats, store, tokenizer, more, cache=tmp_path / "fresh", n_contexts=2)
+    assert len(embedded) > 2  # the fresh build embedded the contexts too
+    assert np.allclose(updated.explanation_vectors, fresh.explanation_vectors, atol=1e-5)
+    assert np.allclose(updated.context_means, fresh.context_means, atol=1e-5)
+    assert updated.search("war")["latent"].iloc[0] == second_latent
+    assert MeaningIndex.load(tmp_path).explanations[second_latent] == "war words"
+
+
 @pytest.mark.parametrize("damage", ["truncate", "random", "empty"])
 def test_a_damaged_meaning_index_is_rebuilt_with_a_warning(tiny, tmp_path, caplog, damage):
     store, sae, stats, tokenizer = tiny

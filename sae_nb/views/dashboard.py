@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import datetime
 import html
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from jupyter_core.paths import jupyter_runtime_dir
 from plotly.offline import get_plotlyjs
 
 from sae_nb.activations.corpora import token_labels
@@ -181,8 +183,13 @@ def logit_table_html(table: pd.DataFrame | None, activation: float | None = None
     saying what the numbers are."""
     if table is None:
         return '<p class="muted">No logit effects (pass logit_effects).</p>'
-    ranked = '<th class="num" title="the rows are ranked by this column">Δ logit ▼</th>'
-    head = f"<tr><th>promoted</th>{ranked}<th>suppressed</th>{ranked.replace('▼', '▲')}</tr>"
+    # the rows are ranked by two criteria: words before grey pieces (the token column), then
+    # by Δ logit within each; each header says its part, no arrow claims a plain sort
+    order = "the rows: words first, then grey pieces; by Δ logit within each"
+    head = (f'<tr><th title="{order}">promoted (words, then pieces)</th>'
+            f'<th class="num" title="{order}">Δ logit ▼ within each</th>'
+            f'<th title="{order}">suppressed (words, then pieces)</th>'
+            f'<th class="num" title="{order}">Δ logit ▲ within each</th></tr>')
 
     def cells(token, value, piece) -> str:
         grey = ' muted" title="a word piece, or a token never seen whole in the store' \
@@ -217,9 +224,18 @@ def latent_captions(stats, store, tokenizer, n_tokens: int = 2, latents=None) ->
         for t in row_ids[row_ids >= 0].tolist():  # strongest first: a tie keeps that order
             counts[t] = counts.get(t, 0) + 1
         best = sorted(counts, key=lambda t: -counts[t])[:n_tokens]
-        out[latent] = (TOP_TOKENS + ", ".join(token_label(names[t]) for t in best)
+        out[latent] = (TOP_TOKENS + ", ".join(caption_token(names[t]) for t in best)
                        if best else "")
     return out
+
+
+def caption_token(token: str) -> str:
+    """A token in a caption: :func:`token_label`, with a token of spaces alone named (a lone
+    "·" reads as a separator that runs into the text after it): ``'· (space)'``."""
+    label = token_label(token)
+    if token and set(token) == {" "}:
+        return f"{label} ({'space' if len(token) == 1 else f'{len(token)} spaces'})"
+    return label
 
 
 def latent_label(latent: int, caption: str = "") -> str:
@@ -349,12 +365,28 @@ def related_html(latent: int, nearest: Sequence[tuple[int, float]], family: Sequ
     return f'<p class="related">{"<br>".join(parts)}</p>'
 
 
+def jupyter_root(runtime_dir: str | Path | None = None) -> Path | None:
+    """The folder the JupyterLab that started this kernel serves, or None outside one.
+
+    Read from the server's own record, ``jpserver-<pid>.json`` in Jupyter's runtime folder, of
+    the kernel's parent process (the server starts its kernels itself)."""
+    folder = Path(runtime_dir or jupyter_runtime_dir())
+    try:
+        record = json.loads((folder / f"jpserver-{os.getppid()}.json").read_text())
+        return Path(record["root_dir"]).expanduser().resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class FileLink:
     """A written file as a notebook shows it: a link (relative to the notebook's folder, which
-    JupyterLab opens) and its path as plain text, not ``PosixPath('...')``."""
+    JupyterLab opens) and its path as plain text, not ``PosixPath('...')``. A file outside the
+    folder JupyterLab serves cannot be opened from the page: the link says so and gives the
+    file's ``file://`` address to open in a browser instead."""
 
-    def __init__(self, path: str | Path, text: str = ""):
+    def __init__(self, path: str | Path, text: str = "", root: str | Path | None = None):
         self.path, self.text = Path(path), text
+        self.root = Path(root).resolve() if root is not None else jupyter_root()
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -362,15 +394,27 @@ class FileLink:
     def __repr__(self) -> str:
         return f"{self.text}{self.path}"
 
+    def served(self) -> bool:
+        """Whether JupyterLab can open the file (True when no server is known, as in papermill)."""
+        return self.root is None or self.path.resolve().is_relative_to(self.root)
+
     def _repr_html_(self) -> str:
-        href = os.path.relpath(self.path.resolve(), Path.cwd())
+        shown = html.escape(str(self.path))
+        if not self.served():
+            uri = html.escape(self.path.resolve().as_uri())
+            return (f"{html.escape(self.text)}{shown}<br><span>It lies outside the folder "
+                    f"JupyterLab serves ({html.escape(str(self.root))}), so JupyterLab cannot "
+                    f"open it: open <code>{uri}</code> in a browser, or start JupyterLab in a "
+                    f"folder that holds both the notebook and the run folder.</span>")
+        href = Path(os.path.relpath(self.path.resolve(), Path.cwd().resolve())).as_posix()
         return (f'{html.escape(self.text)}<a href="{html.escape(href)}" target="_blank">'
-                f"{html.escape(str(self.path))}</a>")
+                f"{shown}</a>")
 
 
-def file_link(path: str | Path, text: str = "") -> FileLink:
-    """``path`` shown as a link after ``text`` (e.g. "Dashboards written to ")."""
-    return FileLink(path, text)
+def file_link(path: str | Path, text: str = "", root: str | Path | None = None) -> FileLink:
+    """``path`` shown as a link after ``text`` (e.g. "Dashboards written to "); ``root``: the
+    folder JupyterLab serves, found from the server that started this kernel when None."""
+    return FileLink(path, text, root)
 
 
 def page_html(title: str, header: str, sections: Sequence[str], plotlyjs: str) -> str:

@@ -19,6 +19,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from sae_nb.activations.store import ActivationStore
+from sae_nb.views import label_layout
 
 CHUNK_ROWS = 8192  # rows read from the memory-mapped shards at a time
 # Panels of the training curves: log column, title, log-scaled y axis.
@@ -438,8 +439,11 @@ def scores_box_figure(table: pd.DataFrame, methods=("rule", "rule:control", "llm
     with its points, one panel per score titled by :data:`SCORE_TITLES` (not
     ``score_name=detection_auroc``), each with its own y axis: an F1 and an AUROC differ."""
     names = [n for n in dict.fromkeys(table["score_name"]) if isinstance(n, str)]
+    # each title on two lines, its chance level under the score's name: side by side in one
+    # line they run into each other in a 700 px output
+    titles = [SCORE_TITLES.get(n, n.replace("_", " ")).replace(" (", "<br>(", 1) for n in names]
     fig = make_subplots(rows=1, cols=max(len(names), 1), horizontal_spacing=0.08,
-                        subplot_titles=[SCORE_TITLES.get(n, n.replace("_", " ")) for n in names])
+                        subplot_titles=titles)
     order = [m for m in methods if m in set(table["method"])] + sorted(
         set(table["method"]) - set(methods))
     for j, name in enumerate(names):
@@ -451,12 +455,15 @@ def scores_box_figure(table: pd.DataFrame, methods=("rule", "rule:control", "llm
                                      marker_color=PARETO_COLORS[i % len(PARETO_COLORS)],
                                      showlegend=False), row=1, col=j + 1)
     fig.update_layout(title="Explanation scores per method against their controls",
-                      template="plotly_white", height=450)
+                      template="plotly_white", height=450, margin={"t": 110})
     return fig
 
 
 AXIS_TITLES = {"l0": "L0 (active latents per token)", "fvu": "FVU",
                "ce_loss_recovered": "CE loss recovered"}
+# A Pareto panel's plot area in pixels in a 900 px wide notebook output (two panels, 500 px
+# high, the margins below): where the point labels are placed from.
+PANEL_PX = (333.0, 290.0)
 PARETO_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
@@ -467,6 +474,45 @@ def _bar(row: pd.Series, m: str, low: str, high: str) -> tuple[float, float]:
         return 0.0, 0.0
     up, down = row[high] - row[m], row[m] - row[low]
     return (float(up) if np.isfinite(up) else 0.0), (float(down) if np.isfinite(down) else 0.0)
+
+
+def _pareto_label_positions(groups, x: str, y: str, point: str, offset: float,
+                            reference: Mapping | None):
+    """The ``textposition`` of each group's points in the ``y`` panel (``{group: [...]}``,
+    :func:`sae_nb.views.label_layout.place_labels`) and the panel's x and y ranges, fixed so
+    that the placement's pixel estimate holds."""
+    points, bars, xs, yvals = [], [], [], []
+    for name, part in groups:
+        for _, r in part.sort_values(x).iterrows():
+            text = f"{point}={r[point]}" if point in r.index else ""
+            points.append((float(r[x]), float(r[y]), text, str(name)))
+            for low, high, shift, half in ((f"{y}_low", f"{y}_high", 0.0, 2.5),
+                                           (f"{y}_boot_low", f"{y}_boot_high", offset, 6.0)):
+                up, down = _bar(r, y, low, high)  # the grey bars' caps: 5 px each side
+                bars.append((float(r[x]) + shift, float(r[y]) - down, float(r[y]) + up, half))
+            xs.append(float(r[x]))
+            yvals += [bars[-2][1], bars[-2][2], bars[-1][1], bars[-1][2]]
+    has_ref = reference is not None and x in reference and y in reference
+    if has_ref:
+        xs.append(float(reference[x]))
+        yvals.append(float(reference[y]))
+    x_pad = 0.08 * (max(xs) - min(xs) or 1.0)
+    y_pad = 0.08 * (max(yvals) - min(yvals) or 1.0)
+    x_range = [min(xs) - x_pad - 0.25 * (max(xs) - min(xs)) * has_ref, max(xs) + x_pad]
+    y_range = [min(yvals) - y_pad, max(yvals) + y_pad]
+    obstacles = []
+    if has_ref:  # the star and its name, to its left
+        sx, sy = label_layout.to_pixels(float(reference[x]), float(reference[y]), x_range,
+                                        y_range, PANEL_PX)
+        name = str(reference.get("name", "reference"))
+        obstacles = [(sx - 8, sx + 8, sy - 8, sy + 8),
+                     (sx - 10 - label_layout.CHAR_PX * len(name), sx - 8, sy - 8, sy + 8)]
+    chosen = label_layout.place_labels([p[:3] for p in points], bars, x_range, y_range,
+                                       PANEL_PX, obstacles)
+    where: dict[str, list[str]] = {}
+    for (_, _, _, name), position in zip(points, chosen):
+        where.setdefault(name, []).append(position)
+    return where, x_range, y_range
 
 
 def pareto_figure(summary: pd.DataFrame, x: str = "l0",
@@ -488,8 +534,10 @@ def pareto_figure(summary: pd.DataFrame, x: str = "l0",
     axis = {m: AXIS_TITLES.get(m, m.replace("_", " ")) for m in [x, *ys]}
     titles = [f"{axis[x].split(' (')[0]} against {axis[y].split(' (')[0]}" for y in ys]
     fig = make_subplots(rows=1, cols=len(ys), subplot_titles=titles)
-    groups = summary.groupby(by, sort=False) if by in summary.columns else [("all", summary)]
+    groups = list(summary.groupby(by, sort=False) if by in summary.columns
+                  else [("all", summary)])
     offset = 0.012 * float(summary[x].max() - summary[x].min() or 1.0)  # the grey bars' shift
+    where = {y: _pareto_label_positions(groups, x, y, point, offset, reference) for y in ys}
     for i, (name, part) in enumerate(groups):
         part = part.sort_values(x)
         color = PARETO_COLORS[i % len(PARETO_COLORS)]
@@ -503,7 +551,7 @@ def pareto_figure(summary: pd.DataFrame, x: str = "l0",
             fig.add_trace(go.Scatter(
                 x=part[x], y=part[y], mode="lines+markers+text", name=str(name),
                 legendgroup=str(name), showlegend=j == 0, text=labels, customdata=l0,
-                textposition="top center", textfont={"size": 11, "color": color},
+                textposition=where[y][0][str(name)], textfont={"size": 11, "color": color},
                 line={"color": color},
                 error_y={"type": "data", "symmetric": False, "array": [b[0] for b in seed_bars],
                          "arrayminus": [b[1] for b in seed_bars], "thickness": 3, "width": 0},
@@ -520,8 +568,8 @@ def pareto_figure(summary: pd.DataFrame, x: str = "l0",
                              "arrayminus": [b[1] for b in boot], "thickness": 1.2, "width": 5,
                              "color": "grey"},
                     hoverinfo="skip"), row=1, col=j + 1)
-            fig.update_xaxes(title_text=axis[x], row=1, col=j + 1)
-            fig.update_yaxes(title_text=axis[y], row=1, col=j + 1)
+            fig.update_xaxes(title_text=axis[x], range=where[y][1], row=1, col=j + 1)
+            fig.update_yaxes(title_text=axis[y], range=where[y][2], row=1, col=j + 1)
     if reference is not None:
         for j, y in enumerate(ys):
             if y in reference and x in reference:
@@ -530,13 +578,15 @@ def pareto_figure(summary: pd.DataFrame, x: str = "l0",
                     name=str(reference.get("name", "reference")), legendgroup="reference",
                     showlegend=j == 0, text=[str(reference.get("name", "reference"))],
                     textposition="middle left",
-                    marker={"symbol": "star", "size": 14, "color": "black"},
+                    marker={"symbol": "star", "size": 14, "color": "black",
+                            "line": {"color": "white", "width": 1}},
                     hovertemplate=f"%{{text}}<br>{x} %{{x:.1f}}<br>{y} %{{y:.4f}}<extra></extra>"),
                     row=1, col=j + 1)
     fig.update_layout(title="Sparsity against reconstruction (thick: seed intervals; grey: "
                             "held-out bootstrap)", height=500,
                       # No fixed width: the figure fills the notebook's output area, and the
                       # legend sits below the panels rather than past their right edge.
-                      legend={"orientation": "h", "x": 0, "y": -0.22, "yanchor": "top"},
+                      legend={"orientation": "h", "x": 0, "y": -0.22, "yanchor": "top",
+                              "itemsizing": "constant"},  # the grey marker as big as others
                       margin={"b": 110})
     return fig

@@ -24,10 +24,12 @@ in a plain Python process: set a widget's ``.value``, call ``Button.click()``, r
 from __future__ import annotations
 
 import html
+import textwrap
 import time
 
 import ipywidgets as widgets
 import pandas as pd
+from IPython.display import HTML
 
 from sae_nb.activations.corpora import token_strings
 from sae_nb.activations.models import Model
@@ -38,7 +40,7 @@ from sae_nb.interventions.splice import InterventionError
 from sae_nb.interventions.steering import site_scale
 from sae_nb.util.threads import one_thread
 from sae_nb.views.dashboard import display_token, latent_captions, latent_label, latent_link_html
-from sae_nb.views.explorer_data import LatentSearch, best_of, explained_captions
+from sae_nb.views.explorer_data import LatentSearch, best_of, explained_captions, scores_of
 
 WIDGET_CLASS = "sae-nb-steering"
 # A latent link's click: put its number in the widget's hidden "open" box and send it to the
@@ -145,6 +147,23 @@ def changes_html(changes: pd.DataFrame, edited: str = "steered") -> str:
     return f'<table class="sae-nb-changes"><tr>{head}</tr>{body}</table>'
 
 
+def changes_view(changes: pd.DataFrame, edited: str = "edited") -> HTML:
+    """The next-token table of :func:`sae_nb.interventions.effects.logit_changes` as the widget
+    shows it: a promoted token is one whose probability rose, a suppressed one whose
+    probability fell (rows that did neither are left out), ranked by that change. No raw
+    logit change: an edit can lower every logit, so a token whose probability rose may show a
+    negative one; the change of log-probability beside it has the sign of the effect."""
+    kept = changes[((changes["effect"] == "promoted") & (changes["p_change"] > 0))
+                   | ((changes["effect"] == "suppressed") & (changes["p_change"] < 0))]
+    return HTML(changes_html(kept, edited))
+
+
+def wrapped(text: str, width: int = 88) -> str:
+    """Prose (a verdict) cut into lines of at most ``width`` characters between words, to
+    print: a notebook's output wraps a long printed line anywhere, "senti / ment"."""
+    return textwrap.fill(text, width, break_long_words=False, break_on_hyphens=False)
+
+
 class LatentRow(widgets.HBox):
     """One steered latent: its number, its strength, its caption (a link to the explorer)."""
 
@@ -180,16 +199,20 @@ class SteeringWidget(widgets.VBox):
                  scale: float | None = None, max_new_tokens: int = 20, n_attributed: int = 8,
                  stats=None, store=None, explanations=None, explorer=None,
                  temperature: float = 0.0, seed: int = 0, samples: int = 1,
-                 precision: str = "bfloat16"):
+                 precision: str = "bfloat16", logit_effects=None):
         """``latent`` and ``coefficient``: one latent and its strength, or lists of them.
         ``stats`` and ``store`` (notebook 06's) add the token search and each latent's top
         tokens; ``explanations`` (notebook 08's table or folder) each latent's best
         explanation; ``explorer`` (a ``FeatureExplorer``) makes every latent number a link
         that opens it there. ``precision``: what decodes the continuations, a bfloat16 copy
         of the model (the default: about 2.7x faster on a CPU with bfloat16 instructions) or
-        ``"float32"``, the model as loaded."""
+        ``"float32"``, the model as loaded. ``logit_effects`` (notebook 06's; by default the
+        explorer's) let the token search count promoted tokens, so that "find latent" ranks
+        the latents as the explorer's search does."""
         self.model, self.dictionary, self.n_attributed = model, dictionary, n_attributed
         self.stats, self.store, self.explorer = stats, store, explorer
+        self.logit_effects = (logit_effects if logit_effects is not None
+                              else getattr(explorer, "logit_effects", None))
         self.explanations = best_of(explanations)  # one row per explained latent, or None
         self._search: LatentSearch | None = None
         with one_thread():
@@ -327,7 +350,9 @@ class SteeringWidget(widgets.VBox):
             raise ValueError("The token search needs notebook 06's statistics: create the widget "
                              "with stats=feature_stats(store, dictionary) and store=store.")
         if self._search is None and query.strip():
-            self._search = LatentSearch(self.stats, self.store, self.model.tokenizer)
+            self._search = LatentSearch(
+                self.stats, self.store, self.model.tokenizer, self.logit_effects,
+                explanation_scores=scores_of(self.explanations, self.stats.d_sae))
         found = self._search(query) if self._search is not None else []
         self.matches.options = [(f"{self.label(i)} (score {score})", i) for i, score in found]
         shown = html.escape(repr(query))
@@ -399,14 +424,19 @@ class SteeringWidget(widgets.VBox):
         rows = []
         for r in self.top.itertuples():
             token = display_token(str(r.token), alone=True)
+            # the button keeps its width however long the line beside it: without flex 0 0,
+            # a line that wraps squeezes it to "ablate 42..."
             button = widgets.Button(description=f"ablate {r.latent}",
-                                    layout=widgets.Layout(width="auto"))
+                                    layout=widgets.Layout(width="auto", flex="0 0 auto"))
             button.on_click(lambda _, lat=int(r.latent), pos=int(r.position): self.ablate(lat, pos))
             self.ablate_buttons[(int(r.latent), int(r.position))] = button
             rows.append(widgets.HBox([button, widgets.HTML(
-                f"latent {self.latent_html(r.latent)} at position {r.position} "
-                f'(<span style="font-family: monospace">{token}</span>): '
-                f"attribution {r.attribution:+.3f} to {html.escape(att.target_name)}")]))
+                f"at position {r.position} (<span style=\"font-family: monospace\">{token}"
+                f"</span>): attribution {r.attribution:+.3f} to "
+                f'<span style="white-space: nowrap">{html.escape(att.target_name)}</span>; '
+                f"latent {self.latent_html(r.latent)}",
+                layout=widgets.Layout(flex="1 1 0", min_width="0"))],
+                layout=widgets.Layout(align_items="center")))
         return rows
 
     def ablate(self, latent: int, position: int) -> None:
