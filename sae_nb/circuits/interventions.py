@@ -231,6 +231,12 @@ class CleanRun:
 @torch.no_grad()
 def clean_run(model: Model, transcoders: TranscoderSet, prompt: str | torch.Tensor) -> CleanRun:
     """Run the clean prompt (text with BOS prepended, or token ids) once, for many edits."""
+    if transcoders.cross is not None:
+        raise CircuitError(
+            "Interventions in the real model cover per-layer transcoders so far, and this set is "
+            "a cross-layer transcoder (each latent writes every later MLP output). Its graphs "
+            "work (attribute, graph_scores, and predicted_change for an edit's effect in the "
+            "graph); for an ablation measured in the model, use a per-layer transcoder set.")
     ids = as_ids(model, prompt)[0]
     rm = build_replacement(model, transcoders, ids)
     y_hat, active = [], []

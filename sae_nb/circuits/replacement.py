@@ -13,7 +13,9 @@ layer's residual stream, MLP input and MLP output. Then, with ``r`` the residual
   input (queries and keys only ever entered through the pattern);
 - every MLP is replaced by its transcoder's decoder at the recorded latent activations, plus
   its bias and its skip connection (linear in the MLP's input), plus the error term
-  ``mlp_out - transcoder(mlp_in)``, a constant vector per (layer, position).
+  ``mlp_out - transcoder(mlp_in)``, a constant vector per (layer, position). With a cross-layer
+  transcoder, layer T's MLP output is decoded from the latents of every layer L <= T
+  (``cross[L][:, T - L]``), so a latent writes into every later MLP output.
 
 The sources of the map are the active latents (``features``: layer, position, latent, with
 their ``activations``), the error vectors and the token embeddings; everything else (decoder
@@ -77,6 +79,7 @@ class ReplacementModel:
     W_U: torch.Tensor  # (V, D) unembedding
     b_U: torch.Tensor | None  # (V,)
     decoders: list[torch.Tensor]  # (F, D) per layer: W_dec
+    cross: list[torch.Tensor] | None  # (F, L - l, D) per source layer l: a CLT's decoders
     encoders: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (W (D, F), bias (F,))
     transcoders: TranscoderSet
     zeroed_bos: bool  # position 0 holds no latent and no error node
@@ -161,9 +164,27 @@ class ReplacementModel:
         z = torch.einsum("hqk,khd->qhd", P, v).reshape(T, -1)  # (T, H * dh)
         return z @ w.W_o.T + (0 if w.b_o is None else w.b_o)
 
+    def writers(self, layer: int) -> torch.Tensor:
+        """The features that write layer ``layer``'s MLP output: those read at that layer, or
+        with a cross-layer transcoder at that layer or below."""
+        here = self.features[:, 0] <= layer if self.cross is not None else \
+            self.features[:, 0] == layer
+        return here.nonzero().flatten()
+
+    def written(self, layer: int, index: torch.Tensor) -> torch.Tensor:
+        """``(n, D)``: what each feature in ``index`` writes into layer ``layer``'s MLP output
+        per unit of activation (its decoder row to that layer)."""
+        feats = self.features[index]
+        out = self.embeds.new_empty(len(index), self.embeds.shape[1])
+        for source in feats[:, 0].unique().tolist():
+            mine = feats[:, 0] == source
+            out[mine] = (self.decoders[source][feats[mine, 2]] if self.cross is None
+                         else self.cross[source][feats[mine, 2], layer - source])
+        return out
+
     def _decode(self, layer: int, acts: torch.Tensor) -> torch.Tensor:
-        here = self.features[:, 0] == layer
-        rows = acts[here, None] * self.decoders[layer][self.features[here, 2]]  # (n_L, D)
+        here = self.writers(layer)
+        rows = acts[here, None] * self.written(layer, here)  # (n, D)
         return torch.zeros_like(self.embeds).index_add_(0, self.features[here, 1], rows)
 
     # -- its transpose ---------------------------------------------------------------------
@@ -173,7 +194,8 @@ class ReplacementModel:
         T, D = self.n_pos, self.embeds.shape[1]
         self._pad_cols, self._pad_dec = [], []
         for layer in range(self.n_layers):
-            here = (self.features[:, 0] == layer).nonzero().flatten()
+            here = self.writers(layer)
+            here = here[self.features[here, 1].argsort(stable=True)]  # grouped by position
             pos = self.features[here, 1]
             counts = torch.bincount(pos, minlength=T)
             width = max(int(counts.max()) if len(here) else 0, 1)
@@ -181,8 +203,7 @@ class ReplacementModel:
             dec = self.embeds.new_zeros(T, width, D)
             slot = torch.arange(len(here)) - torch.cumsum(counts, 0)[pos] + counts[pos]
             cols[pos, slot] = here
-            dec[pos, slot] = (self.activations[here, None]
-                              * self.decoders[layer][self.features[here, 2]])
+            dec[pos, slot] = self.activations[here, None] * self.written(layer, here)
             self._pad_cols.append(cols)
             self._pad_dec.append(dec)
         # The frozen norms as one factor per position, and the patterns by key-value group
@@ -221,7 +242,11 @@ class ReplacementModel:
             w, f_mlp, f_attn = self.layers[layer], self._f_mlp[layer, :T], self._f_attn[layer, :T]
             # Sources at this layer write the MLP output, after its input: read them first.
             edges = torch.bmm(g, self._pad_dec[layer][:T].transpose(1, 2))  # (T, B, width)
-            rows[:, self._pad_cols[layer][:T].flatten()] = edges.transpose(0, 1).reshape(B, -1)
+            cols, edges = self._pad_cols[layer][:T].flatten(), edges.transpose(0, 1).reshape(B, -1)
+            if self.cross is None:  # each feature writes one layer: its whole edge is here
+                rows[:, cols] = edges
+            else:  # a sum over the layers it writes
+                rows.index_add_(1, cols, edges)
             rows[:, err0 + layer * self.n_pos:err0 + layer * self.n_pos + T] = torch.bmm(
                 g, self.errors[layer, :T, :, None])[..., 0].T
             live = (after & (layers >= layer)[None, :]).flatten().nonzero().flatten()
@@ -288,7 +313,7 @@ def build_replacement(model: Model, transcoders: TranscoderSet, ids: torch.Tenso
     zeroed = bool(zero_bos and int(ids[0]) in set(model.tokenizer.all_special_ids))
 
     layers, scale_attn, scale_mlp, patterns = [], [], [], []
-    feats, acts, errors, constants = [], [], [], []
+    feats, acts, errors, constants, all_codes = [], [], [], [], []
     for layer, block in enumerate(hf.model.layers):
         attn = block.self_attn
         scale_attn.append(_rms_scale(block.input_layernorm, rec["attn_in"][layer]))
@@ -304,6 +329,12 @@ def build_replacement(model: Model, transcoders: TranscoderSet, ids: torch.Tenso
         x, y = rec["mlp_in"][layer], rec["mlp_out"][layer]  # (T, D) each
         codes, y_hat = (t.float().cpu() for t in tc.encode_and_reconstruct(
             x.to(tc.W_enc.device, tc.W_enc.dtype)))
+        if transcoders.cross is not None:  # layer T's output is decoded from layers <= T
+            all_codes.append(codes.clone())  # before position 0 is zeroed below
+            y_hat = _f32(tc.b_dec) + sum(c @ _f32(transcoders.cross[source][:, layer - source])
+                                         for source, c in enumerate(all_codes))
+            if W_skip is not None:
+                y_hat = y_hat + x @ _f32(W_skip).T
         const = _f32(tc.b_dec).expand(T, -1).clone()
         err = y - y_hat
         if zeroed:
@@ -325,6 +356,7 @@ def build_replacement(model: Model, transcoders: TranscoderSet, ids: torch.Tenso
         layers=layers, w_final=_f32(hf.model.norm.weight), W_U=_f32(hf.lm_head.weight),
         b_U=_f32(getattr(hf.lm_head, "bias", None)),
         decoders=[_f32(tc.W_dec) for tc in transcoders.transcoders],
+        cross=None if transcoders.cross is None else [_f32(w) for w in transcoders.cross],
         encoders=[tuple(_f32(t) for t in tc.folded_encoder()) for tc in transcoders.transcoders],
         transcoders=transcoders,
         zeroed_bos=zeroed, model_name=model_name(model))

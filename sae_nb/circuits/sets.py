@@ -33,7 +33,7 @@ from sae_nb.activations.extract import resolve_sites, run_sites
 from sae_nb.activations.models import Model, hf_model, model_name
 from sae_nb.activations.sites import n_layers
 from sae_nb.circuits.transcoder_set import CircuitError, TranscoderSet, in_site, out_site
-from sae_nb.dictionaries.architectures import Dictionary
+from sae_nb.dictionaries.architectures import Dictionary, SkipTopKSAE, TopKSAE
 from sae_nb.dictionaries.saving import MACHINE_SETTINGS, load_sae_nb, save_dictionary
 from sae_nb.training.streaming import ActivationStream, train_sites
 from sae_nb.training.trainer import TrainConfig
@@ -203,7 +203,7 @@ def _read_manifest(folder: Path) -> dict:
 
 def load_transcoder_set(folder: str | Path) -> TranscoderSet:
     """The transcoder set saved in ``folder``: ours (``transcoder_set.json`` and one dictionary
-    per layer), or circuit-tracer's local per-layer transcoder files."""
+    per layer), or circuit-tracer's local per-layer or cross-layer transcoder files."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CircuitError(f"No transcoder set at {str(folder)!r}: the folder does not exist. "
@@ -223,11 +223,33 @@ def load_transcoder_set(folder: str | Path) -> TranscoderSet:
                          metadata={**meta, "path": str(folder)})
 
 
+def _with_skip(layer: int, tc: Dictionary, W_skip: torch.Tensor, folder: Path) -> Dictionary:
+    """A TopK transcoder of a circuit-tracer folder with its skip connection, as our
+    ``SkipTopKSAE`` (its reconstruction adds ``x @ W_skip.T``)."""
+    if type(tc) is not TopKSAE:
+        raise CircuitError(
+            f"Layer {layer} of {str(folder)!r} is a {type(tc).__name__} transcoder with a skip "
+            f"connection (W_skip); sae_nb models skip connections on TopK transcoders only so "
+            f"far. Use the set without its skips (load_tracer_transcoders gives the parts), or "
+            f"a TopK set.")
+    out = SkipTopKSAE(tc.d_in, tc.d_sae, k=tc.k, apply_b_dec_to_input=False)
+    with torch.no_grad():
+        out.load_state_dict({**tc.state_dict(), "W_skip": W_skip})
+    out.metadata = dict(tc.metadata)
+    return out.eval()
+
+
 def _load_tracer_set(folder: Path) -> TranscoderSet:
     """circuit-tracer's local transcoder files, through :mod:`sae_nb.circuits.tracer_format`."""
     # Imported here: only a folder without our manifest needs the circuit-tracer reader.
     from sae_nb.circuits.tracer_format import load_tracer_transcoders
 
-    transcoders, _skips, metadata = load_tracer_transcoders(folder)
-    return TranscoderSet(transcoders, model_name=(metadata or {}).get("model_name"),
-                         metadata={"format": "circuit-tracer", "path": str(folder)})
+    transcoders, skips, metadata = load_tracer_transcoders(folder)
+    for layer, W_skip in skips.items():  # a per-layer set's skip connections
+        transcoders[layer] = _with_skip(layer, transcoders[layer], W_skip, folder)
+    # A cross-layer transcoder: its encoders (each with its decoder to its own layer) and the
+    # decoders to every later layer.
+    cross = getattr(transcoders, "decoders", None)
+    return TranscoderSet(getattr(transcoders, "encoders", transcoders),
+                         model_name=(metadata or {}).get("model_name"),
+                         metadata={"format": "circuit-tracer", "path": str(folder)}, cross=cross)

@@ -7,6 +7,11 @@ connection exists (sparsify's skip transcoders, Paulo et al., 2025, "Transcoders
 autoencoders for interpretability"), else ``decode(encode(x))``. The set is a plain container
 (``transcoders``, ``model_name``): file formats are built on top of it.
 
+A cross-layer transcoder (CLT; Ameisen et al., 2025) is the same set plus ``cross``: the latents
+read at layer L write the MLP outputs of every layer T >= L, through ``cross[L][:, T - L]``.
+``transcoders[L]`` then holds layer L's encoder, its decoder to layer L itself and layer L's
+output bias, so everything that reads one layer's latents works unchanged.
+
 Any dictionary whose pre-activation is one affine map works as a transcoder (``TopKSAE``,
 ``SkipTopKSAE``, ``JumpReLUSAE``, ``ReLUSAE``; :meth:`Dictionary.folded_encoder`); gated and
 normalised dictionaries are refused, since the attribution graph needs a linear read-in.
@@ -48,6 +53,10 @@ class TranscoderSet:
     """The model the set was trained on (``model_name(lm)`` of that model), or None."""
     metadata: dict = field(default_factory=dict)
     """Free-form facts about the set (training tokens, per-layer FVU, ...) for savers to keep."""
+    cross: list[torch.Tensor] | None = None
+    """A cross-layer transcoder's decoders, ``cross[L]`` ``(F, n_layers - L, D)``: the latents
+    read at layer L write ``cross[L][:, T - L]`` into layer T's MLP output (``cross[L][:, 0]``
+    is ``transcoders[L].W_dec``). None: per-layer transcoders."""
 
     def __post_init__(self) -> None:
         if isinstance(self.transcoders, dict):
@@ -58,6 +67,13 @@ class TranscoderSet:
                                "e.g. TranscoderSet([tc0, tc1, ...], model_name=...).")
         for layer, tc in enumerate(self.transcoders):
             _check_transcoder(layer, tc)
+        if self.cross is not None:
+            self.cross = list(self.cross)
+            _check_cross(self.transcoders, self.cross)
+
+    @property
+    def is_cross_layer(self) -> bool:
+        return self.cross is not None
 
     def __len__(self) -> int:
         return len(self.transcoders)
@@ -98,10 +114,11 @@ class TranscoderSet:
                           f"used with {name!r} of the same shape.", stacklevel=2)
 
     @classmethod
-    def random(cls, model: Model, d_sae: int, k: int, skip: bool = False,
-               seed: int = 0) -> TranscoderSet:
+    def random(cls, model: Model, d_sae: int, k: int, skip: bool = False, seed: int = 0,
+               cross_layer: bool = False) -> TranscoderSet:
         """Untrained TopK transcoders (unit-norm random decoder rows, the encoder their
-        transpose; a small random skip matrix when ``skip``): for tests and timings."""
+        transpose; a small random skip matrix when ``skip``; with ``cross_layer``, random
+        decoders to every later layer too, and random output biases): for tests and timings."""
         hf = hf_model(model)
         d_model, layers = int(hf.config.hidden_size), n_layers(hf)
         gen = torch.Generator().manual_seed(seed)
@@ -117,7 +134,17 @@ class TranscoderSet:
                     tc.W_skip.copy_(torch.randn(d_model, d_model, generator=gen) / d_model)
             tc.metadata = {"site": in_site(layer), "target_site": out_site(layer)}
             transcoders.append(tc.eval())
-        return cls(transcoders, model_name=model_name(model))
+        cross = None
+        if cross_layer:
+            cross = []
+            for layer, tc in enumerate(transcoders):
+                w = torch.randn(d_sae, layers - layer, d_model, generator=gen)
+                w = w / w.norm(dim=-1, keepdim=True) / (layers - layer) ** 0.5
+                with torch.no_grad():
+                    w[:, 0] = tc.W_dec
+                    tc.b_dec.copy_(torch.randn(d_model, generator=gen) * 0.1)
+                cross.append(w)
+        return cls(transcoders, model_name=model_name(model), cross=cross)
 
 
 def skip_matrix(tc: Dictionary) -> torch.Tensor | None:
@@ -134,6 +161,25 @@ def _as_list(by_layer: dict) -> list[Dictionary]:
         raise CircuitError(f"The transcoder set has layers {layers}: layers {missing} are "
                            f"missing; give one transcoder per layer 0..{max(layers)}.")
     return [by_layer[i] for i in layers]
+
+
+def _check_cross(transcoders: list[Dictionary], cross: list[torch.Tensor]) -> None:
+    """A cross-layer transcoder's decoders must match its encoders, layer by layer."""
+    n = len(transcoders)
+    if len(cross) != n:
+        raise CircuitError(f"The cross-layer decoders cover {len(cross)} source layers but the "
+                           f"set has {n} encoders; give one decoder (F, n_layers - L, D) per "
+                           f"layer L.")
+    for layer, (tc, w) in enumerate(zip(transcoders, cross)):
+        want = (tc.d_sae, n - layer, tc.d_in)
+        if tuple(w.shape) != want:
+            raise CircuitError(f"The cross-layer decoder of layer {layer} is "
+                               f"{tuple(w.shape)}; it must be {want} (latents, layers {layer}.."
+                               f"{n - 1}, d_model).")
+        if not torch.equal(w[:, 0].to(tc.W_dec.dtype), tc.W_dec.detach()):
+            raise CircuitError(f"The cross-layer decoder of layer {layer} to itself differs from "
+                               f"transcoder {layer}'s W_dec; they must be the same tensor's "
+                               f"values (load the set with load_transcoder_set).")
 
 
 def _check_transcoder(layer: int, tc: Dictionary) -> None:
