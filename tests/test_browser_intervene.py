@@ -89,6 +89,51 @@ def test_notebook_runs_without_errors(page, root):
         assert any(b.startswith(f"{name}: 100%") for b in bars), bars
 
 
+# Each ablate button with the line beside it, in the widget narrowed to ``width`` pixels (0:
+# its own width): the button's label width against its box, and the line's height in lines.
+# ``flex`` lays both out another way for the measurement ("" keeps the widget's own layout,
+# which ipywidgets writes as inline styles: they are saved and put back).
+ABLATE_ROWS = """([root, width, flex]) => {
+    const widget = document.querySelector(root);
+    widget.style.width = width ? width + "px" : "";
+    const buttons = [...widget.querySelectorAll("button")]
+        .filter(b => /^ablate \\d+$/.test(b.textContent.trim()));
+    for (const e of buttons.flatMap(b => [b, b.nextElementSibling])) {
+        if (e.dataset.flex === undefined) {
+            e.dataset.flex = e.style.flex; e.dataset.minWidth = e.style.minWidth;
+        }
+        e.style.flex = flex || e.dataset.flex;
+        e.style.minWidth = flex ? "auto" : e.dataset.minWidth;
+    }
+    return buttons.map(b => {
+        const line = b.nextElementSibling, lh = parseFloat(getComputedStyle(line).lineHeight);
+        return {label: b.textContent.trim(), scroll: b.scrollWidth, client: b.clientWidth,
+                lines: Math.round(line.getBoundingClientRect().height / (lh || 17))};
+    });
+}"""
+
+
+def test_ablate_buttons_show_their_full_label_when_the_rows_wrap(page):
+    """Narrowed to 420 px, every attributed row's line wraps; each ablate button still shows
+    "ablate <latent>" whole (its label no wider than its box). The same measurement on the
+    layout before the buttons were kept from shrinking (button and line both "0 1 auto")
+    finds cut labels, so it can tell."""
+    widget = page.page.locator(WIDGET)
+    try:
+        rows = page.page.evaluate(ABLATE_ROWS, [WIDGET, 420, ""])
+        widget.locator("button", has_text="ablate").first.scroll_into_view_if_needed()
+        page.screenshot("ablate_rows_at_420px")
+        assert len(rows) >= 3, rows
+        assert all(r["lines"] >= 2 for r in rows), rows  # the rows do wrap at this width
+        for r in rows:
+            assert r["scroll"] <= r["client"], r  # "ablate 4329" in full, not "ablate 43..."
+        old = page.page.evaluate(ABLATE_ROWS, [WIDGET, 420, "0 1 auto"])
+        page.screenshot("ablate_rows_at_420px_shrinking_layout")
+        assert any(r["scroll"] > r["client"] for r in old), old
+    finally:
+        page.page.evaluate(ABLATE_ROWS, [WIDGET, 0, ""])
+
+
 def test_steer_two_latents_sample_ablate_and_open_the_explorer(page, root):
     import time
 

@@ -134,14 +134,14 @@ def test_feature_table_gains_explanation_columns():
     assert explanation_caption("a b c d e f", 0.5, "f1", max_chars=6) == "a b c… (F1 0.50)"
 
 
-def test_score_summary_counts_failures_and_reports_the_control():
+def test_score_summary_counts_unscored_rows_and_reports_the_control():
     summary = score_summary(HAND).set_index("method")
-    assert summary.loc["llm", "latents"] == 5 and summary.loc["llm", "failed"] == 2
-    assert summary.loc["llm", "scored"] == 3 and summary.loc["llm", "not_scored"] == 0
+    assert summary.loc["llm", "latents"] == 5 and summary.loc["llm", "not_scored"] == 2
+    assert summary.loc["llm", "scored"] == 3
     assert summary.loc["llm", "mean"] == pytest.approx((0.91 + 0.99 + 0.80) / 3)
     assert summary.loc["llm:control", "mean"] == pytest.approx((0.97 + 0.40) / 2)
     assert summary.loc["rule", "median"] == pytest.approx(np.median([60 / 85, 0.5, 0.04, 0.0]))
-    assert summary.loc["rule", "failed"] == 1  # latent 4 never fired
+    assert summary.loc["rule", "not_scored"] == 1  # latent 4 never fired: not a failure
 
 
 class FakeStats:

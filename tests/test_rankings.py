@@ -22,6 +22,7 @@ from sae_nb.explanations.tables import (
     method_comparison,
     method_verdict,
     score_summary,
+    summary_notes,
     with_explanations,
 )
 
@@ -183,17 +184,71 @@ def test_best_explained_lists_sparse_latents_before_common_ones_with_their_densi
     assert best_explained(best, 1, density=density)["latent"].tolist() == [1]
 
 
-def test_score_summary_counts_unscored_rows_as_not_scored():
-    """The language model's labels are rows without a score of their own (their scores are the
-    detection and embedding rows): not scored, not failed."""
-    labels = pd.DataFrame({"latent": range(20), "method": "llm", "explanation": "a label",
-                           "score": math.nan, "score_name": "", "error": ""})
-    failed = pd.DataFrame({"latent": [20], "method": "llm", "explanation": "", "score": math.nan,
-                           "score_name": "", "error": "timeout after 30 s"})
-    summary = score_summary(pd.concat([labels, failed])).set_index("method")
-    assert summary.loc["llm", "latents"] == 21
-    assert summary.loc["llm", "failed"] == 1 and summary.loc["llm", "not_scored"] == 20
-    assert summary.loc["llm", "scored"] == 0
+def label_rows(n: int, errors: dict[int, str]) -> pd.DataFrame:
+    """The language model's labels of latents 0..n-1, as autointerp writes them: no score of
+    their own; the latents in ``errors`` failed with that error and have no label."""
+    return pd.DataFrame({"latent": range(n), "method": "llm",
+                         "explanation": [("" if f in errors else f"label {f}") for f in range(n)],
+                         "score": math.nan, "score_name": "",
+                         "error": [errors.get(f, "") for f in range(n)]})
+
+
+def scored_rows(labels: pd.DataFrame, name: str, scores: list[float]) -> pd.DataFrame:
+    """Each label's ``name`` row as scoring writes it: a failed label gets no score and the
+    error "no explanation to score (<why>)"; the others get the next of ``scores``."""
+    rows, given = [], iter(scores)
+    for r in labels.itertuples():
+        if r.error:
+            rows.append({**auroc_row(r.latent, "llm", "", math.nan, name),
+                         "error": f"no explanation to score ({r.error})"})
+        else:
+            rows.append(auroc_row(r.latent, "llm", r.explanation, next(given), name))
+    return pd.DataFrame(rows)
+
+
+def test_score_summary_counts_no_unscored_row_as_a_failure():
+    """Notebook 08's run: 20 latents labelled, one failed ("nonsense reply"); the labels are
+    rows without a score of their own. The summary has no row for them (never NaN beside a
+    count of failures); the failed label is a latent not scored, with its reason in the notes."""
+    labels = label_rows(20, {7: "nonsense reply: '7, 8, 9, 10, 11'"})
+    scores = [0.05 * i for i in range(1, 20)]  # 0.05 .. 0.95 for the 19 labelled latents
+    table = pd.concat([labels, scored_rows(labels, "detection_auroc", scores)])
+    summary = score_summary(table)
+    assert summary[["method", "score_name"]].values.tolist() == [["llm", "detection_auroc"]]
+    row = summary.iloc[0]
+    assert (row["latents"], row["scored"], row["not_scored"]) == (20, 19, 1)
+    assert "failed" not in summary.columns
+    assert row["mean"] == pytest.approx(0.5) and row["median"] == pytest.approx(0.5)
+    assert row["above_0.5"] == pytest.approx(9 / 19)  # 0.55 .. 0.95
+    assert row["above_0.8"] == pytest.approx(3 / 19)  # 0.85, 0.90, 0.95
+    assert not summary.drop(columns=["method", "score_name"]).isna().any().any()
+    assert summary_notes(table) == [
+        "llm labels: 19 of 20 latents have one; without: nonsense reply: '7, 8, 9, 10, 11' (1)",
+        "llm detection_auroc: 1 not scored: no explanation to score (nonsense reply: '7, 8, "
+        "9, 10, 11') (1)"]
+
+
+def test_a_method_with_no_scored_row_is_left_out_and_noted_as_not_run():
+    """The explainer's endpoint was down: every label failed, so nothing of the language
+    model's was scored. The summary keeps the rules' row only; the notes say the language
+    model's scores did not run, and why."""
+    labels = label_rows(4, {f: "connection refused" for f in range(4)})
+    table = pd.concat([labels, scored_rows(labels, "embedding_auroc", []),
+                       pd.DataFrame([f1_row(f, "rule", "tokens ' a'", 3, 4, 4)
+                                     for f in range(4)])])
+    summary = score_summary(table)
+    assert summary[["method", "score_name", "latents", "scored", "not_scored"]
+                   ].values.tolist() == [["rule", "f1", 4, 4, 0]]
+    assert summary.loc[0, "mean"] == pytest.approx(0.75)  # 2 * 3 / (4 + 4)
+    assert summary_notes(table) == [
+        "llm labels: 0 of 4 latents have one; without: connection refused (4)",
+        "llm embedding_auroc: not run, none of 4 latents scored: no explanation to score "
+        "(connection refused) (4)"]
+    # labels alone, never scored: said so, and no summary row at all
+    assert score_summary(labels).empty
+    assert summary_notes(label_rows(3, {})) == [
+        "llm labels: 3 of 3 latents have one; not run: no score of the labels (no detection "
+        "or embedding rows)"]
 
 
 def chance_table(margins: dict[str, float], n: int = 20, spread: float = 0.2) -> pd.DataFrame:
@@ -263,3 +318,27 @@ def test_notebook_08_shows_a_progress_bar_on_every_long_call():
                 assert progress and isinstance(progress[0], ast.Constant) and progress[0].value, (
                     f"{node.func.attr} runs without progress=True")
     assert found == LONG_CALLS
+
+
+def test_the_summary_and_comparison_views_are_short_and_say_what_they_leave_out():
+    """The tables notebook 08 shows: short headers, three decimals, each interval in one cell,
+    the notes under the summary (never a NaN)."""
+    from sae_nb.views.explanation_tables import comparison_view, score_summary_view
+
+    labels = label_rows(4, {2: "timeout after 30 s"})
+    table = pd.concat([labels, scored_rows(labels, "detection_auroc", [0.9, 0.8, 0.7])])
+    shown = score_summary_view(table).data
+    assert "<th" in shown and ">not scored<" in shown and ">&gt;0.5<" in shown
+    assert ">0.800<" in shown  # the mean of 0.9, 0.8, 0.7, to three decimals
+    assert "llm labels: 3 of 4 latents have one; without: timeout after 30 s (1)" in shown
+    assert "nan" not in shown.lower()
+    comparison = pd.DataFrame([{
+        "score_name": "embedding_auroc", "method": "llm", "latents": 20, "mean": 0.6632,
+        "median": 0.66, "control_mean": 0.479, "margin": 0.1894, "margin_low": 0.0791,
+        "margin_high": 0.2912, "beyond_noise": True, "lead_over": "rule", "lead": 0.0204,
+        "lead_low": -0.0871, "lead_high": 0.1243}])
+    shown = comparison_view(comparison).data
+    for text in (">+0.189 [+0.079, +0.291]<", ">+0.020 [-0.087, +0.124]<", ">yes<", ">rule<",
+                 ">0.663<", ">0.479<", ">margin [95%]<", ">lead [95%]<"):
+        assert text in shown, text
+    assert "lead_high" not in shown and "control_mean" not in shown

@@ -208,24 +208,71 @@ def with_explanations(features: pd.DataFrame, best: pd.DataFrame | None) -> pd.D
 
 
 def score_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Per method and score (controls included): latents, how many are ``scored``,
-    ``not_scored`` (no score and no error: e.g. the language model's labels, scored in their
-    own detection and embedding rows) and ``failed`` (an error), and the score's mean, median,
-    quartiles and the fraction above 0.5 and 0.8 over the scored rows."""
+    """Per method and score (controls included): ``latents``, how many are ``scored`` and
+    ``not_scored`` (no score: the explainer failed on the latent, it never fires where it is
+    scored, the scorer failed; :func:`summary_notes` says why), and the score's mean, median,
+    quartiles and the fraction above 0.5 and 0.8 over the scored rows. A method and score
+    with no scored row did not run and is left out, and so are the language model's label
+    rows, which have no score of their own (their scores are the detection and embedding
+    rows): :func:`summary_notes` names both."""
     t = check_table(table)
-    failed = t["error"] != ""
-    scored = ~failed & np.isfinite(t["score"])
+    scored = (t["error"] == "") & np.isfinite(t["score"])
     rows = []
-    for (method, name), group in t.groupby(["method", "score_name"], sort=True):
+    for (method, name), group in t[t["score_name"] != ""].groupby(["method", "score_name"],
+                                                                  sort=True):
         ok = group.loc[scored.loc[group.index], "score"]
-        n_failed = int(failed.loc[group.index].sum())
+        if not len(ok):
+            continue
         rows.append({"method": method, "score_name": name, "latents": len(group),
-                     "scored": len(ok), "not_scored": len(group) - len(ok) - n_failed,
-                     "failed": n_failed, "mean": ok.mean(), "median": ok.median(),
-                     "q25": ok.quantile(0.25), "q75": ok.quantile(0.75),
-                     "above_0.5": (ok > 0.5).mean() if len(ok) else np.nan,
-                     "above_0.8": (ok > 0.8).mean() if len(ok) else np.nan})
-    return pd.DataFrame(rows)
+                     "scored": len(ok), "not_scored": len(group) - len(ok),
+                     "mean": ok.mean(), "median": ok.median(), "q25": ok.quantile(0.25),
+                     "q75": ok.quantile(0.75), "above_0.5": (ok > 0.5).mean(),
+                     "above_0.8": (ok > 0.8).mean()})
+    return pd.DataFrame(rows, columns=["method", "score_name", "latents", "scored",
+                                       "not_scored", "mean", "median", "q25", "q75",
+                                       "above_0.5", "above_0.8"])
+
+
+def unscored_reasons(group: pd.DataFrame, n: int = 2, max_chars: int = 80) -> str:
+    """Why the rows of ``group`` have no score, the ``n`` commonest reasons first with their
+    counts (``"never fires in the held-out rows (4)"``); each cut at ``max_chars``."""
+    reasons = group["error"].where(group["error"] != "", "no score").value_counts()
+    cut = [(r if len(r) <= max_chars else r[:max_chars - 1] + "…", c)
+           for r, c in reasons.head(n).items()]
+    words = [f"{r} ({c})" for r, c in cut]
+    if len(reasons) > n:
+        words.append(f"other reasons ({int(reasons.iloc[n:].sum())})")
+    return "; ".join(words)
+
+
+def summary_notes(table: pd.DataFrame) -> list[str]:
+    """What :func:`score_summary` leaves out or cannot count, one sentence each: per method
+    with label rows (no score of their own), how many latents got a label and why the others
+    did not; each method and score that did not run (no scored row) and why; and why the
+    unscored rows of the others have no score."""
+    t = check_table(table)
+    scored = (t["error"] == "") & np.isfinite(t["score"])
+    notes = []
+    with_scores = set(t.loc[t["score_name"] != "", "method"])
+    for method, group in t[t["score_name"] == ""].groupby("method", sort=True):
+        done = (group["error"] == "") & (group["explanation"] != "")
+        missing = group[~done]
+        note = f"{method} labels: {int(done.sum())} of {len(group)} latents have one"
+        if len(missing):
+            note += f"; without: {unscored_reasons(missing)}"
+        notes.append(note + ("" if method in with_scores else
+                             "; not run: no score of the labels (no detection or embedding "
+                             "rows)"))
+    for (method, name), group in t[t["score_name"] != ""].groupby(["method", "score_name"],
+                                                                  sort=True):
+        missing = group[~scored.loc[group.index]]
+        if len(missing) == len(group):
+            notes.append(f"{method} {name}: not run, none of {len(group)} latents scored: "
+                         f"{unscored_reasons(missing)}")
+        elif len(missing):
+            notes.append(f"{method} {name}: {len(missing)} not scored: "
+                         f"{unscored_reasons(missing)}")
+    return notes
 
 
 def method_comparison(table: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
