@@ -13,6 +13,7 @@ from sae_nb.activations.models import hf_model
 from sae_nb.interventions.effects import (
     compare_generations,
     generate,
+    change_table,
     logit_changes,
     sample_tokens,
     side_effects,
@@ -167,3 +168,13 @@ def test_sampling_draws_from_the_softmax(llama):
     top = p.topk(3).indices
     sigma = (p[top] * (1 - p[top]) / 250).sqrt()
     assert ((freq[top] - p[top]).abs() < 4 * sigma + 1e-3).all(), (freq[top], p[top])
+
+
+def test_a_shift_of_every_logit_changes_nothing_in_the_table(llama):
+    """Softmax ignores a common shift: a table column that moved with it would call a token
+    promoted (or suppressed) that no edit touched."""
+    clean = torch.randn(len(llama.tokenizer), generator=torch.Generator().manual_seed(0))
+    table = change_table(llama.tokenizer, clean, clean + 5.0, k=3)
+    changes = [c for c in table.columns if c.endswith("_change")]
+    assert changes == ["p_change", "logprob_change"]
+    assert table[changes].abs().max().max() < 1e-5

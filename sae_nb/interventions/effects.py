@@ -56,7 +56,9 @@ def logit_changes(model: Model, dictionary: Dictionary, prompt: str, edits: Sequ
 
 
 def change_table(tokenizer, clean: torch.Tensor, edited: torch.Tensor, k: int = 10) -> pd.DataFrame:
-    """:func:`logit_changes`'s table from the clean and edited next-token logits ``(V,)``."""
+    """:func:`logit_changes`'s table from the clean and edited next-token logits ``(V,)``: changes
+    of probability and log-probability only, which a shift of every logit leaves alone (a raw
+    logit change does not)."""
     clean, edited = clean.float(), edited.float()
     lp_clean, lp_edit = torch.log_softmax(clean, -1), torch.log_softmax(edited, -1)
     change = lp_edit.exp() - lp_clean.exp()
@@ -68,8 +70,7 @@ def change_table(tokenizer, clean: torch.Tensor, edited: torch.Tensor, k: int = 
             rows.append({"effect": kind, "rank": rank, "token": name, "token_id": t,
                          "p_change": float(change[t]),
                          "p_clean": float(lp_clean[t].exp()), "p_edited": float(lp_edit[t].exp()),
-                         "logprob_change": float(lp_edit[t] - lp_clean[t]),
-                         "logit_change": float(edited[t] - clean[t])})
+                         "logprob_change": float(lp_edit[t] - lp_clean[t])})
     return pd.DataFrame(rows)
 
 
