@@ -61,6 +61,35 @@ def sync_playwright():
     return start()
 
 
+@pytest.fixture(scope="module", name="browser")
+def figure_browser():
+    """``browser``: a headless chromium for drawing figures on pages of their own, one per
+    module (import it into a test module to use it)."""
+    chromium = find_chromium()
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def draw_figure(browser, fig, path: Path, width: int = 900):
+    """``fig`` drawn by plotly.js at ``width`` pixels, as in a notebook's output area, on a page
+    of its own (saved beside ``path``); a screenshot at ``path``. Returns the page."""
+    from plotly.offline import get_plotlyjs  # only the figure tests draw plotly pages
+
+    page = browser.new_page(viewport={"width": width + 100, "height": 700})
+    path.with_suffix(".html").write_text(
+        f"<html><head><script>{get_plotlyjs()}</script></head><body>"
+        + fig.to_html(full_html=False, include_plotlyjs=False, default_width=f"{width}px",
+                      div_id="fig") + "</body></html>")
+    page.goto(path.with_suffix(".html").as_uri())
+    page.wait_for_selector("#fig .main-svg")
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(path))
+    print(f"screenshot: {path}")
+    return page
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,36 +8,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from jupyter_browser import find_chromium, sync_playwright
-from plotly.offline import get_plotlyjs
+from jupyter_browser import draw_figure, figure_browser  # noqa: F401 - the browser fixture
 
 from sae_nb.views import plotting
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium = find_chromium()
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
-
-def draw(browser, fig, path):
-    """The figure as a page of its own (900 x 600, as in a notebook), drawn; a screenshot."""
-    page = browser.new_page(viewport={"width": 1000, "height": 700})
-    path.with_suffix(".html").write_text(
-        f"<html><head><script>{get_plotlyjs()}</script></head><body>"
-        + fig.to_html(full_html=False, include_plotlyjs=False, default_width="900px",
-                      div_id="fig") + "</body></html>")
-    page.goto(path.with_suffix(".html").as_uri())
-    page.wait_for_selector("#fig .main-svg")
-    page.wait_for_timeout(300)
-    page.screenshot(path=str(path))
-    print(f"screenshot: {path}")
-    return page
 
 
 def box(page, selector: str) -> dict:
@@ -56,8 +31,8 @@ def test_cluster_map_title_is_clear_of_its_buttons(browser, tmp_path):
     table = pd.DataFrame({"text": [f"text {i}" for i in range(45)], "x": rng.normal(size=45),
                           "y": rng.normal(size=45), "cluster": rng.integers(0, 9, 45),
                           "label": rng.choice(["politics", "sports", "food"], 45)})
-    page = draw(browser, plotting.cluster_map_figure(table, "Texts by their codes (pca)"),
-                tmp_path / "cluster_map.png")
+    page = draw_figure(browser, plotting.cluster_map_figure(table, "Texts by their codes (pca)"),
+                       tmp_path / "cluster_map.png")
     title = box(page, "#fig .gtitle")
     buttons = [box(page, f"#fig .updatemenu-button >> nth={i}") for i in range(2)]
     assert not any(overlap(title, b) for b in buttons), (title, buttons)
@@ -76,7 +51,7 @@ def test_probe_plot_labels_its_log_axis_at_the_k_probed(browser, tmp_path):
                           "k": [None, None] + ks,
                           "accuracy": [0.8, 0.7] + list(np.linspace(0.55, 0.75, len(ks))),
                           "majority_baseline": 0.5})
-    page = draw(browser, plotting.probe_accuracy_figure(table), tmp_path / "probes.png")
+    page = draw_figure(browser, plotting.probe_accuracy_figure(table), tmp_path / "probes.png")
     assert tick_labels(page, "x") == [str(k) for k in ks]
 
 
@@ -84,7 +59,7 @@ def test_layer_sweep_shows_layers_unrotated(browser, tmp_path):
     sweep = pd.DataFrame({"site": [f"resid_out_layer{i}" for i in range(30)],
                           "accuracy": np.linspace(0.6, 0.8, 30), "roc_auc": 0.7,
                           "majority_baseline": 0.5})
-    page = draw(browser, plotting.layer_sweep_figure(sweep), tmp_path / "layer_sweep.png")
+    page = draw_figure(browser, plotting.layer_sweep_figure(sweep), tmp_path / "layer_sweep.png")
     labels = tick_labels(page, "x")
     assert labels and all(label.isdigit() for label in labels), labels
     assert len(labels) <= 16
@@ -104,7 +79,7 @@ def test_pareto_figure_keeps_its_legend_and_axis_titles_inside_a_notebooks_width
              "ce_loss_recovered_low": 0.3, "ce_loss_recovered_high": 1.1}
             for a, f in (("topk", 1.0), ("batchtopk", 0.9), ("matryoshka_batchtopk", 1.1))
             for k in (16, 32)]
-    page = draw(browser, plotting.pareto_figure(pd.DataFrame(rows)), tmp_path / "pareto.png")
+    page = draw_figure(browser, plotting.pareto_figure(pd.DataFrame(rows)), tmp_path / "pareto.png")
     figure = box(page, "#fig")  # the 900 px output area, not the figure's own svg
     assert figure["right"] - figure["left"] == pytest.approx(900)
     names = page.locator("#fig .legendtext").all_text_contents()

@@ -7,8 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from jupyter_browser import find_chromium, sync_playwright
-from plotly.offline import get_plotlyjs
+from jupyter_browser import draw_figure, figure_browser  # noqa: F401 - the browser fixture
 
 from sae_nb.views import plotting
 
@@ -18,30 +17,6 @@ BOXES = """sel => [...document.querySelectorAll(sel)].map(e => {
     const r = e.getBoundingClientRect();
     return {text: e.textContent, left: r.left, right: r.right, top: r.top, bottom: r.bottom};
 })"""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    chromium = find_chromium()
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
-
-def draw(browser, fig, path, width: int = 900):
-    """The figure at ``width`` pixels, as in a notebook's output area, drawn; a screenshot."""
-    page = browser.new_page(viewport={"width": width + 100, "height": 700})
-    path.with_suffix(".html").write_text(
-        f"<html><head><script>{get_plotlyjs()}</script></head><body>"
-        + fig.to_html(full_html=False, include_plotlyjs=False, default_width=f"{width}px",
-                      div_id="fig") + "</body></html>")
-    page.goto(path.with_suffix(".html").as_uri())
-    page.wait_for_selector("#fig .main-svg")
-    page.wait_for_timeout(300)
-    page.screenshot(path=str(path))
-    print(f"screenshot: {path}")
-    return page
 
 
 def shared(a: dict, b: dict, slack: float = 1.0) -> float:
@@ -67,8 +42,8 @@ def explanation_scores() -> pd.DataFrame:
 
 @pytest.mark.parametrize("width", [700, 900])
 def test_box_plot_panel_titles_do_not_overlap(browser, tmp_path, width):
-    page = draw(browser, plotting.scores_box_figure(explanation_scores()),
-                tmp_path / f"boxes_{width}.png", width)
+    page = draw_figure(browser, plotting.scores_box_figure(explanation_scores()),
+                       tmp_path / f"boxes_{width}.png", width)
     titles = page.evaluate(BOXES, "#fig .annotation-text")
     assert len(titles) == 3
     for i, a in enumerate(titles):
@@ -102,8 +77,8 @@ def main_job_grid() -> tuple[pd.DataFrame, dict]:
 @pytest.mark.parametrize("width", [900, 1000])
 def test_pareto_point_labels_clear_of_bars_markers_and_each_other(browser, tmp_path, width):
     summary, reference = main_job_grid()
-    page = draw(browser, plotting.pareto_figure(summary, reference=reference),
-                tmp_path / f"pareto_{width}.png", width)
+    page = draw_figure(browser, plotting.pareto_figure(summary, reference=reference),
+                       tmp_path / f"pareto_{width}.png", width)
     labels = [b for b in page.evaluate(BOXES, "#fig .textpoint text") if b["text"] != ""]
     assert sorted(b["text"] for b in labels if b["text"].startswith("k=")) == (
         ["k=16"] * 6 + ["k=32"] * 6)

@@ -11,9 +11,9 @@ from test_intervene import PROMPT, SITE, topk
 
 from sae_nb.activations.models import hf_model
 from sae_nb.interventions.effects import (
+    change_table,
     compare_generations,
     generate,
-    change_table,
     logit_changes,
     sample_tokens,
     side_effects,

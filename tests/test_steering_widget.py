@@ -371,7 +371,6 @@ def test_the_notebooks_next_token_table_shows_promoted_tokens_with_positive_effe
     clean = torch.tensor([2.0, 1.0, 0.5, 0.0])
     edited = clean - torch.tensor([1.0, 1.0, 1.0, 0.2])  # token 3 rises, by probability
     changes = change_table(Tok(), clean, edited, k=3)
-    promoted = changes[changes["effect"] == "promoted"]
     # Its raw logit change, -0.2, read as the opposite; the table has no such column.
     assert "logit_change" not in changes.columns
     page = steering_widget.changes_view(changes).data
