@@ -45,9 +45,11 @@ def exact_set(lm, ids) -> TranscoderSet:
     return TranscoderSet(out)
 
 
-@pytest.fixture(params=[False, True], ids=["plain", "skip"])
+@pytest.fixture(params=["plain", "skip", "cross"])
 def tset(llama, request):
-    return TranscoderSet.random(llama, d_sae=64, k=4, skip=request.param, seed=3)
+    """Per-layer transcoders, with skip connections, or a cross-layer transcoder."""
+    return TranscoderSet.random(llama, d_sae=64, k=4, skip=request.param == "skip", seed=3,
+                                cross_layer=request.param == "cross")
 
 
 def node_values(rm, graph, tset, acts, errors, embeds):
