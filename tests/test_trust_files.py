@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -36,7 +37,7 @@ from sae_nb.dictionaries.saving import (
     save_dictionary,
     save_trained,
 )
-from sae_nb.training.trainer import TrainConfig
+from sae_nb.training.trainer import TrainConfig, TrainResult
 from sae_nb.util import io as io_module
 
 D, F, K = 6, 16, 3
@@ -64,17 +65,13 @@ def test_save_refuses_a_dtype_that_is_not_a_float_naming_it(tmp_path, dtype):
 
 def test_save_trained_refuses_int8_as_notebook_02_passes_it(tmp_path):
     @dataclass
-    class Result:  # what save_trained reads of a TrainResult
-        dictionary: TopKSAE
-        config: TrainConfig
-
-    @dataclass
     class Store:
         manifest: dict
 
     store = Store({"model": "m", "site": "embed", "ctx_len": 8, "corpus": "docs"})
     with pytest.raises(DictionaryFormatError, match=r"'int8'.*float32"):
-        save_trained(Result(tiny_topk(), TrainConfig()), tmp_path, "mine", store, dtype="int8")
+        result = TrainResult(tiny_topk(), pd.DataFrame(), TrainConfig(), (1.0, 1.0))
+        save_trained(result, tmp_path, "mine", store, dtype="int8")
     assert not (tmp_path / "m" / "embed" / "mine").exists()
 
 

@@ -260,3 +260,60 @@ def test_an_unwritable_checkpoint_folder_is_named_before_training(tmp_path):
                          total_tokens=32, progress=False, device="cpu",
                          checkpoint_dir=str(blocker / "ckpt"))
     assert str(blocker / "ckpt") in str(err.value) and "checkpoint_dir" in str(err.value)
+
+
+def _rate(base: float, d_sae: int) -> float:
+    return base / (d_sae / 2**14) ** 0.5
+
+
+def test_a_checkpoint_from_the_former_default_rate_is_refused_naming_it_and_resumes_given_it(
+        tmp_path):
+    """The default Adam rate changed (2e-4 -> 8e-4 / sqrt(d_sae / 2**14)). A checkpoint written
+    before rates were recorded, with lr=None, trained at the former default: resuming it at the
+    new one would mix two rates in one run, so it is refused naming both; given its rate, it
+    resumes and ends where a run at that rate throughout ends."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, D, generator=g)
+    old = _rate(2e-4, 12)
+    common = dict(architecture="topk", d_sae=12, k=2, total_tokens=16 * 8, checkpoint_every=2,
+                  progress=False, device="cpu")
+    whole = train_dictionary(batches_of(x), lr=old, **common,
+                             checkpoint_dir=str(tmp_path / "whole"))
+    folder = tmp_path / "checkpoints" / "ckpt"  # where the command line keeps it
+    train_dictionary(iter(list(x.split(16))[:4]), lr=old, **common, checkpoint_dir=str(folder))
+    # What the code before recorded rates wrote: the config's lr None, no rate.
+    payload = torch.load(folder / trainer.CHECKPOINT, weights_only=True)
+    assert payload["step"] == 4 and payload["learning_rate"] == pytest.approx(old)
+    payload["config"]["lr"] = None
+    del payload["learning_rate"]
+    torch.save(payload, folder / trainer.CHECKPOINT)
+    with pytest.raises(TrainingError) as err:
+        train_dictionary(batches_of(x), **common, checkpoint_dir=str(folder))
+    message = str(err.value)
+    assert str(folder / trainer.CHECKPOINT) in message
+    assert f"{old:.6g}" in message and f"{_rate(8e-4, 12):.6g}" in message
+    assert f"lr={old!r}" in message and "delete the folder" in message
+    # The same refusal before training starts, from the command line's folder check.
+    with pytest.raises(TrainingError, match="trained at learning rate"):
+        trainer.checkpoint_dir(tmp_path, "ckpt", trainer.TrainConfig(**{
+            k: v for k, v in common.items() if k != "progress"}))
+    resumed = train_dictionary(batches_of(x), lr=old, **common, checkpoint_dir=str(folder))
+    assert torch.equal(resumed.dictionary.W_dec, whole.dictionary.W_dec)
+    assert torch.equal(resumed.dictionary.W_enc, whole.dictionary.W_enc)
+
+
+def test_a_checkpoint_records_its_rate_so_a_later_default_change_is_caught(tmp_path,
+                                                                          monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, D, generator=g)
+    folder = tmp_path / "ckpt"
+    common = dict(architecture="topk", d_sae=12, k=2, total_tokens=16 * 8, checkpoint_every=2,
+                  progress=False, device="cpu", checkpoint_dir=str(folder))
+    done = train_dictionary(iter(list(x.split(16))[:4]), **common)
+    assert torch.load(folder / trainer.CHECKPOINT, weights_only=True)["learning_rate"] == \
+        pytest.approx(_rate(8e-4, 12))
+    # The rate it ran at, from the optimizer's own schedule: the log's peak.
+    assert done.log["lr"].max() == pytest.approx(_rate(8e-4, 12))
+    monkeypatch.setitem(trainer.LR_BASE, "adam", 1e-3)
+    with pytest.raises(TrainingError, match=r"trained at learning rate 0\.0295603; .* 0\.03695"):
+        train_dictionary(batches_of(x), **common)

@@ -77,6 +77,8 @@ def set_settings(model: Model, layers: int, n_tokens: int, heldout_tokens: int, 
     train = {k: v for k, v in jsonable(asdict(config)).items()
              if k not in (*MACHINE_SETTINGS, "metadata", "device", "log_every",
                           "checkpoint_every", "total_tokens")}
+    # The rate it trains at, not just lr=None: the default may change between two runs.
+    train["learning_rate"] = config.learning_rate(config.width(hf_model(model).config.hidden_size))
     return {"model": model_name(model), "layers": layers, "n_tokens": n_tokens,
             "heldout_tokens": heldout_tokens, "ctx_len": ctx_len, "corpus": corpus,
             "batch_rows": batch_rows, "buffer_rows": buffer_rows, "seed": seed, "train": train}
@@ -130,7 +132,7 @@ def train_transcoder_set(model: Model, folder: str | Path, config: TrainConfig |
         per_layer.append({"layer": layer, **metrics})
         save_dictionary(tc, layer_folder(folder, layer), model=model_name(model),
                         site=in_site(layer), target_site=out_site(layer), context_size=ctx_len,
-                        dataset=corpus, train_config=asdict(results[f"layer{layer}"].config),
+                        dataset=corpus, train_config=results[f"layer{layer}"].settings(),
                         metrics=metrics, dtype=save_dtype)
     first = transcoders[0]
     manifest = {"format": FORMAT, "version": 1, "model": model_name(model), "layers": layers,

@@ -22,7 +22,6 @@ every file.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -373,7 +372,7 @@ def save_trained(result, root: str | Path, name: str, store, evaluation=None,
     return save_dictionary(
         result.dictionary, dictionary_path(root, m["model"], m["site"], name), model=m["model"],
         site=m["site"], context_size=m.get("ctx_len"), dataset=m.get("corpus"), density=density,
-        train_config=asdict(result.config), metrics=metrics, dtype=dtype)
+        train_config=result.settings(), metrics=metrics, dtype=dtype)
 
 
 def folder_files(folder: str | Path) -> pd.DataFrame:

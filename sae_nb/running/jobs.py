@@ -379,7 +379,7 @@ def save_train_result(result: TrainResult, folder: str | Path, store: Activation
     folder = Path(folder)
     m = store.manifest
     save_dictionary(result.dictionary, folder, model=m["model"], site=m["site"],
-                    train_config=asdict(result.config), dtype="float32")
+                    train_config=result.settings(), dtype="float32")
     write_table(result.log, folder / LOG_FILE)
     atomic_write_json(folder / RESULT_FILE, {"scale": list(result.scale),
                                              "config": asdict(result.config)})
