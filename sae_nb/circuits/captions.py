@@ -31,12 +31,15 @@ def promoted_tokens(model: Model, transcoders: TranscoderSet, features, n: int =
     """``{(layer, latent): [token, ...]}``: the ``n`` tokens each latent's decoder row promotes
     most through the unembedding (readable, leading spaces kept)."""
     W_U = _unembedding(model)
-    out = {}
-    for layer, latent in sorted({(int(f[0]), int(f[-1])) for f in features}):
-        logits = W_U @ transcoders[layer].W_dec[latent].detach().float()  # (V,)
-        ids = logits.topk(n).indices.tolist()
-        out[(layer, latent)] = token_strings(model.tokenizer, ids)
-    return out
+    pairs = sorted({(int(f[0]), int(f[-1])) for f in features})
+    if not pairs:
+        return {}
+    rows = torch.stack([transcoders[layer].W_dec[latent].detach().float()
+                        for layer, latent in pairs])  # (N, D)
+    # Many rows per product: one matrix-vector product per latent rereads all of W_U (113 MB
+    # for the embedded model) each time, 4,477 latents took 28 s; in blocks it is read once each.
+    ids = torch.cat([(block @ W_U.T).topk(n, dim=-1).indices for block in rows.split(256)])
+    return {pair: token_strings(model.tokenizer, row) for pair, row in zip(pairs, ids.tolist())}
 
 
 def graph_captions(model: Model, transcoders: TranscoderSet, graph: Graph, n: int = 3
@@ -76,12 +79,13 @@ def top_contexts(model: Model, transcoders: TranscoderSet, features, n_tokens: i
             cols = torch.tensor(wanted[layer])
             chosen = codes[:, cols].reshape(b, t, len(cols))
             chosen[:, 0] = 0  # BOS: an attention sink, not a context
-            for j, latent in enumerate(wanted[layer]):
-                values, where = chosen[..., j].flatten().topk(min(n_top, b * t))
-                for v, w in zip(values.tolist(), where.tolist()):
-                    if v > 0:  # with the latent's activations over that whole context
-                        best[(layer, latent)].append((v, lo + w // t, w % t,
-                                                      chosen[w // t, :, j].tolist()))
+            # Every wanted latent's top rows of this pass at once; Python only for the hits.
+            values, where = chosen.reshape(b * t, -1).topk(min(n_top, b * t), dim=0)
+            for v, w, j in zip(values.flatten().tolist(), where.flatten().tolist(),
+                               list(range(len(cols))) * len(values)):
+                if v > 0:  # with the latent's activations over that whole context
+                    best[(layer, wanted[layer][j])].append((v, lo + w // t, w % t,
+                                                            chosen[w // t, :, j].tolist()))
         for key, found in best.items():
             best[key] = sorted(found, key=lambda e: -e[0])[:n_top]
     out = {}

@@ -270,9 +270,13 @@ def figure_svg(fig: go.Figure, width: int = 1100) -> str:
     the executed notebook's static copy."""
     height = int(fig.layout.height or 600)
     m = fig.layout.margin
+    # Plain numbers: a plotly property read costs microseconds, and the maps below run once per
+    # point (thousands of edges; the properties made the static copy of one graph take 20 s).
+    left, right, top, bottom = (float(v) for v in (m.l, m.r, m.t, m.b))
     (x0, x1), (y0, y1) = fig.layout.xaxis.range, fig.layout.yaxis.range
-    px = lambda x: m.l + (x - x0) / (x1 - x0) * (width - m.l - m.r)  # noqa: E731
-    py = lambda y: height - m.b - (y - y0) / (y1 - y0) * (height - m.t - m.b)  # noqa: E731
+    sx, sy = (width - left - right) / (x1 - x0), (height - top - bottom) / (y1 - y0)
+    px = lambda x: left + (x - x0) * sx  # noqa: E731
+    py = lambda y: height - bottom - (y - y0) * sy  # noqa: E731
     esc = lambda s: html.escape(html.unescape(str(s)))  # noqa: E731
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" '
@@ -287,10 +291,10 @@ def figure_svg(fig: go.Figure, width: int = 1100) -> str:
     for tr in fig.data:
         if tr.mode == "lines":
             pts = list(zip(tr.x, tr.y))
+            stroke = f'stroke="{tr.line.color}" stroke-width="{tr.line.width:.2f}"/>'
             for (xa, ya), (xb, yb) in zip(pts[::3], pts[1::3]):
                 out.append(f'<line x1="{px(xa):.1f}" y1="{py(ya):.1f}" x2="{px(xb):.1f}" '
-                           f'y2="{py(yb):.1f}" stroke="{tr.line.color}" '
-                           f'stroke-width="{tr.line.width:.2f}"/>')
+                           f'y2="{py(yb):.1f}" {stroke}')
         elif tr.x:
             out += _svg_markers(tr, px, py, esc)
     for a in fig.layout.annotations:
@@ -301,21 +305,21 @@ def figure_svg(fig: go.Figure, width: int = 1100) -> str:
 
 
 def _svg_markers(tr, px, py, esc) -> list[str]:
-    sizes = tr.marker.size if isinstance(tr.marker.size, (list, tuple)) else [tr.marker.size] * len(
-        tr.x)
-    colours, widths = tr.marker.line.color, tr.marker.line.width
+    xs, ys, texts, marker = tr.x, tr.y, tr.text, tr.marker  # read once: see figure_svg
+    size, symbol, fill = marker.size, marker.symbol, marker.color
+    sizes = size if isinstance(size, (list, tuple)) else [size] * len(xs)
+    colours, widths = marker.line.color, marker.line.width
     out = []
-    for j, (x, y) in enumerate(zip(tr.x, tr.y)):
+    for j, (x, y) in enumerate(zip(xs, ys)):
         r, cx, cy = sizes[j] / 2, px(x), py(y)
         ring = (f'stroke="{colours[j]}" stroke-width="{widths[j]}"'
                 if isinstance(colours, (list, tuple)) else 'stroke="white"')
         shape = (f'<rect x="{cx - r:.1f}" y="{cy - r:.1f}" width="{2 * r:.1f}" '
-                 f'height="{2 * r:.1f}"' if tr.marker.symbol in ("square", "diamond") else
+                 f'height="{2 * r:.1f}"' if symbol in ("square", "diamond") else
                  f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{r:.1f}"')
-        turn = (f' transform="rotate(45 {cx:.1f} {cy:.1f})"' if tr.marker.symbol == "diamond"
-                else "")
-        out.append(f'{shape} fill="{tr.marker.color}" {ring}{turn}/>')
-        lines = str(tr.text[j]).split("<br>") if tr.text else []
+        turn = f' transform="rotate(45 {cx:.1f} {cy:.1f})"' if symbol == "diamond" else ""
+        out.append(f'{shape} fill="{fill}" {ring}{turn}/>')
+        lines = str(texts[j]).split("<br>") if texts else []
         for k, line in enumerate(reversed(lines)):  # the last line just above the marker
             out.append(f'<text x="{cx:.1f}" y="{cy - r - 4 - 13 * k:.1f}" text-anchor="middle">'
                        f"{esc(line)}</text>")
