@@ -231,7 +231,7 @@ class CleanRun:
 @torch.no_grad()
 def clean_run(model: Model, transcoders: TranscoderSet, prompt: str | torch.Tensor) -> CleanRun:
     """Run the clean prompt (text with BOS prepended, or token ids) once, for many edits."""
-    if transcoders.cross is not None:
+    if transcoders.is_cross_layer:
         raise CircuitError(
             "Interventions in the real model cover per-layer transcoders so far, and this set is "
             "a cross-layer transcoder (each latent writes every later MLP output). Its graphs "

@@ -314,6 +314,8 @@ def build_replacement(model: Model, transcoders: TranscoderSet, ids: torch.Tenso
 
     layers, scale_attn, scale_mlp, patterns = [], [], [], []
     feats, acts, errors, constants, all_codes = [], [], [], [], []
+    # A cross-layer transcoder's decoders as float32 on the CPU, once: every layer reads them.
+    cross = [_f32(w) for w in transcoders.cross] if transcoders.is_cross_layer else None
     for layer, block in enumerate(hf.model.layers):
         attn = block.self_attn
         scale_attn.append(_rms_scale(block.input_layernorm, rec["attn_in"][layer]))
@@ -329,9 +331,9 @@ def build_replacement(model: Model, transcoders: TranscoderSet, ids: torch.Tenso
         x, y = rec["mlp_in"][layer], rec["mlp_out"][layer]  # (T, D) each
         codes, y_hat = (t.float().cpu() for t in tc.encode_and_reconstruct(
             x.to(tc.W_enc.device, tc.W_enc.dtype)))
-        if transcoders.cross is not None:  # layer T's output is decoded from layers <= T
+        if cross is not None:  # layer T's output is decoded from layers <= T
             all_codes.append(codes.clone())  # before position 0 is zeroed below
-            y_hat = _f32(tc.b_dec) + sum(c @ _f32(transcoders.cross[source][:, layer - source])
+            y_hat = _f32(tc.b_dec) + sum(c @ cross[source][:, layer - source]
                                          for source, c in enumerate(all_codes))
             if W_skip is not None:
                 y_hat = y_hat + x @ _f32(W_skip).T
@@ -356,7 +358,7 @@ def build_replacement(model: Model, transcoders: TranscoderSet, ids: torch.Tenso
         layers=layers, w_final=_f32(hf.model.norm.weight), W_U=_f32(hf.lm_head.weight),
         b_U=_f32(getattr(hf.lm_head, "bias", None)),
         decoders=[_f32(tc.W_dec) for tc in transcoders.transcoders],
-        cross=None if transcoders.cross is None else [_f32(w) for w in transcoders.cross],
+        cross=cross,
         encoders=[tuple(_f32(t) for t in tc.folded_encoder()) for tc in transcoders.transcoders],
         transcoders=transcoders,
         zeroed_bos=zeroed, model_name=model_name(model))

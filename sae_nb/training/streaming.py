@@ -34,8 +34,7 @@ from sae_nb.training.trainer import (
     Training,
     TrainingError,
     TrainResult,
-    check_learning_rate,
-    check_resumable,
+    check_checkpoint,
     check_same_data,
     data_identity,
     lock_checkpoint_dir,
@@ -300,8 +299,7 @@ def _restore(runs: dict[str, Training], saved: dict, path: Path) -> None:
         raise TrainingError(f"The checkpoint {str(path)!r} holds sites {sorted(saved['sites'])}, "
                             f"the batches {sorted(runs)}; delete it to train afresh.")
     for name, run in runs.items():
-        check_resumable(path, saved["sites"][name]["config"], run.cfg)
-        check_learning_rate(path, saved["sites"][name], run.cfg)
+        check_checkpoint(path, saved["sites"][name], run.cfg)
         check_same_data(path.parent, saved["sites"][name].get("data"), run.data,
                         f"site {name!r}'s batches")
         run.restore(saved["sites"][name], path)

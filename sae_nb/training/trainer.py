@@ -759,6 +759,14 @@ def check_learning_rate(path: Path, payload: dict, config: TrainConfig) -> None:
         f"delete the folder {str(path.parent)!r} to train afresh.")
 
 
+def check_checkpoint(path: Path, payload: dict, config: TrainConfig) -> None:
+    """Refuse to resume ``payload`` (one dictionary's checkpoint) under ``config`` when its
+    settings (:func:`check_resumable`) or its learning rate (:func:`check_learning_rate`)
+    differ."""
+    check_resumable(path, payload["config"], config)
+    check_learning_rate(path, payload, config)
+
+
 def read_checkpoint(path: Path, config: TrainConfig) -> dict:
     """A checkpoint's contents, refused when written with other settings than ``config``."""
     try:
@@ -766,8 +774,7 @@ def read_checkpoint(path: Path, config: TrainConfig) -> dict:
     except Exception as err:  # noqa: BLE001 - any unreadable checkpoint gets the same advice
         raise TrainingError(f"Checkpoint {str(path)!r} cannot be read ({err}); delete it to "
                             f"start over.") from None
-    check_resumable(path, payload["config"], config)
-    check_learning_rate(path, payload, config)
+    check_checkpoint(path, payload, config)
     return payload
 
 
@@ -818,9 +825,7 @@ def checkpoint_dir(run_dir: str | Path, name: str, config: TrainConfig) -> str:
     folder = Path(run_dir) / "checkpoints" / folder_name(name)
     file = folder / CHECKPOINT
     if file.exists():  # fail here, before training starts, rather than in train_dictionary
-        payload = _checkpoint_payload(file)
-        check_resumable(file, payload["config"], config)
-        check_learning_rate(file, payload, config)
+        check_checkpoint(file, _checkpoint_payload(file), config)
     return str(folder)
 
 
