@@ -14,10 +14,17 @@ import torch
 import yaml
 from conftest import plain_model_io
 from safetensors.torch import save_file
+from test_circuit_interventions import demeaned, greedy_reference, linear_response
 from test_circuits import PROMPT, node_values, sources
 
 from sae_nb.circuits.attribute import attribute
-from sae_nb.circuits.interventions import intervene
+from sae_nb.activations.models import hf_model
+from sae_nb.circuits.interventions import (
+    GraphIntervener,
+    intervene,
+    predicted_change,
+    steer_generate,
+)
 from sae_nb.circuits.replacement import build_replacement
 from sae_nb.circuits.sets import load_transcoder_set
 from sae_nb.circuits.tracer_format import save_tracer_transcoders
@@ -135,9 +142,148 @@ def test_a_circuit_tracer_clt_folder_loads_as_a_cross_layer_set_and_gives_its_gr
     torch.testing.assert_close(theirs.adjacency, ours.adjacency, atol=1e-6, rtol=1e-5)
 
 
-def test_interventions_in_the_model_refuse_a_cross_layer_set_by_name(llama, clt):
-    with pytest.raises(CircuitError, match="cross-layer transcoder.*per-layer transcoder set"):
-        intervene(llama, clt, PROMPT, [(1, 1, 0)])
+def decode_by_hand(tset: TranscoderSet, codes: list[torch.Tensor], layer: int) -> torch.Tensor:
+    """Layer ``layer``'s MLP output decoded from every lower layer's ``codes`` (T, F), one
+    latent at a time, without the bias and skip terms."""
+    out = torch.zeros(len(codes[0]), tset.d_model)
+    for L in range(layer + 1):
+        for i in range(tset[L].d_sae):
+            out += codes[L][:, i:i + 1] * tset.cross[L][i, layer - L]
+    return out
+
+
+def edited_by_hand(lm, tset: TranscoderSet, ids: torch.Tensor,
+                   edits: dict[tuple[int, int, int], float]) -> torch.Tensor:
+    """The model's logits ``(T, V)`` with every MLP replaced by the cross-layer set plus its
+    clean error term, ``edits`` ((layer, position, latent) -> value) held: plain hooks, each
+    layer's output ``y_clean + decode(codes) - decode(clean codes)`` plus the skip term's
+    change, the codes recomputed from the edited run's MLP inputs."""
+    _, _, mlps = plain_model_io(lm, ids[None])
+    hf = hf_model(lm)
+    with torch.no_grad():
+        clean_codes = [tc.encode(x[0]) for tc, (x, _) in zip(tset.transcoders, mlps)]
+    codes: list[torch.Tensor] = []
+
+    def hook(module, args, output, layer):
+        x = args[0][0]
+        c = tset[layer].encode(x).clone()
+        for (lay, pos, latent), value in edits.items():
+            if lay == layer:
+                c[pos, latent] = value
+        codes.append(c)
+        y = mlps[layer][1][0] + decode_by_hand(tset, codes, layer) \
+            - decode_by_hand(tset, clean_codes, layer)
+        W_skip = getattr(tset[layer], "W_skip", None)
+        if W_skip is not None:
+            y = y + (x - mlps[layer][0][0]) @ W_skip.T
+        return y[None]
+
+    handles = [block.mlp.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
+               for i, block in enumerate(hf.model.layers)]
+    try:
+        with torch.no_grad():
+            return hf(input_ids=ids[None]).logits[0]
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["live", "frozen"])
+def test_a_cross_layer_set_with_no_edit_gives_the_models_logits(llama, clt, frozen):
+    ids = as_ids(llama, PROMPT)[0]
+    logits, _, _ = plain_model_io(llama, ids[None])
+    result = intervene(llama, clt, PROMPT, [], frozen_attention=frozen)
+    assert (result.logits - logits[0]).abs().max() < 1e-4
+    assert result.switched == 0
+
+
+def test_a_cross_layer_ablation_in_the_model_equals_its_definition(llama, clt):
+    """An edit at layer 0 reaches every later MLP output through the cross-layer decoders: the
+    edited logits equal plain hooks written from circuit-tracer's definition, and differ from
+    the same edit with each layer's own decoder alone."""
+    ids = as_ids(llama, PROMPT)[0]
+    T = len(ids)
+    with torch.no_grad():
+        _, _, mlps = plain_model_io(llama, ids[None])
+        codes = clt[0].encode(mlps[0][0][0])
+    edits = {(0, pos, int(codes[pos].argmax())): 0.0 for pos in (1, T - 2)}
+    edits[(1, T - 1, 5)] = 3.0  # a clamp of a latent that was off
+    got = intervene(llama, clt, PROMPT, [(*key, value) for key, value in edits.items()])
+    want = edited_by_hand(llama, clt, ids, edits)
+    assert (got.logits - want).abs().max() < 1e-4
+    assert (got.logits[-1] - got.clean_logits[-1]).abs().max() > 1e-2  # the edit acts
+    own_only = TranscoderSet(clt.transcoders)
+    alone = intervene(llama, own_only, PROMPT, [(*key, value) for key, value in edits.items()])
+    assert (alone.logits[-1] - got.logits[-1]).abs().max() > 1e-3
+
+
+def test_a_cross_layer_prediction_is_the_measured_change_where_the_model_is_linear(llama):
+    """Every latent active (k = d_sae, a large encoder bias), attention and norms frozen: the
+    graph's predicted change equals the brute-force linear response of the replacement model
+    and the change measured in the model."""
+    tset = TranscoderSet.random(llama, d_sae=16, k=16, seed=5, cross_layer=True)
+    with torch.no_grad():
+        for tc in tset.transcoders:
+            tc.b_enc.fill_(6.0)
+    ids = as_ids(llama, PROMPT)[0]
+    graph = attribute(llama, tset, PROMPT)
+    rm = build_replacement(llama, tset, ids)
+    assert torch.equal(graph.features, rm.features)
+    V = rm.logits.shape[-1]
+    targets = torch.stack([demeaned(t, V) for t in graph.logit_tokens])
+    intervener = GraphIntervener(llama, tset, graph, frozen_attention=True)
+    f, a = graph.features, graph.activations.double()
+    first = int(((f[:, 0] == 0) & (f[:, 1] == len(ids) - 3)).nonzero()[0, 0])
+    second = int(((f[:, 0] == 1) & (f[:, 1] == len(ids) - 1)).nonzero()[2, 0])
+    for nodes, mode, factor, new in [([first], "ablate", None, {first: 0.0}),
+                                     ([first, second], "scale", 2.5,
+                                      {first: 2.5 * a[first], second: 2.5 * a[second]})]:
+        want = linear_response(rm, new, targets)
+        scale = want.abs().max()
+        assert scale > 1e-3
+        assert torch.allclose(predicted_change(graph, nodes, mode, factor), want,
+                              atol=1e-4 * scale)
+        measured = torch.tensor(intervener(nodes, mode, factor)["measured change"].values)
+        assert intervener.last.switched == 0
+        assert torch.allclose(measured, want, atol=1e-3 * scale), (nodes, mode)
+
+
+def test_steering_generation_with_a_cross_layer_set(llama, clt):
+    """Clamping a layer-1 latent where it is active in the continuation adds its change times
+    its decoder to layer 1's MLP output and to every later layer's, through the cross-layer
+    decoders (greedy, full forward passes, hand-written hooks)."""
+    ids = as_ids(llama, PROMPT)[0]
+    n_new, T = 6, len(ids)
+    plain = steer_generate(llama, clt, PROMPT, [], n_new)
+    _, _, mlps = plain_model_io(llama, torch.cat([ids, plain.clean_tokens])[None])
+    with torch.no_grad():
+        counts = (clt[1].encode(mlps[1][0][0][T:-1]) != 0).sum(0)
+    latent = int(counts.argmax())
+    change: dict[str, torch.Tensor] = {}
+
+    def hook(module, args, output, layer):
+        x, out = args[0][0], output[0].clone()
+        if layer == 1:
+            with torch.no_grad():
+                code = clt[1].encode(x)[:, latent]
+            on = (torch.arange(len(x)) >= T) & (code != 0)
+            change["d"] = torch.where(on, 25.0 - code, 0.0)
+        if layer >= 1:
+            out += change["d"][:, None] * clt.cross[1][latent, layer - 1]
+        return out[None]
+
+    hf = hf_model(llama)
+    handles = [block.mlp.register_forward_hook(lambda m, a, o, i=i: hook(m, a, o, i))
+               for i, block in enumerate(hf.model.layers)]
+    try:
+        want = greedy_reference(llama, ids, n_new)
+    finally:
+        for h in handles:
+            h.remove()
+    got = steer_generate(llama, clt, PROMPT, [(1, T - 1, latent, 25.0)], n_new,
+                         where="generated")
+    assert torch.equal(got.steered_tokens, want)
+    assert not torch.equal(got.steered_tokens, plain.clean_tokens)  # the steering does act
 
 
 def test_a_per_layer_folder_keeps_its_skip_connections(llama, tmp_path):

@@ -11,6 +11,9 @@ transcoders recompute (TopK may change which latents are active), except the edi
 which keep their edited values. The output is computed as ``y_clean + (y_hat(f', x) -
 y_hat(x_clean))``: with no edit it is the model's own MLP output, so the logits are the
 model's own. This is circuit-tracer's ``feature_intervention`` with the error terms held fixed.
+With a cross-layer set, layer T's output is decoded from the codes of every layer ``L <= T``
+(``cross[L][:, T - L]``), so an edit at layer L changes every later MLP output directly as well
+as through the residual stream.
 
 ``frozen_attention=True`` also freezes every attention pattern and every RMSNorm scale
 (``input_layernorm``, ``post_attention_layernorm``, the final ``norm``) at their clean values,
@@ -207,6 +210,7 @@ class CleanRun:
     transcoders: TranscoderSet
     y_hat: torch.Tensor  # (L, T, D) each transcoder's output on the clean MLP input
     active: list[torch.Tensor]  # per layer (T, F) bool: clean codes nonzero
+    codes: list[torch.Tensor] | None = None  # a cross-layer set's clean codes (T, F) per layer
 
     @property
     def ids(self) -> torch.Tensor:
@@ -231,20 +235,16 @@ class CleanRun:
 @torch.no_grad()
 def clean_run(model: Model, transcoders: TranscoderSet, prompt: str | torch.Tensor) -> CleanRun:
     """Run the clean prompt (text with BOS prepended, or token ids) once, for many edits."""
-    if transcoders.is_cross_layer:
-        raise CircuitError(
-            "Interventions in the real model cover per-layer transcoders so far, and this set is "
-            "a cross-layer transcoder (each latent writes every later MLP output). Its graphs "
-            "work (attribute, graph_scores, and predicted_change for an edit's effect in the "
-            "graph); for an ablation measured in the model, use a per-layer transcoder set.")
     ids = as_ids(model, prompt)[0]
     rm = build_replacement(model, transcoders, ids)
-    y_hat, active = [], []
+    y_hat, active, codes = [], [], []
     for layer, tc in enumerate(transcoders.transcoders):
         f, y = tc.encode_and_reconstruct(rm.mlp_in[layer].to(tc.W_enc.device, tc.W_enc.dtype))
         y_hat.append(y.float().cpu())
         active.append((f != 0).cpu())
-    return CleanRun(rm, transcoders, torch.stack(y_hat), active)
+        if transcoders.is_cross_layer:
+            codes.append(f.float().cpu())
+    return CleanRun(rm, transcoders, torch.stack(y_hat), active, codes or None)
 
 
 class _Hooks:
@@ -261,6 +261,9 @@ class _Hooks:
             self.by_layer.setdefault(e.layer, []).append((e.position, e.latent,
                                                           clean.new_value(e)))
         self.offset, self.switched, self._handles = 0, 0, []
+        # A cross-layer set: what the changed codes of the layers below add to each layer's
+        # output in the current forward pass, (L, T, D), filled layer by layer.
+        self.pending: torch.Tensor | None = None
 
     def __enter__(self) -> _Hooks:
         hf, h = self.hf, self._handles
@@ -287,6 +290,7 @@ class _Hooks:
     def _see_cache(self, module, args, kwargs) -> None:
         cache = kwargs.get("past_key_values")
         self.offset = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        self.pending = None
 
     def _prompt_only(self, T: int) -> None:
         if self.offset != 0 or T != self.clean.rm.n_pos:
@@ -341,18 +345,50 @@ class _Hooks:
                 on = gen.to(f.device) & (f[:, latent] != 0)
                 value = {"ablate": 0.0, "clamp": e.value}.get(e.mode)
                 new[on, latent] = f[on, latent] * e.value if value is None else value
-            delta = decoder_output(tc, src[None], (new - f)[None])[0]  # (T, D)
             out = output[0].float().clone()  # generated positions: the live error term
             here, pp = (~gen).nonzero().flatten(), pos[~gen]  # prompt positions: the clean one
             if len(here):
                 clean, fp = self.clean, f[here.to(f.device)]
                 self.switched += int(((fp != 0).cpu() != clean.active[layer][pp])
                                      [~edited[here.to(f.device)].cpu()].sum())
+            if self.clean.codes is not None:
+                return self._cross_layer_output(layer, src, f, new, out, here, pp
+                                                ).to(output.device, output.dtype)[None]
+            delta = decoder_output(tc, src[None], (new - f)[None])[0]  # (T, D)
+            if len(here):
                 change = y_hat[here.to(f.device)].float().cpu() - clean.y_hat[layer, pp]
                 out[here] = (clean.rm.mlp_out[layer, pp] + change).to(out.device)  # exact at 0
             out = out + delta.float().to(out.device)
             return out[None].to(output.dtype)
         return hook
+
+    def _cross_layer_output(self, layer: int, src: torch.Tensor, f: torch.Tensor,
+                            new: torch.Tensor, out: torch.Tensor, here: torch.Tensor,
+                            pp: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s MLP output under a cross-layer set: the clean output (prompt
+        positions) or the live one (generated positions), plus what every layer ``L <= layer``
+        adds through ``cross[L][:, layer - L]`` for its codes' change (edited and recomputed
+        against clean at prompt positions, edited against live at generated ones), plus the
+        skip term's change at prompt positions."""
+        clean, cross = self.clean, self.clean.rm.cross
+        out = out.cpu()
+        ref = f.float().cpu().clone()
+        if len(here):
+            ref[here] = clean.codes[layer][pp]
+        diff = new.float().cpu() - ref  # (T, F)
+        if self.pending is None:
+            self.pending = out.new_zeros(len(cross), *out.shape)
+        moved = diff.any(0).nonzero().flatten()  # the latents whose code changed somewhere
+        if len(moved):
+            self.pending[layer:] += torch.einsum("tf,fld->ltd", diff[:, moved],
+                                                 cross[layer][moved])
+        if len(here):
+            out[here] = clean.rm.mlp_out[layer, pp]
+            W_skip = clean.rm.layers[layer].W_skip
+            if W_skip is not None:
+                out[here] += (src[here.to(src.device)].float().cpu()
+                              - clean.rm.mlp_in[layer, pp]) @ W_skip.T
+        return out + self.pending[layer]
 
 
 # -- intervene --------------------------------------------------------------------------------
