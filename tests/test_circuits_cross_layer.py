@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from test_circuit_interventions import demeaned, greedy_reference, linear_response
 from test_circuits import PROMPT, node_values, sources
 
-from sae_nb.circuits.attribute import attribute
 from sae_nb.activations.models import hf_model
+from sae_nb.circuits.attribute import attribute
 from sae_nb.circuits.interventions import (
     GraphIntervener,
     intervene,
