@@ -64,7 +64,7 @@ def test_every_config_field_has_a_docstring(cls):
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_every_option_help_is_its_field_docstrings_first_line(command):
+def test_every_option_help_is_its_field_docstrings_first_paragraph(command):
     cls, *_ = chain = COMMANDS[command]
     expected: dict[str, str] = {}
     for klass in chain:  # the most derived class that documents a field wins
@@ -77,10 +77,19 @@ def test_every_option_help_is_its_field_docstrings_first_line(command):
     for name in names:
         assert expected.get(name), f"{cls.__name__}.{name} has no docstring"
         text = shown[name].help.replace("%%", "%")  # argparse's escape
-        assert text.startswith(expected[name] + " ("), (name, text)
+        assert text.startswith(expected[name] + " "), (name, text)  # lines after it join it
         assert text.endswith(")") and ("(default: " in text or "(required)" in text), text
     help_text = subcommand(command).format_help()
     assert "(default: " in help_text and "Traceback" not in help_text
+
+
+def test_an_options_help_holds_its_whole_first_paragraph_not_its_first_line():
+    """A docstring wrapped over lines is shown whole (it was cut at the first line break, mid
+    sentence: "A rerun with the same")."""
+    shown = {a.dest: " ".join(a.help.split()) for a in subcommand("transcoders")._actions}
+    assert shown["folder"].startswith(
+        "The set's folder; empty for RUN_DIR/transcoders/<d_sae>_k<k>. A rerun with the same "
+        "settings reuses the set there; a killed run resumes from its checkpoint. (default")
 
 
 def test_field_docs_reads_the_same_docstrings_as_the_source():

@@ -157,7 +157,8 @@ def declared_in(cls: type, name: str) -> type:
 
 def dataclass_options(cls: type) -> list[Option]:
     """An :class:`Option` for each field of the dataclass ``cls`` given at construction, in
-    field order: its default, its docstring's first line, and its kind from its type."""
+    field order: its default, its docstring's first paragraph (lines joined), and its kind from
+    its type."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     options = []
     for f in dataclasses.fields(cls):
@@ -167,7 +168,8 @@ def dataclass_options(cls: type) -> list[Option]:
         if default is dataclasses.MISSING and f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         metadata = {k: f.metadata[k] for k in ("flags", "metavar") if k in f.metadata}
-        options.append(Option(f.name, default, docs.get(f.name, "").partition("\n")[0],
+        help_text = " ".join(docs.get(f.name, "").partition("\n\n")[0].split())
+        options.append(Option(f.name, default, help_text,
                               owner=declared_in(cls, f.name),
                               **{**type_kind(hints[f.name]), **metadata}))
     return options
