@@ -20,6 +20,7 @@ from sae_nb.training.objectives import (
     default_matryoshka_widths,
     matryoshka_prefix_losses,
 )
+from sae_nb.training.sparse_ops import batch_top
 from sae_nb.training.trainer import TrainConfig, Training, TrainingError, train_dictionary
 
 D, F, K = 16, 64, 4
@@ -234,3 +235,30 @@ def test_sparse_step_equals_dense_reference(widths, with_dead):
     for a, b in zip(gs, gd):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(ts, td)
+
+
+@pytest.mark.parametrize("case", ["spread", "one_heavy_row", "few_positive", "ties"])
+def test_batch_selection_equals_one_topk_over_the_whole_batch(case):
+    """BatchTopK's selection from per-row candidates equals one top-k over all B * F entries:
+    the same kept entries (the same values where the cut ties), in row order, whether the
+    candidates suffice or a row holding more than its share forces the full top-k."""
+    gen = torch.Generator().manual_seed(11)
+    B, F_, k = 64, 300, 6
+    acts = torch.relu(torch.randn(B, F_, generator=gen))
+    if case == "one_heavy_row":  # row 5 alone holds more than 4k of the largest entries
+        acts[5] += 10.0
+    elif case == "few_positive":  # fewer positive entries than k * B: zeros fill the rest
+        acts = acts * (torch.rand(B, F_, generator=gen) < 0.01)
+    elif case == "ties":
+        acts = torch.round(acts * 4) / 4
+    n = k * B
+    vals, flat = batch_top(acts, n)
+    ref_vals, ref_flat = acts.flatten().topk(n)
+    rows = flat // F_
+    assert bool((rows[1:] >= rows[:-1]).all()) and len(flat.unique()) == n
+    assert torch.equal(acts.flatten()[flat], vals)
+    torch.testing.assert_close(vals.sort().values, ref_vals.sort().values, rtol=0, atol=0)
+    if case in ("spread", "one_heavy_row"):  # no ties: the very same entries
+        assert torch.equal(flat.sort().values, ref_flat.sort().values)
+    if case == "one_heavy_row":
+        assert int((flat // F_ == 5).sum()) > 4 * k  # the heavy row keeps more than 4k

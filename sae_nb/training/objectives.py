@@ -29,7 +29,13 @@ from sae_nb.dictionaries.architectures import (
     folded_bias,
 )
 from sae_nb.training.distributed import Group
-from sae_nb.training.sparse_ops import bag_sum, by_latent, sparse_decode, topk_sae_forward
+from sae_nb.training.sparse_ops import (
+    bag_sum,
+    batch_top,
+    by_latent,
+    sparse_decode,
+    topk_sae_forward,
+)
 
 
 @dataclass
@@ -116,9 +122,7 @@ class _BatchTopKEncode(torch.autograd.Function):
         B, F = pre.shape
         acts = torch.relu(pre)
         if group is None:
-            vals, flat = acts.flatten().topk(min(k * B, acts.numel()), sorted=False)
-            flat, order = flat.sort()
-            vals = vals[order]
+            vals, flat = batch_top(acts, k * B)
         else:
             n = k * B * group.world
             local = acts.flatten()
