@@ -281,9 +281,10 @@ def check_09_compare(run_dir: Path, values: dict) -> None:
     figures = [o for c in executed.cells for o in c.get("outputs", [])
                if "application/vnd.plotly.v1+json" in o.get("data", {})]
     assert len(figures) == 1  # the Pareto figure
-    shown = "".join(str(o.get("data", {}).get("text/plain", "")) + o.get("text", "")
+    shown = "".join(str(o.get("data", {}).get("text/plain", ""))
+                    + str(o.get("data", {}).get("text/html", "")) + o.get("text", "")
                     for c in executed.cells for o in c.get("outputs", []))
-    assert "mean [seed interval]" in shown and "definition" in shown and "agrees" in shown
+    assert "mean [95%]" in shown and "definition" in shown and "agrees" in shown
     assert "within noise" in shown and "told apart" in shown
 
 
@@ -311,6 +312,9 @@ def check_10_circuits(run_dir: Path, values: dict) -> None:
     data = {k for o in shown.outputs for k in o.get("data", {})}
     # the live widget, and the static copy a headless run shows
     assert "application/vnd.jupyter.widget-view+json" in data and "text/html" in data
+    (top,) = [c for c in executed.cells if "evidence.explanation(" in c.source]
+    said = "".join(o.get("text", "") for o in top.outputs)
+    assert re.search(r"\d+ of \d+ shown latents have a rule that beats its control", said), said
 
 
 CHECKS = {"01_extract": check_01_extract, "02_train": check_02_train,

@@ -100,6 +100,16 @@ def test_an_explanation_without_a_control_is_never_shown_as_best():
     assert explanation_verdicts(table).loc[0, "verdict"] == "unexplained"
 
 
+def test_a_table_with_nothing_usable_gives_no_margins_not_rows_of_nan():
+    """Every row an error or a control (a latent that never fired where rules were scored):
+    no margin rows at all (they came back as rows of NaN, one per row of the table)."""
+    rows = [{**f1_row(i, m, "", 0, 1, 1), "score": np.nan,
+             "error": "never fires in the held-out rows"}
+            for i in range(2) for m in ("rule", "rule:control")]
+    out = ranking.margins(pd.DataFrame(rows))
+    assert out.empty and list(out.columns)[:2] == ["latent", "explanation"]
+
+
 def test_auroc_noise_is_the_spread_of_a_chance_auroc():
     """The closed form sqrt((n1 + n2 + 1) / (12 n1 n2)) against AUROCs of random scores,
     computed by brute force over every pair."""

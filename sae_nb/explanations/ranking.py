@@ -107,11 +107,14 @@ def margins(table: pd.DataFrame, min_effect: float = MIN_EFFECT, seed: int = 0
     (``effect >= min_effect``)."""
     ok = (table["error"] == "") & np.isfinite(table["score"])
     noise = score_noise(table, seed)
-    ctrl = table[ok & is_control(table["method"])].assign(noise=noise)
+    # noise[rows], not noise: assigning a whole Series to an empty frame adopts its index, and
+    # a table with nothing usable would come back as rows of NaN.
+    ctrl = table[ok & is_control(table["method"])]
+    ctrl = ctrl.assign(noise=noise[ctrl.index])
     ctrl = ctrl.assign(method=ctrl["method"].str[: -len(CONTROL)])
     ctrl = ctrl.drop_duplicates(["latent", "method", "score_name"], keep="last")
     own = table[ok & ~is_control(table["method"]) & (table["explanation"].str.strip() != "")]
-    own = own.assign(own_noise=noise)
+    own = own.assign(own_noise=noise[own.index])
     out = own.merge(ctrl[["latent", "method", "score_name", "score", "noise"]].rename(
         columns={"score": "control", "noise": "control_noise"}),
         on=["latent", "method", "score_name"], how="left")
