@@ -66,7 +66,7 @@ def test_every_metric_notebook_09_shows_is_defined():
     assert defined["metric"].tolist() == shown
     assert defined["definition"].str.len().min() > 20
     cells = [c.source for c in nbformat.read(NOTEBOOKS_DIR / "09_compare.ipynb", 4).cells]
-    assert any("grid.metric_definitions(grid.METRICS)" in c for c in cells)
+    assert any("tables.definitions_view(grid.METRICS)" in c for c in cells)
     assert not any("print(\"\\n\".join(verdicts))" in c for c in cells)
 
 

@@ -1,21 +1,25 @@
-"""Notebook 08's score summary and method comparison as tables that fit a notebook's width.
+"""Notebook 08's tables (score summary, method comparison, labels, search) fitting a notebook.
 
 Short headers, numbers to three decimals, an interval as one ``0.189 [0.079, 0.291]`` cell,
 and a legend under each table saying what every header means (the notes of
 :func:`sae_nb.explanations.tables.summary_notes` under the summary). The full frames, with
 every column at full precision, stay what ``score_summary`` and ``method_comparison`` return.
+The language model's labels beside the rules and a search by meaning show every text whole and
+left-aligned. The generic part (``fitted_table``, ``number``, ``interval``) lives in
+:mod:`sae_nb.views.tables`.
 """
 
 from __future__ import annotations
-
-import html
-import math
-from collections.abc import Sequence
 
 import pandas as pd
 from IPython.display import HTML
 
 from sae_nb.explanations.tables import score_summary, summary_notes
+from sae_nb.views.tables import TABLE_CSS, fitted_table, interval, number
+
+__all__ = ["COMPARISON_LEGEND", "SUMMARY_HEADERS", "SUMMARY_LEGEND", "TABLE_CSS",
+           "comparison_view", "fitted_table", "interval", "labels_view", "number",
+           "score_summary_view", "search_view"]
 
 SUMMARY_HEADERS = {"method": "method", "score_name": "score", "latents": "latents",
                    "scored": "scored", "not_scored": "not scored", "mean": "mean",
@@ -31,41 +35,6 @@ COMPARISON_LEGEND = ("Over the latents every method of the score has: <b>mean</b
                      "its 95% bootstrap interval; <b>beyond noise</b>: the interval above 0; "
                      "<b>lead</b>: the margin minus that of the method named in <b>over</b> "
                      "(the best other), paired per latent, with its interval.")
-TABLE_CSS = "text-align: right; padding: 2px 8px; white-space: nowrap"
-
-
-def number(value, signed: bool = False) -> str:
-    """``value`` to three decimals (``+`` on positive ones when ``signed``); "" for NaN."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
-
-
-def interval(value, low, high, signed: bool = False) -> str:
-    """``0.189 [0.079, 0.291]``; the value alone without an interval, "" without a value."""
-    if not number(value):
-        return ""
-    if not number(low) or not number(high):
-        return number(value, signed)
-    return f"{number(value, signed)} [{number(low, signed)}, {number(high, signed)}]"
-
-
-def fitted_table(frame: pd.DataFrame, legend: str, notes: Sequence[str] = ()) -> HTML:
-    """``frame`` (already short, text or numbers) as a plain HTML table without its index,
-    numbers to three decimals, the ``legend`` (HTML) and each of ``notes`` (text) under it."""
-    shown = frame.copy()
-    for column in shown.columns:
-        if pd.api.types.is_float_dtype(shown[column]):
-            shown[column] = [number(v) for v in shown[column]]
-    style = shown.style.hide(axis="index").set_table_styles(
-        [{"selector": "th, td", "props": TABLE_CSS},
-         {"selector": "th", "props": "text-align: center"}])
-    lines = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
-    under = (f'<div style="max-width: 860px; font-size: 0.9em; margin-top: 4px">{legend}'
-             + (f'<ul style="margin: 2px 0">{lines}</ul>' if lines else "") + "</div>")
-    return HTML(style.to_html() + under)
-
-
 def score_summary_view(table: pd.DataFrame) -> HTML:
     """The score summary of an explanation ``table`` (:func:`score_summary`) as a table that
     fits a notebook at 1400 px, with its legend and what it leaves out (:func:`summary_notes`:
@@ -86,3 +55,32 @@ def comparison_view(comparison: pd.DataFrame) -> HTML:
     columns = ["score", "method", "latents", "mean", "control", "margin [95%]", "beyond noise",
                "over", "lead [95%]"]
     return fitted_table(pd.DataFrame(rows, columns=columns), COMPARISON_LEGEND)
+
+
+LABELS_LEGEND = ("<b>label</b>: the language model's explanation of the latent; <b>rule</b>: "
+                 "its executable rule (the table above); <b>error</b>: why a label is missing "
+                 "(the run goes on without it).")
+
+
+def labels_view(llm: pd.DataFrame, rules: pd.DataFrame) -> HTML:
+    """Each latent the language model explained (``llm``, of
+    :func:`sae_nb.explanations.autointerp.llm_explanations`) with its label beside its rule (the
+    ``rule`` rows of ``rules``) and the error of a failed label, every text whole."""
+    merged = llm.merge(rules[["latent", "explanation"]], on="latent", how="left",
+                       suffixes=("", "_rule"))
+    shown = pd.DataFrame({"latent": merged["latent"], "label": merged["explanation"],
+                          "rule": merged["explanation_rule"], "error": merged["error"]})
+    return fitted_table(shown, LABELS_LEGEND, wrap=["label", "rule", "error"])
+
+
+def search_view(results: pd.DataFrame, explanation_weight: float = 0.7) -> HTML:
+    """A search by meaning (:meth:`sae_nb.explanations.meaning.MeaningIndex.search`): scores
+    to three decimals, each latent's explanation whole."""
+    shown = results.rename(columns={"explanation_similarity": "expl. sim",
+                                    "context_similarity": "context sim"})
+    w = f"{explanation_weight:g}"
+    legend = (f"<b>score</b>: {w} x <b>expl. sim</b> (the query's cosine with the latent's "
+              f"best explanation) + {1 - explanation_weight:g} x <b>context sim</b> (its mean "
+              f"cosine with the latent's top contexts); a latent without an explanation by its "
+              f"contexts alone.")
+    return fitted_table(shown, legend, wrap=["explanation"])
