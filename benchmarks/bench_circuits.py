@@ -15,7 +15,7 @@ Three figures, as ratios where there is a baseline, in one run on the 2-core mac
    logits by token): the relative Frobenius error and the largest entry error.
 
     python benchmarks/bench_circuits.py                       # a set of 1536 latents, k 16
-    python benchmarks/bench_circuits.py --set outputs/default/transcoders/1536_k16  # notebook 10's
+    python benchmarks/bench_circuits.py --set outputs/default/transcoders/1536_k16_200k  # nb 10
     python benchmarks/bench_circuits.py --no-tracer           # ours only
 """
 

@@ -66,7 +66,8 @@ def page(root, tmp_path_factory):
 def rebuilt(page, root):
     """The notebook's model, its saved transcoder set and its graph, rebuilt here."""
     lm = sae_nb.load_model("smollm2-135m")
-    folder = root / "outputs" / "smoke" / "transcoders" / f"{VALUES['d_sae']}_k{VALUES['k']}"
+    folder = (root / "outputs" / "smoke" / "transcoders" /
+              f"{VALUES['d_sae']}_k{VALUES['k']}_{VALUES['n_tokens']}")
     tset = sets.load_transcoder_set(folder)
     (prompt,) = VALUES["prompts"]
     g = attribute.attribute(lm, tset, prompt, max_feature_nodes=VALUES["max_feature_nodes"])

@@ -293,7 +293,8 @@ def check_10_circuits(run_dir: Path, values: dict) -> None:
 
     import pandas as pd
 
-    manifest = json.loads((run_dir / "transcoders" / f"{values['d_sae']}_k{values['k']}" /
+    name = f"{values['d_sae']}_k{values['k']}_{values['n_tokens']}"  # 8448: not whole thousands
+    manifest = json.loads((run_dir / "transcoders" / name /
                            "transcoder_set.json").read_text())
     assert manifest["layers"] == 30 and len(manifest["per_layer"]) == 30
     assert all(0 <= row["fvu"] < 10 and row["l0"] <= values["k"] for row in manifest["per_layer"])

@@ -88,8 +88,9 @@ def test_an_options_help_holds_its_whole_first_paragraph_not_its_first_line():
     sentence: "A rerun with the same")."""
     shown = {a.dest: " ".join(a.help.split()) for a in subcommand("transcoders")._actions}
     assert shown["folder"].startswith(
-        "The set's folder; empty for RUN_DIR/transcoders/<d_sae>_k<k>. A rerun with the same "
-        "settings reuses the set there; a killed run resumes from its checkpoint. (default")
+        "The set's folder; empty for RUN_DIR/transcoders/<d_sae>_k<k>_<n_tokens>, e.g. "
+        "1536_k16_200k. A rerun with the same settings reuses the set there; a killed run "
+        "resumes from its checkpoint. (default")
 
 
 def test_field_docs_reads_the_same_docstrings_as_the_source():

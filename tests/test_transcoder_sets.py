@@ -156,3 +156,21 @@ def test_the_transcoders_command_trains_a_set_and_refuses_what_it_does_not_take(
                                                               range(3)]
     assert main(argv + ["--total-tokens", "5000"]) == 1
     assert "--total-tokens is not an option of the transcoders job" in capsys.readouterr().err
+
+
+def test_the_command_names_the_set_folder_by_its_settings(model_dirs, corpus_dir, tmp_path,
+                                                          capsys):
+    """Without --folder the set goes to RUN_DIR/transcoders/<d_sae>_k<k>_<tokens>, so a set of
+    other tokens lands beside it instead of being refused in its place."""
+    from sae_nb.__main__ import main
+
+    base = ["transcoders", "--model", str(model_dirs["llama"]), "--corpus", str(corpus_dir),
+            "--heldout-tokens", "200", "--ctx-len", "32", "--batch-size", "64",
+            "--buffer-rows", "256", "--d-sae", "48", "--k", "4", "--run-dir", str(tmp_path),
+            "--no-progress"]
+    assert main(base + ["--n-tokens", "2000"]) == 0
+    assert main(base + ["--n-tokens", "1200"]) == 0
+    made = sorted(p.name for p in (tmp_path / "transcoders").iterdir())
+    assert made == ["48_k4_1200", "48_k4_2k"]
+    for name in made:
+        assert len(load_transcoder_set(tmp_path / "transcoders" / name)) == 3

@@ -44,6 +44,14 @@ FORMAT = "sae_nb transcoder set"
 CHECKPOINT = "checkpoint"  # inside the set's folder while it trains; removed once saved
 
 
+def set_name(d_sae: int | str, k: int, n_tokens: int) -> str:
+    """A set's folder name from the settings that tell the usual sets apart, ``1536_k16_200k``
+    (the tokens in thousands when whole): a set trained with other settings lands beside it
+    instead of being refused in its place."""
+    tokens = f"{n_tokens // 1000}k" if n_tokens % 1000 == 0 else str(n_tokens)
+    return f"{d_sae}_k{k}_{tokens}"
+
+
 def layer_folder(folder: str | Path, layer: int) -> Path:
     return Path(folder) / f"layer_{layer:02d}"
 

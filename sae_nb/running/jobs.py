@@ -128,8 +128,9 @@ class TranscodersJob(TrainConfig):
     model: str = "smollm2-135m"
     """The model: the embedded default, a hub name or a local folder."""
     folder: str = ""
-    """The set's folder; empty for RUN_DIR/transcoders/<d_sae>_k<k>. A rerun with the same
-    settings reuses the set there; a killed run resumes from its checkpoint."""
+    """The set's folder; empty for RUN_DIR/transcoders/<d_sae>_k<k>_<n_tokens>, e.g.
+    1536_k16_200k. A rerun with the same settings reuses the set there; a killed run resumes
+    from its checkpoint."""
     run_dir: str = DEFAULT_RUN_DIR
     """The run folder the set goes under when folder is empty."""
     n_tokens: int = 300_000
@@ -163,7 +164,7 @@ def transcoders_job(params: dict[str, Any], progress: bool = True):
     """A transcoder at every layer, saved as one set: the set
     (:class:`~sae_nb.circuits.transcoder_set.TranscoderSet`, its folder in ``metadata``)."""
     # Imported here: only this job needs the circuits folder (and its model code).
-    from sae_nb.circuits.sets import train_transcoder_set
+    from sae_nb.circuits.sets import set_name, train_transcoder_set
 
     for name, why in (("total_tokens", "--n-tokens sets the training tokens"),
                       ("checkpoint_dir", "the checkpoint lives in the set's folder")):
@@ -174,8 +175,8 @@ def transcoders_job(params: dict[str, Any], progress: bool = True):
     for name in ("total_tokens", "checkpoint_dir", "checkpoint_every"):
         settings.pop(name, None)
     config = TrainConfig(**settings)  # checks before the model loads
-    folder = params["folder"] or str(Path(params["run_dir"]) / "transcoders" /
-                                     f"{config.d_sae or 'x' + str(config.expansion)}_k{config.k}")
+    folder = params["folder"] or str(Path(params["run_dir"]) / "transcoders" / set_name(
+        config.d_sae or f"x{config.expansion}", config.k, params["n_tokens"]))
     lm = load_model(params["model"], device=str(resolve_device(params["device"])))
     return train_transcoder_set(
         lm, folder, config, n_tokens=params["n_tokens"], heldout_tokens=params["heldout_tokens"],
