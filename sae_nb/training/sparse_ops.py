@@ -158,28 +158,28 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
 
 def batch_top(acts: torch.Tensor, n: int, per_row: int | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(values, flat indices)`` of the ``n`` largest entries of ``acts`` ``(B, F)``, in
-    row order (the rows ascending; within a row in any order): BatchTopK's selection, as
-    ``acts.flatten().topk(n)`` gives it (which among equal values at the cut is kept may
-    differ; their values do not).
+    """``(values, flat indices)`` of the ``n`` largest entries of ``acts`` ``(B, F)``, the
+    indices ascending (row-major): BatchTopK's selection, as ``acts.flatten().topk(n)`` gives
+    it (which among equal values at the cut is kept may differ; their values do not).
 
     One top-k over ``B * F`` entries and a sort of its indices cost twice the step's matmul.
-    Instead each row gives its ``per_row`` largest (default ``4 * ceil(n / B)``, four times
-    the mean share), and the ``n`` largest of those are kept, read back in row order through a
-    mask over the candidates. That is exact unless a row holds more than ``per_row`` entries
-    above the cut, which shows as a row whose smallest candidate exceeds the cut; then the
-    whole top-k runs."""
+    Instead each row gives its ``per_row`` largest (default ``4 * ceil(n / B)``, four times the
+    mean share); the ``n``-th largest of those candidates is at most the true cut, so the
+    entries at least that large (one pass, row-major) hold every kept one, and the ``n``
+    largest of them are exact, however many a single row holds."""
     B, F_ = acts.shape
     n = min(n, acts.numel())
     m = min(F_, per_row or 4 * -(-n // B))
-    if m * B > n and m < F_:
-        cand, col = acts.topk(m, dim=1, sorted=False)  # (B, m)
-        vals, pos = cand.flatten().topk(n, sorted=False)
-        if not bool((cand.amin(1) > vals.min()).any()):  # else a row may hold more
-            keep = torch.zeros(B * m, dtype=torch.bool, device=acts.device)
-            keep[pos] = True
-            pos = keep.nonzero().squeeze(1)  # ascending: row-major over the candidates
-            return cand.flatten()[pos], (pos // m) * F_ + col.flatten()[pos]
-    vals, flat = acts.flatten().topk(n, sorted=False)
-    flat, order = flat.sort()
-    return vals[order], flat
+    flat_acts = acts.flatten()
+    if m * B <= n or m >= F_:
+        vals, flat = flat_acts.topk(n, sorted=False)
+        flat, order = flat.sort()
+        return vals[order], flat
+    low = acts.topk(m, dim=1, sorted=False).values.flatten().topk(n, sorted=False).values.min()
+    flat = (flat_acts >= low).nonzero().squeeze(1)  # ascending; a superset of the kept ones
+    if len(flat) > n:
+        _, pos = flat_acts[flat].topk(n, sorted=False)
+        keep = torch.zeros(len(flat), dtype=torch.bool, device=acts.device)
+        keep[pos] = True
+        flat = flat[keep]  # still ascending
+    return flat_acts[flat], flat
