@@ -284,3 +284,27 @@ def notebook_after_run_all(root: str | Path, notebook: str, home: str | Path,
             page.screenshot("opened")
         page.run_all(timeout=timeout)
         yield page
+
+
+def prepared_notebook(root: Path, stem: str, notebook: str) -> Path:
+    """Notebook ``stem`` with its smoke parameters (papermill's injected cell, not run) at
+    ``root / notebook``, reading the run folder ``SAE_NB_MAIN_RUN`` names (a main job already
+    made), else a fresh smoke run of notebook 01 in ``root/outputs/smoke``; that run folder."""
+    import papermill  # imported here: only the tests that prepare a notebook need it
+
+    from sae_nb.running.notebooks import NOTEBOOKS_DIR, SMOKE_PARAMETERS
+
+    Chromium()  # skip (or fail under CI) before the long steps when there is no browser
+    (root / notebook).parent.mkdir(parents=True, exist_ok=True)
+    run_dir = root / "outputs" / "smoke"
+    if run := os.environ.get("SAE_NB_MAIN_RUN"):
+        run_dir = Path(run).resolve()
+    else:
+        subprocess.run([sys.executable, "-m", "sae_nb", "run", "--smoke", "--only", "01",
+                        "--run", str(run_dir)], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    params = {**SMOKE_PARAMETERS[stem], "run_dir": str(run_dir)}
+    papermill.execute_notebook(str(NOTEBOOKS_DIR / f"{stem}.ipynb"), str(root / notebook),
+                               parameters=params, prepare_only=True, kernel_name="python3")
+    return run_dir
+

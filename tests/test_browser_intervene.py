@@ -13,14 +13,11 @@ Screenshots go to the module's temporary folder.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
-from jupyter_browser import Chromium, notebook_after_run_all
+from jupyter_browser import notebook_after_run_all, prepared_notebook
 
 from sae_nb.running.notebooks import NOTEBOOKS_DIR, SMOKE_PARAMETERS
 
@@ -34,21 +31,8 @@ def root(tmp_path_factory) -> Path:
     """A folder with notebook 07 parameterised for the smoke run, and its run folder: the one
     ``SAE_NB_MAIN_RUN`` names (a main job already made), else a fresh smoke run of notebook 01,
     whose store gives the widget its token search."""
-    import papermill
-
-    Chromium()  # skip (or fail under CI) before the long steps when there is no browser
     root = tmp_path_factory.mktemp("repo")
-    (root / "notebooks").mkdir()
-    run_dir = root / "outputs" / "smoke"
-    if run := os.environ.get("SAE_NB_MAIN_RUN"):
-        run_dir = Path(run).resolve()
-    else:
-        subprocess.run([sys.executable, "-m", "sae_nb", "run", "--smoke", "--only", "01",
-                        "--run", str(run_dir)], check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    params = {**SMOKE_PARAMETERS["07_intervene"], "run_dir": str(run_dir)}
-    papermill.execute_notebook(str(NOTEBOOKS_DIR / "07_intervene.ipynb"), str(root / NOTEBOOK),
-                               parameters=params, prepare_only=True, kernel_name="python3")
+    run_dir = prepared_notebook(root, "07_intervene", NOTEBOOK)
     (root / "run_dir").write_text(str(run_dir))
     return root
 

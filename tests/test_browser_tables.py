@@ -12,16 +12,11 @@ language models). Screenshots go to the tests' temporary folder."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
-from jupyter_browser import Chromium, notebook_after_run_all
-
-from sae_nb.running.notebooks import NOTEBOOKS_DIR, SMOKE_PARAMETERS
+from jupyter_browser import notebook_after_run_all, prepared_notebook
 
 pytestmark = pytest.mark.slow
 NOTEBOOK = "notebooks/09_compare.ipynb"
@@ -80,21 +75,8 @@ def wrapped(outputs: list[dict]) -> list[str]:
 def root09(tmp_path_factory) -> Path:
     """Notebook 09 with the smoke parameters (papermill's injected cell) and the old frame's
     cell at the end, on a smoke run of notebook 01."""
-    import papermill
-
-    Chromium()  # skip (or fail under CI) before the long steps when there is no browser
     root = tmp_path_factory.mktemp("repo")
-    (root / "notebooks").mkdir()
-    run_dir = root / "outputs" / "smoke"
-    if run := os.environ.get("SAE_NB_MAIN_RUN"):
-        run_dir = Path(run).resolve()
-    else:
-        subprocess.run([sys.executable, "-m", "sae_nb", "run", "--smoke", "--only", "01",
-                        "--run", str(run_dir)], check=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    params = {**SMOKE_PARAMETERS["09_compare"], "run_dir": str(run_dir)}
-    papermill.execute_notebook(str(NOTEBOOKS_DIR / "09_compare.ipynb"), str(root / NOTEBOOK),
-                               parameters=params, prepare_only=True, kernel_name="python3")
+    prepared_notebook(root, "09_compare", NOTEBOOK)
     nb = nbformat.read(root / NOTEBOOK, as_version=4)
     nb.cells.append(nbformat.v4.new_code_cell(OLD_FRAME))
     nbformat.write(nb, root / NOTEBOOK)
