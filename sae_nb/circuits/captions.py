@@ -18,6 +18,7 @@ explanation is shown only where it beats its control beyond noise
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -76,15 +77,16 @@ class LatentEvidence:
     ``beyond_noise``, ``n_fired_heldout``, ``rule`` (JSON, as notebook 08's tables); an empty
     explanation where no rule was fitted."""
 
+    @cached_property
+    def _shown(self) -> dict[tuple[int, int], str]:
+        rows = self.explanations[self.explanations["beyond_noise"]]
+        return {(int(r.layer), int(r.latent)): f"{r.explanation} (held-out F1 {r.f1:.2f}, "
+                f"control {r.control:.2f})" for r in rows.itertuples()}
+
     def explanation(self, layer: int, latent: int) -> str:
         """The latent's rule with its scores where it beats its control beyond noise:
         ``token ' States' (held-out F1 0.62, control 0.01)``; else ``""``."""
-        rows = self.explanations
-        row = rows[(rows["layer"] == layer) & (rows["latent"] == latent) & rows["beyond_noise"]]
-        if row.empty:
-            return ""
-        r = row.iloc[0]
-        return f"{r['explanation']} (held-out F1 {r['f1']:.2f}, control {r['control']:.2f})"
+        return self._shown.get((layer, latent), "")
 
 
 def with_explanations(labels: dict[tuple[int, int], str], evidence: LatentEvidence
@@ -172,17 +174,15 @@ def _rule_explanations(model: Model, tokens: np.ndarray, wanted: dict[int, list[
         local = np.concatenate([j for _, j in firings[layer]] or [np.zeros(0, np.int64)])
         counts = count_firings(row_tokens, prev, rows, local, boundary, len(latents))
         table = explanation_table(counts, fit_rules(counts), seed, model.tokenizer)
-        found = margins(table, seed=seed)
+        found = margins(table, seed=seed).set_index("latent").reindex(range(len(latents)))
         own = table[table["method"] == "rule"]
         frame = pd.DataFrame({"layer": layer, "latent": latents,
                               "explanation": own["explanation"].to_numpy(),
                               "f1": own["score"].to_numpy(), "rule": own["rule"].to_numpy(),
                               "n_fired_heldout": own["n_fired_heldout"].to_numpy()})
-        found = found.set_index("latent")
-        frame["control"] = found["control"].reindex(range(len(latents))).to_numpy()
-        frame["effect"] = found["effect"].reindex(range(len(latents))).to_numpy()
-        frame["beyond_noise"] = found["beyond_noise"].reindex(range(len(latents))).fillna(
-            False).to_numpy(bool)
+        frame["control"] = found["control"].to_numpy()
+        frame["effect"] = found["effect"].to_numpy()
+        frame["beyond_noise"] = found["beyond_noise"].fillna(False).to_numpy(bool)
         frames.append(frame)
     columns = ["layer", "latent", "explanation", "f1", "control", "effect", "beyond_noise",
                "n_fired_heldout", "rule"]

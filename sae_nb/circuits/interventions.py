@@ -209,8 +209,7 @@ class CleanRun:
     rm: ReplacementModel
     transcoders: TranscoderSet
     y_hat: torch.Tensor  # (L, T, D) each transcoder's output on the clean MLP input
-    active: list[torch.Tensor]  # per layer (T, F) bool: clean codes nonzero
-    codes: list[torch.Tensor] | None = None  # a cross-layer set's clean codes (T, F) per layer
+    codes: list[torch.Tensor]  # per layer (T, F) float32: the clean codes
 
     @property
     def ids(self) -> torch.Tensor:
@@ -237,14 +236,12 @@ def clean_run(model: Model, transcoders: TranscoderSet, prompt: str | torch.Tens
     """Run the clean prompt (text with BOS prepended, or token ids) once, for many edits."""
     ids = as_ids(model, prompt)[0]
     rm = build_replacement(model, transcoders, ids)
-    y_hat, active, codes = [], [], []
+    y_hat, codes = [], []
     for layer, tc in enumerate(transcoders.transcoders):
         f, y = tc.encode_and_reconstruct(rm.mlp_in[layer].to(tc.W_enc.device, tc.W_enc.dtype))
         y_hat.append(y.float().cpu())
-        active.append((f != 0).cpu())
-        if transcoders.is_cross_layer:
-            codes.append(f.float().cpu())
-    return CleanRun(rm, transcoders, torch.stack(y_hat), active, codes or None)
+        codes.append(f.float().cpu())
+    return CleanRun(rm, transcoders, torch.stack(y_hat), codes)
 
 
 class _Hooks:
@@ -322,6 +319,7 @@ class _Hooks:
     def _mlp(self, layer: int):
         tc = self.clean.transcoders[layer]
         n_prompt = self.clean.rm.n_pos
+        cross_layer = self.clean.rm.cross is not None  # its own reconstruction is not the output
 
         def hook(module, args, output):
             x = args[0]
@@ -331,7 +329,7 @@ class _Hooks:
                                    f"of {B}.")
             pos = self.offset + torch.arange(T)
             src = x[0].to(tc.W_enc.device, tc.W_enc.dtype)
-            f, y_hat = tc.encode_and_reconstruct(src)  # (T, F), (T, D)
+            f, y_hat = (tc.encode(src), None) if cross_layer else tc.encode_and_reconstruct(src)
             new = f.clone()
             edited = torch.zeros_like(f, dtype=torch.bool)
             for p, latent, value in self.by_layer.get(layer, ()):
@@ -349,9 +347,9 @@ class _Hooks:
             here, pp = (~gen).nonzero().flatten(), pos[~gen]  # prompt positions: the clean one
             if len(here):
                 clean, fp = self.clean, f[here.to(f.device)]
-                self.switched += int(((fp != 0).cpu() != clean.active[layer][pp])
+                self.switched += int(((fp != 0).cpu() != (clean.codes[layer][pp] != 0))
                                      [~edited[here.to(f.device)].cpu()].sum())
-            if self.clean.codes is not None:
+            if cross_layer:
                 return self._cross_layer_output(layer, src, f, new, out, here, pp
                                                 ).to(output.device, output.dtype)[None]
             delta = decoder_output(tc, src[None], (new - f)[None])[0]  # (T, D)

@@ -156,20 +156,19 @@ def sparse_decode(values: torch.Tensor, indices: torch.Tensor, W_dec: torch.Tens
     return out if b_dec is None else out + b_dec
 
 
-def batch_top(acts: torch.Tensor, n: int, per_row: int | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_top(acts: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, flat indices)`` of the ``n`` largest entries of ``acts`` ``(B, F)``, the
     indices ascending (row-major): BatchTopK's selection, as ``acts.flatten().topk(n)`` gives
     it (which among equal values at the cut is kept may differ; their values do not).
 
     One top-k over ``B * F`` entries and a sort of its indices cost twice the step's matmul.
-    Instead each row gives its ``per_row`` largest (default ``4 * ceil(n / B)``, four times the
-    mean share); the ``n``-th largest of those candidates is at most the true cut, so the
-    entries at least that large (one pass, row-major) hold every kept one, and the ``n``
-    largest of them are exact, however many a single row holds."""
+    Instead each row gives its ``4 * ceil(n / B)`` largest (four times the mean share); the
+    ``n``-th largest of those candidates is at most the true cut, so the entries at least that
+    large (one pass, row-major) hold every kept one, and the ``n`` largest of them are exact,
+    however many a single row holds."""
     B, F_ = acts.shape
     n = min(n, acts.numel())
-    m = min(F_, per_row or 4 * -(-n // B))
+    m = min(F_, 4 * -(-n // B))
     flat_acts = acts.flatten()
     if m * B <= n or m >= F_:
         vals, flat = flat_acts.topk(n, sorted=False)
