@@ -59,18 +59,20 @@ def test_topk_has_exactly_k_actives():
 @pytest.mark.parametrize("transcoder", [False, True])
 @pytest.mark.parametrize("n_dead,dead_every", [(0, 3), (3, 3), (3, 11)],
                          ids=["no_auxk", "many_dead", "few_dead"])
-def test_sparse_ops_match_dense_autograd(transcoder, n_dead, dead_every):
+@pytest.mark.parametrize("width", [F, 512], ids=["narrow", "wide"])
+def test_sparse_ops_match_dense_autograd(transcoder, n_dead, dead_every, width):
     """The fused training forward (one sort in its backward) against plain dense autograd:
     the loss and every parameter's gradient, with and without AuxK, for an SAE (b_dec taken
-    off the input) and a transcoder (another target, input taken as it is)."""
+    off the input) and a transcoder (another target, input taken as it is); at a width where
+    the row top-k ranks candidate groups (wide) and where it is torch's (narrow)."""
     torch.manual_seed(1)
     x = torch.randn(24, D, dtype=torch.double)
     y = torch.randn(24, D, dtype=torch.double) if transcoder else x
-    params = [torch.randn(D, F, dtype=torch.double, requires_grad=True),
-              torch.randn(F, dtype=torch.double, requires_grad=True),
-              torch.randn(F, D, dtype=torch.double, requires_grad=True),
+    params = [torch.randn(D, width, dtype=torch.double, requires_grad=True),
+              torch.randn(width, dtype=torch.double, requires_grad=True),
+              torch.randn(width, D, dtype=torch.double, requires_grad=True),
               torch.randn(D, dtype=torch.double, requires_grad=True)]
-    dead = torch.zeros(F, dtype=torch.bool)
+    dead = torch.zeros(width, dtype=torch.bool)
     dead[::dead_every] = True  # a third of the latents (ranked in place) or a few (gathered)
 
     def b_in(b_dec):

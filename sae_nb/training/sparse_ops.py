@@ -73,6 +73,48 @@ def _gather_dot(W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Te
     return out.view(B, n)
 
 
+def row_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pre.topk(k, dim=-1, sorted=False)`` for ``pre (B, F)``, the same values (which of equal
+    values at the cut are kept may differ), in about half the time on a CPU.
+
+    torch's CPU top-k spends ~10 ns per entry ranking (value, index) pairs; this ranks only a
+    few percent of the entries. The columns form ``F / 8`` strided groups (column ``c`` belongs
+    to group ``c mod F/8``); a group's maximum is one vectorised pass. The k-th largest of the
+    group maxima (of coarser groups of 64 when there are many) is at most the row's k-th largest
+    entry, since the k largest maxima are k distinct entries. So every kept entry is at least
+    that bound and lies in a group whose maximum is too: those groups' entries at least the
+    bound (~42 per row for k = 32 of 4,608 on real activations) are ranked exactly. A batch
+    with NaN, with -inf at a row's bound, or with a row of far more candidates than k (many
+    equal values) is ranked by torch's top-k."""
+    B, F_ = pre.shape
+    g = 8
+    if pre.device.type != "cpu" or F_ % g or F_ // g < 4 * k or B == 0:
+        return pre.topk(k, dim=-1, sorted=False)
+    G = F_ // g
+    gmax = pre.view(B, g, G).amax(1)  # (B, G): group c holds columns c, c + G, ..., c + 7G
+    coarse = gmax.view(B, g, G // g).amax(1) if G % g == 0 and G // g >= 2 * k else gmax
+    if bool(coarse.isnan().any()):  # NaN propagates through the maxima
+        return pre.topk(k, dim=-1, sorted=False)
+    low = coarse.topk(k, dim=-1, sorted=False).values.amin(1)  # (B,) <= each row's k-th
+    rows, groups = (gmax >= low.unsqueeze(1)).nonzero(as_tuple=True)  # row-major
+    flat = (rows * F_ + groups).unsqueeze(1) + G * torch.arange(g, device=pre.device)  # (N, g)
+    vals = torch.take(pre, flat)
+    keep = (vals >= low[rows].unsqueeze(1)).view(-1).nonzero().squeeze(1)
+    flat, vals = flat.view(-1)[keep], vals.view(-1)[keep]  # still grouped by row
+    rows = flat // F_
+    counts = torch.bincount(rows, minlength=B)
+    width = int(counts.max())
+    if int(counts.min()) < k or width > 16 * k or not bool(torch.isfinite(low).all()):
+        return pre.topk(k, dim=-1, sorted=False)
+    slot = rows * width + torch.arange(len(rows), device=pre.device) - (counts.cumsum(0) -
+                                                                         counts)[rows]
+    ranked = torch.full((B * width,), float("-inf"), dtype=pre.dtype, device=pre.device)
+    column = torch.zeros(B * width, dtype=torch.long, device=pre.device)
+    ranked[slot], column[slot] = vals, flat - rows * F_
+    values, j = ranked.view(B, width).topk(k, dim=-1, sorted=False)
+    return values, column.view(B, width).gather(1, j)
+
+
 def _top_among(pre: torch.Tensor, among: torch.Tensor, k: int):
     """The ``k`` largest of each row of ``pre`` among the columns marked in ``among`` (F,):
     ``(values, indices)``, ``(B, k)``. Few marked columns (dead latents, usually) are gathered
@@ -82,7 +124,7 @@ def _top_among(pre: torch.Tensor, among: torch.Tensor, k: int):
     if 4 * len(columns) < pre.shape[1]:
         values, j = pre.index_select(1, columns).topk(k, dim=-1, sorted=False)
         return values, columns[j]
-    return pre.masked_fill_(~among, float("-inf")).topk(k, dim=-1, sorted=False)
+    return row_topk(pre.masked_fill_(~among, float("-inf")), k)
 
 
 class _TopKSAEForward(torch.autograd.Function):
@@ -97,7 +139,7 @@ class _TopKSAEForward(torch.autograd.Function):
     def forward(ctx, x, W_enc, b_enc, b_dec_in, W_dec, b_dec, k: int, dead, k_aux: int):
         pre = torch.addmm(folded_bias(W_enc, b_enc, b_dec_in), x,
                           W_enc, out=_buffer((x.shape[0], W_enc.shape[1]), x))  # (B, F)
-        vals, idx = pre.topk(k, dim=-1, sorted=False)  # (B, k)
+        vals, idx = row_topk(pre, k)  # (B, k)
         acts = torch.relu(vals)
         x_hat = F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum") + b_dec
         aux_hat = aux_idx = aux_acts = None
