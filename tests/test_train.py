@@ -16,6 +16,7 @@ from sae_nb.dictionaries.architectures import (
     build_dictionary,
 )
 from sae_nb.dictionaries.saving import DictionaryFormatError, load_sae_nb, save_dictionary
+from sae_nb.training import sparse_ops
 from sae_nb.training.sparse_ops import topk_sae_forward
 from sae_nb.training.trainer import TrainingError, geometric_median, train_dictionary
 
@@ -60,11 +61,15 @@ def test_topk_has_exactly_k_actives():
 @pytest.mark.parametrize("n_dead,dead_every", [(0, 3), (3, 3), (3, 11)],
                          ids=["no_auxk", "many_dead", "few_dead"])
 @pytest.mark.parametrize("width", [F, 512], ids=["narrow", "wide"])
-def test_sparse_ops_match_dense_autograd(transcoder, n_dead, dead_every, width):
+@pytest.mark.parametrize("dense_aux", [False, True], ids=["aux_gathers", "aux_dense"])
+def test_sparse_ops_match_dense_autograd(transcoder, n_dead, dead_every, width, dense_aux,
+                                         monkeypatch):
     """The fused training forward (one sort in its backward) against plain dense autograd:
     the loss and every parameter's gradient, with and without AuxK, for an SAE (b_dec taken
     off the input) and a transcoder (another target, input taken as it is); at a width where
-    the row top-k ranks candidate groups (wide) and where it is torch's (narrow)."""
+    the row top-k ranks candidate groups (wide) and where it is torch's (narrow); AuxK as
+    gathers of its codes' decoder rows or as dense products over the dead columns."""
+    monkeypatch.setattr(sparse_ops, "DENSE_AUX_SHARE", 0.0 if dense_aux else float("inf"))
     torch.manual_seed(1)
     x = torch.randn(24, D, dtype=torch.double)
     y = torch.randn(24, D, dtype=torch.double) if transcoder else x
