@@ -155,7 +155,8 @@ class _TopKSAEForward(torch.autograd.Function):
                 aux_vals, j = row_topk(pre.index_select(1, aux_cols), k_aux)
                 aux_acts = torch.zeros(len(x), len(aux_cols), dtype=x.dtype,
                                        device=x.device).scatter_(1, j, torch.relu(aux_vals))
-                aux_hat = aux_acts @ W_dec.index_select(0, aux_cols)
+                with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as the bags
+                    aux_hat = aux_acts @ W_dec.index_select(0, aux_cols)
             else:
                 aux_cols = None
                 aux_vals, aux_idx = _top_among(pre, dead, k_aux)
