@@ -58,8 +58,8 @@ def test_topk_has_exactly_k_actives():
 
 
 @pytest.mark.parametrize("transcoder", [False, True])
-@pytest.mark.parametrize("n_dead,dead_every", [(0, 3), (3, 3), (3, 11)],
-                         ids=["no_auxk", "many_dead", "few_dead"])
+@pytest.mark.parametrize("n_dead,dead_every", [(0, 3), (3, 3), (3, 11), ("all", 11)],
+                         ids=["no_auxk", "many_dead", "few_dead", "every_dead_kept"])
 @pytest.mark.parametrize("width", [F, 512], ids=["narrow", "wide"])
 @pytest.mark.parametrize("dense_aux", [False, True], ids=["aux_gathers", "aux_dense"])
 def test_sparse_ops_match_dense_autograd(transcoder, n_dead, dead_every, width, dense_aux,
@@ -79,6 +79,8 @@ def test_sparse_ops_match_dense_autograd(transcoder, n_dead, dead_every, width, 
               torch.randn(D, dtype=torch.double, requires_grad=True)]
     dead = torch.zeros(width, dtype=torch.bool)
     dead[::dead_every] = True  # a third of the latents (ranked in place) or a few (gathered)
+    if n_dead == "all":  # AuxK keeps every dead latent (k_aux as large as their count)
+        n_dead = int(dead.sum())
 
     def b_in(b_dec):
         return torch.zeros_like(b_dec) if transcoder else b_dec

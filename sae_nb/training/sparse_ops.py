@@ -79,7 +79,7 @@ def _gather_dot(W: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Te
 
 def row_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``pre.topk(k, dim=-1, sorted=False)`` for ``pre (B, F)``, the same values (which of equal
-    values at the cut are kept may differ), in about half the time on a CPU.
+    values at the cut are kept may differ), in about 30% less time on a CPU.
 
     torch's CPU top-k spends ~10 ns per entry ranking (value, index) pairs; this ranks only a
     few percent of the entries. The columns form ``F / 8`` strided groups (column ``c`` belongs
@@ -97,9 +97,10 @@ def row_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     G = F_ // g
     gmax = pre.view(B, g, G).amax(1)  # (B, G): group c holds columns c, c + G, ..., c + 7G
     coarse = gmax.view(B, g, G // g).amax(1) if G % g == 0 and G // g >= 2 * k else gmax
-    if bool(coarse.isnan().any()):  # NaN propagates through the maxima
-        return pre.topk(k, dim=-1, sorted=False)
     low = coarse.topk(k, dim=-1, sorted=False).values.amin(1)  # (B,) <= each row's k-th
+    # NaN propagates through the maxima; -inf at a bound admits every column of its row.
+    if bool(coarse.isnan().any()) or not bool(torch.isfinite(low).all()):
+        return pre.topk(k, dim=-1, sorted=False)
     rows, groups = (gmax >= low.unsqueeze(1)).nonzero(as_tuple=True)  # row-major
     flat = (rows * F_ + groups).unsqueeze(1) + G * torch.arange(g, device=pre.device)  # (N, g)
     vals = torch.take(pre, flat)
@@ -108,7 +109,7 @@ def row_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     rows = flat // F_
     counts = torch.bincount(rows, minlength=B)
     width = int(counts.max())
-    if int(counts.min()) < k or width > 16 * k or not bool(torch.isfinite(low).all()):
+    if int(counts.min()) < k or width > 16 * k:
         return pre.topk(k, dim=-1, sorted=False)
     slot = rows * width + torch.arange(len(rows), device=pre.device) - (counts.cumsum(0) -
                                                                          counts)[rows]
@@ -146,30 +147,36 @@ class _TopKSAEForward(torch.autograd.Function):
         vals, idx = row_topk(pre, k)  # (B, k)
         acts = torch.relu(vals)
         x_hat = F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum") + b_dec
-        aux_hat = aux_idx = aux_acts = aux_cols = None
+        aux_hat = aux_idx = aux_acts = aux_cols = W_dead = None
         if dead is not None and k_aux > 0:
             aux_cols = dead.nonzero().squeeze(1)
             if DENSE_AUX_SHARE * len(aux_cols) <= k_aux:
                 # Many codes per dead latent: dense products over the dead columns cost less
                 # than gathers of k_aux rows per token (aux_acts is then (B, dead) codes).
-                aux_vals, j = row_topk(pre.index_select(1, aux_cols), k_aux)
-                aux_acts = torch.zeros(len(x), len(aux_cols), dtype=x.dtype,
-                                       device=x.device).scatter_(1, j, torch.relu(aux_vals))
+                pre_dead = pre.index_select(1, aux_cols)
+                if k_aux < len(aux_cols):
+                    aux_vals, j = row_topk(pre_dead, k_aux)
+                    aux_acts = torch.zeros_like(pre_dead).scatter_(1, j, torch.relu(aux_vals))
+                else:  # every dead latent is kept
+                    aux_acts = pre_dead.relu_()
+                W_dead = W_dec.index_select(0, aux_cols)
                 with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as the bags
-                    aux_hat = aux_acts @ W_dec.index_select(0, aux_cols)
+                    aux_hat = aux_acts @ W_dead
             else:
                 aux_cols = None
                 aux_vals, aux_idx = _top_among(pre, dead, k_aux)
                 aux_acts = torch.relu(aux_vals)
                 aux_hat = F.embedding_bag(aux_idx, W_dec, per_sample_weights=aux_acts,
                                           mode="sum")
-        ctx.save_for_backward(x, W_enc, b_dec_in, W_dec, idx, acts, aux_idx, aux_acts, aux_cols)
+        ctx.save_for_backward(x, W_enc, b_dec_in, W_dec, idx, acts, aux_idx, aux_acts, aux_cols,
+                              W_dead)
         ctx.mark_non_differentiable(acts, idx)
         return x_hat, aux_hat, acts, idx
 
     @staticmethod
     def backward(ctx, g_hat, g_aux_hat, _g_acts, _g_idx):
-        x, W_enc, b_dec_in, W_dec, idx, acts, aux_idx, aux_acts, aux_cols = ctx.saved_tensors
+        (x, W_enc, b_dec_in, W_dec, idx, acts, aux_idx, aux_acts, aux_cols,
+         W_dead) = ctx.saved_tensors
         B, F_ = x.shape[0], W_enc.shape[1]
         g_hat = torch.zeros_like(x) if g_hat is None else g_hat.contiguous()
         x_in = x - b_dec_in
@@ -195,7 +202,7 @@ class _TopKSAEForward(torch.autograd.Function):
                                                                              g_pre.flatten())
         if aux_cols is not None and g_aux_hat is not None:  # dense AuxK over the dead columns
             g_aux_hat = g_aux_hat.contiguous()
-            g_aux = (g_aux_hat @ W_dec.index_select(0, aux_cols).T) * (aux_acts > 0)  # (B, dead)
+            g_aux = (g_aux_hat @ W_dead.T) * (aux_acts > 0)  # (B, dead)
             g_W_enc.index_add_(0, aux_cols, g_aux.T @ x_in)
             g_W_dec.index_add_(0, aux_cols, aux_acts.T @ g_aux_hat)
             g_b_enc.index_add_(0, aux_cols, g_aux.sum(0))
