@@ -601,3 +601,57 @@ def test_auxk_alpha_zero_skips_the_auxiliary_top_k(monkeypatch):
     seen.clear()
     train_dictionary(batches(x), auxk_alpha=0.0, **kw)
     assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_adam_updates_the_latent_major_encoder_as_adam_written_out(arch, monkeypatch):
+    """TopK and BatchTopK keep ``W_enc`` (D, F) as the transpose of an (F, D) matrix, and the
+    fused Adam step sees it transposed back (contiguous). Each step's update of every parameter
+    is Adam's, written out here in float64 from the gradient and rate that reach the step; the
+    layouts are the same after every step, and inside the step every tensor is contiguous."""
+    seen = []
+    step = torch.optim.Adam.step
+
+    def adam_spy(self, *a, **kw):
+        params = [p for group in self.param_groups for p in group["params"]
+                  if p.grad is not None]
+        assert all(p.is_contiguous() and p.grad.is_contiguous() for p in params)
+        assert all(v.is_contiguous() for s in self.state.values() for v in s.values())
+        before = [(p.detach().double().clone(), p.grad.double().clone()) for p in params]
+        out = step(self, *a, **kw)
+        seen.append((before, [p.detach().double().clone() for p in params],
+                     self.param_groups[0]["lr"], self.param_groups[0]["betas"]))
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", adam_spy)
+    result = train_dictionary(batches(data()), architecture=arch, d_sae=F, k=K,
+                              total_tokens=128 * 5, seed=0, progress=False)
+    assert len(seen) == 5
+    m = v = None
+    for t, (before, after, lr, (b1, b2)) in enumerate(seen, 1):
+        if m is None:
+            m = [torch.zeros_like(p) for p, _ in before]
+            v = [torch.zeros_like(p) for p, _ in before]
+        for i, ((p, g), p_new) in enumerate(zip(before, after)):
+            assert p.shape == p_new.shape  # each parameter in its own shape, transposed back
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            update = lr * (m[i] / (1 - b1 ** t)) / ((v[i] / (1 - b2 ** t)).sqrt() + 1e-8)
+            # atol: the float32 parameter's rounding (steps are ~1e-2 here)
+            torch.testing.assert_close(p - p_new, update, rtol=1e-4, atol=1e-7,
+                                       msg=lambda m, t=t, i=i: f"step {t}, parameter {i}: {m}")
+    assert result.dictionary.W_enc.is_contiguous()  # the usual layout once trained
+
+
+def test_the_encoder_keeps_its_layout_across_steps():
+    from sae_nb.training.trainer import TrainConfig, Training
+
+    x = data()[:128]
+    run = Training(x, x, TrainConfig(architecture="topk", d_sae=F, k=K, total_tokens=128 * 3),
+                   progress=False)
+    for _ in range(3):
+        run.step(x)
+        p = run.sae.W_enc
+        assert p.shape == (D, F) and p.stride() == (1, D) and p.grad.stride() == (1, D)
+        state = run.opt.state[p]
+        assert state["exp_avg"].stride() == state["exp_avg_sq"].stride() == (1, D)

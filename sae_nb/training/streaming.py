@@ -41,6 +41,7 @@ from sae_nb.training.trainer import (
     read_checkpoint,
 )
 from sae_nb.util.errors import SaeNbError
+from sae_nb.util.heap import kept_heap
 from sae_nb.util.io import atomic_open, jsonable
 
 log = logging.getLogger(__name__)
@@ -202,7 +203,8 @@ def train_sites(batches: Iterable, config: TrainConfig | None = None, progress: 
                             "per job with train_dictionary.")
     lock = lock_checkpoint_dir(cfg.checkpoint_dir)
     try:
-        return _train_sites(batches, cfg, progress, resume, dictionaries)
+        with kept_heap():  # the steps reuse freed memory instead of faulting in fresh pages
+            return _train_sites(batches, cfg, progress, resume, dictionaries)
     finally:
         if lock is not None:
             lock.close()

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -61,6 +62,7 @@ from sae_nb.training.optimizers import ScheduleFreeSignSGD
 from sae_nb.training.sparse_ops import release_scratch
 from sae_nb.util.checks import real_number, whole_number
 from sae_nb.util.errors import SaeNbError
+from sae_nb.util.heap import kept_heap
 from sae_nb.util.io import LockHeld, atomic_open, folder_name, hold_lock, jsonable
 
 log = logging.getLogger(__name__)
@@ -376,7 +378,8 @@ def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progr
     group = setup()  # one process, or the ranks of a torchrun job
     lock = lock_checkpoint_dir(cfg.checkpoint_dir, group)
     try:
-        return _train(batches, cfg, group, progress, resume)
+        with kept_heap():  # the steps reuse freed memory instead of faulting in fresh pages
+            return _train(batches, cfg, group, progress, resume)
     finally:
         if lock is not None:
             lock.close()
@@ -528,6 +531,37 @@ def _latent_major_encoder(sae: Dictionary) -> None:
     sae.W_enc = torch.nn.Parameter(sae.W_enc.detach().t().contiguous().t())
 
 
+@contextmanager
+def _contiguous_for_step(opt) -> Iterator[None]:
+    """Show fused Adam the latent-major ``W_enc`` as its contiguous (F, D) transpose during the
+    step: given the (D, F) view, the kernel copies the gradient to a contiguous tensor first
+    (~6 ms of an 8 ms update at 576 x 4,608). Parameter, gradient and moments are transposed
+    together (views of the same memory) and back after the step."""
+    swapped = []
+    if isinstance(opt, torch.optim.Adam) and opt.defaults.get("fused"):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if (p.dim() == 2 and p.grad is not None and not p.is_contiguous()
+                        and p.t().is_contiguous() and p.grad.stride() == p.stride()):
+                    swapped.append(p)
+    for p in swapped:
+        _transpose_in_place(p, opt.state.get(p, {}))
+    try:
+        yield
+    finally:
+        for p in swapped:
+            _transpose_in_place(p, opt.state.get(p, {}))
+
+
+def _transpose_in_place(p: torch.nn.Parameter, state: dict) -> None:
+    grad, p.grad = p.grad, None  # the new shape first: a gradient must match its parameter
+    p.data = p.data.t()
+    p.grad = grad.t()
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            state[key] = value.t()
+
+
 def _rng_state(device: torch.device) -> tuple:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
@@ -563,7 +597,8 @@ def _train_step(sae: Dictionary, opt, sched, cfg, state, x, y, bar,
     # After the projection and the ranks' mean: all agree. A sign step ignores the scale.
     if cfg.grad_clip_norm is not None and cfg.optimizer == "adam":
         grad_norm = torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip_norm)
-    opt.step()
+    with _contiguous_for_step(opt):
+        opt.step()
     sched.step()
     if type(sae) is JumpReLUSAE:
         sae.project_threshold()
