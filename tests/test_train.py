@@ -62,13 +62,15 @@ def test_topk_has_exactly_k_actives():
                          ids=["no_auxk", "many_dead", "few_dead", "every_dead_kept"])
 @pytest.mark.parametrize("width", [F, 512], ids=["narrow", "wide"])
 @pytest.mark.parametrize("dense_aux", [False, True], ids=["aux_gathers", "aux_dense"])
+@pytest.mark.parametrize("screen", [False, True], ids=["fp", "screened"])
 def test_sparse_ops_match_dense_autograd(transcoder, n_dead, dead_every, width, dense_aux,
-                                         monkeypatch):
+                                         screen, monkeypatch):
     """The fused training forward (one sort in its backward) against plain dense autograd:
     the loss and every parameter's gradient, with and without AuxK, for an SAE (b_dec taken
     off the input) and a transcoder (another target, input taken as it is); at a width where
     the row top-k ranks candidate groups (wide) and where it is torch's (narrow); AuxK as
-    gathers of its codes' decoder rows or as dense products over the dead columns."""
+    gathers of its codes' decoder rows or as dense products over the dead columns; the
+    latents ranked in the input's precision or screened in bfloat16 first."""
     monkeypatch.setattr(sparse_ops, "DENSE_AUX_SHARE", 0.0 if dense_aux else float("inf"))
     torch.manual_seed(1)
     x = torch.randn(24, D, dtype=torch.double)
@@ -87,7 +89,7 @@ def test_sparse_ops_match_dense_autograd(transcoder, n_dead, dead_every, width, 
 
     def fast(W_enc, b_enc, W_dec, b_dec):
         x_hat, aux_hat, _, _ = topk_sae_forward(x, W_enc, b_enc, b_in(b_dec), W_dec, b_dec, K,
-                                                dead if n_dead else None, n_dead)
+                                                dead if n_dead else None, n_dead, screen)
         err = y - x_hat
         loss = err.pow(2).sum()
         return loss + (aux_hat - err.detach()).pow(2).sum() if n_dead else loss
@@ -655,3 +657,96 @@ def test_the_encoder_keeps_its_layout_across_steps():
         assert p.shape == (D, F) and p.stride() == (1, D) and p.grad.stride() == (1, D)
         state = run.opt.state[p]
         assert state["exp_avg"].stride() == state["exp_avg_sq"].stride() == (1, D)
+
+
+@pytest.mark.parametrize("near_ties", [False, True], ids=["spread", "near_ties"])
+def test_screened_topk_keeps_exact_values_and_misses_only_within_bfloat16_rounding(near_ties):
+    """The bfloat16 screen's k per row, against the float64 top k: the values kept are the
+    columns' own pre-activations to float32 precision; the float64 k-th value is never more
+    than two bfloat16 roundings above the smallest one kept. With spread values the sets are
+    the same in nearly every row; the hard case: 40 columns equal to 1e-4 at every row's top,
+    of which the k largest are to be told apart."""
+    from sae_nb.training.sparse_ops import screened_topk
+
+    g = torch.Generator().manual_seed(0)
+    B, d, width, k = 512, 64, 1024, 16
+    x = torch.randn(B, d, generator=g)
+    W = torch.randn(d, width, generator=g) / d ** 0.5
+    bias = torch.randn(width, generator=g) * 0.1
+    if near_ties:
+        W[:, :40] = W[:, :1] + 1e-4 * torch.randn(d, 40, generator=g)
+        bias[:40] = 8.0  # above every other column in every row
+    values, idx = screened_topk(x, W, bias, k)
+    pre = x.double() @ W.double() + bias.double()
+    torch.testing.assert_close(values.double(), pre.gather(1, idx), rtol=1e-5, atol=1e-6)
+    true_v, true_i = pre.topk(k, 1)
+    kept_kth = pre.gather(1, idx).min(1).values
+    rounding = 2.0 ** -8 * (x.abs().double() @ W.abs().double() + bias.abs().double())
+    assert ((true_v[:, -1] - kept_kth) <= 2 * rounding.max(1).values).all()
+    same = (idx.sort(1).values == true_i.sort(1).values).all(1).float().mean()
+    if near_ties:
+        assert (idx < 40).all()  # the 40 near-equal columns still hold every row's top k
+    else:
+        assert same > 0.99, float(same)
+
+
+def test_bfloat16_screen_trains_as_float32_does():
+    """encoder_precision="bfloat16" against float32 on the same batches: the same held-out
+    FVU to 1% (the runs differ only where the screen kept another of two near-equal latents and
+    in float rounding); it is refused for other architectures and unknown precisions."""
+    x = data()
+    common = dict(architecture="topk", d_sae=F, k=K, total_tokens=128 * 60, seed=0,
+                  progress=False)
+    fvu = {}
+    for precision in ("float32", "bfloat16"):
+        sae = train_dictionary(batches(x), encoder_precision=precision, **common).dictionary
+        with torch.no_grad():
+            fvu[precision] = float((x - sae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert fvu["float32"] < 0.5
+    assert fvu["bfloat16"] == pytest.approx(fvu["float32"], rel=0.01), fvu
+    with pytest.raises(TrainingError, match="encoder_precision='bfloat16' is for "
+                                            "architecture='topk'"):
+        train_dictionary(batches(x), architecture="batchtopk", encoder_precision="bfloat16",
+                         progress=False)
+    with pytest.raises(TrainingError, match="Unknown encoder_precision 'fp8'"):
+        train_dictionary(batches(x), encoder_precision="fp8", progress=False)
+
+
+@pytest.mark.parametrize("case", ["mse_only", "auxk", "auxk_given_variance", "zero_variance"])
+def test_topk_loss_and_its_gradient_equal_autograd_of_the_formula(case):
+    """TopK's fused loss against autograd of Gao et al.'s terms written out (float64): the MSE
+    summed over D and averaged over rows, plus alpha times AuxK's MSE on the detached residual
+    over the residual's variance, zeroed where that ratio is not finite."""
+    from sae_nb.training.objectives import _TopKLoss
+
+    torch.manual_seed(0)
+    B, d, alpha = 32, 8, 1 / 32
+    y = torch.randn(B, d, dtype=torch.double)
+    x_hat = torch.randn(B, d, dtype=torch.double, requires_grad=True)
+    aux_hat = None if case == "mse_only" else torch.randn(B, d, dtype=torch.double,
+                                                          requires_grad=True)
+    if case == "zero_variance":  # every residual row the same: variance 0, clamped at 1e-8
+        with torch.no_grad():
+            x_hat.copy_(y - torch.randn(1, d, dtype=torch.double))
+    given = torch.tensor(0.7, dtype=torch.double) if case == "auxk_given_variance" else None
+
+    def written_out():
+        err = y - x_hat
+        loss = err.pow(2).sum(-1).mean()
+        if aux_hat is not None:
+            residual = err.detach()
+            var = (residual - residual.mean(0)).pow(2).sum(-1).mean() if given is None else given
+            ratio = (residual - aux_hat).pow(2).sum(-1).mean() / var.clamp_min(1e-8)
+            loss = loss + alpha * torch.nan_to_num(ratio)
+        return loss, err.pow(2).sum()
+
+    inputs = [t for t in (x_hat, aux_hat) if t is not None]
+    loss, err_sq = _TopKLoss.apply(x_hat, aux_hat, y, alpha, given)
+    ref_loss, ref_err_sq = written_out()
+    torch.testing.assert_close(loss, ref_loss)
+    torch.testing.assert_close(err_sq, ref_err_sq.detach())
+    for name, got, want in zip(("x_hat", "aux_hat"), torch.autograd.grad(loss, inputs),
+                               torch.autograd.grad(ref_loss, inputs)):
+        if not (case == "zero_variance" and name == "aux_hat"):
+            assert want.abs().max() > 0, name
+        torch.testing.assert_close(got, want, msg=name)
