@@ -186,9 +186,9 @@ class TrainConfig:
     encoder_precision: Literal["float32", "bfloat16"] = "float32"
     """TopK: ``"bfloat16"`` ranks the latents with the encoder's dense product in bfloat16 (~9x
     faster than float32 on a CPU with AMX, as on a GPU), then recomputes each token's best
-    ``1.5 k`` in float32 and keeps the k largest: the same codes as float32 in every row
-    measured, the step ~1.6x faster (docs/performance.md). Slower, not faster, on a CPU
-    without bfloat16 matrix units."""
+    ``k + max(8, k / 4)`` in float32 and keeps the k largest: the same codes as float32 in
+    every row measured, training 1.35-1.5x faster (docs/performance.md). Slower, not faster,
+    on a CPU without bfloat16 matrix units."""
     checkpoint_dir: str | None = None
     """Folder of the checkpoint that training writes and resumes from; None: no checkpoints."""
     checkpoint_every: int = 0
