@@ -58,7 +58,8 @@ class Step:
 def _residual_variance(residual: torch.Tensor, group: Group | None) -> torch.Tensor:
     """``mean_i |r_i - mean(r)|^2`` over the global batch (this rank's rows without a group)."""
     if group is None or group.world == 1:
-        return (residual - residual.mean(0)).pow(2).sum(-1).mean()
+        centred = (residual - residual.mean(0)).reshape(-1)
+        return torch.dot(centred, centred) / len(residual)
     n, residual = len(residual) * group.world, residual.float()  # bf16 under autocast
     mean = group.sum_(residual.sum(0)) / n  # (D,)
     return group.sum_((residual - mean).pow(2).sum()) / n
@@ -106,15 +107,13 @@ class _TopKLoss(torch.autograd.Function):
         loss, aux_scale, d = err_sq / B, None, None
         if aux_hat is not None:
             d = err - aux_hat
-            if denom is None:
-                centred = (err - err.mean(0)).view(-1)
-                denom = torch.dot(centred, centred) / B
-            ratio = torch.dot(d.view(-1), d.view(-1)) / B / denom.clamp_min(1e-8)
+            var = (_residual_variance(err, None) if denom is None else denom).clamp_min(1e-8)
+            ratio = torch.dot(d.view(-1), d.view(-1)) / B / var
             finite = bool(torch.isfinite(ratio))
             loss = loss + alpha * (ratio if finite else torch.nan_to_num(ratio))
-            aux_scale = -2 * alpha / (B * denom.clamp_min(1e-8)) if finite else None
+            aux_scale = -2 * alpha / (B * var) if finite else None
         ctx.save_for_backward(err, d)
-        ctx.aux_scale, ctx.B, ctx.aux = aux_scale, B, aux_hat is not None
+        ctx.aux_scale, ctx.B = aux_scale, B
         ctx.mark_non_differentiable(err_sq)
         return loss, err_sq
 
@@ -123,7 +122,7 @@ class _TopKLoss(torch.autograd.Function):
         err, d = ctx.saved_tensors
         g_x_hat = err * (-2 * g_loss / ctx.B)
         g_aux_hat = None
-        if ctx.aux:
+        if d is not None:  # AuxK's term
             g_aux_hat = (d * (ctx.aux_scale * g_loss) if ctx.aux_scale is not None
                          else torch.zeros_like(d))
         return g_x_hat, g_aux_hat, None, None, None
