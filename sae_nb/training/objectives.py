@@ -28,6 +28,7 @@ from sae_nb.dictionaries.architectures import (
     TopKSAE,
     folded_bias,
 )
+from sae_nb.training import kernels
 from sae_nb.training.distributed import Group
 from sae_nb.training.sparse_ops import (
     bag_sum,
@@ -447,6 +448,15 @@ def jumprelu_step(sae: JumpReLUSAE, x, y, l0_coefficient: float, bandwidth: floa
                 active.any(0), err_sq.detach(), y, x_hat.detach())
 
 
+def screens(encoder_precision: str, x: torch.Tensor) -> bool:
+    """Whether a TopK step ranks its latents with the certified bfloat16 screen: asked for, or
+    ``"auto"`` on a CPU whose bfloat16 matrix units (AMX) make it faster, with the kernels."""
+    if encoder_precision != "auto":
+        return encoder_precision == "bfloat16"
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and kernels.amx()
+            and kernels.library() is not None)
+
+
 def compute_step(sae: Dictionary, x, y, cfg, dead, past_warmup: bool = True,
                  group: Group | None = None) -> Step:
     """Dispatch on the dictionary's class; ``group``: the ranks sharing the batch, if any."""
@@ -458,7 +468,7 @@ def compute_step(sae: Dictionary, x, y, cfg, dead, past_warmup: bool = True,
                               group=group, matryoshka_widths=widths, sparse=True)
     if isinstance(sae, TopKSAE):
         return topk_step(sae, x, y, dead, cfg.k_aux_value(sae), cfg.auxk_alpha, group,
-                         screen=getattr(cfg, "encoder_precision", "float32") == "bfloat16")
+                         screen=screens(getattr(cfg, "encoder_precision", "float32"), x))
     if isinstance(sae, JumpReLUSAE):
         return jumprelu_step(sae, x, y, cfg.l0_coefficient, cfg.jumprelu_bandwidth)
     return relu_step(sae, x, y, cfg.l1_coefficient, cfg.sparsity_penalty,

@@ -75,7 +75,7 @@ OPTIMIZERS = ("adam", "signsgd_schedulefree")
 # Settings added after checkpoints were first written, with the value every earlier run had.
 ADDED_SETTINGS = {"optimizer": "adam", "momentum": 0.95, "skip_connection": False,
                   "encoder_precision": "float32"}
-ENCODER_PRECISIONS = ("float32", "bfloat16")
+ENCODER_PRECISIONS = ("auto", "float32", "bfloat16")
 # The default learning rate is LR_BASE / sqrt(d_sae / 2**14) per optimizer. Adam's was 2e-4 (Gao
 # et al.'s law) until checkpoints recorded their rate; 4x that reaches a lower held-out FVU at
 # every architecture and width measured (docs/performance.md, "The learning rate").
@@ -183,12 +183,14 @@ class TrainConfig:
     """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
     autocast: bool = False
     """bf16 autocast on CUDA."""
-    encoder_precision: Literal["float32", "bfloat16"] = "float32"
+    encoder_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     """TopK: ``"bfloat16"`` ranks the latents with the encoder's dense product in bfloat16 (~9x
-    faster than float32 on a CPU with AMX, as on a GPU), then recomputes each token's best
-    ``k + max(8, k / 4)`` in float32 and keeps the k largest: the same codes as float32 in
-    every row measured, training 1.35-1.5x faster (docs/performance.md). Slower, not faster,
-    on a CPU without bfloat16 matrix units."""
+    faster than float32 on a CPU with AMX, as on a GPU), recomputes the best candidates in
+    float32 and certifies each token's top k against the product's rounding bound (the tokens
+    not certified, ~2%, get the float32 product): the same codes as ``"float32"``, training
+    1.5x faster (docs/performance.md), slower on a CPU without bfloat16 matrix units.
+    ``"auto"`` (the default): bfloat16 for TopK on a CPU with AMX and compiled kernels (a C
+    compiler), float32 elsewhere."""
     checkpoint_dir: str | None = None
     """Folder of the checkpoint that training writes and resumes from; None: no checkpoints."""
     checkpoint_every: int = 0
@@ -225,7 +227,7 @@ class TrainConfig:
         if self.encoder_precision not in ENCODER_PRECISIONS:
             raise TrainingError(f"Unknown encoder_precision {self.encoder_precision!r}; choose "
                                 f"one of {', '.join(map(repr, ENCODER_PRECISIONS))}.")
-        if self.encoder_precision != "float32" and self.architecture != "topk":
+        if self.encoder_precision == "bfloat16" and self.architecture != "topk":
             raise TrainingError(f"encoder_precision={self.encoder_precision!r} is for "
                                 f"architecture='topk' (this run: {self.architecture!r}); drop "
                                 f"it or train TopK.")

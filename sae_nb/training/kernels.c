@@ -1,0 +1,342 @@
+/* Compiled kernels for TopK training on a CPU (loaded by sae_nb/training/kernels.py).
+
+   Plain C with a C interface (no torch headers), so compiling takes about a second; the
+   Python side hands over tensors' data pointers. Each function splits its rows over
+   `threads` POSIX threads, which sleep between calls (no spinning pool beside torch's).
+
+   sae_round_rows:  x (rows, cols) -> bfloat16 (round to nearest even), with each row's norm,
+                    the norm of its rounding error and of the rounded row, optionally after
+                    subtracting a shift vector.
+   sae_screen_topk: the k largest of each row of x @ W^T + bias, given that product in
+                    bfloat16 (the screen) and a bound on the screen's error: the candidates
+                    are recomputed in float32 and a row is certified when no column left out
+                    can beat its k-th value. Rows not certified are reported, not guessed. */
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* Run fn(arg, start, stop) over [0, n) split into `threads` contiguous parts. */
+typedef void (*part_fn)(void *arg, int64_t start, int64_t stop);
+
+typedef struct {
+    part_fn fn;
+    void *arg;
+    int64_t start, stop;
+} part;
+
+static void *run_part(void *p) {
+    part *q = (part *)p;
+    q->fn(q->arg, q->start, q->stop);
+    return NULL;
+}
+
+static void split_rows(part_fn fn, void *arg, int64_t n, int threads) {
+    if (threads > 64) threads = 64;
+    if (threads < 1 || n < 2 * threads) threads = 1;
+    part parts[64];
+    pthread_t ids[64];
+    int started[64];
+    int64_t step = (n + threads - 1) / threads;
+    for (int t = 0; t < threads; t++) {
+        parts[t].fn = fn;
+        parts[t].arg = arg;
+        parts[t].start = t * step < n ? t * step : n;
+        parts[t].stop = (t + 1) * step < n ? (t + 1) * step : n;
+    }
+    for (int t = 1; t < threads; t++)
+        started[t] = pthread_create(&ids[t], NULL, run_part, &parts[t]) == 0;
+    run_part(&parts[0]);
+    for (int t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else
+            run_part(&parts[t]); /* no thread to be had: run it here */
+    }
+}
+
+/* ---- rounding to bfloat16 ---- */
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t b = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+typedef struct {
+    const float *src;
+    const float *shift; /* (cols,) or NULL */
+    int64_t cols;
+    float *shifted; /* (rows, cols) or NULL: src - shift, in float32 */
+    uint16_t *dst;
+    float *norm, *err, *rounded;
+} round_args;
+
+/* One row: d = bfloat16(s - shift) rounded to nearest even (NaN kept NaN), out = s - shift,
+   and the three norms, in float32 (their rounding is far inside the slack's margin). */
+static void round_row(const float *restrict s, const float *restrict shift, int n,
+                      float *restrict out, uint16_t *restrict d, float *norms) {
+    float n2 = 0.0f, e2 = 0.0f, d2 = 0.0f;
+#pragma omp simd reduction(+ : n2, e2, d2)
+    for (int i = 0; i < n; i++) {
+        float v = s[i] - shift[i];
+        out[i] = v;
+        uint32_t b;
+        memcpy(&b, &v, 4);
+        uint32_t even = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+        uint32_t h = (b & 0x7fffffffu) > 0x7f800000u ? ((b >> 16) | 0x40u) : even;
+        d[i] = (uint16_t)h;
+        uint32_t wb = h << 16;
+        float w;
+        memcpy(&w, &wb, 4);
+        n2 += v * v;
+        e2 += (w - v) * (w - v);
+        d2 += w * w;
+    }
+    norms[0] = sqrtf(n2);
+    norms[1] = sqrtf(e2);
+    norms[2] = sqrtf(d2);
+}
+
+static void round_part(void *p, int64_t start, int64_t stop) {
+    round_args *a = (round_args *)p;
+    int64_t C = a->cols;
+    float *zeros = (float *)calloc((size_t)C, sizeof(float));
+    float *scratch = a->shifted ? NULL : (float *)malloc(sizeof(float) * (size_t)C);
+    for (int64_t r = start; r < stop; r++) {
+        float norms[3] = {NAN, NAN, NAN};
+        if (zeros && (a->shifted || scratch))
+            round_row(a->src + r * C, a->shift ? a->shift : zeros, (int)C,
+                      a->shifted ? a->shifted + r * C : scratch, a->dst + r * C, norms);
+        a->norm[r] = norms[0]; /* NaN (out of memory) fails every row's certificate */
+        a->err[r] = norms[1];
+        a->rounded[r] = norms[2];
+    }
+    free(zeros);
+    free(scratch);
+}
+
+int sae_round_rows(const float *src, const float *shift, int64_t rows, int64_t cols,
+                   float *shifted, uint16_t *dst, float *norm, float *err, float *rounded,
+                   int threads) {
+    round_args a = {src, shift, cols, shifted, dst, norm, err, rounded};
+    split_rows(round_part, &a, rows, threads);
+    return 0;
+}
+
+/* ---- selection ---- */
+
+/* How many of a[0..n) are >= t (NaN never is). */
+static inline int count_ge(const float *a, int n, float t) {
+    int c = 0;
+#pragma omp simd reduction(+ : c)
+    for (int i = 0; i < n; i++) c += a[i] >= t;
+    return c;
+}
+
+/* A threshold t with at least `want` of a[0..n) >= t, as high as bisection between lo (which
+   must have that many) and hi finds in 30 halvings: the want-th largest value, or just below
+   it. Branch-free counting: faster here than a quickselect's unpredictable swaps. */
+static float at_least(const float *a, int n, int want, float lo, float hi) {
+    for (int it = 0; it < 30; it++) {
+        float mid = lo + (hi - lo) * 0.5f;
+        if (!(mid > lo && mid < hi)) break;
+        if (count_ge(a, n, mid) >= want) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* 32 running sums (4-8 vector registers): one would wait on each add's latency. */
+static inline float dot(const float *restrict a, const float *restrict b, int n) {
+    float acc[32] = {0};
+    int i = 0;
+    for (; i + 32 <= n; i += 32)
+#pragma omp simd
+        for (int l = 0; l < 32; l++) acc[l] += a[i + l] * b[i + l];
+    float sum = 0.0f;
+    for (; i < n; i++) sum += a[i] * b[i];
+    for (int l = 0; l < 32; l++) sum += acc[l];
+    return sum;
+}
+
+static inline void prefetch_row(const float *p, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+}
+
+typedef struct {
+    const uint16_t *screen; /* (B, F) bfloat16: x_rounded @ W_rounded^T, no bias */
+    const float *x;         /* (B, D) the input the exact values use */
+    const float *W;         /* (F, D) latent-major */
+    const float *bias;      /* (F,) */
+    const float *slack;     /* (B,) each row's bound on |screen - exact|, but for rounding */
+    int64_t F, D, k, m;
+    float c3, bias_max;
+    float *vals;
+    int64_t *idx;
+    uint8_t *ok;
+    int64_t *dots;
+} screen_args;
+
+/* out[j] = s[j] (bfloat16) + bias[j] */
+static void widen_add(const uint16_t *restrict s, const float *restrict bias,
+                      float *restrict out, int n) {
+#pragma omp simd
+    for (int j = 0; j < n; j++) {
+        uint32_t bits = (uint32_t)s[j] << 16;
+        float v;
+        memcpy(&v, &bits, 4);
+        out[j] = v + bias[j];
+    }
+}
+
+static void screen_part(void *p, int64_t start, int64_t stop) {
+    screen_args *a = (screen_args *)p;
+    const float *restrict bias = a->bias;
+    const int64_t F = a->F, k = a->k;
+    const int m = (int)(a->m < F ? a->m : F);
+    /* G groups of columns (column j in group j mod G); the m-th largest group maximum is at
+       most the row's m-th largest value, since m groups hold m distinct columns >= it. */
+    const int G = (int)(4 * (int64_t)m < F ? 4 * m : F);
+    const int cap = 8 * m;
+    float *row = (float *)malloc(sizeof(float) * (size_t)F);
+    float *gm = (float *)malloc(sizeof(float) * (size_t)G);
+    float *sv = (float *)malloc(sizeof(float) * (size_t)cap);
+    int32_t *sj = (int32_t *)malloc(sizeof(int32_t) * (size_t)cap);
+    float *ev = (float *)malloc(sizeof(float) * (size_t)cap);
+    int32_t *ej = (int32_t *)malloc(sizeof(int32_t) * (size_t)cap);
+    int32_t *order = (int32_t *)malloc(sizeof(int32_t) * (size_t)cap);
+    int64_t dots = 0;
+    if (!row || !gm || !sv || !sj || !ev || !ej || !order) {
+        for (int64_t r = start; r < stop; r++) a->ok[r] = 0;
+        goto done;
+    }
+    for (int64_t r = start; r < stop; r++) {
+        const uint16_t *restrict s = a->screen + r * F;
+        const float *x = a->x + r * a->D;
+        const float E = a->slack[r];
+        a->ok[r] = 0;
+        /* The screen's values with the bias, and the groups' maxima. */
+        widen_add(s, bias, row, (int)F);
+        for (int g = 0; g < G; g++) gm[g] = row[g];
+        for (int64_t j0 = G; j0 < F; j0 += G) {
+            int len = (int)(F - j0 < G ? F - j0 : G);
+            const float *blk = row + j0;
+#pragma omp simd
+            for (int g = 0; g < len; g++) gm[g] = blk[g] > gm[g] ? blk[g] : gm[g];
+        }
+        float lo = gm[0], hi = gm[0];
+        for (int g = 1; g < G; g++) {
+            lo = gm[g] < lo ? gm[g] : lo;
+            hi = gm[g] > hi ? gm[g] : hi;
+        }
+        if (!isfinite(lo) || !isfinite(hi)) continue; /* NaN or inf: not certified */
+        float t0 = G > m ? at_least(gm, G, m, lo, hi) : -INFINITY;
+        /* Candidates: every column >= t0 (at least m); the rest are < t0. */
+        int n = 0;
+        for (int g = 0; g < G && n <= cap; g++) {
+            if (!(gm[g] >= t0)) continue;
+            for (int64_t j = g; j < F; j += G)
+                if (row[j] >= t0) {
+                    if (n == cap) { n++; break; }
+                    sv[n] = row[j];
+                    sj[n++] = (int32_t)j;
+                }
+        }
+        if (n > cap || n < k) continue; /* many ties at the cut, or NaN: not certified */
+        /* Recompute the best k + 8 by the screen, then whichever others might still beat the
+           k-th recomputed value. */
+        int want = (int)(k + 8 < n ? k + 8 : n), first = 0, rest = n;
+        float t1 = at_least(sv, n, want, t0, hi);
+        for (int i = 0; i < n; i++) order[sv[i] >= t1 ? first++ : --rest] = i;
+        int c = 0;
+        for (int i = 0; i < first; i++) {
+            int q = order[i];
+            if (i + 1 < first) prefetch_row(a->W + (int64_t)sj[order[i + 1]] * a->D, a->D);
+            ev[c] = dot(x, a->W + (int64_t)sj[q] * a->D, (int)a->D) + bias[sj[q]];
+            ej[c++] = sj[q];
+        }
+        float emin = ev[0], emax = ev[0];
+        for (int i = 1; i < c; i++) {
+            emin = ev[i] < emin ? ev[i] : emin;
+            emax = ev[i] > emax ? ev[i] : emax;
+        }
+        float kth = c > k ? at_least(ev, c, (int)k, emin, emax) : emin; /* <= the k-th */
+        for (int i = first; i < n; i++) {
+            int q = order[i];
+            float v = sv[q];
+            if (v + a->c3 * (fabsf(v) + a->bias_max) + E < kth) continue; /* cannot beat it */
+            ev[c] = dot(x, a->W + (int64_t)sj[q] * a->D, (int)a->D) + bias[sj[q]];
+            ej[c++] = sj[q];
+        }
+        dots += c;
+        /* The k largest recomputed values: those above the k-th, then ties at it. */
+        emin = ev[0];
+        emax = ev[0];
+        for (int i = 1; i < c; i++) {
+            emin = ev[i] < emin ? ev[i] : emin;
+            emax = ev[i] > emax ? ev[i] : emax;
+        }
+        if (!isfinite(emin) || !isfinite(emax)) continue;
+        kth = c > k ? at_least(ev, c, (int)k, emin, emax) : emin;
+        /* at_least stops within float rounding of the k-th value: move those at or above it
+           first, then drop the smallest of them until k are left (ties at the cut). */
+        int top = 0;
+        for (int i = 0; i < c; i++)
+            if (ev[i] >= kth) {
+                float tv = ev[i];
+                int32_t tj = ej[i];
+                ev[i] = ev[top];
+                ej[i] = ej[top];
+                ev[top] = tv;
+                ej[top++] = tj;
+            }
+        for (; top > k; top--) {
+            int low = 0;
+            for (int q = 1; q < top; q++) low = ev[q] < ev[low] ? q : low;
+            float tv = ev[low];
+            int32_t tj = ej[low];
+            ev[low] = ev[top - 1];
+            ej[low] = ej[top - 1];
+            ev[top - 1] = tv;
+            ej[top - 1] = tj;
+        }
+        kth = ev[0];
+        for (int i = 1; i < k; i++) kth = ev[i] < kth ? ev[i] : kth;
+        /* Every column not recomputed is below t0 or could not beat the k-th value. */
+        float drop = t0;
+        float above = drop + a->c3 * (fabsf(drop) + a->bias_max) + E;
+        int certified = drop == -INFINITY ? (E == E) : (kth > above || above <= 0.0f);
+        if (!certified) continue;
+        a->ok[r] = 1;
+        for (int i = 0; i < k; i++) {
+            a->vals[r * k + i] = ev[i];
+            a->idx[r * k + i] = ej[i];
+        }
+    }
+done:
+    if (stop > start) a->dots[start] = dots; /* each part's count, at its first row */
+    free(row);
+    free(gm);
+    free(sv);
+    free(sj);
+    free(ev);
+    free(ej);
+    free(order);
+}
+
+int sae_screen_topk(const uint16_t *screen, const float *x, const float *W, const float *bias,
+                    const float *slack, int64_t B, int64_t F, int64_t D, int64_t k, int64_t m,
+                    float c3, float bias_max, float *vals, int64_t *idx, uint8_t *ok,
+                    int64_t *dots, int threads) {
+    if (k < 1 || m < k || F < k || F > INT32_MAX || D > INT32_MAX) return 1;
+    screen_args a = {screen, x, W, bias, slack, F, D, k, m, c3, bias_max, vals, idx, ok, dots};
+    split_rows(screen_part, &a, B, threads);
+    return 0;
+}
