@@ -136,11 +136,14 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile 20 steps")
     parser.add_argument("--optimizer", default="adam", help="TrainConfig.optimizer")
     parser.add_argument("--architecture", default="topk", help="TrainConfig.architecture")
-    parser.add_argument("--encoder-precision", default="float32",
-                        help="TrainConfig.encoder_precision (bfloat16: the screened top-k)")
+    parser.add_argument("--encoder-precision", default="auto",
+                        choices=("auto", "float32", "bfloat16"),
+                        help="TrainConfig.encoder_precision (auto, the default: the certified "
+                             "bfloat16 screen on a CPU with AMX, else float32)")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "outputs" / "bench",
                         help="the run folder holding (or to hold) the store")
     args = parser.parse_args()
+    from sae_nb.training.sparse_ops import SCREEN_STATS
     from sae_nb.training.trainer import train_dictionary
 
     store = activations(args.tokens + args.heldout + 4096, args.site, args.run_dir)
@@ -179,6 +182,10 @@ def main() -> None:
         used = tps * flops * D * F / 1e9
         print(f"  as {name} FLOPs/token: {used:.0f} GFLOP/s = {used / rate:.0%} of the matmul rate "
               f"(bound {rate * 1e9 / (flops * D * F):,.0f} tokens/s)")
+    if SCREEN_STATS["rows"]:
+        print(f"bfloat16 screen: {SCREEN_STATS['certified'] / SCREEN_STATS['rows']:.1%} of "
+              f"{SCREEN_STATS['rows']:,} rows certified (the rest took the float32 product), "
+              f"{SCREEN_STATS['dots'] / SCREEN_STATS['rows']:.1f} candidates recomputed per row")
     print(f"held-out ({len(store) - n_train} tokens): FVU {fvu:.4f}, L0 {l0:.1f}, "
           f"latents alive on held-out {fired:.1%}, dead at end of training "
           f"{result.log['dead_frac'].iloc[-1]:.1%}")

@@ -141,10 +141,11 @@ static inline int count_ge(const float *a, int n, float t) {
 }
 
 /* A threshold t with at least `want` of a[0..n) >= t, as high as bisection between lo (which
-   must have that many) and hi finds in 30 halvings: the want-th largest value, or just below
-   it. Branch-free counting: faster here than a quickselect's unpredictable swaps. */
-static float at_least(const float *a, int n, int want, float lo, float hi) {
-    for (int it = 0; it < 30; it++) {
+   must have that many) and hi finds in `halvings` steps: with 30, the want-th largest value
+   or just below it. Branch-free counting: faster here than a quickselect's unpredictable
+   swaps. */
+static float at_least(const float *a, int n, int want, float lo, float hi, int halvings) {
+    for (int it = 0; it < halvings; it++) {
         float mid = lo + (hi - lo) * 0.5f;
         if (!(mid > lo && mid < hi)) break;
         if (count_ge(a, n, mid) >= want) lo = mid;
@@ -237,23 +238,56 @@ static void screen_part(void *p, int64_t start, int64_t stop) {
             hi = gm[g] > hi ? gm[g] : hi;
         }
         if (!isfinite(lo) || !isfinite(hi)) continue; /* NaN or inf: not certified */
-        float t0 = G > m ? at_least(gm, G, m, lo, hi) : -INFINITY;
+        float t0 = G > m ? at_least(gm, G, m, lo, hi, 16) : -INFINITY; /* near enough */
         /* Candidates: every column >= t0 (at least m); the rest are < t0. */
         int n = 0;
+#if defined(__AVX512F__)
+        const __m512 tv = _mm512_set1_ps(t0);
+        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                                14, 15);
+        int64_t j = 0;
+        for (; j + 16 <= F; j += 16) {
+            __m512 v = _mm512_loadu_ps(row + j);
+            __mmask16 hit = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
+            if (!hit) continue;
+            int c = __builtin_popcount(hit);
+            if (n + c > cap) {
+                n = cap + 1;
+                break;
+            }
+            _mm512_mask_compressstoreu_ps(sv + n, hit, v);
+            _mm512_mask_compressstoreu_epi32(
+                sj + n, hit, _mm512_add_epi32(lanes, _mm512_set1_epi32((int)j)));
+            n += c;
+        }
+        for (; j < F && n <= cap; j++)
+            if (row[j] >= t0) {
+                if (n == cap) {
+                    n++;
+                    break;
+                }
+                sv[n] = row[j];
+                sj[n++] = (int32_t)j;
+            }
+#else
         for (int g = 0; g < G && n <= cap; g++) {
             if (!(gm[g] >= t0)) continue;
             for (int64_t j = g; j < F; j += G)
                 if (row[j] >= t0) {
-                    if (n == cap) { n++; break; }
+                    if (n == cap) {
+                        n++;
+                        break;
+                    }
                     sv[n] = row[j];
                     sj[n++] = (int32_t)j;
                 }
         }
+#endif
         if (n > cap || n < k) continue; /* many ties at the cut, or NaN: not certified */
-        /* Recompute the best k + 8 by the screen, then whichever others might still beat the
-           k-th recomputed value. */
-        int want = (int)(k + 8 < n ? k + 8 : n), first = 0, rest = n;
-        float t1 = at_least(sv, n, want, t0, hi);
+        /* Recompute the best k by the screen (about), then whichever others might still beat
+           the k-th recomputed value. */
+        int want = (int)(k < n ? k : n), first = 0, rest = n;
+        float t1 = at_least(sv, n, want, t0, hi, 16);
         for (int i = 0; i < n; i++) order[sv[i] >= t1 ? first++ : --rest] = i;
         int c = 0;
         for (int i = 0; i < first; i++) {
@@ -267,7 +301,7 @@ static void screen_part(void *p, int64_t start, int64_t stop) {
             emin = ev[i] < emin ? ev[i] : emin;
             emax = ev[i] > emax ? ev[i] : emax;
         }
-        float kth = c > k ? at_least(ev, c, (int)k, emin, emax) : emin; /* <= the k-th */
+        float kth = c > k ? at_least(ev, c, (int)k, emin, emax, 16) : emin; /* <= the k-th */
         for (int i = first; i < n; i++) {
             int q = order[i];
             float v = sv[q];
@@ -284,7 +318,7 @@ static void screen_part(void *p, int64_t start, int64_t stop) {
             emax = ev[i] > emax ? ev[i] : emax;
         }
         if (!isfinite(emin) || !isfinite(emax)) continue;
-        kth = c > k ? at_least(ev, c, (int)k, emin, emax) : emin;
+        kth = c > k ? at_least(ev, c, (int)k, emin, emax, 30) : emin;
         /* at_least stops within float rounding of the k-th value: move those at or above it
            first, then drop the smallest of them until k are left (ties at the cut). */
         int top = 0;

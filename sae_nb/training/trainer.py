@@ -368,9 +368,9 @@ def _lr_lambda(cfg: TrainConfig, steps: int):
 @torch.no_grad()
 def _project_out_parallel_grad(sae: Dictionary) -> None:
     """Keep decoder rows on the unit sphere: drop the gradient along each row."""
-    if sae.W_dec.grad is not None:
-        g, w = sae.W_dec.grad, sae.W_dec
-        g -= (g * w).sum(1, keepdim=True) * w
+    if sae.W_dec.grad is not None:  # in place: no (F, D) temporaries
+        g, w = sae.W_dec.grad, sae.W_dec.detach()
+        g.addcmul_(w, torch.linalg.vecdot(g, w).unsqueeze(1), value=-1)
 
 
 def train_dictionary(batches: Iterable, config: TrainConfig | None = None, progress: bool = True,
