@@ -284,6 +284,41 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
         train_dictionary(batches(x), k=8, **common)
 
 
+def test_a_checkpoint_resumes_under_another_encoder_precision(tmp_path, monkeypatch):
+    """The encoder's precision changes no code (each keeps float32's top k), so a run cut
+    short under float32 (every run before "auto" was the default) resumes under the new
+    default and under bfloat16, and ends as the uncut float32 run does, to float rounding."""
+    x = data()
+    common = dict(architecture="topk", d_sae=F, k=K, total_tokens=128 * 20, seed=0,
+                  progress=False, checkpoint_every=5)
+    whole = train_dictionary(batches(x), encoder_precision="float32", **common).dictionary
+
+    class Crash(Exception):
+        pass
+
+    def crashing():
+        for i, b in enumerate(batches(x)):
+            if i == 12:
+                raise Crash
+            yield b
+
+    from sae_nb.training import trainer
+
+    steps, step = [], trainer._train_step
+    monkeypatch.setattr(trainer, "_train_step", lambda *a, **kw: steps.append(1) or step(*a, **kw))
+    for precision in ("auto", "bfloat16"):
+        folder = str(tmp_path / precision)
+        with pytest.raises(Crash):
+            train_dictionary(crashing(), encoder_precision="float32", checkpoint_dir=folder,
+                             **common)
+        steps.clear()
+        resumed = train_dictionary(batches(x), encoder_precision=precision,
+                                   checkpoint_dir=folder, **common)
+        assert len(steps) == 10 and resumed.log["step"].iloc[-1] == 20  # from step 10 on
+        torch.testing.assert_close(resumed.dictionary.W_dec, whole.W_dec, rtol=1e-3,
+                                   atol=1e-4)
+
+
 def saelens_jumprelu_encode(sae, x):
     """SAELens's JumpReLU encode, written out: ``relu(pre) * (pre > threshold)``."""
     pre = (x - sae.b_dec * sae.apply_b_dec_to_input) @ sae.W_enc + sae.b_enc

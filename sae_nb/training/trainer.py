@@ -70,7 +70,10 @@ CHECKPOINT = "checkpoint.pt"
 TRAIN_LOCK = "train.lock"  # held (flock) in the checkpoint folder by the one training using it
 ARCHITECTURE_NAMES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard", "jumprelu")
 # Settings that may change between a run and its resumption without changing the result.
-RESUMABLE_CHANGES = ("checkpoint_dir", "checkpoint_every", "log_every", "device")
+# Settings a run may resume under with another value: where checkpoints go, how often it logs,
+# the device, and the encoder's precision (each keeps float32's top k: the same codes).
+RESUMABLE_CHANGES = ("checkpoint_dir", "checkpoint_every", "log_every", "device",
+                     "encoder_precision")
 OPTIMIZERS = ("adam", "signsgd_schedulefree")
 # Settings added after checkpoints were first written, with the value every earlier run had.
 ADDED_SETTINGS = {"optimizer": "adam", "momentum": 0.95, "skip_connection": False,
