@@ -4,6 +4,7 @@ compiled kernels behind it (``sae_nb/training/kernels.c``), each against float64
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -228,3 +229,16 @@ def test_the_library_is_built_once_and_again_when_damaged(tmp_path, monkeypatch)
     assert done.stdout.strip() == "True", done.stderr[-2000:]
     assert built[0].stat().st_size > 1000
     assert os.listdir(tmp_path / "kernels") == [built[0].name]  # no temporary file left
+
+
+def test_an_unwritable_cache_names_the_fix(tmp_path, monkeypatch):
+    """A cache folder that cannot be written (here: under a file) leaves the kernels off with
+    a warning that names the folder and SAE_NB_CACHE, not an error."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler here for the kernels")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("SAE_NB_CACHE", str(blocker))
+    monkeypatch.delitem(kernels._loaded, "lib", raising=False)
+    with pytest.warns(UserWarning, match="cannot write .*a-file.*set SAE_NB_CACHE"):
+        assert kernels.library() is None

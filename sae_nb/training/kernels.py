@@ -63,8 +63,11 @@ def _compiler() -> str:
 
 def _build(target: Path) -> str | None:
     """Compile the source to ``target`` (atomically); the compiler's complaint, or None."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError as err:
+        return f"cannot write {str(target.parent)!r} ({err}); set SAE_NB_CACHE to a writable folder"
     os.close(fd)
     errors = []
     try:
