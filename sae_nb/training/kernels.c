@@ -10,7 +10,9 @@
    sae_screen_topk: the k largest of each row of x @ W^T + bias, given that product in
                     bfloat16 (the screen) and a bound on the screen's error: the candidates
                     are recomputed in float32 and a row is certified when no column left out
-                    can beat its k-th value. Rows not certified are reported, not guessed. */
+                    can beat its k-th value. Rows not certified are reported, not guessed.
+   sae_row_topk:    the k largest of each row of a float32 matrix (the float32 encoder's
+                    top-k); rows holding NaN or inf, or many ties at the cut, are reported. */
 
 #include <math.h>
 #include <pthread.h>
@@ -197,6 +199,107 @@ static void widen_add(const uint16_t *restrict s, const float *restrict bias,
     }
 }
 
+/* Rearrange v/j[0..n) so that v/j[0..k) hold the k largest values (n >= k, all finite,
+   lo and hi their minimum and maximum); returns the k-th largest. */
+static float keep_top_k(float *v, int32_t *j, int n, int k, float lo, float hi) {
+    float kth = n > k ? at_least(v, n, k, lo, hi, 30) : lo;
+    /* at_least stops within float rounding of the k-th value: move those at or above it
+       first, then drop the smallest of them until k are left (ties at the cut). */
+    int top = 0;
+    for (int i = 0; i < n; i++)
+        if (v[i] >= kth) {
+            float tv = v[i];
+            int32_t tj = j[i];
+            v[i] = v[top];
+            j[i] = j[top];
+            v[top] = tv;
+            j[top++] = tj;
+        }
+    for (; top > k; top--) {
+        int low = 0;
+        for (int q = 1; q < top; q++) low = v[q] < v[low] ? q : low;
+        float tv = v[low];
+        int32_t tj = j[low];
+        v[low] = v[top - 1];
+        j[low] = j[top - 1];
+        v[top - 1] = tv;
+        j[top - 1] = tj;
+    }
+    kth = v[0];
+    for (int i = 1; i < k; i++) kth = v[i] < kth ? v[i] : kth;
+    return kth;
+}
+
+/* Every entry of row[0..F) at least t into sv/sj, in column order; the count, or cap + 1 when
+   there are more than cap. */
+static int collect(const float *row, int64_t F, float t, const float *gm, int G, int cap,
+                   float *sv, int32_t *sj) {
+    int n = 0;
+#if defined(__AVX512F__)
+    (void)gm;
+    (void)G;
+    const __m512 tv = _mm512_set1_ps(t);
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
+                                            14, 15);
+    int64_t j = 0;
+    for (; j + 16 <= F; j += 16) {
+        __m512 v = _mm512_loadu_ps(row + j);
+        __mmask16 hit = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
+        if (!hit) continue;
+        int c = __builtin_popcount(hit);
+        if (n + c > cap) return cap + 1;
+        _mm512_mask_compressstoreu_ps(sv + n, hit, v);
+        _mm512_mask_compressstoreu_epi32(sj + n, hit,
+                                         _mm512_add_epi32(lanes, _mm512_set1_epi32((int)j)));
+        n += c;
+    }
+    for (; j < F; j++)
+        if (row[j] >= t) {
+            if (n == cap) return cap + 1;
+            sv[n] = row[j];
+            sj[n++] = (int32_t)j;
+        }
+#else
+    /* only the groups whose maximum reaches t hold such entries (column j in group j mod G) */
+    for (int g = 0; g < G; g++) {
+        if (!(gm[g] >= t)) continue;
+        for (int64_t j = g; j < F; j += G)
+            if (row[j] >= t) {
+                if (n == cap) return cap + 1;
+                sv[n] = row[j];
+                sj[n++] = (int32_t)j;
+            }
+    }
+#endif
+    return n;
+}
+
+/* gm[g] = max of row[j] over j = g mod G; lo and hi the smallest and largest of those, or
+   NaN for both when the row holds NaN anywhere. */
+static void group_maxima(const float *row, int64_t F, int G, float *gm, float *lo, float *hi) {
+    int nan = 0;
+    for (int g = 0; g < G; g++) {
+        gm[g] = row[g];
+        nan |= row[g] != row[g];
+    }
+    for (int64_t j0 = G; j0 < F; j0 += G) {
+        int len = (int)(F - j0 < G ? F - j0 : G);
+        const float *blk = row + j0;
+#pragma omp simd reduction(| : nan)
+        for (int g = 0; g < len; g++) {
+            gm[g] = blk[g] > gm[g] ? blk[g] : gm[g];
+            nan |= blk[g] != blk[g];
+        }
+    }
+    float l = gm[0], h = gm[0];
+    for (int g = 1; g < G; g++) {
+        l = gm[g] < l ? gm[g] : l;
+        h = gm[g] > h ? gm[g] : h;
+    }
+    *lo = nan ? NAN : l;
+    *hi = nan ? NAN : h;
+}
+
 static void screen_part(void *p, int64_t start, int64_t stop) {
     screen_args *a = (screen_args *)p;
     const float *restrict bias = a->bias;
@@ -225,64 +328,12 @@ static void screen_part(void *p, int64_t start, int64_t stop) {
         a->ok[r] = 0;
         /* The screen's values with the bias, and the groups' maxima. */
         widen_add(s, bias, row, (int)F);
-        for (int g = 0; g < G; g++) gm[g] = row[g];
-        for (int64_t j0 = G; j0 < F; j0 += G) {
-            int len = (int)(F - j0 < G ? F - j0 : G);
-            const float *blk = row + j0;
-#pragma omp simd
-            for (int g = 0; g < len; g++) gm[g] = blk[g] > gm[g] ? blk[g] : gm[g];
-        }
-        float lo = gm[0], hi = gm[0];
-        for (int g = 1; g < G; g++) {
-            lo = gm[g] < lo ? gm[g] : lo;
-            hi = gm[g] > hi ? gm[g] : hi;
-        }
+        float lo, hi;
+        group_maxima(row, F, G, gm, &lo, &hi);
         if (!isfinite(lo) || !isfinite(hi)) continue; /* NaN or inf: not certified */
         float t0 = G > m ? at_least(gm, G, m, lo, hi, 16) : -INFINITY; /* near enough */
         /* Candidates: every column >= t0 (at least m); the rest are < t0. */
-        int n = 0;
-#if defined(__AVX512F__)
-        const __m512 tv = _mm512_set1_ps(t0);
-        const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13,
-                                                14, 15);
-        int64_t j = 0;
-        for (; j + 16 <= F; j += 16) {
-            __m512 v = _mm512_loadu_ps(row + j);
-            __mmask16 hit = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
-            if (!hit) continue;
-            int c = __builtin_popcount(hit);
-            if (n + c > cap) {
-                n = cap + 1;
-                break;
-            }
-            _mm512_mask_compressstoreu_ps(sv + n, hit, v);
-            _mm512_mask_compressstoreu_epi32(
-                sj + n, hit, _mm512_add_epi32(lanes, _mm512_set1_epi32((int)j)));
-            n += c;
-        }
-        for (; j < F && n <= cap; j++)
-            if (row[j] >= t0) {
-                if (n == cap) {
-                    n++;
-                    break;
-                }
-                sv[n] = row[j];
-                sj[n++] = (int32_t)j;
-            }
-#else
-        for (int g = 0; g < G && n <= cap; g++) {
-            if (!(gm[g] >= t0)) continue;
-            for (int64_t j = g; j < F; j += G)
-                if (row[j] >= t0) {
-                    if (n == cap) {
-                        n++;
-                        break;
-                    }
-                    sv[n] = row[j];
-                    sj[n++] = (int32_t)j;
-                }
-        }
-#endif
+        int n = collect(row, F, t0, gm, G, cap, sv, sj);
         if (n > cap || n < k) continue; /* many ties at the cut, or NaN: not certified */
         /* Recompute the best k by the screen (about), then whichever others might still beat
            the k-th recomputed value. */
@@ -318,31 +369,7 @@ static void screen_part(void *p, int64_t start, int64_t stop) {
             emax = ev[i] > emax ? ev[i] : emax;
         }
         if (!isfinite(emin) || !isfinite(emax)) continue;
-        kth = c > k ? at_least(ev, c, (int)k, emin, emax, 30) : emin;
-        /* at_least stops within float rounding of the k-th value: move those at or above it
-           first, then drop the smallest of them until k are left (ties at the cut). */
-        int top = 0;
-        for (int i = 0; i < c; i++)
-            if (ev[i] >= kth) {
-                float tv = ev[i];
-                int32_t tj = ej[i];
-                ev[i] = ev[top];
-                ej[i] = ej[top];
-                ev[top] = tv;
-                ej[top++] = tj;
-            }
-        for (; top > k; top--) {
-            int low = 0;
-            for (int q = 1; q < top; q++) low = ev[q] < ev[low] ? q : low;
-            float tv = ev[low];
-            int32_t tj = ej[low];
-            ev[low] = ev[top - 1];
-            ej[low] = ej[top - 1];
-            ev[top - 1] = tv;
-            ej[top - 1] = tj;
-        }
-        kth = ev[0];
-        for (int i = 1; i < k; i++) kth = ev[i] < kth ? ev[i] : kth;
+        kth = keep_top_k(ev, ej, c, (int)k, emin, emax);
         /* Every column not recomputed is below t0 or could not beat the k-th value. */
         float drop = t0;
         float above = drop + a->c3 * (fabsf(drop) + a->bias_max) + E;
@@ -372,5 +399,58 @@ int sae_screen_topk(const uint16_t *screen, const float *x, const float *W, cons
     if (k < 1 || m < k || F < k || F > INT32_MAX || D > INT32_MAX) return 1;
     screen_args a = {screen, x, W, bias, slack, F, D, k, m, c3, bias_max, vals, idx, ok, dots};
     split_rows(screen_part, &a, B, threads);
+    return 0;
+}
+
+typedef struct {
+    const float *pre; /* (B, F) */
+    int64_t F, k;
+    float *vals;
+    int64_t *idx;
+    uint8_t *ok;
+} topk_args;
+
+static void topk_part(void *p, int64_t start, int64_t stop) {
+    topk_args *a = (topk_args *)p;
+    const int64_t F = a->F;
+    const int k = (int)a->k;
+    /* G groups: the k-th largest group maximum is at most the row's k-th largest value */
+    const int G = (int)(4 * (int64_t)k < F ? 4 * k : F);
+    const int cap = 16 * k > 256 ? 16 * k : 256;
+    float *gm = (float *)malloc(sizeof(float) * (size_t)G);
+    float *sv = (float *)malloc(sizeof(float) * (size_t)cap);
+    int32_t *sj = (int32_t *)malloc(sizeof(int32_t) * (size_t)cap);
+    for (int64_t r = start; r < stop; r++) {
+        const float *row = a->pre + r * F;
+        a->ok[r] = 0;
+        if (!gm || !sv || !sj) continue;
+        float lo, hi;
+        group_maxima(row, F, G, gm, &lo, &hi);
+        if (!isfinite(lo) || !isfinite(hi)) continue; /* NaN or inf in the row */
+        float t0 = G > k ? at_least(gm, G, k, lo, hi, 16) : -INFINITY;
+        int n = collect(row, F, t0, gm, G, cap, sv, sj);
+        if (n > cap || n < k) continue; /* many ties at the cut */
+        float emin = sv[0], emax = sv[0];
+        for (int i = 1; i < n; i++) {
+            emin = sv[i] < emin ? sv[i] : emin;
+            emax = sv[i] > emax ? sv[i] : emax;
+        }
+        keep_top_k(sv, sj, n, k, emin, emax);
+        for (int i = 0; i < k; i++) {
+            a->vals[r * k + i] = sv[i];
+            a->idx[r * k + i] = sj[i];
+        }
+        a->ok[r] = 1;
+    }
+    free(gm);
+    free(sv);
+    free(sj);
+}
+
+int sae_row_topk(const float *pre, int64_t B, int64_t F, int64_t k, float *vals, int64_t *idx,
+                 uint8_t *ok, int threads) {
+    if (k < 1 || F < k || F > INT32_MAX || k > INT32_MAX / 16) return 1;
+    topk_args a = {pre, F, k, vals, idx, ok};
+    split_rows(topk_part, &a, B, threads);
     return 0;
 }

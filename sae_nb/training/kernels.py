@@ -31,6 +31,7 @@ SIGNATURES = {
     "sae_round_rows": [_p, _p, _i64, _i64, _p, _p, _p, _p, _p, _int],
     "sae_screen_topk": [_p, _p, _p, _p, _p, _i64, _i64, _i64, _i64, _i64, _f32, _f32, _p, _p,
                         _p, _p, _int],
+    "sae_row_topk": [_p, _i64, _i64, _i64, _p, _p, _p, _int],
 }
 
 
@@ -167,3 +168,18 @@ def screen_topk(screen: torch.Tensor, x: torch.Tensor, W: torch.Tensor, bias: to
     if code:
         raise ValueError(f"sae_screen_topk refused k={k}, m={m} for {F_} columns")
     return vals, idx, ok.bool(), int(dots.sum())
+
+
+def row_topk(pre: torch.Tensor, k: int):
+    """See ``sae_row_topk`` in kernels.c: ``(values, indices, done)`` for ``pre`` (B, F)
+    float32, contiguous, on the CPU; the rows not done (NaN, inf, many ties) left unwritten."""
+    lib = library()
+    B, F_ = pre.shape
+    vals = torch.empty((B, k), dtype=torch.float32)
+    idx = torch.empty((B, k), dtype=torch.long)
+    ok = torch.empty(B, dtype=torch.uint8)
+    code = lib.sae_row_topk(_ptr(pre), B, F_, k, _ptr(vals), _ptr(idx), _ptr(ok),
+                            torch.get_num_threads())
+    if code:
+        raise ValueError(f"sae_row_topk refused k={k} for {F_} columns")
+    return vals, idx, ok.bool()
