@@ -109,6 +109,19 @@ def make_config(family: str, tokenizer):
     raise ValueError(family)
 
 
+@pytest.fixture(params=["kernels", "torch"])
+def kernel_path(request, monkeypatch) -> str:
+    """A test of the training kernels, run once with the compiled kernels
+    (``sae_nb/training/kernels.c``) and once with torch's ops in their place."""
+    from sae_nb.training import kernels  # here: only the kernels' tests need it
+
+    if request.param == "torch":
+        monkeypatch.setitem(kernels._loaded, "lib", None)
+    elif kernels.library() is None:
+        pytest.skip("no C compiler here for the kernels")
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     """``{family: folder}`` with a saved tiny random model and its tokenizer."""

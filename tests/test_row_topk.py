@@ -7,18 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_nb.training import kernels
 from sae_nb.training.sparse_ops import row_topk
 
-
-@pytest.fixture(params=["kernels", "torch"], autouse=True)
-def path(request, monkeypatch):
-    """Each test once with the compiled kernels and once with torch's ops in their place."""
-    if request.param == "torch":
-        monkeypatch.setitem(kernels._loaded, "lib", None)
-    elif kernels.library() is None:
-        pytest.skip("no C compiler here for the kernels")
-    return request.param
+# Each test once with the compiled kernels and once with torch's ops (conftest's kernel_path).
+pytestmark = pytest.mark.usefixtures("kernel_path")
 
 
 def brute_force(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -48,7 +40,7 @@ def spiky(B: int, F: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("F,k", [(4608, 32), (1536, 16), (512, 4), (4096, 64)])
-def test_equals_a_whole_sort_on_real_shapes(F, k, monkeypatch, path):
+def test_equals_a_whole_sort_on_real_shapes(F, k, monkeypatch, kernel_path):
     widths = []  # the widths torch's top-k ranks: the fast path never ranks a whole row
     real = torch.Tensor.topk
 
@@ -59,7 +51,7 @@ def test_equals_a_whole_sort_on_real_shapes(F, k, monkeypatch, path):
     monkeypatch.setattr(torch.Tensor, "topk", spy)
     check(spiky(257, F, seed=F + k), k)
     check(torch.randn(131, F, generator=torch.Generator().manual_seed(k)), k)
-    if path == "kernels":
+    if kernel_path == "kernels":
         assert not widths  # every row ranked in C
     else:
         assert widths and max(widths) < F // 4

@@ -17,16 +17,6 @@ from sae_nb.training.objectives import screens
 from sae_nb.training.sparse_ops import SCREEN_ROUNDING, screen_slack, screened_topk
 
 
-@pytest.fixture(params=["kernels", "torch"])
-def path(request, monkeypatch):
-    """Each test once with the compiled kernels and once with torch's ops in their place."""
-    if request.param == "torch":
-        monkeypatch.setitem(kernels._loaded, "lib", None)
-    elif kernels.library() is None:
-        pytest.skip("no C compiler here for the kernels")
-    return request.param
-
-
 def case(name: str, B=512, d=64, width=1024, seed=0):
     """``(x, W_enc (d, width), b_enc, b_dec)`` for the named case."""
     g = torch.Generator().manual_seed(seed)
@@ -70,7 +60,7 @@ def reference(x, W, b_enc, b_dec):
 
 @pytest.mark.parametrize("name", ["spread", "near_ties", "exact_ties", "hidden",
                                   "hidden_few", "offset", "scales", "narrow"])
-def test_the_screen_keeps_the_float64_top_k(name, path, monkeypatch):
+def test_the_screen_keeps_the_float64_top_k(name, kernel_path, monkeypatch):
     """Every row's kept k against the float64 top k: the values are the columns' own
     pre-activations to float32 precision, no column twice, and none kept below the float64
     k-th value by more than float32's rounding (where values tie, either is the top k). The
@@ -99,7 +89,7 @@ def test_the_screen_keeps_the_float64_top_k(name, path, monkeypatch):
         assert stats["certified"] == len(x)  # every column recomputed: nothing left out
 
 
-def test_rows_with_nan_or_inf_rank_as_float32_does(path):
+def test_rows_with_nan_or_inf_rank_as_float32_does(kernel_path):
     """A row holding NaN or inf is never certified: it gets the float32 product, ranked by
     torch's top-k, as the float32 path ranks it; the other rows stay exact."""
     x, W, b_enc, b_dec = case("spread", B=64)

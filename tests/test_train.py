@@ -177,6 +177,18 @@ def test_geometric_median_resists_outliers():
     assert (pts.mean(0) - 1.0).abs().max() > 5
 
 
+class Crash(Exception):
+    """A run killed mid-training."""
+
+
+def crashing(x, at: int):
+    """``batches(x)``, raising :class:`Crash` in place of batch ``at``."""
+    for i, b in enumerate(batches(x)):
+        if i == at:
+            raise Crash
+        yield b
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_resume_is_bit_identical(tmp_path, arch):
     x = data()
@@ -184,17 +196,8 @@ def test_resume_is_bit_identical(tmp_path, arch):
                   progress=False, checkpoint_every=10, log_every=1, dead_window_tokens=128 * 3)
     full = train_dictionary(batches(x), checkpoint_dir=str(tmp_path / "full"), **common)
 
-    class Crash(Exception):
-        pass
-
-    def crashing():
-        for i, b in enumerate(batches(x)):
-            if i == 25:
-                raise Crash
-            yield b
-
     with pytest.raises(Crash):
-        train_dictionary(crashing(), checkpoint_dir=str(tmp_path / "cut"), **common)
+        train_dictionary(crashing(x, 25), checkpoint_dir=str(tmp_path / "cut"), **common)
     resumed = train_dictionary(batches(x), checkpoint_dir=str(tmp_path / "cut"), **common)
     for key, value in full.dictionary.state_dict().items():
         assert torch.equal(value, resumed.dictionary.state_dict()[key]), key
@@ -293,15 +296,6 @@ def test_a_checkpoint_resumes_under_another_encoder_precision(tmp_path, monkeypa
                   progress=False, checkpoint_every=5)
     whole = train_dictionary(batches(x), encoder_precision="float32", **common).dictionary
 
-    class Crash(Exception):
-        pass
-
-    def crashing():
-        for i, b in enumerate(batches(x)):
-            if i == 12:
-                raise Crash
-            yield b
-
     from sae_nb.training import trainer
 
     steps, step = [], trainer._train_step
@@ -309,7 +303,7 @@ def test_a_checkpoint_resumes_under_another_encoder_precision(tmp_path, monkeypa
     for precision in ("auto", "bfloat16"):
         folder = str(tmp_path / precision)
         with pytest.raises(Crash):
-            train_dictionary(crashing(), encoder_precision="float32", checkpoint_dir=folder,
+            train_dictionary(crashing(x, 12), encoder_precision="float32", checkpoint_dir=folder,
                              **common)
         steps.clear()
         resumed = train_dictionary(batches(x), encoder_precision=precision,
