@@ -45,8 +45,8 @@ CASES = {
 # Adam's default is 8e-4 (4x Gao et al.'s 2e-4, the default until this benchmark showed 4x lower).
 VARIANTS = {
     "adam": {},
-    "adam_fp32": {"encoder_precision": "float32"},  # the dense float32 encoder, TopK's default
-    # where the CPU has no AMX
+    # the dense float32 encoder, TopK's default where the CPU has no AMX
+    "adam_fp32": {"encoder_precision": "float32"},
     "adam_gao": {"lr_base": 2e-4},
     "adam_gao_2x": {"lr_base": 4e-4},
     "adam_gao_8x": {"lr_base": 16e-4},

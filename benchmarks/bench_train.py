@@ -128,6 +128,9 @@ def activations(n_tokens: int, site: str, run_dir: Path):
 
 
 def main() -> None:
+    from sae_nb.training.sparse_ops import SCREEN_STATS
+    from sae_nb.training.trainer import ENCODER_PRECISIONS, train_dictionary
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=1_000_000, help="training budget")
     parser.add_argument("--heldout", type=int, default=65_536)
@@ -137,15 +140,12 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adam", help="TrainConfig.optimizer")
     parser.add_argument("--architecture", default="topk", help="TrainConfig.architecture")
     parser.add_argument("--encoder-precision", default="auto",
-                        choices=("auto", "float32", "bfloat16"),
+                        choices=ENCODER_PRECISIONS,
                         help="TrainConfig.encoder_precision (auto, the default: the certified "
                              "bfloat16 screen on a CPU with AMX, else float32)")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "outputs" / "bench",
                         help="the run folder holding (or to hold) the store")
     args = parser.parse_args()
-    from sae_nb.training.sparse_ops import SCREEN_STATS
-    from sae_nb.training.trainer import train_dictionary
-
     store = activations(args.tokens + args.heldout + 4096, args.site, args.run_dir)
     n_train = len(store) - args.heldout
     before = matmul_gflops()

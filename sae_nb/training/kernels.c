@@ -94,9 +94,7 @@ static void round_row(const float *restrict s, const float *restrict shift, int 
         uint32_t even = (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
         uint32_t h = (b & 0x7fffffffu) > 0x7f800000u ? ((b >> 16) | 0x40u) : even;
         d[i] = (uint16_t)h;
-        uint32_t wb = h << 16;
-        float w;
-        memcpy(&w, &wb, 4);
+        float w = from_bf16((uint16_t)h);
         n2 += v * v;
         e2 += (w - v) * (w - v);
         d2 += w * w;
@@ -191,12 +189,7 @@ typedef struct {
 static void widen_add(const uint16_t *restrict s, const float *restrict bias,
                       float *restrict out, int n) {
 #pragma omp simd
-    for (int j = 0; j < n; j++) {
-        uint32_t bits = (uint32_t)s[j] << 16;
-        float v;
-        memcpy(&v, &bits, 4);
-        out[j] = v + bias[j];
-    }
+    for (int j = 0; j < n; j++) out[j] = from_bf16(s[j]) + bias[j];
 }
 
 /* Rearrange v/j[0..n) so that v/j[0..k) hold the k largest values (n >= k, all finite,

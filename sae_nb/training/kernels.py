@@ -91,12 +91,11 @@ def _build(target: Path) -> str | None:
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, compiled first if this machine has none yet; None where they
-    cannot be had (no C compiler, ``SAE_NB_KERNELS=0``, or not a CPU that runs them)."""
+    cannot be had (no C compiler, a cache that cannot be written, ``SAE_NB_KERNELS=0``)."""
     if os.environ.get("SAE_NB_KERNELS", "1") == "0":
         return None
-    key = "lib"
-    if key in _loaded:
-        return _loaded[key]
+    if "lib" in _loaded:
+        return _loaded["lib"]
     source = SOURCE.read_bytes()
     compiler = _compiler()
     try:
@@ -128,7 +127,7 @@ def library() -> ctypes.CDLL | None:
             for name, args in SIGNATURES.items():
                 getattr(lib, name).argtypes = args
                 getattr(lib, name).restype = ctypes.c_int
-    _loaded[key] = lib
+    _loaded["lib"] = lib
     return lib
 
 

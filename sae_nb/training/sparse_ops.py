@@ -161,22 +161,23 @@ class _TopKSAEForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, b_dec_in, W_dec, b_dec, k: int, dead, k_aux: int,
                 screen: bool = False):
-        bias = folded_bias(W_enc, b_enc, b_dec_in)
         B, F_ = x.shape[0], W_enc.shape[1]
         if screen:
             pre = None  # only the candidates' pre-activations are formed in float32
             vals, idx = screened_topk(x, W_enc, b_enc, b_dec_in, k)
         else:
-            pre = torch.addmm(bias, x, W_enc, out=_buffer("pre", (B, F_), x.dtype, x.device))
+            pre = torch.addmm(folded_bias(W_enc, b_enc, b_dec_in), x, W_enc,
+                              out=_buffer("pre", (B, F_), x.dtype, x.device))
             vals, idx = row_topk(pre, k)  # (B, k)
         acts = torch.relu(vals)
         x_hat = F.embedding_bag(idx, W_dec, per_sample_weights=acts, mode="sum") + b_dec
         aux_hat = aux_idx = aux_acts = aux_cols = W_dead = None
         if dead is not None and k_aux > 0:
             aux_cols = dead.nonzero().squeeze(1)
-            # Screened, the dead columns' pre-activations are formed here, in float32.
-            pre_dead = None if pre is not None else torch.addmm(  # (B, dead); W_enc's rows
-                bias[aux_cols], x, W_enc.t().index_select(0, aux_cols).t())  # latent-major
+            pre_dead = None  # screened: the dead columns' pre-activations formed here, float32
+            if pre is None:
+                W_cols = W_enc.t().index_select(0, aux_cols).t()  # W_enc's rows: latent-major
+                pre_dead = torch.addmm(folded_bias(W_cols, b_enc[aux_cols], b_dec_in), x, W_cols)
             if DENSE_AUX_SHARE * len(aux_cols) <= k_aux:
                 # Many codes per dead latent: dense products over the dead columns cost less
                 # than gathers of k_aux rows per token (aux_acts is then (B, dead) codes).

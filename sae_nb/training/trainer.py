@@ -69,9 +69,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 TRAIN_LOCK = "train.lock"  # held (flock) in the checkpoint folder by the one training using it
 ARCHITECTURE_NAMES = ("topk", "batchtopk", "matryoshka_batchtopk", "standard", "jumprelu")
-# Settings that may change between a run and its resumption without changing the result.
-# Settings a run may resume under with another value: where checkpoints go, how often it logs,
-# the device, and the encoder's precision (each keeps float32's top k: the same codes).
+# Settings that may change between a run and its resumption without changing the result: where
+# checkpoints go, how often it logs, the device, and the encoder's precision (each keeps
+# float32's top k: the same codes).
 RESUMABLE_CHANGES = ("checkpoint_dir", "checkpoint_every", "log_every", "device",
                      "encoder_precision")
 OPTIMIZERS = ("adam", "signsgd_schedulefree")
